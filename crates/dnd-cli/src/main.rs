@@ -1,0 +1,227 @@
+//! `dnd`: describe what each neuron of a vision network does.
+
+mod progress;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+use dnd_core::{CropConfig, Pooling};
+use dnd_models::device::parse_device;
+use dnd_models::{ModelRef, TargetModel};
+use dnd_pipeline::{CropStageConfig, ImageLimits, PipelineError, ProbeConfig, ProbeImages, run_probe};
+use dnd_store::Location;
+
+/// Exit code for bad input: a path, a flag value, a model or a config the user can fix.
+const EXIT_BAD_INPUT: u8 = 2;
+/// Exit code for a failure inside dnd.
+const EXIT_INTERNAL: u8 = 1;
+
+#[derive(Parser)]
+#[command(
+    name = "dnd",
+    version,
+    about = "Describe-and-Dissect: explain in plain language what each neuron of a vision network does",
+    long_about = "Describe-and-Dissect: explain in plain language what each neuron of a vision network does.\n\n\
+        Exit codes: 0 success, 2 bad input (a path, flag, model or config to fix), 1 internal failure.\n\
+        Logs go to stderr; set RUST_LOG=debug for more."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Stage 0 (and optionally 1): find each neuron's most activating probe images, and
+    /// crop them to where the neuron fires.
+    ///
+    /// Writes under --out: topk/<layer>.parquet (per neuron, its top-K images),
+    /// errors.parquet (skipped inputs and why), probe.json (what ran), and with --crops
+    /// crops/<layer>.parquet, with --activations activations/<layer>/part-*.parquet.
+    /// Schemas: docs/schema.md.
+    Probe(ProbeArgs),
+}
+
+#[derive(Args)]
+struct ProbeArgs {
+    /// The target model: a directory with model.safetensors (torchvision/timm ResNet
+    /// names) and optionally config.json, a .safetensors file, or hf:<org>/<name>[@rev]
+    /// from the Hugging Face hub cache (e.g. hf:timm/resnet50.tv_in1k).
+    #[arg(long, value_name = "PATH|hf:REPO")]
+    model: String,
+
+    /// Probe images: a directory (flat or one folder per class), an object store URL
+    /// prefix (s3://, gs://, az://, file://), or a .txt/.csv list of paths or URLs.
+    /// JPEG, PNG and WebP are read; other files are ignored.
+    #[arg(long, value_name = "DIR|URL|LIST")]
+    images: String,
+
+    /// Layers to record, comma-separated: stem, layer1, layer2, layer3, layer4, avgpool, fc.
+    #[arg(long, value_delimiter = ',', default_value = "layer4")]
+    layers: Vec<String>,
+
+    /// Images kept per neuron.
+    #[arg(long, default_value_t = 10)]
+    top_k: usize,
+
+    /// How a channel's spatial map becomes one number per image: mean or max.
+    #[arg(long, default_value = "mean")]
+    pooling: Pooling,
+
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+
+    /// Also cut attention crops of each neuron's top images (spatial layers only).
+    #[arg(long)]
+    crops: bool,
+
+    /// Only crop for these neurons, e.g. 0..64,100 (ranges are end-exclusive).
+    #[arg(long, value_name = "IDS", requires = "crops")]
+    crop_neurons: Option<String>,
+
+    /// Also write every pooled activation (images x neurons floats per layer).
+    #[arg(long)]
+    activations: bool,
+
+    /// Where results go: a directory (created if missing) or an object store URL.
+    #[arg(long, value_name = "DIR|URL")]
+    out: String,
+
+    /// cpu, cuda or cuda:N (CUDA needs a build with --features cuda).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+
+    /// Compute threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+
+    /// Skip image files with more pixels than this (decompression bombs).
+    #[arg(long, default_value_t = ImageLimits::default().max_pixels)]
+    max_pixels: u64,
+
+    /// Also write the run summary (probe.json) to this local file.
+    #[arg(long, value_name = "FILE")]
+    summary_json: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { ExitCode::from(EXIT_BAD_INPUT) } else { ExitCode::SUCCESS };
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+
+    let threads = match &cli.command {
+        Command::Probe(a) => a.threads,
+    };
+    if let Some(n) = threads {
+        // Before any thread pool exists: rayon and candle both read this variable.
+        // SAFETY: no other thread runs yet.
+        unsafe { std::env::set_var("RAYON_NUM_THREADS", n.max(1).to_string()) };
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_INTERNAL);
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Probe(args) => probe(args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            if is_user_error(&e) { ExitCode::from(EXIT_BAD_INPUT) } else { ExitCode::from(EXIT_INTERNAL) }
+        }
+    }
+}
+
+fn is_user_error(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        if let Some(p) = cause.downcast_ref::<PipelineError>() {
+            return p.is_user_error();
+        }
+        if let Some(m) = cause.downcast_ref::<dnd_models::ModelError>() {
+            return m.is_user_error();
+        }
+        if let Some(s) = cause.downcast_ref::<dnd_store::StoreError>() {
+            return s.is_user_error();
+        }
+        cause.downcast_ref::<dnd_core::CoreError>().is_some()
+    })
+}
+
+async fn probe(args: ProbeArgs) -> anyhow::Result<()> {
+    let config = ProbeConfig {
+        layers: args.layers,
+        top_k: args.top_k,
+        pooling: args.pooling,
+        batch_size: args.batch_size,
+        write_activations: args.activations,
+        crops: args.crops.then(|| CropStageConfig { crop: CropConfig::default(), neurons: args.crop_neurons }),
+        limits: ImageLimits { max_pixels: args.max_pixels, ..ImageLimits::default() },
+    };
+    // Everything a user gave is checked before any work starts.
+    let device = parse_device(&args.device)?;
+    let model_ref: ModelRef = args.model.parse()?;
+    let model = {
+        let r = model_ref.clone();
+        let d = device.clone();
+        tokio::task::spawn_blocking(move || TargetModel::load(&r, &d)).await?.map_err(PipelineError::from)?
+    };
+    config.plan(&model)?;
+    let images = ProbeImages::discover(&args.images).await?;
+    let out = Location::create(&args.out)?;
+    tracing::info!(
+        model = %model_ref,
+        images = images.images.len(),
+        ignored = images.ignored_files,
+        layers = ?config.layers,
+        "probing"
+    );
+
+    let bars = progress::Bars::new();
+    let summary = run_probe(Arc::new(model), images, &out, &config, &bars).await?;
+    drop(bars);
+    if let Some(path) = &args.summary_json {
+        let json = serde_json::to_string_pretty(&summary)?;
+        std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
+    }
+    println!(
+        "probed {} images ({} skipped, {} other files ignored) in {:.1}s: {:.2} images/s, peak memory {:.0} MiB",
+        summary.images_ok,
+        summary.images_failed,
+        summary.files_ignored,
+        summary.probe_seconds,
+        summary.images_per_second,
+        summary.peak_rss_mib
+    );
+    if config.crops.is_some() {
+        println!("cut {} attention crops in {:.1}s", summary.crops_written, summary.crop_seconds);
+    }
+    if summary.images_failed > 0 {
+        println!("skipped inputs and why: {}", out.display_path("errors.parquet"));
+    }
+    println!("results in {}:", out);
+    for o in &summary.outputs {
+        println!("  {o}");
+    }
+    Ok(())
+}

@@ -1,0 +1,16 @@
+//! dnd-core: the domain types and pure algorithms of Describe-and-Dissect.
+//!
+//! Nothing here does I/O or touches a GPU, so every algorithm is tested on hand-made
+//! inputs with known answers.
+
+pub mod crop;
+pub mod error;
+pub mod neurons;
+pub mod pooling;
+pub mod topk;
+
+pub use crop::{BoundingBox, CropConfig, CropPlan, Map2, plan_crops};
+pub use error::CoreError;
+pub use neurons::NeuronSet;
+pub use pooling::Pooling;
+pub use topk::{LayerTopK, Scored, TopK};

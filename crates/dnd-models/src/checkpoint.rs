@@ -1,0 +1,196 @@
+//! Where a model's files are: a local path or a Hugging Face hub repository.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use crate::error::ModelError;
+
+/// A model reference as users write it: a local directory or file, or
+/// `hf:<org>/<name>[@<revision>]` resolved through the Hugging Face hub cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelRef {
+    Local(PathBuf),
+    Hub { repo: String, revision: String },
+}
+
+impl FromStr for ModelRef {
+    type Err = ModelError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let Some(rest) = s.strip_prefix("hf:") else {
+            if s.is_empty() {
+                return Err(ModelError::BadReference { reference: s.into(), reason: "it is empty".into() });
+            }
+            return Ok(ModelRef::Local(PathBuf::from(s)));
+        };
+        let (repo, revision) = match rest.split_once('@') {
+            Some((repo, rev)) => (repo, rev),
+            None => (rest, "main"),
+        };
+        let valid = |part: &str| {
+            !part.is_empty() && part.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        };
+        let parts: Vec<&str> = repo.split('/').collect();
+        if parts.len() != 2 || !parts.iter().all(|p| valid(p)) || parts.iter().any(|p| p.starts_with('.')) {
+            return Err(ModelError::BadReference {
+                reference: s.into(),
+                reason: "write a hub model as hf:<org>/<name>[@<revision>], e.g. hf:timm/resnet50.tv_in1k".into(),
+            });
+        }
+        if revision.is_empty() || revision.contains("..") || revision.starts_with('/') {
+            return Err(ModelError::BadReference { reference: s.into(), reason: "the revision after @ is not valid".into() });
+        }
+        Ok(ModelRef::Hub { repo: repo.into(), revision: revision.into() })
+    }
+}
+
+impl fmt::Display for ModelRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ModelRef::Local(p) => write!(f, "{}", p.display()),
+            ModelRef::Hub { repo, revision } if revision == "main" => write!(f, "hf:{repo}"),
+            ModelRef::Hub { repo, revision } => write!(f, "hf:{repo}@{revision}"),
+        }
+    }
+}
+
+/// The local files of a model: its weights and, where present, its config.json.
+#[derive(Debug, Clone)]
+pub struct ModelFiles {
+    pub weights: PathBuf,
+    pub config: Option<PathBuf>,
+}
+
+impl ModelRef {
+    /// Finds the model's files. A local reference may name a `.safetensors` file or a
+    /// directory holding `model.safetensors`; a hub reference is looked up in the hub cache
+    /// (`$HF_HOME/hub`) and, unless `HF_HUB_OFFLINE=1`, downloaded there when missing.
+    pub fn resolve(&self, weights_file: &str) -> Result<ModelFiles, ModelError> {
+        match self {
+            ModelRef::Local(path) => resolve_local(path, weights_file),
+            ModelRef::Hub { repo, revision } => resolve_hub(repo, revision, weights_file),
+        }
+    }
+}
+
+fn resolve_local(path: &Path, weights_file: &str) -> Result<ModelFiles, ModelError> {
+    if path.is_dir() {
+        let weights = path.join(weights_file);
+        if !weights.is_file() {
+            return Err(ModelError::NotFound {
+                what: format!("{} has no {weights_file}", path.display()),
+                help: format!(
+                    "put the weights there as {weights_file} (a PyTorch state_dict saved with safetensors.torch.save_file), or pass the .safetensors file itself"
+                ),
+            });
+        }
+        let config = Some(path.join("config.json")).filter(|c| c.is_file());
+        return Ok(ModelFiles { weights, config });
+    }
+    if path.is_file() {
+        let config = path.parent().map(|d| d.join("config.json")).filter(|c| c.is_file());
+        return Ok(ModelFiles { weights: path.to_path_buf(), config });
+    }
+    Err(ModelError::NotFound {
+        what: format!("no file or directory at {}", path.display()),
+        help: "pass a directory holding model.safetensors (and optionally config.json), a .safetensors file, or hf:<org>/<name> for a Hugging Face model".into(),
+    })
+}
+
+fn is_commit_hash(rev: &str) -> bool {
+    rev.len() == 40 && rev.chars().all(|c| c.is_ascii_hexdigit())
+}
+
+fn resolve_hub(repo: &str, revision: &str, weights_file: &str) -> Result<ModelFiles, ModelError> {
+    let cache = hf_hub::Cache::from_env();
+    let hub_repo = hf_hub::Repo::with_revision(repo.to_string(), hf_hub::RepoType::Model, revision.to_string());
+    let cached = |file: &str| -> Option<PathBuf> {
+        if is_commit_hash(revision) {
+            // The cache's refs/ only names branches and tags; a commit is its own snapshot.
+            let p = cache.path().join(hub_repo.folder_name()).join("snapshots").join(revision).join(file);
+            return p.is_file().then_some(p);
+        }
+        cache.repo(hub_repo.clone()).get(file)
+    };
+    let snapshot_dir = cache.path().join(hub_repo.folder_name());
+    if let Some(weights) = cached(weights_file) {
+        return Ok(ModelFiles { weights, config: cached("config.json") });
+    }
+    let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
+    let help = format!(
+        "on a machine with network, run `huggingface-cli download {repo} --revision {revision}` (or `hf download`) with the same HF_HOME, copy {} here, or pass a local directory instead of hf:{repo}",
+        snapshot_dir.display()
+    );
+    if offline {
+        return Err(ModelError::NotFound {
+            what: format!("hf:{repo}@{revision} is not in the hub cache at {} and HF_HUB_OFFLINE is set", snapshot_dir.display()),
+            help,
+        });
+    }
+    tracing::info!(repo, revision, "downloading {weights_file} from the Hugging Face hub");
+    let download = || -> Result<ModelFiles, hf_hub::api::sync::ApiError> {
+        let api = hf_hub::api::sync::ApiBuilder::from_env().with_progress(false).build()?;
+        let remote = api.repo(hub_repo.clone());
+        let weights = remote.get(weights_file)?;
+        // config.json is optional for target models (the architecture can be read off the weights).
+        let config = remote.get("config.json").ok();
+        Ok(ModelFiles { weights, config })
+    };
+    download().map_err(|e| ModelError::NotFound {
+        what: format!("hf:{repo}@{revision} is not in the hub cache at {} and downloading it failed: {e}", snapshot_dir.display()),
+        help,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_references() {
+        assert_eq!(
+            "hf:timm/resnet50.tv_in1k".parse::<ModelRef>().unwrap(),
+            ModelRef::Hub { repo: "timm/resnet50.tv_in1k".into(), revision: "main".into() }
+        );
+        assert_eq!(
+            "hf:org/name@v1.0".parse::<ModelRef>().unwrap(),
+            ModelRef::Hub { repo: "org/name".into(), revision: "v1.0".into() }
+        );
+        assert_eq!("models/r18".parse::<ModelRef>().unwrap(), ModelRef::Local("models/r18".into()));
+        for bad in ["hf:", "hf:noslash", "hf:a/b/c", "hf:../x", "hf:a/b@", ""] {
+            assert!(bad.parse::<ModelRef>().is_err(), "{bad} must be rejected");
+        }
+    }
+
+    #[test]
+    fn missing_local_model_names_the_path_and_the_fix() {
+        let err = "/nonexistent/dnd-model".parse::<ModelRef>().unwrap().resolve("model.safetensors").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("/nonexistent/dnd-model") && msg.contains("help:"), "{msg}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let msg = ModelRef::Local(dir.path().into()).resolve("model.safetensors").unwrap_err().to_string();
+        assert!(msg.contains("has no model.safetensors"), "{msg}");
+    }
+
+    #[test]
+    fn hub_reference_resolves_from_the_cache_and_fails_offline_with_help() {
+        let home = tempfile::tempdir().unwrap();
+        let repo_dir = home.path().join("hub/models--org--tiny");
+        std::fs::create_dir_all(repo_dir.join("refs")).unwrap();
+        std::fs::create_dir_all(repo_dir.join("snapshots/abc123")).unwrap();
+        std::fs::write(repo_dir.join("refs/main"), "abc123").unwrap();
+        std::fs::write(repo_dir.join("snapshots/abc123/model.safetensors"), b"x").unwrap();
+        // SAFETY: this test is the only one in this crate that touches these variables.
+        unsafe {
+            std::env::set_var("HF_HOME", home.path());
+            std::env::set_var("HF_HUB_OFFLINE", "1");
+        }
+        let files = "hf:org/tiny".parse::<ModelRef>().unwrap().resolve("model.safetensors").unwrap();
+        assert!(files.weights.ends_with("snapshots/abc123/model.safetensors"));
+        assert!(files.config.is_none());
+
+        let msg = "hf:org/missing".parse::<ModelRef>().unwrap().resolve("model.safetensors").unwrap_err().to_string();
+        assert!(msg.contains("hf:org/missing@main") && msg.contains("HF_HUB_OFFLINE") && msg.contains("huggingface-cli download org/missing"), "{msg}");
+    }
+}

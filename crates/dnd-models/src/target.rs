@@ -1,0 +1,79 @@
+//! The target model: the network being dissected, with its preprocessing.
+
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use serde::Deserialize;
+
+use crate::checkpoint::ModelRef;
+use crate::error::ModelError;
+use crate::preprocess::Preprocess;
+use crate::resnet::{ResNet, ResNetConfig, Tap};
+
+/// A loaded target model. Only the ResNet family for now; the taps API is what the
+/// pipeline relies on, so more architectures slot in here.
+#[derive(Debug, Clone)]
+pub struct TargetModel {
+    /// The reference it was loaded from, as given (recorded with results).
+    pub reference: String,
+    pub resnet: ResNet,
+    pub preprocess: Preprocess,
+    pub device: Device,
+}
+
+/// The parts of timm's `pretrained_cfg` that decide preprocessing.
+#[derive(Deserialize)]
+struct PretrainedCfg {
+    input_size: Option<[u32; 3]>,
+    crop_pct: Option<f64>,
+    mean: Option<[f32; 3]>,
+    std: Option<[f32; 3]>,
+}
+
+#[derive(Deserialize)]
+struct ConfigWithPreprocess {
+    pretrained_cfg: Option<PretrainedCfg>,
+}
+
+fn preprocess_from_config(path: &Path) -> Result<Preprocess, ModelError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io { path: path.into(), source })?;
+    let raw: ConfigWithPreprocess =
+        serde_json::from_str(&text).map_err(|e| ModelError::Config { path: path.into(), reason: e.to_string() })?;
+    let mut p = Preprocess::imagenet();
+    if let Some(cfg) = raw.pretrained_cfg {
+        if let Some([_, _, side]) = cfg.input_size {
+            p.crop = side;
+            // timm: scale_size = floor(img_size / crop_pct)
+            p.resize_shorter = (f64::from(side) / cfg.crop_pct.unwrap_or(0.875)).floor() as u32;
+        }
+        p.mean = cfg.mean.unwrap_or(p.mean);
+        p.std = cfg.std.unwrap_or(p.std);
+    }
+    Ok(p)
+}
+
+impl TargetModel {
+    pub fn load(reference: &ModelRef, device: &Device) -> Result<Self, ModelError> {
+        let files = reference.resolve("model.safetensors")?;
+        let (config, preprocess) = match &files.config {
+            Some(path) => (Some(ResNetConfig::from_json_file(path)?), preprocess_from_config(path)?),
+            None => (None, Preprocess::imagenet()),
+        };
+        let resnet = ResNet::load(&files.weights, config, device)?;
+        tracing::debug!(model = %reference, config = ?resnet.config(), "loaded target model");
+        Ok(Self { reference: reference.to_string(), resnet, preprocess, device: device.clone() })
+    }
+
+    /// Parses and checks a tap name against this model.
+    pub fn tap(&self, name: &str) -> Result<Tap, ModelError> {
+        name.parse()
+    }
+
+    pub fn tap_width(&self, tap: Tap) -> usize {
+        self.resnet.tap_width(tap)
+    }
+
+    pub fn forward_taps(&self, batch: &Tensor, taps: &[Tap]) -> Result<Vec<Tensor>, ModelError> {
+        self.resnet.forward_taps(batch, taps)
+    }
+}

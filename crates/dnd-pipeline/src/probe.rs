@@ -1,0 +1,363 @@
+//! Stage 0: pooled activations of every probe image, streamed into per-neuron top-K lists;
+//! then, optionally, stage 1 (attention crops) for the top images.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use candle_core::{D, Device, Tensor};
+use image::RgbImage;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use dnd_core::{CropConfig, LayerTopK, NeuronSet, Pooling};
+use dnd_models::{TargetModel, Tap};
+use dnd_store::tables::{self, ErrorRow, TopKRow};
+use dnd_store::{Location, ParquetSink, write_parquet};
+
+use crate::crops::run_crops;
+use crate::error::PipelineError;
+use crate::images::{ImageLimits, ImageRef, ProbeImages, Skipped, decode_rgb, read_images};
+use crate::progress::Progress;
+
+/// What the probe stage computes; defaults are the method's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProbeConfig {
+    /// Taps to record, e.g. `layer3`, `layer4`, `fc`.
+    pub layers: Vec<String>,
+    /// Images kept per neuron.
+    pub top_k: usize,
+    pub pooling: Pooling,
+    /// Images per forward pass.
+    pub batch_size: usize,
+    /// Also write every pooled activation (large: images x neurons floats per layer).
+    pub write_activations: bool,
+    /// Attention crops of the top images (spatial layers only), when set.
+    pub crops: Option<CropStageConfig>,
+    pub limits: ImageLimits,
+}
+
+impl Default for ProbeConfig {
+    fn default() -> Self {
+        Self {
+            layers: vec!["layer4".into()],
+            top_k: 10,
+            pooling: Pooling::Mean,
+            batch_size: 16,
+            write_activations: false,
+            crops: None,
+            limits: ImageLimits::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CropStageConfig {
+    pub crop: CropConfig,
+    /// Neurons to crop for (all neurons of each layer when `None`), as `0..64,100`.
+    pub neurons: Option<String>,
+}
+
+/// A requested layer, checked against the model.
+#[derive(Debug, Clone)]
+pub struct LayerPlan {
+    pub name: String,
+    pub tap: Tap,
+    pub width: usize,
+}
+
+/// What a probe run did, also written as `probe.json` beside its outputs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProbeSummary {
+    pub dnd_version: String,
+    pub model: String,
+    pub images_source: String,
+    pub layers: Vec<LayerSummary>,
+    pub config: ProbeConfig,
+    pub images_listed: usize,
+    pub images_ok: usize,
+    pub images_failed: usize,
+    pub files_ignored: usize,
+    pub crops_written: usize,
+    /// Wall time of the probe forward passes (listing, reading, decoding included).
+    pub probe_seconds: f64,
+    pub images_per_second: f64,
+    pub crop_seconds: f64,
+    /// Peak resident memory of the process so far (Linux; 0 elsewhere).
+    pub peak_rss_mib: f64,
+    /// Files written, relative to the output location.
+    pub outputs: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LayerSummary {
+    pub name: String,
+    pub neurons: usize,
+    pub spatial: bool,
+}
+
+impl ProbeConfig {
+    /// Checks the config against the model before any work starts.
+    pub fn plan(&self, model: &TargetModel) -> Result<Vec<LayerPlan>, PipelineError> {
+        use dnd_core::CoreError;
+        if self.layers.is_empty() {
+            return Err(CoreError::invalid("layers", "name at least one layer, e.g. layer4").into());
+        }
+        if self.top_k == 0 {
+            return Err(CoreError::invalid("top_k", "must be at least 1").into());
+        }
+        if self.batch_size == 0 {
+            return Err(CoreError::invalid("batch_size", "must be at least 1").into());
+        }
+        let mut plans: Vec<LayerPlan> = Vec::new();
+        for name in &self.layers {
+            let tap = model.tap(name)?;
+            if plans.iter().any(|p| p.tap == tap) {
+                continue;
+            }
+            plans.push(LayerPlan { name: tap.to_string(), tap, width: model.tap_width(tap) });
+        }
+        if let Some(crops) = &self.crops {
+            crops.crop.validate()?;
+            if let Some(spec) = &crops.neurons {
+                let set: NeuronSet = spec.parse()?;
+                for p in plans.iter().filter(|p| p.tap.is_spatial()) {
+                    set.check_within(&p.name, p.width)?;
+                }
+            }
+        }
+        Ok(plans)
+    }
+}
+
+/// One decoded, preprocessed batch on its way to the model.
+struct InputBatch {
+    /// Indices into the probe set of the images that decoded.
+    images: Vec<u32>,
+    /// `images.len() x 3 x side x side`, channels first.
+    pixels: Vec<f32>,
+    errors: Vec<ErrorRow>,
+}
+
+/// Reads and decodes `images` in parallel; failures become error rows.
+pub(crate) async fn load_batch(
+    images: &[ImageRef],
+    first_index: u32,
+    limits: &ImageLimits,
+    stage: &'static str,
+) -> Vec<(u32, Result<RgbImage, ErrorRow>)> {
+    let bytes: Vec<Result<Bytes, Skipped>> = read_images(images, limits).await;
+    let ids: Vec<String> = images.iter().map(|i| i.id.clone()).collect();
+    let limits = limits.clone();
+    tokio::task::spawn_blocking(move || {
+        bytes
+            .into_par_iter()
+            .zip(ids)
+            .enumerate()
+            .map(|(i, (b, id))| {
+                let decoded = b.and_then(|b| decode_rgb(&b, &limits)).map_err(|s| s.into_row(&id, stage));
+                (first_index + i as u32, decoded)
+            })
+            .collect()
+    })
+    .await
+    .expect("decoding does not panic")
+}
+
+/// Pools each tap's output to `(B, C)` on the device and copies it to the host, row-major.
+fn pooled_rows(outputs: &[Tensor], pooling: Pooling) -> Result<Vec<Vec<f32>>, PipelineError> {
+    outputs
+        .iter()
+        .map(|t| {
+            let pooled = if t.rank() == 4 {
+                let flat = t.flatten_from(2)?;
+                match pooling {
+                    Pooling::Mean => flat.mean(D::Minus1)?,
+                    Pooling::Max => flat.max(D::Minus1)?,
+                }
+            } else {
+                t.clone()
+            };
+            Ok(pooled.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?)
+        })
+        .collect()
+}
+
+/// Peak resident set size of this process in MiB (VmHWM), 0 where unknown.
+pub fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+            line.split_whitespace().nth(1)?.parse::<f64>().ok()
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+/// Runs the probe stage over `images` and writes its tables under `out`:
+/// `topk/<layer>.parquet`, `errors.parquet`, optionally `activations/<layer>/part-*.parquet`
+/// and `crops/<layer>.parquet`, and `probe.json`.
+pub async fn run_probe(
+    model: Arc<TargetModel>,
+    images: ProbeImages,
+    out: &Location,
+    config: &ProbeConfig,
+    progress: &dyn Progress,
+) -> Result<ProbeSummary, PipelineError> {
+    let plans = config.plan(&model)?;
+    let taps: Vec<Tap> = plans.iter().map(|p| p.tap).collect();
+    let started = Instant::now();
+    let mut errors = images.errors.clone();
+    let mut outputs = Vec::new();
+
+    // Reading and decoding run ahead of the model by two batches.
+    let (tx, mut rx) = mpsc::channel::<InputBatch>(2);
+    let reader = {
+        let images = images.images.clone();
+        let limits = config.limits.clone();
+        let preprocess = model.preprocess.clone();
+        let batch_size = config.batch_size;
+        tokio::spawn(async move {
+            for (n, chunk) in images.chunks(batch_size).enumerate() {
+                let loaded = load_batch(chunk, (n * batch_size) as u32, &limits, "decode").await;
+                let preprocess = preprocess.clone();
+                let batch = tokio::task::spawn_blocking(move || {
+                    let mut batch = InputBatch { images: Vec::new(), pixels: Vec::new(), errors: Vec::new() };
+                    let tensors: Vec<(u32, Result<Vec<f32>, ErrorRow>)> =
+                        loaded.into_par_iter().map(|(i, r)| (i, r.map(|img| preprocess.apply(&img)))).collect();
+                    for (i, r) in tensors {
+                        match r {
+                            Ok(px) => {
+                                batch.images.push(i);
+                                batch.pixels.extend(px);
+                            }
+                            Err(e) => batch.errors.push(e),
+                        }
+                    }
+                    batch
+                })
+                .await
+                .expect("preprocessing does not panic");
+                if tx.send(batch).await.is_err() {
+                    break;
+                }
+            }
+        })
+    };
+
+    let mut topk: Vec<LayerTopK> = plans.iter().map(|p| LayerTopK::new(p.width, config.top_k)).collect();
+    let mut activation_sinks = Vec::new();
+    if config.write_activations {
+        for p in &plans {
+            let rel = format!("activations/{}/part-00000.parquet", p.name);
+            activation_sinks.push(ParquetSink::create(out, &rel, tables::activations_schema(p.width))?);
+            outputs.push(rel);
+        }
+    }
+    let side = model.preprocess.output_side() as usize;
+    progress.begin("probe", images.images.len() as u64);
+    let mut images_ok = 0;
+    while let Some(batch) = rx.recv().await {
+        progress.advance((batch.images.len() + batch.errors.len()) as u64);
+        errors.extend(batch.errors);
+        if batch.images.is_empty() {
+            continue;
+        }
+        images_ok += batch.images.len();
+        let rows = {
+            let model = model.clone();
+            let taps = taps.clone();
+            let n = batch.images.len();
+            let pixels = batch.pixels;
+            let pooling = config.pooling;
+            tokio::task::spawn_blocking(move || -> Result<Vec<Vec<f32>>, PipelineError> {
+                let x = Tensor::from_vec(pixels, (n, 3, side, side), &model.device)?;
+                let outs = model.forward_taps(&x, &taps)?;
+                pooled_rows(&outs, pooling)
+            })
+            .await??
+        };
+        for (l, pooled) in rows.into_iter().enumerate() {
+            topk[l].push_batch(&batch.images, &pooled);
+            if let Some(sink) = activation_sinks.get_mut(l) {
+                let ids: Vec<&str> = batch.images.iter().map(|&i| images.images[i as usize].id.as_str()).collect();
+                sink.write(&tables::activations_batch(&ids, plans[l].width, pooled)?).await?;
+            }
+        }
+    }
+    reader.await?;
+    for sink in activation_sinks {
+        sink.close().await?;
+    }
+    progress.end();
+    let probe_seconds = started.elapsed().as_secs_f64();
+
+    for (plan, layer_topk) in plans.iter().zip(&topk) {
+        let rows: Vec<TopKRow> = (0..plan.width)
+            .flat_map(|neuron| {
+                layer_topk.neuron(neuron).sorted().into_iter().enumerate().map(move |(rank, s)| (neuron, rank, s))
+            })
+            .map(|(neuron, rank, s)| TopKRow {
+                layer: plan.name.clone(),
+                neuron: neuron as i32,
+                rank: rank as i32,
+                image_id: images.images[s.image as usize].id.clone(),
+                activation: s.activation,
+            })
+            .collect();
+        let rel = format!("topk/{}.parquet", plan.name);
+        write_parquet(out, &rel, &tables::topk_batch(&rows)?).await?;
+        outputs.push(rel);
+    }
+
+    let images_failed = errors.len();
+    let crop_started = Instant::now();
+    let mut crops_written = 0;
+    if let Some(crop_stage) = &config.crops {
+        let neurons = crop_stage.neurons.as_deref().map(str::parse::<NeuronSet>).transpose()?;
+        let spatial: Vec<(usize, &LayerPlan)> = plans.iter().enumerate().filter(|(_, p)| p.tap.is_spatial()).collect();
+        if !spatial.is_empty() {
+            let report = run_crops(
+                &model,
+                &images.images,
+                &spatial.iter().map(|(i, p)| (*p, &topk[*i])).collect::<Vec<_>>(),
+                neurons.as_ref(),
+                &crop_stage.crop,
+                config,
+                out,
+                progress,
+            )
+            .await?;
+            crops_written = report.crops;
+            errors.extend(report.errors);
+            outputs.extend(report.outputs);
+        }
+    }
+    let crop_seconds = crop_started.elapsed().as_secs_f64();
+
+    write_parquet(out, "errors.parquet", &tables::errors_batch(&errors)?).await?;
+    outputs.push("errors.parquet".into());
+    outputs.push("probe.json".into());
+
+    let summary = ProbeSummary {
+        dnd_version: env!("CARGO_PKG_VERSION").into(),
+        model: model.reference.clone(),
+        images_source: images.source.clone(),
+        layers: plans.iter().map(|p| LayerSummary { name: p.name.clone(), neurons: p.width, spatial: p.tap.is_spatial() }).collect(),
+        config: config.clone(),
+        images_listed: images.images.len(),
+        images_ok,
+        images_failed,
+        files_ignored: images.ignored_files,
+        crops_written,
+        probe_seconds,
+        images_per_second: images_ok as f64 / probe_seconds.max(1e-9),
+        crop_seconds,
+        peak_rss_mib: peak_rss_mib(),
+        outputs,
+    };
+    let json = serde_json::to_vec_pretty(&summary).map_err(|e| PipelineError::Internal(e.to_string()))?;
+    out.put("probe.json", Bytes::from(json)).await?;
+    Ok(summary)
+}
