@@ -19,7 +19,7 @@ What it does:
    of warm-up (excluded), then the whole loop over all images, decode included,
    is timed with time.perf_counter.
 4. dnd side, a subprocess:
-   ``<dnd> probe --weights <workdir>/<arch> --images <workdir>/images --layers layer4
+   ``<dnd> probe --model <workdir>/<arch> --images <workdir>/images --layers layer4
    --top-k 10 --batch-size B --threads T --out <workdir>/out --summary-json
    <workdir>/dnd-summary.json``, then reads that summary.
 5. Prints a markdown table and writes the same data to ``<workdir>/probe_bench.json``.
@@ -51,7 +51,7 @@ JPEG_QUALITY = 90
 TAP_LAYER = "layer4"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-SUMMARY_KEYS = ("images_per_second", "peak_rss_mib", "images_ok", "seconds")
+SUMMARY_KEYS = ("images_per_second", "peak_rss_mib", "images_ok", "probe_seconds")
 
 
 def log(msg: str) -> None:
@@ -412,7 +412,7 @@ def run_dnd_side(args, model_dir: Path, img_dir: Path, workdir: Path) -> dict:
     cmd = [
         str(args.dnd),
         "probe",
-        "--weights",
+        "--model",
         str(model_dir),
         "--images",
         str(img_dir),
@@ -506,9 +506,17 @@ def markdown(report: dict) -> str:
         f"- CPU: {report['cpu_model']} ({report['cpu_count']} logical CPUs)",
         f"- torch {report['torch']}, torchvision {report['torchvision']}, Python {report['python']}",
         f"- images: {report['images']} procedural JPEGs {IMAGE_W}x{IMAGE_H} (quality {JPEG_QUALITY}), "
-        f"decode + Resize(256) + CenterCrop(224) + Normalize included in the timing; 1 warm-up batch excluded",
+        f"decode + Resize(256) + CenterCrop(224) + Normalize included in the timing; PyTorch excludes "
+        f"1 warm-up batch, dnd's figure includes its first batch",
         f"- command: `{report['command']}`",
     ]
+    a = report.get("agreement")
+    if a:
+        lines.append(
+            f"- same answers: top-1 image equal for {100 * a['top1_same_image']:.1f}% of neurons, top-10 sets "
+            f"overlap {100 * a['top10_set_overlap']:.1f}%, top-10 values within {a['max_abs_diff_top10_values']:.3g} "
+            f"(values up to {a['max_top10_value']:.3g}); JPEG decoders differ (zune-jpeg vs libjpeg-turbo)"
+        )
     for r in report["results"]:
         if r.get("error"):
             lines.append(f"- {r['implementation']} error: {r['error']}")
@@ -519,6 +527,38 @@ def markdown(report: dict) -> str:
                 f"{r['implementation']} side ran; its numbers are not reliable"
             )
     return "\n".join(lines)
+
+
+AGREEMENT_SCRIPT = """
+import json, os, sys
+import numpy as np, pyarrow.parquet as pq
+from safetensors.numpy import load_file
+workdir, images = sys.argv[1], sys.argv[2]
+t = load_file(os.path.join(workdir, "torch-top10.safetensors"))
+files = np.array(sorted(os.listdir(images)))
+d = pq.read_table(os.path.join(workdir, "out", "topk", "layer4.parquet")).to_pandas()
+vals = d.pivot(index="rank", columns="neuron", values="activation").values
+ids = d.pivot(index="rank", columns="neuron", values="image_id").values
+tid = files[t["indices"]]
+print(json.dumps({
+    "max_abs_diff_top10_values": float(np.abs(vals - t["values"]).max()),
+    "max_top10_value": float(t["values"].max()),
+    "top1_same_image": float((ids[0] == tid[0]).mean()),
+    "top10_set_overlap": float(np.mean([len(set(ids[:, n]) & set(tid[:, n])) / ids.shape[0] for n in range(ids.shape[1])])),
+}))
+"""
+
+
+def compare_topk(workdir: Path, img_dir: Path) -> dict | None:
+    """How far dnd's top-10 lists are from PyTorch's (JPEG decoders differ slightly)."""
+    r = subprocess.run([sys.executable, "-c", AGREEMENT_SCRIPT, str(workdir), str(img_dir)],
+                       capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    if r.returncode != 0:
+        log(f"top-K comparison skipped: {r.stderr.strip().splitlines()[-1:]}")
+        return None
+    agreement = json.loads(r.stdout)
+    log(f"top-K agreement dnd vs PyTorch: {agreement}")
+    return agreement
 
 
 def main(argv=None) -> int:
@@ -582,7 +622,10 @@ def main(argv=None) -> int:
     if args.only in ("dnd", "both"):
         results.append(run_dnd_side(args, model_dir, img_dir, workdir))
 
+    agreement = compare_topk(workdir, img_dir) if args.only == "both" else None
+
     report = {
+        "agreement": agreement,
         "arch": args.arch,
         "layer": TAP_LAYER,
         "top_k": TOP_K,

@@ -1,22 +1,52 @@
 //! Shared helpers of dnd's end-to-end tests.
 
 use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
 
 /// `tests/fixtures/` of this repository.
 pub fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures")
 }
 
-/// The `dnd` binary built for these tests.
+/// The `dnd` binary, built (or found up to date) by the same cargo that runs the tests,
+/// so a test never runs a stale binary.
 pub fn dnd_binary() -> PathBuf {
-    // Integration tests live in this package, not in dnd-cli, so CARGO_BIN_EXE_dnd is not
-    // set; the binary sits beside the test executable's parent directory.
-    let mut dir = std::env::current_exe().expect("the test knows its own path");
-    dir.pop();
-    if dir.ends_with("deps") {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "--quiet", "-p", "dnd-cli", "--bin", "dnd"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("cargo runs");
+        assert!(status.success(), "building the dnd binary failed");
+        // target/<profile>/deps/<test> -> target/<profile>/dnd
+        let mut dir = std::env::current_exe().expect("the test knows its own path");
         dir.pop();
+        if dir.ends_with("deps") {
+            dir.pop();
+        }
+        let bin = dir.join(format!("dnd{}", std::env::consts::EXE_SUFFIX));
+        assert!(bin.is_file(), "{} is missing after the build", bin.display());
+        bin
+    })
+    .clone()
+}
+
+/// Output of one `dnd` run.
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `dnd` with `args`.
+pub fn dnd(args: &[&str]) -> Run {
+    let out = Command::new(dnd_binary()).args(args).env("RUST_LOG", "warn").output().expect("dnd starts");
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
-    let bin = dir.join(format!("dnd{}", std::env::consts::EXE_SUFFIX));
-    assert!(bin.is_file(), "{} is missing: build it with `cargo build -p dnd-cli` (cargo test --workspace does)", bin.display());
-    bin
 }

@@ -4,6 +4,7 @@
 //! the Hugging Face hub cache in the layouts their authors publish.
 
 pub mod checkpoint;
+pub mod conv;
 pub mod device;
 pub mod error;
 pub mod preprocess;

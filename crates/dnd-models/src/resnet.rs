@@ -16,6 +16,7 @@ use std::str::FromStr;
 use candle_core::{D, DType, Device, Module, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::conv::{ConvGeometry, conv2d_fused};
 use crate::error::ModelError;
 
 /// torchvision's BatchNorm2d default.
@@ -261,9 +262,10 @@ struct ConvBn {
 }
 
 impl ConvBn {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = x.conv2d(&self.weight, self.padding, self.stride, 1, self.groups)?;
-        y.broadcast_add(&self.bias)
+    /// `conv(x) + bias [+ residual]`, then ReLU when `relu`.
+    fn forward(&self, x: &Tensor, residual: Option<&Tensor>, relu: bool) -> candle_core::Result<Tensor> {
+        let g = ConvGeometry { stride: self.stride, padding: self.padding, groups: self.groups };
+        conv2d_fused(x, &self.weight, &self.bias, residual, relu, g)
     }
 }
 
@@ -275,19 +277,17 @@ struct Block {
 
 impl Block {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let mut y = x.clone();
-        let last = self.convs.len() - 1;
-        for (i, conv) in self.convs.iter().enumerate() {
-            y = conv.forward(&y)?;
-            if i < last {
-                y = y.relu()?;
-            }
-        }
         let shortcut = match &self.downsample {
-            Some(d) => d.forward(x)?,
+            Some(d) => d.forward(x, None, false)?,
             None => x.clone(),
         };
-        (y + shortcut)?.relu()
+        let (last, inner) = self.convs.split_last().expect("a block has convolutions");
+        let mut y = x.clone();
+        for conv in inner {
+            y = conv.forward(&y, None, true)?;
+        }
+        // The residual and the block's ReLU ride along with the last convolution.
+        last.forward(&y, Some(&shortcut), true)
     }
 }
 
@@ -343,9 +343,7 @@ impl Loader<'_> {
         // Fold in f64 so the folded weights carry no more rounding than PyTorch's own BN.
         let scale = (gamma.to_dtype(DType::F64)? / (var.to_dtype(DType::F64)? + BN_EPS)?.sqrt()?)?;
         let weight = weight.to_dtype(DType::F64)?.broadcast_mul(&scale.reshape((out, 1, 1, 1))?)?.to_dtype(DType::F32)?;
-        let bias = (beta.to_dtype(DType::F64)? - (mean.to_dtype(DType::F64)? * &scale)?)?
-            .to_dtype(DType::F32)?
-            .reshape((1, out, 1, 1))?;
+        let bias = (beta.to_dtype(DType::F64)? - (mean.to_dtype(DType::F64)? * &scale)?)?.to_dtype(DType::F32)?;
         Ok(ConvBn { weight, bias, stride, padding, groups })
     }
 }
@@ -438,7 +436,7 @@ impl ResNet {
                 seen.insert(tap, t.clone());
             }
         };
-        let mut h = self.stem.forward(x)?.relu()?;
+        let mut h = self.stem.forward(x, None, true)?;
         // 3x3/2 max-pool with padding 1; zero padding equals -inf padding after a ReLU.
         h = h.pad_with_zeros(D::Minus1, 1, 1)?.pad_with_zeros(D::Minus2, 1, 1)?.max_pool2d_with_stride(3, 2)?;
         keep(Tap::Stem, &h);

@@ -223,6 +223,11 @@ pub fn decode_rgb(bytes: &[u8], limits: &ImageLimits) -> Result<RgbImage, Skippe
     if !matches!(format, image::ImageFormat::Jpeg | image::ImageFormat::Png | image::ImageFormat::WebP) {
         return Err(Skipped { reason: "unsupported", message: format!("{format:?} images are not supported; convert to JPEG, PNG or WebP") });
     }
+    if format == image::ImageFormat::Jpeg && !jpeg_has_end(bytes) {
+        // The JPEG decoder fills missing data with grey instead of failing; Pillow refuses
+        // such files ("image file is truncated"), and so do we.
+        return Err(Skipped { reason: "truncated", message: "the JPEG ends before its end-of-image marker".into() });
+    }
     let (w, h) = reader().into_dimensions().map_err(classify)?;
     if u64::from(w) * u64::from(h) > limits.max_pixels {
         return Err(Skipped {
@@ -237,6 +242,13 @@ pub fn decode_rgb(bytes: &[u8], limits: &ImageLimits) -> Result<RgbImage, Skippe
     r.limits(l);
     let img = r.decode().map_err(classify)?;
     Ok(img.to_rgb8())
+}
+
+/// True when an end-of-image marker (FF D9) follows the start of scan (FF DA). Entropy-coded
+/// data escapes every FF byte, so the marker cannot appear inside it by chance.
+fn jpeg_has_end(bytes: &[u8]) -> bool {
+    let Some(sos) = bytes.windows(2).position(|w| w == [0xFF, 0xDA]) else { return false };
+    bytes[sos..].windows(2).any(|w| w == [0xFF, 0xD9])
 }
 
 fn classify(e: ImageError) -> Skipped {
