@@ -3,15 +3,22 @@
 //! Target vision models expose activation taps; checkpoints load from local safetensors or
 //! the Hugging Face hub cache in the layouts their authors publish.
 
+pub mod blip;
+pub mod captioner;
 pub mod checkpoint;
+pub mod clip;
 pub mod conv;
 pub mod device;
+pub mod embedder;
 pub mod error;
 pub mod preprocess;
 pub mod resnet;
 pub mod target;
+pub mod transformer;
 
+pub use captioner::{BlipCaptioner, Caption, CaptionConfig, Captioner};
 pub use checkpoint::{ModelFiles, ModelRef};
+pub use embedder::{ClipEmbedder, Embedder};
 pub use error::ModelError;
 pub use preprocess::Preprocess;
 pub use resnet::{ResNet, ResNetConfig, Tap};

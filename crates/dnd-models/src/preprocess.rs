@@ -15,52 +15,152 @@ use crate::error::ModelError;
 pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
 
-/// How an RGB image becomes the model's input tensor.
+/// The resampling filter of a resize. Both are Pillow's (antialiased, support scaled by
+/// the downscaling factor), which torchvision's and transformers' uint8 kernels reproduce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Filter {
+    Bilinear,
+    /// Keys cubic with a = -0.5 (Pillow's BICUBIC).
+    Bicubic,
+}
+
+/// How the image is brought to the model's size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Resize {
+    /// The shorter side to this length, aspect kept (long side truncated, as torchvision).
+    ShorterSide(u32),
+    /// Exactly this width and height, aspect not kept.
+    Exact { width: u32, height: u32 },
+}
+
+/// How a centre crop rounds an odd margin: torchvision's `CenterCrop` rounds half to even,
+/// transformers' image processors truncate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CropRounding {
+    HalfEven,
+    Floor,
+}
+
+/// How an RGB image becomes the model's input tensor: resize, optional centre crop, then
+/// `(x / 255 - mean) / std`, channels first.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Preprocess {
-    /// Resize so the shorter side has this length (aspect kept), then ...
-    pub resize_shorter: u32,
-    /// ... cut the centre square of this side.
-    pub crop: u32,
+    pub resize: Resize,
+    pub filter: Filter,
+    /// Side of the centre square cut after resizing, if any.
+    pub crop: Option<u32>,
+    pub crop_rounding: CropRounding,
     pub mean: [f32; 3],
     pub std: [f32; 3],
+}
+
+/// The fields of a Hugging Face `preprocessor_config.json` (CLIP, BLIP, ViT image
+/// processors) that decide the transform.
+#[derive(Deserialize)]
+struct HfImageProcessor {
+    size: Option<HfSize>,
+    crop_size: Option<HfSize>,
+    do_center_crop: Option<bool>,
+    resample: Option<u32>,
+    image_mean: Option<[f32; 3]>,
+    image_std: Option<[f32; 3]>,
+}
+
+#[derive(Deserialize)]
+struct HfSize {
+    shortest_edge: Option<u32>,
+    height: Option<u32>,
+    width: Option<u32>,
 }
 
 impl Preprocess {
     /// torchvision's ImageNet evaluation transform: Resize(256), CenterCrop(224), Normalize.
     pub fn imagenet() -> Self {
-        Self { resize_shorter: 256, crop: 224, mean: IMAGENET_MEAN, std: IMAGENET_STD }
-    }
-
-    /// Resized, cropped and normalised, channels first: `3 x crop x crop` values.
-    pub fn apply(&self, img: &RgbImage) -> Vec<f32> {
-        let (w, h) = img.dimensions();
-        let (short, long) = if w <= h { (w, h) } else { (h, w) };
-        // torchvision truncates the long side: int(size * long / short).
-        let new_long = (u64::from(self.resize_shorter) * u64::from(long) / u64::from(short)) as u32;
-        let (rw, rh) = if w <= h { (self.resize_shorter, new_long) } else { (new_long, self.resize_shorter) };
-        let resized = resize_rgb(img, rw, rh);
-        let c = self.crop.min(rw).min(rh);
-        // torchvision: int(round((h - crop) / 2)), Python rounding half to even.
-        let top = (f64::from(rh - c) / 2.0).round_ties_even() as u32;
-        let left = (f64::from(rw - c) / 2.0).round_ties_even() as u32;
-        let cropped = image::imageops::crop_imm(&resized, left, top, c, c).to_image();
-        normalize_chw(&cropped, self.mean, self.std)
-    }
-
-    /// Side of the square tensor `apply` produces.
-    pub fn output_side(&self) -> u32 {
-        self.crop
-    }
-
-    /// A batch `(B, 3, crop, crop)` on `device`.
-    pub fn batch(&self, images: &[RgbImage], device: &Device) -> Result<Tensor, ModelError> {
-        let side = self.crop as usize;
-        let mut data = Vec::with_capacity(images.len() * 3 * side * side);
-        for img in images {
-            data.extend(self.apply(img));
+        Self {
+            resize: Resize::ShorterSide(256),
+            filter: Filter::Bilinear,
+            crop: Some(224),
+            crop_rounding: CropRounding::HalfEven,
+            mean: IMAGENET_MEAN,
+            std: IMAGENET_STD,
         }
-        Ok(Tensor::from_vec(data, (images.len(), 3, side, side), device)?)
+    }
+
+    /// Reads a Hugging Face image processor config (`preprocessor_config.json`).
+    pub fn from_hf_config(path: &std::path::Path) -> Result<Self, ModelError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io { path: path.into(), source })?;
+        let bad = |reason: String| ModelError::Config { path: path.into(), reason };
+        let raw: HfImageProcessor = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let size = raw.size.ok_or_else(|| bad("it has no `size`".into()))?;
+        let resize = match (size.shortest_edge, size.height, size.width) {
+            (Some(s), _, _) => Resize::ShorterSide(s),
+            (None, Some(height), Some(width)) => Resize::Exact { width, height },
+            _ => return Err(bad("`size` needs `shortest_edge` or `height` and `width`".into())),
+        };
+        let crop = match (raw.do_center_crop.unwrap_or(false), raw.crop_size) {
+            (true, Some(HfSize { height: Some(h), width: Some(w), .. })) if h == w => Some(h),
+            (true, Some(_)) => return Err(bad("only square `crop_size` is supported".into())),
+            (true, None) => return Err(bad("`do_center_crop` without `crop_size`".into())),
+            (false, _) => None,
+        };
+        let filter = match raw.resample.unwrap_or(3) {
+            2 => Filter::Bilinear,
+            3 => Filter::Bicubic,
+            other => return Err(bad(format!("resample {other} is not supported (2 bilinear, 3 bicubic)"))),
+        };
+        Ok(Self {
+            resize,
+            filter,
+            crop,
+            crop_rounding: CropRounding::Floor,
+            mean: raw.image_mean.unwrap_or(IMAGENET_MEAN),
+            std: raw.image_std.unwrap_or(IMAGENET_STD),
+        })
+    }
+
+    /// Resized, cropped and normalised, channels first.
+    pub fn apply(&self, img: &RgbImage) -> Vec<f32> {
+        normalize_chw(&self.transform(img), self.mean, self.std)
+    }
+
+    /// The geometric part: resize and crop, still 8-bit RGB.
+    pub fn transform(&self, img: &RgbImage) -> RgbImage {
+        let (w, h) = img.dimensions();
+        let (rw, rh) = match self.resize {
+            Resize::ShorterSide(side) => {
+                let (short, long) = if w <= h { (w, h) } else { (h, w) };
+                // torchvision truncates the long side: int(size * long / short).
+                let new_long = (u64::from(side) * u64::from(long) / u64::from(short)) as u32;
+                if w <= h { (side, new_long) } else { (new_long, side) }
+            }
+            Resize::Exact { width, height } => (width, height),
+        };
+        let resized = resize_with(img, rw, rh, self.filter);
+        let Some(crop) = self.crop else { return resized };
+        let c = crop.min(rw).min(rh);
+        let offset = |margin: u32| match self.crop_rounding {
+            CropRounding::HalfEven => (f64::from(margin) / 2.0).round_ties_even() as u32,
+            CropRounding::Floor => margin / 2,
+        };
+        image::imageops::crop_imm(&resized, offset(rw - c), offset(rh - c), c, c).to_image()
+    }
+
+    /// `(width, height)` of the tensor `apply` produces for any input.
+    pub fn output_size(&self) -> Option<(u32, u32)> {
+        match (self.crop, self.resize) {
+            (Some(c), _) => Some((c, c)),
+            (None, Resize::Exact { width, height }) => Some((width, height)),
+            (None, Resize::ShorterSide(_)) => None,
+        }
+    }
+
+    /// A batch `(B, 3, H, W)` on `device`; the transform must give one size for all inputs.
+    pub fn batch(&self, images: &[RgbImage], device: &Device) -> Result<Tensor, ModelError> {
+        let transformed: Vec<RgbImage> = images.iter().map(|i| self.transform(i)).collect();
+        normalized_batch(&transformed, self.mean, self.std, device)
     }
 }
 
@@ -90,13 +190,22 @@ pub fn normalize_chw(img: &RgbImage, mean: [f32; 3], std: [f32; 3]) -> Vec<f32> 
 
 /// Pillow-compatible bilinear (antialiased) resize of an RGB image.
 pub fn resize_rgb(img: &RgbImage, width: u32, height: u32) -> RgbImage {
+    resize_with(img, width, height, Filter::Bilinear)
+}
+
+/// Pillow-compatible resize of an RGB image with the given filter.
+pub fn resize_with(img: &RgbImage, width: u32, height: u32, filter: Filter) -> RgbImage {
     if img.dimensions() == (width, height) {
         return img.clone();
     }
     let (w, h) = img.dimensions();
     let src = Image::from_vec_u8(w, h, img.as_raw().clone(), PixelType::U8x3).expect("an RgbImage buffer is w*h*3 bytes");
     let mut dst = Image::new(width, height, PixelType::U8x3);
-    let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
+    let kernel = match filter {
+        Filter::Bilinear => FilterType::Bilinear,
+        Filter::Bicubic => FilterType::CatmullRom,
+    };
+    let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(kernel));
     Resizer::new().resize(&src, &mut dst, &options).expect("source and destination are both U8x3");
     RgbImage::from_raw(width, height, dst.into_vec()).expect("the resizer fills width*height*3 bytes")
 }

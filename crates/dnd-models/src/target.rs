@@ -7,7 +7,7 @@ use serde::Deserialize;
 
 use crate::checkpoint::ModelRef;
 use crate::error::ModelError;
-use crate::preprocess::Preprocess;
+use crate::preprocess::{Preprocess, Resize};
 use crate::resnet::{ResNet, ResNetConfig, Tap};
 
 /// A loaded target model. Only the ResNet family for now; the taps API is what the
@@ -42,9 +42,9 @@ fn preprocess_from_config(path: &Path) -> Result<Preprocess, ModelError> {
     let mut p = Preprocess::imagenet();
     if let Some(cfg) = raw.pretrained_cfg {
         if let Some([_, _, side]) = cfg.input_size {
-            p.crop = side;
+            p.crop = Some(side);
             // timm: scale_size = floor(img_size / crop_pct)
-            p.resize_shorter = (f64::from(side) / cfg.crop_pct.unwrap_or(0.875)).floor() as u32;
+            p.resize = Resize::ShorterSide((f64::from(side) / cfg.crop_pct.unwrap_or(0.875)).floor() as u32);
         }
         p.mean = cfg.mean.unwrap_or(p.mean);
         p.std = cfg.std.unwrap_or(p.std);

@@ -255,7 +255,10 @@ pub async fn run_probe(
             outputs.push(rel);
         }
     }
-    let side = model.preprocess.output_side() as usize;
+    let (width, height) = model.preprocess.output_size().ok_or_else(|| {
+        PipelineError::Internal("the target model's preprocessing has no fixed output size".into())
+    })?;
+    let (width, height) = (width as usize, height as usize);
     progress.begin("probe", images.images.len() as u64);
     let mut images_ok = 0;
     while let Some(batch) = rx.recv().await {
@@ -272,7 +275,7 @@ pub async fn run_probe(
             let pixels = batch.pixels;
             let pooling = config.pooling;
             tokio::task::spawn_blocking(move || -> Result<Vec<Vec<f32>>, PipelineError> {
-                let x = Tensor::from_vec(pixels, (n, 3, side, side), &model.device)?;
+                let x = Tensor::from_vec(pixels, (n, 3, height, width), &model.device)?;
                 let outs = model.forward_taps(&x, &taps)?;
                 pooled_rows(&outs, pooling)
             })

@@ -1,0 +1,125 @@
+//! Parity of the multimodal models with transformers, on the tiny random-weight
+//! checkpoints of `tests/fixtures/multimodal/` (made by `make_multimodal_fixtures.py`).
+
+use std::collections::HashMap;
+
+use candle_core::{Device, IndexOp, Tensor};
+use serde_json::Value;
+
+use dnd_models::{Captioner, ClipEmbedder, Embedder, ModelRef};
+use dnd_pipeline::ImageLimits;
+use dnd_pipeline::images::decode_rgb;
+use dnd_tests::fixtures;
+
+/// f32 through a few random-weight layers; transformers and candle sum in other orders.
+const TOLERANCE: f32 = 1e-4;
+
+struct Reference {
+    json: Value,
+    tensors: HashMap<String, Tensor>,
+}
+
+fn reference(name: &str) -> Reference {
+    let dir = fixtures().join("multimodal/reference");
+    let json = serde_json::from_slice(&std::fs::read(dir.join(format!("{name}.json"))).unwrap()).unwrap();
+    let tensors = candle_core::safetensors::load(dir.join(format!("{name}.safetensors")), &Device::Cpu).unwrap();
+    Reference { json, tensors }
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+}
+
+fn model_ref(name: &str) -> ModelRef {
+    fixtures().join("multimodal").join(name).to_str().unwrap().parse().unwrap()
+}
+
+fn input_images(r: &Reference) -> Vec<image::RgbImage> {
+    r.json["inputs"]["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            let bytes = std::fs::read(fixtures().join("images").join(n.as_str().unwrap())).unwrap();
+            decode_rgb(&bytes, &ImageLimits::default()).unwrap()
+        })
+        .collect()
+}
+
+fn ids_of(t: &Tensor) -> Vec<Vec<u32>> {
+    t.to_dtype(candle_core::DType::U32).unwrap().to_vec2::<u32>().unwrap()
+}
+
+#[test]
+fn clip_matches_transformers() {
+    let r = reference("clip");
+    let clip = ClipEmbedder::load(&model_ref("clip"), &Device::Cpu).unwrap();
+
+    // Towers on the reference inputs.
+    let image_features = clip.image_features(&r.tensors["pixel_values"]).unwrap();
+    let d = max_abs_diff(&image_features, &r.tensors["image_features"]);
+    assert!(d <= TOLERANCE, "image features: {d}");
+
+    let texts: Vec<&str> = r.json["inputs"]["texts"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+    let (ids, mask) = clip.tokenize(&texts).unwrap();
+    assert_eq!(ids, ids_of(&r.tensors["input_ids"]), "token ids");
+    assert_eq!(mask, ids_of(&r.tensors["attention_mask"]), "attention mask");
+    let text_features = clip.text_features(&ids, &mask).unwrap();
+    let d = max_abs_diff(&text_features, &r.tensors["text_features"]);
+    assert!(d <= TOLERANCE, "text features (pooled at the first end-of-text token): {d}");
+
+    // End to end, from files: normalised embeddings.
+    let embeds = clip.embed_texts(&texts).unwrap();
+    assert!(max_abs_diff(&embeds, &r.tensors["text_embeds"]) <= TOLERANCE);
+    let images = input_images(&r);
+    let embeds = clip.embed_images(&images).unwrap();
+    // Our resize is Pillow's bicubic in float; transformers' is torch's fixed-point uint8
+    // kernel: a level here and there on the non-square image.
+    let d = max_abs_diff(&embeds, &r.tensors["image_embeds"]);
+    assert!(d <= 2e-2, "image embeddings from files: {d}");
+    let pixels = clip.preprocess.batch(&images, &Device::Cpu).unwrap();
+    for i in 0..3 {
+        let d = max_abs_diff(&pixels.i(i).unwrap(), &r.tensors["pixel_values"].i(i).unwrap());
+        // fast_image_resize's Catmull-Rom and torch's fixed-point bicubic round differently.
+        assert!(d <= 2.0 / 255.0 / 0.26 + 1e-5, "square image {i}: pixels differ by {d}");
+    }
+}
+
+#[test]
+fn blip_matches_transformers() {
+    let r = reference("blip");
+    let config = dnd_models::CaptionConfig { min_new_tokens: 5, max_new_tokens: 12 };
+    let blip = dnd_models::BlipCaptioner::load(&model_ref("blip"), &Device::Cpu, config).unwrap();
+    let pixels = &r.tensors["pixel_values"];
+
+    let image = blip.encode_images(pixels).unwrap();
+    let d = max_abs_diff(&image, &r.tensors["vision.last_hidden_state"]);
+    assert!(d <= TOLERANCE, "vision states: {d}");
+
+    let prefix = r.tensors["decoder.prefix_ids"].to_dtype(candle_core::DType::U32).unwrap();
+    let logits = blip.decoder_logits(&image.narrow(0, 0, 2).unwrap(), &prefix).unwrap();
+    let d = max_abs_diff(&logits, &r.tensors["decoder.prefix_logits"]);
+    assert!(d <= TOLERANCE, "decoder logits (tied lm head): {d}");
+
+    // Batched greedy decoding of all four images at once.
+    let generated = blip.generate(pixels).unwrap();
+    let expected: Vec<Vec<u32>> = ids_of(&r.tensors["generate.ids"])
+        .into_iter()
+        .map(|row| row.into_iter().skip(1).collect::<Vec<_>>()) // HF keeps the start token
+        .collect();
+    for (i, (got, want)) in generated.iter().zip(&expected).enumerate() {
+        // HF pads finished rows to the batch's length; we stop at the end token.
+        let want: Vec<u32> = want.iter().copied().take(got.len()).collect();
+        assert_eq!(got, &want, "image {i}");
+        let captions = r.json["generation"]["decoded_skip_special_tokens"].as_array().unwrap();
+        assert_eq!(blip.decode(got).unwrap(), captions[i].as_str().unwrap(), "caption {i}");
+    }
+
+    // From files: the same captions (the square images need no resampling at 4x).
+    let images = input_images(&r);
+    let captions = blip.caption(&images[..3]).unwrap();
+    for (i, c) in captions.iter().enumerate() {
+        assert_eq!(c.token_ids, generated[i], "image {i} from file");
+    }
+}
