@@ -123,3 +123,72 @@ fn blip_matches_transformers() {
         assert_eq!(c.token_ids, generated[i], "image {i} from file");
     }
 }
+
+fn load_sd(r: &Reference) -> (dnd_models::DiffusionGenerator, String) {
+    let config = dnd_models::GenerationConfig { steps: 3, guidance_scale: 7.5, width: 32, height: 32, ..Default::default() };
+    let sd = dnd_models::DiffusionGenerator::load(&model_ref("sd"), &Device::Cpu, config).unwrap();
+    (sd, r.json["inputs"]["prompt"].as_str().unwrap().to_string())
+}
+
+#[test]
+fn stable_diffusion_text_encoder_and_vae_match_diffusers() {
+    let r = reference("sd");
+    let (sd, prompt) = load_sd(&r);
+    let prompt = prompt.as_str();
+    assert_eq!(sd.tokenize(prompt).unwrap(), ids_of(&r.tensors["text.cond_input_ids"])[0]);
+    assert_eq!(sd.tokenize("").unwrap(), ids_of(&r.tensors["text.uncond_input_ids"])[0]);
+    let cond = sd.encode_prompts(&[prompt]).unwrap();
+    assert!(max_abs_diff(&cond, &r.tensors["text.cond_last_hidden_state"]) <= TOLERANCE);
+    let uncond = sd.encode_prompts(&[""]).unwrap();
+    assert!(max_abs_diff(&uncond, &r.tensors["text.uncond_last_hidden_state"]) <= TOLERANCE);
+
+    let decoded = sd.decode_latents(&r.tensors["vae.latents"]).unwrap();
+    let d = max_abs_diff(&decoded, &r.tensors["vae.decoded"]);
+    assert!(d <= TOLERANCE, "VAE decode: {d}");
+
+    // Seeds decide images, not batch neighbours.
+    use dnd_models::{Generator, ImageRequest};
+    let a = ImageRequest { prompt: "a red circle".into(), seed: 7 };
+    let b = ImageRequest { prompt: "dots".into(), seed: 8 };
+    let alone = sd.generate(std::slice::from_ref(&a)).unwrap();
+    let batched = sd.generate(&[b, a]).unwrap();
+    assert_eq!(alone[0].dimensions(), (32, 32));
+    // Same noise and prompt; only float rounding of larger GEMMs differs, which guidance
+    // (x7.5) over the steps can turn into a level or two.
+    let diffs: Vec<u8> = alone[0].as_raw().iter().zip(batched[1].as_raw()).map(|(x, y)| x.abs_diff(*y)).collect();
+    let (worst, mean) = (*diffs.iter().max().unwrap(), diffs.iter().map(|&d| f64::from(d)).sum::<f64>() / diffs.len() as f64);
+    assert!(worst <= 3 && mean < 0.5, "an image must not depend on its batch: max {worst}, mean {mean} levels apart");
+    let other = alone[0].as_raw().iter().zip(batched[0].as_raw()).map(|(x, y)| x.abs_diff(*y)).max().unwrap();
+    assert!(other > 1, "another prompt and seed give another image");
+}
+
+/// Known gap, kept visible: candle-transformers' UNet differs from diffusers on this
+/// fixture (max 0.63 on the noise prediction). One cause found: its GEGLU uses the tanh
+/// GELU where diffusers uses the exact one; that alone does not explain the size. The fix
+/// is a UNet file of our own; until then generated images are not diffusers-exact.
+#[test]
+#[ignore = "candle-transformers' UNet does not match diffusers yet (see the comment)"]
+fn stable_diffusion_unet_matches_diffusers() {
+    let r = reference("sd");
+    let (sd, prompt) = load_sd(&r);
+    let prompt = prompt.as_str();
+    let cond = sd.encode_prompts(&[prompt]).unwrap();
+    let uncond = sd.encode_prompts(&[""]).unwrap();
+    let noise = sd.predict_noise(&r.tensors["unet.latents"], 500.0, &cond).unwrap();
+    let d = max_abs_diff(&noise, &r.tensors["unet.noise_pred"]);
+    assert!(d <= TOLERANCE, "UNet noise prediction: {d}");
+    // Guidance batch [uncond, cond].
+    let latents2 = Tensor::cat(&[&r.tensors["unet.latents"], &r.tensors["unet.latents"]], 0).unwrap();
+    let text2 = Tensor::cat(&[&uncond, &cond], 0).unwrap();
+    let d = max_abs_diff(&sd.predict_noise(&latents2, 500.0, &text2).unwrap(), &r.tensors["unet.cfg_noise_pred"]);
+    assert!(d <= TOLERANCE, "UNet guidance batch: {d}");
+
+    // The whole 3-step DDIM loop from the pipeline's starting latents.
+    let latents = sd.denoise(&[prompt], r.tensors["pipeline.initial_latents"].clone()).unwrap();
+    let d = max_abs_diff(&latents, &r.tensors["pipeline.final_latents"]);
+    assert!(d <= 1e-3, "final latents after 3 guided DDIM steps: {d}");
+    let image = sd.to_rgb(&sd.decode_latents(&latents).unwrap()).unwrap();
+    let want: Vec<u8> = r.tensors["pipeline.image_u8"].flatten_all().unwrap().to_vec1::<u8>().unwrap();
+    let worst = image[0].as_raw().iter().zip(&want).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
+    assert!(worst <= 1, "pipeline image differs by {worst} levels");
+}

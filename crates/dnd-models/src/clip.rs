@@ -132,13 +132,22 @@ pub struct ClipText {
     positions: Tensor,
     layers: Vec<EncoderLayer>,
     final_norm: LayerNorm,
-    projection: Linear,
+    /// `text_projection`: CLIP has it, a diffusion model's `CLIPTextModel` does not.
+    projection: Option<Linear>,
     eos_token_id: u32,
 }
 
 impl ClipText {
+    /// The text tower of a `CLIPModel` (with its projection).
     pub fn load(c: &ClipConfig, vb: VarBuilder) -> Result<Self> {
-        let t = &c.text_config;
+        let projection = candle_nn::linear_no_bias(c.text_config.hidden_size, c.projection_dim, vb.pp("text_projection"))?;
+        let mut text = Self::load_tower(&c.text_config, vb.pp("text_model"))?;
+        text.projection = Some(projection);
+        Ok(text)
+    }
+
+    /// A bare text tower, `vb` at its root (`text_model.` in a `CLIPModel`).
+    pub fn load_tower(t: &ClipTextConfig, vb: VarBuilder) -> Result<Self> {
         let shape = TowerShape {
             hidden: t.hidden_size,
             intermediate: t.intermediate_size,
@@ -147,13 +156,13 @@ impl ClipText {
             eps: t.layer_norm_eps,
             act: t.hidden_act,
         };
-        let m = vb.pp("text_model");
+        let m = vb;
         Ok(Self {
             tokens: candle_nn::embedding(t.vocab_size, t.hidden_size, m.pp("embeddings.token_embedding"))?,
             positions: m.get((t.max_position_embeddings, t.hidden_size), "embeddings.position_embedding.weight")?,
             layers: load_encoder(&shape, m.clone())?,
             final_norm: layer_norm(t.hidden_size, t.layer_norm_eps, m.pp("final_layer_norm"))?,
-            projection: candle_nn::linear_no_bias(t.hidden_size, c.projection_dim, vb.pp("text_projection"))?,
+            projection: None,
             eos_token_id: t.eos_token_id,
         })
     }
@@ -201,7 +210,10 @@ impl ClipText {
         let h = self.hidden_states(&id_t, &att_t)?;
         let rows: Vec<Tensor> =
             self.pool_positions(ids).iter().enumerate().map(|(i, &p)| h.i((i, p))).collect::<Result<_>>()?;
-        self.projection.forward(&Tensor::stack(&rows, 0)?)
+        match &self.projection {
+            Some(p) => p.forward(&Tensor::stack(&rows, 0)?),
+            None => candle_core::bail!("this text tower has no projection (a diffusion text encoder)"),
+        }
     }
 }
 

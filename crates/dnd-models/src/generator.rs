@@ -1,0 +1,416 @@
+//! Text-to-image generation (stage 3) with a Stable Diffusion checkpoint in the diffusers
+//! layout (`unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`): v1.5, v2.1,
+//! SD-Turbo, or any config of that family.
+//!
+//! The UNet and the VAE are candle-transformers'; the denoising loop is ours. It batches
+//! classifier-free guidance as `[uncond x B, cond x B]` (candle's example interleaves them
+//! wrongly for B > 1), and draws each image's starting noise from its own seed, so an image
+//! depends on (model, prompt, seed, steps, size, guidance, scheduler) and never on the
+//! other images of its batch.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use candle_transformers::models::stable_diffusion::ddim::DDIMSchedulerConfig;
+use candle_transformers::models::stable_diffusion::schedulers::{
+    BetaSchedule, PredictionType, Scheduler, SchedulerConfig, TimestepSpacing,
+};
+use candle_transformers::models::stable_diffusion::unet_2d::{BlockConfig, UNet2DConditionModel, UNet2DConditionModelConfig};
+use candle_transformers::models::stable_diffusion::vae::{AutoEncoderKL, AutoEncoderKLConfig};
+use image::RgbImage;
+use rand::SeedableRng;
+use rand_distr::{Distribution, StandardNormal};
+use serde::{Deserialize, Serialize};
+use tokenizers::Tokenizer;
+
+use crate::checkpoint::ModelRef;
+use crate::clip::{ClipText, ClipTextConfig};
+use crate::embedder::{load_tokenizer, read_json, var_builder};
+use crate::error::ModelError;
+
+/// How images are generated; defaults are the method's (50 DDIM steps, guidance 7.5).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GenerationConfig {
+    /// `{concept}` is replaced by the concept.
+    pub prompt_template: String,
+    pub steps: usize,
+    /// 1 disables classifier-free guidance (few-step Turbo models).
+    pub guidance_scale: f64,
+    pub width: usize,
+    pub height: usize,
+    /// Timestep spacing of the DDIM schedule: `leading` (SD 1.x/2.x), `trailing` (Turbo).
+    pub timestep_spacing: Spacing,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Spacing {
+    Leading,
+    Trailing,
+    Linspace,
+}
+
+impl Default for GenerationConfig {
+    fn default() -> Self {
+        Self {
+            prompt_template: "One realistic image of {concept}".into(),
+            steps: 50,
+            guidance_scale: 7.5,
+            width: 512,
+            height: 512,
+            timestep_spacing: Spacing::Leading,
+        }
+    }
+}
+
+impl GenerationConfig {
+    pub fn prompt(&self, concept: &str) -> String {
+        self.prompt_template.replace("{concept}", concept)
+    }
+}
+
+/// One image to generate: what, and from which seed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageRequest {
+    pub prompt: String,
+    pub seed: u64,
+}
+
+/// Generates images from text.
+pub trait Generator: Send + Sync {
+    fn generate(&self, requests: &[ImageRequest]) -> Result<Vec<RgbImage>, ModelError>;
+}
+
+#[derive(Deserialize)]
+struct DiffusersUnet {
+    block_out_channels: Vec<usize>,
+    down_block_types: Vec<String>,
+    attention_head_dim: OneOrMany,
+    #[serde(default = "one")]
+    transformer_layers_per_block: usize,
+    layers_per_block: usize,
+    norm_num_groups: usize,
+    norm_eps: f64,
+    cross_attention_dim: usize,
+    #[serde(default)]
+    use_linear_projection: bool,
+    #[serde(default = "yes")]
+    flip_sin_to_cos: bool,
+    #[serde(default)]
+    freq_shift: f64,
+    #[serde(default = "one")]
+    downsample_padding: usize,
+    #[serde(default = "four")]
+    in_channels: usize,
+    #[serde(default = "four")]
+    out_channels: usize,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(usize),
+    Many(Vec<usize>),
+}
+
+#[derive(Deserialize)]
+struct DiffusersVae {
+    block_out_channels: Vec<usize>,
+    layers_per_block: usize,
+    latent_channels: usize,
+    norm_num_groups: usize,
+    #[serde(default = "scaling")]
+    scaling_factor: f64,
+    #[serde(default = "yes")]
+    use_quant_conv: bool,
+    #[serde(default = "yes")]
+    use_post_quant_conv: bool,
+}
+
+#[derive(Deserialize)]
+struct DiffusersScheduler {
+    #[serde(rename = "_class_name")]
+    class_name: String,
+    beta_start: f64,
+    beta_end: f64,
+    beta_schedule: String,
+    #[serde(default)]
+    steps_offset: usize,
+    #[serde(default = "epsilon")]
+    prediction_type: String,
+    #[serde(default = "thousand")]
+    num_train_timesteps: usize,
+}
+
+fn one() -> usize {
+    1
+}
+fn four() -> usize {
+    4
+}
+fn yes() -> bool {
+    true
+}
+fn scaling() -> f64 {
+    0.18215
+}
+fn epsilon() -> String {
+    "epsilon".into()
+}
+fn thousand() -> usize {
+    1000
+}
+
+/// A loaded Stable Diffusion pipeline.
+pub struct DiffusionGenerator {
+    pub reference: String,
+    text: ClipText,
+    tokenizer: Tokenizer,
+    max_tokens: usize,
+    eos_id: u32,
+    unet: UNet2DConditionModel,
+    vae: AutoEncoderKL,
+    scaling_factor: f64,
+    latent_channels: usize,
+    /// The VAE's spatial downscaling (8 for real SD checkpoints).
+    vae_scale: usize,
+    scheduler: DDIMSchedulerConfig,
+    pub config: GenerationConfig,
+    device: Device,
+}
+
+fn part(dir: &Path, sub: &str, file: &str, reference: &ModelRef) -> Result<PathBuf, ModelError> {
+    let p = dir.join(sub).join(file);
+    if p.is_file() {
+        return Ok(p);
+    }
+    Err(ModelError::NotFound {
+        what: format!("{reference} has no {sub}/{file} (looked in {})", dir.display()),
+        help: "a diffusers Stable Diffusion directory holds unet/, vae/, text_encoder/, tokenizer/ and scheduler/; download the whole repository".into(),
+    })
+}
+
+impl DiffusionGenerator {
+    pub fn load(reference: &ModelRef, device: &Device, config: GenerationConfig) -> Result<Self, ModelError> {
+        let files = reference.resolve("model_index.json")?;
+        let dir = files.weights.parent().map(Path::to_path_buf).unwrap_or_default();
+        let bad = |path: &Path, reason: String| ModelError::Config { path: path.into(), reason };
+
+        let unet_cfg_path = part(&dir, "unet", "config.json", reference)?;
+        let u: DiffusersUnet = read_json(&unet_cfg_path)?;
+        let heads = match &u.attention_head_dim {
+            OneOrMany::One(h) => vec![*h; u.block_out_channels.len()],
+            OneOrMany::Many(v) => v.clone(),
+        };
+        if heads.len() != u.block_out_channels.len() || u.down_block_types.len() != u.block_out_channels.len() {
+            return Err(bad(&unet_cfg_path, "block_out_channels, down_block_types and attention_head_dim disagree in length".into()));
+        }
+        let blocks = u
+            .block_out_channels
+            .iter()
+            .zip(&u.down_block_types)
+            .zip(&heads)
+            .map(|((&out_channels, kind), &h)| BlockConfig {
+                out_channels,
+                use_cross_attn: kind.starts_with("CrossAttn").then_some(u.transformer_layers_per_block),
+                // diffusers' (mis)named attention_head_dim is the number of heads, as is candle's.
+                attention_head_dim: h,
+            })
+            .collect();
+        let unet_config = UNet2DConditionModelConfig {
+            blocks,
+            center_input_sample: false,
+            cross_attention_dim: u.cross_attention_dim,
+            downsample_padding: u.downsample_padding,
+            flip_sin_to_cos: u.flip_sin_to_cos,
+            freq_shift: u.freq_shift,
+            layers_per_block: u.layers_per_block,
+            mid_block_scale_factor: 1.0,
+            norm_eps: u.norm_eps,
+            norm_num_groups: u.norm_num_groups,
+            sliced_attention_size: None,
+            use_linear_projection: u.use_linear_projection,
+        };
+        let weights = |sub: &str, file: &str| part(&dir, sub, file, reference);
+        let unet_w = weights("unet", "diffusion_pytorch_model.safetensors")?;
+        let checkpoint = |path: &Path| {
+            let path = path.to_path_buf();
+            move |e: candle_core::Error| ModelError::Checkpoint { path: path.clone(), reason: e.to_string() }
+        };
+        let unet = UNet2DConditionModel::new(var_builder(&unet_w, device)?, u.in_channels, u.out_channels, false, unet_config)
+            .map_err(checkpoint(&unet_w))?;
+
+        let v: DiffusersVae = read_json(&weights("vae", "config.json")?)?;
+        let vae_w = weights("vae", "diffusion_pytorch_model.safetensors")?;
+        let vae_config = AutoEncoderKLConfig {
+            block_out_channels: v.block_out_channels.clone(),
+            layers_per_block: v.layers_per_block,
+            latent_channels: v.latent_channels,
+            norm_num_groups: v.norm_num_groups,
+            use_quant_conv: v.use_quant_conv,
+            use_post_quant_conv: v.use_post_quant_conv,
+        };
+        let vae = AutoEncoderKL::new(var_builder(&vae_w, device)?, 3, 3, vae_config).map_err(checkpoint(&vae_w))?;
+
+        let t: ClipTextConfig = read_json(&weights("text_encoder", "config.json")?)?;
+        let text_w = weights("text_encoder", "model.safetensors")?;
+        let text_vb = var_builder(&text_w, device)?;
+        // `CLIPTextModel` checkpoints name tensors `text_model.*`; transformers 5 saves them bare.
+        let text_vb = if text_vb.contains_tensor("text_model.embeddings.token_embedding.weight") {
+            text_vb.pp("text_model")
+        } else {
+            text_vb
+        };
+        let text = ClipText::load_tower(&t, text_vb).map_err(checkpoint(&text_w))?;
+        let tokenizer = load_tokenizer(&weights("tokenizer", "tokenizer.json")?)?;
+
+        let sched_path = weights("scheduler", "scheduler_config.json")?;
+        let s: DiffusersScheduler = read_json(&sched_path)?;
+        let beta_schedule = match s.beta_schedule.as_str() {
+            "scaled_linear" => BetaSchedule::ScaledLinear,
+            "linear" => BetaSchedule::Linear,
+            "squaredcos_cap_v2" => BetaSchedule::SquaredcosCapV2,
+            other => return Err(bad(&sched_path, format!("beta_schedule `{other}` is not supported"))),
+        };
+        let prediction_type = match s.prediction_type.as_str() {
+            "epsilon" => PredictionType::Epsilon,
+            "v_prediction" => PredictionType::VPrediction,
+            "sample" => PredictionType::Sample,
+            other => return Err(bad(&sched_path, format!("prediction_type `{other}` is not supported"))),
+        };
+        tracing::debug!(scheduler = s.class_name, "dnd samples with DDIM (eta 0) from the checkpoint's noise schedule");
+        let scheduler = DDIMSchedulerConfig {
+            beta_start: s.beta_start,
+            beta_end: s.beta_end,
+            beta_schedule,
+            eta: 0.0,
+            steps_offset: s.steps_offset,
+            prediction_type,
+            train_timesteps: s.num_train_timesteps,
+            timestep_spacing: match config.timestep_spacing {
+                Spacing::Leading => TimestepSpacing::Leading,
+                Spacing::Trailing => TimestepSpacing::Trailing,
+                Spacing::Linspace => TimestepSpacing::Linspace,
+            },
+        };
+        let vae_scale = 1 << (v.block_out_channels.len() - 1);
+        if config.steps == 0 || config.width % vae_scale != 0 || config.height % vae_scale != 0 {
+            return Err(ModelError::BadReference {
+                reference: reference.to_string(),
+                reason: format!("generation needs steps >= 1 and a width and height divisible by {vae_scale}"),
+            });
+        }
+        let eos_id = t.eos_token_id;
+        Ok(Self {
+            reference: reference.to_string(),
+            max_tokens: t.max_position_embeddings,
+            text,
+            tokenizer,
+            eos_id,
+            unet,
+            vae,
+            scaling_factor: v.scaling_factor,
+            latent_channels: v.latent_channels,
+            vae_scale,
+            scheduler,
+            config,
+            device: device.clone(),
+        })
+    }
+
+    /// Token ids padded with end-of-text to the encoder's full context, as the diffusers
+    /// pipeline does (`padding="max_length"`).
+    pub fn tokenize(&self, prompt: &str) -> Result<Vec<u32>, ModelError> {
+        let enc = self
+            .tokenizer
+            .encode(prompt, true)
+            .map_err(|e| ModelError::Config { path: "tokenizer.json".into(), reason: format!("cannot tokenize {prompt:?}: {e}") })?;
+        let mut ids = enc.get_ids().to_vec();
+        if ids.len() > self.max_tokens {
+            let last = ids[ids.len() - 1];
+            ids.truncate(self.max_tokens);
+            ids[self.max_tokens - 1] = last;
+        }
+        ids.resize(self.max_tokens, self.eos_id);
+        Ok(ids)
+    }
+
+    /// Text-encoder states `(B, T, D)` for prompts (no attention mask, as diffusers).
+    pub fn encode_prompts(&self, prompts: &[&str]) -> Result<Tensor, ModelError> {
+        let ids: Vec<u32> = prompts.iter().map(|p| self.tokenize(p)).collect::<Result<Vec<_>, _>>()?.concat();
+        let ids = Tensor::from_vec(ids, (prompts.len(), self.max_tokens), &self.device)?;
+        let ones = Tensor::ones(ids.dims(), DType::U32, &self.device)?;
+        Ok(self.text.hidden_states(&ids, &ones)?)
+    }
+
+    /// One UNet noise prediction.
+    pub fn predict_noise(&self, latents: &Tensor, timestep: f64, text: &Tensor) -> Result<Tensor, ModelError> {
+        Ok(self.unet.forward(latents, timestep, text)?)
+    }
+
+    /// Latents `(B, C, h, w)` to images in `[-1, 1]`, `(B, 3, H, W)`.
+    pub fn decode_latents(&self, latents: &Tensor) -> Result<Tensor, ModelError> {
+        Ok(self.vae.decode(&(latents / self.scaling_factor)?)?)
+    }
+
+    /// Starting noise of one image, from its own seed (ChaCha8, standard normal).
+    pub fn initial_noise(&self, seed: u64) -> Result<Tensor, ModelError> {
+        let (h, w) = (self.config.height / self.vae_scale, self.config.width / self.vae_scale);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let n = self.latent_channels * h * w;
+        let noise: Vec<f32> = (0..n).map(|_| StandardNormal.sample(&mut rng)).collect();
+        Ok(Tensor::from_vec(noise, (1, self.latent_channels, h, w), &self.device)?)
+    }
+
+    /// The denoising loop over a batch: `latents` are the starting noise `(B, C, h, w)`.
+    /// Returns the final latents.
+    pub fn denoise(&self, prompts: &[&str], latents: Tensor) -> Result<Tensor, ModelError> {
+        let b = prompts.len();
+        let guided = self.config.guidance_scale > 1.0;
+        let text = if guided {
+            // [uncond x B, cond x B], the order the guidance split below expects.
+            let uncond = self.encode_prompts(&vec![""; b])?;
+            Tensor::cat(&[&uncond, &self.encode_prompts(prompts)?], 0)?
+        } else {
+            self.encode_prompts(prompts)?
+        };
+        let mut scheduler: Box<dyn Scheduler> = self.scheduler.build(self.config.steps)?;
+        let mut latents = (latents * scheduler.init_noise_sigma())?;
+        let timesteps = scheduler.timesteps().to_vec();
+        for t in timesteps {
+            let input = if guided { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
+            let input = scheduler.scale_model_input(input, t)?;
+            let noise = self.unet.forward(&input, t as f64, &text)?;
+            let noise = if guided {
+                let parts = noise.chunk(2, 0)?;
+                let (uncond, cond) = (&parts[0], &parts[1]);
+                (uncond + ((cond - uncond)? * self.config.guidance_scale)?)?
+            } else {
+                noise
+            };
+            latents = scheduler.step(&noise, t, &latents)?;
+        }
+        Ok(latents)
+    }
+
+    /// `[-1, 1]` images to 8-bit RGB: `round(clamp(x / 2 + 0.5, 0, 1) * 255)`.
+    pub fn to_rgb(&self, images: &Tensor) -> Result<Vec<RgbImage>, ModelError> {
+        let (b, _, h, w) = images.dims4()?;
+        let px = ((images / 2.0)? + 0.5)?.clamp(0f32, 1f32)?.affine(255.0, 0.0)?.round()?;
+        let px = px.permute((0, 2, 3, 1))?.to_dtype(DType::U8)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<u8>()?;
+        Ok(px.chunks_exact(h * w * 3).take(b).map(|c| RgbImage::from_raw(w as u32, h as u32, c.to_vec()).expect("h*w*3 bytes")).collect())
+    }
+}
+
+impl Generator for DiffusionGenerator {
+    fn generate(&self, requests: &[ImageRequest]) -> Result<Vec<RgbImage>, ModelError> {
+        if requests.is_empty() {
+            return Ok(Vec::new());
+        }
+        let noise = requests.iter().map(|r| self.initial_noise(r.seed)).collect::<Result<Vec<_>, _>>()?;
+        let prompts: Vec<&str> = requests.iter().map(|r| r.prompt.as_str()).collect();
+        let latents = self.denoise(&prompts, Tensor::cat(&noise, 0)?)?;
+        self.to_rgb(&self.decode_latents(&latents)?)
+    }
+}
