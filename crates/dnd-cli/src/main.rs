@@ -1,6 +1,7 @@
 //! `dnd`: describe what each neuron of a vision network does.
 
 mod progress;
+mod stages;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -44,6 +45,28 @@ enum Command {
     /// crops/<layer>.parquet, with --activations activations/<layer>/part-*.parquet.
     /// Schemas: docs/schema.md.
     Probe(ProbeArgs),
+
+    /// Caption images with a BLIP checkpoint (stage 2's captioner), batched greedy decoding.
+    ///
+    /// Prints one line per image: its path, a tab, its caption.
+    Caption(stages::CaptionArgs),
+
+    /// Embed images and texts with a CLIP checkpoint (stage 3's similarity model).
+    ///
+    /// Prints one JSON object per line: {"kind": "image"|"text", "input": ..., "embedding": [...]}
+    /// (L2-normalised), then, with both images and texts, their cosine similarities.
+    Embed(stages::EmbedArgs),
+
+    /// Generate images from a prompt with a Stable Diffusion checkpoint (stage 3's generator).
+    ///
+    /// Writes <out>/<slug>-<seed>.png for seeds seed..seed+count.
+    Generate(stages::GenerateArgs),
+
+    /// Turn captions into candidate concepts (stage 2's language step): each caption is
+    /// simplified to a short label, then the labels are summarised over seeded shuffles.
+    ///
+    /// Prints the candidate concepts, one per line; --exchanges keeps every request and reply.
+    Summarize(stages::SummarizeArgs),
 }
 
 #[derive(Args)]
@@ -126,6 +149,10 @@ fn main() -> ExitCode {
 
     let threads = match &cli.command {
         Command::Probe(a) => a.threads,
+        Command::Caption(a) => a.common.threads,
+        Command::Embed(a) => a.common.threads,
+        Command::Generate(a) => a.common.threads,
+        Command::Summarize(_) => None,
     };
     if let Some(n) = threads {
         // Before any thread pool exists: rayon and candle both read this variable.
@@ -142,6 +169,10 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Probe(args) => probe(args).await,
+            Command::Caption(args) => stages::caption(args).await,
+            Command::Embed(args) => stages::embed(args).await,
+            Command::Generate(args) => stages::generate(args).await,
+            Command::Summarize(args) => stages::summarize(args).await,
         }
     });
     match result {
@@ -153,8 +184,23 @@ fn main() -> ExitCode {
     }
 }
 
+/// A problem with something the user gave on the command line (a file, a value).
+#[derive(Debug)]
+pub struct BadInput(pub String);
+
+impl std::fmt::Display for BadInput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BadInput {}
+
 fn is_user_error(e: &anyhow::Error) -> bool {
     e.chain().any(|cause| {
+        if cause.downcast_ref::<BadInput>().is_some() {
+            return true;
+        }
         if let Some(p) = cause.downcast_ref::<PipelineError>() {
             return p.is_user_error();
         }
@@ -162,6 +208,9 @@ fn is_user_error(e: &anyhow::Error) -> bool {
             return m.is_user_error();
         }
         if let Some(s) = cause.downcast_ref::<dnd_store::StoreError>() {
+            return s.is_user_error();
+        }
+        if let Some(s) = cause.downcast_ref::<dnd_summarize::SummarizeError>() {
             return s.is_user_error();
         }
         cause.downcast_ref::<dnd_core::CoreError>().is_some()

@@ -1,0 +1,73 @@
+//! Stage 2, step 4: the candidate concepts that go on to image generation.
+
+use crate::reply::trim_wrapping;
+
+/// Last words after which the method also tries the label as a background: "floral
+/// design" names a pattern that generated images tend to show as a whole-image backdrop.
+const BACKGROUND_WORDS: [&str; 4] = ["design", "designs", "graphic", "graphics"];
+
+/// Normalises summary labels into candidates: lower-case, whitespace collapsed, leading
+/// and trailing quotes and trailing punctuation removed, empty labels dropped, duplicates
+/// removed (first occurrence kept, order otherwise preserved). A label whose last word is
+/// "design(s)" or "graphic(s)" is followed by a variant with " background" appended.
+pub fn normalize_candidates<S: AsRef<str>>(labels: &[S]) -> Vec<String> {
+    let mut candidates: Vec<String> = Vec::new();
+    let mut push = |candidate: String| {
+        if !candidates.contains(&candidate) {
+            candidates.push(candidate);
+        }
+    };
+    for label in labels {
+        let lower = label.as_ref().to_lowercase();
+        let label = trim_wrapping(&lower).split_whitespace().collect::<Vec<_>>().join(" ");
+        if label.is_empty() {
+            continue;
+        }
+        let background = label
+            .rsplit(' ')
+            .next()
+            .is_some_and(|last| BACKGROUND_WORDS.contains(&last))
+            .then(|| format!("{label} background"));
+        push(label);
+        if let Some(variant) = background {
+            push(variant);
+        }
+    }
+    candidates
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lower_cases_strips_and_deduplicates_in_order() {
+        let labels = ["Red Circles.", "\"red circles\"", "  striped   fabric! ", "red circles", "'Dots'", "", " ... "];
+        assert_eq!(normalize_candidates(&labels), ["red circles", "striped fabric", "dots"]);
+    }
+
+    #[test]
+    fn design_and_graphic_labels_get_a_background_variant() {
+        let labels = ["Floral Designs", "geometric design.", "text graphics", "graphic novel", "design"];
+        assert_eq!(
+            normalize_candidates(&labels),
+            [
+                "floral designs",
+                "floral designs background",
+                "geometric design",
+                "geometric design background",
+                "text graphics",
+                "text graphics background",
+                "graphic novel",
+                "design",
+                "design background",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_variant_equal_to_a_later_label_appears_once() {
+        let labels = ["floral design", "floral design background", "Floral design"];
+        assert_eq!(normalize_candidates(&labels), ["floral design", "floral design background"]);
+    }
+}
