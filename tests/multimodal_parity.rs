@@ -1,34 +1,18 @@
 //! Parity of the multimodal models with transformers, on the tiny random-weight
 //! checkpoints of `tests/fixtures/multimodal/` (made by `make_multimodal_fixtures.py`).
 
-use std::collections::HashMap;
-
 use candle_core::{Device, IndexOp, Tensor};
-use serde_json::Value;
 
 use dnd_models::{Captioner, ClipEmbedder, Embedder, ModelRef};
 use dnd_pipeline::ImageLimits;
 use dnd_pipeline::images::decode_rgb;
-use dnd_tests::fixtures;
+use dnd_tests::{Reference, fixtures, max_abs_diff};
 
 /// f32 through a few random-weight layers; transformers and candle sum in other orders.
 const TOLERANCE: f32 = 1e-4;
 
-struct Reference {
-    json: Value,
-    tensors: HashMap<String, Tensor>,
-}
-
 fn reference(name: &str) -> Reference {
-    let dir = fixtures().join("multimodal/reference");
-    let json = serde_json::from_slice(&std::fs::read(dir.join(format!("{name}.json"))).unwrap()).unwrap();
-    let tensors = candle_core::safetensors::load(dir.join(format!("{name}.safetensors")), &Device::Cpu).unwrap();
-    Reference { json, tensors }
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "shapes differ");
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    Reference::load(&fixtures().join("multimodal/reference"), name)
 }
 
 fn model_ref(name: &str) -> ModelRef {

@@ -2,37 +2,21 @@
 //! references that `tests/fixtures/make_resnet_fixtures.py` computed with torchvision,
 //! PIL and OpenCV on random-weight models.
 
-use std::collections::HashMap;
-
 use candle_core::{D, Device, IndexOp, Tensor};
-use serde_json::Value;
 
 use dnd_core::{CropConfig, Map2, plan_crops};
 use dnd_models::preprocess::resize_rgb;
 use dnd_models::{ModelRef, TargetModel, Tap};
 use dnd_pipeline::ImageLimits;
 use dnd_pipeline::images::decode_rgb;
-use dnd_tests::fixtures;
+use dnd_tests::{Reference, fixtures, max_abs_diff};
 
 /// f32 through 18+ layers of random weights: PyTorch and candle sum in different orders,
 /// so bit equality is not expected; 1e-4 absolute is the bar.
 const TAP_TOLERANCE: f32 = 1e-4;
 
-struct Reference {
-    json: Value,
-    tensors: HashMap<String, Tensor>,
-}
-
-fn reference(model: &str) -> Reference {
-    let dir = fixtures().join("reference");
-    let json = serde_json::from_slice(&std::fs::read(dir.join(format!("{model}.json"))).unwrap()).unwrap();
-    let tensors = candle_core::safetensors::load(dir.join(format!("{model}.safetensors")), &Device::Cpu).unwrap();
-    Reference { json, tensors }
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "shapes differ");
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+fn reference(name: &str) -> Reference {
+    Reference::load(&fixtures().join("reference"), name)
 }
 
 fn load(model: &str) -> TargetModel {

@@ -1,6 +1,9 @@
 //! Shared helpers of dnd's end-to-end tests.
 
-use std::path::PathBuf;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
 use std::process::Command;
 use std::sync::OnceLock;
 
@@ -49,4 +52,25 @@ pub fn dnd(args: &[&str]) -> Run {
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
+}
+
+/// Reference outputs of a fixture script: `<dir>/<name>.json` (what was computed, how)
+/// and `<dir>/<name>.safetensors` (the tensors).
+pub struct Reference {
+    pub json: serde_json::Value,
+    pub tensors: HashMap<String, Tensor>,
+}
+
+impl Reference {
+    pub fn load(dir: &Path, name: &str) -> Self {
+        let json = serde_json::from_slice(&std::fs::read(dir.join(format!("{name}.json"))).unwrap()).unwrap();
+        let tensors = candle_core::safetensors::load(dir.join(format!("{name}.safetensors")), &Device::Cpu).unwrap();
+        Self { json, tensors }
+    }
+}
+
+/// The largest absolute difference between two tensors of one shape.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
 }
