@@ -301,7 +301,9 @@ impl DiffusionGenerator {
                 reason: format!("generation needs steps >= 1 and a width and height divisible by {vae_scale}"),
             });
         }
-        let eos_id = t.eos_token_id;
+        // Pad with the tokenizer's own end-of-text token: real v1.5 text-encoder configs
+        // still carry the legacy eos_token_id 2, which is not the token diffusers pads with.
+        let eos_id = tokenizer.token_to_id("<|endoftext|>").unwrap_or(t.eos_token_id);
         Ok(Self {
             reference: reference.to_string(),
             max_tokens: t.max_position_embeddings,
