@@ -203,6 +203,11 @@ impl DiffusionGenerator {
             OneOrMany::One(h) => vec![*h; u.block_out_channels.len()],
             OneOrMany::Many(v) => v.clone(),
         };
+        if u.norm_num_groups != 32 {
+            // candle-transformers' DownBlock2D/UpBlock2D build their resnets with 32 groups
+            // whatever the config says; every released SD UNet uses 32.
+            return Err(bad(&unet_cfg_path, format!("norm_num_groups {} is not supported (only 32, as every released Stable Diffusion UNet)", u.norm_num_groups)));
+        }
         if heads.len() != u.block_out_channels.len() || u.down_block_types.len() != u.block_out_channels.len() {
             return Err(bad(&unet_cfg_path, "block_out_channels, down_block_types and attention_head_dim disagree in length".into()));
         }
