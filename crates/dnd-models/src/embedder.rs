@@ -45,8 +45,13 @@ pub(crate) fn load_tokenizer(path: &Path) -> Result<Tokenizer, ModelError> {
 
 /// The weights of a model directory, in f32 on `device`.
 pub(crate) fn var_builder(weights: &Path, device: &Device) -> Result<VarBuilder<'static>, ModelError> {
+    var_builder_as(weights, DType::F32, device)
+}
+
+/// The weights of a model directory, converted to `dtype` on `device`.
+pub(crate) fn var_builder_as(weights: &Path, dtype: DType, device: &Device) -> Result<VarBuilder<'static>, ModelError> {
     // SAFETY: the file is memory-mapped read-only; dnd never writes model files.
-    unsafe { VarBuilder::from_mmaped_safetensors(&[weights], DType::F32, device) }.map_err(|e| ModelError::Checkpoint {
+    unsafe { VarBuilder::from_mmaped_safetensors(&[weights], dtype, device) }.map_err(|e| ModelError::Checkpoint {
         path: weights.into(),
         reason: format!("it is not a readable safetensors file ({e})"),
     })

@@ -25,7 +25,7 @@ use tokenizers::Tokenizer;
 
 use crate::checkpoint::ModelRef;
 use crate::clip::{ClipText, ClipTextConfig};
-use crate::embedder::{load_tokenizer, read_json, var_builder};
+use crate::embedder::{load_tokenizer, read_json, var_builder_as};
 use crate::error::ModelError;
 
 /// How images are generated; defaults are the method's (50 DDIM steps, guidance 7.5).
@@ -126,6 +126,9 @@ struct DiffusersVae {
     use_quant_conv: bool,
     #[serde(default = "yes")]
     use_post_quant_conv: bool,
+    /// The VAE overflows in f16 (SD 1.x/2.x): decode in f32, as diffusers does.
+    #[serde(default = "yes")]
+    force_upcast: bool,
 }
 
 #[derive(Deserialize)]
@@ -178,6 +181,9 @@ pub struct DiffusionGenerator {
     scheduler: DDIMSchedulerConfig,
     pub config: GenerationConfig,
     device: Device,
+    /// f16 on CUDA, f32 on the CPU (text encoder and UNet).
+    dtype: DType,
+    vae_dtype: DType,
 }
 
 fn part(dir: &Path, sub: &str, file: &str, reference: &ModelRef) -> Result<PathBuf, ModelError> {
@@ -194,6 +200,7 @@ fn part(dir: &Path, sub: &str, file: &str, reference: &ModelRef) -> Result<PathB
 impl DiffusionGenerator {
     pub fn load(reference: &ModelRef, device: &Device, config: GenerationConfig) -> Result<Self, ModelError> {
         let files = reference.resolve("model_index.json")?;
+        let dtype = if device.is_cuda() { DType::F16 } else { DType::F32 };
         let dir = files.weights.parent().map(Path::to_path_buf).unwrap_or_default();
         let bad = |path: &Path, reason: String| ModelError::Config { path: path.into(), reason };
 
@@ -243,7 +250,7 @@ impl DiffusionGenerator {
             let path = path.to_path_buf();
             move |e: candle_core::Error| ModelError::Checkpoint { path: path.clone(), reason: e.to_string() }
         };
-        let unet = UNet2DConditionModel::new(var_builder(&unet_w, device)?, u.in_channels, u.out_channels, false, unet_config)
+        let unet = UNet2DConditionModel::new(var_builder_as(&unet_w, dtype, device)?, u.in_channels, u.out_channels, false, unet_config)
             .map_err(checkpoint(&unet_w))?;
 
         let v: DiffusersVae = read_json(&weights("vae", "config.json")?)?;
@@ -256,11 +263,12 @@ impl DiffusionGenerator {
             use_quant_conv: v.use_quant_conv,
             use_post_quant_conv: v.use_post_quant_conv,
         };
-        let vae = AutoEncoderKL::new(var_builder(&vae_w, device)?, 3, 3, vae_config).map_err(checkpoint(&vae_w))?;
+        let vae_dtype = if v.force_upcast { DType::F32 } else { dtype };
+        let vae = AutoEncoderKL::new(var_builder_as(&vae_w, vae_dtype, device)?, 3, 3, vae_config).map_err(checkpoint(&vae_w))?;
 
         let t: ClipTextConfig = read_json(&weights("text_encoder", "config.json")?)?;
         let text_w = weights("text_encoder", "model.safetensors")?;
-        let text_vb = var_builder(&text_w, device)?;
+        let text_vb = var_builder_as(&text_w, dtype, device)?;
         // `CLIPTextModel` checkpoints name tensors `text_model.*`; transformers 5 saves them bare.
         let text_vb = if text_vb.contains_tensor("text_model.embeddings.token_embedding.weight") {
             text_vb.pp("text_model")
@@ -323,6 +331,8 @@ impl DiffusionGenerator {
             scheduler,
             config,
             device: device.clone(),
+            dtype,
+            vae_dtype,
         })
     }
 
@@ -353,12 +363,12 @@ impl DiffusionGenerator {
 
     /// One UNet noise prediction.
     pub fn predict_noise(&self, latents: &Tensor, timestep: f64, text: &Tensor) -> Result<Tensor, ModelError> {
-        Ok(self.unet.forward(latents, timestep, text)?)
+        Ok(self.unet.forward(&latents.to_dtype(self.dtype)?, timestep, &text.to_dtype(self.dtype)?)?)
     }
 
     /// Latents `(B, C, h, w)` to images in `[-1, 1]`, `(B, 3, H, W)`.
     pub fn decode_latents(&self, latents: &Tensor) -> Result<Tensor, ModelError> {
-        Ok(self.vae.decode(&(latents / self.scaling_factor)?)?)
+        Ok(self.vae.decode(&(latents.to_dtype(self.vae_dtype)? / self.scaling_factor)?)?)
     }
 
     /// Starting noise of one image, from its own seed (ChaCha8, standard normal).
@@ -367,7 +377,7 @@ impl DiffusionGenerator {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let n = self.latent_channels * h * w;
         let noise: Vec<f32> = (0..n).map(|_| StandardNormal.sample(&mut rng)).collect();
-        Ok(Tensor::from_vec(noise, (1, self.latent_channels, h, w), &self.device)?)
+        Ok(Tensor::from_vec(noise, (1, self.latent_channels, h, w), &self.device)?.to_dtype(self.dtype)?)
     }
 
     /// The denoising loop over a batch: `latents` are the starting noise `(B, C, h, w)`.
@@ -383,7 +393,7 @@ impl DiffusionGenerator {
             self.encode_prompts(prompts)?
         };
         let mut scheduler: Box<dyn Scheduler> = self.scheduler.build(self.config.steps)?;
-        let mut latents = (latents * scheduler.init_noise_sigma())?;
+        let mut latents = (latents.to_dtype(self.dtype)? * scheduler.init_noise_sigma())?;
         let timesteps = scheduler.timesteps().to_vec();
         for t in timesteps {
             let input = if guided { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
@@ -404,7 +414,7 @@ impl DiffusionGenerator {
     /// `[-1, 1]` images to 8-bit RGB: `round(clamp(x / 2 + 0.5, 0, 1) * 255)`.
     pub fn to_rgb(&self, images: &Tensor) -> Result<Vec<RgbImage>, ModelError> {
         let (b, _, h, w) = images.dims4()?;
-        let px = ((images / 2.0)? + 0.5)?.clamp(0f32, 1f32)?.affine(255.0, 0.0)?.round()?;
+        let px = ((images.to_dtype(DType::F32)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?.affine(255.0, 0.0)?.round()?;
         let px = px.permute((0, 2, 3, 1))?.to_dtype(DType::U8)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<u8>()?;
         Ok(px.chunks_exact(h * w * 3).take(b).map(|c| RgbImage::from_raw(w as u32, h as u32, c.to_vec()).expect("h*w*3 bytes")).collect())
     }
