@@ -276,6 +276,17 @@ impl DiffusionGenerator {
             text_vb
         };
         let text = ClipText::load_tower(&t, text_vb).map_err(checkpoint(&text_w))?;
+        let tokenizer_dir = dir.join("tokenizer");
+        if !tokenizer_dir.join("tokenizer.json").is_file() && tokenizer_dir.join("vocab.json").is_file() {
+            // Older checkpoints (e.g. the original v1.5) ship only the slow tokenizer's files.
+            return Err(ModelError::NotFound {
+                what: format!("{reference} has tokenizer/vocab.json and merges.txt but no tokenizer/tokenizer.json"),
+                help: format!(
+                    "write the fast tokenizer once: python -c \"from transformers import CLIPTokenizerFast as T; T.from_pretrained('{0}').save_pretrained('{0}')\"",
+                    tokenizer_dir.display()
+                ),
+            });
+        }
         let tokenizer = load_tokenizer(&weights("tokenizer", "tokenizer.json")?)?;
 
         let sched_path = weights("scheduler", "scheduler_config.json")?;
