@@ -9,7 +9,7 @@ use tokenizers::Tokenizer;
 
 use crate::blip::{BlipConfig, BlipTextDecoder, BlipVision};
 use crate::checkpoint::ModelRef;
-use crate::embedder::{load_tokenizer, model_file, read_json, var_builder};
+use crate::hf_files::{load_tokenizer, model_file, read_json, var_builder};
 use crate::error::ModelError;
 use crate::preprocess::Preprocess;
 

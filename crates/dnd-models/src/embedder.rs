@@ -2,14 +2,14 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
+use candle_core::{Device, Tensor};
 use image::RgbImage;
 use tokenizers::Tokenizer;
 
 use crate::checkpoint::ModelRef;
 use crate::clip::{ClipConfig, ClipText, ClipVision, l2_normalize};
 use crate::error::ModelError;
+use crate::hf_files::{load_tokenizer, model_file, read_json, var_builder};
 use crate::preprocess::Preprocess;
 
 /// Embeds images and texts into one space, L2-normalised, so a dot product is a cosine.
@@ -18,43 +18,6 @@ pub trait Embedder: Send + Sync {
     fn embed_images(&self, images: &[RgbImage]) -> Result<Tensor, ModelError>;
     /// `(B, D)` unit vectors for a batch of texts.
     fn embed_texts(&self, texts: &[&str]) -> Result<Tensor, ModelError>;
-}
-
-/// Reads a JSON file of a Hugging Face model directory into `T`.
-pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ModelError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io { path: path.into(), source })?;
-    serde_json::from_str(&text).map_err(|e| ModelError::Config { path: path.into(), reason: e.to_string() })
-}
-
-/// A required file of a model directory, with a message naming it when it is missing.
-pub(crate) fn model_file(dir: &Path, name: &str, reference: &ModelRef) -> Result<PathBuf, ModelError> {
-    let path = dir.join(name);
-    if path.is_file() {
-        Ok(path)
-    } else {
-        Err(ModelError::NotFound {
-            what: format!("{reference} has no {name} (looked in {})", dir.display()),
-            help: "a Hugging Face model directory holds config.json, model.safetensors, tokenizer.json and preprocessor_config.json; download the whole repository".into(),
-        })
-    }
-}
-
-pub(crate) fn load_tokenizer(path: &Path) -> Result<Tokenizer, ModelError> {
-    Tokenizer::from_file(path).map_err(|e| ModelError::Config { path: path.into(), reason: format!("not a tokenizer.json: {e}") })
-}
-
-/// The weights of a model directory, in f32 on `device`.
-pub(crate) fn var_builder(weights: &Path, device: &Device) -> Result<VarBuilder<'static>, ModelError> {
-    var_builder_as(weights, DType::F32, device)
-}
-
-/// The weights of a model directory, converted to `dtype` on `device`.
-pub(crate) fn var_builder_as(weights: &Path, dtype: DType, device: &Device) -> Result<VarBuilder<'static>, ModelError> {
-    // SAFETY: the file is memory-mapped read-only; dnd never writes model files.
-    unsafe { VarBuilder::from_mmaped_safetensors(&[weights], dtype, device) }.map_err(|e| ModelError::Checkpoint {
-        path: weights.into(),
-        reason: format!("it is not a readable safetensors file ({e})"),
-    })
 }
 
 /// CLIP as an [`Embedder`].

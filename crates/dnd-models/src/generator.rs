@@ -25,7 +25,7 @@ use tokenizers::Tokenizer;
 
 use crate::checkpoint::ModelRef;
 use crate::clip::{ClipText, ClipTextConfig};
-use crate::embedder::{load_tokenizer, read_json, var_builder_as};
+use crate::hf_files::{load_tokenizer, read_json, var_builder_as};
 use crate::error::ModelError;
 
 /// How images are generated; defaults are the method's (50 DDIM steps, guidance 7.5).

@@ -12,6 +12,7 @@ pub mod device;
 pub mod embedder;
 pub mod error;
 pub mod generator;
+pub mod hf_files;
 pub mod preprocess;
 pub mod resnet;
 pub mod target;

@@ -91,9 +91,8 @@ impl Preprocess {
 
     /// Reads a Hugging Face image processor config (`preprocessor_config.json`).
     pub fn from_hf_config(path: &std::path::Path) -> Result<Self, ModelError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io { path: path.into(), source })?;
         let bad = |reason: String| ModelError::Config { path: path.into(), reason };
-        let raw: HfImageProcessor = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let raw: HfImageProcessor = crate::hf_files::read_json(path)?;
         let size = raw.size.ok_or_else(|| bad("it has no `size`".into()))?;
         let resize = match (size.shortest_edge, size.height, size.width) {
             (Some(s), _, _) => Resize::ShorterSide(s),

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::conv::{ConvGeometry, conv2d_fused};
 use crate::error::ModelError;
+use crate::hf_files::read_json;
 
 /// torchvision's BatchNorm2d default.
 const BN_EPS: f64 = 1e-5;
@@ -85,9 +86,8 @@ impl ResNetConfig {
     /// Reads a `config.json`: a standard `architecture`, optionally with `num_classes`, or a
     /// custom shape (`architecture: "resnet"` with `block`, `layers`, ...).
     pub fn from_json_file(path: &Path) -> Result<Self, ModelError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io { path: path.into(), source })?;
         let bad = |reason: String| ModelError::Config { path: path.into(), reason };
-        let raw: RawConfig = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let raw: RawConfig = read_json(path)?;
         let arch = raw.architecture.as_deref().unwrap_or("resnet");
         let mut config = match Self::standard(arch) {
             Some(c) => c,

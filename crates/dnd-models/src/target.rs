@@ -7,6 +7,7 @@ use serde::Deserialize;
 
 use crate::checkpoint::ModelRef;
 use crate::error::ModelError;
+use crate::hf_files::read_json;
 use crate::preprocess::{Preprocess, Resize};
 use crate::resnet::{ResNet, ResNetConfig, Tap};
 
@@ -36,9 +37,7 @@ struct ConfigWithPreprocess {
 }
 
 fn preprocess_from_config(path: &Path) -> Result<Preprocess, ModelError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io { path: path.into(), source })?;
-    let raw: ConfigWithPreprocess =
-        serde_json::from_str(&text).map_err(|e| ModelError::Config { path: path.into(), reason: e.to_string() })?;
+    let raw: ConfigWithPreprocess = read_json(path)?;
     let mut p = Preprocess::imagenet();
     if let Some(cfg) = raw.pretrained_cfg {
         if let Some([_, _, side]) = cfg.input_size {
