@@ -154,26 +154,7 @@ fn probe_matches_pytorch_and_writes_documented_tables() {
     assert_eq!(summary["images_ok"], 5);
     assert_eq!(summary["layers"][0]["neurons"], 512);
 
-    python_readers(out.path());
-}
-
-/// pandas, DuckDB and Polars open the tables as they are (`tests/read_tables.py`).
-/// Skipped when those packages are missing, except under CI, where `.ci/run` installs them.
-fn python_readers(out: &Path) {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("read_tables.py");
-    let status = std::process::Command::new("python3").arg(&script).arg(out).output();
-    let output = match status {
-        Ok(o) => o,
-        Err(e) if std::env::var_os("CI").is_none() => return eprintln!("skipping Python readers: {e}"),
-        Err(e) => panic!("python3 is needed under CI: {e}"),
-    };
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    if output.status.code() == Some(3) && std::env::var_os("CI").is_none() {
-        return eprintln!("skipping Python readers: {stderr}");
-    }
-    assert!(output.status.success(), "Python readers failed:\n{stdout}\n{stderr}");
-    eprintln!("{stdout}");
+    python_readers(&[out.path().as_os_str()]);
 }
 
 #[test]

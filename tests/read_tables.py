@@ -1,11 +1,13 @@
-"""Opens a `dnd probe` output directory with pandas, DuckDB and Polars, as a user would,
-and checks that every table has its documented columns (docs/schema.md).
+"""Opens dnd's tables with pandas, DuckDB and Polars, as a user would, and checks that
+every table has its documented columns (docs/schema.md).
 
-Usage: python3 tests/read_tables.py OUT_DIR
+Usage: python3 tests/read_tables.py OUT_DIR          (a `dnd probe` output directory)
+       python3 tests/read_tables.py --results JOB_DIR (a `dnd dissect` job directory)
 Exit codes: 0 ok, 1 a check failed, 3 a reader package is missing.
 """
 
 import os
+import re
 import sys
 
 try:
@@ -59,5 +61,37 @@ def main(out: str) -> None:
     print(f"pandas: {len(top)} top-K rows, {len(crops)} crops; DuckDB reads activations as {duck_type}")
 
 
+def documented_results():
+    """{table: [columns]} from docs/schema.md's `results/<table>.parquet` sections."""
+    doc = open(os.path.join(os.path.dirname(__file__), "..", "docs", "schema.md")).read()
+    tables = {}
+    for name, body in re.findall(r"### `results/(\w+)\.parquet`\n(.*?)(?=\n### |\n```|\Z)", doc, re.S):
+        tables[name] = re.findall(r"^\| `(\w+)` \|", body, re.M)
+    return tables
+
+
+def results(job: str) -> None:
+    con = duckdb.connect()
+    tables = documented_results()
+    assert len(tables) == 7, sorted(tables)
+    for name, columns in tables.items():
+        path = os.path.join(job, "results", f"{name}.parquet")
+        assert con.sql(f"SELECT * FROM read_parquet('{path}')").columns == columns, (name, columns)
+        assert pl.read_parquet(path).columns == columns, name
+        frame = pd.read_parquet(path)
+        assert list(frame.columns) == columns, name
+        print(f"results/{name}: {len(frame)} rows, columns ok in DuckDB, Polars and pandas")
+    # The question an analyst asks first: every neuron with its label and best scores.
+    rows = con.sql(
+        f"SELECT d.layer, d.neuron, d.label, s.topk_sq_mean, s.similarity "
+        f"FROM read_parquet('{job}/results/descriptions.parquet') d "
+        f"JOIN read_parquet('{job}/results/scores.parquet') s USING (layer, neuron) "
+        "WHERE s.final_rank = 0 ORDER BY d.layer, d.neuron").fetchall()
+    assert rows and all(r[2] for r in rows), rows
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if sys.argv[1] == "--results":
+        results(sys.argv[2])
+    else:
+        main(sys.argv[1])

@@ -46,7 +46,12 @@ pub struct Run {
 
 /// Runs `dnd` with `args`.
 pub fn dnd(args: &[&str]) -> Run {
-    let out = Command::new(dnd_binary()).args(args).env("RUST_LOG", "warn").output().expect("dnd starts");
+    dnd_in(Path::new("."), args)
+}
+
+/// Runs `dnd` with `args` in the directory `cwd`.
+pub fn dnd_in(cwd: &Path, args: &[&str]) -> Run {
+    let out = Command::new(dnd_binary()).args(args).current_dir(cwd).env("RUST_LOG", "warn").output().expect("dnd starts");
     Run {
         code: out.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -74,3 +79,23 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shapes differ");
     (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
 }
+
+/// pandas, DuckDB and Polars open the tables as they are (`tests/read_tables.py ARGS`).
+/// Skipped when those packages are missing, except under CI, where `.ci/run` installs them.
+pub fn python_readers(args: &[&std::ffi::OsStr]) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("read_tables.py");
+    let status = std::process::Command::new("python3").arg(&script).args(args).output();
+    let output = match status {
+        Ok(o) => o,
+        Err(e) if std::env::var_os("CI").is_none() => return eprintln!("skipping Python readers: {e}"),
+        Err(e) => panic!("python3 is needed under CI: {e}"),
+    };
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    if output.status.code() == Some(3) && std::env::var_os("CI").is_none() {
+        return eprintln!("skipping Python readers: {stderr}");
+    }
+    assert!(output.status.success(), "Python readers failed:\n{stdout}\n{stderr}");
+    eprintln!("{stdout}");
+}
+

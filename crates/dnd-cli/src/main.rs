@@ -1,5 +1,6 @@
 //! `dnd`: describe what each neuron of a vision network does.
 
+mod dissect;
 mod progress;
 mod stages;
 
@@ -67,6 +68,14 @@ enum Command {
     ///
     /// Prints the candidate concepts, one per line; --exchanges keeps every request and reply.
     Summarize(stages::SummarizeArgs),
+
+    /// Describe neurons end to end (stages 0-3) in this process: probe, crop, caption,
+    /// summarise, generate, score. Resumable: the same job name skips committed tasks.
+    ///
+    /// Writes under --out: jobs/<name>/results/{descriptions,candidates,scores,captions,
+    /// images,exchanges,errors}.parquet (schemas: docs/schema.md), jobs/<name>/summary.json,
+    /// and the shared cache/ of generated images, captions and LLM replies.
+    Dissect(dissect::DissectArgs),
 }
 
 #[derive(Args)]
@@ -153,6 +162,7 @@ fn main() -> ExitCode {
         Command::Embed(a) => a.common.threads,
         Command::Generate(a) => a.common.threads,
         Command::Summarize(_) => None,
+        Command::Dissect(a) => a.threads,
     };
     if let Some(n) = threads {
         // Before any thread pool exists: rayon and candle both read this variable.
@@ -173,6 +183,7 @@ fn main() -> ExitCode {
             Command::Embed(args) => stages::embed(args).await,
             Command::Generate(args) => stages::generate(args).await,
             Command::Summarize(args) => stages::summarize(args).await,
+            Command::Dissect(args) => dissect::dissect(args).await,
         }
     });
     match result {

@@ -1,31 +1,40 @@
 //! Progress bars on stderr (hidden when stderr is not a terminal).
 
+use std::collections::HashMap;
 use std::sync::Mutex;
 
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
 use dnd_pipeline::Progress;
 
-/// One bar per stage, replaced when the next stage begins.
+fn bar(multi: &MultiProgress, stage: &str, total: u64) -> ProgressBar {
+    let bar = multi.add(ProgressBar::new(total));
+    bar.set_style(
+        ProgressStyle::with_template("{prefix:>9} [{bar:40}] {pos}/{len} {per_sec} eta {eta}")
+            .expect("the template is valid")
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(stage.to_string());
+    bar
+}
+
+/// One bar per sequential stage (replaced when the next begins), and one bar per
+/// side-by-side stage.
 pub struct Bars {
+    multi: MultiProgress,
     current: Mutex<Option<ProgressBar>>,
+    stages: Mutex<HashMap<String, ProgressBar>>,
 }
 
 impl Bars {
     pub fn new() -> Self {
-        Self { current: Mutex::new(None) }
+        Self { multi: MultiProgress::new(), current: Mutex::new(None), stages: Mutex::new(HashMap::new()) }
     }
 }
 
 impl Progress for Bars {
     fn begin(&self, stage: &str, total: u64) {
-        let bar = ProgressBar::new(total);
-        bar.set_style(
-            ProgressStyle::with_template("{prefix:>8} [{bar:40}] {pos}/{len} {per_sec} eta {eta}")
-                .expect("the template is valid")
-                .progress_chars("=> "),
-        );
-        bar.set_prefix(stage.to_string());
+        let bar = bar(&self.multi, stage, total);
         if let Some(old) = self.current.lock().expect("no panics while holding the lock").replace(bar) {
             old.finish();
         }
@@ -39,6 +48,25 @@ impl Progress for Bars {
 
     fn end(&self) {
         if let Some(bar) = self.current.lock().expect("no panics while holding the lock").take() {
+            bar.finish();
+        }
+    }
+
+    fn begin_stages(&self, stages: &[(&str, u64)]) {
+        let mut bars = self.stages.lock().expect("no panics while holding the lock");
+        for (stage, total) in stages {
+            bars.insert(stage.to_string(), bar(&self.multi, stage, *total));
+        }
+    }
+
+    fn advance_stage(&self, stage: &str, done: u64) {
+        if let Some(bar) = self.stages.lock().expect("no panics while holding the lock").get(stage) {
+            bar.inc(done);
+        }
+    }
+
+    fn end_stages(&self) {
+        for (_, bar) in self.stages.lock().expect("no panics while holding the lock").drain() {
             bar.finish();
         }
     }

@@ -7,10 +7,12 @@ pub mod crop;
 pub mod error;
 pub mod neurons;
 pub mod pooling;
+pub mod scoring;
 pub mod topk;
 
 pub use crop::{BoundingBox, CropConfig, CropPlan, Map2, plan_crops};
 pub use error::CoreError;
 pub use neurons::NeuronSet;
 pub use pooling::Pooling;
+pub use scoring::{CandidateScore, GeneratedImage, RankScore, ScoringConfig, score_candidates};
 pub use topk::{LayerTopK, Scored, TopK};

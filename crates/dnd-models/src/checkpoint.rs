@@ -73,6 +73,55 @@ impl ModelRef {
     }
 }
 
+/// What a model is, for cache keys: the reference plus what pins its weights. A hub
+/// snapshot is pinned by its commit (the directory name); a local model by a BLAKE3 hash
+/// of its config, tokenizer and weight files, so retrained weights at the same path never
+/// reuse stale cache entries.
+pub fn fingerprint(reference: &ModelRef, files: &ModelFiles) -> Result<String, ModelError> {
+    let dir = files.weights.parent().unwrap_or(Path::new("."));
+    if let Some(commit) = dir.ancestors().find_map(|d| {
+        let name = d.file_name()?.to_str()?;
+        (is_commit_hash(name) && d.parent()?.file_name()? == "snapshots").then(|| name.to_string())
+    }) {
+        return Ok(format!("{reference}@{commit}"));
+    }
+    let mut paths = Vec::new();
+    if matches!(reference, ModelRef::Local(p) if p.is_file()) {
+        // A single weights file: its directory may hold anything else.
+        paths.push(files.weights.clone());
+        paths.extend(files.config.clone());
+    } else {
+        collect_model_files(dir, &mut paths).map_err(|e| ModelError::Io { path: dir.to_path_buf(), source: e })?;
+    }
+    paths.sort();
+    let mut hasher = blake3::Hasher::new();
+    for path in &paths {
+        let relative = path.strip_prefix(dir).unwrap_or(path);
+        hasher.update(relative.to_string_lossy().as_bytes());
+        hasher.update(&[0]);
+        let mut file = std::fs::File::open(path).map_err(|e| ModelError::Io { path: path.clone(), source: e })?;
+        hasher.update_reader(&mut file).map_err(|e| ModelError::Io { path: path.clone(), source: e })?;
+    }
+    Ok(format!("{reference}#blake3:{}", &hasher.finalize().to_hex()[..16]))
+}
+
+/// Files that define a model, recursively (diffusers keeps parts in subdirectories).
+fn collect_model_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        if name.starts_with('.') {
+            continue;
+        }
+        if path.is_dir() {
+            collect_model_files(&path, out)?;
+        } else if [".json", ".safetensors", ".txt", ".model"].iter().any(|ext| name.ends_with(ext)) {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
 fn resolve_local(path: &Path, weights_file: &str) -> Result<ModelFiles, ModelError> {
     if path.is_dir() {
         let weights = path.join(weights_file);

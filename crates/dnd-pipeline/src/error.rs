@@ -19,6 +19,11 @@ pub enum PipelineError {
     /// A list of probe images (.txt/.csv) that cannot be used.
     #[error("invalid image list {location}: {reason}")]
     BadImageList { location: String, reason: String },
+    /// A job file that cannot be used.
+    #[error("invalid job {origin}: {reason}")]
+    BadJob { origin: String, reason: String },
+    #[error(transparent)]
+    Summarize(#[from] dnd_summarize::SummarizeError),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -27,7 +32,11 @@ impl PipelineError {
     /// True when the user can fix it (bad input); false for failures inside dnd.
     pub fn is_user_error(&self) -> bool {
         match self {
-            PipelineError::Core(_) | PipelineError::NoImages { .. } | PipelineError::BadImageList { .. } => true,
+            PipelineError::Core(_)
+            | PipelineError::NoImages { .. }
+            | PipelineError::BadImageList { .. }
+            | PipelineError::BadJob { .. } => true,
+            PipelineError::Summarize(e) => e.is_user_error(),
             PipelineError::Model(e) => e.is_user_error(),
             PipelineError::Store(e) => e.is_user_error(),
             PipelineError::Internal(_) => false,

@@ -49,6 +49,13 @@ pub struct ImageRef {
     size: Option<u64>,
 }
 
+impl ImageRef {
+    /// Where the image is, as users see it (a path or URL).
+    pub fn uri(&self) -> String {
+        self.location.display_path(&self.relative)
+    }
+}
+
 /// The probe set, sorted by id.
 #[derive(Debug, Clone)]
 pub struct ProbeImages {

@@ -6,6 +6,16 @@ pub trait Progress: Send + Sync {
     fn begin(&self, stage: &str, total: u64);
     fn advance(&self, done: u64);
     fn end(&self);
+
+    /// Several stages that advance side by side, one bar each, declared up front with
+    /// their totals (the describe stages of a dissection, counted in neurons).
+    fn begin_stages(&self, stages: &[(&str, u64)]) {
+        let _ = stages;
+    }
+    fn advance_stage(&self, stage: &str, done: u64) {
+        let _ = (stage, done);
+    }
+    fn end_stages(&self) {}
 }
 
 /// Reports nothing.

@@ -155,6 +155,24 @@ impl Location {
         self.get_path(&self.path(relative)).await
     }
 
+    /// The object, or `None` when there is none.
+    pub async fn get_opt(&self, relative: &str) -> Result<Option<Bytes>, StoreError> {
+        match self.get(relative).await {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(StoreError::ObjectStore { source: object_store::Error::NotFound { .. }, .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Whether an object exists at `relative`.
+    pub async fn exists(&self, relative: &str) -> Result<bool, StoreError> {
+        match self.store.head(&self.path(relative)).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(self.err(relative, e)),
+        }
+    }
+
     pub async fn get_path(&self, path: &Path) -> Result<Bytes, StoreError> {
         let err = |e| StoreError::ObjectStore { location: format!("{}/{path}", self.display), source: e };
         self.store.get(path).await.map_err(err)?.bytes().await.map_err(err)

@@ -24,7 +24,7 @@ fn ints(values: impl Iterator<Item = i32>) -> ArrayRef {
 }
 
 /// One entry of a neuron's top-K list.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TopKRow {
     pub layer: String,
     pub neuron: i32,

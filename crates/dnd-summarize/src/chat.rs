@@ -15,6 +15,8 @@ pub(crate) trait ChatBackend: Send + Sync {
     fn model(&self) -> String;
     fn describe(&self) -> String;
     async fn check(&self) -> Result<(), SummarizeError>;
+    /// The request the messages become, exactly as `complete` sends it.
+    fn render(&self, messages: &[ChatMessage]) -> Result<String, SummarizeError>;
     /// Sends the messages; returns the request exactly as sent and the raw reply.
     async fn complete(&self, messages: Vec<ChatMessage>) -> Result<Completion, SummarizeError>;
 }
@@ -31,6 +33,24 @@ pub(crate) struct ChatSummarizer<B> {
 }
 
 impl<B: ChatBackend> ChatSummarizer<B> {
+    fn messages(&self, step: Step, input: &[String]) -> Result<Vec<ChatMessage>, SummarizeError> {
+        Ok(match step {
+            Step::Simplify => {
+                let caption = input.first().map(String::as_str).unwrap_or_default();
+                require_caption(caption)?;
+                self.prompts.simplify_messages(caption)
+            }
+            Step::Summarize => {
+                require_labels(input)?;
+                self.prompts.summarize_messages(input)
+            }
+            Step::Merge => {
+                require_labels(input)?;
+                self.prompts.merge_messages(input)
+            }
+        })
+    }
+
     async fn ask(&self, step: Step, messages: Vec<ChatMessage>) -> Result<Exchange, SummarizeError> {
         let Completion { request, reply } = self.backend.complete(messages).await?;
         Ok(Exchange {
@@ -49,18 +69,19 @@ impl<B: ChatBackend> ChatSummarizer<B> {
 #[async_trait]
 impl<B: ChatBackend> Summarizer for ChatSummarizer<B> {
     async fn simplify(&self, caption: &str) -> Result<Exchange, SummarizeError> {
-        require_caption(caption)?;
-        self.ask(Step::Simplify, self.prompts.simplify_messages(caption)).await
+        self.ask(Step::Simplify, self.messages(Step::Simplify, &[caption.to_string()])?).await
     }
 
     async fn summarize(&self, labels: &[String]) -> Result<Exchange, SummarizeError> {
-        require_labels(labels)?;
-        self.ask(Step::Summarize, self.prompts.summarize_messages(labels)).await
+        self.ask(Step::Summarize, self.messages(Step::Summarize, labels)?).await
     }
 
     async fn merge(&self, labels: &[String]) -> Result<Exchange, SummarizeError> {
-        require_labels(labels)?;
-        self.ask(Step::Merge, self.prompts.merge_messages(labels)).await
+        self.ask(Step::Merge, self.messages(Step::Merge, labels)?).await
+    }
+
+    fn request(&self, step: Step, input: &[String]) -> Result<String, SummarizeError> {
+        self.backend.render(&self.messages(step, input)?)
     }
 
     async fn check(&self) -> Result<(), SummarizeError> {

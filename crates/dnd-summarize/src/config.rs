@@ -107,6 +107,10 @@ mod tests {
         let summarizer = build(&config).unwrap();
         assert_eq!(summarizer.describe(), "openai:Qwen/Qwen2.5-7B-Instruct@http://localhost:8000/v1");
 
+        // The rendered request, known before anything is sent, is what a reply cache keys on.
+        let request = summarizer.request(crate::Step::Simplify, &["a red circle".into()]).unwrap();
+        assert!(request.contains("Qwen/Qwen2.5-7B-Instruct") && request.contains("a red circle"), "{request}");
+
         let consensus: SummarizerConfig = toml::from_str("backend = \"consensus\"").unwrap();
         assert!(build(&consensus).unwrap().describe().starts_with("consensus:"));
     }

@@ -84,6 +84,14 @@ pub trait Summarizer: Send + Sync {
     /// reply back once).
     async fn merge(&self, labels: &[String]) -> Result<Exchange, SummarizeError>;
 
+    /// The request `step` over `input` sends (for `simplify`, `input` is the one caption),
+    /// exactly as [`Exchange::request`] will record it: what a reply cache keys on. The
+    /// default, for backends without a prompt, is the input lines.
+    fn request(&self, step: Step, input: &[String]) -> Result<String, SummarizeError> {
+        let _ = step;
+        Ok(input.join("\n"))
+    }
+
     /// Fails fast when the backend cannot work (e.g. the server is unreachable or refuses
     /// the key), so a job can stop before it starts.
     async fn check(&self) -> Result<(), SummarizeError> {

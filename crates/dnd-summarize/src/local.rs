@@ -442,6 +442,10 @@ impl ChatBackend for LocalChat {
         Ok(())
     }
 
+    fn render(&self, messages: &[ChatMessage]) -> Result<String, SummarizeError> {
+        self.chat.render(messages)
+    }
+
     async fn complete(&self, messages: Vec<ChatMessage>) -> Result<Completion, SummarizeError> {
         let chat = Arc::clone(&self.chat);
         let max_new_tokens = self.max_new_tokens;

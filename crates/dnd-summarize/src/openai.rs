@@ -292,15 +292,19 @@ impl ChatBackend for OpenAiChat {
         Ok(())
     }
 
-    async fn complete(&self, messages: Vec<ChatMessage>) -> Result<Completion, SummarizeError> {
-        let url = self.config.chat_url();
-        let request = serde_json::to_string(&ChatRequest {
+    fn render(&self, messages: &[ChatMessage]) -> Result<String, SummarizeError> {
+        serde_json::to_string(&ChatRequest {
             model: &self.config.model,
-            messages: &messages,
+            messages,
             temperature: self.config.temperature,
             max_tokens: self.config.max_tokens,
         })
-        .map_err(|e| SummarizeError::Internal(format!("cannot encode the chat request: {e}")))?;
+        .map_err(|e| SummarizeError::Internal(format!("cannot encode the chat request: {e}")))
+    }
+
+    async fn complete(&self, messages: Vec<ChatMessage>) -> Result<Completion, SummarizeError> {
+        let url = self.config.chat_url();
+        let request = self.render(&messages)?;
         let body = self.post_with_retries(&url, &request).await?;
         let malformed = |reason: String| SummarizeError::MalformedResponse { url: url.clone(), reason, body: quoted(&body) };
         let response: ChatResponse =

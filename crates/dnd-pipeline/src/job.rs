@@ -1,0 +1,334 @@
+//! A dissection job as users write it (`job.toml`): what to describe, with which models,
+//! and every number of the method. Defaults are the method's (`docs/dnd-method.md`).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use dnd_core::{CoreError, CropConfig, NeuronSet, Pooling, ScoringConfig};
+use dnd_models::{CaptionConfig, GenerationConfig, ModelRef};
+use dnd_summarize::SummarizerConfig;
+
+use crate::error::PipelineError;
+use crate::images::ImageLimits;
+
+/// The whole job. Unknown fields are rejected, so a typo cannot silently fall back to a
+/// default.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JobSpec {
+    /// The job's name: its directory under `<out>/jobs/`. Re-running a job with the same
+    /// name resumes it (committed tasks are not redone). Default: `dissect-<hash of the spec>`.
+    pub name: Option<String>,
+    /// Where results go: a local directory or an object store URL.
+    pub out: String,
+    /// The content-addressed cache; default `<out>/cache`, shared by every job there.
+    pub cache: Option<String>,
+    /// Seeds the summary shuffles and the generated images.
+    pub seed: u64,
+    /// `cpu`, `cuda` or `cuda:N`.
+    pub device: String,
+    pub target: TargetSection,
+    pub probe: ProbeSection,
+    pub crops: CropConfig,
+    pub describe: DescribeSection,
+    pub captioner: CaptionerSection,
+    pub summarizer: SummarizerConfig,
+    pub generator: GeneratorSection,
+    pub embedder: EmbedderSection,
+    pub scoring: ScoringConfig,
+}
+
+impl Default for JobSpec {
+    fn default() -> Self {
+        Self {
+            name: None,
+            out: "out".into(),
+            cache: None,
+            seed: 0,
+            device: "cpu".into(),
+            target: TargetSection::default(),
+            probe: ProbeSection::default(),
+            crops: CropConfig::default(),
+            describe: DescribeSection::default(),
+            captioner: CaptionerSection::default(),
+            summarizer: SummarizerConfig::default(),
+            generator: GeneratorSection::default(),
+            embedder: EmbedderSection::default(),
+            scoring: ScoringConfig::default(),
+        }
+    }
+}
+
+/// The network being dissected.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TargetSection {
+    /// A local directory or `hf:org/name[@rev]`.
+    pub model: String,
+    /// Taps, e.g. `layer4`, `fc`.
+    pub layers: Vec<String>,
+    /// Which neurons: one set for every layer (`"0..64,100"`, `"all"`), or one per layer
+    /// (`{ layer4 = "0..8", fc = "all" }`; layers not named get all their neurons).
+    pub neurons: NeuronSpec,
+}
+
+impl Default for TargetSection {
+    fn default() -> Self {
+        Self { model: String::new(), layers: vec!["layer4".into()], neurons: NeuronSpec::default() }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum NeuronSpec {
+    Every(String),
+    PerLayer(BTreeMap<String, String>),
+}
+
+impl Default for NeuronSpec {
+    fn default() -> Self {
+        NeuronSpec::Every("all".into())
+    }
+}
+
+impl NeuronSpec {
+    /// The neurons of `layer` (width `width`), checked.
+    pub fn resolve(&self, layer: &str, width: usize) -> Result<Vec<usize>, CoreError> {
+        let spec = match self {
+            NeuronSpec::Every(s) => s.as_str(),
+            NeuronSpec::PerLayer(map) => map.get(layer).map_or("all", String::as_str),
+        };
+        if spec.trim() == "all" {
+            return Ok((0..width).collect());
+        }
+        let set: NeuronSet = spec.parse()?;
+        set.check_within(layer, width)?;
+        Ok(set.ids().to_vec())
+    }
+
+    fn check_layers(&self, layers: &[String]) -> Result<(), CoreError> {
+        if let NeuronSpec::PerLayer(map) = self {
+            if let Some(unknown) = map.keys().find(|k| !layers.contains(k)) {
+                return Err(CoreError::invalid(
+                    "target.neurons",
+                    format!("names layer `{unknown}`, which is not in target.layers ({})", layers.join(", ")),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Stage 0.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProbeSection {
+    /// A directory, an object store prefix, or a `.txt`/`.csv` list of images.
+    pub images: String,
+    /// Top images kept per neuron.
+    pub top_k: usize,
+    pub pooling: Pooling,
+    pub batch_size: usize,
+    pub limits: ImageLimits,
+}
+
+impl Default for ProbeSection {
+    fn default() -> Self {
+        Self { images: String::new(), top_k: 10, pooling: Pooling::Mean, batch_size: 16, limits: ImageLimits::default() }
+    }
+}
+
+/// How neurons are described and grouped into tasks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DescribeSection {
+    /// Originals and crops kept (and captioned) per neuron after re-ranking.
+    pub top_images: usize,
+    /// Neurons per task: the unit of work (and of retries).
+    pub neurons_per_task: usize,
+    /// Images per forward pass of the target model in stages 1 and 3.
+    pub batch_size: usize,
+}
+
+impl Default for DescribeSection {
+    fn default() -> Self {
+        Self { top_images: 10, neurons_per_task: 8, batch_size: 16 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CaptionerSection {
+    /// A BLIP checkpoint directory or `hf:Salesforce/blip-image-captioning-base`.
+    pub model: String,
+    pub batch_size: usize,
+    pub decoding: CaptionConfig,
+}
+
+impl Default for CaptionerSection {
+    fn default() -> Self {
+        Self { model: String::new(), batch_size: 8, decoding: CaptionConfig::default() }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GeneratorSection {
+    /// A diffusers Stable Diffusion directory or `hf:org/name`.
+    pub model: String,
+    /// Images per candidate concept (the method's Q).
+    pub images_per_concept: usize,
+    pub batch_size: usize,
+    pub sampling: GenerationConfig,
+}
+
+impl Default for GeneratorSection {
+    fn default() -> Self {
+        Self { model: String::new(), images_per_concept: 10, batch_size: 4, sampling: GenerationConfig::default() }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct EmbedderSection {
+    /// A CLIP checkpoint directory or `hf:openai/clip-vit-base-patch16`.
+    pub model: String,
+}
+
+impl JobSpec {
+    /// Reads a job file; errors name the file and the field.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Self, PipelineError> {
+        toml::from_str(text).map_err(|e| PipelineError::BadJob { origin: origin.into(), reason: e.to_string() })
+    }
+
+    /// Every check that needs no model or store: run before any work starts.
+    pub fn validate(&self) -> Result<(), PipelineError> {
+        let invalid = |field: &str, reason: &str| -> PipelineError { CoreError::invalid(field, reason).into() };
+        if let Some(name) = &self.name {
+            dnd_store::tasks::check_name("job", name)?;
+        }
+        if self.out.is_empty() {
+            return Err(invalid("out", "say where results go, e.g. out/ or s3://bucket/dnd"));
+        }
+        for (field, model) in [
+            ("target.model", &self.target.model),
+            ("captioner.model", &self.captioner.model),
+            ("generator.model", &self.generator.model),
+            ("embedder.model", &self.embedder.model),
+        ] {
+            if model.is_empty() {
+                return Err(invalid(field, "name a model: a local directory or hf:org/name"));
+            }
+            model.parse::<ModelRef>()?;
+        }
+        if self.target.layers.is_empty() {
+            return Err(invalid("target.layers", "name at least one layer, e.g. [\"layer4\", \"fc\"]"));
+        }
+        self.target.neurons.check_layers(&self.target.layers)?;
+        if self.probe.images.is_empty() {
+            return Err(invalid("probe.images", "name the probe images: a directory, a URL prefix or a .txt list"));
+        }
+        for (field, value) in [
+            ("probe.top_k", self.probe.top_k),
+            ("probe.batch_size", self.probe.batch_size),
+            ("describe.top_images", self.describe.top_images),
+            ("describe.neurons_per_task", self.describe.neurons_per_task),
+            ("describe.batch_size", self.describe.batch_size),
+            ("captioner.batch_size", self.captioner.batch_size),
+            ("generator.images_per_concept", self.generator.images_per_concept),
+            ("generator.batch_size", self.generator.batch_size),
+            ("generator.sampling.steps", self.generator.sampling.steps),
+        ] {
+            if value == 0 {
+                return Err(invalid(field, "must be at least 1"));
+            }
+        }
+        if !self.generator.sampling.prompt_template.contains("{concept}") {
+            return Err(invalid("generator.sampling.prompt_template", "must contain {concept}, e.g. \"One realistic image of {concept}\""));
+        }
+        self.crops.validate()?;
+        self.scoring.validate()?;
+        self.summarizer.validate()?;
+        Ok(())
+    }
+
+    /// The job's name, given or derived from everything that shapes its results.
+    pub fn job_name(&self) -> String {
+        if let Some(name) = &self.name {
+            return name.clone();
+        }
+        let json = serde_json::to_vec(&(&self.target, &self.probe, &self.crops, &self.describe, &self.captioner, &self.summarizer, &self.generator, &self.embedder, &self.scoring, self.seed))
+            .expect("a job spec serialises");
+        format!("dissect-{}", &blake3::hash(&json).to_hex()[..12])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const JOB: &str = r#"
+        out = "out/demo"
+        seed = 7
+        [target]
+        model = "models/resnet18"
+        layers = ["layer4", "fc"]
+        neurons = { layer4 = "0..4,9", fc = "all" }
+        [probe]
+        images = "images/"
+        [captioner]
+        model = "blip"
+        [generator]
+        model = "sd"
+        images_per_concept = 3
+        [generator.sampling]
+        steps = 2
+        [embedder]
+        model = "clip"
+        [summarizer]
+        backend = "consensus"
+        [scoring]
+        rank_score = "mean"
+    "#;
+
+    #[test]
+    fn parses_a_job_with_defaults_for_everything_not_written() {
+        let job = JobSpec::from_toml(JOB, "job.toml").unwrap();
+        job.validate().unwrap();
+        assert_eq!(job.probe.top_k, 10);
+        assert_eq!(job.describe.top_images, 10);
+        assert_eq!(job.generator.sampling.steps, 2);
+        assert_eq!(job.generator.sampling.guidance_scale, 7.5);
+        assert_eq!(job.crops.canvas_size, 375);
+        assert_eq!(job.scoring.beta, 5);
+        assert_eq!(job.target.neurons.resolve("layer4", 512).unwrap(), [0, 1, 2, 3, 9]);
+        assert_eq!(job.target.neurons.resolve("fc", 3).unwrap(), [0, 1, 2]);
+        assert!(job.job_name().starts_with("dissect-"));
+        let mut other = job.clone();
+        other.seed = 8;
+        assert_ne!(job.job_name(), other.job_name(), "the seed shapes the results, so it names the job");
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let typo = JobSpec::from_toml(&JOB.replace("images_per_concept", "images_per_concpt"), "job.toml").unwrap_err();
+        assert!(typo.to_string().contains("images_per_concpt") && typo.to_string().contains("job.toml"), "{typo}");
+        let check = |edit: &dyn Fn(&mut JobSpec), field: &str| {
+            let mut job = JobSpec::from_toml(JOB, "job.toml").unwrap();
+            edit(&mut job);
+            let err = job.validate().unwrap_err();
+            assert!(err.is_user_error() && err.to_string().contains(field), "{field}: {err}");
+        };
+        check(&|j| j.target.layers.clear(), "target.layers");
+        check(&|j| j.target.neurons = NeuronSpec::PerLayer([("layer3".into(), "0".into())].into()), "layer3");
+        check(&|j| j.generator.images_per_concept = 0, "generator.images_per_concept");
+        check(&|j| j.generator.sampling.prompt_template = "a photo".into(), "prompt_template");
+        check(&|j| j.captioner.model.clear(), "captioner.model");
+        check(&|j| j.name = Some("../escape".into()), "../escape");
+        check(&|j| j.scoring.beta = 0, "scoring.beta");
+        let job = JobSpec::from_toml(JOB, "job.toml").unwrap();
+        let err = job.target.neurons.resolve("layer4", 5).unwrap_err();
+        assert!(err.to_string().contains("neuron 9"), "{err}");
+    }
+}

@@ -1,0 +1,273 @@
+//! The models of a dissection, loaded once and kept resident, behind the caches.
+//!
+//! Every expensive call (a caption, a generated image, an LLM reply) goes through
+//! [`ContentCache`] first, keyed by what the result depends on: the model's identity
+//! (reference plus the commit or weight hash that pins it), its settings, and the input.
+//! A cache miss is exactly one model call, so the cache counters also count model work.
+
+use std::io::Cursor;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use image::RgbImage;
+use serde::{Deserialize, Serialize};
+
+use dnd_models::checkpoint::fingerprint;
+use dnd_models::device::parse_device;
+use dnd_models::{BlipCaptioner, Captioner, ClipEmbedder, DiffusionGenerator, Embedder, Generator, ImageRequest, ModelRef, TargetModel};
+use dnd_store::{CacheKey, CacheKind, ContentCache};
+use dnd_summarize::{Exchange, Step, SummarizeError, Summarizer};
+
+use crate::error::PipelineError;
+use crate::job::JobSpec;
+
+/// BLAKE3 of an image's size and RGB pixels: equal pictures, equal hashes, whatever file
+/// format they came in.
+pub fn image_hash(image: &RgbImage) -> String {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(&image.width().to_le_bytes());
+    hasher.update(&image.height().to_le_bytes());
+    hasher.update(image.as_raw());
+    hasher.finalize().to_hex().to_string()
+}
+
+pub fn encode_png(image: &RgbImage) -> Bytes {
+    let mut png = Vec::new();
+    image::DynamicImage::ImageRgb8(image.clone())
+        .write_to(&mut Cursor::new(&mut png), image::ImageFormat::Png)
+        .expect("encoding PNG to memory cannot fail");
+    Bytes::from(png)
+}
+
+/// A model and what identifies it in cache keys.
+pub struct Loaded<M: ?Sized> {
+    pub model: Arc<M>,
+    /// Reference plus commit or weight hash, e.g. `models/blip#blake3:0123...`.
+    pub identity: String,
+    /// Settings that change its outputs (decoding limits, sampler steps, size ...).
+    pub settings: serde_json::Value,
+}
+
+/// Every model of a job, resident, and the cache in front of them.
+pub struct Workbench {
+    pub target: Arc<TargetModel>,
+    pub captioner: Loaded<dyn Captioner>,
+    pub generator: Loaded<dyn Generator>,
+    pub embedder: Loaded<dyn Embedder>,
+    pub summarizer: Loaded<dyn Summarizer>,
+    pub cache: ContentCache,
+}
+
+fn identity(reference: &ModelRef, anchor: &str) -> Result<String, PipelineError> {
+    Ok(fingerprint(reference, &reference.resolve(anchor)?)?)
+}
+
+/// Loads a model on a blocking thread (loading reads and converts gigabytes).
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, PipelineError> + Send + 'static) -> Result<T, PipelineError> {
+    tokio::task::spawn_blocking(f).await?
+}
+
+impl Workbench {
+    /// Loads the captioner, generator, embedder and summariser of `spec` next to an
+    /// already loaded target model, and checks that the summariser can be reached.
+    pub async fn load(spec: &JobSpec, target: Arc<TargetModel>, cache: ContentCache) -> Result<Self, PipelineError> {
+        let device = parse_device(&spec.device)?;
+        let captioner = {
+            let (reference, device, decoding) = (spec.captioner.model.parse::<ModelRef>()?, device.clone(), spec.captioner.decoding.clone());
+            blocking(move || {
+                let model = BlipCaptioner::load(&reference, &device, decoding.clone())?;
+                Ok(Loaded { model: Arc::new(model) as Arc<dyn Captioner>, identity: identity(&reference, "model.safetensors")?, settings: serde_json::to_value(&decoding).expect("serialises") })
+            })
+            .await?
+        };
+        let generator = {
+            let (reference, device, sampling) = (spec.generator.model.parse::<ModelRef>()?, device.clone(), spec.generator.sampling.clone());
+            blocking(move || {
+                let model = DiffusionGenerator::load(&reference, &device, sampling.clone())?;
+                // The prompt template is not a setting of an image: the rendered prompt is in the key.
+                let settings = serde_json::json!({
+                    "scheduler": "ddim",
+                    "steps": sampling.steps,
+                    "guidance_scale": sampling.guidance_scale,
+                    "width": sampling.width,
+                    "height": sampling.height,
+                    "timestep_spacing": sampling.timestep_spacing,
+                });
+                Ok(Loaded { model: Arc::new(model) as Arc<dyn Generator>, identity: identity(&reference, "model_index.json")?, settings })
+            })
+            .await?
+        };
+        let embedder = {
+            let (reference, device) = (spec.embedder.model.parse::<ModelRef>()?, device.clone());
+            blocking(move || {
+                let model = ClipEmbedder::load(&reference, &device)?;
+                Ok(Loaded { model: Arc::new(model) as Arc<dyn Embedder>, identity: identity(&reference, "model.safetensors")?, settings: serde_json::Value::Null })
+            })
+            .await?
+        };
+        let summarizer = {
+            let config = spec.summarizer.clone();
+            let model: Arc<dyn Summarizer> = blocking(move || Ok(Arc::from(dnd_summarize::build(&config)?))).await?;
+            model.check().await?;
+            Loaded { identity: model.describe(), model, settings: serde_json::Value::Null }
+        };
+        Ok(Self { target, captioner, generator, embedder, summarizer, cache })
+    }
+
+    /// Captions of `images` (with their [`image_hash`]es), served from the cache where
+    /// possible; misses are captioned together in batches of `batch_size`. Returns the
+    /// caption and whether it came from the cache, in input order.
+    pub async fn captions(&self, images: &[(String, Arc<RgbImage>)], batch_size: usize) -> Result<Vec<(String, bool)>, PipelineError> {
+        #[derive(Serialize)]
+        struct Inputs<'a> {
+            captioner: &'a str,
+            settings: &'a serde_json::Value,
+            image: &'a str,
+        }
+        #[derive(Serialize, Deserialize)]
+        struct Entry {
+            caption: String,
+            token_ids: Vec<u32>,
+        }
+        let key = |hash: &str| {
+            CacheKey::of(CacheKind::Captions, &Inputs { captioner: &self.captioner.identity, settings: &self.captioner.settings, image: hash })
+        };
+        let mut out: Vec<Option<(String, bool)>> = vec![None; images.len()];
+        let mut misses = Vec::new();
+        for (i, (hash, _)) in images.iter().enumerate() {
+            match self.cache.get(&key(hash)).await? {
+                Some(bytes) => {
+                    let entry: Entry = serde_json::from_slice(&bytes)
+                        .map_err(|e| PipelineError::Internal(format!("corrupt caption cache entry {}: {e}", key(hash).path())))?;
+                    out[i] = Some((entry.caption, true));
+                }
+                None => misses.push(i),
+            }
+        }
+        for chunk in misses.chunks(batch_size.max(1)) {
+            let model = self.captioner.model.clone();
+            let batch: Vec<RgbImage> = chunk.iter().map(|&i| (*images[i].1).clone()).collect();
+            let captions = blocking(move || Ok(model.caption(&batch)?)).await?;
+            for (&i, caption) in chunk.iter().zip(captions) {
+                let entry = Entry { caption: caption.text.clone(), token_ids: caption.token_ids };
+                self.cache.put(&key(&images[i].0), Bytes::from(serde_json::to_vec(&entry).expect("serialises"))).await?;
+                out[i] = Some((caption.text, false));
+            }
+        }
+        Ok(out.into_iter().map(|c| c.expect("every image is captioned")).collect())
+    }
+
+    /// The cache key of a generated image.
+    pub fn image_key(&self, request: &ImageRequest) -> CacheKey {
+        #[derive(Serialize)]
+        struct Inputs<'a> {
+            generator: &'a str,
+            settings: &'a serde_json::Value,
+            prompt: &'a str,
+            seed: u64,
+        }
+        CacheKey::of(
+            CacheKind::Images,
+            &Inputs { generator: &self.generator.identity, settings: &self.generator.settings, prompt: &request.prompt, seed: request.seed },
+        )
+    }
+
+    /// Generated images for `requests`, from the cache where possible; misses are
+    /// generated in batches of `batch_size` and stored. Returns each image and whether it
+    /// came from the cache, in request order.
+    pub async fn generated(&self, requests: &[ImageRequest], batch_size: usize) -> Result<Vec<(Arc<RgbImage>, bool)>, PipelineError> {
+        let mut out: Vec<Option<(Arc<RgbImage>, bool)>> = vec![None; requests.len()];
+        let mut misses = Vec::new();
+        for (i, request) in requests.iter().enumerate() {
+            let key = self.image_key(request);
+            match self.cache.get(&key).await? {
+                Some(png) => {
+                    let image = image::load_from_memory_with_format(&png, image::ImageFormat::Png)
+                        .map_err(|e| PipelineError::Internal(format!("corrupt image cache entry {}: {e}", self.cache.display_path(&key))))?
+                        .to_rgb8();
+                    out[i] = Some((Arc::new(image), true));
+                }
+                None => misses.push(i),
+            }
+        }
+        for chunk in misses.chunks(batch_size.max(1)) {
+            let model = self.generator.model.clone();
+            let batch: Vec<ImageRequest> = chunk.iter().map(|&i| requests[i].clone()).collect();
+            let images = blocking(move || Ok(model.generate(&batch)?)).await?;
+            for (&i, image) in chunk.iter().zip(images) {
+                self.cache.put(&self.image_key(&requests[i]), encode_png(&image)).await?;
+                out[i] = Some((Arc::new(image), false));
+            }
+        }
+        Ok(out.into_iter().map(|c| c.expect("every request is answered")).collect())
+    }
+
+    /// The summariser behind the reply cache.
+    pub fn cached_summarizer(&self) -> CachedSummarizer<'_> {
+        CachedSummarizer { inner: self.summarizer.model.as_ref(), identity: &self.summarizer.identity, cache: &self.cache }
+    }
+}
+
+/// A [`Summarizer`] that answers from the reply cache when it has seen the exact request
+/// before (keyed by the summariser's identity and the full request), and otherwise asks
+/// the inner one and stores the exchange. Failed calls (unreachable server) are not cached.
+pub struct CachedSummarizer<'a> {
+    inner: &'a dyn Summarizer,
+    identity: &'a str,
+    cache: &'a ContentCache,
+}
+
+impl CachedSummarizer<'_> {
+    async fn ask(&self, step: Step, input: &[String]) -> Result<Exchange, SummarizeError> {
+        #[derive(Serialize)]
+        struct Inputs<'a> {
+            summarizer: &'a str,
+            request: &'a str,
+        }
+        let request = self.inner.request(step, input)?;
+        let key = CacheKey::of(CacheKind::Replies, &Inputs { summarizer: self.identity, request: &request });
+        let cache_error = |e: dnd_store::StoreError| SummarizeError::Internal(format!("reply cache: {e}"));
+        if let Some(bytes) = self.cache.get(&key).await.map_err(cache_error)? {
+            let mut exchange: Exchange = serde_json::from_slice(&bytes)
+                .map_err(|e| SummarizeError::Internal(format!("corrupt reply cache entry {}: {e}", key.path())))?;
+            exchange.cached = true;
+            return Ok(exchange);
+        }
+        let exchange = match step {
+            Step::Simplify => self.inner.simplify(input.first().map(String::as_str).unwrap_or_default()).await?,
+            Step::Summarize => self.inner.summarize(input).await?,
+            Step::Merge => self.inner.merge(input).await?,
+        };
+        let json = serde_json::to_vec(&exchange).map_err(|e| SummarizeError::Internal(e.to_string()))?;
+        self.cache.put(&key, Bytes::from(json)).await.map_err(cache_error)?;
+        Ok(exchange)
+    }
+}
+
+#[async_trait]
+impl Summarizer for CachedSummarizer<'_> {
+    async fn simplify(&self, caption: &str) -> Result<Exchange, SummarizeError> {
+        self.ask(Step::Simplify, &[caption.to_string()]).await
+    }
+
+    async fn summarize(&self, labels: &[String]) -> Result<Exchange, SummarizeError> {
+        self.ask(Step::Summarize, labels).await
+    }
+
+    async fn merge(&self, labels: &[String]) -> Result<Exchange, SummarizeError> {
+        self.ask(Step::Merge, labels).await
+    }
+
+    fn request(&self, step: Step, input: &[String]) -> Result<String, SummarizeError> {
+        self.inner.request(step, input)
+    }
+
+    async fn check(&self) -> Result<(), SummarizeError> {
+        self.inner.check().await
+    }
+
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}

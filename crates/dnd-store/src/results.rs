@@ -1,0 +1,338 @@
+//! The results dataset of a dissection: one table per kind of evidence, keyed by
+//! `(layer, neuron)`. `docs/schema.md` documents every column; the schemas below are the
+//! one place they are defined.
+//!
+//! Each neuron task writes every table for its neurons; compaction concatenates the
+//! committed tasks' tables into `results/<table>.parquet`.
+
+use std::sync::Arc;
+
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::record_batch::RecordBatch;
+use serde::{Deserialize, Serialize};
+
+use crate::error::StoreError;
+use crate::rows::rows_batch;
+
+/// A results table: its name (file stem) and schema.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResultTable {
+    Descriptions,
+    Candidates,
+    Scores,
+    Captions,
+    Images,
+    Exchanges,
+    Errors,
+}
+
+impl ResultTable {
+    pub const ALL: [ResultTable; 7] = [
+        ResultTable::Descriptions,
+        ResultTable::Candidates,
+        ResultTable::Scores,
+        ResultTable::Captions,
+        ResultTable::Images,
+        ResultTable::Exchanges,
+        ResultTable::Errors,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ResultTable::Descriptions => "descriptions",
+            ResultTable::Candidates => "candidates",
+            ResultTable::Scores => "scores",
+            ResultTable::Captions => "captions",
+            ResultTable::Images => "images",
+            ResultTable::Exchanges => "exchanges",
+            ResultTable::Errors => "errors",
+        }
+    }
+
+    pub fn file(self) -> String {
+        format!("{}.parquet", self.name())
+    }
+
+    pub fn schema(self) -> SchemaRef {
+        use DataType::{Boolean, Float32, Float64, Int32, Int64, Utf8};
+        let key = [Field::new("layer", Utf8, false), Field::new("neuron", Int32, false)];
+        let f = |name: &str, t: DataType, nullable: bool| Field::new(name, t, nullable);
+        let rest: Vec<Field> = match self {
+            ResultTable::Descriptions => vec![
+                f("status", Utf8, false),
+                f("label", Utf8, true),
+                f("score", Float64, true),
+                f("label_2", Utf8, true),
+                f("score_2", Float64, true),
+                f("label_3", Utf8, true),
+                f("score_3", Float64, true),
+                f("candidates", Int32, false),
+                f("top_images", Int32, false),
+                f("captions_cached", Int32, false),
+                f("captions_total", Int32, false),
+                f("replies_cached", Int32, false),
+                f("replies_total", Int32, false),
+                f("images_cached", Int32, false),
+                f("images_total", Int32, false),
+                f("error", Utf8, true),
+                f("task", Utf8, false),
+            ],
+            ResultTable::Candidates => vec![
+                f("candidate", Int32, false),
+                f("concept", Utf8, false),
+                f("prompt", Utf8, false),
+                f("images", Int32, false),
+                f("final_rank", Int32, false),
+                f("selected", Boolean, false),
+            ],
+            ResultTable::Scores => vec![
+                f("candidate", Int32, false),
+                f("concept", Utf8, false),
+                f("topk_sq_mean", Float64, true),
+                f("mean", Float64, true),
+                f("median", Float64, true),
+                f("sq_mean", Float64, true),
+                f("rank_score", Utf8, false),
+                f("rank_order", Int32, false),
+                f("similarity", Float64, false),
+                f("final_score", Float64, false),
+                f("final_rank", Int32, false),
+            ],
+            ResultTable::Captions => vec![
+                f("image_rank", Int32, false),
+                f("image_hash", Utf8, false),
+                f("caption", Utf8, false),
+                f("simplified", Utf8, true),
+                f("captioner", Utf8, false),
+                f("cached", Boolean, false),
+            ],
+            ResultTable::Images => vec![
+                f("kind", Utf8, false),
+                f("rank", Int32, false),
+                f("activation", Float32, false),
+                f("top", Boolean, false),
+                f("image_id", Utf8, true),
+                f("crop_index", Int32, true),
+                f("canvas_size", Int32, true),
+                f("x0", Int32, true),
+                f("y0", Int32, true),
+                f("x1", Int32, true),
+                f("y1", Int32, true),
+                f("candidate", Int32, true),
+                f("concept", Utf8, true),
+                f("seed", Int64, true),
+                f("similarity", Float32, true),
+                f("uri", Utf8, false),
+                f("image_hash", Utf8, false),
+                f("cached", Boolean, false),
+            ],
+            ResultTable::Exchanges => vec![
+                f("seq", Int32, false),
+                f("step", Utf8, false),
+                f("backend", Utf8, false),
+                f("model", Utf8, false),
+                f("prompt_version", Utf8, false),
+                f("request", Utf8, false),
+                f("reply", Utf8, false),
+                f("answer", Utf8, true),
+                f("error", Utf8, true),
+                f("cached", Boolean, false),
+            ],
+            ResultTable::Errors => vec![
+                f("stage", Utf8, false),
+                f("image_id", Utf8, true),
+                f("reason", Utf8, false),
+                f("message", Utf8, false),
+                f("task", Utf8, false),
+            ],
+        };
+        Arc::new(Schema::new(key.into_iter().chain(rest).collect::<Vec<_>>()))
+    }
+
+    pub fn batch<T: Serialize>(self, rows: &[T]) -> Result<RecordBatch, StoreError> {
+        rows_batch(self.name(), self.schema(), rows)
+    }
+}
+
+/// One neuron's outcome: its top labels, or why it has none.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DescriptionRow {
+    pub layer: String,
+    pub neuron: i32,
+    /// `ok`, `no_candidates` or `failed`.
+    pub status: String,
+    pub label: Option<String>,
+    pub score: Option<f64>,
+    pub label_2: Option<String>,
+    pub score_2: Option<f64>,
+    pub label_3: Option<String>,
+    pub score_3: Option<f64>,
+    pub candidates: i32,
+    pub top_images: i32,
+    pub captions_cached: i32,
+    pub captions_total: i32,
+    pub replies_cached: i32,
+    pub replies_total: i32,
+    pub images_cached: i32,
+    pub images_total: i32,
+    pub error: Option<String>,
+    pub task: String,
+}
+
+/// A candidate concept of a neuron.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CandidateRow {
+    pub layer: String,
+    pub neuron: i32,
+    /// Index in the order the summary rounds produced the candidates.
+    pub candidate: i32,
+    pub concept: String,
+    /// The text-to-image prompt made from it.
+    pub prompt: String,
+    /// Generated images it got.
+    pub images: i32,
+    pub final_rank: i32,
+    /// Among the reported labels.
+    pub selected: bool,
+}
+
+/// Every stage-3 number of a candidate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScoreRow {
+    pub layer: String,
+    pub neuron: i32,
+    pub candidate: i32,
+    pub concept: String,
+    pub topk_sq_mean: Option<f64>,
+    pub mean: Option<f64>,
+    pub median: Option<f64>,
+    pub sq_mean: Option<f64>,
+    /// Which of the rank scores ordered the candidates.
+    pub rank_score: String,
+    pub rank_order: i32,
+    pub similarity: f64,
+    pub final_score: f64,
+    pub final_rank: i32,
+}
+
+/// The caption of one of a neuron's top images.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CaptionRow {
+    pub layer: String,
+    pub neuron: i32,
+    /// The image's rank among the neuron's top images.
+    pub image_rank: i32,
+    pub image_hash: String,
+    pub caption: String,
+    /// The summariser's 1-5 word label for it, when it gave one.
+    pub simplified: Option<String>,
+    pub captioner: String,
+    pub cached: bool,
+}
+
+/// An image in a neuron's evidence: an original probe image, an attention crop of one, or
+/// an image generated for a candidate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImageRow {
+    pub layer: String,
+    pub neuron: i32,
+    /// `original`, `crop` or `generated`.
+    pub kind: String,
+    /// Originals and crops: position among them by activation. Generated: position among
+    /// all of the neuron's generated images.
+    pub rank: i32,
+    pub activation: f32,
+    /// Originals and crops: among the neuron's top images (captioned). Generated: in the
+    /// top positions that the similarity weight uses.
+    pub top: bool,
+    /// The probe image (originals and crops).
+    pub image_id: Option<String>,
+    pub crop_index: Option<i32>,
+    /// The crop's box on the square canvas the attention map was taken on.
+    pub canvas_size: Option<i32>,
+    pub x0: Option<i32>,
+    pub y0: Option<i32>,
+    pub x1: Option<i32>,
+    pub y1: Option<i32>,
+    pub candidate: Option<i32>,
+    pub concept: Option<String>,
+    pub seed: Option<i64>,
+    /// Generated: mean cosine similarity to the neuron's top images.
+    pub similarity: Option<f32>,
+    /// Where the image is: the probe image's URL or path, or the stored PNG.
+    pub uri: String,
+    /// BLAKE3 of the image's RGB pixels and size.
+    pub image_hash: String,
+    /// Generated: served from the image cache.
+    pub cached: bool,
+}
+
+/// One summariser request and reply, verbatim.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExchangeRow {
+    pub layer: String,
+    pub neuron: i32,
+    /// Order of the exchange within the neuron.
+    pub seq: i32,
+    /// `simplify`, `summarize` or `merge`.
+    pub step: String,
+    pub backend: String,
+    pub model: String,
+    pub prompt_version: String,
+    pub request: String,
+    pub reply: String,
+    /// The cleaned label, or the listed labels joined by `; `.
+    pub answer: Option<String>,
+    /// Why the reply gave no label.
+    pub error: Option<String>,
+    pub cached: bool,
+}
+
+/// A problem met while describing a neuron; the rest of the job goes on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NeuronErrorRow {
+    pub layer: String,
+    pub neuron: i32,
+    /// The stage: `read`, `crop`, `caption`, `summarize`, `generate`, `score`.
+    pub stage: String,
+    pub image_id: Option<String>,
+    pub reason: String,
+    pub message: String,
+    pub task: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_table_starts_with_the_neuron_key_and_builds_from_its_rows() {
+        for table in ResultTable::ALL {
+            let schema = table.schema();
+            assert_eq!(schema.field(0).name(), "layer");
+            assert_eq!(schema.field(1).name(), "neuron");
+        }
+        let row = DescriptionRow {
+            layer: "layer4".into(),
+            neuron: 3,
+            status: "ok".into(),
+            label: Some("red circles".into()),
+            score: Some(2.5),
+            label_2: None,
+            score_2: None,
+            label_3: None,
+            score_3: None,
+            candidates: 1,
+            top_images: 10,
+            captions_cached: 0,
+            captions_total: 10,
+            replies_cached: 0,
+            replies_total: 15,
+            images_cached: 0,
+            images_total: 10,
+            error: None,
+            task: "layer4-00000".into(),
+        };
+        assert_eq!(ResultTable::Descriptions.batch(&[row]).unwrap().num_rows(), 1);
+    }
+}

@@ -1,0 +1,327 @@
+//! Reading descriptions: what objects and background a phrase or caption mentions.
+//!
+//! The reader is a small state machine over the world's words, robust to everything else:
+//! unknown words, articles, sizes and fillers are skipped. Its rules, in order of the cases
+//! they serve:
+//! - modifiers (colour, pattern) gather until a shape noun, which closes an object
+//!   ("a small red striped circle"); a second colour starts a new mention ("red, blue circles");
+//! - "background" turns the gathered modifiers into the background ("a dotted green
+//!   background"); so does "on"/"against" when no noun follows ("on green with dots");
+//! - "with" followed by a pattern word attaches the pattern to what was just mentioned
+//!   ("a red circle with stripes", "a green background with dots");
+//! - "and", "next to", punctuation and the like end a mention; modifiers without a noun
+//!   still count ("red and striped" mentions red and striped things);
+//! - "two", "three", ... set how many objects a mention stands for.
+
+use crate::vocab::{self, Colour, Fill, Shape, Texture, Word};
+
+/// An object or objects a phrase mentions, with the attributes it names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ObjectMention {
+    pub colour: Option<Colour>,
+    pub shape: Option<Shape>,
+    pub fill: Option<Fill>,
+    /// How many objects ("two red circles"); 1 unless a number says otherwise.
+    pub count: usize,
+}
+
+/// A background a phrase mentions, with the attributes it names.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BackgroundMention {
+    pub colour: Option<Colour>,
+    pub texture: Option<Texture>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mention {
+    Object(ObjectMention),
+    Background(BackgroundMention),
+}
+
+/// Function words that steer the reader.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cue {
+    /// Ends a mention: "and", "next to", punctuation.
+    Boundary,
+    /// Introduces the background: "on", "against".
+    On,
+    /// Introduces a pattern of what was just mentioned: "with".
+    With,
+    /// "background": the gathered modifiers describe the background.
+    BackgroundNoun,
+    /// "shapes", "objects", "pattern": a noun naming no attribute.
+    GenericNoun,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Token {
+    Word(Word),
+    Cue(Cue),
+    Count(usize),
+    Other,
+}
+
+fn cue(form: &str) -> Option<Token> {
+    let cue = match form {
+        "and" | "or" | "&" | "next to" | "beside" | "near" | "alongside" | "above" | "below" | "under" | "beneath"
+        | "left of" | "right of" | "but" | "while" => Cue::Boundary,
+        "on" | "against" | "over" | "upon" | "atop" | "in front of" | "on top of" => Cue::On,
+        "with" | "having" | "featuring" => Cue::With,
+        "background" | "backgrounds" | "backdrop" | "backdrops" => Cue::BackgroundNoun,
+        "shape" | "shapes" | "object" | "objects" | "thing" | "things" | "item" | "items" | "figure" | "figures"
+        | "pattern" | "patterns" | "texture" | "textures" => Cue::GenericNoun,
+        _ => return None,
+    };
+    Some(Token::Cue(cue))
+}
+
+fn count(form: &str) -> Option<Token> {
+    let n = match form {
+        "two" | "pair of" | "a pair of" => 2,
+        "three" => 3,
+        "four" => 4,
+        "five" => 5,
+        _ => return None,
+    };
+    Some(Token::Count(n))
+}
+
+/// The longest phrase the tokenizer tries to match ("in front of").
+const MAX_PHRASE_WORDS: usize = 3;
+
+/// Splits text into tokens, matching multi-word phrases ("polka dots", "next to") first.
+fn tokenize(text: &str) -> Vec<Token> {
+    // Pieces: words, or None for punctuation that ends a mention.
+    let mut pieces: Vec<Option<String>> = Vec::new();
+    let mut word = String::new();
+    for ch in text.to_lowercase().chars() {
+        if ch.is_alphanumeric() || ch == '\'' {
+            word.push(ch);
+            continue;
+        }
+        if !word.is_empty() {
+            pieces.push(Some(std::mem::take(&mut word)));
+        }
+        if matches!(ch, ',' | ';' | '.' | ':' | '!' | '?' | '(' | ')' | '/' | '&' | '+') {
+            pieces.push(None);
+        }
+    }
+    if !word.is_empty() {
+        pieces.push(Some(word));
+    }
+
+    let mut tokens = Vec::new();
+    let mut i = 0;
+    'pieces: while i < pieces.len() {
+        for n in (1..=MAX_PHRASE_WORDS.min(pieces.len() - i)).rev() {
+            let words: Option<Vec<&str>> = pieces[i..i + n].iter().map(|p| p.as_deref()).collect();
+            let Some(words) = words else { continue };
+            let form = words.join(" ");
+            let token = vocab::lookup(&form).map(Token::Word).or_else(|| cue(&form)).or_else(|| count(&form));
+            if let Some(token) = token {
+                tokens.push(token);
+                i += n;
+                continue 'pieces;
+            }
+        }
+        tokens.push(if pieces[i].is_none() { Token::Cue(Cue::Boundary) } else { Token::Other });
+        i += 1;
+    }
+    tokens
+}
+
+/// Modifiers read but not yet attached to a noun.
+#[derive(Debug, Default)]
+struct Pending {
+    colour: Option<Colour>,
+    fill: Option<Fill>,
+    texture: Option<Texture>,
+    count: Option<usize>,
+}
+
+impl Pending {
+    fn is_empty(&self) -> bool {
+        self.colour.is_none() && self.fill.is_none() && self.texture.is_none()
+    }
+
+    fn background(&self) -> BackgroundMention {
+        BackgroundMention { colour: self.colour, texture: self.texture.or(self.fill.map(Fill::as_texture)) }
+    }
+}
+
+#[derive(Default)]
+struct Reader {
+    mentions: Vec<Mention>,
+    pending: Pending,
+    /// After "on": modifiers without a noun describe the background.
+    background_context: bool,
+    /// Right after "with": a pattern word may attach to the last mention.
+    after_with: bool,
+}
+
+impl Reader {
+    fn object(&mut self, shape: Option<Shape>) {
+        let p = std::mem::take(&mut self.pending);
+        if p.colour.is_some() || p.fill.is_some() || shape.is_some() {
+            let count = p.count.unwrap_or(1);
+            self.mentions.push(Mention::Object(ObjectMention { colour: p.colour, shape, fill: p.fill, count }));
+        }
+        if let Some(texture) = p.texture {
+            // A texture word can only describe a background ("checkered circles").
+            self.mentions.push(Mention::Background(BackgroundMention { colour: None, texture: Some(texture) }));
+        }
+    }
+
+    fn background(&mut self) {
+        let p = std::mem::take(&mut self.pending);
+        self.mentions.push(Mention::Background(p.background()));
+    }
+
+    /// Ends the pending mention, if any, as the context says.
+    fn close(&mut self) {
+        if self.pending.is_empty() {
+            self.pending = Pending::default();
+        } else if self.background_context {
+            self.background();
+        } else {
+            self.object(None);
+        }
+    }
+
+    /// Attaches a pattern to the last mention, for "... with stripes"; false if it does not take one.
+    fn attach(&mut self, word: Word) -> bool {
+        match (self.mentions.last_mut(), word) {
+            (Some(Mention::Object(o)), Word::Fill(f)) if o.fill.is_none() => o.fill = Some(f),
+            (Some(Mention::Background(b)), _) if b.texture.is_none() && word.as_texture().is_some() => {
+                b.texture = word.as_texture()
+            }
+            _ => return false,
+        }
+        true
+    }
+
+    fn read(&mut self, token: Token) {
+        let after_with = std::mem::take(&mut self.after_with);
+        match token {
+            Token::Word(Word::Colour(c)) => {
+                if self.pending.colour.is_some() {
+                    self.close();
+                }
+                self.pending.colour = Some(c);
+            }
+            Token::Word(word @ (Word::Fill(_) | Word::Texture(_))) => {
+                if after_with && self.pending.is_empty() && self.attach(word) {
+                    return;
+                }
+                let taken = match word {
+                    Word::Fill(_) => self.pending.fill.is_some(),
+                    _ => self.pending.texture.is_some(),
+                };
+                if taken {
+                    self.close();
+                }
+                match word {
+                    Word::Fill(f) => self.pending.fill = Some(f),
+                    Word::Texture(t) => self.pending.texture = Some(t),
+                    _ => {}
+                }
+            }
+            Token::Word(Word::Shape(s)) => {
+                self.object(Some(s));
+                self.background_context = false;
+            }
+            Token::Cue(Cue::BackgroundNoun) => {
+                self.background();
+                self.background_context = false;
+            }
+            Token::Cue(Cue::GenericNoun) => self.close(),
+            Token::Cue(Cue::On) => {
+                self.close();
+                self.background_context = true;
+            }
+            Token::Cue(Cue::With) => self.after_with = true,
+            Token::Cue(Cue::Boundary) => {
+                self.close();
+                self.background_context = false;
+            }
+            Token::Count(n) => self.pending.count = Some(n),
+            // Articles and fillers between "with" and its pattern ("with a checkerboard pattern").
+            Token::Other => self.after_with = after_with,
+        }
+    }
+
+    fn finish(mut self) -> Vec<Mention> {
+        self.close();
+        self.mentions
+    }
+}
+
+/// The objects and backgrounds a text mentions, in order. Words outside the world's
+/// vocabulary are skipped; a text without any gives no mention.
+pub fn parse_mentions(text: &str) -> Vec<Mention> {
+    let mut reader = Reader::default();
+    for token in tokenize(text) {
+        reader.read(token);
+    }
+    reader.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn object(colour: Option<Colour>, shape: Option<Shape>, fill: Option<Fill>, count: usize) -> Mention {
+        Mention::Object(ObjectMention { colour, shape, fill, count })
+    }
+
+    fn background(colour: Option<Colour>, texture: Option<Texture>) -> Mention {
+        Mention::Background(BackgroundMention { colour, texture })
+    }
+
+    #[test]
+    fn reads_captions_and_labels() {
+        use Colour::*;
+        let red_striped_circle = object(Some(Red), Some(Shape::Circle), Some(Fill::Striped), 1);
+        let cases = [
+            (
+                "a red striped circle and a small blue square on a dotted green background",
+                vec![
+                    red_striped_circle,
+                    object(Some(Blue), Some(Shape::Square), None, 1),
+                    background(Some(Green), Some(Texture::Dots)),
+                ],
+            ),
+            (
+                "a blue square next to a red circle with stripes, on green with dots",
+                vec![
+                    object(Some(Blue), Some(Shape::Square), None, 1),
+                    red_striped_circle,
+                    background(Some(Green), Some(Texture::Dots)),
+                ],
+            ),
+            (
+                "a chequered grey background with two polka-dot crosses",
+                vec![background(Some(Gray), Some(Texture::Checkerboard)), object(None, Some(Shape::Cross), Some(Fill::Dotted), 2)],
+            ),
+            ("on white with a checkerboard pattern", vec![background(Some(White), Some(Texture::Checkerboard))]),
+            ("One realistic image of green triangles", vec![object(Some(Green), Some(Shape::Triangle), None, 1)]),
+            ("dotted shapes", vec![object(None, None, Some(Fill::Dotted), 1)]),
+            ("Red Circle.", vec![object(Some(Red), Some(Shape::Circle), None, 1)]),
+            ("red, blue", vec![object(Some(Red), None, None, 1), object(Some(Blue), None, None, 1)]),
+            ("a plain background", vec![background(None, Some(Texture::Plain))]),
+            ("the weather in spring", vec![]),
+        ];
+        for (text, expected) in cases {
+            assert_eq!(parse_mentions(text), expected, "{text}");
+        }
+    }
+
+    #[test]
+    fn multi_word_phrases_win_over_their_parts() {
+        assert_eq!(
+            tokenize("polka dots in front of"),
+            vec![Token::Word(Word::Fill(Fill::Dotted)), Token::Cue(Cue::On)]
+        );
+        assert_eq!(tokenize("plus signs"), vec![Token::Word(Word::Shape(Shape::Cross))]);
+    }
+}
