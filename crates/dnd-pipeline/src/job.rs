@@ -311,6 +311,23 @@ mod tests {
     }
 
     #[test]
+    fn the_documented_example_is_every_default() {
+        let doc = include_str!("../../../docs/job.md");
+        let toml = doc.split("```toml\n").nth(1).and_then(|rest| rest.split("```").next()).unwrap();
+        let job = JobSpec::from_toml(toml, "docs/job.md").unwrap();
+        job.validate().unwrap();
+        let models_only = JobSpec {
+            target: TargetSection { model: job.target.model.clone(), ..Default::default() },
+            probe: ProbeSection { images: job.probe.images.clone(), ..Default::default() },
+            captioner: CaptionerSection { model: job.captioner.model.clone(), ..Default::default() },
+            generator: GeneratorSection { model: job.generator.model.clone(), ..Default::default() },
+            embedder: EmbedderSection { model: job.embedder.model.clone() },
+            ..Default::default()
+        };
+        assert_eq!(job, models_only, "docs/job.md must show the defaults");
+    }
+
+    #[test]
     fn errors_name_the_field() {
         let typo = JobSpec::from_toml(&JOB.replace("images_per_concept", "images_per_concpt"), "job.toml").unwrap_err();
         assert!(typo.to_string().contains("images_per_concpt") && typo.to_string().contains("job.toml"), "{typo}");
