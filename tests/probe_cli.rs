@@ -11,7 +11,7 @@ use candle_core::{Device, IndexOp, Tensor};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 use dnd_store::tables;
-use dnd_tests::{dnd, fixtures};
+use dnd_tests::{dnd, fixtures, python_readers};
 
 fn read_parquet(path: &Path) -> RecordBatch {
     let file = File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));

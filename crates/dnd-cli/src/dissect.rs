@@ -83,10 +83,10 @@ pub struct DissectArgs {
 }
 
 fn neuron_spec(flags: &[String]) -> Result<NeuronSpec, BadInput> {
-    if let [single] = flags {
-        if !single.contains('=') {
-            return Ok(NeuronSpec::Every(single.clone()));
-        }
+    if let [single] = flags
+        && !single.contains('=')
+    {
+        return Ok(NeuronSpec::Every(single.clone()));
     }
     let mut per_layer = BTreeMap::new();
     for flag in flags {

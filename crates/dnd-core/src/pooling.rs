@@ -20,7 +20,7 @@ pub enum Pooling {
 impl Pooling {
     /// Pools a row-major `channels x spatial` block into `channels` values.
     pub fn pool(self, maps: &[f32], spatial: usize) -> Vec<f32> {
-        assert!(spatial > 0 && maps.len() % spatial == 0, "maps are not whole channels");
+        assert!(spatial > 0 && maps.len().is_multiple_of(spatial), "maps are not whole channels");
         maps.chunks_exact(spatial)
             .map(|m| match self {
                 Pooling::Mean => (m.iter().map(|&v| f64::from(v)).sum::<f64>() / spatial as f64) as f32,

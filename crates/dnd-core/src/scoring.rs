@@ -202,8 +202,9 @@ pub fn score_candidates(candidates: usize, images: &[GeneratedImage], config: &S
 /// Mean cosine similarity of each row of `images` to the rows of `references`; rows are
 /// unit vectors of length `dim`, so the dot product is the cosine.
 pub fn mean_cosine(images: &[f32], references: &[f32], dim: usize) -> Vec<f32> {
-    if dim == 0 || references.is_empty() {
-        return vec![0.0; if dim == 0 { 0 } else { images.len() / dim }];
+    let Some(count) = images.len().checked_div(dim) else { return Vec::new() };
+    if references.is_empty() {
+        return vec![0.0; count];
     }
     let refs: Vec<&[f32]> = references.chunks_exact(dim).collect();
     images

@@ -5,7 +5,6 @@
 //! gets its crops from its own channel of that pass.
 
 use std::collections::BTreeMap;
-use std::io::Cursor;
 use std::sync::Arc;
 
 use candle_core::Device;
@@ -20,7 +19,9 @@ use dnd_store::{Location, ParquetSink};
 
 use crate::error::PipelineError;
 use crate::images::ImageRef;
+use crate::describe::cut_crops;
 use crate::probe::{LayerPlan, ProbeConfig, load_batch};
+use crate::workbench::encode_png;
 use crate::progress::Progress;
 
 pub(crate) struct CropReport {
@@ -44,14 +45,10 @@ fn crop_rows(canvas: &RgbImage, map: &Map2, need: &Need, layer: &str, image_id: 
     let side = config.canvas_size;
     plan.crops
         .iter()
+        .zip(cut_crops(canvas, &plan.crops))
         .enumerate()
-        .map(|(i, b)| {
-            let cut = image::imageops::crop_imm(canvas, b.x0, b.y0, b.width(), b.height()).to_image();
-            let resized = resize_rgb(&cut, side, side);
-            let mut png = Vec::new();
-            image::DynamicImage::ImageRgb8(resized)
-                .write_to(&mut Cursor::new(&mut png), image::ImageFormat::Png)
-                .expect("encoding PNG to memory cannot fail");
+        .map(|(i, (b, resized))| {
+            let png = encode_png(&resized).to_vec();
             CropRow {
                 layer: layer.to_string(),
                 neuron: need.neuron as i32,

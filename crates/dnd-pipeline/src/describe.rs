@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use candle_core::{D, Device, Tensor};
+use candle_core::{Device, Tensor};
 use image::RgbImage;
 use rayon::prelude::*;
 
@@ -23,7 +23,7 @@ use dnd_summarize::{Answer, Exchange, simplify_captions, summarize_rounds};
 use crate::error::PipelineError;
 use crate::images::ImageRef;
 use crate::job::JobSpec;
-use crate::probe::load_batch;
+use crate::probe::{load_batch, pool};
 use crate::progress::Progress;
 use crate::workbench::{Workbench, encode_png, image_hash};
 
@@ -86,16 +86,7 @@ pub(crate) fn pooled_activations(
         let transformed: Vec<RgbImage> = chunk.par_iter().map(|i| model.preprocess.transform(i)).collect();
         let x = normalized_batch(&transformed, model.preprocess.mean, model.preprocess.std, &model.device)?;
         let out = model.forward_taps(&x, &[tap])?.remove(0);
-        let pooled = if out.rank() == 4 {
-            let flat = out.flatten_from(2)?;
-            match pooling {
-                Pooling::Mean => flat.mean(D::Minus1)?,
-                Pooling::Max => flat.max(D::Minus1)?,
-            }
-        } else {
-            out
-        };
-        rows.extend(pooled.to_device(&Device::Cpu)?.to_vec2::<f32>()?);
+        rows.extend(pool(&out, pooling)?.to_device(&Device::Cpu)?.to_vec2::<f32>()?);
     }
     Ok(rows)
 }

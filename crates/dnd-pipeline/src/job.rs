@@ -108,13 +108,13 @@ impl NeuronSpec {
     }
 
     fn check_layers(&self, layers: &[String]) -> Result<(), CoreError> {
-        if let NeuronSpec::PerLayer(map) = self {
-            if let Some(unknown) = map.keys().find(|k| !layers.contains(k)) {
-                return Err(CoreError::invalid(
-                    "target.neurons",
-                    format!("names layer `{unknown}`, which is not in target.layers ({})", layers.join(", ")),
-                ));
-            }
+        if let NeuronSpec::PerLayer(map) = self
+            && let Some(unknown) = map.keys().find(|k| !layers.contains(k))
+        {
+            return Err(CoreError::invalid(
+                "target.neurons",
+                format!("names layer `{unknown}`, which is not in target.layers ({})", layers.join(", ")),
+            ));
         }
         Ok(())
     }

@@ -165,22 +165,24 @@ pub(crate) async fn load_batch(
     .expect("decoding does not panic")
 }
 
-/// Pools each tap's output to `(B, C)` on the device and copies it to the host, row-major.
+/// A tap's output pooled to `(B, C)` on its device: spatial maps by `pooling`, vectors as
+/// they are.
+pub(crate) fn pool(output: &Tensor, pooling: Pooling) -> Result<Tensor, PipelineError> {
+    if output.rank() != 4 {
+        return Ok(output.clone());
+    }
+    let flat = output.flatten_from(2)?;
+    Ok(match pooling {
+        Pooling::Mean => flat.mean(D::Minus1)?,
+        Pooling::Max => flat.max(D::Minus1)?,
+    })
+}
+
+/// Pools each tap's output and copies it to the host, row-major.
 fn pooled_rows(outputs: &[Tensor], pooling: Pooling) -> Result<Vec<Vec<f32>>, PipelineError> {
     outputs
         .iter()
-        .map(|t| {
-            let pooled = if t.rank() == 4 {
-                let flat = t.flatten_from(2)?;
-                match pooling {
-                    Pooling::Mean => flat.mean(D::Minus1)?,
-                    Pooling::Max => flat.max(D::Minus1)?,
-                }
-            } else {
-                t.clone()
-            };
-            Ok(pooled.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?)
-        })
+        .map(|t| Ok(pool(t, pooling)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?))
         .collect()
 }
 

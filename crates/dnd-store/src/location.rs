@@ -127,7 +127,7 @@ impl Location {
     }
 
     /// Path of `path` relative to this location's prefix.
-    pub fn relative<'a>(&self, path: &'a Path) -> Option<String> {
+    pub fn relative(&self, path: &Path) -> Option<String> {
         let parts: Vec<_> = path.prefix_match(&self.prefix)?.map(|p| p.as_ref().to_string()).collect();
         Some(parts.join("/"))
     }
