@@ -2,13 +2,14 @@
 //! flags, ending with a table of every neuron's label.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Args;
 
 use dnd_pipeline::{JobSpec, NeuronSpec, run_dissect};
 use dnd_summarize::Backend;
+use dnd_synth::train::target::read_planted;
 
 use crate::BadInput;
 use crate::progress::Bars;
@@ -152,7 +153,12 @@ pub async fn dissect(args: DissectArgs) -> anyhow::Result<()> {
         std::fs::write(path, serde_json::to_string_pretty(s)?).with_context(|| format!("writing {}", path.display()))?;
     }
 
-    let rows: Vec<[String; 4]> = outcome
+    // A model that knows what its neurons mean (the synthetic zoo's planted.json) gets a
+    // ground-truth column.
+    let truth: BTreeMap<(String, usize), String> = read_planted(Path::new(&spec.target.model))
+        .map(|rows| rows.into_iter().map(|p| ((p.layer, p.neuron), p.description)).collect())
+        .unwrap_or_default();
+    let rows: Vec<[String; 5]> = outcome
         .descriptions
         .iter()
         .map(|d| {
@@ -161,16 +167,25 @@ pub async fn dissect(args: DissectArgs) -> anyhow::Result<()> {
                 (None, Some(e)) => format!("(failed: {})", e.chars().take(60).collect::<String>()),
                 (None, None) => format!("({})", d.status.replace('_', " ")),
             };
-            [d.layer.clone(), d.neuron.to_string(), label, d.score.map_or("-".into(), |v| format!("{v:.3}"))]
+            let known = truth.get(&(d.layer.clone(), d.neuron as usize)).cloned().unwrap_or_default();
+            [d.layer.clone(), d.neuron.to_string(), label, d.score.map_or("-".into(), |v| format!("{v:.3}")), known]
         })
         .collect();
-    let header = ["layer", "neuron", "label", "score"];
+    let columns = if truth.is_empty() { 4 } else { 5 };
+    let header = ["layer", "neuron", "label", "score", "ground truth"];
     let width = |c: usize| rows.iter().map(|r| r[c].chars().count()).chain([header[c].len()]).max().unwrap_or(0);
-    let widths: Vec<usize> = (0..4).map(width).collect();
-    let line = |r: [&str; 4]| format!("{:<w0$}  {:>w1$}  {:<w2$}  {:>w3$}", r[0], r[1], r[2], r[3], w0 = widths[0], w1 = widths[1], w2 = widths[2], w3 = widths[3]);
+    let widths: Vec<usize> = (0..5).map(width).collect();
+    let line = |r: [&str; 5]| {
+        let text = format!(
+            "{:<w0$}  {:>w1$}  {:<w2$}  {:>w3$}  {}",
+            r[0], r[1], r[2], r[3], if columns == 5 { r[4] } else { "" },
+            w0 = widths[0], w1 = widths[1], w2 = widths[2], w3 = widths[3]
+        );
+        text.trim_end().to_string()
+    };
     println!("{}", line(header));
     for r in &rows {
-        println!("{}", line([&r[0], &r[1], &r[2], &r[3]]));
+        println!("{}", line([&r[0], &r[1], &r[2], &r[3], &r[4]]));
     }
     println!();
     println!(

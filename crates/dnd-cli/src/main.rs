@@ -1,8 +1,10 @@
 //! `dnd`: describe what each neuron of a vision network does.
 
+mod bench;
 mod dissect;
 mod progress;
 mod stages;
+mod synth;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -76,6 +78,14 @@ enum Command {
     /// images,exchanges,errors}.parquet (schemas: docs/schema.md), jobs/<name>/summary.json,
     /// and the shared cache/ of generated images, captions and LLM replies.
     Dissect(dissect::DissectArgs),
+
+    /// The synthetic world: render probe sets, train the zoo.
+    #[command(subcommand)]
+    Synth(synth::SynthCommand),
+
+    /// Benchmarks: `dnd bench quality` scores labels against the zoo's planted concepts.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
 }
 
 #[derive(Args)]
@@ -163,6 +173,7 @@ fn main() -> ExitCode {
         Command::Generate(a) => a.common.threads,
         Command::Summarize(_) => None,
         Command::Dissect(a) => a.threads,
+        Command::Synth(_) | Command::Bench(_) => None,
     };
     if let Some(n) = threads {
         // Before any thread pool exists: rayon and candle both read this variable.
@@ -184,6 +195,8 @@ fn main() -> ExitCode {
             Command::Generate(args) => stages::generate(args).await,
             Command::Summarize(args) => stages::summarize(args).await,
             Command::Dissect(args) => dissect::dissect(args).await,
+            Command::Synth(command) => tokio::task::block_in_place(|| synth::synth(command)),
+            Command::Bench(command) => bench::bench(command).await,
         }
     });
     match result {

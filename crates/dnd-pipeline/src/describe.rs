@@ -73,8 +73,9 @@ struct Labelling {
     failure: Option<String>,
 }
 
-/// Pooled activations `(images, channels)` of `images` at `tap`, in batches.
-pub(crate) fn pooled_activations(
+/// Pooled activations `(images, channels)` of `images` at `tap`, through the model's own
+/// preprocessing, in batches.
+pub fn pooled_activations(
     model: &TargetModel,
     images: &[Arc<RgbImage>],
     tap: Tap,

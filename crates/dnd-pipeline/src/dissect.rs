@@ -81,6 +81,25 @@ pub fn plan_tasks(spec: &JobSpec, layers: &[LayerPlan]) -> Result<Vec<NeuronTask
     Ok(tasks)
 }
 
+/// Where the probe images are: as given, or, for a synthetic probe set
+/// (`synth:world?...`), the directory under `<out>/probe-sets/` it is rendered into
+/// (once: a complete set, its scenes file written last, is reused).
+async fn probe_images(spec: &JobSpec, out: &Location) -> Result<String, PipelineError> {
+    let Some(parsed) = dnd_synth::ProbeSetSpec::parse(&spec.probe.images) else {
+        return Ok(spec.probe.images.clone());
+    };
+    let set = parsed.map_err(|reason| dnd_core::CoreError::invalid("probe.images", reason))?;
+    let dir = out.join(&format!("probe-sets/{}", set.dir_name()));
+    if !dir.exists(dnd_synth::probe_set::SCENES_FILE).await? {
+        let (images, scenes) = tokio::task::spawn_blocking(move || set.render_files()).await?;
+        for (name, png) in images {
+            dir.put(&name, Bytes::from(png)).await?;
+        }
+        dir.put(dnd_synth::probe_set::SCENES_FILE, Bytes::from(scenes)).await?;
+    }
+    Ok(dir.to_string())
+}
+
 /// Unique per attempt, so that no two attempts of a task ever write the same path.
 fn attempt_name() -> String {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
@@ -167,8 +186,9 @@ impl Dissection {
         };
         let layers = probe_config.plan(&target)?;
         let tasks = plan_tasks(spec, &layers)?;
-        let images = ProbeImages::discover(&spec.probe.images).await?;
         let bench = Workbench::load(spec, target, cache).await?;
+        // Last, because a synthetic probe set is rendered here: only once all else is checked.
+        let images = ProbeImages::discover(&probe_images(spec, &out).await?).await?;
         Ok(Self { spec: spec.clone(), name, job, bench, layers, tasks, images, probe_config, started })
     }
 

@@ -124,7 +124,9 @@ impl NeuronSpec {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ProbeSection {
-    /// A directory, an object store prefix, or a `.txt`/`.csv` list of images.
+    /// A directory, an object store prefix, or a `.txt`/`.csv` list of images; or
+    /// `synth:world?count=N&size=S&seed=K`, a probe set of the synthetic world rendered
+    /// once into `<out>/probe-sets/` (with its scenes, the ground truth).
     pub images: String,
     /// Top images kept per neuron.
     pub top_k: usize,
@@ -175,7 +177,8 @@ impl Default for CaptionerSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct GeneratorSection {
-    /// A diffusers Stable Diffusion directory or `hf:org/name`.
+    /// A diffusers Stable Diffusion directory, `hf:org/name`, or `synth:world` (the
+    /// synthetic world's text-conditioned renderer).
     pub model: String,
     /// Images per candidate concept (the method's Q).
     pub images_per_concept: usize,
@@ -220,6 +223,9 @@ impl JobSpec {
             if model.is_empty() {
                 return Err(invalid(field, "name a model: a local directory or hf:org/name"));
             }
+            if field == "generator.model" && model == crate::workbench::SYNTHETIC_GENERATOR {
+                continue;
+            }
             model.parse::<ModelRef>()?;
         }
         if self.target.layers.is_empty() {
@@ -228,6 +234,9 @@ impl JobSpec {
         self.target.neurons.check_layers(&self.target.layers)?;
         if self.probe.images.is_empty() {
             return Err(invalid("probe.images", "name the probe images: a directory, a URL prefix or a .txt list"));
+        }
+        if let Some(Err(reason)) = dnd_synth::ProbeSetSpec::parse(&self.probe.images) {
+            return Err(invalid("probe.images", &reason));
         }
         for (field, value) in [
             ("probe.top_k", self.probe.top_k),

@@ -22,6 +22,9 @@ use dnd_summarize::{Exchange, Step, SummarizeError, Summarizer};
 use crate::error::PipelineError;
 use crate::job::JobSpec;
 
+/// The generator reference of the synthetic world's text-conditioned renderer.
+pub const SYNTHETIC_GENERATOR: &str = "synth:world";
+
 /// BLAKE3 of an image's size and RGB pixels: equal pictures, equal hashes, whatever file
 /// format they came in.
 pub fn image_hash(image: &RgbImage) -> String {
@@ -81,7 +84,17 @@ impl Workbench {
             })
             .await?
         };
-        let generator = {
+        let generator = if spec.generator.model == SYNTHETIC_GENERATOR {
+            // The synthetic world's renderer: text in, a scene of the world out, no weights.
+            let sampling = &spec.generator.sampling;
+            let renderer = dnd_synth::TextRenderer::new(sampling.width as u32, sampling.height as u32)
+                .map_err(|e| dnd_core::CoreError::invalid("generator.sampling", e.to_string()))?;
+            Loaded {
+                model: Arc::new(renderer) as Arc<dyn Generator>,
+                identity: format!("{SYNTHETIC_GENERATOR}@{}", dnd_synth::WORLD_VERSION),
+                settings: serde_json::json!({ "width": sampling.width, "height": sampling.height }),
+            }
+        } else {
             let (reference, device, sampling) = (spec.generator.model.parse::<ModelRef>()?, device.clone(), spec.generator.sampling.clone());
             blocking(move || {
                 let model = DiffusionGenerator::load(&reference, &device, sampling.clone())?;

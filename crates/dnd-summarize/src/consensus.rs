@@ -2,13 +2,16 @@
 //!
 //! It serves the synthetic test world (captions such as "a red circle on a blue
 //! background", where the shared attribute phrase is the right answer) and is the last
-//! resort when no LLM can be reached. It is deterministic and does not depend on the order
-//! of its inputs.
+//! resort when no LLM can be reached. It is deterministic.
 //!
 //! * `simplify` keeps the first [`MAX_LABEL_WORDS`] content words of the caption, in order:
 //!   articles, prepositions, pronouns, counts and captioner filler ("a picture of",
 //!   "there is", "close up") are dropped.
-//! * `summarize` (and `merge`) count, for every word n-gram (n = 1..3) of the labels'
+//! * `summarize` reads the first two thirds of the labels in the order given (at least
+//!   two): like a language model, its answer depends on the shuffle, so the method's
+//!   summary rounds over differently shuffled labels give a few different candidates for
+//!   stage 3 to choose from, not five copies of one. `merge` reads all of them. Both
+//!   count, for every word n-gram (n = 1..3) of the labels'
 //!   content words, how many labels contain it (its support), folding plurals ("circles"
 //!   counts as "circle"). Among the n-grams that at least half of the labels contain, the
 //!   longest wins, then the best supported, then the alphabetically first; when none
@@ -24,7 +27,7 @@ use crate::reply::{Answer, MAX_LABEL_WORDS};
 use crate::{Exchange, Step, Summarizer, require_caption, require_labels};
 
 /// Recorded as the model of every exchange; bump it when the rules change.
-pub const CONSENSUS_VERSION: &str = "consensus-1";
+pub const CONSENSUS_VERSION: &str = "consensus-2";
 
 const MAX_NGRAM: usize = 3;
 
@@ -67,7 +70,11 @@ impl ConsensusSummarizer {
 
     fn consensus_exchange(step: Step, labels: &[String]) -> Result<Exchange, SummarizeError> {
         require_labels(labels)?;
-        Ok(Self::exchange(step, labels.join("\n"), consensus_label(labels)))
+        let read = match step {
+            Step::Summarize => &labels[..summary_window(labels.len())],
+            _ => labels,
+        };
+        Ok(Self::exchange(step, labels.join("\n"), consensus_label(read)))
     }
 }
 
@@ -89,6 +96,12 @@ impl Summarizer for ConsensusSummarizer {
     fn describe(&self) -> String {
         format!("consensus:{CONSENSUS_VERSION} (offline rule, no language model)")
     }
+}
+
+/// How many of `n` labels a summary reads: the first two thirds, at least two (or all of
+/// fewer).
+pub fn summary_window(n: usize) -> usize {
+    n.min((2 * n).div_ceil(3).max(2))
 }
 
 /// The caption's first content words, or `None` when it has none.
@@ -215,7 +228,7 @@ mod tests {
     }
 
     #[test]
-    fn summarize_is_deterministic_without_a_majority_and_ignores_order() {
+    fn the_consensus_label_is_deterministic_without_a_majority_and_ignores_order() {
         let labels = strings(&["dog", "cat", "bird"]);
         // Support 1 each, one word each: the alphabetically first.
         assert_eq!(consensus_label(&labels).as_deref(), Some("bird"));
@@ -262,6 +275,16 @@ mod tests {
         let ex = s.summarize(&strings(&["red circle", "red circles", "blue square"])).await.unwrap();
         assert_eq!(ex.request, "red circle\nred circles\nblue square");
         assert_eq!(ex.label(), Some("red circle"));
+
+        // A summary reads the first two thirds of what it is given, so the order matters.
+        let labels = strings(&["blue square", "blue square", "red circle", "red circle", "red circle", "green star"]);
+        assert_eq!(summary_window(labels.len()), 4);
+        assert_eq!(s.summarize(&labels).await.unwrap().label(), Some("blue square"));
+        let mut reordered = labels.clone();
+        reordered.rotate_left(2);
+        assert_eq!(s.summarize(&reordered).await.unwrap().label(), Some("red circle"));
+        assert_eq!(s.merge(&labels).await.unwrap().label(), Some("red circle"), "a merge reads every label");
+        assert_eq!((summary_window(1), summary_window(2), summary_window(3), summary_window(10)), (1, 2, 2, 7));
 
         let ex = s.simplify("there is a picture of it").await.unwrap();
         assert_eq!(ex.answer, Err(ReplyError::Empty));

@@ -16,4 +16,8 @@ pub enum SynthError {
 
     #[error("the rendering has {masks} object masks but the scene has {objects} objects: pass the scene that was rendered")]
     SceneMismatch { objects: usize, masks: usize },
+
+    /// Reading or writing a file failed (the I/O error as text, so errors stay comparable).
+    #[error("{}: {reason}", path.display())]
+    Io { path: std::path::PathBuf, reason: String },
 }

@@ -22,6 +22,10 @@
 //!
 //! Everything is deterministic: same seed, same scene; same scene and size, same pixels.
 
+/// Names this world's rules (vocabulary, sampling, rendering) in cache keys: bump it when
+/// any of them changes what an image looks like.
+pub const WORLD_VERSION: &str = "world-1";
+
 pub mod caption;
 pub mod concept;
 pub mod error;
@@ -29,16 +33,20 @@ pub mod geometry;
 pub mod mask;
 mod pattern;
 pub mod phrase;
+pub mod probe_set;
+pub mod quality;
 pub mod render;
 pub mod scene;
 pub mod spec;
 pub mod text_render;
+pub mod train;
 pub mod vocab;
 
 pub use caption::{caption, caption_visible, visible_in, Visible, VisibilityRule};
 pub use concept::{all_concepts, Concept};
 pub use error::SynthError;
 pub use mask::{Mask, Rect};
+pub use probe_set::{ProbeSetSpec, read_scenes, write_probe_set};
 pub use phrase::{parse_mentions, BackgroundMention, Mention, ObjectMention};
 pub use render::{render, Rendered};
 pub use scene::{Background, Object, Point, Scene, MAX_OBJECTS, MAX_SIZE, MIN_SIZE};

@@ -1,0 +1,241 @@
+//! (image, caption) pairs of the world for the zoo's captioner and embedder: whole scenes
+//! captioned by [`caption`], and random crops (stretched back to the model's square input,
+//! as dnd's attention crops are) captioned by [`caption_visible`]. Each pair is a pure
+//! function of `(seed, index)`, so a training run is reproducible and the held-out pairs
+//! (another seed) are scenes the model never saw.
+
+use std::collections::BTreeMap;
+
+use dnd_models::preprocess::{Filter, Preprocess, Resize, CropRounding};
+use image::RgbImage;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::caption::{caption, caption_visible, visible_in, VisibilityRule};
+use crate::mask::Rect;
+use crate::phrase::{parse_mentions, Mention};
+use crate::render::render;
+use crate::scene::Scene;
+use crate::vocab::{Colour, Fill, Shape, Texture};
+
+/// Errors of training the zoo's captioner and embedder.
+#[derive(Debug, Error)]
+pub enum TrainError {
+    #[error("tensor computation failed: {0}")]
+    Candle(#[from] candle_core::Error),
+    #[error(transparent)]
+    Model(#[from] dnd_models::ModelError),
+    #[error("cannot write {path}: {source}")]
+    Io { path: std::path::PathBuf, source: std::io::Error },
+    #[error("bad training settings: {0}")]
+    Settings(String),
+    #[error(transparent)]
+    Synth(#[from] crate::error::SynthError),
+}
+
+pub(crate) fn io_error(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
+    move |source| TrainError::Io { path: path.to_path_buf(), source }
+}
+
+/// How pairs are drawn.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PairSampling {
+    /// Side of the square model input.
+    pub image_size: u32,
+    /// Scenes are rendered at one of these square sizes (then cropped and/or resized to
+    /// `image_size` by the model's preprocessing).
+    pub render_sizes: Vec<u32>,
+    /// Fraction of pairs that are crops rather than whole scenes.
+    pub crop_fraction: f32,
+    /// A crop's width and height are each at least this fraction of the image's side.
+    pub min_crop_side: f32,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+impl Default for PairSampling {
+    fn default() -> Self {
+        Self {
+            image_size: 64,
+            render_sizes: vec![64, 96, 128],
+            crop_fraction: 0.5,
+            min_crop_side: 0.3,
+            mean: [0.481_454_66, 0.457_827_5, 0.408_210_73],
+            std: [0.268_629_54, 0.261_302_58, 0.275_777_1],
+        }
+    }
+}
+
+impl PairSampling {
+    pub(crate) fn check(&self) -> Result<(), TrainError> {
+        let bad = |m: &str| Err(TrainError::Settings(m.into()));
+        if self.image_size < 8 || self.render_sizes.is_empty() || self.render_sizes.iter().any(|&s| s < 8) {
+            return bad("image and render sizes must be at least 8 pixels, with at least one render size");
+        }
+        if !(0.0..=1.0).contains(&self.crop_fraction) || !(0.05..=1.0).contains(&self.min_crop_side) {
+            return bad("crop_fraction must be in 0..=1 and min_crop_side in 0.05..=1");
+        }
+        if self.std.iter().any(|&s| s <= 0.0) {
+            return bad("std must be positive");
+        }
+        Ok(())
+    }
+
+    /// What dnd's loaders build from the written `preprocessor_config.json`: an exact
+    /// (aspect-changing) bicubic resize to `image_size`, then `(x / 255 - mean) / std`.
+    pub fn preprocess(&self) -> Preprocess {
+        Preprocess {
+            resize: Resize::Exact { width: self.image_size, height: self.image_size },
+            filter: Filter::Bicubic,
+            crop: None,
+            crop_rounding: CropRounding::Floor,
+            mean: self.mean,
+            std: self.std,
+        }
+    }
+
+    /// A Hugging Face `preprocessor_config.json` that dnd reads back as [`Self::preprocess`].
+    pub fn preprocessor_config(&self, processor_type: &str) -> serde_json::Value {
+        serde_json::json!({
+            "image_processor_type": processor_type,
+            "do_resize": true,
+            "size": {"height": self.image_size, "width": self.image_size},
+            "resample": 3,
+            "do_center_crop": false,
+            "do_rescale": true,
+            "rescale_factor": 1.0 / 255.0,
+            "do_normalize": true,
+            "image_mean": self.mean,
+            "image_std": self.std,
+            "do_convert_rgb": true
+        })
+    }
+}
+
+/// What a pair's caption must say, with the grammar's defaults filled in: the objects as
+/// sorted (colour, shape, fill) triples and the background, if described.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Truth {
+    pub objects: Vec<(Colour, Shape, Fill)>,
+    pub background: Option<(Colour, Texture)>,
+}
+
+impl Truth {
+    /// What a caption says, read with [`parse_mentions`]; `None` if it names an incomplete
+    /// object (no colour or no shape) or more than one background.
+    pub fn read(text: &str) -> Option<Truth> {
+        let mut objects = Vec::new();
+        let mut backgrounds = Vec::new();
+        for mention in parse_mentions(text) {
+            match mention {
+                Mention::Object(o) => {
+                    let (Some(colour), Some(shape)) = (o.colour, o.shape) else { return None };
+                    objects.extend(std::iter::repeat_n((colour, shape, o.fill.unwrap_or(Fill::Solid)), o.count));
+                }
+                Mention::Background(b) => backgrounds.push((b.colour?, b.texture.unwrap_or(Texture::Plain))),
+            }
+        }
+        objects.sort();
+        if backgrounds.len() > 1 {
+            return None;
+        }
+        Some(Truth { objects, background: backgrounds.pop() })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PairKind {
+    Scene,
+    Crop,
+}
+
+/// One training or held-out example.
+#[derive(Debug, Clone)]
+pub struct Pair {
+    /// The image as dnd would receive it (a rendering or a crop of one, any size).
+    pub source: RgbImage,
+    /// `source` after the model's geometric preprocessing (`image_size` square).
+    pub image: RgbImage,
+    pub caption: String,
+    pub truth: Truth,
+    pub kind: PairKind,
+}
+
+fn truth_of(scene: &Scene, objects: &[usize], background: bool) -> Truth {
+    let mut o: Vec<_> = objects.iter().map(|&i| &scene.objects[i]).map(|o| (o.colour, o.shape, o.fill)).collect();
+    o.sort();
+    Truth { objects: o, background: background.then_some((scene.background.colour, scene.background.texture)) }
+}
+
+/// Pair `index` of the stream `seed`.
+pub fn sample_pair(seed: u64, index: u64, sampling: &PairSampling, preprocess: &Preprocess) -> Result<Pair, TrainError> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(index);
+    let scene = Scene::sample(&mut rng);
+    let side = sampling.render_sizes[rng.random_range(0..sampling.render_sizes.len())];
+    let rendered = render(&scene, side, side);
+    let crop = rng.random::<f32>() < sampling.crop_fraction;
+    let (source, caption, truth, kind) = if crop {
+        let min = ((sampling.min_crop_side * side as f32).round() as u32).clamp(1, side);
+        let (w, h) = (rng.random_range(min..=side), rng.random_range(min..=side));
+        let rect = Rect::new(rng.random_range(0..=side - w), rng.random_range(0..=side - h), w, h);
+        let visible = visible_in(&scene, &rendered, rect, &VisibilityRule::default())?;
+        let text = caption_visible(&scene, &rendered, rect, &mut rng)?;
+        let cut = image::imageops::crop_imm(&rendered.image, rect.x, rect.y, w, h).to_image();
+        (cut, text, truth_of(&scene, &visible.objects, visible.background), PairKind::Crop)
+    } else {
+        let text = caption(&scene, &mut rng);
+        let all: Vec<usize> = (0..scene.objects.len()).collect();
+        (rendered.image, text, truth_of(&scene, &all, true), PairKind::Scene)
+    };
+    let image = preprocess.transform(&source);
+    Ok(Pair { source, image, caption, truth, kind })
+}
+
+/// Pairs `start..start + count` of the stream `seed`, rendered in parallel, in order.
+pub fn sample_pairs(seed: u64, start: u64, count: usize, sampling: &PairSampling) -> Result<Vec<Pair>, TrainError> {
+    let preprocess = sampling.preprocess();
+    (start..start + count as u64).into_par_iter().map(|i| sample_pair(seed, i, sampling, &preprocess)).collect()
+}
+
+/// `(B, 3, S, S)` normalised pixels of the pairs' preprocessed images.
+pub(crate) fn pixels(pairs: &[Pair], sampling: &PairSampling) -> Result<candle_core::Tensor, TrainError> {
+    let images: Vec<RgbImage> = pairs.iter().map(|p| p.image.clone()).collect();
+    Ok(dnd_models::preprocess::normalized_batch(&images, sampling.mean, sampling.std, &candle_core::Device::Cpu)?)
+}
+
+/// Mean of `values` per window of `every` steps, for train.json's loss curve.
+pub(crate) fn loss_curve(losses: &[f32], every: usize) -> BTreeMap<usize, f32> {
+    losses
+        .chunks(every.max(1))
+        .enumerate()
+        .map(|(i, c)| (i * every.max(1) + c.len(), c.iter().sum::<f32>() / c.len() as f32))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pairs_are_reproducible_and_captions_read_back_to_their_truth() {
+        let sampling = PairSampling::default();
+        let a = sample_pairs(5, 0, 40, &sampling).unwrap();
+        let b = sample_pairs(5, 0, 40, &sampling).unwrap();
+        let mut kinds = std::collections::HashSet::new();
+        for (x, y) in a.iter().zip(&b) {
+            assert_eq!((&x.caption, &x.image), (&y.caption, &y.image));
+            assert_eq!(x.image.dimensions(), (64, 64));
+            assert_eq!(Truth::read(&x.caption).as_ref(), Some(&x.truth), "{}", x.caption);
+            kinds.insert(x.kind);
+        }
+        assert_eq!(kinds.len(), 2);
+        let other = sample_pairs(6, 0, 1, &sampling).unwrap();
+        assert_ne!(other[0].image, a[0].image);
+    }
+}
