@@ -18,7 +18,8 @@ use dnd_pipeline::describe::pooled_activations;
 use dnd_pipeline::{JobSpec, run_dissect};
 use dnd_store::results::{CandidateRow, DescriptionRow};
 use dnd_store::{Location, batches_rows, read_parquet};
-use dnd_synth::quality::{IouCounts, auc, best, pearson, recovered, top_quantile, upsample};
+use dnd_core::Map2;
+use dnd_synth::quality::{IouCounts, auc, best, pearson, recovered, top_quantile};
 use dnd_synth::train::target::{PlantedKind, PlantedNeuron, read_planted};
 use dnd_synth::{Concept, ProbeSetSpec, Scene, TextRenderer, all_concepts, read_scenes, render};
 
@@ -240,8 +241,8 @@ async fn quality(args: QualityArgs) -> anyhow::Result<()> {
                     let threshold = top_quantile(&values, 0.005);
                     let mut counts = vec![IouCounts::default(); concepts.len()];
                     for (i, image_masks) in masks.iter().enumerate() {
-                        let active: Vec<bool> =
-                            upsample(&values[i * h * w..(i + 1) * h * w], h, w, GRID).into_iter().map(|v| v > threshold).collect();
+                        let map = Map2 { width: w, height: h, data: values[i * h * w..(i + 1) * h * w].to_vec() };
+                        let active: Vec<bool> = map.resize_bilinear(GRID, GRID).data.into_iter().map(|v| v > threshold).collect();
                         for (c, mask) in image_masks.iter().enumerate() {
                             counts[c].add(&active, mask);
                         }

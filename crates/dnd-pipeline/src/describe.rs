@@ -105,6 +105,11 @@ fn spatial_maps(model: &TargetModel, canvases: &[RgbImage], tap: Tap, batch_size
     Ok(maps)
 }
 
+/// Where a crop's PNG is kept in the job directory, by the hash of its pixels.
+fn crop_path(hash: &str) -> String {
+    format!("images/crops/{}/{hash}.png", &hash[..2])
+}
+
 /// Cuts each box out of the canvas and resizes it back to the canvas size (stage 1.5).
 pub(crate) fn cut_crops(canvas: &RgbImage, boxes: &[BoundingBox]) -> Vec<RgbImage> {
     let (side_w, side_h) = canvas.dimensions();
@@ -221,7 +226,7 @@ pub async fn run_neuron_task(
                 let plan = plan_crops(&map, &spec.crops);
                 for (c, (b, img)) in plan.crops.iter().zip(cut_crops(&canvases[i], &plan.crops)).enumerate() {
                     let hash = image_hash(&img);
-                    let rel = format!("images/crops/{}/{hash}.png", &hash[..2]);
+                    let rel = crop_path(&hash);
                     crops.push((
                         k,
                         Evidence { image_id: images[s.image as usize].id.clone(), crop: Some((c, *b)), activation: 0.0, image: Arc::new(img), hash, uri: job.display_path(&rel) },
@@ -237,8 +242,7 @@ pub async fn run_neuron_task(
         };
         for ((k, mut e), row) in crops.into_iter().zip(pooled) {
             e.activation = row[task.neurons[k]];
-            let rel = format!("images/crops/{}/{}.png", &e.hash[..2], e.hash);
-            job.put_if_absent(&rel, encode_png(&e.image)).await?;
+            job.put_if_absent(&crop_path(&e.hash), encode_png(&e.image)).await?;
             evidence[k].push(e);
         }
     }

@@ -107,17 +107,18 @@ fn attempt_name() -> String {
 }
 
 async fn write_task(dir: &Location, tables: &TaskTables) -> Result<(), PipelineError> {
-    let batches = [
-        ResultTable::Descriptions.batch(&tables.descriptions)?,
-        ResultTable::Candidates.batch(&tables.candidates)?,
-        ResultTable::Scores.batch(&tables.scores)?,
-        ResultTable::Captions.batch(&tables.captions)?,
-        ResultTable::Images.batch(&tables.images)?,
-        ResultTable::Exchanges.batch(&tables.exchanges)?,
-        ResultTable::Errors.batch(&tables.errors)?,
-    ];
-    for (table, batch) in ResultTable::ALL.iter().zip(&batches) {
-        write_parquet(dir, &table.file(), batch).await?;
+    for table in ResultTable::ALL {
+        // Exhaustive: a new table cannot be forgotten here.
+        let batch = match table {
+            ResultTable::Descriptions => table.batch(&tables.descriptions)?,
+            ResultTable::Candidates => table.batch(&tables.candidates)?,
+            ResultTable::Scores => table.batch(&tables.scores)?,
+            ResultTable::Captions => table.batch(&tables.captions)?,
+            ResultTable::Images => table.batch(&tables.images)?,
+            ResultTable::Exchanges => table.batch(&tables.exchanges)?,
+            ResultTable::Errors => table.batch(&tables.errors)?,
+        };
+        write_parquet(dir, &table.file(), &batch).await?;
     }
     Ok(())
 }

@@ -128,6 +128,48 @@ impl Workbench {
         Ok(Self { target, captioner, generator, embedder, summarizer, cache })
     }
 
+    /// Answers each input from the cache where possible; the misses are computed together
+    /// in batches of `batch_size` on a blocking thread (one model call each) and stored.
+    /// Returns each output and whether the cache answered it, in input order.
+    async fn through_cache<I, O>(
+        &self,
+        inputs: &[I],
+        batch_size: usize,
+        key: impl Fn(&I) -> CacheKey,
+        decode: impl Fn(&[u8]) -> Result<O, String>,
+        encode: impl Fn(&O) -> Bytes,
+        compute: impl Fn(Vec<I>) -> Result<Vec<O>, PipelineError> + Clone + Send + 'static,
+    ) -> Result<Vec<(O, bool)>, PipelineError>
+    where
+        I: Clone + Send + 'static,
+        O: Clone + Send + 'static,
+    {
+        let mut out: Vec<Option<(O, bool)>> = vec![None; inputs.len()];
+        let mut misses = Vec::new();
+        for (i, input) in inputs.iter().enumerate() {
+            let key = key(input);
+            match self.cache.get(&key).await? {
+                Some(bytes) => {
+                    let value = decode(&bytes).map_err(|e| {
+                        PipelineError::Internal(format!("corrupt {} cache entry {}: {e}", key.kind, self.cache.display_path(&key)))
+                    })?;
+                    out[i] = Some((value, true));
+                }
+                None => misses.push(i),
+            }
+        }
+        for chunk in misses.chunks(batch_size.max(1)) {
+            let batch: Vec<I> = chunk.iter().map(|&i| inputs[i].clone()).collect();
+            let compute = compute.clone();
+            let values = blocking(move || compute(batch)).await?;
+            for (&i, value) in chunk.iter().zip(values) {
+                self.cache.put(&key(&inputs[i]), encode(&value)).await?;
+                out[i] = Some((value, false));
+            }
+        }
+        Ok(out.into_iter().map(|o| o.expect("every input is answered")).collect())
+    }
+
     /// Captions of `images` (with their [`image_hash`]es), served from the cache where
     /// possible; misses are captioned together in batches of `batch_size`. Returns the
     /// caption and whether it came from the cache, in input order.
@@ -138,37 +180,28 @@ impl Workbench {
             settings: &'a serde_json::Value,
             image: &'a str,
         }
-        #[derive(Serialize, Deserialize)]
+        #[derive(Clone, Serialize, Deserialize)]
         struct Entry {
             caption: String,
             token_ids: Vec<u32>,
         }
-        let key = |hash: &str| {
-            CacheKey::of(CacheKind::Captions, &Inputs { captioner: &self.captioner.identity, settings: &self.captioner.settings, image: hash })
-        };
-        let mut out: Vec<Option<(String, bool)>> = vec![None; images.len()];
-        let mut misses = Vec::new();
-        for (i, (hash, _)) in images.iter().enumerate() {
-            match self.cache.get(&key(hash)).await? {
-                Some(bytes) => {
-                    let entry: Entry = serde_json::from_slice(&bytes)
-                        .map_err(|e| PipelineError::Internal(format!("corrupt caption cache entry {}: {e}", key(hash).path())))?;
-                    out[i] = Some((entry.caption, true));
-                }
-                None => misses.push(i),
-            }
-        }
-        for chunk in misses.chunks(batch_size.max(1)) {
-            let model = self.captioner.model.clone();
-            let batch: Vec<RgbImage> = chunk.iter().map(|&i| (*images[i].1).clone()).collect();
-            let captions = blocking(move || Ok(model.caption(&batch)?)).await?;
-            for (&i, caption) in chunk.iter().zip(captions) {
-                let entry = Entry { caption: caption.text.clone(), token_ids: caption.token_ids };
-                self.cache.put(&key(&images[i].0), Bytes::from(serde_json::to_vec(&entry).expect("serialises"))).await?;
-                out[i] = Some((caption.text, false));
-            }
-        }
-        Ok(out.into_iter().map(|c| c.expect("every image is captioned")).collect())
+        let model = self.captioner.model.clone();
+        let entries = self
+            .through_cache(
+                images,
+                batch_size,
+                |(hash, _)| {
+                    CacheKey::of(CacheKind::Captions, &Inputs { captioner: &self.captioner.identity, settings: &self.captioner.settings, image: hash })
+                },
+                |bytes| serde_json::from_slice::<Entry>(bytes).map_err(|e| e.to_string()),
+                |entry| Bytes::from(serde_json::to_vec(entry).expect("serialises")),
+                move |batch: Vec<(String, Arc<RgbImage>)>| {
+                    let pictures: Vec<RgbImage> = batch.iter().map(|(_, image)| (**image).clone()).collect();
+                    Ok(model.caption(&pictures)?.into_iter().map(|c| Entry { caption: c.text, token_ids: c.token_ids }).collect())
+                },
+            )
+            .await?;
+        Ok(entries.into_iter().map(|(entry, cached)| (entry.caption, cached)).collect())
     }
 
     /// The cache key of a generated image.
@@ -190,30 +223,20 @@ impl Workbench {
     /// generated in batches of `batch_size` and stored. Returns each image and whether it
     /// came from the cache, in request order.
     pub async fn generated(&self, requests: &[ImageRequest], batch_size: usize) -> Result<Vec<(Arc<RgbImage>, bool)>, PipelineError> {
-        let mut out: Vec<Option<(Arc<RgbImage>, bool)>> = vec![None; requests.len()];
-        let mut misses = Vec::new();
-        for (i, request) in requests.iter().enumerate() {
-            let key = self.image_key(request);
-            match self.cache.get(&key).await? {
-                Some(png) => {
-                    let image = image::load_from_memory_with_format(&png, image::ImageFormat::Png)
-                        .map_err(|e| PipelineError::Internal(format!("corrupt image cache entry {}: {e}", self.cache.display_path(&key))))?
-                        .to_rgb8();
-                    out[i] = Some((Arc::new(image), true));
-                }
-                None => misses.push(i),
-            }
-        }
-        for chunk in misses.chunks(batch_size.max(1)) {
-            let model = self.generator.model.clone();
-            let batch: Vec<ImageRequest> = chunk.iter().map(|&i| requests[i].clone()).collect();
-            let images = blocking(move || Ok(model.generate(&batch)?)).await?;
-            for (&i, image) in chunk.iter().zip(images) {
-                self.cache.put(&self.image_key(&requests[i]), encode_png(&image)).await?;
-                out[i] = Some((Arc::new(image), false));
-            }
-        }
-        Ok(out.into_iter().map(|c| c.expect("every request is answered")).collect())
+        let model = self.generator.model.clone();
+        self.through_cache(
+            requests,
+            batch_size,
+            |request| self.image_key(request),
+            |png| {
+                image::load_from_memory_with_format(png, image::ImageFormat::Png)
+                    .map(|image| Arc::new(image.to_rgb8()))
+                    .map_err(|e| e.to_string())
+            },
+            |image| encode_png(image),
+            move |batch: Vec<ImageRequest>| Ok(model.generate(&batch)?.into_iter().map(Arc::new).collect()),
+        )
+        .await
     }
 
     /// The summariser behind the reply cache.

@@ -9,7 +9,8 @@
 //! - **CoSy-style AUC**: how well the neuron's activations separate images rendered from
 //!   the label from control images of the world (0.5 = not at all, 1 = perfectly).
 //! - **Network-Dissection-style** labels: the concept whose masks best overlap (IoU) the
-//!   neuron's thresholded, upsampled activation maps over the probe set.
+//!   neuron's thresholded, upsampled activation maps over the probe set (upsampling is
+//!   `dnd_core::Map2::resize_bilinear`, the one the attention crops use).
 //! - **CLIP-Dissect-style** labels: the concept whose CLIP image-text similarity across the
 //!   probe set best correlates with the neuron's activations.
 
@@ -123,29 +124,6 @@ pub fn top_quantile(values: &[f32], fraction: f64) -> f32 {
     sorted[sorted.len() - keep]
 }
 
-/// Bilinear upsampling (half-pixel centres) of an `h x w` map to `size x size`.
-pub fn upsample(map: &[f32], h: usize, w: usize, size: usize) -> Vec<f32> {
-    let sample = |y: f32, x: f32| {
-        let y = (y.max(0.0)).min((h - 1) as f32);
-        let x = (x.max(0.0)).min((w - 1) as f32);
-        let (y0, x0) = (y.floor() as usize, x.floor() as usize);
-        let (y1, x1) = ((y0 + 1).min(h - 1), (x0 + 1).min(w - 1));
-        let (fy, fx) = (y - y0 as f32, x - x0 as f32);
-        let top = map[y0 * w + x0] * (1.0 - fx) + map[y0 * w + x1] * fx;
-        let bottom = map[y1 * w + x0] * (1.0 - fx) + map[y1 * w + x1] * fx;
-        top * (1.0 - fy) + bottom * fy
-    };
-    let mut out = Vec::with_capacity(size * size);
-    for oy in 0..size {
-        for ox in 0..size {
-            let y = (oy as f32 + 0.5) * h as f32 / size as f32 - 0.5;
-            let x = (ox as f32 + 0.5) * w as f32 / size as f32 - 0.5;
-            out.push(sample(y, x));
-        }
-    }
-    out
-}
-
 /// Pearson correlation; 0 when either side is constant.
 pub fn pearson(a: &[f32], b: &[f32]) -> f64 {
     let n = a.len().min(b.len()) as f64;
@@ -210,17 +188,13 @@ mod tests {
     }
 
     #[test]
-    fn iou_quantile_upsampling_and_correlation() {
+    fn iou_quantile_and_correlation() {
         let mut counts = IouCounts::default();
         counts.add(&[true, true, false, false], &[true, false, true, false]);
         assert_eq!(counts, IouCounts { intersection: 1, union: 3 });
         assert!((counts.iou() - 1.0 / 3.0).abs() < 1e-12);
         let values: Vec<f32> = (0..1000).map(|i| i as f32).collect();
         assert_eq!(top_quantile(&values, 0.005), 995.0);
-        let up = upsample(&[0.0, 1.0, 2.0, 3.0], 2, 2, 4);
-        assert_eq!(up.len(), 16);
-        assert_eq!((up[0], up[15]), (0.0, 3.0));
-        assert!((up[1] - 0.25).abs() < 1e-6, "{up:?}");
         assert!((pearson(&[1.0, 2.0, 3.0], &[2.0, 4.0, 6.0]) - 1.0).abs() < 1e-12);
         assert_eq!(pearson(&[1.0, 1.0], &[1.0, 2.0]), 0.0);
         assert_eq!(best(&[0.1, 0.5, 0.5, f64::NAN]), Some(1));

@@ -391,10 +391,7 @@ impl TrainingCaptioner {
     /// (f32), preprocessor_config.json, tokenizer.json, tokenizer_config.json.
     pub fn save(&self, dir: &Path) -> Result<(), TrainError> {
         std::fs::create_dir_all(dir).map_err(io_error(dir))?;
-        let write_json = |name: &str, value: &serde_json::Value| {
-            let path = dir.join(name);
-            std::fs::write(&path, serde_json::to_string_pretty(value).expect("JSON values serialise") + "\n").map_err(io_error(&path))
-        };
+        let write_json = |name: &str, value: &serde_json::Value| pairs::write_json(dir, name, value);
         write_json("config.json", &self.settings.hf_config(self.tokenizer.vocab_size()))?;
         write_json(
             "generation_config.json",
@@ -571,22 +568,21 @@ pub fn train_captioner(settings: &CaptionerTraining, out_dir: &Path, progress: i
     model.save(out_dir)?;
     let started = Instant::now();
     let heldout = evaluate_captioner(out_dir, &settings.sampling, settings.eval_seed, settings.eval_pairs, 24)?;
-    let tail = (losses.len() / 20).max(1);
+    let losses = pairs::summarize_losses(&losses);
     let report = CaptionerReport {
         settings: settings.clone(),
         parameters: model.parameter_count(),
         vocab_size: model.tokenizer.vocab_size(),
-        loss_curve: pairs::loss_curve(&losses, (losses.len() / 30).max(1)),
-        first_loss: losses[0],
-        final_loss: losses[losses.len() - tail..].iter().sum::<f32>() / tail as f32,
+        loss_curve: losses.curve,
+        first_loss: losses.first,
+        final_loss: losses.last,
         train_seconds,
         eval_seconds: started.elapsed().as_secs_f64(),
         heldout,
         command: "cargo run --release -p dnd-synth --example train_captioner".into(),
         threads: rayon::current_num_threads(),
     };
-    let path = out_dir.join("train.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&report).expect("reports serialise") + "\n").map_err(io_error(&path))?;
+    pairs::write_json(out_dir, "train.json", &report)?;
     Ok(report)
 }
 

@@ -350,10 +350,7 @@ impl TrainingEmbedder {
     /// `logit_scale`), preprocessor_config.json, tokenizer.json, tokenizer_config.json.
     pub fn save(&self, dir: &Path) -> Result<(), TrainError> {
         std::fs::create_dir_all(dir).map_err(io_error(dir))?;
-        let write_json = |name: &str, value: &serde_json::Value| {
-            let path = dir.join(name);
-            std::fs::write(&path, serde_json::to_string_pretty(value).expect("JSON values serialise") + "\n").map_err(io_error(&path))
-        };
+        let write_json = |name: &str, value: &serde_json::Value| pairs::write_json(dir, name, value);
         write_json("config.json", &self.settings.hf_config(self.tokenizer.vocab_size()))?;
         write_json("preprocessor_config.json", &self.settings.sampling.preprocessor_config("CLIPImageProcessor"))?;
         write_tokenizer(dir, self.settings.max_positions).map_err(io_error(dir))?;
@@ -474,14 +471,14 @@ pub fn train_embedder(settings: &EmbedderTraining, out_dir: &Path, progress: imp
     model.save(out_dir)?;
     let started = Instant::now();
     let heldout = evaluate_embedder(out_dir, &settings.sampling, settings.eval_seed, settings.eval_pairs, settings.retrieval_candidates)?;
-    let tail = (losses.len() / 20).max(1);
+    let losses = pairs::summarize_losses(&losses);
     let report = EmbedderReport {
         settings: settings.clone(),
         parameters: model.parameter_count(),
         vocab_size: model.tokenizer.vocab_size(),
-        loss_curve: pairs::loss_curve(&losses, (losses.len() / 30).max(1)),
-        first_loss: losses[0],
-        final_loss: losses[losses.len() - tail..].iter().sum::<f32>() / tail as f32,
+        loss_curve: losses.curve,
+        first_loss: losses.first,
+        final_loss: losses.last,
         final_logit_scale: model.logit_scale()?,
         train_seconds,
         eval_seconds: started.elapsed().as_secs_f64(),
@@ -489,8 +486,7 @@ pub fn train_embedder(settings: &EmbedderTraining, out_dir: &Path, progress: imp
         command: "cargo run --release -p dnd-synth --example train_embedder".into(),
         threads: rayon::current_num_threads(),
     };
-    let path = out_dir.join("train.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&report).expect("reports serialise") + "\n").map_err(io_error(&path))?;
+    pairs::write_json(out_dir, "train.json", &report)?;
     Ok(report)
 }
 

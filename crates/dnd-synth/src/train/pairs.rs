@@ -209,6 +209,29 @@ pub(crate) fn pixels(pairs: &[Pair], sampling: &PairSampling) -> Result<candle_c
     Ok(dnd_models::preprocess::normalized_batch(&images, sampling.mean, sampling.std, &candle_core::Device::Cpu)?)
 }
 
+/// What train.json says of a run's losses: the curve (means per window, about 30
+/// windows), the first loss, and the mean of the last 5% of steps.
+pub(crate) struct LossSummary {
+    pub curve: BTreeMap<usize, f32>,
+    pub first: f32,
+    pub last: f32,
+}
+
+pub(crate) fn summarize_losses(losses: &[f32]) -> LossSummary {
+    let tail = (losses.len() / 20).max(1);
+    LossSummary {
+        curve: loss_curve(losses, (losses.len() / 30).max(1)),
+        first: losses[0],
+        last: losses[losses.len() - tail..].iter().sum::<f32>() / tail as f32,
+    }
+}
+
+/// Writes `value` as pretty JSON to `dir/name` (model configs, train.json).
+pub(crate) fn write_json(dir: &std::path::Path, name: &str, value: &impl serde::Serialize) -> Result<(), TrainError> {
+    let path = dir.join(name);
+    std::fs::write(&path, serde_json::to_string_pretty(value).expect("JSON values serialise") + "\n").map_err(io_error(&path))
+}
+
 /// Mean of `values` per window of `every` steps, for train.json's loss curve.
 pub(crate) fn loss_curve(losses: &[f32], every: usize) -> BTreeMap<usize, f32> {
     losses
