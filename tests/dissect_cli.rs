@@ -4,24 +4,20 @@
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use arrow::compute::concat_batches;
 use arrow::datatypes::{DataType, Schema};
 use arrow::record_batch::RecordBatch;
 use async_trait::async_trait;
 
-use dnd_pipeline::{Dissection, JobSpec, NoProgress};
+use dnd_embedded::Dissection;
+use dnd_pipeline::{JobSpec, NoProgress};
 use dnd_store::results::{DescriptionRow, NeuronErrorRow, ResultTable};
 use dnd_store::{Location, batches_rows, read_parquet};
 use dnd_summarize::{Exchange, Step, SummarizeError, Summarizer};
-use dnd_tests::{dnd_in, python_readers};
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ is in the repository").to_path_buf()
-}
+use dnd_tests::{dnd_in, python_readers, repo, summary, table, without_paths};
 
 fn job_file() -> String {
     repo().join("tests/fixtures/tiny-job.toml").display().to_string()
@@ -38,16 +34,6 @@ fn dissect(out: &Path, name: &str, extra: &[&str]) -> dnd_tests::Run {
     }
     args.extend(extra);
     dnd_in(&repo(), &args)
-}
-
-fn summary(out: &Path, name: &str) -> serde_json::Value {
-    serde_json::from_slice(&std::fs::read(out.join(format!("jobs/{name}/summary.json"))).unwrap()).unwrap()
-}
-
-async fn table(out: &Path, name: &str, table: ResultTable) -> RecordBatch {
-    let job = Location::open(out.join(format!("jobs/{name}")).to_str().unwrap()).unwrap();
-    let batches = read_parquet(&job, &format!("results/{}", table.file())).await.unwrap();
-    concat_batches(&table.schema(), &batches).unwrap()
 }
 
 /// The tables of docs/schema.md's `results/<table>.parquet` sections: (column, type,
@@ -92,12 +78,6 @@ fn assert_documented(schema: &Schema, documented: &[(String, DataType, bool)], t
     let actual: Vec<(String, DataType, bool)> =
         schema.fields().iter().map(|f| (f.name().clone(), f.data_type().clone(), f.is_nullable())).collect();
     assert_eq!(actual, documented, "results/{table}.parquet differs from docs/schema.md");
-}
-
-/// A table without the columns that name where files are (they contain the output path).
-fn without_paths(batch: &RecordBatch) -> RecordBatch {
-    let keep: Vec<usize> = (0..batch.num_columns()).filter(|&i| batch.schema().field(i).name() != "uri").collect();
-    batch.project(&keep).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -174,7 +154,7 @@ async fn a_dissection_writes_every_table_reuses_its_caches_and_is_deterministic(
     // Re-running a finished job resumes it: nothing is redone.
     let resumed = dissect(out.path(), "first", &[]);
     assert_eq!(resumed.code, 0, "{}", resumed.stderr);
-    assert!(resumed.stdout.contains("3 of 3 tasks resumed"), "{}", resumed.stdout);
+    assert!(resumed.stdout.contains("4 of 4 tasks resumed"), "{}", resumed.stdout);
     // ... and a different job under a taken name is refused before any work.
     let clash = dissect(out.path(), "first", &["--seed", "5"]);
     assert_eq!(clash.code, 2, "{}", clash.stderr);

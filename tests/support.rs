@@ -99,3 +99,39 @@ pub fn python_readers(args: &[&std::ffi::OsStr]) {
     eprintln!("{stdout}");
 }
 
+
+/// The repository root.
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ is in the repository").to_path_buf()
+}
+
+/// A job's `summary.json` under the store `out`.
+pub fn summary(out: &Path, name: &str) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(out.join(format!("jobs/{name}/summary.json"))).unwrap()).unwrap()
+}
+
+/// A compacted results table of job `name` under the store `out`.
+pub async fn table(out: &Path, name: &str, table: dnd_store::results::ResultTable) -> arrow::record_batch::RecordBatch {
+    let job = dnd_store::Location::open(out.join(format!("jobs/{name}")).to_str().unwrap()).unwrap();
+    let batches = dnd_store::read_parquet(&job, &format!("results/{}", table.file())).await.unwrap();
+    arrow::compute::concat_batches(&table.schema(), &batches).unwrap()
+}
+
+/// A table without the columns that name where files are (they contain the output path).
+pub fn without_paths(batch: &arrow::record_batch::RecordBatch) -> arrow::record_batch::RecordBatch {
+    let keep: Vec<usize> = (0..batch.num_columns()).filter(|&i| batch.schema().field(i).name() != "uri").collect();
+    batch.project(&keep).unwrap()
+}
+
+/// A table without what depends on how the run went rather than on the job: where files
+/// are (`uri`) and whether a value came from the cache (`cached`, `*_cached`: two workers
+/// may compute the same caption at once where one worker would reuse it).
+pub fn results_only(batch: &arrow::record_batch::RecordBatch) -> arrow::record_batch::RecordBatch {
+    let keep: Vec<usize> = (0..batch.num_columns())
+        .filter(|&i| {
+            let name = batch.schema().field(i).name().clone();
+            name != "uri" && name != "cached" && !name.ends_with("_cached")
+        })
+        .collect();
+    batch.project(&keep).unwrap()
+}

@@ -15,7 +15,8 @@ use serde::Serialize;
 
 use dnd_models::{ClipEmbedder, Embedder, ModelRef, TargetModel, Tap};
 use dnd_pipeline::describe::pooled_activations;
-use dnd_pipeline::{JobSpec, run_dissect};
+use dnd_embedded::run_dissect;
+use dnd_pipeline::JobSpec;
 use dnd_store::results::{CandidateRow, DescriptionRow};
 use dnd_store::{Location, batches_rows, read_parquet};
 use dnd_core::Map2;
@@ -33,6 +34,10 @@ pub enum BenchCommand {
     /// baselines and dnd without stage 3 (its first candidate); plus seconds per neuron
     /// with cold and warm caches. Prints a table; --json writes everything.
     Quality(QualityArgs),
+    /// The coordinator's scheduling overhead: simulated workers (each task sleeps a set
+    /// time) lease, commit and complete tasks over gRPC on loopback. Reports tasks per
+    /// second and the makespan against the ideal (total work / workers).
+    Scheduler(crate::bench_scheduler::SchedulerArgs),
 }
 
 #[derive(Args)]
@@ -102,6 +107,7 @@ struct QualityReport {
 pub async fn bench(command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Quality(args) => quality(args).await,
+        BenchCommand::Scheduler(args) => crate::bench_scheduler::scheduler(args).await,
     }
 }
 

@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use clap::Args;
 
-use dnd_pipeline::{JobSpec, NeuronSpec, run_dissect};
+use dnd_embedded::run_dissect;
+use dnd_pipeline::{JobSpec, NeuronSpec};
 use dnd_summarize::Backend;
 use dnd_synth::train::target::read_planted;
 

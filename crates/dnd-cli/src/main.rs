@@ -1,6 +1,8 @@
 //! `dnd`: describe what each neuron of a vision network does.
 
 mod bench;
+mod bench_scheduler;
+mod cluster;
 mod dissect;
 mod progress;
 mod stages;
@@ -78,6 +80,30 @@ enum Command {
     /// images,exchanges,errors}.parquet (schemas: docs/schema.md), jobs/<name>/summary.json,
     /// and the shared cache/ of generated images, captions and LLM replies.
     Dissect(dissect::DissectArgs),
+
+    /// Serve jobs to workers over gRPC (the distributed mode): plans submitted jobs into
+    /// tasks, leases them, retries failures, merges and compacts results in --store, and
+    /// resumes unfinished jobs found there on start. Prints the address it listens on.
+    Coordinator(cluster::CoordinatorArgs),
+
+    /// Run tasks for a coordinator: loads each job's models once, keeps them resident,
+    /// and on SIGTERM finishes or hands back its current task.
+    Worker(cluster::WorkerArgs),
+
+    /// Submit a job file to a coordinator (resubmitting a job resumes it).
+    Submit(cluster::SubmitArgs),
+
+    /// Show a job's state and progress.
+    Status(cluster::JobArgs),
+
+    /// Follow a job until it ends: a progress bar per stage, its events as log lines.
+    Watch(cluster::JobArgs),
+
+    /// Cancel a job: queued tasks are dropped, running ones stop at their next heartbeat.
+    Cancel(cluster::JobArgs),
+
+    /// List the coordinator's jobs.
+    List(cluster::ListArgs),
 
     /// The synthetic world: render probe sets, train the zoo.
     #[command(subcommand)]
@@ -173,7 +199,15 @@ fn main() -> ExitCode {
         Command::Generate(a) => a.common.threads,
         Command::Summarize(_) => None,
         Command::Dissect(a) => a.threads,
-        Command::Synth(_) | Command::Bench(_) => None,
+        Command::Worker(a) => a.threads,
+        Command::Synth(_)
+        | Command::Bench(_)
+        | Command::Coordinator(_)
+        | Command::Submit(_)
+        | Command::Status(_)
+        | Command::Watch(_)
+        | Command::Cancel(_)
+        | Command::List(_) => None,
     };
     if let Some(n) = threads {
         // Before any thread pool exists: rayon and candle both read this variable.
@@ -195,6 +229,13 @@ fn main() -> ExitCode {
             Command::Generate(args) => stages::generate(args).await,
             Command::Summarize(args) => stages::summarize(args).await,
             Command::Dissect(args) => dissect::dissect(args).await,
+            Command::Coordinator(args) => cluster::coordinator(args).await,
+            Command::Worker(args) => cluster::worker(args).await,
+            Command::Submit(args) => cluster::submit(args).await,
+            Command::Status(args) => cluster::status(args).await,
+            Command::Watch(args) => cluster::watch_job(args).await,
+            Command::Cancel(args) => cluster::cancel(args).await,
+            Command::List(args) => cluster::list(args).await,
             Command::Synth(command) => tokio::task::block_in_place(|| synth::synth(command)),
             Command::Bench(command) => bench::bench(command).await,
         }
@@ -233,6 +274,12 @@ fn is_user_error(e: &anyhow::Error) -> bool {
         }
         if let Some(s) = cause.downcast_ref::<dnd_store::StoreError>() {
             return s.is_user_error();
+        }
+        if let Some(c) = cause.downcast_ref::<dnd_coordinator::CoordinatorError>() {
+            return c.is_user_error();
+        }
+        if cause.downcast_ref::<dnd_proto::TransportError>().is_some() || cause.downcast_ref::<dnd_proto::TokenError>().is_some() {
+            return true;
         }
         if let Some(s) = cause.downcast_ref::<dnd_summarize::SummarizeError>() {
             return s.is_user_error();

@@ -314,7 +314,7 @@ pub async fn run_neuron_task(
 
     // Stage 3: the neuron's activation on every generated image and their similarity to
     // its top images.
-    let generated_images: Vec<Arc<RgbImage>> = generated.iter().map(|(img, _)| img.clone()).collect();
+    let generated_images: Vec<Arc<RgbImage>> = generated.iter().map(|g| g.image.clone()).collect();
     let activations = {
         let (model, tap, pooling, batch, imgs) = (model.clone(), task.tap, spec.probe.pooling, spec.describe.batch_size, generated_images.clone());
         tokio::task::spawn_blocking(move || pooled_activations(&model, &imgs, tap, pooling, batch)).await??
@@ -338,7 +338,7 @@ pub async fn run_neuron_task(
     let (generated_embeddings, _) = embed(generated_images).await??;
     let embedding_of: HashMap<&str, &[f32]> =
         distinct.iter().enumerate().map(|(i, (h, _))| (h.as_str(), &top_embeddings[i * dim..(i + 1) * dim])).collect();
-    let generated_hashes: Vec<String> = generated.iter().map(|(img, _)| image_hash(img)).collect();
+    let generated_hashes: Vec<String> = generated.iter().map(|g| image_hash(&g.image)).collect();
 
     for (k, (list, l)) in evidence.iter().zip(&labelling).enumerate() {
         let neuron = task.neurons[k];
@@ -407,7 +407,7 @@ pub async fn run_neuron_task(
         let scores = score_candidates(l.candidates.len(), &scored_images, &spec.scoring);
         let positions = dnd_core::scoring::image_positions(&scored_images);
         for (j, (img, &r)) in scored_images.iter().zip(&image_requests).enumerate() {
-            let key = bench.image_key(&requests[r]);
+            let key = &generated[r].key;
             tables.images.push(ImageRow {
                 layer: layer.into(),
                 neuron: neuron as i32,
@@ -428,7 +428,7 @@ pub async fn run_neuron_task(
                 similarity: Some(img.similarity),
                 uri: bench.cache.display_path(&key),
                 image_hash: generated_hashes[r].clone(),
-                cached: generated[r].1,
+                cached: generated[r].cached,
             });
         }
         let rank_score = serde_json::to_value(spec.scoring.rank_score).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
@@ -473,7 +473,7 @@ pub async fn run_neuron_task(
         let count = |it: &mut dyn Iterator<Item = bool>| it.fold((0, 0), |(c, t), cached| (c + i32::from(cached), t + 1));
         let (captions_cached, captions_total) = count(&mut top_list.iter().map(|e| caption_of[e.hash.as_str()].1));
         let (replies_cached, replies_total) = count(&mut l.exchanges.iter().map(|e| e.cached));
-        let (images_cached, images_total) = count(&mut image_requests.iter().map(|&r| generated[r].1));
+        let (images_cached, images_total) = count(&mut image_requests.iter().map(|&r| generated[r].cached));
         tables.descriptions.push(DescriptionRow {
             layer: layer.into(),
             neuron: neuron as i32,

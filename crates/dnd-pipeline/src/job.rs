@@ -132,12 +132,14 @@ pub struct ProbeSection {
     pub top_k: usize,
     pub pooling: Pooling,
     pub batch_size: usize,
+    /// Probe images per probe task: the unit of stage-0 work spread over workers.
+    pub images_per_task: usize,
     pub limits: ImageLimits,
 }
 
 impl Default for ProbeSection {
     fn default() -> Self {
-        Self { images: String::new(), top_k: 10, pooling: Pooling::Mean, batch_size: 16, limits: ImageLimits::default() }
+        Self { images: String::new(), top_k: 10, pooling: Pooling::Mean, batch_size: 16, images_per_task: 4096, limits: ImageLimits::default() }
     }
 }
 
@@ -241,6 +243,7 @@ impl JobSpec {
         for (field, value) in [
             ("probe.top_k", self.probe.top_k),
             ("probe.batch_size", self.probe.batch_size),
+            ("probe.images_per_task", self.probe.images_per_task),
             ("describe.top_images", self.describe.top_images),
             ("describe.neurons_per_task", self.describe.neurons_per_task),
             ("describe.batch_size", self.describe.batch_size),

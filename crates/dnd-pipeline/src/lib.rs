@@ -1,19 +1,24 @@
-//! dnd-pipeline: the stage code of Describe-and-Dissect, shared by the embedded runner and
-//! (later) the workers: probe images, the probe stage (pooled activations, streaming
-//! top-K), attention crops, and stages 1-3 as neuron tasks behind content-addressed caches.
+//! dnd-pipeline: the stage code of Describe-and-Dissect, shared by the workers and the
+//! coordinator: probe images, the probe stage (pooled activations, streaming top-K),
+//! attention crops, stages 1-3 as neuron tasks behind content-addressed caches, a job's
+//! plan of tasks, running one task, and merging and compacting their outputs.
 
 mod crops;
 pub mod describe;
-pub mod dissect;
 pub mod error;
+pub mod execute;
+pub mod finish;
 pub mod images;
 pub mod job;
+pub mod plan;
 pub mod probe;
 pub mod progress;
 pub mod workbench;
 
 pub use describe::{DESCRIBE_STAGES, NeuronTask, TaskTables, run_neuron_task};
-pub use dissect::{DissectOutcome, DissectSummary, Dissection, plan_tasks, run_dissect};
+pub use execute::{JobContext, TaskStats};
+pub use finish::{DissectSummary, RunFacts};
+pub use plan::JobPlan;
 pub use error::PipelineError;
 pub use images::{ImageLimits, ProbeImages};
 pub use job::{JobSpec, NeuronSpec};

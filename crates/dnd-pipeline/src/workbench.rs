@@ -66,12 +66,42 @@ fn identity(reference: &ModelRef, anchor: &str) -> Result<String, PipelineError>
     Ok(fingerprint(reference, &reference.resolve(anchor)?)?)
 }
 
+/// How [`Workbench::through_cache`] groups what it computes.
+enum Batching {
+    /// The misses, in input order, so many at a time.
+    Misses(usize),
+    /// These batches of input indices, each computed whole.
+    Fixed(Vec<Vec<usize>>),
+}
+
+/// A generated image, whether the cache had it, and its cache key.
+#[derive(Debug, Clone)]
+pub struct GeneratedEntry {
+    pub image: Arc<RgbImage>,
+    pub cached: bool,
+    pub key: CacheKey,
+}
+
 /// Loads a model on a blocking thread (loading reads and converts gigabytes).
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, PipelineError> + Send + 'static) -> Result<T, PipelineError> {
     tokio::task::spawn_blocking(f).await?
 }
 
 impl Workbench {
+    /// Each model's identity (hub revision or content hash), by role.
+    pub fn identities(&self) -> std::collections::BTreeMap<String, String> {
+        [
+            ("target", self.target.reference.clone()),
+            ("captioner", self.captioner.identity.clone()),
+            ("generator", self.generator.identity.clone()),
+            ("embedder", self.embedder.identity.clone()),
+            ("summarizer", self.summarizer.identity.clone()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+
     /// Loads the captioner, generator, embedder and summariser of `spec` next to an
     /// already loaded target model, and checks that the summariser can be reached.
     pub async fn load(spec: &JobSpec, target: Arc<TargetModel>, cache: ContentCache) -> Result<Self, PipelineError> {
@@ -128,14 +158,19 @@ impl Workbench {
         Ok(Self { target, captioner, generator, embedder, summarizer, cache })
     }
 
-    /// Answers each input from the cache where possible; the misses are computed together
-    /// in batches of `batch_size` on a blocking thread (one model call each) and stored.
-    /// Returns each output and whether the cache answered it, in input order.
+    /// Answers each input from the cache where possible and computes the rest on a
+    /// blocking thread (one model call per batch), storing what it computed. Returns each
+    /// output and whether the cache answered it, in input order.
+    ///
+    /// With [`Batching::Fixed`], a batch is computed whole whenever one of its members
+    /// misses, so that a value never depends on which other inputs happened to miss: a
+    /// model's batched numerics differ in the last bits with the batch's make-up, and a
+    /// cache must hold one value per key, whoever computes it first.
     async fn through_cache<I, O>(
         &self,
         inputs: &[I],
-        batch_size: usize,
-        key: impl Fn(&I) -> CacheKey,
+        batching: Batching,
+        key: impl Fn(usize) -> CacheKey,
         decode: impl Fn(&[u8]) -> Result<O, String>,
         encode: impl Fn(&O) -> Bytes,
         compute: impl Fn(Vec<I>) -> Result<Vec<O>, PipelineError> + Clone + Send + 'static,
@@ -146,8 +181,8 @@ impl Workbench {
     {
         let mut out: Vec<Option<(O, bool)>> = vec![None; inputs.len()];
         let mut misses = Vec::new();
-        for (i, input) in inputs.iter().enumerate() {
-            let key = key(input);
+        for i in 0..inputs.len() {
+            let key = key(i);
             match self.cache.get(&key).await? {
                 Some(bytes) => {
                     let value = decode(&bytes).map_err(|e| {
@@ -158,13 +193,19 @@ impl Workbench {
                 None => misses.push(i),
             }
         }
-        for chunk in misses.chunks(batch_size.max(1)) {
+        let batches: Vec<Vec<usize>> = match batching {
+            Batching::Misses(size) => misses.chunks(size.max(1)).map(<[usize]>::to_vec).collect(),
+            Batching::Fixed(batches) => batches.into_iter().filter(|b| b.iter().any(|i| out[*i].is_none())).collect(),
+        };
+        for chunk in batches {
             let batch: Vec<I> = chunk.iter().map(|&i| inputs[i].clone()).collect();
             let compute = compute.clone();
             let values = blocking(move || compute(batch)).await?;
             for (&i, value) in chunk.iter().zip(values) {
-                self.cache.put(&key(&inputs[i]), encode(&value)).await?;
-                out[i] = Some((value, false));
+                if out[i].is_none() {
+                    self.cache.put(&key(i), encode(&value)).await?;
+                    out[i] = Some((value, false));
+                }
             }
         }
         Ok(out.into_iter().map(|o| o.expect("every input is answered")).collect())
@@ -189,9 +230,10 @@ impl Workbench {
         let entries = self
             .through_cache(
                 images,
-                batch_size,
-                |(hash, _)| {
-                    CacheKey::of(CacheKind::Captions, &Inputs { captioner: &self.captioner.identity, settings: &self.captioner.settings, image: hash })
+                Batching::Misses(batch_size),
+                |i| {
+                    let image = images[i].0.as_str();
+                    CacheKey::of(CacheKind::Captions, &Inputs { captioner: &self.captioner.identity, settings: &self.captioner.settings, image })
                 },
                 |bytes| serde_json::from_slice::<Entry>(bytes).map_err(|e| e.to_string()),
                 |entry| Bytes::from(serde_json::to_vec(entry).expect("serialises")),
@@ -204,39 +246,71 @@ impl Workbench {
         Ok(entries.into_iter().map(|(entry, cached)| (entry.caption, cached)).collect())
     }
 
-    /// The cache key of a generated image.
-    pub fn image_key(&self, request: &ImageRequest) -> CacheKey {
+    /// Generated images for `requests`, from the cache where possible. Images are
+    /// generated in fixed batches: one prompt's requested seeds, in order, `batch_size` at
+    /// a time; an image's cache key names its batch (see [`Self::through_cache`]). Returns
+    /// each image, whether it came from the cache, and its key, in request order.
+    pub async fn generated(&self, requests: &[ImageRequest], batch_size: usize) -> Result<Vec<GeneratedEntry>, PipelineError> {
         #[derive(Serialize)]
         struct Inputs<'a> {
             generator: &'a str,
             settings: &'a serde_json::Value,
             prompt: &'a str,
             seed: u64,
+            /// The seeds generated together with this one.
+            batch: &'a [u64],
         }
-        CacheKey::of(
-            CacheKind::Images,
-            &Inputs { generator: &self.generator.identity, settings: &self.generator.settings, prompt: &request.prompt, seed: request.seed },
-        )
-    }
-
-    /// Generated images for `requests`, from the cache where possible; misses are
-    /// generated in batches of `batch_size` and stored. Returns each image and whether it
-    /// came from the cache, in request order.
-    pub async fn generated(&self, requests: &[ImageRequest], batch_size: usize) -> Result<Vec<(Arc<RgbImage>, bool)>, PipelineError> {
+        let mut by_prompt: Vec<(&str, Vec<usize>)> = Vec::new();
+        for (i, r) in requests.iter().enumerate() {
+            match by_prompt.iter_mut().find(|(p, _)| *p == r.prompt) {
+                Some((_, list)) => list.push(i),
+                None => by_prompt.push((&r.prompt, vec![i])),
+            }
+        }
+        let mut batches = Vec::new();
+        for (_, mut list) in by_prompt {
+            list.sort_by_key(|&i| requests[i].seed);
+            list.dedup_by_key(|i| requests[*i].seed);
+            batches.extend(list.chunks(batch_size.max(1)).map(<[usize]>::to_vec));
+        }
+        let mut batch_seeds: Vec<Vec<u64>> = vec![Vec::new(); requests.len()];
+        for batch in &batches {
+            let seeds: Vec<u64> = batch.iter().map(|&i| requests[i].seed).collect();
+            for &i in batch {
+                batch_seeds[i] = seeds.clone();
+            }
+        }
+        // A duplicate request shares its twin's batch.
+        for i in 0..requests.len() {
+            if batch_seeds[i].is_empty() {
+                let twin = (0..requests.len()).find(|&j| !batch_seeds[j].is_empty() && requests[j] == requests[i]).expect("a twin exists");
+                batch_seeds[i] = batch_seeds[twin].clone();
+            }
+        }
+        let keys: Vec<CacheKey> = requests
+            .iter()
+            .zip(&batch_seeds)
+            .map(|(r, batch)| {
+                let inputs = Inputs { generator: &self.generator.identity, settings: &self.generator.settings, prompt: &r.prompt, seed: r.seed, batch };
+                CacheKey::of(CacheKind::Images, &inputs)
+            })
+            .collect();
         let model = self.generator.model.clone();
-        self.through_cache(
-            requests,
-            batch_size,
-            |request| self.image_key(request),
-            |png| {
-                image::load_from_memory_with_format(png, image::ImageFormat::Png)
-                    .map(|image| Arc::new(image.to_rgb8()))
-                    .map_err(|e| e.to_string())
-            },
-            |image| encode_png(image),
-            move |batch: Vec<ImageRequest>| Ok(model.generate(&batch)?.into_iter().map(Arc::new).collect()),
-        )
-        .await
+        let images = self
+            .through_cache(
+                requests,
+                Batching::Fixed(batches),
+                |i| keys[i].clone(),
+                |png| {
+                    image::load_from_memory_with_format(png, image::ImageFormat::Png)
+                        .map(|image| Arc::new(image.to_rgb8()))
+                        .map_err(|e| e.to_string())
+                },
+                |image| encode_png(image),
+                move |batch: Vec<ImageRequest>| Ok(model.generate(&batch)?.into_iter().map(Arc::new).collect()),
+            )
+            .await?;
+        Ok(images.into_iter().zip(keys).map(|((image, cached), key)| GeneratedEntry { image, cached, key }).collect())
     }
 
     /// The summariser behind the reply cache.

@@ -80,7 +80,7 @@ struct Counters {
 }
 
 /// Hit and miss counts, per kind, since the cache was opened.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct CacheCounts {
     pub hits: u64,
     pub misses: u64,

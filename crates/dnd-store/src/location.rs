@@ -186,6 +186,42 @@ impl Location {
             .map(move |r| r.map_err(|source| StoreError::ObjectStore { location: display.clone(), source }))
             .boxed()
     }
+
+    /// Deletes an object; a missing one is fine.
+    pub async fn delete(&self, relative: &str) -> Result<(), StoreError> {
+        match self.store.delete(&self.path(relative)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(source) => Err(StoreError::ObjectStore { location: self.display_path(relative), source }),
+        }
+    }
+
+    /// The names of the immediate sub-directories (common prefixes) of `relative`.
+    pub async fn list_dirs(&self, relative: &str) -> Result<Vec<String>, StoreError> {
+        let prefix = self.path(relative);
+        let listing = match self.store.list_with_delimiter(Some(&prefix)).await {
+            Ok(l) => l,
+            // A local directory that does not exist yet lists as empty, as a bucket prefix does.
+            Err(object_store::Error::NotFound { .. }) => return Ok(Vec::new()),
+            Err(source) => return Err(StoreError::ObjectStore { location: self.display_path(relative), source }),
+        };
+        let mut names: Vec<String> = listing.common_prefixes.iter().filter_map(|p| p.filename().map(str::to_string)).collect();
+        names.sort();
+        Ok(names)
+    }
+
+    /// The objects directly in `relative` (not in sub-directories), by path relative to it.
+    pub async fn list_files(&self, relative: &str) -> Result<Vec<String>, StoreError> {
+        let prefix = self.path(relative);
+        let listing = match self.store.list_with_delimiter(Some(&prefix)).await {
+            Ok(l) => l,
+            // A local directory that does not exist yet lists as empty, as a bucket prefix does.
+            Err(object_store::Error::NotFound { .. }) => return Ok(Vec::new()),
+            Err(source) => return Err(StoreError::ObjectStore { location: self.display_path(relative), source }),
+        };
+        let mut names: Vec<String> = listing.objects.iter().filter_map(|o| o.location.filename().map(str::to_string)).collect();
+        names.sort();
+        Ok(names)
+    }
 }
 
 #[cfg(test)]

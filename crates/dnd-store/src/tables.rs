@@ -80,7 +80,7 @@ pub fn activations_batch(image_ids: &[&str], width: usize, values: Vec<f32>) -> 
 }
 
 /// An input that was skipped, and why.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
 pub struct ErrorRow {
     pub image_id: String,
     /// The stage that met the problem: `list`, `read`, `decode`, `crop`.

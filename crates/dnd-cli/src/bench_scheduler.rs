@@ -1,0 +1,141 @@
+//! `dnd bench scheduler`: what the coordinator costs. A job of N tasks runs on W simulated
+//! workers, each a real gRPC client on loopback whose task is to sleep a set time, commit
+//! the task's marker in the store and complete it. The makespan against the ideal
+//! (N x task time / W) is the scheduling overhead.
+
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use serde::Serialize;
+use tokio::net::TcpListener;
+
+use dnd_coordinator::{Coordinator, Phase, Settings};
+use dnd_proto::transport::AuthedChannel;
+use dnd_proto::v1::worker_service_client::WorkerServiceClient;
+use dnd_proto::v1::{self as pb};
+use dnd_proto::{BearerToken, ClientConfig, PROTOCOL_VERSION, ServerConfig};
+use dnd_store::{Location, TaskStore};
+
+#[derive(Args)]
+pub struct SchedulerArgs {
+    /// Tasks in the job.
+    #[arg(long, default_value_t = 10_000)]
+    tasks: usize,
+    /// Simulated workers, each with its own gRPC connection.
+    #[arg(long, default_value_t = 64)]
+    workers: usize,
+    /// Milliseconds each task takes.
+    #[arg(long, default_value_t = 100)]
+    task_ms: u64,
+    /// The store the markers go to (default: in memory, so that the store's speed does
+    /// not count).
+    #[arg(long, default_value = "memory:///")]
+    store: String,
+    /// Also write the numbers as JSON.
+    #[arg(long, value_name = "FILE")]
+    json: Option<std::path::PathBuf>,
+}
+
+#[derive(Debug, Serialize)]
+struct SchedulerReport {
+    tasks: usize,
+    workers: usize,
+    task_ms: u64,
+    makespan_seconds: f64,
+    ideal_seconds: f64,
+    /// (makespan - ideal) / makespan.
+    overhead_fraction: f64,
+    tasks_per_second: f64,
+    /// Mean round trip of a lease (with a task ready) and of a complete, seen by workers.
+    lease_ms_mean: f64,
+    complete_ms_mean: f64,
+}
+
+async fn simulated_worker(channel: AuthedChannel, store: Location, task_time: Duration) -> anyhow::Result<(usize, Duration, Duration)> {
+    let mut client = WorkerServiceClient::new(channel);
+    let joined = client.join(pb::JoinRequest { version: PROTOCOL_VERSION, name: "sim".into(), capabilities: None }).await?.into_inner();
+    let (mut done, mut lease_time, mut complete_time) = (0, Duration::ZERO, Duration::ZERO);
+    loop {
+        let asked = Instant::now();
+        let reply = client.lease(pb::LeaseRequest { version: PROTOCOL_VERSION, worker_id: joined.worker_id.clone(), wait_ms: 500 }).await?.into_inner();
+        let Some(task) = reply.task else { return Ok((done, lease_time, complete_time)) };
+        lease_time += asked.elapsed();
+        tokio::time::sleep(task_time).await;
+        let started = Instant::now();
+        TaskStore::new(store.join(&format!("jobs/{}", task.job))).commit(&task.task_id, &task.attempt_name).await?;
+        client
+            .complete(pb::CompleteRequest { version: PROTOCOL_VERSION, worker_id: joined.worker_id.clone(), job: task.job, task_id: task.task_id, token: task.token })
+            .await?;
+        complete_time += started.elapsed();
+        done += 1;
+    }
+}
+
+pub async fn scheduler(args: SchedulerArgs) -> anyhow::Result<()> {
+    let store = Location::create(&args.store)?;
+    let settings = Settings { lease: Duration::from_secs(60), heartbeat: Duration::from_secs(20), max_attempts: 3, resume_unfinished: false };
+    let coordinator = Coordinator::open(store.clone(), settings).await?;
+    let token = BearerToken::random();
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let served = dnd_coordinator::serve(coordinator.clone(), listener, token.clone(), &ServerConfig::default(), async move {
+        let _ = stopped.await;
+    })
+    .await?;
+    let client = ClientConfig { url: format!("http://{}", served.addr), token, tls_ca: None };
+    let mut channels = Vec::new();
+    for _ in 0..args.workers {
+        channels.push(client.connect().await?);
+    }
+
+    let job = "bench-scheduler";
+    let started = Instant::now();
+    coordinator.submit_simulated(job, args.tasks)?;
+    let task_time = Duration::from_millis(args.task_ms);
+    let workers: Vec<_> = channels.into_iter().map(|c| tokio::spawn(simulated_worker(c, store.clone(), task_time))).collect();
+    loop {
+        match coordinator.view(job).map(|v| v.phase) {
+            Some(Phase::Succeeded) => break,
+            Some(Phase::Failed | Phase::Cancelled) | None => anyhow::bail!("the benchmark job did not succeed"),
+            _ => tokio::time::sleep(Duration::from_millis(1)).await,
+        }
+    }
+    let makespan = started.elapsed().as_secs_f64();
+    let (mut done, mut lease, mut complete) = (0, Duration::ZERO, Duration::ZERO);
+    for w in workers {
+        let (d, l, c) = w.await??;
+        done += d;
+        lease += l;
+        complete += c;
+    }
+    let _ = stop.send(());
+    anyhow::ensure!(done == args.tasks, "{done} tasks completed of {}", args.tasks);
+    let ideal = args.tasks as f64 * args.task_ms as f64 / 1000.0 / args.workers as f64;
+    let report = SchedulerReport {
+        tasks: args.tasks,
+        workers: args.workers,
+        task_ms: args.task_ms,
+        makespan_seconds: makespan,
+        ideal_seconds: ideal,
+        overhead_fraction: (makespan - ideal) / makespan,
+        tasks_per_second: args.tasks as f64 / makespan,
+        lease_ms_mean: lease.as_secs_f64() * 1000.0 / done.max(1) as f64,
+        complete_ms_mean: complete.as_secs_f64() * 1000.0 / done.max(1) as f64,
+    };
+    println!(
+        "{} tasks of {} ms on {} workers: makespan {:.2} s, ideal {:.2} s, scheduling overhead {:.2}% of the makespan; {:.0} tasks/s; lease {:.2} ms, commit+complete {:.2} ms per task",
+        report.tasks,
+        report.task_ms,
+        report.workers,
+        report.makespan_seconds,
+        report.ideal_seconds,
+        100.0 * report.overhead_fraction,
+        report.tasks_per_second,
+        report.lease_ms_mean,
+        report.complete_ms_mean
+    );
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
+    }
+    Ok(())
+}

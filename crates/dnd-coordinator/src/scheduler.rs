@@ -1,0 +1,701 @@
+//! The coordinator's bookkeeping, free of I/O and clocks (callers pass `now` in unix
+//! milliseconds): which task is queued, leased (to whom, under which fencing token, until
+//! when), committed or failed; retries; lease expiry; progress; and each job's event log.
+//!
+//! The store, not this state, is the truth: commits are create-only markers in the store,
+//! and a restarted coordinator rebuilds this from them.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use serde::{Deserialize, Serialize};
+
+/// What a task computes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TaskWork {
+    /// Stage 0 over probe images `[start, end)`.
+    Probe { start: usize, end: usize },
+    /// Stages 1-3 for these neurons of `layer`.
+    Neurons { layer: String, neurons: Vec<usize> },
+}
+
+impl TaskWork {
+    /// Units of work per stage when done (images for the probe stage, neurons for the others).
+    fn units(&self) -> u64 {
+        match self {
+            TaskWork::Probe { start, end } => (end - start) as u64,
+            TaskWork::Neurons { neurons, .. } => neurons.len() as u64,
+        }
+    }
+
+    fn stages(&self) -> &'static [&'static str] {
+        match self {
+            TaskWork::Probe { .. } => &[PROBE_STAGE],
+            TaskWork::Neurons { .. } => &dnd_pipeline::DESCRIBE_STAGES,
+        }
+    }
+}
+
+pub const PROBE_STAGE: &str = "probe";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskDef {
+    pub id: String,
+    pub work: TaskWork,
+}
+
+/// A job's phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    Probing,
+    /// Every probe task is committed; the coordinator is merging their top-K lists.
+    Merging,
+    Describing,
+    /// Every neuron task is committed (or failed); the coordinator is compacting.
+    Compacting,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl Phase {
+    pub fn is_final(self) -> bool {
+        matches!(self, Phase::Succeeded | Phase::Failed | Phase::Cancelled)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub worker: String,
+    pub attempt: u32,
+    pub token: u64,
+    pub deadline_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum State {
+    /// Neuron tasks wait for the probe merge.
+    Waiting,
+    Queued,
+    Leased(Lease),
+    Committed,
+    Failed(String),
+}
+
+#[derive(Debug, Clone)]
+struct TaskEntry {
+    def: TaskDef,
+    state: State,
+    /// Attempts started (the next attempt gets `attempts + 1`).
+    attempts: u32,
+    /// Attempts that ended in failure or an expired lease.
+    failures: u32,
+    last_error: String,
+    /// Units done per stage by the current attempt, as last reported.
+    progress: BTreeMap<String, u64>,
+}
+
+/// One line of a job's event log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub seq: u64,
+    pub unix_ms: i64,
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub task: String,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub attempt: u32,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub worker: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+}
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
+}
+
+#[derive(Debug)]
+struct JobEntry {
+    phase: Phase,
+    tasks: Vec<TaskEntry>,
+    index: HashMap<String, usize>,
+    queue: VecDeque<usize>,
+    error: String,
+    retried: u32,
+    events: Vec<Event>,
+    /// Events not yet handed to [`Scheduler::drain_new_events`].
+    unflushed: usize,
+    stage_totals: BTreeMap<String, u64>,
+}
+
+/// A leased task, as handed to a worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Leased {
+    pub job: String,
+    pub task: TaskDef,
+    pub lease: Lease,
+}
+
+/// What the coordinator must do after a change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Next {
+    Nothing,
+    /// Every probe task is committed: merge them, then call [`Scheduler::probe_merged`].
+    MergeProbe,
+    /// Every neuron task is done: compact, then call [`Scheduler::finish`].
+    Compact,
+    /// The task failed for good: record it ([`dnd_pipeline::finish::commit_failed_task`]),
+    /// then call [`Scheduler::failure_recorded`].
+    RecordFailure { task: String, attempts: u32, error: String },
+}
+
+/// Why a worker's call about a task was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    #[error("no job `{0}`")]
+    UnknownJob(String),
+    #[error("job `{job}` has no task `{task}`")]
+    UnknownTask { job: String, task: String },
+    #[error("the lease of task `{0}` is no longer yours (it expired, or the job ended)")]
+    LeaseLost(String),
+}
+
+/// Counts for a job's status.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct JobCounts {
+    pub total: u32,
+    pub queued: u32,
+    pub leased: u32,
+    pub committed: u32,
+    pub failed: u32,
+    pub retried: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobView {
+    pub job: String,
+    pub phase: Phase,
+    pub counts: JobCounts,
+    /// (stage, done, total), in stage order.
+    pub stages: Vec<(String, u64, u64)>,
+    pub error: String,
+}
+
+pub struct Scheduler {
+    jobs: HashMap<String, JobEntry>,
+    /// Submission order: earlier jobs' tasks lease first.
+    order: Vec<String>,
+    next_token: u64,
+    max_attempts: u32,
+}
+
+impl Scheduler {
+    /// `token_base` seeds the fencing tokens: give each coordinator incarnation a larger
+    /// one (its start time), so a token from before a restart never matches.
+    pub fn new(max_attempts: u32, token_base: u64) -> Self {
+        Self { jobs: HashMap::new(), order: Vec::new(), next_token: token_base.max(1), max_attempts: max_attempts.max(1) }
+    }
+
+    pub fn has_job(&self, job: &str) -> bool {
+        self.jobs.contains_key(job)
+    }
+
+    /// Adds a job. `done` maps already committed tasks to whether their output is a
+    /// failure record; `probe_merged` says stage 0 was merged before. `earlier_events` is
+    /// the job's log so far (a restarted coordinator continues it).
+    pub fn add_job(
+        &mut self,
+        job: &str,
+        tasks: Vec<TaskDef>,
+        done: &HashMap<String, bool>,
+        probe_merged: bool,
+        earlier_events: Vec<Event>,
+        now: i64,
+    ) -> Next {
+        let mut stage_totals = BTreeMap::new();
+        let entries: Vec<TaskEntry> = tasks
+            .into_iter()
+            .map(|def| {
+                for stage in def.work.stages() {
+                    *stage_totals.entry(stage.to_string()).or_insert(0) += def.work.units();
+                }
+                let state = match (done.get(&def.id), &def.work) {
+                    (Some(false), _) => State::Committed,
+                    (Some(true), _) => State::Failed("failed before the coordinator restarted".into()),
+                    (None, TaskWork::Probe { .. }) => State::Queued,
+                    (None, TaskWork::Neurons { .. }) if probe_merged => State::Queued,
+                    (None, TaskWork::Neurons { .. }) => State::Waiting,
+                };
+                TaskEntry { def, state, attempts: 0, failures: 0, last_error: String::new(), progress: BTreeMap::new() }
+            })
+            .collect();
+        let index = entries.iter().enumerate().map(|(i, t)| (t.def.id.clone(), i)).collect();
+        let queue = entries.iter().enumerate().filter(|(_, t)| t.state == State::Queued).map(|(i, _)| i).collect();
+        let seq = earlier_events.last().map_or(0, |e| e.seq + 1);
+        let entry = JobEntry {
+            phase: if probe_merged { Phase::Describing } else { Phase::Probing },
+            tasks: entries,
+            index,
+            queue,
+            error: String::new(),
+            retried: 0,
+            unflushed: 0,
+            events: earlier_events,
+            stage_totals,
+        };
+        let committed = done.len();
+        debug_assert!(entry.events.last().is_none_or(|e| e.seq + 1 == seq));
+        if !self.jobs.contains_key(job) {
+            self.order.push(job.to_string());
+        }
+        let mut added = entry;
+        let message = format!("{} tasks, {committed} already committed", added.tasks.len());
+        push_event(&mut added, now, "submitted", "", 0, "", &message);
+        self.jobs.insert(job.to_string(), added);
+        self.advance(job)
+    }
+
+    /// Leases the first queued task of the earliest job to `worker`.
+    pub fn lease(&mut self, worker: &str, now: i64, lease_ms: i64) -> Option<Leased> {
+        for name in &self.order {
+            let Some(job) = self.jobs.get_mut(name) else { continue };
+            if job.phase.is_final() {
+                continue;
+            }
+            while let Some(i) = job.queue.pop_front() {
+                let task = &mut job.tasks[i];
+                if task.state != State::Queued {
+                    continue;
+                }
+                task.attempts += 1;
+                self.next_token += 1;
+                let lease = Lease { worker: worker.to_string(), attempt: task.attempts, token: self.next_token, deadline_ms: now + lease_ms };
+                task.state = State::Leased(lease.clone());
+                task.progress.clear();
+                let leased = Leased { job: name.clone(), task: task.def.clone(), lease };
+                let id = leased.task.id.clone();
+                push_event(job, now, "leased", &id, leased.lease.attempt, worker, "");
+                return Some(leased);
+            }
+        }
+        None
+    }
+
+    fn task_mut(&mut self, job: &str, task: &str) -> Result<(&mut JobEntry, usize), Refused> {
+        let entry = self.jobs.get_mut(job).ok_or_else(|| Refused::UnknownJob(job.into()))?;
+        let i = *entry.index.get(task).ok_or_else(|| Refused::UnknownTask { job: job.into(), task: task.into() })?;
+        Ok((entry, i))
+    }
+
+    /// Extends the lease held under `token` and records progress; the new deadline.
+    pub fn heartbeat(&mut self, job: &str, task: &str, token: u64, progress: &[(String, u64)], now: i64, lease_ms: i64) -> Result<i64, Refused> {
+        let (entry, i) = self.task_mut(job, task)?;
+        let final_phase = entry.phase.is_final();
+        let t = &mut entry.tasks[i];
+        match &mut t.state {
+            State::Leased(lease) if lease.token == token && !final_phase => {
+                lease.deadline_ms = now + lease_ms;
+                for (stage, done) in progress {
+                    t.progress.insert(stage.clone(), *done);
+                }
+                Ok(lease.deadline_ms)
+            }
+            _ => Err(Refused::LeaseLost(task.into())),
+        }
+    }
+
+    /// The task's output is committed in the store (the caller checked the marker). Any
+    /// token is accepted: the marker, not the lease, decides which attempt counts.
+    pub fn committed(&mut self, job: &str, task: &str, token: u64, now: i64) -> Result<Next, Refused> {
+        let (entry, i) = self.task_mut(job, task)?;
+        let t = &mut entry.tasks[i];
+        if matches!(t.state, State::Committed | State::Failed(_)) {
+            return Ok(Next::Nothing);
+        }
+        let (attempt, worker) = match &t.state {
+            State::Leased(l) => (l.attempt, l.worker.clone()),
+            _ => (t.attempts, String::new()),
+        };
+        let stale = !matches!(&t.state, State::Leased(l) if l.token == token);
+        t.state = State::Committed;
+        t.progress.clear();
+        push_event(entry, now, "committed", task, attempt, &worker, if stale { "by an earlier attempt" } else { "" });
+        Ok(self.advance(job))
+    }
+
+    /// The attempt under `token` failed (or was handed back, which does not count).
+    /// `Ok(true)` when the task goes back to the queue.
+    pub fn failed(&mut self, job: &str, task: &str, token: u64, error: &str, handed_back: bool, now: i64) -> Result<(bool, Next), Refused> {
+        let (entry, i) = self.task_mut(job, task)?;
+        let t = &mut entry.tasks[i];
+        let State::Leased(lease) = &t.state else { return Err(Refused::LeaseLost(task.into())) };
+        if lease.token != token {
+            return Err(Refused::LeaseLost(task.into()));
+        }
+        let (attempt, worker) = (lease.attempt, lease.worker.clone());
+        if handed_back {
+            // Not the task's fault: it gets its attempt back.
+            t.attempts -= 1;
+            requeue(entry, i);
+            push_event(entry, now, "handed_back", task, attempt, &worker, error);
+            return Ok((true, Next::Nothing));
+        }
+        Ok(self.attempt_failed(job, i, error, now, "failed"))
+    }
+
+    fn attempt_failed(&mut self, job: &str, i: usize, error: &str, now: i64, kind: &str) -> (bool, Next) {
+        let max_attempts = self.max_attempts;
+        let entry = self.jobs.get_mut(job).expect("the caller found the job");
+        let t = &mut entry.tasks[i];
+        let (attempt, worker) = match &t.state {
+            State::Leased(l) => (l.attempt, l.worker.clone()),
+            _ => (t.attempts, String::new()),
+        };
+        t.failures += 1;
+        t.last_error = error.to_string();
+        let id = t.def.id.clone();
+        let retry = t.failures < max_attempts && !entry.phase.is_final();
+        push_event(entry, now, kind, &id, attempt, &worker, error);
+        if retry {
+            entry.retried += 1;
+            requeue(entry, i);
+            push_event(entry, now, "retried", &id, attempt + 1, "", &format!("attempt {} of {max_attempts}", attempt + 1));
+            return (true, Next::Nothing);
+        }
+        let t = &mut entry.tasks[i];
+        t.state = State::Failed(error.to_string());
+        let failures = t.failures;
+        push_event(entry, now, "task_failed", &id, attempt, &worker, &format!("gave up after {failures} attempts: {error}"));
+        if matches!(entry.tasks[i].def.work, TaskWork::Probe { .. }) {
+            // Without every probe slice no neuron can be described.
+            let message = format!("probe task {id} failed {failures} times: {error}");
+            self.fail_job(job, &message, now);
+            return (false, Next::Nothing);
+        }
+        (false, Next::RecordFailure { task: id, attempts: failures, error: error.to_string() })
+    }
+
+    /// The failure record of a task is committed.
+    pub fn failure_recorded(&mut self, job: &str) -> Next {
+        self.advance(job)
+    }
+
+    /// Returns expired leases to the queue (or fails their tasks); what to do next, per job.
+    pub fn reap(&mut self, now: i64) -> Vec<(String, Next)> {
+        let mut expired = Vec::new();
+        for (name, job) in &self.jobs {
+            for (i, t) in job.tasks.iter().enumerate() {
+                if let State::Leased(l) = &t.state
+                    && l.deadline_ms < now
+                {
+                    expired.push((name.clone(), i, l.worker.clone()));
+                }
+            }
+        }
+        let mut next = Vec::new();
+        for (job, i, worker) in expired {
+            let (_, n) = self.attempt_failed(&job, i, &format!("lease expired: worker {worker} stopped sending heartbeats"), now, "lease_expired");
+            if n != Next::Nothing {
+                next.push((job, n));
+            }
+        }
+        next
+    }
+
+    /// Where a job goes next, and its phase change.
+    fn advance(&mut self, job: &str) -> Next {
+        let Some(entry) = self.jobs.get_mut(job) else { return Next::Nothing };
+        let probe_done = entry.tasks.iter().filter(|t| matches!(t.def.work, TaskWork::Probe { .. })).all(|t| t.state == State::Committed);
+        let all_done = entry.tasks.iter().all(|t| matches!(t.state, State::Committed | State::Failed(_)));
+        match entry.phase {
+            Phase::Probing if probe_done => {
+                entry.phase = Phase::Merging;
+                Next::MergeProbe
+            }
+            Phase::Describing if all_done => {
+                entry.phase = Phase::Compacting;
+                Next::Compact
+            }
+            _ => Next::Nothing,
+        }
+    }
+
+    /// Stage 0 is merged: neuron tasks become leasable.
+    pub fn probe_merged(&mut self, job: &str, now: i64) -> Next {
+        let Some(entry) = self.jobs.get_mut(job) else { return Next::Nothing };
+        if entry.phase != Phase::Merging {
+            return Next::Nothing;
+        }
+        entry.phase = Phase::Describing;
+        for i in 0..entry.tasks.len() {
+            if entry.tasks[i].state == State::Waiting {
+                entry.tasks[i].state = State::Queued;
+                entry.queue.push_back(i);
+            }
+        }
+        push_event(entry, now, "probe_merged", "", 0, "", "");
+        self.advance(job)
+    }
+
+    pub fn finish(&mut self, job: &str, now: i64) {
+        if let Some(entry) = self.jobs.get_mut(job) {
+            entry.phase = Phase::Succeeded;
+            let failed = entry.tasks.iter().filter(|t| matches!(t.state, State::Failed(_))).count();
+            push_event(entry, now, "succeeded", "", 0, "", &format!("{failed} tasks failed"));
+        }
+    }
+
+    pub fn fail_job(&mut self, job: &str, error: &str, now: i64) {
+        if let Some(entry) = self.jobs.get_mut(job)
+            && !entry.phase.is_final()
+        {
+            entry.phase = Phase::Failed;
+            entry.error = error.to_string();
+            push_event(entry, now, "failed", "", 0, "", error);
+        }
+    }
+
+    /// Stops a job: queued tasks are dropped, leased ones are told to stop at their next
+    /// heartbeat.
+    pub fn cancel(&mut self, job: &str, now: i64) -> Result<(), Refused> {
+        let entry = self.jobs.get_mut(job).ok_or_else(|| Refused::UnknownJob(job.into()))?;
+        if !entry.phase.is_final() {
+            entry.phase = Phase::Cancelled;
+            entry.queue.clear();
+            push_event(entry, now, "cancelled", "", 0, "", "");
+        }
+        Ok(())
+    }
+
+    pub fn view(&self, job: &str) -> Option<JobView> {
+        let entry = self.jobs.get(job)?;
+        let mut counts = JobCounts { total: entry.tasks.len() as u32, retried: entry.retried, ..Default::default() };
+        let mut done: BTreeMap<String, u64> = entry.stage_totals.keys().map(|k| (k.clone(), 0)).collect();
+        for t in &entry.tasks {
+            match &t.state {
+                State::Waiting | State::Queued => counts.queued += 1,
+                State::Leased(_) => {
+                    counts.leased += 1;
+                    for (stage, units) in &t.progress {
+                        if let Some(d) = done.get_mut(stage) {
+                            *d += units.min(&t.def.work.units());
+                        }
+                    }
+                }
+                State::Committed | State::Failed(_) => {
+                    if matches!(t.state, State::Committed) {
+                        counts.committed += 1;
+                    } else {
+                        counts.failed += 1;
+                    }
+                    for stage in t.def.work.stages() {
+                        *done.entry(stage.to_string()).or_default() += t.def.work.units();
+                    }
+                }
+            }
+        }
+        let order = std::iter::once(PROBE_STAGE).chain(dnd_pipeline::DESCRIBE_STAGES);
+        let stages = order.filter_map(|s| Some((s.to_string(), done.get(s).copied()?, *entry.stage_totals.get(s)?))).collect();
+        Some(JobView { job: job.to_string(), phase: entry.phase, counts, stages, error: entry.error.clone() })
+    }
+
+    /// Jobs in submission order.
+    pub fn jobs(&self) -> impl Iterator<Item = &str> {
+        self.order.iter().map(String::as_str)
+    }
+
+    pub fn events(&self, job: &str) -> &[Event] {
+        self.jobs.get(job).map_or(&[], |j| &j.events)
+    }
+
+    /// Events added since the last call, per job (to persist and to broadcast).
+    pub fn drain_new_events(&mut self) -> Vec<(String, Vec<Event>)> {
+        let mut out = Vec::new();
+        for (name, job) in &mut self.jobs {
+            if job.unflushed > 0 {
+                let from = job.events.len() - job.unflushed;
+                out.push((name.clone(), job.events[from..].to_vec()));
+                job.unflushed = 0;
+            }
+        }
+        out
+    }
+
+    /// The work of a leased task (for the worker that holds it).
+    pub fn lease_of(&self, job: &str, task: &str) -> Option<Lease> {
+        let entry = self.jobs.get(job)?;
+        match &entry.tasks[*entry.index.get(task)?].state {
+            State::Leased(l) => Some(l.clone()),
+            _ => None,
+        }
+    }
+}
+
+fn requeue(entry: &mut JobEntry, i: usize) {
+    let t = &mut entry.tasks[i];
+    t.state = State::Queued;
+    t.progress.clear();
+    // Retries go to the front: a job should not wait at its end for one slow task.
+    entry.queue.push_front(i);
+}
+
+fn push_event(entry: &mut JobEntry, now: i64, kind: &str, task: &str, attempt: u32, worker: &str, message: &str) {
+    let seq = entry.events.last().map_or(0, |e| e.seq + 1);
+    entry.events.push(Event {
+        seq,
+        unix_ms: now,
+        kind: kind.into(),
+        task: task.into(),
+        attempt,
+        worker: worker.into(),
+        message: message.into(),
+    });
+    entry.unflushed += 1;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LEASE: i64 = 1000;
+
+    fn job_tasks() -> Vec<TaskDef> {
+        vec![
+            TaskDef { id: "probe-00000".into(), work: TaskWork::Probe { start: 0, end: 10 } },
+            TaskDef { id: "probe-00001".into(), work: TaskWork::Probe { start: 10, end: 15 } },
+            TaskDef { id: "fc-00000".into(), work: TaskWork::Neurons { layer: "fc".into(), neurons: vec![0, 1] } },
+            TaskDef { id: "fc-00001".into(), work: TaskWork::Neurons { layer: "fc".into(), neurons: vec![2] } },
+        ]
+    }
+
+    fn scheduler_with_job(max_attempts: u32) -> Scheduler {
+        let mut s = Scheduler::new(max_attempts, 100);
+        assert_eq!(s.add_job("j", job_tasks(), &HashMap::new(), false, Vec::new(), 0), Next::Nothing);
+        s
+    }
+
+    fn kinds(s: &Scheduler) -> Vec<String> {
+        s.events("j").iter().map(|e| format!("{}:{}:{}", e.kind, e.task, e.attempt)).collect()
+    }
+
+    #[test]
+    fn a_job_runs_probe_tasks_then_neuron_tasks_then_compacts() {
+        let mut s = scheduler_with_job(3);
+        let a = s.lease("w1", 0, LEASE).unwrap();
+        let b = s.lease("w2", 0, LEASE).unwrap();
+        assert_eq!((a.task.id.as_str(), b.task.id.as_str()), ("probe-00000", "probe-00001"));
+        assert!(s.lease("w3", 0, LEASE).is_none(), "neuron tasks wait for the probe merge");
+        assert_ne!(a.lease.token, b.lease.token);
+        assert_eq!(s.committed("j", &a.task.id, a.lease.token, 1).unwrap(), Next::Nothing);
+        assert_eq!(s.committed("j", &b.task.id, b.lease.token, 1).unwrap(), Next::MergeProbe);
+        assert!(s.lease("w3", 1, LEASE).is_none(), "not before the merge is done");
+        assert_eq!(s.probe_merged("j", 2), Next::Nothing);
+        let c = s.lease("w1", 2, LEASE).unwrap();
+        let d = s.lease("w2", 2, LEASE).unwrap();
+        s.heartbeat("j", &c.task.id, c.lease.token, &[("caption".into(), 1)], 3, LEASE).unwrap();
+        let view = s.view("j").unwrap();
+        assert_eq!(view.phase, Phase::Describing);
+        assert_eq!(view.stages[0], ("probe".to_string(), 15, 15));
+        assert!(view.stages.contains(&("caption".to_string(), 1, 3)), "{:?}", view.stages);
+        assert_eq!(s.committed("j", &c.task.id, c.lease.token, 4).unwrap(), Next::Nothing);
+        assert_eq!(s.committed("j", &d.task.id, d.lease.token, 4).unwrap(), Next::Compact);
+        s.finish("j", 5);
+        let view = s.view("j").unwrap();
+        assert_eq!((view.phase, view.counts.committed, view.counts.total), (Phase::Succeeded, 4, 4));
+        assert!(view.stages.iter().all(|(_, done, total)| done == total), "{:?}", view.stages);
+        assert_eq!(kinds(&s).last().unwrap(), "succeeded::0");
+    }
+
+    #[test]
+    fn an_expired_lease_is_retried_under_a_new_token_and_the_old_token_is_refused() {
+        let mut s = scheduler_with_job(3);
+        let first = s.lease("w1", 0, LEASE).unwrap();
+        // Heartbeats keep it alive past the first deadline ...
+        s.heartbeat("j", &first.task.id, first.lease.token, &[], 900, LEASE).unwrap();
+        assert!(s.reap(1500).is_empty());
+        // ... until they stop.
+        assert!(s.reap(2000).is_empty());
+        let retry = s.lease("w2", 2000, LEASE).unwrap();
+        assert_eq!((retry.task.id.as_str(), retry.lease.attempt), ("probe-00000", 2), "retries go first");
+        assert!(retry.lease.token > first.lease.token);
+        assert_eq!(s.heartbeat("j", &first.task.id, first.lease.token, &[], 2001, LEASE), Err(Refused::LeaseLost("probe-00000".into())));
+        assert!(s.failed("j", &first.task.id, first.lease.token, "late", false, 2001).is_err());
+        let log = kinds(&s);
+        assert!(log.contains(&"lease_expired:probe-00000:1".to_string()) && log.contains(&"retried:probe-00000:2".to_string()), "{log:?}");
+        assert_eq!(s.view("j").unwrap().counts.retried, 1);
+    }
+
+    #[test]
+    fn a_task_that_keeps_failing_is_recorded_and_the_job_goes_on() {
+        let mut s = Scheduler::new(2, 1);
+        let tasks = job_tasks();
+        let done: HashMap<String, bool> = [("probe-00000".to_string(), false), ("probe-00001".to_string(), false)].into();
+        assert_eq!(s.add_job("j", tasks, &done, true, Vec::new(), 0), Next::Nothing);
+        let mut outcome = (true, Next::Nothing);
+        for _ in 0..2 {
+            let l = s.lease("w", 0, LEASE).unwrap();
+            assert_eq!(l.task.id, "fc-00000");
+            outcome = s.failed("j", &l.task.id, l.lease.token, "boom", false, 1).unwrap();
+        }
+        assert_eq!(outcome, (false, Next::RecordFailure { task: "fc-00000".into(), attempts: 2, error: "boom".into() }));
+        let other = s.lease("w", 2, LEASE).unwrap();
+        assert_eq!(other.task.id, "fc-00001");
+        assert_eq!(s.failure_recorded("j"), Next::Nothing);
+        assert_eq!(s.committed("j", "fc-00001", other.lease.token, 3).unwrap(), Next::Compact);
+        assert_eq!(s.view("j").unwrap().counts.failed, 1);
+    }
+
+    #[test]
+    fn a_handed_back_task_keeps_its_attempts_and_a_failed_probe_fails_the_job() {
+        let mut s = scheduler_with_job(1);
+        let l = s.lease("w", 0, LEASE).unwrap();
+        assert_eq!(s.failed("j", &l.task.id, l.lease.token, "shutting down", true, 1).unwrap(), (true, Next::Nothing));
+        let again = s.lease("w2", 1, LEASE).unwrap();
+        assert_eq!((again.task.id.as_str(), again.lease.attempt), (l.task.id.as_str(), 1));
+        let (retried, _) = s.failed("j", &again.task.id, again.lease.token, "corrupt", false, 2).unwrap();
+        assert!(!retried);
+        let view = s.view("j").unwrap();
+        assert_eq!(view.phase, Phase::Failed);
+        assert!(view.error.contains("corrupt"), "{}", view.error);
+        assert!(s.lease("w", 3, LEASE).is_none(), "a failed job leases nothing");
+    }
+
+    #[test]
+    fn a_commit_by_a_zombie_attempt_counts_once() {
+        let mut s = scheduler_with_job(3);
+        let old = s.lease("w1", 0, LEASE).unwrap();
+        s.reap(LEASE + 1);
+        let new = s.lease("w2", LEASE + 1, LEASE).unwrap();
+        assert_eq!(new.task.id, old.task.id);
+        // The old attempt committed first (the marker is in the store): it counts.
+        s.committed("j", &old.task.id, old.lease.token, LEASE + 2).unwrap();
+        assert!(s.heartbeat("j", &new.task.id, new.lease.token, &[], LEASE + 3, LEASE).is_err(), "the new attempt is told to stop");
+        assert_eq!(s.committed("j", &new.task.id, new.lease.token, LEASE + 4).unwrap(), Next::Nothing);
+        assert_eq!(s.events("j").iter().filter(|e| e.kind == "committed").count(), 1);
+    }
+
+    #[test]
+    fn a_resumed_job_skips_committed_tasks_and_continues_its_log() {
+        let mut s = Scheduler::new(3, 1);
+        let done: HashMap<String, bool> =
+            ["probe-00000", "probe-00001", "fc-00000"].iter().map(|t| (t.to_string(), false)).collect();
+        let earlier = vec![Event { seq: 0, unix_ms: 0, kind: "submitted".into(), task: String::new(), attempt: 0, worker: String::new(), message: String::new() }];
+        s.add_job("j", job_tasks(), &done, true, earlier, 10);
+        assert_eq!(s.events("j")[1].seq, 1);
+        let only = s.lease("w", 10, LEASE).unwrap();
+        assert_eq!(only.task.id, "fc-00001");
+        assert!(s.lease("w", 10, LEASE).is_none());
+        assert_eq!(s.committed("j", "fc-00001", only.lease.token, 11).unwrap(), Next::Compact);
+    }
+
+    #[test]
+    fn cancel_stops_leasing_and_heartbeats() {
+        let mut s = scheduler_with_job(3);
+        let l = s.lease("w", 0, LEASE).unwrap();
+        s.cancel("j", 1).unwrap();
+        assert!(s.lease("w", 1, LEASE).is_none());
+        assert!(s.heartbeat("j", &l.task.id, l.lease.token, &[], 2, LEASE).is_err());
+        assert_eq!(s.view("j").unwrap().phase, Phase::Cancelled);
+    }
+}

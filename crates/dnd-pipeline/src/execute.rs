@@ -1,0 +1,156 @@
+//! Running one task of a job, as a worker does: a probe slice (stage 0 on part of the
+//! probe set) or a neuron batch (stages 1-3). Outputs go to the attempt's own directory,
+//! with `stats.json` last; committing them is the caller's step.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+
+use dnd_core::Scored;
+use dnd_store::results::ResultTable;
+use dnd_store::tables::TopKRow;
+use dnd_store::{CacheCounts, CacheKind, Location, TaskStore, batches_rows, read_parquet, write_parquet};
+
+use crate::describe::{NeuronTask, TaskTables, run_neuron_task};
+use crate::error::PipelineError;
+use crate::images::ProbeImages;
+use crate::job::JobSpec;
+use crate::plan::{JobPlan, probe_config, read_job_spec};
+use crate::probe::run_probe;
+use crate::progress::Progress;
+use crate::workbench::Workbench;
+
+pub const STATS_FILE: &str = "stats.json";
+
+/// What one attempt of a task did, written as `stats.json` in its directory.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TaskStats {
+    pub task: String,
+    pub attempt: String,
+    /// `probe` or `neurons`.
+    pub kind: String,
+    pub images: usize,
+    pub neurons: usize,
+    pub seconds: f64,
+    /// Cache lookups of this attempt, by kind; a miss is one model call.
+    pub cache: BTreeMap<String, CacheCounts>,
+    /// Identities of the models the attempt ran.
+    pub models: BTreeMap<String, String>,
+}
+
+fn cache_counts(bench: &Workbench) -> [CacheCounts; 3] {
+    CacheKind::ALL.map(|k| bench.cache.counts(k))
+}
+
+/// A job as a worker sees it: its spec and plan, its probe images, and the top-K lists it
+/// has read so far, shared by the job's tasks on this worker.
+pub struct JobContext {
+    pub name: String,
+    pub spec: JobSpec,
+    pub plan: JobPlan,
+    /// The job directory.
+    pub job: Location,
+    pub images: ProbeImages,
+    topk: Mutex<HashMap<String, Arc<HashMap<usize, Vec<Scored>>>>>,
+}
+
+impl JobContext {
+    /// Reads a job's spec and plan from its directory and lists its probe images.
+    pub async fn open(job: Location) -> Result<Self, PipelineError> {
+        let (name, spec) = read_job_spec(&job).await?;
+        let plan = JobPlan::read(&job).await?;
+        let images = ProbeImages::discover(&plan.probe_images).await?;
+        if images.images.len() != plan.images {
+            return Err(PipelineError::BadJob {
+                origin: plan.probe_images.clone(),
+                reason: format!("the probe set changed since the job was planned ({} images then, {} now)", plan.images, images.images.len()),
+            });
+        }
+        Ok(Self { name, spec, plan, job, images, topk: Mutex::new(HashMap::new()) })
+    }
+
+    /// Each neuron's merged probe top-K of `layer`, as indices into the probe set.
+    async fn layer_topk(&self, layer: &str) -> Result<Arc<HashMap<usize, Vec<Scored>>>, PipelineError> {
+        let mut cached = self.topk.lock().await;
+        if let Some(t) = cached.get(layer) {
+            return Ok(t.clone());
+        }
+        let index: HashMap<&str, u32> = self.images.images.iter().enumerate().map(|(i, r)| (r.id.as_str(), i as u32)).collect();
+        let rows: Vec<TopKRow> = batches_rows("topk", &read_parquet(&self.job, &format!("probe/topk/{layer}.parquet")).await?)?;
+        let mut top: HashMap<usize, Vec<Scored>> = HashMap::new();
+        for row in rows {
+            if let Some(&image) = index.get(row.image_id.as_str()) {
+                top.entry(row.neuron as usize).or_default().push(Scored { image, activation: row.activation });
+            }
+        }
+        let top = Arc::new(top);
+        cached.insert(layer.to_string(), top.clone());
+        Ok(top)
+    }
+
+    /// Runs task `task` of the plan with `bench`, writing under the attempt's directory.
+    pub async fn run_task(&self, bench: &Workbench, task: &str, attempt: &str, progress: &dyn Progress) -> Result<TaskStats, PipelineError> {
+        let store = TaskStore::new(self.job.clone());
+        let dir = store.attempt_dir(task, attempt)?;
+        let started = Instant::now();
+        let before = cache_counts(bench);
+        let mut stats = TaskStats { task: task.into(), attempt: attempt.into(), ..Default::default() };
+        if let Some(slice) = self.plan.probe_tasks.iter().find(|t| t.id == task) {
+            let mut images = self.images.clone();
+            images.images = images.images[slice.start..slice.end].to_vec();
+            // Listing errors belong to the job once: to its first slice.
+            if slice.start > 0 {
+                images.errors.clear();
+            }
+            run_probe(bench.target.clone(), images, &dir, &probe_config(&self.spec), progress).await?;
+            stats.kind = "probe".into();
+            stats.images = slice.end - slice.start;
+            stats.models.insert("target".into(), bench.target.reference.clone());
+        } else if let Some(batch) = self.plan.neuron_tasks.iter().find(|t| t.id == task) {
+            let neuron_task =
+                NeuronTask { id: batch.id.clone(), layer: batch.layer.clone(), tap: bench.target.tap(&batch.layer)?, neurons: batch.neurons.clone() };
+            let top_by_neuron = self.layer_topk(&batch.layer).await?;
+            let top: Vec<Vec<Scored>> = batch.neurons.iter().map(|n| top_by_neuron.get(n).cloned().unwrap_or_default()).collect();
+            let tables = run_neuron_task(bench, &self.spec, &neuron_task, &top, &self.images.images, &self.job, progress).await?;
+            write_task(&dir, &tables).await?;
+            stats.kind = "neurons".into();
+            stats.neurons = batch.neurons.len();
+            stats.models = bench.identities();
+        } else {
+            return Err(PipelineError::BadJob { origin: self.job.display_path("plan.json"), reason: format!("the plan has no task `{task}`") });
+        }
+        stats.seconds = started.elapsed().as_secs_f64();
+        let after = cache_counts(bench);
+        for (i, kind) in CacheKind::ALL.iter().enumerate() {
+            stats.cache.insert(
+                kind.name().into(),
+                CacheCounts { hits: after[i].hits - before[i].hits, misses: after[i].misses - before[i].misses },
+            );
+        }
+        let json = serde_json::to_vec_pretty(&stats).map_err(|e| PipelineError::Internal(e.to_string()))?;
+        dir.put(STATS_FILE, Bytes::from(json)).await?;
+        Ok(stats)
+    }
+}
+
+/// Writes every results table of a neuron task into `dir`.
+pub async fn write_task(dir: &Location, tables: &TaskTables) -> Result<(), PipelineError> {
+    for table in ResultTable::ALL {
+        // Exhaustive: a new table cannot be forgotten here.
+        let batch = match table {
+            ResultTable::Descriptions => table.batch(&tables.descriptions)?,
+            ResultTable::Candidates => table.batch(&tables.candidates)?,
+            ResultTable::Scores => table.batch(&tables.scores)?,
+            ResultTable::Captions => table.batch(&tables.captions)?,
+            ResultTable::Images => table.batch(&tables.images)?,
+            ResultTable::Exchanges => table.batch(&tables.exchanges)?,
+            ResultTable::Errors => table.batch(&tables.errors)?,
+        };
+        write_parquet(dir, &table.file(), &batch).await?;
+    }
+    Ok(())
+}

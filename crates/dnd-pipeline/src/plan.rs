@@ -1,0 +1,167 @@
+//! A job's plan: its probe tasks (slices of the probe set) and neuron tasks (small
+//! batches of one layer's neurons), fixed once and kept as `plan.json` in the job
+//! directory, so that every worker, a restarted coordinator and a resubmission all see the
+//! same tasks.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use dnd_models::TargetModel;
+use dnd_store::Location;
+
+use crate::error::PipelineError;
+use crate::images::ProbeImages;
+use crate::job::JobSpec;
+use crate::probe::{LayerPlan, ProbeConfig};
+
+pub const PLAN_FILE: &str = "plan.json";
+pub const SPEC_FILE: &str = "job.json";
+
+/// A slice `[start, end)` of the sorted probe set.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProbeSlice {
+    pub id: String,
+    pub start: usize,
+    pub end: usize,
+}
+
+/// A batch of neurons of one layer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NeuronBatch {
+    pub id: String,
+    pub layer: String,
+    pub neurons: Vec<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlannedLayer {
+    pub name: String,
+    pub width: usize,
+    pub spatial: bool,
+}
+
+/// Everything a worker needs besides the spec to run any task of the job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobPlan {
+    pub job: String,
+    /// The probe set as workers read it: for a synthetic set, the directory it was
+    /// rendered into.
+    pub probe_images: String,
+    pub images: usize,
+    pub layers: Vec<PlannedLayer>,
+    pub probe_tasks: Vec<ProbeSlice>,
+    pub neuron_tasks: Vec<NeuronBatch>,
+}
+
+impl JobPlan {
+    /// Plans `spec` for a loaded target model and a listed probe set. Fails on layers the
+    /// model lacks and neuron ids beyond a layer's width.
+    pub fn make(spec: &JobSpec, target: &TargetModel, images: &ProbeImages) -> Result<Self, PipelineError> {
+        let layers = probe_config(spec).plan(target)?;
+        let per_slice = spec.probe.images_per_task.max(1);
+        let probe_tasks = (0..images.images.len().div_ceil(per_slice))
+            .map(|i| ProbeSlice {
+                id: format!("probe-{i:05}"),
+                start: i * per_slice,
+                end: ((i + 1) * per_slice).min(images.images.len()),
+            })
+            .collect();
+        let mut neuron_tasks = Vec::new();
+        for layer in &layers {
+            let neurons = spec.target.neurons.resolve(&layer.name, layer.width)?;
+            for (i, chunk) in neurons.chunks(spec.describe.neurons_per_task).enumerate() {
+                neuron_tasks.push(NeuronBatch { id: format!("{}-{i:05}", layer.name), layer: layer.name.clone(), neurons: chunk.to_vec() });
+            }
+        }
+        Ok(Self {
+            job: spec.job_name(),
+            probe_images: images.source.clone(),
+            images: images.images.len(),
+            layers: layers.iter().map(|l| PlannedLayer { name: l.name.clone(), width: l.width, spatial: l.tap.is_spatial() }).collect(),
+            probe_tasks,
+            neuron_tasks,
+        })
+    }
+
+    pub fn task_ids(&self) -> impl Iterator<Item = &str> {
+        self.probe_tasks.iter().map(|t| t.id.as_str()).chain(self.neuron_tasks.iter().map(|t| t.id.as_str()))
+    }
+
+    pub fn neurons(&self) -> usize {
+        self.neuron_tasks.iter().map(|t| t.neurons.len()).sum()
+    }
+
+    /// Stores the plan unless one is there; returns the stored one (a resubmitted job keeps
+    /// its first plan).
+    pub async fn store(&self, job: &Location) -> Result<JobPlan, PipelineError> {
+        let json = serde_json::to_vec_pretty(self).map_err(|e| PipelineError::Internal(e.to_string()))?;
+        if job.put_if_absent(PLAN_FILE, Bytes::from(json)).await? {
+            return Ok(self.clone());
+        }
+        Self::read(job).await
+    }
+
+    pub async fn read(job: &Location) -> Result<JobPlan, PipelineError> {
+        let bytes = job.get(PLAN_FILE).await?;
+        serde_json::from_slice(&bytes).map_err(|e| PipelineError::BadJob { origin: job.display_path(PLAN_FILE), reason: e.to_string() })
+    }
+}
+
+/// The probe stage's settings for a job.
+pub fn probe_config(spec: &JobSpec) -> ProbeConfig {
+    ProbeConfig {
+        layers: spec.target.layers.clone(),
+        top_k: spec.probe.top_k,
+        pooling: spec.probe.pooling,
+        batch_size: spec.probe.batch_size,
+        write_activations: false,
+        crops: None,
+        limits: spec.probe.limits.clone(),
+    }
+}
+
+/// The layer plans of a job, checked against the model.
+pub fn layer_plans(spec: &JobSpec, target: &TargetModel) -> Result<Vec<LayerPlan>, PipelineError> {
+    probe_config(spec).plan(target)
+}
+
+/// Where the probe images are: as given, or, for a synthetic probe set
+/// (`synth:world?...`), the directory under `<out>/probe-sets/` it is rendered into
+/// (once: a complete set, its scenes file written last, is reused).
+pub async fn resolve_probe_images(spec: &JobSpec, out: &Location) -> Result<String, PipelineError> {
+    let Some(parsed) = dnd_synth::ProbeSetSpec::parse(&spec.probe.images) else {
+        return Ok(spec.probe.images.clone());
+    };
+    let set = parsed.map_err(|reason| dnd_core::CoreError::invalid("probe.images", reason))?;
+    let dir = out.join(&format!("probe-sets/{}", set.dir_name()));
+    if !dir.exists(dnd_synth::probe_set::SCENES_FILE).await? {
+        let (images, scenes) = tokio::task::spawn_blocking(move || set.render_files()).await?;
+        for (name, png) in images {
+            dir.put(&name, Bytes::from(png)).await?;
+        }
+        dir.put(dnd_synth::probe_set::SCENES_FILE, Bytes::from(scenes)).await?;
+    }
+    Ok(dir.to_string())
+}
+
+/// The spec as stored in `job.json`: the job's identity. A job directory holds one job
+/// only; `Ok(false)` when the same job was already there.
+pub async fn claim_job_dir(job: &Location, name: &str, spec: &JobSpec) -> Result<bool, PipelineError> {
+    let spec_json = serde_json::to_vec_pretty(&(name, spec)).map_err(|e| PipelineError::Internal(e.to_string()))?;
+    if job.put_if_absent(SPEC_FILE, Bytes::from(spec_json.clone())).await? {
+        return Ok(true);
+    }
+    if job.get(SPEC_FILE).await? != spec_json {
+        return Err(PipelineError::BadJob {
+            origin: job.display_path(SPEC_FILE),
+            reason: format!("a different job named `{name}` is already there; give this one another name (--name) or another --out"),
+        });
+    }
+    Ok(false)
+}
+
+/// Reads the spec a job directory was claimed with.
+pub async fn read_job_spec(job: &Location) -> Result<(String, JobSpec), PipelineError> {
+    let bytes = job.get(SPEC_FILE).await?;
+    serde_json::from_slice(&bytes).map_err(|e| PipelineError::BadJob { origin: job.display_path(SPEC_FILE), reason: e.to_string() })
+}
