@@ -4,32 +4,47 @@
 //! background", where the shared attribute phrase is the right answer) and is the last
 //! resort when no LLM can be reached. It is deterministic.
 //!
-//! * `simplify` keeps the first [`MAX_LABEL_WORDS`] content words of the caption, in order:
-//!   articles, prepositions, pronouns, counts and captioner filler ("a picture of",
-//!   "there is", "close up") are dropped.
+//! * `simplify` drops what carries no visual concept (articles, prepositions, pronouns,
+//!   counts and captioner filler such as "a picture of", "there is", "close up") and keeps
+//!   every content word, grouped into the caption's phrases: "a yellow dotted star on a
+//!   gray background with a checkerboard pattern" becomes "yellow dotted star, gray
+//!   background checkerboard pattern". A phrase ends at punctuation, "and"/"or"/"but" and
+//!   prepositions of place ("on", "next to", "against", ...); "with" keeps its phrase going
+//!   ("a circle with stripes" is one thing). Nothing is cut: a rule cannot tell which words
+//!   of one caption matter, so it leaves that to the summary, which sees all of them.
 //! * `summarize` reads the first two thirds of the labels in the order given (at least
 //!   two): like a language model, its answer depends on the shuffle, so the method's
 //!   summary rounds over differently shuffled labels give a few different candidates for
 //!   stage 3 to choose from, not five copies of one. `merge` reads all of them. Both
-//!   count, for every word n-gram (n = 1..3) of the labels'
-//!   content words, how many labels contain it (its support), folding plurals ("circles"
-//!   counts as "circle"). Among the n-grams that at least half of the labels contain, the
-//!   longest wins, then the best supported, then the alphabetically first; when none
-//!   reaches half, the best supported wins, then the longest, then the alphabetically
-//!   first. The winner is written in its most frequent spelling.
+//!   count, for every set of one to three words that occur together in one phrase of a
+//!   label, how many labels contain it (its support). Word order does not matter ("dotted
+//!   orange square" and "orange square with polka dots" both contain {orange, dotted}), and
+//!   inflections fold together for counting ("circles"/"circle", "striped"/"stripes",
+//!   "noisy"/"noise", "dotted"/"dots"). Among the sets that at least half of the labels
+//!   contain, the largest wins, then the best supported, then the alphabetically first;
+//!   when none reaches half, the best supported wins, then the largest, then the
+//!   alphabetically first.
+//! * Labels that split between two alternatives ("yellow square" in some, "purple
+//!   square" in others) give "yellow or purple": two words that no label names together
+//!   but that mostly share their phrase-mates, each in at least a third of the labels and
+//!   not in all, together in every label. They compete as a set of two words supported by the
+//!   labels they cover: they win over a single word and over a pair that fewer labels
+//!   share, and lose to a larger set that half of the labels share.
+//! * The winner is written as its words occur most often (order and spelling).
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use async_trait::async_trait;
 
 use crate::error::{ReplyError, SummarizeError};
-use crate::reply::{Answer, MAX_LABEL_WORDS};
+use crate::reply::Answer;
 use crate::{Exchange, Step, Summarizer, require_caption, require_labels};
 
 /// Recorded as the model of every exchange; bump it when the rules change.
-pub const CONSENSUS_VERSION: &str = "consensus-2";
+pub const CONSENSUS_VERSION: &str = "consensus-3";
 
-const MAX_NGRAM: usize = 3;
+/// The largest word set a summary reports.
+const MAX_SET: usize = 3;
 
 /// Words that carry no visual concept in a caption.
 const STOPWORDS: &[&str] = &[
@@ -37,10 +52,9 @@ const STOPWORDS: &[&str] = &[
     "a", "an", "the", "this", "that", "these", "those", "there", "here", "it", "its", "they", "them", "their",
     "his", "her", "some", "each", "other", "another", "all", "any", "many", "several", "few", "lots", "lot",
     "bunch", "group", "couple", "pair",
-    // prepositions and conjunctions
-    "of", "on", "in", "at", "with", "to", "from", "by", "for", "over", "under", "near", "behind", "next",
-    "into", "onto", "inside", "around", "against", "above", "below", "beside", "between", "through",
-    "across", "along", "top", "and", "or", "but", "as",
+    // prepositions and conjunctions that do not end a phrase
+    "of", "in", "at", "with", "to", "from", "by", "for", "into", "inside", "through", "across", "along", "top",
+    "as",
     // verbs that only link
     "is", "are", "was", "were", "be", "been", "being", "has", "have", "having", "shows", "showing",
     // counts
@@ -48,6 +62,13 @@ const STOPWORDS: &[&str] = &[
     // captioner filler
     "picture", "pictures", "image", "images", "photo", "photos", "photograph", "closeup", "close", "up",
     "view", "shot", "very",
+];
+
+/// Words that end a phrase: conjunctions and prepositions of place ("a red circle next to
+/// a blue square on a green background" is three things).
+const BOUNDARIES: &[&str] = &[
+    "and", "or", "but", "while", "on", "onto", "upon", "atop", "against", "over", "under", "beneath", "above",
+    "below", "beside", "besides", "near", "next", "behind", "between", "alongside", "around", "front",
 ];
 
 /// The consensus rule as a [`Summarizer`].
@@ -104,59 +125,244 @@ pub fn summary_window(n: usize) -> usize {
     n.min((2 * n).div_ceil(3).max(2))
 }
 
-/// The caption's first content words, or `None` when it has none.
+/// The caption's content words, phrase by phrase ("red dotted star, gray background"), or
+/// `None` when it has none.
 pub fn simplify_caption(caption: &str) -> Option<String> {
-    let words = content_words(caption);
-    (!words.is_empty()).then(|| words.into_iter().take(MAX_LABEL_WORDS).collect::<Vec<_>>().join(" "))
+    let phrases: Vec<String> = phrases(caption).into_iter().map(|p| p.join(" ")).collect();
+    (!phrases.is_empty()).then(|| phrases.join(", "))
+}
+
+/// One phrase of a label: its content words and their folded keys, in order.
+struct Phrase {
+    words: Vec<String>,
+    keys: Vec<String>,
+}
+
+impl Phrase {
+    fn new(words: Vec<String>) -> Self {
+        let keys = words.iter().map(|w| fold(w)).collect();
+        Phrase { words, keys }
+    }
+
+    /// The distinct keys, in order of first occurrence.
+    fn distinct_keys(&self) -> Vec<&str> {
+        let mut out: Vec<&str> = Vec::new();
+        for k in &self.keys {
+            if !out.contains(&k.as_str()) {
+                out.push(k);
+            }
+        }
+        out
+    }
+
+    /// How `set` (sorted keys) is written in this phrase: the first word of each key, in
+    /// phrase order.
+    fn spelling(&self, set: &[&str]) -> String {
+        let mut seen = BTreeSet::new();
+        let mut out = Vec::new();
+        for (word, key) in self.words.iter().zip(&self.keys) {
+            if set.contains(&key.as_str()) && seen.insert(key.as_str()) {
+                out.push(word.as_str());
+            }
+        }
+        out.join(" ")
+    }
 }
 
 /// The phrase most of the labels share (see the module documentation), or `None` when no
 /// label has a content word.
 pub fn consensus_label(labels: &[String]) -> Option<String> {
-    let labels: Vec<Vec<String>> = labels.iter().map(|l| content_words(l)).filter(|w| !w.is_empty()).collect();
-    // support: in how many labels an n-gram (by folded key) occurs; spellings: how often
-    // each written form of it occurs, to report the most common one.
+    let labels: Vec<Vec<Phrase>> = labels
+        .iter()
+        .map(|l| phrases(l).into_iter().map(Phrase::new).collect::<Vec<_>>())
+        .filter(|p| !p.is_empty())
+        .collect();
+    // support: in how many labels a word set (sorted folded keys, space-joined) occurs
+    // within one phrase; spellings: how often each written form of it occurs.
     let mut support: BTreeMap<String, usize> = BTreeMap::new();
     let mut spellings: BTreeMap<String, BTreeMap<String, usize>> = BTreeMap::new();
-    for words in &labels {
+    for label in &labels {
         let mut seen = BTreeSet::new();
-        for n in 1..=MAX_NGRAM.min(words.len()) {
-            for window in words.windows(n) {
-                let key = window.iter().map(|w| fold_plural(w)).collect::<Vec<_>>().join(" ");
-                *spellings.entry(key.clone()).or_default().entry(window.join(" ")).or_default() += 1;
+        for phrase in label {
+            let mut keys = phrase.distinct_keys();
+            keys.sort_unstable();
+            for set in subsets(&keys, MAX_SET) {
+                let key = set.join(" ");
+                *spellings.entry(key.clone()).or_default().entry(phrase.spelling(&set)).or_default() += 1;
                 if seen.insert(key.clone()) {
                     *support.entry(key).or_default() += 1;
                 }
             }
         }
     }
-    let word_count = |key: &str| key.split(' ').count();
+    let size = |key: &str| key.split(' ').count();
     let majority = |count: usize| 2 * count >= labels.len();
-    let best = if support.values().any(|&s| majority(s)) {
-        // Longest, then best supported; max_by keeps the last maximum, so iterate the
-        // BTreeMap backwards for the alphabetically first on a full tie.
-        support.iter().rev().filter(|(_, s)| majority(**s)).max_by_key(|(k, s)| (word_count(k), **s))
-    } else {
-        support.iter().rev().max_by_key(|(k, s)| (**s, word_count(k)))
+    let written = |key: &str| -> Option<String> {
+        let forms = spellings.get(key)?;
+        forms.iter().rev().max_by_key(|(_, count)| **count).map(|(form, _)| form.clone())
     };
-    let (key, _) = best?;
-    let forms = &spellings[key];
-    forms.iter().rev().max_by_key(|(_, count)| **count).map(|(form, _)| form.clone())
+    let best = if support.values().any(|&s| majority(s)) {
+        // Largest, then best supported; max_by keeps the last maximum, so iterate the
+        // BTreeMap backwards for the alphabetically first on a full tie.
+        support.iter().rev().filter(|(_, s)| majority(**s)).max_by_key(|(k, s)| (size(k), **s))
+    } else {
+        support.iter().rev().max_by_key(|(k, s)| (**s, size(k)))
+    };
+    let (key, &count) = best?;
+    // Alternatives compete as a set of two words, supported by the labels they cover.
+    if let Some(alt) = alternatives(&labels)
+        && (size(key), count) <= (2, alt.covered)
+    {
+        return Some(format!("{} or {}", written(&alt.a)?, written(&alt.b)?));
+    }
+    written(key)
 }
 
-/// Lower-cased words without stopwords; possessive "'s" and surrounding punctuation removed.
-fn content_words(text: &str) -> Vec<String> {
-    text.to_lowercase()
-        .split(|c: char| !(c.is_alphanumeric() || c == '\'' || c == '-'))
-        .map(|w| w.trim_matches(|c| c == '\'' || c == '-'))
-        .map(|w| w.strip_suffix("'s").unwrap_or(w))
-        .filter(|w| !w.is_empty() && !STOPWORDS.contains(w) && !w.chars().all(|c| c.is_ascii_digit()))
-        .map(str::to_string)
-        .collect()
+/// Two alternatives that labels split between (folded keys), and how many labels name one
+/// of them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Alternatives {
+    a: String,
+    b: String,
+    covered: usize,
 }
 
-/// A crude singular for counting only ("circles" and "circle" are one concept); the
-/// reported label keeps a spelling that occurred.
+/// The pair of words that labels split between, if any: two words that no label names
+/// together (each label that names one says something else than the other: "yellow" in
+/// some captions, "purple" in others), that mostly share their phrase-mates (at least half
+/// of the words either shares a phrase with, shares one with both: they fill the same slot,
+/// as colours of squares do), that each occur in at least a third of the labels but not in
+/// all of them, and that together occur in every label. The pair covering most labels wins, then the alphabetically
+/// first; it is written with the better supported word first, then the one the labels
+/// name first.
+fn alternatives(labels: &[Vec<Phrase>]) -> Option<Alternatives> {
+    let n = labels.len();
+    if n < 4 {
+        return None;
+    }
+    let mut support: BTreeMap<&str, usize> = BTreeMap::new();
+    for label in labels {
+        let keys: BTreeSet<&str> = label.iter().flat_map(|p| p.keys.iter().map(String::as_str)).collect();
+        for k in keys {
+            *support.entry(k).or_default() += 1;
+        }
+    }
+    let phrase_has = |p: &Phrase, w: &str| p.keys.iter().any(|k| k == w);
+    let mates = |w: &str| -> BTreeSet<&str> {
+        labels.iter().flatten().filter(|p| phrase_has(p, w)).flat_map(|p| p.keys.iter().map(String::as_str)).filter(|k| *k != w).collect()
+    };
+    let candidates: Vec<&str> = support.iter().filter(|(_, s)| 3 * **s >= n && **s < n).map(|(k, _)| *k).collect();
+    let mut best: Option<Alternatives> = None;
+    for (i, &a) in candidates.iter().enumerate() {
+        for &b in &candidates[i + 1..] {
+            let covered = labels.iter().filter(|l| l.iter().any(|p| phrase_has(p, a) || phrase_has(p, b))).count();
+            if covered < n || best.as_ref().is_some_and(|x| x.covered >= covered) {
+                continue;
+            }
+            let label_has = |l: &[Phrase], w: &str| l.iter().any(|p| phrase_has(p, w));
+            let together = labels.iter().any(|l| label_has(l, a) && label_has(l, b));
+            let (ma, mb) = (mates(a), mates(b));
+            let shared = ma.intersection(&mb).count();
+            if together || 2 * shared < ma.union(&mb).count() {
+                continue;
+            }
+            // The better supported first, then the one a label names first.
+            let first = |w: &str| labels.iter().flatten().position(|p| phrase_has(p, w));
+            let (a, b) = if (std::cmp::Reverse(support[a]), first(a)) <= (std::cmp::Reverse(support[b]), first(b)) { (a, b) } else { (b, a) };
+            best = Some(Alternatives { a: a.to_string(), b: b.to_string(), covered });
+        }
+    }
+    best
+}
+
+/// Every subset of 1 to `max` elements of `items` (sorted input gives sorted subsets).
+fn subsets<'a>(items: &[&'a str], max: usize) -> Vec<Vec<&'a str>> {
+    let mut out: Vec<Vec<&'a str>> = Vec::new();
+    fn grow<'a>(items: &[&'a str], start: usize, max: usize, current: &mut Vec<&'a str>, out: &mut Vec<Vec<&'a str>>) {
+        for i in start..items.len() {
+            current.push(items[i]);
+            out.push(current.clone());
+            if current.len() < max {
+                grow(items, i + 1, max, current, out);
+            }
+            current.pop();
+        }
+    }
+    grow(items, 0, max, &mut Vec::new(), &mut out);
+    out
+}
+
+/// The phrases of a text, each as its content words (lower-cased, stopwords dropped,
+/// possessive "'s" and surrounding punctuation removed); phrases without content words are
+/// left out.
+fn phrases(text: &str) -> Vec<Vec<String>> {
+    let mut out = Vec::new();
+    let mut current: Vec<String> = Vec::new();
+    let lower = text.to_lowercase();
+    let mut flush = |current: &mut Vec<String>| {
+        if !current.is_empty() {
+            out.push(std::mem::take(current));
+        }
+    };
+    // Split into words, keeping punctuation that ends a phrase as its own piece.
+    let mut word = String::new();
+    let mut pieces: Vec<Option<String>> = Vec::new();
+    for ch in lower.chars() {
+        if ch.is_alphanumeric() || ch == '\'' || ch == '-' {
+            word.push(ch);
+            continue;
+        }
+        if !word.is_empty() {
+            pieces.push(Some(std::mem::take(&mut word)));
+        }
+        if matches!(ch, ',' | ';' | '.' | ':' | '!' | '?' | '(' | ')' | '/' | '&' | '+' | '\n') {
+            pieces.push(None);
+        }
+    }
+    if !word.is_empty() {
+        pieces.push(Some(word));
+    }
+    for piece in pieces {
+        let Some(raw) = piece else {
+            flush(&mut current);
+            continue;
+        };
+        let w = raw.trim_matches(|c| c == '\'' || c == '-');
+        let w = w.strip_suffix("'s").unwrap_or(w);
+        if BOUNDARIES.contains(&w) {
+            flush(&mut current);
+        } else if !w.is_empty() && !STOPWORDS.contains(&w) && !w.chars().all(|c| c.is_ascii_digit()) {
+            current.push(w.to_string());
+        }
+    }
+    flush(&mut current);
+    out
+}
+
+/// A crude stem for counting only: plurals, "-ed", "-y" and a final "e" fold away
+/// ("circles" and "circle", "striped" and "stripes", "dotted" and "dots", "noisy" and
+/// "noise" count as one word); the reported label keeps a spelling that occurred.
+fn fold(word: &str) -> String {
+    let mut w = fold_plural(word);
+    let undouble = |stem: &str| -> String {
+        let b = stem.as_bytes();
+        let n = b.len();
+        if n >= 3 && b[n - 1] == b[n - 2] && !b"aeiouls".contains(&b[n - 1]) { stem[..n - 1].to_string() } else { stem.to_string() }
+    };
+    if w.len() > 4 && w.is_ascii() {
+        if let Some(stem) = w.strip_suffix("ed") {
+            w = undouble(stem);
+        } else if let Some(stem) = w.strip_suffix('y') {
+            w = undouble(stem);
+        }
+    }
+    if w.len() > 3 && w.is_ascii() && w.ends_with('e') {
+        w.pop();
+    }
+    w
+}
+
+/// A crude singular ("circles" and "circle" are one concept).
 fn fold_plural(word: &str) -> String {
     if word.len() > 4
         && let Some(stem) = word.strip_suffix("ies")
@@ -184,14 +390,19 @@ mod tests {
     }
 
     #[test]
-    fn simplify_keeps_the_content_words_in_order() {
+    fn simplify_keeps_every_content_word_phrase_by_phrase() {
         let cases = [
-            ("a red circle on a blue background", "red circle blue background"),
-            ("there is a picture of two red circles and a green square", "red circles green square"),
+            ("a red circle on a blue background", "red circle, blue background"),
+            ("there is a picture of two red circles and a green square", "red circles, green square"),
             ("a close up of a dog's nose", "dog nose"),
             ("an image of 3 striped zebras standing in the grass", "striped zebras standing grass"),
-            ("A large red circle with small blue dots and green stripes", "large red circle small blue"),
+            ("A large red circle with small blue dots and green stripes", "large red circle small blue dots, green stripes"),
             ("black-and-white checkerboard", "black-and-white checkerboard"),
+            (
+                "a picture of a yellow dotted star on a gray background with a checkerboard pattern",
+                "yellow dotted star, gray background checkerboard pattern",
+            ),
+            ("a red square next to a blue circle, against green", "red square, blue circle, green"),
         ];
         for (caption, expected) in cases {
             assert_eq!(simplify_caption(caption).as_deref(), Some(expected), "{caption}");
@@ -200,15 +411,15 @@ mod tests {
     }
 
     #[test]
-    fn summarize_prefers_the_longest_phrase_most_labels_share() {
+    fn summarize_prefers_the_largest_word_set_most_labels_share() {
         let labels = strings(&[
-            "red circle blue background",
-            "red circles green square",
+            "red circle, blue background",
+            "red circles, green square",
             "red circle",
             "blue square",
             "red ring",
         ]);
-        // "red" has support 4 and "red circle" 3 of 5: the bigram reaches half and is longer.
+        // "red" has support 4 and {red, circle} 3 of 5: the pair reaches half and is larger.
         assert_eq!(consensus_label(&labels).as_deref(), Some("red circle"));
 
         let stripes = strings(&["black white stripes", "black white stripes zebra", "black white stripes shirt", "dots"]);
@@ -219,11 +430,72 @@ mod tests {
     }
 
     #[test]
+    fn words_of_one_phrase_count_together_in_any_order_and_inflection() {
+        // The words the old five-word cut lost: the texture at the end of each caption.
+        let checkerboard = strings(&[
+            "yellow dotted star, gray background checkerboard pattern",
+            "cyan striped ring, orange background checkerboard pattern",
+            "gray checkerboard background",
+            "brown star, cyan background checkerboard pattern",
+        ]);
+        assert_eq!(consensus_label(&checkerboard).as_deref(), Some("background checkerboard pattern"));
+
+        // {orange, dotted} in every label, written in several orders and words.
+        let orange_dots = strings(&[
+            "small orange dotted square, gray background polka dots",
+            "dotted orange ring, purple background noise",
+            "orange star with dots, blue background",
+            "green star, small orange dotted triangle",
+            "orange dotted square",
+        ]);
+        assert_eq!(consensus_label(&orange_dots).as_deref(), Some("orange dotted"));
+
+        // Words of different phrases are not a set: "red" and "background" never describe one thing.
+        let split = strings(&["red square, green background", "blue circle, red background", "red star"]);
+        assert_eq!(consensus_label(&split).as_deref(), Some("red"));
+
+        for (a, b) in [("stripes", "striped"), ("stripy", "stripe"), ("dotted", "dots"), ("noisy", "noise"), ("circles", "circle")] {
+            assert_eq!(fold(a), fold(b), "{a} / {b}");
+        }
+        assert_ne!(fold("dotted"), fold("striped"));
+        assert_ne!(fold("red"), fold("reed"));
+    }
+
+    #[test]
+    fn labels_that_split_between_two_alternatives_give_an_or() {
+        let labels = strings(&[
+            "yellow dotted square, gray background",
+            "purple dotted square, pink background",
+            "yellow square, green background dots",
+            "purple striped square, gray background",
+            "yellow dotted square, black background",
+            "purple square, blue background noise",
+        ]);
+        // "square" is in every label, {dotted, square} in four of six; the alternatives
+        // cover all six.
+        assert_eq!(consensus_label(&labels).as_deref(), Some("yellow or purple"));
+
+        // Not alternatives: words named together, words in every label, words too rare.
+        let shared = strings(&["yellow purple square", "yellow square", "purple square", "yellow purple", "yellow square"]);
+        assert_eq!(consensus_label(&shared).as_deref(), Some("yellow square"));
+        let red = strings(&["red dotted square", "red striped square", "red square", "red dotted star", "red striped ring"]);
+        assert_eq!(consensus_label(&red).as_deref(), Some("red square"));
+        // A larger set that half of the labels share wins over the alternatives.
+        let larger = strings(&[
+            "small yellow dotted square",
+            "small purple dotted square",
+            "small yellow dotted square",
+            "small purple dotted square",
+        ]);
+        assert_eq!(consensus_label(&larger).as_deref(), Some("small dotted square"));
+    }
+
+    #[test]
     fn summarize_reports_the_most_frequent_spelling_of_a_folded_phrase() {
         let labels = strings(&["red circles", "red circles", "red circle", "squares"]);
         assert_eq!(consensus_label(&labels).as_deref(), Some("red circles"));
         let boxes = strings(&["wooden boxes", "wooden box", "box"]);
-        // "box" (support 3) and "wooden box" (support 2 of 3) both reach half: longer wins.
+        // "box" (support 3) and {wooden, box} (support 2 of 3) both reach half: larger wins.
         assert_eq!(consensus_label(&boxes).as_deref(), Some("wooden box"));
     }
 
@@ -270,7 +542,7 @@ mod tests {
         let ex = s.simplify("a red circle on a blue background").await.unwrap();
         assert_eq!((ex.step, ex.backend.as_str(), ex.model.as_str()), (Step::Simplify, "consensus", CONSENSUS_VERSION));
         assert_eq!(ex.request, "a red circle on a blue background");
-        assert_eq!(ex.label(), Some("red circle blue background"));
+        assert_eq!(ex.label(), Some("red circle, blue background"));
 
         let ex = s.summarize(&strings(&["red circle", "red circles", "blue square"])).await.unwrap();
         assert_eq!(ex.request, "red circle\nred circles\nblue square");
