@@ -96,6 +96,34 @@ pub struct Services {
     coordinator: Arc<Coordinator>,
 }
 
+impl Services {
+    fn task_to_pb(&self, leased: &crate::scheduler::Leased) -> pb::Task {
+        let mut task = pb::Task {
+            job: leased.job.clone(),
+            task_id: leased.task.id.clone(),
+            attempt: leased.lease.attempt,
+            token: leased.lease.token,
+            attempt_name: format!("attempt-{}-{:x}", leased.lease.attempt, leased.lease.token),
+            lease_deadline_unix_ms: leased.lease.deadline_ms,
+            store: self.coordinator.store().to_string(),
+            ..Default::default()
+        };
+        match &leased.task.work {
+            TaskWork::Probe { start, end } => {
+                task.kind = pb::TaskKind::Probe as i32;
+                task.probe_start = *start as u32;
+                task.probe_end = *end as u32;
+            }
+            TaskWork::Neurons { layer, neurons } => {
+                task.kind = pb::TaskKind::Neurons as i32;
+                task.layer = layer.clone();
+                task.neurons = neurons.iter().map(|&n| n as u32).collect();
+            }
+        }
+        task
+    }
+}
+
 #[tonic::async_trait]
 impl WorkerService for Services {
     async fn join(&self, request: Request<pb::JoinRequest>) -> Result<Response<pb::JoinReply>, Status> {
@@ -117,31 +145,7 @@ impl WorkerService for Services {
         check_version(r.version)?;
         let worker = bounded("worker_id", &r.worker_id, MAX_NAME_LEN * 2)?;
         let wait = Duration::from_millis(r.wait_ms as u64).min(MAX_LEASE_WAIT);
-        let task = self.coordinator.lease(worker, wait).await.map(|(leased, _plan)| {
-            let mut task = pb::Task {
-                job: leased.job.clone(),
-                task_id: leased.task.id.clone(),
-                attempt: leased.lease.attempt,
-                token: leased.lease.token,
-                attempt_name: format!("attempt-{}-{:x}", leased.lease.attempt, leased.lease.token),
-                lease_deadline_unix_ms: leased.lease.deadline_ms,
-                store: self.coordinator.store().to_string(),
-                ..Default::default()
-            };
-            match &leased.task.work {
-                TaskWork::Probe { start, end } => {
-                    task.kind = pb::TaskKind::Probe as i32;
-                    task.probe_start = *start as u32;
-                    task.probe_end = *end as u32;
-                }
-                TaskWork::Neurons { layer, neurons } => {
-                    task.kind = pb::TaskKind::Neurons as i32;
-                    task.layer = layer.clone();
-                    task.neurons = neurons.iter().map(|&n| n as u32).collect();
-                }
-            }
-            task
-        });
+        let task = self.coordinator.lease(worker, wait).await.map(|(leased, _plan)| self.task_to_pb(&leased));
         Ok(Response::new(pb::LeaseReply { version: PROTOCOL_VERSION, task }))
     }
 
@@ -160,7 +164,13 @@ impl WorkerService for Services {
         let r = request.into_inner();
         check_version(r.version)?;
         self.coordinator.complete(&r.job, &r.task_id, r.token).await?;
-        Ok(Response::new(pb::CompleteReply { version: PROTOCOL_VERSION, accepted: true }))
+        let next = if r.lease_next {
+            let worker = bounded("worker_id", &r.worker_id, MAX_NAME_LEN * 2)?;
+            self.coordinator.lease(worker, Duration::ZERO).await.map(|(leased, _)| self.task_to_pb(&leased))
+        } else {
+            None
+        };
+        Ok(Response::new(pb::CompleteReply { version: PROTOCOL_VERSION, accepted: true, next }))
     }
 
     async fn fail(&self, request: Request<pb::FailRequest>) -> Result<Response<pb::FailReply>, Status> {

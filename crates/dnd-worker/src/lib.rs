@@ -206,34 +206,50 @@ impl Worker {
         tracing::info!(worker = joined.worker_id, coordinator = self.config.client.url, "joined");
         let heartbeat = Duration::from_millis(joined.heartbeat_ms.max(50) as u64);
         let mut backoff = Duration::from_millis(100);
+        // A task handed out with the last Complete's reply.
+        let mut next: Option<pb::Task> = None;
         while !*shutdown.borrow() {
-            let request = pb::LeaseRequest { version: PROTOCOL_VERSION, worker_id: joined.worker_id.clone(), wait_ms: self.config.lease_wait.as_millis() as u32 };
-            let leased = tokio::select! {
-                r = client.lease(request) => r,
-                _ = shutdown.changed() => break,
-            };
-            let task = match leased {
-                Ok(reply) => {
-                    backoff = Duration::from_millis(100);
-                    match reply.into_inner().task {
-                        Some(t) => t,
-                        None => continue,
+            let task = match next.take() {
+                Some(t) => t,
+                None => {
+                    let request = pb::LeaseRequest { version: PROTOCOL_VERSION, worker_id: joined.worker_id.clone(), wait_ms: self.config.lease_wait.as_millis() as u32 };
+                    let leased = tokio::select! {
+                        r = client.lease(request) => r,
+                        _ = shutdown.changed() => break,
+                    };
+                    match leased {
+                        Ok(reply) => {
+                            backoff = Duration::from_millis(100);
+                            match reply.into_inner().task {
+                                Some(t) => t,
+                                None => continue,
+                            }
+                        }
+                        Err(status) => {
+                            fatal(&status)?;
+                            tracing::warn!(error = status.message(), "lease failed; retrying");
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(Duration::from_secs(5));
+                            continue;
+                        }
                     }
-                }
-                Err(status) => {
-                    fatal(&status)?;
-                    tracing::warn!(error = status.message(), "lease failed; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                    continue;
                 }
             };
             tracing::info!(job = task.job, task = task.task_id, attempt = task.attempt, "leased");
-            match self.run_leased(&mut client, &joined.worker_id, &task, heartbeat, &mut shutdown).await {
+            let (outcome, following) = self.run_leased(&mut client, &joined.worker_id, &task, heartbeat, &mut shutdown).await;
+            next = following;
+            match outcome {
                 Outcome::Committed => report.committed += 1,
                 Outcome::Failed => report.failed += 1,
                 Outcome::HandedBack => report.handed_back += 1,
                 Outcome::Abandoned => report.abandoned += 1,
+            }
+        }
+        if let Some(task) = next {
+            // Leased just as shutdown came: give it straight back.
+            let request = fail_request(&joined.worker_id, &task, format!("worker {} is shutting down", self.config.name), true);
+            if client.fail(request).await.is_ok() {
+                report.handed_back += 1;
             }
         }
         tracing::info!(?report, "worker stopping");
@@ -276,7 +292,7 @@ impl Worker {
         task: &pb::Task,
         heartbeat: Duration,
         shutdown: &mut watch::Receiver<bool>,
-    ) -> Outcome {
+    ) -> (Outcome, Option<pb::Task>) {
         let progress = Arc::new(AttemptProgress::default());
         // Its own task, so heartbeats go out however long a stage keeps it busy.
         let mut work = {
@@ -308,7 +324,7 @@ impl Worker {
                         Ok(reply) if !reply.get_ref().keep_going => {
                             tracing::warn!(task = task.task_id, "lease lost; dropping the attempt");
                             work.abort();
-                            return Outcome::Abandoned;
+                            return (Outcome::Abandoned, None);
                         }
                         Ok(_) => {}
                         // A coordinator restarting: keep working, the marker decides later.
@@ -328,17 +344,28 @@ impl Worker {
             if let Err(status) = client.fail(request).await {
                 tracing::warn!(error = status.message(), "could not hand the task back; its lease will expire");
             }
-            return Outcome::HandedBack;
+            return (Outcome::HandedBack, None);
         };
         match result {
             Ok(()) => {
-                let request = pb::CompleteRequest { version: PROTOCOL_VERSION, worker_id: worker_id.into(), job: task.job.clone(), task_id: task.task_id.clone(), token: task.token };
+                let request = pb::CompleteRequest {
+                    version: PROTOCOL_VERSION,
+                    worker_id: worker_id.into(),
+                    job: task.job.clone(),
+                    task_id: task.task_id.clone(),
+                    token: task.token,
+                    lease_next: !*shutdown.borrow(),
+                };
+                let mut next = None;
                 // The commit is in the store; telling the coordinator may need retries
                 // while it restarts (a restarted one finds the marker by itself too).
                 for wait in [0, 200, 1000, 3000] {
                     tokio::time::sleep(Duration::from_millis(wait)).await;
                     match client.complete(request.clone()).await {
-                        Ok(_) => break,
+                        Ok(reply) => {
+                            next = reply.into_inner().next;
+                            break;
+                        }
                         Err(status) if status.code() == Code::Unavailable || status.code() == Code::Unknown => continue,
                         Err(status) => {
                             tracing::warn!(error = status.message(), "complete refused");
@@ -347,7 +374,7 @@ impl Worker {
                     }
                 }
                 tracing::info!(task = task.task_id, "committed");
-                Outcome::Committed
+                (Outcome::Committed, next)
             }
             Err(e) => {
                 let error = e.to_string();
@@ -356,7 +383,7 @@ impl Worker {
                 if let Err(status) = client.fail(request).await {
                     tracing::warn!(error = status.message(), "could not report the failure; the lease will expire");
                 }
-                Outcome::Failed
+                (Outcome::Failed, None)
             }
         }
     }
