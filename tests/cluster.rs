@@ -56,7 +56,13 @@ fn coordinator(store: &Path, listen: &str, extra: &[&str]) -> (Proc, String) {
 }
 
 fn worker(url: &str, name: &str, env: &[(&str, &str)]) -> Proc {
-    let mut cmd = dnd_cmd(&["worker", "--coordinator", url, "--name", name, "--grace-seconds", "30", "--threads", "1"]);
+    worker_with(url, name, env, &["--grace-seconds", "30"])
+}
+
+fn worker_with(url: &str, name: &str, env: &[(&str, &str)], extra: &[&str]) -> Proc {
+    let mut args = vec!["worker", "--coordinator", url, "--name", name, "--threads", "1"];
+    args.extend(extra);
+    let mut cmd = dnd_cmd(&args);
     cmd.stdout(Stdio::null()).stderr(Stdio::null());
     for (k, v) in env {
         cmd.env(k, v);
@@ -300,4 +306,88 @@ fn tls_serves_clients_that_trust_its_certificate_and_only_them() {
     assert_ne!(untrusted.code, 0, "a certificate nobody vouches for is refused:\n{}", untrusted.stdout);
     let plaintext = run(&mut dnd_cmd(&["list", "--coordinator", &url]));
     assert_ne!(plaintext.code, 0, "a TLS coordinator does not speak plaintext:\n{}", plaintext.stdout);
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// `GET /metrics` over plain HTTP/1.0; the body.
+fn scrape(port: u16) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return String::new() };
+    stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    response.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default()
+}
+
+/// The value of one series (`name{labels}` exactly as exposed), if present.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_move_while_a_job_runs_and_sigterm_hands_the_task_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = job_file(dir.path(), "observed");
+    let store = dir.path().join("store");
+    let coordinator_metrics = free_port();
+    let worker_metrics = free_port();
+    let listen = format!("127.0.0.1:{coordinator_metrics}");
+    let (_coordinator, url) = coordinator(&store, "127.0.0.1:0", &["--metrics-listen", &listen]);
+    let wlisten = format!("127.0.0.1:{worker_metrics}");
+    // Grace 0: on SIGTERM the current task goes straight back.
+    let leaving = worker_with(&url, "leaving", &[], &["--metrics-listen", &wlisten, "--grace-seconds", "0"]);
+    let before = scrape(coordinator_metrics);
+    assert!(before.contains("# TYPE dnd_tasks gauge"), "{before}");
+    let submitted = submit(&url, &job, false);
+    assert_eq!(submitted.code, 0, "{}", submitted.stderr);
+
+    // The probe tasks commit: the coordinator's counters and the worker's histograms move.
+    wait_until("committed tasks in the coordinator's metrics", || {
+        sample(&scrape(coordinator_metrics), "dnd_task_events_total{kind=\"committed\"}").is_some_and(|v| v >= 3.0)
+    });
+    wait_until("the worker's stage metrics", || {
+        let w = scrape(worker_metrics);
+        sample(&w, "dnd_stage_seconds_count{stage=\"probe\"}").is_some_and(|v| v >= 1.0)
+            && sample(&w, "dnd_worker_tasks_total{outcome=\"committed\"}").is_some_and(|v| v >= 1.0)
+            && sample(&w, "dnd_model_load_seconds").is_some()
+    });
+
+    // SIGTERM while it holds a neuron task: it hands the task back and exits.
+    let mut held = String::new();
+    wait_until("the worker to lease a neuron task", || {
+        let log = events(&store, "observed");
+        let last_leased = log.iter().rev().find(|e| e["kind"] == "leased");
+        match last_leased {
+            Some(e) if !e["task"].as_str().unwrap().starts_with("probe") => {
+                held = e["task"].as_str().unwrap().to_string();
+                true
+            }
+            _ => false,
+        }
+    });
+    let mut leaving = leaving;
+    leaving.signal("-TERM");
+    let stopped = Instant::now();
+    let status = loop {
+        if let Some(status) = leaving.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(stopped.elapsed() < Duration::from_secs(30), "the worker did not stop after SIGTERM");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "{status:?}");
+    wait_until("the hand-back in the event log", || {
+        events(&store, "observed").iter().any(|e| e["kind"] == "handed_back" && e["task"] == held.as_str())
+    });
+    let _rescuer = worker(&url, "rescuer", &[]);
+    wait_until("the job to finish on the other worker", || store.join("jobs/observed/summary.json").is_file());
+    assert_every_neuron_once(&descriptions(&store, "observed").await);
+    let log = events(&store, "observed");
+    let committed_by = log.iter().find(|e| e["kind"] == "committed" && e["task"] == held.as_str()).map(|e| e["worker"].as_str().unwrap().to_string());
+    assert!(committed_by.is_some_and(|w| w.starts_with("rescuer")), "{log:?}");
+    let after = scrape(coordinator_metrics);
+    assert!(sample(&after, "dnd_task_events_total{kind=\"handed_back\"}").is_some_and(|v| v >= 1.0), "{after}");
 }

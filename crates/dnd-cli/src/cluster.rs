@@ -83,6 +83,9 @@ pub struct CoordinatorArgs {
     /// Attempts a task gets before it is recorded as failed.
     #[arg(long, env = "DND_MAX_ATTEMPTS", default_value_t = 3)]
     max_attempts: u32,
+    /// Serve Prometheus metrics on http://ADDR/metrics (and /healthz), e.g. 0.0.0.0:9090.
+    #[arg(long, env = "DND_METRICS_LISTEN", value_name = "ADDR")]
+    metrics_listen: Option<String>,
 }
 
 #[derive(Args)]
@@ -101,6 +104,9 @@ pub struct WorkerArgs {
     /// Compute threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Serve Prometheus metrics on http://ADDR/metrics and a liveness check on /healthz.
+    #[arg(long, env = "DND_METRICS_LISTEN", value_name = "ADDR")]
+    metrics_listen: Option<String>,
 }
 
 #[derive(Args)]
@@ -157,9 +163,22 @@ pub async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     let server = ServerConfig { tls_cert: args.tls_cert, tls_key: args.tls_key };
     let listener = tokio::net::TcpListener::bind(&args.listen).await.map_err(|e| BadInput(format!("cannot listen on {}: {e}", args.listen)))?;
     let coordinator = Coordinator::open(store.clone(), settings).await?;
+    let metrics_addr = match &args.metrics_listen {
+        Some(addr) => {
+            let live = coordinator.clone();
+            let refresh: std::sync::Arc<dyn Fn(&dnd_metrics::Metrics) + Send + Sync> = std::sync::Arc::new(move |_| {
+                live.metrics();
+            });
+            Some(dnd_metrics::serve(coordinator.metrics().clone(), addr, refresh).await.map_err(|e| BadInput(format!("cannot serve metrics on {addr}: {e}")))?)
+        }
+        None => None,
+    };
     let served = dnd_coordinator::serve(coordinator, listener, token, &server, terminated()).await?;
     // Tests and scripts read the bound address from this line.
     println!("coordinator listening on {} (store {store})", served.addr);
+    if let Some(addr) = metrics_addr {
+        println!("metrics on http://{addr}/metrics");
+    }
     served.task.await?.context("the coordinator's server stopped")?;
     tracing::info!("coordinator stopped");
     Ok(())
@@ -175,6 +194,12 @@ pub async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         lease_wait: Duration::from_secs(20),
     };
     let worker = std::sync::Arc::new(Worker::new(config));
+    if let Some(addr) = &args.metrics_listen {
+        let bound = dnd_metrics::serve(worker.metrics().clone(), addr, std::sync::Arc::new(|_: &dnd_metrics::Metrics| {}))
+            .await
+            .map_err(|e| BadInput(format!("cannot serve metrics on {addr}: {e}")))?;
+        tracing::info!("metrics on http://{bound}/metrics");
+    }
     let (stop, stopped) = watch::channel(false);
     tokio::spawn(async move {
         terminated().await;

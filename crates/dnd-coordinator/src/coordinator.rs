@@ -98,6 +98,20 @@ pub struct Coordinator {
     targets: tokio::sync::Mutex<HashMap<String, Arc<TargetModel>>>,
     workers: Mutex<HashMap<String, String>>,
     submissions: tokio::sync::Mutex<()>,
+    metrics: dnd_metrics::Metrics,
+}
+
+/// Declares the coordinator's metrics (docs/metrics.md).
+fn coordinator_metrics() -> dnd_metrics::Metrics {
+    use dnd_metrics::Kind;
+    let m = dnd_metrics::Metrics::new();
+    m.describe("dnd_tasks", Kind::Gauge, "Tasks of the coordinator's jobs by state: queued (or waiting for the probe merge), leased, committed, failed.");
+    m.describe("dnd_jobs", Kind::Gauge, "Jobs by phase.");
+    m.describe("dnd_task_events_total", Kind::Counter, "Task and job events by kind (leased, committed, failed, retried, lease_expired, handed_back, task_failed, ...).");
+    m.describe("dnd_task_retries_total", Kind::Counter, "Task attempts that were retried.");
+    m.describe("dnd_lease_expiries_total", Kind::Counter, "Leases that expired without a heartbeat.");
+    m.describe("dnd_workers_joined_total", Kind::Counter, "Workers that joined.");
+    m
 }
 
 pub fn now_ms() -> i64 {
@@ -124,6 +138,7 @@ impl Coordinator {
             targets: tokio::sync::Mutex::new(HashMap::new()),
             workers: Mutex::new(HashMap::new()),
             submissions: tokio::sync::Mutex::new(()),
+            metrics: coordinator_metrics(),
         });
         if coordinator.settings.resume_unfinished {
             coordinator.recover().await?;
@@ -341,6 +356,12 @@ impl Coordinator {
                 tracing::warn!(job, error = %e, "cannot persist the event log");
             }
             for event in events {
+                self.metrics.inc("dnd_task_events_total", &[("kind", &event.kind)], 1.0);
+                match event.kind.as_str() {
+                    "retried" => self.metrics.inc("dnd_task_retries_total", &[], 1.0),
+                    "lease_expired" => self.metrics.inc("dnd_lease_expiries_total", &[], 1.0),
+                    _ => {}
+                }
                 let _ = self.events.send((job.clone(), event));
             }
         }
@@ -351,6 +372,7 @@ impl Coordinator {
         let mut workers = lock(&self.workers);
         let id = format!("{name}-{}", workers.len() + 1);
         workers.insert(id.clone(), name.to_string());
+        self.metrics.inc("dnd_workers_joined_total", &[], 1.0);
         tracing::info!(worker = id, "worker joined");
         id
     }
@@ -437,6 +459,27 @@ impl Coordinator {
     /// The job's event log so far.
     pub fn events(&self, job: &str) -> Vec<Event> {
         lock(&self.scheduler).events(job).to_vec()
+    }
+
+    /// The registry, with its gauges brought up to date.
+    pub fn metrics(&self) -> &dnd_metrics::Metrics {
+        let jobs = self.jobs();
+        let mut states = [("queued", 0u32), ("leased", 0), ("committed", 0), ("failed", 0)];
+        let mut phases: std::collections::BTreeMap<String, u32> = Default::default();
+        for v in &jobs {
+            states[0].1 += v.counts.queued;
+            states[1].1 += v.counts.leased;
+            states[2].1 += v.counts.committed;
+            states[3].1 += v.counts.failed;
+            *phases.entry(format!("{:?}", v.phase).to_lowercase()).or_default() += 1;
+        }
+        for (state, n) in states {
+            self.metrics.set("dnd_tasks", &[("state", state)], n as f64);
+        }
+        for (phase, n) in phases {
+            self.metrics.set("dnd_jobs", &[("phase", &phase)], n as f64);
+        }
+        &self.metrics
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<(String, Event)> {

@@ -55,16 +55,49 @@ pub struct WorkerReport {
     pub abandoned: usize,
 }
 
-/// Progress of the running attempt, per stage, for heartbeats.
-#[derive(Default)]
+/// Progress of the running attempt, per stage, for heartbeats; and when each stage last
+/// moved, for the stage-duration metrics.
 struct AttemptProgress {
+    started: std::time::Instant,
     current: Mutex<String>,
     done: Mutex<BTreeMap<String, u64>>,
+    /// Stages in the order they first moved, with the time they last moved.
+    moved: Mutex<Vec<(String, std::time::Instant)>>,
+}
+
+impl Default for AttemptProgress {
+    fn default() -> Self {
+        Self { started: std::time::Instant::now(), current: Mutex::default(), done: Mutex::default(), moved: Mutex::default() }
+    }
 }
 
 impl AttemptProgress {
     fn snapshot(&self) -> Vec<pb::StageProgress> {
         lock(&self.done).iter().map(|(stage, done)| pb::StageProgress { stage: stage.clone(), done: *done, total: 0 }).collect()
+    }
+
+    fn moved(&self, stage: &str, done: u64) {
+        *lock(&self.done).entry(stage.to_string()).or_default() += done;
+        let now = std::time::Instant::now();
+        let mut moved = lock(&self.moved);
+        match moved.iter_mut().find(|(s, _)| s == stage) {
+            Some(entry) => entry.1 = now,
+            None => moved.push((stage.to_string(), now)),
+        }
+    }
+
+    /// Seconds per stage: the batch goes through the stages one after another, so a
+    /// stage's time runs from the previous stage's last move to its own.
+    fn stage_seconds(&self) -> Vec<(String, f64)> {
+        let mut last = self.started;
+        lock(&self.moved)
+            .iter()
+            .map(|(stage, at)| {
+                let seconds = at.saturating_duration_since(last).as_secs_f64();
+                last = last.max(*at);
+                (stage.clone(), seconds)
+            })
+            .collect()
     }
 }
 
@@ -74,12 +107,26 @@ impl Progress for AttemptProgress {
     }
     fn advance(&self, done: u64) {
         let stage = lock(&self.current).clone();
-        *lock(&self.done).entry(stage).or_default() += done;
+        self.moved(&stage, done);
     }
     fn end(&self) {}
     fn advance_stage(&self, stage: &str, done: u64) {
-        *lock(&self.done).entry(stage.to_string()).or_default() += done;
+        self.moved(stage, done);
     }
+}
+
+/// Declares the worker's metrics (docs/metrics.md).
+fn worker_metrics() -> dnd_metrics::Metrics {
+    use dnd_metrics::Kind;
+    let m = dnd_metrics::Metrics::new();
+    m.describe("dnd_worker_tasks_total", Kind::Counter, "Task attempts this worker ran, by outcome: committed, failed, handed_back, abandoned.");
+    m.describe("dnd_task_seconds", Kind::Histogram, "Wall time of committed task attempts, by kind (probe, neurons).");
+    m.describe("dnd_stage_seconds", Kind::Histogram, "Wall time of each stage within a task attempt (probe, crop, caption, summarize, generate, score).");
+    m.describe("dnd_cache_lookups_total", Kind::Counter, "Content-cache lookups by kind (images, captions, replies) and result (hit, miss); a miss is one model call.");
+    m.describe("dnd_images_generated_total", Kind::Counter, "Images the generator made (image cache misses).");
+    m.describe("dnd_model_load_seconds", Kind::Gauge, "Seconds the last model load (target, captioner, generator, embedder, summariser) took.");
+    m.describe("dnd_models_loaded_total", Kind::Counter, "Model sets loaded (a new job with other models loads anew).");
+    m
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -107,6 +154,7 @@ pub struct Worker {
     jobs: tokio::sync::Mutex<HashMap<(String, String), Arc<JobContext>>>,
     stores: Mutex<HashMap<String, Location>>,
     fail_tasks: Vec<String>,
+    metrics: dnd_metrics::Metrics,
 }
 
 enum Outcome {
@@ -120,7 +168,12 @@ enum Outcome {
 impl Worker {
     pub fn new(config: WorkerConfig) -> Self {
         let fail_tasks = std::env::var(FAIL_TASKS_ENV).unwrap_or_default().split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect();
-        Self { config, benches: Default::default(), jobs: Default::default(), stores: Default::default(), fail_tasks }
+        Self { config, benches: Default::default(), jobs: Default::default(), stores: Default::default(), fail_tasks, metrics: worker_metrics() }
+    }
+
+    /// The worker's metrics registry.
+    pub fn metrics(&self) -> &dnd_metrics::Metrics {
+        &self.metrics
     }
 
     /// Hands the worker models already loaded for `spec` (an embedded run loads them
@@ -156,6 +209,7 @@ impl Worker {
             return Ok(b.clone());
         }
         tracing::info!(target_model = spec.target.model, "loading the job's models");
+        let loading = std::time::Instant::now();
         let device = parse_device(&spec.device)?;
         let reference = spec.target.model.parse()?;
         let target = Arc::new(tokio::task::spawn_blocking(move || TargetModel::load(&reference, &device)).await??);
@@ -164,6 +218,8 @@ impl Worker {
             None => self.store(&spec.out)?.join("cache"),
         });
         let bench = Arc::new(Workbench::load(&spec, target, cache).await?);
+        self.metrics.set("dnd_model_load_seconds", &[], loading.elapsed().as_secs_f64());
+        self.metrics.inc("dnd_models_loaded_total", &[], 1.0);
         // One set of resident models at a time: a new job's models replace the old ones.
         benches.clear();
         benches.insert(key, bench.clone());
@@ -189,7 +245,18 @@ impl Worker {
         }
         let context = self.context(&task.store, &task.job).await?;
         let bench = self.bench(&context.spec).await?;
-        context.run_task(&bench, &task.task_id, &task.attempt_name, progress).await?;
+        let stats = context.run_task(&bench, &task.task_id, &task.attempt_name, progress).await?;
+        self.metrics.observe("dnd_task_seconds", &[("kind", &stats.kind)], stats.seconds);
+        for (stage, seconds) in progress.stage_seconds() {
+            self.metrics.observe("dnd_stage_seconds", &[("stage", &stage)], seconds);
+        }
+        for (kind, counts) in &stats.cache {
+            self.metrics.inc("dnd_cache_lookups_total", &[("kind", kind), ("result", "hit")], counts.hits as f64);
+            self.metrics.inc("dnd_cache_lookups_total", &[("kind", kind), ("result", "miss")], counts.misses as f64);
+            if kind == "images" {
+                self.metrics.inc("dnd_images_generated_total", &[], counts.misses as f64);
+            }
+        }
         let committed = TaskStore::new(context.job.clone()).commit(&task.task_id, &task.attempt_name).await?;
         if !committed {
             tracing::info!(task = task.task_id, "another attempt committed first; this one's outputs are ignored");
@@ -238,6 +305,13 @@ impl Worker {
             tracing::info!(job = task.job, task = task.task_id, attempt = task.attempt, "leased");
             let (outcome, following) = self.run_leased(&mut client, &joined.worker_id, &task, heartbeat, &mut shutdown).await;
             next = following;
+            let outcome_name = match outcome {
+                Outcome::Committed => "committed",
+                Outcome::Failed => "failed",
+                Outcome::HandedBack => "handed_back",
+                Outcome::Abandoned => "abandoned",
+            };
+            self.metrics.inc("dnd_worker_tasks_total", &[("outcome", outcome_name)], 1.0);
             match outcome {
                 Outcome::Committed => report.committed += 1,
                 Outcome::Failed => report.failed += 1,
