@@ -38,6 +38,9 @@ pub enum BenchCommand {
     /// time) lease, commit and complete tasks over gRPC on loopback. Reports tasks per
     /// second and the makespan against the ideal (total work / workers).
     Scheduler(crate::bench_scheduler::SchedulerArgs),
+    /// The HTML report at scale: writes a synthetic job of thousands of neurons, renders
+    /// its report and times its index's load in headless Chromium (bench/report_load.py).
+    Report(crate::report::BenchReportArgs),
 }
 
 #[derive(Args)]
@@ -108,6 +111,7 @@ pub async fn bench(command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Quality(args) => quality(args).await,
         BenchCommand::Scheduler(args) => crate::bench_scheduler::scheduler(args).await,
+        BenchCommand::Report(args) => crate::report::bench(args).await,
     }
 }
 

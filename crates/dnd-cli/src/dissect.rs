@@ -206,5 +206,6 @@ pub async fn dissect(args: DissectArgs) -> anyhow::Result<()> {
         s.total_seconds, s.load_seconds, s.probe_seconds, s.describe_seconds, s.seconds_per_neuron, s.peak_rss_mib
     );
     println!("results: {}/results/ (descriptions, candidates, scores, captions, images, exchanges, errors .parquet)", s.location);
+    crate::report::after_dissect(&s.location).await;
     Ok(())
 }

@@ -5,6 +5,7 @@ mod bench_scheduler;
 mod cluster;
 mod dissect;
 mod progress;
+mod report;
 mod stages;
 mod synth;
 
@@ -80,6 +81,11 @@ enum Command {
     /// images,exchanges,errors}.parquet (schemas: docs/schema.md), jobs/<name>/summary.json,
     /// and the shared cache/ of generated images, captions and LLM replies.
     Dissect(dissect::DissectArgs),
+
+    /// Write a static HTML report of a dissection: an index of every neuron (sortable,
+    /// filterable) and a page per neuron with its top images, crop boxes, captions,
+    /// candidates and generated images. Opens from a local directory, no server needed.
+    Report(report::ReportArgs),
 
     /// Serve jobs to workers over gRPC (the distributed mode): plans submitted jobs into
     /// tasks, leases them, retries failures, merges and compacts results in --store, and
@@ -201,6 +207,7 @@ fn main() -> ExitCode {
         Command::Dissect(a) => a.threads,
         Command::Worker(a) => a.threads,
         Command::Synth(_)
+        | Command::Report(_)
         | Command::Bench(_)
         | Command::Coordinator(_)
         | Command::Submit(_)
@@ -229,6 +236,7 @@ fn main() -> ExitCode {
             Command::Generate(args) => stages::generate(args).await,
             Command::Summarize(args) => stages::summarize(args).await,
             Command::Dissect(args) => dissect::dissect(args).await,
+            Command::Report(args) => report::report(args).await,
             Command::Coordinator(args) => cluster::coordinator(args).await,
             Command::Worker(args) => cluster::worker(args).await,
             Command::Submit(args) => cluster::submit(args).await,
@@ -280,6 +288,9 @@ fn is_user_error(e: &anyhow::Error) -> bool {
         }
         if cause.downcast_ref::<dnd_proto::TransportError>().is_some() || cause.downcast_ref::<dnd_proto::TokenError>().is_some() {
             return true;
+        }
+        if let Some(r) = cause.downcast_ref::<dnd_report::ReportError>() {
+            return r.is_user_error();
         }
         if let Some(s) = cause.downcast_ref::<dnd_summarize::SummarizeError>() {
             return s.is_user_error();
