@@ -356,6 +356,187 @@ async fn metrics_move_while_a_job_runs_and_sigterm_hands_the_task_back() {
     });
 
     // SIGTERM while it holds a neuron task: it hands the task back and exits.
+    wait_until("the worker to lease a neuron task", || {
+        let log = events(&store, "observed");
+        log.iter().rev().find(|e| e["kind"] == "leased").is_some_and(|e| !e["task"].as_str().unwrap().starts_with("probe"))
+    });
+    let mut leaving = leaving;
+    leaving.signal("-TERM");
+    let stopped = Instant::now();
+    let status = loop {
+        if let Some(status) = leaving.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(stopped.elapsed() < Duration::from_secs(30), "the worker did not stop after SIGTERM");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "{status:?}");
+    // The task it held then (it may have moved on to the next one since the check above).
+    let mut held = String::new();
+    wait_until("the hand-back in the event log", || {
+        let handed = events(&store, "observed").into_iter().find(|e| e["kind"] == "handed_back");
+        if let Some(e) = handed {
+            held = e["task"].as_str().unwrap().to_string();
+        }
+        !held.is_empty()
+    });
+    let _rescuer = worker(&url, "rescuer", &[]);
+    wait_until("the job to finish", || store.join("jobs/killed/summary.json").is_file());
+
+    assert_every_neuron_once(&descriptions(&store, "killed").await);
+    let log = events(&store, "killed");
+    let of_task: Vec<String> = log.iter().filter(|e| e["task"] == victim_task.as_str()).map(|e| format!("{}:{}", e["kind"].as_str().unwrap(), e["attempt"])).collect();
+    assert!(of_task.contains(&"lease_expired:1".to_string()), "{of_task:?}");
+    assert!(of_task.contains(&"retried:2".to_string()), "{of_task:?}");
+    assert!(of_task.contains(&"committed:2".to_string()), "{of_task:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_coordinator_killed_mid_job_resumes_without_redoing_committed_tasks() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = job_file(dir.path(), "restarted");
+    let store = dir.path().join("store");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let listen = format!("127.0.0.1:{port}");
+    let (first, url) = coordinator(&store, &listen, &[]);
+    let _worker = worker(&url, "w", &[]);
+    let submitted = submit(&url, &job, false);
+    assert_eq!(submitted.code, 0, "{}", submitted.stderr);
+    wait_until("a neuron task to commit", || committed_tasks(&store, "restarted").iter().any(|t| !t.starts_with("probe")));
+    first.signal("-KILL");
+    drop(first);
+    let before = committed_tasks(&store, "restarted");
+    let seq_at_kill = events(&store, "restarted").last().map_or(0, |e| e["seq"].as_u64().unwrap());
+
+    let (_second, _) = coordinator(&store, &listen, &[]);
+    wait_until("the restarted coordinator to finish the job", || store.join("jobs/restarted/summary.json").is_file());
+    assert_every_neuron_once(&descriptions(&store, "restarted").await);
+    let log = events(&store, "restarted");
+    for task in &before {
+        let releases: Vec<&serde_json::Value> =
+            log.iter().filter(|e| e["seq"].as_u64().unwrap() > seq_at_kill && e["kind"] == "leased" && e["task"] == task.as_str()).collect();
+        assert!(releases.is_empty(), "task {task} was committed before the restart and ran again: {releases:?}");
+        let attempts = std::fs::read_dir(store.join(format!("jobs/restarted/tasks/{task}"))).unwrap().filter(|e| e.as_ref().unwrap().path().is_dir()).count();
+        assert_eq!(attempts, 1, "task {task} has one attempt directory");
+    }
+    assert!(log.iter().filter(|e| e["kind"] == "submitted").count() >= 2, "the restart continued the same log");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tokens_bad_specs_and_a_task_that_always_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let (_coordinator, url) = coordinator(&store, "127.0.0.1:0", &["--max-attempts", "2"]);
+
+    // No token, or the wrong one: UNAUTHENTICATED, for clients and workers alike.
+    let anonymous = run(dnd_cmd(&["list", "--coordinator", &url]).env_remove("DND_TOKEN").env("DND_TOKEN_FILE", dir.path().join("missing")));
+    assert_eq!(anonymous.code, 2, "{}", anonymous.stderr);
+    let wrong = run(dnd_cmd(&["list", "--coordinator", &url]).env("DND_TOKEN", "wrong-token-0123456789"));
+    assert_eq!(wrong.code, 2, "{}", wrong.stderr);
+    assert!(wrong.stderr.contains("Unauthenticated"), "{}", wrong.stderr);
+    let intruder = run(dnd_cmd(&["worker", "--coordinator", &url]).env("DND_TOKEN", "wrong-token-0123456789"));
+    assert_eq!(intruder.code, 2, "{}", intruder.stderr);
+    assert!(intruder.stderr.contains("wrong auth token"), "{}", intruder.stderr);
+
+    // A malformed spec is refused by the coordinator, naming the field.
+    let bad = job_file(dir.path(), "bad");
+    std::fs::write(&bad, std::fs::read_to_string(&bad).unwrap().replace("neurons_per_task = 1", "neurons_per_task = 0")).unwrap();
+    let refused = submit(&url, &bad, false);
+    assert_eq!(refused.code, 2, "{}", refused.stderr);
+    assert!(refused.stderr.contains("describe.neurons_per_task"), "{}", refused.stderr);
+    assert!(refused.stderr.contains("InvalidArgument"), "{}", refused.stderr);
+
+    // A task that always fails ends failed, with its error; the other neurons complete.
+    let job = job_file(dir.path(), "failing");
+    let _worker = worker(&url, "w", &[("DND_FAIL_TASKS", "layer4-00001")]);
+    let done = submit(&url, &job, true);
+    assert_eq!(done.code, 0, "{}\n{}", done.stdout, done.stderr);
+    assert!(done.stdout.contains("1 failed"), "{}", done.stdout);
+    let rows = descriptions(&store, "failing").await;
+    assert_every_neuron_once(&rows);
+    for r in &rows {
+        if (r.layer.as_str(), r.neuron) == ("layer4", 1) {
+            assert_eq!(r.status, "failed");
+            assert!(r.error.as_deref().unwrap().contains("injected failure"), "{r:?}");
+        } else {
+            assert_eq!(r.status, "ok", "{r:?}");
+        }
+    }
+    let failed: Vec<serde_json::Value> = events(&store, "failing").into_iter().filter(|e| e["task"] == "layer4-00001").collect();
+    assert_eq!(failed.iter().filter(|e| e["kind"] == "failed").count(), 2, "{failed:?}");
+    assert!(failed.iter().any(|e| e["kind"] == "task_failed"), "{failed:?}");
+}
+
+#[test]
+fn tls_serves_clients_that_trust_its_certificate_and_only_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let rcgen::CertifiedKey { cert, signing_key } = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, signing_key.serialize_pem()).unwrap();
+    let store = dir.path().join("store");
+    let (cert_arg, key_arg) = (cert_path.display().to_string(), key_path.display().to_string());
+    let (_coordinator, url) = coordinator(&store, "127.0.0.1:0", &["--tls-cert", &cert_arg, "--tls-key", &key_arg]);
+    let port = url.rsplit(':').next().unwrap();
+    let https = format!("https://localhost:{port}");
+
+    let trusted = run(&mut dnd_cmd(&["list", "--coordinator", &https, "--tls-ca", &cert_arg]));
+    assert_eq!(trusted.code, 0, "{}", trusted.stderr);
+    assert!(trusted.stdout.contains("no jobs"), "{}", trusted.stdout);
+    let untrusted = run(&mut dnd_cmd(&["list", "--coordinator", &https]));
+    assert_ne!(untrusted.code, 0, "a certificate nobody vouches for is refused:\n{}", untrusted.stdout);
+    let plaintext = run(&mut dnd_cmd(&["list", "--coordinator", &url]));
+    assert_ne!(plaintext.code, 0, "a TLS coordinator does not speak plaintext:\n{}", plaintext.stdout);
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// `GET /metrics` over plain HTTP/1.0; the body.
+fn scrape(port: u16) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return String::new() };
+    stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    response.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default()
+}
+
+/// The value of one series (`name{labels}` exactly as exposed), if present.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_move_while_a_job_runs_and_sigterm_hands_the_task_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = job_file(dir.path(), "observed");
+    let store = dir.path().join("store");
+    let coordinator_metrics = free_port();
+    let worker_metrics = free_port();
+    let listen = format!("127.0.0.1:{coordinator_metrics}");
+    let (_coordinator, url) = coordinator(&store, "127.0.0.1:0", &["--metrics-listen", &listen]);
+    let wlisten = format!("127.0.0.1:{worker_metrics}");
+    // Grace 0: on SIGTERM the current task goes straight back.
+    let leaving = worker_with(&url, "leaving", &[], &["--metrics-listen", &wlisten, "--grace-seconds", "0"]);
+    let before = scrape(coordinator_metrics);
+    assert!(before.contains("# TYPE dnd_tasks gauge"), "{before}");
+    let submitted = submit(&url, &job, false);
+    assert_eq!(submitted.code, 0, "{}", submitted.stderr);
+
+    // The probe tasks commit: the coordinator's counters and the worker's histograms move.
+    wait_until("committed tasks in the coordinator's metrics", || {
+        sample(&scrape(coordinator_metrics), "dnd_task_events_total{kind=\"committed\"}").is_some_and(|v| v >= 3.0)
+    });
+    wait_until("the worker's stage metrics", || {
+        let w = scrape(worker_metrics);
+        sample(&w, "dnd_stage_seconds_count{stage=\"probe\"}").is_some_and(|v| v >= 1.0)
+            && sample(&w, "dnd_worker_tasks_total{outcome=\"committed\"}").is_some_and(|v| v >= 1.0)
+            && sample(&w, "dnd_model_load_seconds").is_some()
+    });
+
+    // SIGTERM while it holds a neuron task: it hands the task back and exits.
     let mut held = String::new();
     wait_until("the worker to lease a neuron task", || {
         let log = events(&store, "observed");
