@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use arrow::datatypes::{DataType, Schema};
-use arrow::record_batch::RecordBatch;
 use async_trait::async_trait;
 
 use dnd_embedded::Dissection;
