@@ -308,8 +308,10 @@ fn tls_serves_clients_that_trust_its_certificate_and_only_them() {
     assert_ne!(plaintext.code, 0, "a TLS coordinator does not speak plaintext:\n{}", plaintext.stdout);
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+/// The port of a `metrics on http://127.0.0.1:PORT/metrics` line a process printed.
+fn metrics_port(line: &str) -> u16 {
+    let addr = line.trim().strip_prefix("metrics on http://").and_then(|rest| rest.strip_suffix("/metrics")).unwrap_or_else(|| panic!("no metrics address in {line:?}"));
+    addr.rsplit(':').next().unwrap().parse().unwrap()
 }
 
 /// `GET /metrics` over plain HTTP/1.0; the body.
@@ -332,13 +334,30 @@ async fn metrics_move_while_a_job_runs_and_sigterm_hands_the_task_back() {
     let dir = tempfile::tempdir().unwrap();
     let job = job_file(dir.path(), "observed");
     let store = dir.path().join("store");
-    let coordinator_metrics = free_port();
-    let worker_metrics = free_port();
-    let listen = format!("127.0.0.1:{coordinator_metrics}");
-    let (_coordinator, url) = coordinator(&store, "127.0.0.1:0", &["--metrics-listen", &listen]);
-    let wlisten = format!("127.0.0.1:{worker_metrics}");
+    // Every process binds its own free port (picking one here could race with the other
+    // tests' connections) and prints it.
+    let store_arg = store.display().to_string();
+    let mut child = dnd_cmd(&["coordinator", "--store", &store_arg, "--listen", "127.0.0.1:0", "--lease-seconds", "2", "--metrics-listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    let url = format!("http://{}", first.split_whitespace().nth(3).unwrap());
+    let coordinator_metrics = metrics_port(&lines.next().unwrap().unwrap());
+    let _coordinator = Proc(child);
     // Grace 0: on SIGTERM the current task goes straight back.
-    let leaving = worker_with(&url, "leaving", &[], &["--metrics-listen", &wlisten, "--grace-seconds", "0"]);
+    let mut child = dnd_cmd(&["worker", "--coordinator", &url, "--name", "leaving", "--threads", "1", "--metrics-listen", "127.0.0.1:0", "--grace-seconds", "0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut worker_out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    worker_out.read_line(&mut line).unwrap();
+    let worker_metrics = metrics_port(&line);
+    let leaving = Proc(child);
     let before = scrape(coordinator_metrics);
     assert!(before.contains("# TYPE dnd_tasks gauge"), "{before}");
     let submitted = submit(&url, &job, false);

@@ -198,7 +198,10 @@ pub async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         let bound = dnd_metrics::serve(worker.metrics().clone(), addr, std::sync::Arc::new(|_: &dnd_metrics::Metrics| {}))
             .await
             .map_err(|e| BadInput(format!("cannot serve metrics on {addr}: {e}")))?;
-        tracing::info!("metrics on http://{bound}/metrics");
+        // Scripts and tests read the bound address from this line (ADDR may end in :0).
+        println!("metrics on http://{bound}/metrics");
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
     }
     let (stop, stopped) = watch::channel(false);
     tokio::spawn(async move {
