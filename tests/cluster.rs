@@ -5,37 +5,16 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use dnd_store::results::{DescriptionRow, ResultTable};
 use dnd_store::{Location, batches_rows, read_parquet};
-use dnd_tests::{dnd_binary, repo, results_only, table};
+use dnd_tests::{Proc, dnd_binary, http_get, repo, results_only, table};
 
 const TOKEN: &str = "test-token-0123456789abcdef";
 /// Every wait in these tests ends by this deadline, so a hang fails instead of blocking CI.
 const PATIENCE: Duration = Duration::from_secs(300);
-
-/// A child process killed when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Proc {
-    fn pid(&self) -> i32 {
-        self.0.id() as i32
-    }
-
-    fn signal(&self, signal: &str) {
-        let status = Command::new("kill").args([signal, &self.pid().to_string()]).status().unwrap();
-        assert!(status.success());
-    }
-}
 
 fn dnd_cmd(args: &[&str]) -> Command {
     let mut cmd = Command::new(dnd_binary());
@@ -314,14 +293,9 @@ fn metrics_port(line: &str) -> u16 {
     addr.rsplit(':').next().unwrap().parse().unwrap()
 }
 
-/// `GET /metrics` over plain HTTP/1.0; the body.
+/// `GET /metrics` from a process on loopback; the body (empty while nothing answers).
 fn scrape(port: u16) -> String {
-    use std::io::{Read, Write};
-    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return String::new() };
-    stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    response.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default()
+    http_get("127.0.0.1", port, "/metrics").map(|(_, body)| body).unwrap_or_default()
 }
 
 /// The value of one series (`name{labels}` exactly as exposed), if present.
@@ -381,14 +355,7 @@ async fn metrics_move_while_a_job_runs_and_sigterm_hands_the_task_back() {
     });
     let mut leaving = leaving;
     leaving.signal("-TERM");
-    let stopped = Instant::now();
-    let status = loop {
-        if let Some(status) = leaving.0.try_wait().unwrap() {
-            break status;
-        }
-        assert!(stopped.elapsed() < Duration::from_secs(30), "the worker did not stop after SIGTERM");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let status = leaving.wait_for_exit(Duration::from_secs(30)).expect("the worker did not stop after SIGTERM");
     assert!(status.success(), "{status:?}");
     // The task it held then (it may have moved on to the next one since the check above).
     let mut held = String::new();

@@ -135,3 +135,123 @@ pub fn results_only(batch: &arrow::record_batch::RecordBatch) -> arrow::record_b
         .collect();
     batch.project(&keep).unwrap()
 }
+
+/// A child process, killed when dropped so a failing test leaves nothing running.
+pub struct Proc(pub std::process::Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Proc {
+    pub fn pid(&self) -> i32 {
+        self.0.id() as i32
+    }
+
+    /// Sends `signal` (as `kill` spells it: `-TERM`, `-KILL`).
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill").args([signal, &self.pid().to_string()]).status().unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits up to `limit` for the process to exit; its status, or None if it is still running.
+    pub fn wait_for_exit(&mut self, limit: std::time::Duration) -> Option<std::process::ExitStatus> {
+        let start = std::time::Instant::now();
+        loop {
+            if let Some(status) = self.0.try_wait().unwrap() {
+                return Some(status);
+            }
+            if start.elapsed() >= limit {
+                return None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+}
+
+/// An S3-compatible server on loopback (`moto_server`, installed by `.ci/run` from
+/// `tests/requirements-services.txt`) with one bucket.
+pub struct S3Server {
+    _server: Proc,
+    pub endpoint: String,
+    pub bucket: String,
+}
+
+impl S3Server {
+    pub const ACCESS_KEY: &str = "test";
+    pub const SECRET_KEY: &str = "test";
+    pub const REGION: &str = "us-east-1";
+
+    pub fn start(bucket: &str) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = Command::new("moto_server")
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("moto_server is not installed: run `pip install -r tests/requirements-services.txt` (.ci/run does)");
+        let server = Proc(child);
+        let endpoint = format!("http://127.0.0.1:{port}");
+        let start = std::time::Instant::now();
+        // The bucket, created once the server answers.
+        loop {
+            let created = Command::new("python3")
+                .args(["-c", &format!(
+                    "import boto3; boto3.client('s3', endpoint_url='{endpoint}', aws_access_key_id='{}', aws_secret_access_key='{}', region_name='{}').create_bucket(Bucket='{bucket}')",
+                    Self::ACCESS_KEY, Self::SECRET_KEY, Self::REGION
+                )])
+                .stderr(std::process::Stdio::null())
+                .status()
+                .unwrap();
+            if created.success() {
+                break;
+            }
+            assert!(start.elapsed() < std::time::Duration::from_secs(60), "moto_server did not start");
+            std::thread::sleep(std::time::Duration::from_millis(300));
+        }
+        Self { _server: server, endpoint, bucket: bucket.to_string() }
+    }
+
+    /// The environment object_store reads to reach this server.
+    pub fn env(&self) -> [(&'static str, String); 5] {
+        [
+            ("AWS_ENDPOINT", self.endpoint.clone()),
+            ("AWS_ALLOW_HTTP", "true".into()),
+            ("AWS_ACCESS_KEY_ID", Self::ACCESS_KEY.into()),
+            ("AWS_SECRET_ACCESS_KEY", Self::SECRET_KEY.into()),
+            ("AWS_REGION", Self::REGION.into()),
+        ]
+    }
+
+    /// `prefix` in the bucket, opened with this server's settings (not the process's
+    /// environment, which tests share between threads).
+    pub fn location(&self, prefix: &str) -> dnd_store::Location {
+        let s3 = object_store::aws::AmazonS3Builder::new()
+            .with_endpoint(&self.endpoint)
+            .with_allow_http(true)
+            .with_bucket_name(&self.bucket)
+            .with_access_key_id(Self::ACCESS_KEY)
+            .with_secret_access_key(Self::SECRET_KEY)
+            .with_region(Self::REGION)
+            .build()
+            .unwrap();
+        dnd_store::Location::from_store(std::sync::Arc::new(s3), object_store::path::Path::from(prefix), format!("s3://{}/{prefix}", self.bucket))
+    }
+}
+
+/// `GET path` over plain HTTP/1.0 from `host:port`: the status code and the body, or None
+/// when nothing answers.
+pub fn http_get(host: &str, port: u16, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect((host, port)).ok()?;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(10))).ok()?;
+    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes()).ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    let code = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((code, body.to_string()))
+}

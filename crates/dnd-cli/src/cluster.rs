@@ -195,7 +195,8 @@ pub async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     };
     let worker = std::sync::Arc::new(Worker::new(config));
     if let Some(addr) = &args.metrics_listen {
-        let bound = dnd_metrics::serve(worker.metrics().clone(), addr, std::sync::Arc::new(|_: &dnd_metrics::Metrics| {}))
+        let live = worker.clone();
+        let bound = dnd_metrics::serve(worker.metrics().clone(), addr, std::sync::Arc::new(move |_: &dnd_metrics::Metrics| live.refresh_metrics()))
             .await
             .map_err(|e| BadInput(format!("cannot serve metrics on {addr}: {e}")))?;
         // Scripts and tests read the bound address from this line (ADDR may end in :0).

@@ -5,6 +5,8 @@
 //! create-only marker, then reports. On shutdown it stops leasing and finishes the current
 //! task, or hands it back when the grace period runs out.
 
+pub mod gpu;
+
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -126,6 +128,8 @@ fn worker_metrics() -> dnd_metrics::Metrics {
     m.describe("dnd_images_generated_total", Kind::Counter, "Images the generator made (image cache misses).");
     m.describe("dnd_model_load_seconds", Kind::Gauge, "Seconds the last model load (target, captioner, generator, embedder, summariser) took.");
     m.describe("dnd_models_loaded_total", Kind::Counter, "Model sets loaded (a new job with other models loads anew).");
+    m.describe("dnd_gpu_memory_used_bytes", Kind::Gauge, "GPU memory in use on each visible GPU, by every process (NVML; absent without an NVIDIA driver).");
+    m.describe("dnd_gpu_memory_total_bytes", Kind::Gauge, "GPU memory installed on each visible GPU (NVML; absent without an NVIDIA driver).");
     m
 }
 
@@ -155,6 +159,7 @@ pub struct Worker {
     stores: Mutex<HashMap<String, Location>>,
     fail_tasks: Vec<String>,
     metrics: dnd_metrics::Metrics,
+    gpus: Option<gpu::GpuMemory>,
 }
 
 enum Outcome {
@@ -168,12 +173,19 @@ enum Outcome {
 impl Worker {
     pub fn new(config: WorkerConfig) -> Self {
         let fail_tasks = std::env::var(FAIL_TASKS_ENV).unwrap_or_default().split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect();
-        Self { config, benches: Default::default(), jobs: Default::default(), stores: Default::default(), fail_tasks, metrics: worker_metrics() }
+        Self { config, benches: Default::default(), jobs: Default::default(), stores: Default::default(), fail_tasks, metrics: worker_metrics(), gpus: gpu::GpuMemory::open() }
     }
 
     /// The worker's metrics registry.
     pub fn metrics(&self) -> &dnd_metrics::Metrics {
         &self.metrics
+    }
+
+    /// Updates the gauges read on demand (GPU memory) before a scrape.
+    pub fn refresh_metrics(&self) {
+        if let Some(gpus) = &self.gpus {
+            gpu::record(&self.metrics, &gpus.read());
+        }
     }
 
     /// Hands the worker models already loaded for `spec` (an embedded run loads them
