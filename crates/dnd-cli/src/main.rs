@@ -216,6 +216,9 @@ fn main() -> ExitCode {
         | Command::Cancel(_)
         | Command::List(_) => None,
     };
+    if let Command::Synth(synth::SynthCommand::Train(args)) = &cli.command {
+        synth::prepare_training_process(args);
+    }
     if let Some(n) = threads {
         // Before any thread pool exists: rayon and candle both read this variable.
         // SAFETY: no other thread runs yet.

@@ -5,9 +5,9 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
 
-use dnd_synth::train::captioner::{CaptionerTraining, train_captioner};
+use dnd_synth::train::captioner::{CaptionerReport, CaptionerTraining, evaluate_captioner, train_captioner};
 use dnd_synth::train::embedder::{EmbedderTraining, train_embedder};
-use dnd_synth::train::target::{TargetTraining, train_target};
+use dnd_synth::train::target::{TargetTraining, TrainingReport, train_target};
 use dnd_synth::{ProbeSetSpec, write_probe_set};
 
 use crate::BadInput;
@@ -50,9 +50,20 @@ pub enum ZooModel {
     All,
 }
 
+impl ZooModel {
+    fn name(self) -> &'static str {
+        match self {
+            ZooModel::Target => "target",
+            ZooModel::Captioner => "captioner",
+            ZooModel::Embedder => "embedder",
+            ZooModel::All => "all",
+        }
+    }
+}
+
 #[derive(Args)]
 pub struct TrainArgs {
-    /// Which model to train.
+    /// Which model to train; `all` trains each in turn, each in its own process.
     #[arg(long, value_enum, default_value = "all")]
     model: ZooModel,
     /// The zoo directory: models go to OUT/target, OUT/captioner, OUT/embedder.
@@ -61,6 +72,44 @@ pub struct TrainArgs {
     /// Override the number of training steps (for experiments; the result is then not the zoo).
     #[arg(long)]
     steps: Option<usize>,
+    /// Training settings as JSON, for experiments: fields left out keep the zoo's values
+    /// (`train.json`'s `settings` or `config` shows them all). One model only.
+    #[arg(long, value_name = "FILE")]
+    settings: Option<PathBuf>,
+    /// Re-measure the trained captioner in OUT/captioner on its held-out pairs and update
+    /// its train.json (after a change to the evaluation); the weights stay as they are.
+    #[arg(long)]
+    evaluate: bool,
+}
+
+/// Sets up this process for training `args.model`, before any thread exists: the thread
+/// counts decide the float summation order, hence the weights, and the zoo's were trained so.
+/// The target trains on one rayon thread while another renders the next batch; the
+/// captioner and embedder run candle's kernels on one thread, with large glibc malloc
+/// thresholds (every op allocates megabyte buffers, and handing them back to the OS only to
+/// page-fault them in again cost a third of each step).
+pub fn prepare_training_process(args: &TrainArgs) {
+    let variable = match args.model {
+        ZooModel::Target => "RAYON_NUM_THREADS",
+        ZooModel::Captioner | ZooModel::Embedder => "CANDLE_NUM_THREADS",
+        ZooModel::All => return,
+    };
+    if std::env::var_os(variable).is_none() {
+        // SAFETY: called from main before the runtime or any other thread starts.
+        unsafe { std::env::set_var(variable, "1") };
+    }
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if args.model != ZooModel::Target {
+        unsafe extern "C" {
+            fn mallopt(param: i32, value: i32) -> i32;
+        }
+        // SAFETY: mallopt only tunes glibc's allocator (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, M_TOP_PAD).
+        unsafe {
+            mallopt(-3, 32 << 20);
+            mallopt(-1, 1 << 30);
+            mallopt(-2, 64 << 20);
+        }
+    }
 }
 
 pub fn synth(command: SynthCommand) -> anyhow::Result<()> {
@@ -79,48 +128,151 @@ pub fn synth(command: SynthCommand) -> anyhow::Result<()> {
 }
 
 fn train(args: TrainArgs) -> anyhow::Result<()> {
-    let wants = |m: ZooModel| args.model == m || args.model == ZooModel::All;
-    if wants(ZooModel::Target) {
-        let mut config = TargetTraining::default();
-        if let Some(steps) = args.steps {
-            config.steps = steps;
+    if args.model == ZooModel::All {
+        if args.settings.is_some() || args.evaluate {
+            return Err(BadInput("--settings and --evaluate apply to one model: add --model target|captioner|embedder".into()).into());
         }
-        let dir = args.out.join("target");
-        let report = train_target(&config, &dir, |log| {
-            if log.step % 50 == 0 || log.step + 1 == log.steps {
-                tracing::info!(step = log.step, loss = log.loss, ce = log.ce, plant = log.plant, "target");
+        // Each model in its own process, set up for it by `prepare_training_process`.
+        let exe = std::env::current_exe().context("finding the dnd executable")?;
+        for model in [ZooModel::Target, ZooModel::Captioner, ZooModel::Embedder] {
+            let mut child = std::process::Command::new(&exe);
+            child.args(["synth", "train", "--model", model.name(), "--out"]).arg(&args.out);
+            if let Some(steps) = args.steps {
+                child.args(["--steps", &steps.to_string()]);
             }
-        })
-        .context("training the target network")?;
-        println!("target: {} in {:.0}s", dir.display(), report.wall_seconds);
+            let status = child.status().context("starting dnd synth train")?;
+            anyhow::ensure!(status.success(), "training the {} failed ({status})", model.name());
+        }
+        return Ok(());
     }
-    if wants(ZooModel::Captioner) {
-        let mut settings = CaptionerTraining::default();
-        if let Some(steps) = args.steps {
-            settings.steps = steps;
-        }
-        let dir = args.out.join("captioner");
-        let report = train_captioner(&settings, &dir, |step, loss| {
-            if step % 100 == 0 {
-                tracing::info!(step, loss, "captioner");
-            }
-        })
-        .context("training the captioner")?;
-        println!("captioner: {} in {:.0}s (final loss {:.3})", dir.display(), report.train_seconds, report.final_loss);
+    if args.evaluate && args.model != ZooModel::Captioner {
+        return Err(BadInput("--evaluate re-measures the captioner: add --model captioner".into()).into());
     }
-    if wants(ZooModel::Embedder) {
-        let mut settings = EmbedderTraining::default();
-        if let Some(steps) = args.steps {
-            settings.steps = steps;
+    let dir = args.out.join(args.model.name());
+    match args.model {
+        ZooModel::Target => {
+            let mut config: TargetTraining = settings_or_default(args.settings.as_deref())?;
+            config.steps = args.steps.unwrap_or(config.steps);
+            let bar = steps_bar("target", config.steps);
+            let report = train_target(&config, &dir, |log| {
+                bar.set_position(log.step as u64 + 1);
+                bar.set_message(format!("loss {:.3} (ce {:.3}, plant {:.3})", log.loss, log.ce, log.plant));
+            })
+            .context("training the target network")?;
+            bar.finish_and_clear();
+            print_target_report(&report, &dir);
         }
-        let dir = args.out.join("embedder");
-        let report = train_embedder(&settings, &dir, |step, loss| {
-            if step % 100 == 0 {
-                tracing::info!(step, loss, "embedder");
-            }
-        })
-        .context("training the embedder")?;
-        println!("embedder: {} in {:.0}s (final loss {:.3})", dir.display(), report.train_seconds, report.final_loss);
+        ZooModel::Captioner if args.evaluate => {
+            let path = dir.join("train.json");
+            let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+            let mut report: CaptionerReport = serde_json::from_str(&text).with_context(|| format!("reading {}", path.display()))?;
+            let s = &report.settings;
+            let started = std::time::Instant::now();
+            report.heldout = evaluate_captioner(&dir, &s.sampling, s.eval_seed, s.eval_pairs, 24).context("evaluating the captioner")?;
+            report.eval_seconds = started.elapsed().as_secs_f64();
+            std::fs::write(&path, serde_json::to_string_pretty(&report)? + "\n").with_context(|| format!("writing {}", path.display()))?;
+            println!("{}", serde_json::to_string_pretty(&report.heldout)?);
+        }
+        ZooModel::Captioner => {
+            let mut settings: CaptionerTraining = settings_or_default(args.settings.as_deref())?;
+            settings.steps = args.steps.unwrap_or(settings.steps);
+            let bar = steps_bar("captioner", settings.steps);
+            let report = train_captioner(&settings, &dir, |step, loss| loss_step(&bar, step, loss)).context("training the captioner")?;
+            bar.finish_and_clear();
+            let h = &report.heldout;
+            println!(
+                "captioner: {} in {:.0} s, {} parameters, final loss {:.3}; held-out: exact {:.3} (scenes {:.3}, crops {:.3}), objects recall {:.3} precision {:.3}, background {:.3}; one-object colour {:.3} fill {:.3} shape {:.3}",
+                dir.display(),
+                report.train_seconds,
+                report.parameters,
+                report.final_loss,
+                h.exact,
+                h.exact_scenes,
+                h.exact_crops,
+                h.object_recall,
+                h.object_precision,
+                h.background_accuracy,
+                h.single_object.colour,
+                h.single_object.fill,
+                h.single_object.shape
+            );
+        }
+        ZooModel::Embedder => {
+            let mut settings: EmbedderTraining = settings_or_default(args.settings.as_deref())?;
+            settings.steps = args.steps.unwrap_or(settings.steps);
+            let bar = steps_bar("embedder", settings.steps);
+            let report = train_embedder(&settings, &dir, |step, loss| loss_step(&bar, step, loss)).context("training the embedder")?;
+            bar.finish_and_clear();
+            let h = &report.heldout;
+            println!(
+                "embedder: {} in {:.0} s, {} parameters, final loss {:.3}, logit scale {:.2}; held-out retrieval among {}: image->text {:.3} (same content {:.3}), text->image {:.3} (same content {:.3})",
+                dir.display(),
+                report.train_seconds,
+                report.parameters,
+                report.final_loss,
+                report.final_logit_scale,
+                h.candidates,
+                h.image_to_text.exact,
+                h.image_to_text.same_content,
+                h.text_to_image.exact,
+                h.text_to_image.same_content
+            );
+        }
+        ZooModel::All => unreachable!("handled above"),
     }
     Ok(())
+}
+
+/// Training settings from a JSON file (missing fields keep the zoo's), or the zoo's.
+fn settings_or_default<T: Default + serde::de::DeserializeOwned>(file: Option<&std::path::Path>) -> anyhow::Result<T> {
+    let Some(file) = file else { return Ok(T::default()) };
+    let text = std::fs::read_to_string(file).map_err(|e| BadInput(format!("cannot read the settings file {}: {e}", file.display())))?;
+    serde_json::from_str(&text).map_err(|e| BadInput(format!("{}: {e} (see the model's train.json for the fields)", file.display())).into())
+}
+
+fn steps_bar(model: &str, steps: usize) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(steps as u64);
+    let style = indicatif::ProgressStyle::with_template("{prefix} {bar:30} {pos}/{len} steps, {elapsed} (eta {eta}) {msg}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+    bar.set_style(style);
+    bar.set_prefix(model.to_string());
+    bar
+}
+
+/// One step of a captioner or embedder: the bar moves, the message shows the loss averaged
+/// over the last 50 steps.
+fn loss_step(bar: &indicatif::ProgressBar, step: usize, loss: f32) {
+    bar.set_position(step as u64 + 1);
+    if step % 50 == 0 {
+        bar.set_message(format!("loss {loss:.3}"));
+    }
+}
+
+fn print_target_report(report: &TrainingReport, dir: &std::path::Path) {
+    println!(
+        "target: {} in {:.0} s (+{:.0} s export, {:.0} s eval); top-1 {:.3} (rendered at {} px), {:.3} (native {} px); export differs by {:.2e}; weights fnv1a64 {}",
+        dir.display(),
+        report.train_seconds,
+        report.export_seconds,
+        report.eval_seconds,
+        report.accuracy,
+        report.config.eval_render_size,
+        report.accuracy_native,
+        report.config.size,
+        report.export_max_abs_diff,
+        report.weights_fnv1a64
+    );
+    println!("{:<8} {:>6} {:<8} {:<44} {:>6} {:>6} {:>6} {:>6}", "layer", "neuron", "kind", "description", "iou", "oracle", "pear", "auc");
+    for q in &report.planted {
+        println!(
+            "{:<8} {:>6} {:<8} {:<44} {:>6.3} {:>6.3} {:>6.3} {:>6.3}",
+            q.layer,
+            q.neuron,
+            format!("{:?}", q.kind).to_lowercase(),
+            q.description,
+            q.iou,
+            q.oracle_iou,
+            q.pearson,
+            q.auc
+        );
+    }
 }

@@ -579,7 +579,7 @@ pub fn train_captioner(settings: &CaptionerTraining, out_dir: &Path, progress: i
         train_seconds,
         eval_seconds: started.elapsed().as_secs_f64(),
         heldout,
-        command: "cargo run --release -p dnd-synth --example train_captioner".into(),
+        command: "dnd synth train --model captioner".into(),
         threads: rayon::current_num_threads(),
     };
     pairs::write_json(out_dir, "train.json", &report)?;

@@ -483,7 +483,7 @@ pub fn train_embedder(settings: &EmbedderTraining, out_dir: &Path, progress: imp
         train_seconds,
         eval_seconds: started.elapsed().as_secs_f64(),
         heldout,
-        command: "cargo run --release -p dnd-synth --example train_embedder".into(),
+        command: "dnd synth train --model embedder".into(),
         threads: rayon::current_num_threads(),
     };
     pairs::write_json(out_dir, "train.json", &report)?;

@@ -86,7 +86,7 @@ pub mod ops;
 use ops::BN_EPS;
 
 /// The command that regenerates the committed zoo model, recorded in `train.json`.
-pub const REGENERATE_COMMAND: &str = "cargo run --release -p dnd-synth --example train_target -- crates/dnd-synth/zoo/target";
+pub const REGENERATE_COMMAND: &str = "dnd synth train --model target";
 
 /// Number of fc classes: every colour with every shape.
 pub const NUM_CLASSES: usize = Colour::ALL.len() * Shape::ALL.len();
@@ -397,6 +397,7 @@ fn write_json<T: Serialize + ?Sized>(path: &Path, value: &T) -> Result<(), Train
 
 /// Everything that decides the trained weights. [`Default`] is the committed zoo model.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct TargetTraining {
     /// Input side in pixels; dnd resizes every image to it (config.json's `input_size`).
     pub size: u32,
