@@ -12,7 +12,6 @@ use std::path::Path;
 use std::time::Instant;
 
 use candle_core::{D, Device, IndexOp, Tensor};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use dnd_models::clip::l2_normalize;
 use dnd_models::{ClipEmbedder, Embedder, ModelRef};
 use serde::{Deserialize, Serialize};
@@ -20,7 +19,7 @@ use serde_json::json;
 
 use super::pairs::{self, io_error, sample_pairs, Pair, PairKind, PairSampling, TrainError};
 use super::tiny_transformer::{
-    causal_mask, check_all_gradients, clip_gradients, gather_rows, learning_rate, named_tensors, repeat_rows, Act, EncoderLayer, Init, Lin, Norm, Params,
+    causal_mask, check_all_gradients, gather_rows, named_tensors, repeat_rows, Act, EncoderLayer, Init, Lin, Norm, Params,
     TowerSize, VisionStyle, VisionTower, INIT_STD,
 };
 use super::tokenizer::{write_tokenizer, WorldTokenizer, CLS_ID, PAD_ID, SEP_ID};
@@ -317,33 +316,20 @@ impl TrainingEmbedder {
 
     /// Trains for `settings.steps` steps; `progress(step, loss)` after each. Returns the
     /// per-step losses.
-    pub fn train(&mut self, mut progress: impl FnMut(usize, f32)) -> Result<Vec<f32>, TrainError> {
-        let s = self.settings.clone();
-        let params = ParamsAdamW { lr: s.learning_rate, beta1: 0.9, beta2: 0.98, eps: 1e-8, weight_decay: s.weight_decay };
-        let mut opt = AdamW::new(self.params.varmap.all_vars(), params)?;
-        let mut losses = Vec::with_capacity(s.steps);
-        let fetch = |step: usize| sample_pairs(s.seed, (step * s.batch_size) as u64, s.batch_size, &s.sampling);
-        let mut next = fetch(0)?;
-        for step in 0..s.steps {
-            let pairs = std::mem::take(&mut next);
-            let (loss, fetched) = rayon::join(|| self.loss(&pairs), || if step + 1 < s.steps { fetch(step + 1).map(Some) } else { Ok(None) });
-            let loss = loss?;
-            if let Some(f) = fetched? {
-                next = f;
-            }
-            opt.set_learning_rate(learning_rate(step, s.steps, s.warmup_steps, s.learning_rate, s.final_learning_rate_fraction));
-            let mut grads = loss.backward()?;
-            clip_gradients(&self.params.varmap, &mut grads, s.max_grad_norm)?;
-            opt.step(&grads)?;
-            self.clamp_logit_scale()?;
-            let value = loss.to_scalar::<f32>()?;
-            if !value.is_finite() {
-                return Err(TrainError::Settings(format!("the loss diverged at step {step}: lower the learning rate")));
-            }
-            losses.push(value);
-            progress(step, value);
-        }
-        Ok(losses)
+    pub fn train(&mut self, progress: impl FnMut(usize, f32)) -> Result<Vec<f32>, TrainError> {
+        let s = &self.settings;
+        let optimisation = pairs::Optimisation {
+            seed: s.seed,
+            sampling: &s.sampling,
+            steps: s.steps,
+            batch_size: s.batch_size,
+            learning_rate: s.learning_rate,
+            warmup_steps: s.warmup_steps,
+            final_learning_rate_fraction: s.final_learning_rate_fraction,
+            weight_decay: s.weight_decay,
+            max_grad_norm: s.max_grad_norm,
+        };
+        pairs::train_on_pairs(&self.params.varmap, &optimisation, |pairs| self.loss(pairs), || self.clamp_logit_scale(), progress)
     }
 
     /// Writes the model directory: config.json, model.safetensors (f32, with

@@ -226,6 +226,59 @@ pub(crate) fn summarize_losses(losses: &[f32]) -> LossSummary {
     }
 }
 
+/// How the captioner and the embedder are optimised; both settings carry these fields.
+pub(crate) struct Optimisation<'a> {
+    pub seed: u64,
+    pub sampling: &'a PairSampling,
+    pub steps: usize,
+    pub batch_size: usize,
+    pub learning_rate: f64,
+    pub warmup_steps: usize,
+    pub final_learning_rate_fraction: f64,
+    pub weight_decay: f64,
+    pub max_grad_norm: f64,
+}
+
+/// The training loop of the captioner and the embedder: AdamW (betas 0.9 and 0.98), linear
+/// warm-up then cosine decay, global gradient clipping, and the next batch of pairs
+/// rendered while the current step computes. `after_step` runs after each update (the
+/// embedder clamps its temperature there); `progress` gets each step's loss. The losses.
+pub(crate) fn train_on_pairs(
+    varmap: &candle_nn::VarMap,
+    o: &Optimisation,
+    loss_of: impl Fn(&[Pair]) -> Result<candle_core::Tensor, TrainError> + Sync,
+    mut after_step: impl FnMut() -> Result<(), TrainError>,
+    mut progress: impl FnMut(usize, f32),
+) -> Result<Vec<f32>, TrainError> {
+    use candle_nn::Optimizer;
+    use super::tiny_transformer::{clip_gradients, learning_rate};
+    let params = candle_nn::ParamsAdamW { lr: o.learning_rate, beta1: 0.9, beta2: 0.98, eps: 1e-8, weight_decay: o.weight_decay };
+    let mut opt = candle_nn::AdamW::new(varmap.all_vars(), params)?;
+    let mut losses = Vec::with_capacity(o.steps);
+    let fetch = |step: usize| sample_pairs(o.seed, (step * o.batch_size) as u64, o.batch_size, o.sampling);
+    let mut next = fetch(0)?;
+    for step in 0..o.steps {
+        let pairs = std::mem::take(&mut next);
+        let (loss, fetched) = rayon::join(|| loss_of(&pairs), || if step + 1 < o.steps { fetch(step + 1).map(Some) } else { Ok(None) });
+        let loss = loss?;
+        if let Some(f) = fetched? {
+            next = f;
+        }
+        opt.set_learning_rate(learning_rate(step, o.steps, o.warmup_steps, o.learning_rate, o.final_learning_rate_fraction));
+        let mut grads = loss.backward()?;
+        clip_gradients(varmap, &mut grads, o.max_grad_norm)?;
+        opt.step(&grads)?;
+        after_step()?;
+        let value = loss.to_scalar::<f32>()?;
+        if !value.is_finite() {
+            return Err(TrainError::Settings(format!("the loss diverged at step {step}: lower the learning rate")));
+        }
+        losses.push(value);
+        progress(step, value);
+    }
+    Ok(losses)
+}
+
 /// Writes `value` as pretty JSON to `dir/name` (model configs, train.json).
 pub(crate) fn write_json(dir: &std::path::Path, name: &str, value: &impl serde::Serialize) -> Result<(), TrainError> {
     let path = dir.join(name);
