@@ -157,6 +157,9 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
             let report = train_target(&config, &dir, |log| {
                 bar.set_position(log.step as u64 + 1);
                 bar.set_message(format!("loss {:.3} (ce {:.3}, plant {:.3})", log.loss, log.ce, log.plant));
+                if bar.is_hidden() && (log.step % 100 == 0 || log.step + 1 == log.steps) {
+                    tracing::info!(step = log.step + 1, loss = log.loss, ce = log.ce, plant = log.plant, "target");
+                }
             })
             .context("training the target network")?;
             bar.finish_and_clear();
@@ -238,12 +241,15 @@ fn steps_bar(model: &str, steps: usize) -> indicatif::ProgressBar {
     bar
 }
 
-/// One step of a captioner or embedder: the bar moves, the message shows the loss averaged
-/// over the last 50 steps.
+/// One step of a captioner or embedder: the bar moves and shows the loss; without a
+/// terminal (a log file, CI) a log line every 100 steps says the same.
 fn loss_step(bar: &indicatif::ProgressBar, step: usize, loss: f32) {
     bar.set_position(step as u64 + 1);
     if step % 50 == 0 {
         bar.set_message(format!("loss {loss:.3}"));
+    }
+    if bar.is_hidden() && (step % 100 == 0 || step as u64 + 1 == bar.length().unwrap_or(0)) {
+        tracing::info!(step = step + 1, loss, "{}", bar.prefix());
     }
 }
 
