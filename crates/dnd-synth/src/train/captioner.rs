@@ -23,7 +23,7 @@ use super::tiny_transformer::{
     TowerSize, VisionStyle, VisionTower, INIT_STD,
 };
 use super::tokenizer::{write_tokenizer, WorldTokenizer, CLS_ID, PAD_ID, SEP_ID};
-use crate::vocab::Fill;
+use crate::vocab::{Fill, Shape};
 
 const VISION_EPS: f64 = 1e-5;
 const TEXT_EPS: f64 = 1e-12;
@@ -54,6 +54,9 @@ pub struct CaptionerTraining {
     pub final_learning_rate_fraction: f64,
     pub weight_decay: f64,
     pub max_grad_norm: f64,
+    /// Weight of shape words (and their synonyms and plurals) in the caption loss, against
+    /// 1 for every other token: shapes are what the captioner learns last.
+    pub shape_word_weight: f32,
 }
 
 impl Default for CaptionerTraining {
@@ -75,6 +78,7 @@ impl Default for CaptionerTraining {
             final_learning_rate_fraction: 0.05,
             weight_decay: 0.01,
             max_grad_norm: 1.0,
+            shape_word_weight: 1.0,
         }
     }
 }
@@ -274,6 +278,8 @@ pub struct TrainingCaptioner {
     decoder: TextDecoder,
     pub settings: CaptionerTraining,
     pub tokenizer: WorldTokenizer,
+    /// Token ids of the shape nouns, weighted by `settings.shape_word_weight`.
+    shape_words: Vec<u32>,
 }
 
 /// A teacher-forcing batch: decoder inputs and the next-token targets (None on padding).
@@ -300,7 +306,14 @@ impl TrainingCaptioner {
             VisionStyle::Blip,
         )?;
         let decoder = TextDecoder::new(&mut p, &s.text, s.vision.hidden, tokenizer.vocab_size(), s.max_positions)?;
-        Ok(Self { params: p, vision, decoder, settings: settings.clone(), tokenizer })
+        let shape_words = Shape::ALL
+            .iter()
+            .flat_map(|s| [(s.name(), s.plural())].into_iter().chain(s.synonyms().iter().copied()))
+            .flat_map(|(one, many)| [one, many])
+            .flat_map(|words| words.split(' '))
+            .filter_map(|word| tokenizer.id(word))
+            .collect();
+        Ok(Self { params: p, vision, decoder, settings: settings.clone(), tokenizer, shape_words })
     }
 
     pub fn parameter_count(&self) -> usize {
@@ -346,7 +359,9 @@ impl TrainingCaptioner {
         let image = self.encode_images(&pixels)?;
         let logits = self.decoder_logits(&image, &batch.inputs)?;
         let (b, t, v) = logits.dims3()?;
-        Ok(masked_cross_entropy(&logits.reshape((b * t, v))?, &batch.targets)?)
+        let weight = self.settings.shape_word_weight;
+        let weight_of = |id: u32| if self.shape_words.contains(&id) { weight } else { 1.0 };
+        Ok(masked_cross_entropy(&logits.reshape((b * t, v))?, &batch.targets, weight_of)?)
     }
 
     /// Fails unless every variable gets a non-zero gradient from `loss`.
@@ -586,6 +601,23 @@ mod tests {
         // Initial loss is about ln(vocab): nothing learnt yet.
         let l = loss.to_scalar::<f32>().unwrap();
         assert!((l - (model.tokenizer.vocab_size() as f32).ln()).abs() < 1.0, "{l}");
+    }
+
+    #[test]
+    fn shape_words_weigh_as_set_and_nothing_else_does() {
+        let settings = CaptionerTraining::tiny();
+        let model = TrainingCaptioner::new(&settings).unwrap();
+        let word = |w: &str| model.tokenizer.id(w).unwrap();
+        for w in ["circle", "squares", "donut", "cross", "plus"] {
+            assert!(model.shape_words.contains(&word(w)), "{w}");
+        }
+        for id in [CLS_ID, SEP_ID, PAD_ID, word("red"), word("striped")] {
+            assert!(!model.shape_words.contains(&id), "{id}");
+        }
+        let pairs = sample_pairs(1, 0, 4, &settings.sampling).unwrap();
+        let plain = model.loss(&pairs).unwrap().to_scalar::<f32>().unwrap();
+        let heavy = TrainingCaptioner { settings: CaptionerTraining { shape_word_weight: 4.0, ..settings.clone() }, ..model };
+        assert_ne!(plain, heavy.loss(&pairs).unwrap().to_scalar::<f32>().unwrap());
     }
 
     #[test]

@@ -336,21 +336,22 @@ pub(crate) fn gather_rows(x: &Tensor, rows: &[usize]) -> Result<Tensor> {
     x.reshape((b * t, d))?.index_select(&index, 0)
 }
 
-/// Mean cross-entropy of `logits: (N, V)` against `targets`, counting only rows whose
-/// target is `Some`.
-pub(crate) fn masked_cross_entropy(logits: &Tensor, targets: &[Option<u32>]) -> Result<Tensor> {
+/// Weighted mean cross-entropy of `logits: (N, V)` against `targets`, counting only rows
+/// whose target is `Some`, each with the weight `weight_of(target)`.
+pub(crate) fn masked_cross_entropy(logits: &Tensor, targets: &[Option<u32>], weight_of: impl Fn(u32) -> f32) -> Result<Tensor> {
     let (n, v) = logits.dims2()?;
     let mut onehot = vec![0f32; n * v];
-    let mut count = 0usize;
+    let mut total = 0f64;
     for (i, t) in targets.iter().enumerate() {
         if let Some(t) = t {
-            onehot[i * v + *t as usize] = 1.0;
-            count += 1;
+            let weight = weight_of(*t);
+            onehot[i * v + *t as usize] = weight;
+            total += f64::from(weight);
         }
     }
     let onehot = Tensor::from_vec(onehot, (n, v), logits.device())?;
     let logp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
-    (logp * onehot)?.sum_all()?.neg()? / count.max(1) as f64
+    (logp * onehot)?.sum_all()?.neg()? / total.max(1.0)
 }
 
 /// The variables' current values, by name, as saved to `model.safetensors`.
