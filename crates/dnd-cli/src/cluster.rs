@@ -166,9 +166,7 @@ pub async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     let metrics_addr = match &args.metrics_listen {
         Some(addr) => {
             let live = coordinator.clone();
-            let refresh: std::sync::Arc<dyn Fn(&dnd_metrics::Metrics) + Send + Sync> = std::sync::Arc::new(move |_| {
-                live.metrics();
-            });
+            let refresh = move || live.refresh_metrics();
             Some(dnd_metrics::serve(coordinator.metrics().clone(), addr, refresh).await.map_err(|e| BadInput(format!("cannot serve metrics on {addr}: {e}")))?)
         }
         None => None,
@@ -196,13 +194,12 @@ pub async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     let worker = std::sync::Arc::new(Worker::new(config));
     if let Some(addr) = &args.metrics_listen {
         let live = worker.clone();
-        let bound = dnd_metrics::serve(worker.metrics().clone(), addr, std::sync::Arc::new(move |_: &dnd_metrics::Metrics| live.refresh_metrics()))
+        let bound = dnd_metrics::serve(worker.metrics().clone(), addr, move || live.refresh_metrics())
             .await
             .map_err(|e| BadInput(format!("cannot serve metrics on {addr}: {e}")))?;
-        // Scripts and tests read the bound address from this line (ADDR may end in :0).
+        // Scripts and tests read the bound address from this line (ADDR may end in :0);
+        // Rust's stdout is line-buffered, so it goes out at once.
         println!("metrics on http://{bound}/metrics");
-        use std::io::Write;
-        let _ = std::io::stdout().flush();
     }
     let (stop, stopped) = watch::channel(false);
     tokio::spawn(async move {

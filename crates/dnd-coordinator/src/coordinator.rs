@@ -461,25 +461,32 @@ impl Coordinator {
         lock(&self.scheduler).events(job).to_vec()
     }
 
-    /// The registry, with its gauges brought up to date.
+    /// The coordinator's metrics registry.
     pub fn metrics(&self) -> &dnd_metrics::Metrics {
+        &self.metrics
+    }
+
+    /// Brings the gauges computed from the jobs (tasks by state, jobs by phase) up to date,
+    /// before a scrape. Every phase is set, so a phase no job is in any more reads 0.
+    pub fn refresh_metrics(&self) {
         let jobs = self.jobs();
         let mut states = [("queued", 0u32), ("leased", 0), ("committed", 0), ("failed", 0)];
-        let mut phases: std::collections::BTreeMap<String, u32> = Default::default();
+        let mut phases = Phase::ALL.map(|p| (p, 0u32));
         for v in &jobs {
             states[0].1 += v.counts.queued;
             states[1].1 += v.counts.leased;
             states[2].1 += v.counts.committed;
             states[3].1 += v.counts.failed;
-            *phases.entry(format!("{:?}", v.phase).to_lowercase()).or_default() += 1;
+            if let Some(entry) = phases.iter_mut().find(|(p, _)| *p == v.phase) {
+                entry.1 += 1;
+            }
         }
         for (state, n) in states {
             self.metrics.set("dnd_tasks", &[("state", state)], n as f64);
         }
         for (phase, n) in phases {
-            self.metrics.set("dnd_jobs", &[("phase", &phase)], n as f64);
+            self.metrics.set("dnd_jobs", &[("phase", phase.name())], n as f64);
         }
-        &self.metrics
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<(String, Event)> {

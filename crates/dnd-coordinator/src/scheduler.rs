@@ -59,6 +59,21 @@ pub enum Phase {
 }
 
 impl Phase {
+    pub const ALL: [Phase; 7] = [Phase::Probing, Phase::Merging, Phase::Describing, Phase::Compacting, Phase::Succeeded, Phase::Failed, Phase::Cancelled];
+
+    /// The phase as events, metrics and JSON spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Probing => "probing",
+            Phase::Merging => "merging",
+            Phase::Describing => "describing",
+            Phase::Compacting => "compacting",
+            Phase::Succeeded => "succeeded",
+            Phase::Failed => "failed",
+            Phase::Cancelled => "cancelled",
+        }
+    }
+
     pub fn is_final(self) -> bool {
         matches!(self, Phase::Succeeded | Phase::Failed | Phase::Cancelled)
     }
@@ -557,6 +572,13 @@ fn push_event(entry: &mut JobEntry, now: i64, kind: &str, task: &str, attempt: u
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn phase_names_are_their_json_spelling() {
+        for phase in Phase::ALL {
+            assert_eq!(serde_json::to_string(&phase).unwrap(), format!("\"{}\"", phase.name()));
+        }
+    }
 
     const LEASE: i64 = 1000;
 

@@ -119,10 +119,11 @@ impl Metrics {
     }
 }
 
-/// Serves `/metrics` (after `refresh` updates the gauges it computes on demand) and
+/// Serves `/metrics` (after `refresh` updates the gauges computed on demand) and
 /// `/healthz` on `addr`; the bound address.
-pub async fn serve(metrics: Metrics, addr: &str, refresh: Arc<dyn Fn(&Metrics) + Send + Sync>) -> std::io::Result<SocketAddr> {
+pub async fn serve(metrics: Metrics, addr: &str, refresh: impl Fn() + Send + Sync + 'static) -> std::io::Result<SocketAddr> {
     use axum::routing::get;
+    let refresh = Arc::new(refresh);
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     let app = axum::Router::new()
@@ -132,7 +133,7 @@ pub async fn serve(metrics: Metrics, addr: &str, refresh: Arc<dyn Fn(&Metrics) +
                 let metrics = metrics.clone();
                 let refresh = refresh.clone();
                 async move {
-                    refresh(&metrics);
+                    refresh();
                     ([("content-type", "text/plain; version=0.0.4")], metrics.render())
                 }
             }),
