@@ -32,7 +32,7 @@ use serde_json::{Value, json};
 
 use dnd_store::results::DescriptionRow;
 use dnd_store::{batches_rows, read_parquet};
-use dnd_tests::{Proc, S3Server, dnd_binary, http_get, repo};
+use dnd_tests::{Proc, S3Server, dnd_binary, http_get, repo, skip_outside_ci};
 
 /// The Kubernetes release the manifests are validated against (current in 2026).
 const KUBERNETES_VERSION: &str = "1.37.0";
@@ -40,18 +40,6 @@ const KUBERNETES_VERSION: &str = "1.37.0";
 const PATIENCE: Duration = Duration::from_secs(600);
 /// The PATH of the image's base (debian:bookworm-slim).
 const IMAGE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-
-fn under_ci() -> bool {
-    std::env::var_os("CI").is_some()
-}
-
-/// A tool this test needs is missing: a failure under CI (`.ci/run` installs it), a skip
-/// elsewhere.
-fn missing_tool(what: &str) -> Option<String> {
-    assert!(!under_ci(), "{what}");
-    eprintln!("skipping: {what}");
-    None
-}
 
 /// The documents of a multi-document YAML stream, as JSON values.
 fn documents(yaml: &str) -> Vec<Value> {
@@ -86,7 +74,7 @@ fn renderers() -> Vec<[&'static str; 2]> {
 fn render(dir: &Path) -> Option<String> {
     let renderers = renderers();
     if renderers.is_empty() {
-        return missing_tool("no kustomize here: install kubectl >= 1.24, or run `python3 .ci/install_kustomize.py DIR` and put DIR on PATH");
+        return skip_outside_ci("no kustomize here: install kubectl >= 1.24, or run `python3 .ci/install_kustomize.py DIR` and put DIR on PATH");
     }
     let mut rendered: Option<(String, String)> = None;
     for [bin, sub] in renderers {
@@ -452,7 +440,7 @@ impl Cluster {
 fn validate(files: &[PathBuf]) -> Option<Vec<String>> {
     let output = match Command::new("kubernetes-validate").args(["--strict", "--kubernetes-version", KUBERNETES_VERSION]).args(files).output() {
         Ok(o) => o,
-        Err(e) => return missing_tool(&format!("kubernetes-validate: {e}; run `pip install -r tests/requirements-deploy.txt` (.ci/run does)")).map(|_| vec![]),
+        Err(e) => return skip_outside_ci(&format!("kubernetes-validate: {e}; run `pip install -r tests/requirements-deploy.txt` (.ci/run does)")),
     };
     let report = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
     assert!(output.status.success(), "kubernetes-validate --strict refused the manifests:\n{report}");

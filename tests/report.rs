@@ -10,23 +10,14 @@ use std::path::{Path, PathBuf};
 
 use dnd_store::results::{DescriptionRow, ResultTable};
 use dnd_store::batches_rows;
-use dnd_tests::{dnd, dnd_in, repo, table};
+use dnd_tests::{dnd, dnd_in, repo, run_python, table};
 
 fn browser_check(site: &Path, expected: &serde_json::Value) {
     let script = repo().join("tests/report_browser.py");
     let shots = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("report-screenshots");
-    let output = std::process::Command::new("python3").arg(&script).arg(site).arg(&shots).arg(expected.to_string()).output();
-    let output = match output {
-        Ok(o) => o,
-        Err(e) if std::env::var_os("CI").is_none() => return eprintln!("skipping the browser check: {e}"),
-        Err(e) => panic!("python3 is needed under CI: {e}"),
-    };
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    if output.status.code() == Some(3) && std::env::var_os("CI").is_none() {
-        return eprintln!("skipping the browser check: {stderr}");
-    }
-    assert!(output.status.success(), "the browser check failed:\n{stdout}\n{stderr}");
+    let expected = expected.to_string();
+    let args = [site.as_os_str(), shots.as_os_str(), std::ffi::OsStr::new(&expected)];
+    let Some(stdout) = run_python("the browser check", &script, &args) else { return };
     eprintln!("browser check: {stdout}screenshots: {}", shots.display());
     for name in ["index.png", "neuron.png"] {
         assert!(shots.join(name).is_file(), "{name} was not written");

@@ -80,23 +80,36 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
 }
 
+/// A tool or package a test needs is missing: a failure under CI (`.ci/run` installs
+/// everything), a skip (None) elsewhere.
+pub fn skip_outside_ci<T>(what: &str) -> Option<T> {
+    assert!(std::env::var_os("CI").is_none(), "{what}");
+    eprintln!("skipping: {what}");
+    None
+}
+
+/// Runs `python3 script args`; its stdout. None (a skip, outside CI only) when python3 is
+/// missing or the script exits 3, its way of saying that its packages are.
+pub fn run_python(what: &str, script: &Path, args: &[&std::ffi::OsStr]) -> Option<String> {
+    let output = match Command::new("python3").arg(script).args(args).output() {
+        Ok(o) => o,
+        Err(e) => return skip_outside_ci(&format!("{what}: python3 is needed: {e}")),
+    };
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    if output.status.code() == Some(3) {
+        return skip_outside_ci(&format!("{what}: {stderr}"));
+    }
+    assert!(output.status.success(), "{what} failed:\n{stdout}\n{stderr}");
+    Some(stdout)
+}
+
 /// pandas, DuckDB and Polars open the tables as they are (`tests/read_tables.py ARGS`).
-/// Skipped when those packages are missing, except under CI, where `.ci/run` installs them.
 pub fn python_readers(args: &[&std::ffi::OsStr]) {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("read_tables.py");
-    let status = std::process::Command::new("python3").arg(&script).args(args).output();
-    let output = match status {
-        Ok(o) => o,
-        Err(e) if std::env::var_os("CI").is_none() => return eprintln!("skipping Python readers: {e}"),
-        Err(e) => panic!("python3 is needed under CI: {e}"),
-    };
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    if output.status.code() == Some(3) && std::env::var_os("CI").is_none() {
-        return eprintln!("skipping Python readers: {stderr}");
+    if let Some(stdout) = run_python("the Python readers", &script, args) {
+        eprintln!("{stdout}");
     }
-    assert!(output.status.success(), "Python readers failed:\n{stdout}\n{stderr}");
-    eprintln!("{stdout}");
 }
 
 

@@ -317,19 +317,14 @@ impl Worker {
             tracing::info!(job = task.job, task = task.task_id, attempt = task.attempt, "leased");
             let (outcome, following) = self.run_leased(&mut client, &joined.worker_id, &task, heartbeat, &mut shutdown).await;
             next = following;
-            let outcome_name = match outcome {
-                Outcome::Committed => "committed",
-                Outcome::Failed => "failed",
-                Outcome::HandedBack => "handed_back",
-                Outcome::Abandoned => "abandoned",
+            let (name, count) = match outcome {
+                Outcome::Committed => ("committed", &mut report.committed),
+                Outcome::Failed => ("failed", &mut report.failed),
+                Outcome::HandedBack => ("handed_back", &mut report.handed_back),
+                Outcome::Abandoned => ("abandoned", &mut report.abandoned),
             };
-            self.metrics.inc("dnd_worker_tasks_total", &[("outcome", outcome_name)], 1.0);
-            match outcome {
-                Outcome::Committed => report.committed += 1,
-                Outcome::Failed => report.failed += 1,
-                Outcome::HandedBack => report.handed_back += 1,
-                Outcome::Abandoned => report.abandoned += 1,
-            }
+            *count += 1;
+            self.metrics.inc("dnd_worker_tasks_total", &[("outcome", name)], 1.0);
         }
         if let Some(task) = next {
             // Leased just as shutdown came: give it straight back.
