@@ -322,11 +322,16 @@ fn group_scores(scores: &[NeuronScore]) -> Vec<GroupScore> {
     let mut keys: Vec<(String, String)> = scores.iter().map(|s| (s.layer.clone(), kind_name(s.kind))).collect();
     keys.sort();
     keys.dedup();
-    keys.extend([("all".to_string(), "all".to_string())]);
+    // Then each kind over all layers (the targets are per kind), then everything.
+    let mut kinds: Vec<String> = keys.iter().map(|(_, kind)| kind.clone()).collect();
+    kinds.sort();
+    kinds.dedup();
+    keys.extend(kinds.into_iter().chain(["all".to_string()]).map(|kind| ("all".to_string(), kind)));
     keys.into_iter()
         .map(|(layer, kind)| {
-            let members: Vec<&NeuronScore> =
-                scores.iter().filter(|s| layer == "all" || (s.layer == layer && kind_name(s.kind) == kind)).collect();
+            let in_layer = |s: &NeuronScore| layer == "all" || s.layer == layer;
+            let of_kind = |s: &NeuronScore| kind == "all" || kind_name(s.kind) == kind;
+            let members: Vec<&NeuronScore> = scores.iter().filter(|s| in_layer(s) && of_kind(s)).collect();
             let per = |f: &dyn Fn(&NeuronScore) -> Option<f64>| mean(members.iter().filter_map(|s| f(s)));
             GroupScore {
                 neurons: members.len(),
@@ -391,4 +396,38 @@ fn print_report(scores: &[NeuronScore], groups: &[GroupScore], speed: &Speed) {
         speed.warm_seconds_per_neuron,
         100.0 * speed.warm_cache_hit_rate
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn score(layer: &str, kind: PlantedKind, recovered: bool, auc: f64) -> NeuronScore {
+        NeuronScore {
+            layer: layer.into(),
+            neuron: 0,
+            kind,
+            truth: String::new(),
+            labels: BTreeMap::new(),
+            recovered: METHODS.iter().map(|m| (m.to_string(), Some(recovered))).collect(),
+            auc: METHODS.iter().map(|m| (m.to_string(), Some(auc))).collect(),
+        }
+    }
+
+    #[test]
+    fn groups_are_per_layer_and_kind_then_per_kind_then_all() {
+        let scores = [
+            score("layer3", PlantedKind::Single, true, 0.8),
+            score("layer4", PlantedKind::Single, false, 1.0),
+            score("layer4", PlantedKind::Or, true, 0.6),
+        ];
+        let groups = group_scores(&scores);
+        let row = |layer: &str, kind: &str| groups.iter().find(|g| g.layer == layer && g.kind == kind).unwrap();
+        let keys: Vec<(&str, &str)> = groups.iter().map(|g| (g.layer.as_str(), g.kind.as_str())).collect();
+        assert_eq!(keys, [("layer3", "single"), ("layer4", "or"), ("layer4", "single"), ("all", "or"), ("all", "single"), ("all", "all")]);
+        let singles = row("all", "single");
+        assert_eq!((singles.neurons, singles.recovery["dnd"]), (2, Some(0.5)));
+        assert!((singles.mean_auc["dnd"].unwrap() - 0.9).abs() < 1e-12);
+        assert_eq!(row("all", "all").neurons, 3);
+    }
 }

@@ -113,7 +113,8 @@ pub struct CandidateScore {
     pub similarity: f64,
     /// Its place when candidates are ordered by the configured rank score (0 = best).
     pub rank_order: usize,
-    /// `(N - rank_order) x similarity` ("image-products").
+    /// `(N - rank_order) x (1 + similarity) / 2` ("image-products", with the similarity
+    /// shifted to a weight in 0..=1; see [`similarity_weight`]).
     pub final_score: f64,
     /// Its place in the final order (0 = the top label).
     pub final_rank: usize,
@@ -128,6 +129,18 @@ impl CandidateScore {
             RankScore::SqMean => self.sq_mean,
         }
     }
+}
+
+/// The weight a mean cosine similarity gives a candidate's rank: `(1 + similarity) / 2`,
+/// 0 for a candidate none of whose images reached the top (similarity -1).
+///
+/// The reference multiplies by the cosine itself, which CLIP ViT-B/16 keeps well above 0
+/// between any two images. Other embedders give cosines near or below 0 between images
+/// that share a concept but not a scene, and a negative weight inverts the product: the
+/// better a candidate's rank, the lower its score. The shift keeps the order of
+/// similarities and makes every weight non-negative.
+pub fn similarity_weight(similarity: f64) -> f64 {
+    (1.0 + similarity) / 2.0
 }
 
 /// Orders all images by activation, descending. Ties (and NaN, which sorts last) keep
@@ -186,7 +199,7 @@ pub fn score_candidates(candidates: usize, images: &[GeneratedImage], config: &S
     by_rank.sort_by(|&a, &b| rank_key(a).total_cmp(&rank_key(b)).then(a.cmp(&b)));
     for (p, &c) in by_rank.iter().enumerate() {
         scores[c].rank_order = p;
-        scores[c].final_score = (candidates - p) as f64 * scores[c].similarity;
+        scores[c].final_score = (candidates - p) as f64 * similarity_weight(scores[c].similarity);
     }
     // Final order: by final score, ties by the better rank order.
     let mut by_final: Vec<usize> = (0..candidates).collect();
@@ -262,14 +275,25 @@ mod tests {
         assert!((scores[0].similarity - 0.5).abs() < 1e-6, "only its image at position 3 is in the top 4");
         // topk-sq-mean: c0 (9+16)/2 = 12.5, c1 0.5, c2 (4+25)/2 = 14.5
         assert_eq!([scores[0].rank_order, scores[1].rank_order, scores[2].rank_order], [1, 0, 2]);
-        assert!((scores[1].final_score - 3.0 * 0.8).abs() < 1e-6);
-        assert!((scores[0].final_score - 2.0 * 0.5).abs() < 1e-6);
-        assert!((scores[2].final_score - 1.0 * -0.2).abs() < 1e-6);
+        assert!((scores[1].final_score - 3.0 * 0.9).abs() < 1e-6);
+        assert!((scores[0].final_score - 2.0 * 0.75).abs() < 1e-6);
+        assert!((scores[2].final_score - 1.0 * 0.4).abs() < 1e-6);
         assert_eq!([scores[0].final_rank, scores[1].final_rank, scores[2].final_rank], [1, 0, 2]);
     }
 
     #[test]
-    fn a_candidate_outside_the_top_gets_weight_minus_one_and_one_without_images_ranks_last() {
+    fn cosines_below_zero_do_not_invert_the_rank_order() {
+        // Both candidates reach the top; the better-ranked one has a slightly negative mean
+        // cosine, as a small embedder gives. A raw product would put it last.
+        let config = ScoringConfig { beta: 1, similarity_top: 2, ..Default::default() };
+        let scores = score_candidates(2, &[image(0, 9.0, -0.02), image(1, 8.0, 0.04)], &config);
+        assert_eq!([scores[0].rank_order, scores[1].rank_order], [0, 1]);
+        assert!((scores[0].final_score - 2.0 * 0.49).abs() < 1e-9);
+        assert_eq!([scores[0].final_rank, scores[1].final_rank], [0, 1]);
+    }
+
+    #[test]
+    fn a_candidate_outside_the_top_gets_similarity_minus_one_and_one_without_images_ranks_last() {
         let config = ScoringConfig { similarity_top: 1, ..Default::default() };
         let images = [image(0, 2.0, 0.3), image(1, 1.0, 0.9)];
         let scores = score_candidates(3, &images, &config);
@@ -277,7 +301,7 @@ mod tests {
         assert_eq!(scores[2].positions, Vec::<usize>::new());
         assert_eq!(scores[2].topk_sq_mean, None);
         assert_eq!(scores[2].rank_order, 2);
-        assert_eq!(scores[2].final_score, -1.0);
+        assert_eq!((scores[1].final_score, scores[2].final_score), (0.0, 0.0), "similarity -1 weighs 0");
         assert_eq!(scores[0].final_rank, 0);
     }
 

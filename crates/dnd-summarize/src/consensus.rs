@@ -24,6 +24,8 @@
 //!   contain, the largest wins, then the best supported, then the alphabetically first;
 //!   when none reaches half, the best supported wins, then the largest, then the
 //!   alphabetically first.
+//! * A set made only of generic nouns ("background", "pattern", "shapes") says nothing
+//!   every image would not, so it wins only when nothing else is named.
 //! * Labels that split between two alternatives ("yellow square" in some, "purple
 //!   square" in others) give "yellow or purple": two words that no label names together
 //!   but that mostly share their phrase-mates, each in at least a third of the labels and
@@ -41,7 +43,7 @@ use crate::reply::Answer;
 use crate::{Exchange, Step, Summarizer, require_caption, require_labels};
 
 /// Recorded as the model of every exchange; bump it when the rules change.
-pub const CONSENSUS_VERSION: &str = "consensus-3";
+pub const CONSENSUS_VERSION: &str = "consensus-4";
 
 /// The largest word set a summary reports.
 const MAX_SET: usize = 3;
@@ -70,6 +72,11 @@ const BOUNDARIES: &[&str] = &[
     "and", "or", "but", "while", "on", "onto", "upon", "atop", "against", "over", "under", "beneath", "above",
     "below", "beside", "besides", "near", "next", "behind", "between", "alongside", "around", "front",
 ];
+
+/// Nouns that name no concept on their own: every image has a background, and its things
+/// are shapes or objects. A word set made only of them is not an answer ("background")
+/// while any other set is; they do count within larger sets ("noisy background").
+const GENERIC_NOUNS: &[&str] = &["background", "backdrop", "pattern", "texture", "shape", "object", "thing", "item", "scene"];
 
 /// The consensus rule as a [`Summarizer`].
 #[derive(Debug, Clone, Copy, Default)]
@@ -197,6 +204,10 @@ pub fn consensus_label(labels: &[String]) -> Option<String> {
     }
     let size = |key: &str| key.split(' ').count();
     let majority = |count: usize| 2 * count >= labels.len();
+    let generic = |key: &str| key.split(' ').all(|k| GENERIC_NOUNS.iter().any(|g| fold(g) == k));
+    if support.keys().any(|k| !generic(k)) {
+        support.retain(|k, _| !generic(k));
+    }
     let written = |key: &str| -> Option<String> {
         let forms = spellings.get(key)?;
         forms.iter().rev().max_by_key(|(_, count)| **count).map(|(form, _)| form.clone())
@@ -427,6 +438,11 @@ mod tests {
 
         let shared_word = strings(&["striped shirt", "striped tie", "polka dots"]);
         assert_eq!(consensus_label(&shared_word).as_deref(), Some("striped"));
+
+        // Every caption names a background; most name a star, in no shared phrase.
+        let stars = strings(&["purple star, yellow background", "star, white background", "green star, cyan background", "gray background"]);
+        assert_eq!(consensus_label(&stars).as_deref(), Some("star"));
+        assert_eq!(consensus_label(&strings(&["background", "backgrounds, patterns"])).as_deref(), Some("background"));
     }
 
     #[test]

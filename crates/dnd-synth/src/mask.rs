@@ -106,6 +106,17 @@ impl Mask {
         !self.bits.iter().any(|&b| b)
     }
 
+    /// The smallest rectangle holding every set pixel; `None` for an empty mask.
+    pub fn bounds(&self) -> Option<Rect> {
+        let w = self.width as usize;
+        let (mut x0, mut y0, mut x1, mut y1) = (usize::MAX, usize::MAX, 0, 0);
+        for (i, _) in self.bits.iter().enumerate().filter(|(_, b)| **b) {
+            let (x, y) = (i % w, i / w);
+            (x0, y0, x1, y1) = (x0.min(x), y0.min(y), x1.max(x), y1.max(y));
+        }
+        (x0 != usize::MAX).then(|| Rect::new(x0 as u32, y0 as u32, (x1 - x0 + 1) as u32, (y1 - y0 + 1) as u32))
+    }
+
     /// Number of set pixels inside `rect`; the part of `rect` outside the mask counts nothing.
     pub fn count_in(&self, rect: Rect) -> usize {
         let right = rect.x.saturating_add(rect.width).min(self.width);
@@ -213,5 +224,12 @@ mod tests {
         assert!(m.crop(Rect::new(0, 0, 0, 1)).is_err());
         assert!(!m.get(4, 0) && m.get(3, 0));
         assert_eq!(m.to_image().get_pixel(3, 0).0, [255]);
+    }
+
+    #[test]
+    fn bounds_hold_every_set_pixel() {
+        assert_eq!(from_rows(&["....", ".#..", "..#."]).bounds(), Some(Rect::new(1, 1, 2, 2)));
+        assert_eq!(from_rows(&["#..#"]).bounds(), Some(Rect::new(0, 0, 4, 1)));
+        assert_eq!(Mask::empty(3, 3).bounds(), None);
     }
 }

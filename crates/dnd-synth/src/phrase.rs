@@ -8,7 +8,8 @@
 //! - "background" turns the gathered modifiers into the background ("a dotted green
 //!   background"); so does "on"/"against" when no noun follows ("on green with dots");
 //! - "with" followed by a pattern word attaches the pattern to what was just mentioned
-//!   ("a red circle with stripes", "a green background with dots");
+//!   ("a red circle with stripes", "a green background with dots"); so does a pattern
+//!   word right after "background" ("a purple background stripes", as summaries word it);
 //! - "and", "next to", punctuation and the like end a mention; modifiers without a noun
 //!   still count ("red and striped" mentions red and striped things);
 //! - "two", "three", ... set how many objects a mention stands for.
@@ -155,7 +156,7 @@ struct Reader {
     pending: Pending,
     /// After "on": modifiers without a noun describe the background.
     background_context: bool,
-    /// Right after "with": a pattern word may attach to the last mention.
+    /// Right after "with" or "background": a pattern word may attach to the last mention.
     after_with: bool,
 }
 
@@ -233,6 +234,7 @@ impl Reader {
             Token::Cue(Cue::BackgroundNoun) => {
                 self.background();
                 self.background_context = false;
+                self.after_with = true;
             }
             Token::Cue(Cue::GenericNoun) => self.close(),
             Token::Cue(Cue::On) => {
@@ -309,6 +311,8 @@ mod tests {
             ("Red Circle.", vec![object(Some(Red), Some(Shape::Circle), None, 1)]),
             ("red, blue", vec![object(Some(Red), None, None, 1), object(Some(Blue), None, None, 1)]),
             ("a plain background", vec![background(None, Some(Texture::Plain))]),
+            ("purple background stripes", vec![background(Some(Purple), Some(Texture::Stripes))]),
+            ("a dotted background, striped", vec![background(None, Some(Texture::Dots)), object(None, None, Some(Fill::Striped), 1)]),
             ("the weather in spring", vec![]),
         ];
         for (text, expected) in cases {

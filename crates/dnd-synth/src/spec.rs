@@ -71,7 +71,9 @@ impl SceneSpec {
         *self == SceneSpec::default()
     }
 
-    /// A random scene satisfying the spec, with random extra objects up to [`MAX_OBJECTS`].
+    /// A random scene satisfying the spec, with extra objects up to [`MAX_OBJECTS`]: more of
+    /// the required objects (their open attributes drawn anew), or random ones when none is
+    /// required.
     ///
     /// Required objects are drawn last, over the extras, so that they stay visible. Where the
     /// spec contradicts itself, the objects win: a background colour that a required object
@@ -99,7 +101,10 @@ impl SceneSpec {
             )
         };
         let required_attributes: Vec<_> = required.iter().map(&mut attributes).collect();
-        let extra_attributes: Vec<_> = (required.len()..total).map(|_| attributes(&ObjectSpec::default())).collect();
+        // A prompt that names objects gets more of them, not random ones: a text-to-image
+        // model asked for "red squares" draws red squares and nothing else.
+        let extra = |i: usize| if required.is_empty() { ObjectSpec::default() } else { required[i % required.len()] };
+        let extra_attributes: Vec<_> = (required.len()..total).map(|i| attributes(&extra(i))).collect();
 
         // Place the required objects first, so that they get room, but draw them last.
         let mut placed: Vec<Object> = Vec::new();
@@ -183,6 +188,27 @@ mod tests {
         let blue_square = ObjectSpec { colour: Some(Colour::Blue), shape: Some(Shape::Square), fill: None };
         assert_eq!(spec.objects, vec![red_circle, red_circle, blue_square]);
         assert!(SceneSpec::from_text("a photograph of the sea").is_empty());
+    }
+
+    #[test]
+    fn extra_objects_repeat_what_the_prompt_names() {
+        let mut counts = std::collections::BTreeSet::new();
+        for seed in 0..100 {
+            let stars = SceneSpec::from_text("stars").sample(&mut ChaCha8Rng::seed_from_u64(seed));
+            assert!(stars.objects.iter().all(|o| o.shape == Shape::Star), "seed {seed}: {stars:?}");
+            counts.insert(stars.objects.len());
+            let either = SceneSpec::from_text("yellow objects or purple objects").sample(&mut ChaCha8Rng::seed_from_u64(seed));
+            let colours: Vec<Colour> = either.objects.iter().map(|o| o.colour).collect();
+            assert!(colours.contains(&Colour::Yellow) && colours.contains(&Colour::Purple), "seed {seed}: {either:?}");
+            assert!(colours.iter().all(|c| [Colour::Yellow, Colour::Purple].contains(c)), "seed {seed}: {either:?}");
+        }
+        assert_eq!(counts.into_iter().collect::<Vec<_>>(), vec![1, 2, 3]);
+        // Nothing named: any objects of the world.
+        let shapes: std::collections::BTreeSet<Shape> = (0..100)
+            .flat_map(|seed| SceneSpec::from_text("a striped background").sample(&mut ChaCha8Rng::seed_from_u64(seed)).objects)
+            .map(|o| o.shape)
+            .collect();
+        assert_eq!(shapes.len(), Shape::ALL.len());
     }
 
     #[test]

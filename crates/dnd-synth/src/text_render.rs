@@ -14,8 +14,10 @@ use crate::spec::SceneSpec;
 ///
 /// The prompt is read with the world's vocabulary (the template around the concept, e.g.
 /// "One realistic image of {concept}", and any other unknown word is ignored): "green
-/// triangles" gives scenes with at least one green triangle and everything else random,
-/// "striped background" a striped background, "red circles and blue squares" both. A prompt
+/// triangles" gives scenes of one to three green triangles (of any fill, size and place)
+/// on a random background, as a text-to-image model draws what it is asked for and
+/// nothing else; "striped background" a striped background with random objects; "red
+/// circles and blue squares" both kinds of object. A prompt
 /// without any word of the world gives a random scene of the world. The image depends only
 /// on the prompt, the seed (ChaCha8) and the size: same inputs, same pixels, whatever the
 /// batch.

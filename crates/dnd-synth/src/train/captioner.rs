@@ -65,7 +65,9 @@ impl Default for CaptionerTraining {
             seed: 20_240_601,
             eval_seed: 777_001,
             eval_pairs: 512,
-            sampling: PairSampling::default(),
+            // Half the crops around one object: shapes seen large, and object interiors
+            // as attention crops show them.
+            sampling: PairSampling { object_crop_fraction: 0.5, ..PairSampling::default() },
             patch_size: 16,
             vision: TowerSize { hidden: 128, intermediate: 512, heads: 4, layers: 4 },
             text: TowerSize { hidden: 96, intermediate: 384, heads: 4, layers: 2 },

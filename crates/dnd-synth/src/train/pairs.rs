@@ -53,6 +53,12 @@ pub struct PairSampling {
     pub crop_fraction: f32,
     /// A crop's width and height are each at least this fraction of the image's side.
     pub min_crop_side: f32,
+    /// Fraction of crops taken around one object instead of at random: its bounding box
+    /// scaled by 0.5 to 1.5, from inside the object to some room around it, as attention
+    /// crops of a neuron that follows objects come out. Such crops show objects large and
+    /// object interiors alone, which random crops rarely do.
+    #[serde(default)]
+    pub object_crop_fraction: f32,
     pub mean: [f32; 3],
     pub std: [f32; 3],
 }
@@ -64,6 +70,7 @@ impl Default for PairSampling {
             render_sizes: vec![64, 96, 128],
             crop_fraction: 0.5,
             min_crop_side: 0.3,
+            object_crop_fraction: 0.0,
             mean: [0.481_454_66, 0.457_827_5, 0.408_210_73],
             std: [0.268_629_54, 0.261_302_58, 0.275_777_1],
         }
@@ -78,6 +85,9 @@ impl PairSampling {
         }
         if !(0.0..=1.0).contains(&self.crop_fraction) || !(0.05..=1.0).contains(&self.min_crop_side) {
             return bad("crop_fraction must be in 0..=1 and min_crop_side in 0.05..=1");
+        }
+        if !(0.0..=1.0).contains(&self.object_crop_fraction) {
+            return bad("object_crop_fraction must be in 0..=1");
         }
         if self.std.iter().any(|&s| s <= 0.0) {
             return bad("std must be positive");
@@ -173,6 +183,24 @@ fn truth_of(scene: &Scene, objects: &[usize], background: bool) -> Truth {
 }
 
 /// Pair `index` of the stream `seed`.
+/// A crop around a random object of a `side` x `side` rendering: its bounding box scaled
+/// by 0.5 to 1.5 about its centre, at least 4 pixels, inside the image. `None` when the
+/// scene shows no object.
+fn object_crop<R: Rng + ?Sized>(rng: &mut R, rendered: &crate::render::Rendered, side: u32) -> Option<Rect> {
+    let masks = &rendered.object_masks;
+    if masks.is_empty() {
+        return None;
+    }
+    let bounds = masks[rng.random_range(0..masks.len())].bounds()?;
+    let scale = rng.random_range(0.5f32..=1.5);
+    let side = side as f32;
+    let (w, h) = ((bounds.width as f32 * scale).round().clamp(4.0, side), (bounds.height as f32 * scale).round().clamp(4.0, side));
+    let centre = (bounds.x as f32 + bounds.width as f32 / 2.0, bounds.y as f32 + bounds.height as f32 / 2.0);
+    let x = (centre.0 - w / 2.0).round().clamp(0.0, side - w);
+    let y = (centre.1 - h / 2.0).round().clamp(0.0, side - h);
+    Some(Rect::new(x as u32, y as u32, w as u32, h as u32))
+}
+
 pub fn sample_pair(seed: u64, index: u64, sampling: &PairSampling, preprocess: &Preprocess) -> Result<Pair, TrainError> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     rng.set_stream(index);
@@ -181,9 +209,17 @@ pub fn sample_pair(seed: u64, index: u64, sampling: &PairSampling, preprocess: &
     let rendered = render(&scene, side, side);
     let crop = rng.random::<f32>() < sampling.crop_fraction;
     let (source, caption, truth, kind) = if crop {
-        let min = ((sampling.min_crop_side * side as f32).round() as u32).clamp(1, side);
-        let (w, h) = (rng.random_range(min..=side), rng.random_range(min..=side));
-        let rect = Rect::new(rng.random_range(0..=side - w), rng.random_range(0..=side - h), w, h);
+        // Drawn only when asked for, so that pairs without object crops stay as they were.
+        let around_object = sampling.object_crop_fraction > 0.0 && rng.random::<f32>() < sampling.object_crop_fraction;
+        let rect = match around_object.then(|| object_crop(&mut rng, &rendered, side)).flatten() {
+            Some(rect) => rect,
+            None => {
+                let min = ((sampling.min_crop_side * side as f32).round() as u32).clamp(1, side);
+                let (w, h) = (rng.random_range(min..=side), rng.random_range(min..=side));
+                Rect::new(rng.random_range(0..=side - w), rng.random_range(0..=side - h), w, h)
+            }
+        };
+        let (w, h) = (rect.width, rect.height);
         let visible = visible_in(&scene, &rendered, rect, &VisibilityRule::default())?;
         let text = caption_visible(&scene, &rendered, rect, &mut rng)?;
         let cut = image::imageops::crop_imm(&rendered.image, rect.x, rect.y, w, h).to_image();
@@ -313,5 +349,23 @@ mod tests {
         assert_eq!(kinds.len(), 2);
         let other = sample_pairs(6, 0, 1, &sampling).unwrap();
         assert_ne!(other[0].image, a[0].image);
+    }
+
+    #[test]
+    fn object_crops_show_an_object_large() {
+        let random = PairSampling { crop_fraction: 1.0, ..PairSampling::default() };
+        let around = PairSampling { object_crop_fraction: 1.0, ..random.clone() };
+        let mean_side = |pairs: &[Pair]| pairs.iter().map(|p| p.source.width() + p.source.height()).sum::<u32>() as f32 / (2 * pairs.len()) as f32;
+        let (random, around) = (sample_pairs(5, 0, 60, &random).unwrap(), sample_pairs(5, 0, 60, &around).unwrap());
+        for p in &around {
+            assert_eq!(p.kind, PairKind::Crop);
+            assert!(!p.truth.objects.is_empty(), "{}", p.caption);
+            // An object's box is at most about half the side (radius 0.24 of it), so scaled
+            // by at most 1.5 it is at most about three quarters of the largest render (128).
+            assert!(p.source.width().max(p.source.height()) <= 100, "{:?}", p.source.dimensions());
+        }
+        assert!(mean_side(&around) < 0.6 * mean_side(&random), "{} vs {}", mean_side(&around), mean_side(&random));
+        // Off by default: the committed models' pairs are drawn as before.
+        assert_eq!(PairSampling::default().object_crop_fraction, 0.0);
     }
 }
