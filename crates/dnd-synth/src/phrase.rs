@@ -201,7 +201,8 @@ impl Reader {
         true
     }
 
-    fn read(&mut self, token: Token) {
+    /// Reads `token`; `next` is the next token that is not filler, if any.
+    fn read(&mut self, token: Token, next: Option<Token>) {
         let after_with = std::mem::take(&mut self.after_with);
         match token {
             Token::Word(Word::Colour(c)) => {
@@ -211,7 +212,9 @@ impl Reader {
                 self.pending.colour = Some(c);
             }
             Token::Word(word @ (Word::Fill(_) | Word::Texture(_))) => {
-                if after_with && self.pending.is_empty() && self.attach(word) {
+                // "with a striped green triangle": the pattern starts an object instead.
+                let object_follows = matches!(next, Some(Token::Word(Word::Colour(_) | Word::Shape(_))));
+                if after_with && self.pending.is_empty() && !object_follows && self.attach(word) {
                     return;
                 }
                 let taken = match word {
@@ -262,8 +265,10 @@ impl Reader {
 /// vocabulary are skipped; a text without any gives no mention.
 pub fn parse_mentions(text: &str) -> Vec<Mention> {
     let mut reader = Reader::default();
-    for token in tokenize(text) {
-        reader.read(token);
+    let tokens = tokenize(text);
+    for (i, &token) in tokens.iter().enumerate() {
+        let next = tokens[i + 1..].iter().copied().find(|t| *t != Token::Other);
+        reader.read(token, next);
     }
     reader.finish()
 }
@@ -312,6 +317,10 @@ mod tests {
             ("red, blue", vec![object(Some(Red), None, None, 1), object(Some(Blue), None, None, 1)]),
             ("a plain background", vec![background(None, Some(Texture::Plain))]),
             ("purple background stripes", vec![background(Some(Purple), Some(Texture::Stripes))]),
+            (
+                "a cyan background with a striped small green triangle",
+                vec![background(Some(Cyan), None), object(Some(Green), Some(Shape::Triangle), Some(Fill::Striped), 1)],
+            ),
             ("a dotted background, striped", vec![background(None, Some(Texture::Dots)), object(None, None, Some(Fill::Striped), 1)]),
             ("the weather in spring", vec![]),
         ];

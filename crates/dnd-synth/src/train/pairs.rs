@@ -360,6 +360,7 @@ mod tests {
         for p in &around {
             assert_eq!(p.kind, PairKind::Crop);
             assert!(!p.truth.objects.is_empty(), "{}", p.caption);
+            assert_eq!(Truth::read(&p.caption).as_ref(), Some(&p.truth), "{}", p.caption);
             // An object's box is at most about half the side (radius 0.24 of it), so scaled
             // by at most 1.5 it is at most about three quarters of the largest render (128).
             assert!(p.source.width().max(p.source.height()) <= 100, "{:?}", p.source.dimensions());
