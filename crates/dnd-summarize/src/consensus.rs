@@ -204,7 +204,8 @@ pub fn consensus_label(labels: &[String]) -> Option<String> {
     }
     let size = |key: &str| key.split(' ').count();
     let majority = |count: usize| 2 * count >= labels.len();
-    let generic = |key: &str| key.split(' ').all(|k| GENERIC_NOUNS.iter().any(|g| fold(g) == k));
+    let generic_keys: Vec<String> = GENERIC_NOUNS.iter().map(|g| fold(g)).collect();
+    let generic = |key: &str| key.split(' ').all(|k| generic_keys.iter().any(|g| g == k));
     if support.keys().any(|k| !generic(k)) {
         support.retain(|k, _| !generic(k));
     }

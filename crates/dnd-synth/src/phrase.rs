@@ -157,7 +157,7 @@ struct Reader {
     /// After "on": modifiers without a noun describe the background.
     background_context: bool,
     /// Right after "with" or "background": a pattern word may attach to the last mention.
-    after_with: bool,
+    pattern_may_attach: bool,
 }
 
 impl Reader {
@@ -203,7 +203,7 @@ impl Reader {
 
     /// Reads `token`; `next` is the next token that is not filler, if any.
     fn read(&mut self, token: Token, next: Option<Token>) {
-        let after_with = std::mem::take(&mut self.after_with);
+        let may_attach = std::mem::take(&mut self.pattern_may_attach);
         match token {
             Token::Word(Word::Colour(c)) => {
                 if self.pending.colour.is_some() {
@@ -214,7 +214,7 @@ impl Reader {
             Token::Word(word @ (Word::Fill(_) | Word::Texture(_))) => {
                 // "with a striped green triangle": the pattern starts an object instead.
                 let object_follows = matches!(next, Some(Token::Word(Word::Colour(_) | Word::Shape(_))));
-                if after_with && self.pending.is_empty() && !object_follows && self.attach(word) {
+                if may_attach && self.pending.is_empty() && !object_follows && self.attach(word) {
                     return;
                 }
                 let taken = match word {
@@ -237,21 +237,21 @@ impl Reader {
             Token::Cue(Cue::BackgroundNoun) => {
                 self.background();
                 self.background_context = false;
-                self.after_with = true;
+                self.pattern_may_attach = true;
             }
             Token::Cue(Cue::GenericNoun) => self.close(),
             Token::Cue(Cue::On) => {
                 self.close();
                 self.background_context = true;
             }
-            Token::Cue(Cue::With) => self.after_with = true,
+            Token::Cue(Cue::With) => self.pattern_may_attach = true,
             Token::Cue(Cue::Boundary) => {
                 self.close();
                 self.background_context = false;
             }
             Token::Count(n) => self.pending.count = Some(n),
             // Articles and fillers between "with" and its pattern ("with a checkerboard pattern").
-            Token::Other => self.after_with = after_with,
+            Token::Other => self.pattern_may_attach = may_attach,
         }
     }
 

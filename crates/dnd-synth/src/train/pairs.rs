@@ -17,7 +17,7 @@ use thiserror::Error;
 use crate::caption::{caption, caption_visible, visible_in, VisibilityRule};
 use crate::mask::Rect;
 use crate::phrase::{parse_mentions, Mention};
-use crate::render::render;
+use crate::render::{render, Rendered};
 use crate::scene::Scene;
 use crate::vocab::{Colour, Fill, Shape, Texture};
 
@@ -182,11 +182,10 @@ fn truth_of(scene: &Scene, objects: &[usize], background: bool) -> Truth {
     Truth { objects: o, background: background.then_some((scene.background.colour, scene.background.texture)) }
 }
 
-/// Pair `index` of the stream `seed`.
 /// A crop around a random object of a `side` x `side` rendering: its bounding box scaled
 /// by 0.5 to 1.5 about its centre, at least 4 pixels, inside the image. `None` when the
 /// scene shows no object.
-fn object_crop<R: Rng + ?Sized>(rng: &mut R, rendered: &crate::render::Rendered, side: u32) -> Option<Rect> {
+fn object_crop<R: Rng + ?Sized>(rng: &mut R, rendered: &Rendered, side: u32) -> Option<Rect> {
     let masks = &rendered.object_masks;
     if masks.is_empty() {
         return None;
@@ -201,6 +200,7 @@ fn object_crop<R: Rng + ?Sized>(rng: &mut R, rendered: &crate::render::Rendered,
     Some(Rect::new(x as u32, y as u32, w as u32, h as u32))
 }
 
+/// Pair `index` of the stream `seed`.
 pub fn sample_pair(seed: u64, index: u64, sampling: &PairSampling, preprocess: &Preprocess) -> Result<Pair, TrainError> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     rng.set_stream(index);
