@@ -44,7 +44,10 @@ const IMAGE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbi
 /// The documents of a multi-document YAML stream, as JSON values.
 fn documents(yaml: &str) -> Vec<Value> {
     serde_yaml::Deserializer::from_str(yaml)
-        .map(|doc| serde_json::to_value(serde_yaml::Value::deserialize(doc).expect("valid YAML")).expect("YAML maps to JSON"))
+        .map(|doc| {
+            serde_json::to_value(serde_yaml::Value::deserialize(doc).expect("valid YAML"))
+                .expect("YAML maps to JSON")
+        })
         .filter(|v| !v.is_null())
         .collect()
 }
@@ -65,7 +68,14 @@ fn str_of(v: &Value) -> &str {
 fn renderers() -> Vec<[&'static str; 2]> {
     [["kubectl", "kustomize"], ["kustomize", "build"]]
         .into_iter()
-        .filter(|[bin, _]| Command::new(bin).arg("--help").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success()))
+        .filter(|[bin, _]| {
+            Command::new(bin)
+                .arg("--help")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        })
         .collect()
 }
 
@@ -74,15 +84,27 @@ fn renderers() -> Vec<[&'static str; 2]> {
 fn render(dir: &Path) -> Option<String> {
     let renderers = renderers();
     if renderers.is_empty() {
-        return skip_outside_ci("no kustomize here: install kubectl >= 1.24, or run `python3 .ci/install_kustomize.py DIR` and put DIR on PATH");
+        return skip_outside_ci(
+            "no kustomize here: install kubectl >= 1.24, or run `python3 .ci/install_kustomize.py DIR` and put DIR on PATH",
+        );
     }
     let mut rendered: Option<(String, String)> = None;
     for [bin, sub] in renderers {
         let out = Command::new(bin).args([sub, dir.to_str().unwrap()]).output().unwrap();
         let text = String::from_utf8(out.stdout).unwrap();
-        assert!(out.status.success(), "`{bin} {sub} {}` failed:\n{}", dir.display(), String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "`{bin} {sub} {}` failed:\n{}",
+            dir.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
         match &rendered {
-            Some((first, first_text)) => assert_eq!(documents(first_text), documents(&text), "`{first}` and `{bin} {sub}` render {} differently", dir.display()),
+            Some((first, first_text)) => assert_eq!(
+                documents(first_text),
+                documents(&text),
+                "`{first}` and `{bin} {sub}` render {} differently",
+                dir.display()
+            ),
             None => rendered = Some((format!("{bin} {sub}"), text)),
         }
     }
@@ -102,15 +124,24 @@ fn relative(from: &Path, to: &Path) -> PathBuf {
 /// An example Secret as a user fills it in: every placeholder replaced from `values`
 /// (a placeholder the test has no value for fails it, so a new one gets noticed), plus
 /// `extra` keys the example documents in its comments.
-fn filled_secret(example: &str, values: &BTreeMap<&str, String>, extra: &[(&str, String)]) -> Value {
+fn filled_secret(
+    example: &str,
+    values: &BTreeMap<&str, String>,
+    extra: &[(&str, String)],
+) -> Value {
     let path = repo().join("deploy/k8s/examples").join(example);
     let text = std::fs::read_to_string(&path).unwrap();
     let mut secret = documents(&text).remove(0);
     assert_eq!(secret["kind"], "Secret", "{example}");
-    let data = secret["stringData"].as_object_mut().unwrap_or_else(|| panic!("{example}: the examples use stringData"));
+    let data = secret["stringData"]
+        .as_object_mut()
+        .unwrap_or_else(|| panic!("{example}: the examples use stringData"));
     for (key, value) in data.iter_mut() {
         if str_of(value).contains("REPLACE") {
-            *value = json!(values.get(key.as_str()).unwrap_or_else(|| panic!("{example}: no test value for the placeholder {key}")));
+            *value =
+                json!(values.get(key.as_str()).unwrap_or_else(|| panic!(
+                    "{example}: no test value for the placeholder {key}"
+                )));
         }
     }
     for (key, value) in extra {
@@ -123,8 +154,14 @@ fn filled_secret(example: &str, values: &BTreeMap<&str, String>, extra: &[(&str,
 /// The value of `key` in a ConfigMap's `data` or a Secret's `stringData`.
 fn data_of(object: &Value) -> BTreeMap<String, String> {
     let field = if object["kind"] == "Secret" { "stringData" } else { "data" };
-    assert!(object["kind"] != "Secret" || object.get("data").is_none(), "Secrets with base64 `data` are not emulated");
-    object[field].as_object().map(|m| m.iter().map(|(k, v)| (k.clone(), str_of(v).to_string())).collect()).unwrap_or_default()
+    assert!(
+        object["kind"] != "Secret" || object.get("data").is_none(),
+        "Secrets with base64 `data` are not emulated"
+    );
+    object[field]
+        .as_object()
+        .map(|m| m.iter().map(|(k, v)| (k.clone(), str_of(v).to_string())).collect())
+        .unwrap_or_default()
 }
 
 /// `$(VAR)` references expanded from `env` as the kubelet does (`$$` escapes; an unknown
@@ -138,7 +175,8 @@ fn expand(text: &str, env: &BTreeMap<String, String>) -> String {
         if let Some(after) = tail.strip_prefix("$$") {
             out.push('$');
             rest = after;
-        } else if let Some((name, after)) = tail.strip_prefix("$(").and_then(|t| t.split_once(')')) {
+        } else if let Some((name, after)) = tail.strip_prefix("$(").and_then(|t| t.split_once(')'))
+        {
             match env.get(name) {
                 Some(value) => out.push_str(value),
                 None => out.push_str(&tail[..name.len() + 3]),
@@ -177,7 +215,13 @@ impl Pod {
 
     fn logs(&self) -> String {
         let read = |f: &str| std::fs::read_to_string(self.dir.join(f)).unwrap_or_default();
-        format!("--- {} stdout\n{}--- {} stderr\n{}", self.name, read("stdout"), self.name, read("stderr"))
+        format!(
+            "--- {} stdout\n{}--- {} stderr\n{}",
+            self.name,
+            read("stdout"),
+            self.name,
+            read("stderr")
+        )
     }
 
     /// A container port, by number or by name.
@@ -187,12 +231,18 @@ impl Pod {
         }
         let name = str_of(port);
         let ports = self.container()["ports"].as_array().cloned().unwrap_or_default();
-        let found = ports.iter().find(|p| p["name"] == name).unwrap_or_else(|| panic!("{}: no container port named {name}", self.name));
+        let found = ports
+            .iter()
+            .find(|p| p["name"] == name)
+            .unwrap_or_else(|| panic!("{}: no container port named {name}", self.name));
         found["containerPort"].as_u64().unwrap() as u16
     }
 
     fn selected_by(&self, selector: &Value) -> bool {
-        selector.as_object().is_some_and(|s| !s.is_empty() && s.iter().all(|(k, v)| self.labels.get(k).map(String::as_str) == v.as_str()))
+        selector.as_object().is_some_and(|s| {
+            !s.is_empty()
+                && s.iter().all(|(k, v)| self.labels.get(k).map(String::as_str) == v.as_str())
+        })
     }
 }
 
@@ -222,7 +272,10 @@ impl Cluster {
     /// A pod from `template` (a Deployment's or Job's), with its volumes laid out.
     fn schedule(&mut self, name: &str, template: &Value) -> usize {
         let ip = Ipv4Addr::new(self.net[0], self.net[1], self.net[2], self.pods.len() as u8 + 2);
-        let labels = template["metadata"]["labels"].as_object().map(|m| m.iter().map(|(k, v)| (k.clone(), str_of(v).to_string())).collect()).unwrap_or_default();
+        let labels = template["metadata"]["labels"]
+            .as_object()
+            .map(|m| m.iter().map(|(k, v)| (k.clone(), str_of(v).to_string())).collect())
+            .unwrap_or_default();
         let dir = self.dir.join("pods").join(name);
         std::fs::create_dir_all(dir.join("rootfs")).unwrap();
         let pod = Pod { name: name.to_string(), ip, labels, spec: template["spec"].clone(), dir };
@@ -234,7 +287,10 @@ impl Cluster {
             } else if volume.get("configMap").is_some() {
                 ("ConfigMap", &volume["configMap"], "name")
             } else {
-                assert!(volume.get("emptyDir").is_some(), "{name}: volume {volume} is not emulated");
+                assert!(
+                    volume.get("emptyDir").is_some(),
+                    "{name}: volume {volume} is not emulated"
+                );
                 continue;
             };
             assert!(source.get("items").is_none(), "{name}: volume items are not emulated");
@@ -244,7 +300,11 @@ impl Cluster {
                         std::fs::write(host.join(file), content).unwrap();
                     }
                 }
-                None => assert!(source["optional"] == true, "{name} mounts {kind} {} which does not exist", source[name_field]),
+                None => assert!(
+                    source["optional"] == true,
+                    "{name} mounts {kind} {} which does not exist",
+                    source[name_field]
+                ),
             }
         }
         self.pods.push(pod);
@@ -254,10 +314,14 @@ impl Cluster {
     /// The one pod a Service selects, and the container port its `port` targets.
     fn endpoint(&self, service: &Value, port: u16) -> (Ipv4Addr, u16) {
         let name = str_of(&service["metadata"]["name"]);
-        let pods: Vec<&Pod> = self.pods.iter().filter(|p| p.selected_by(&service["spec"]["selector"])).collect();
+        let pods: Vec<&Pod> =
+            self.pods.iter().filter(|p| p.selected_by(&service["spec"]["selector"])).collect();
         assert_eq!(pods.len(), 1, "Service {name} selects {} pods", pods.len());
         let ports = service["spec"]["ports"].as_array().unwrap();
-        let entry = ports.iter().find(|p| p["port"] == port).unwrap_or_else(|| panic!("Service {name} has no port {port}"));
+        let entry = ports
+            .iter()
+            .find(|p| p["port"] == port)
+            .unwrap_or_else(|| panic!("Service {name} has no port {port}"));
         let target = entry.get("targetPort").cloned().unwrap_or(json!(port));
         (pods[0].ip, pods[0].port(&target))
     }
@@ -267,7 +331,9 @@ impl Cluster {
         let mounts = pod.container()["volumeMounts"].as_array().cloned().unwrap_or_default();
         for mount in &mounts {
             let at = str_of(&mount["mountPath"]);
-            if let Some(rest) = value.strip_prefix(at).filter(|r| r.is_empty() || r.starts_with('/')) {
+            if let Some(rest) =
+                value.strip_prefix(at).filter(|r| r.is_empty() || r.starts_with('/'))
+            {
                 let host = pod.dir.join("volumes").join(str_of(&mount["name"]));
                 return format!("{}{rest}", host.display());
             }
@@ -276,11 +342,16 @@ impl Cluster {
             return format!("{}:{port}", pod.ip);
         }
         if let Some((scheme, rest)) = value.split_once("://") {
-            let (authority, path) = rest.split_once('/').map(|(a, p)| (a, format!("/{p}"))).unwrap_or((rest, String::new()));
+            let (authority, path) = rest
+                .split_once('/')
+                .map(|(a, p)| (a, format!("/{p}")))
+                .unwrap_or((rest, String::new()));
             if let Some((host, port)) = authority.split_once(':') {
                 // `svc`, `svc.namespace` and `svc.namespace.svc.cluster.local` all name it.
                 let service = host.split('.').next().unwrap();
-                if let (Some(svc), Ok(port)) = (self.object("Service", service), port.parse::<u16>()) {
+                if let (Some(svc), Ok(port)) =
+                    (self.object("Service", service), port.parse::<u16>())
+                {
                     let (ip, target) = self.endpoint(svc, port);
                     return format!("{scheme}://{ip}:{target}{path}");
                 }
@@ -306,7 +377,13 @@ impl Cluster {
                 for p in ports {
                     let port = p["port"].as_u64().unwrap();
                     if let Some(name) = p["name"].as_str() {
-                        env.insert(format!("{prefix}_SERVICE_PORT_{}", name.to_uppercase().replace('-', "_")), port.to_string());
+                        env.insert(
+                            format!(
+                                "{prefix}_SERVICE_PORT_{}",
+                                name.to_uppercase().replace('-', "_")
+                            ),
+                            port.to_string(),
+                        );
                     }
                     let link = format!("{prefix}_PORT_{port}_TCP");
                     env.insert(link.clone(), format!("tcp://{ip}:{port}"));
@@ -324,8 +401,14 @@ impl Cluster {
             };
             let prefix = source["prefix"].as_str().unwrap_or("");
             match self.object(kind, str_of(&reference["name"])) {
-                Some(object) => env.extend(data_of(object).into_iter().map(|(k, v)| (format!("{prefix}{k}"), v))),
-                None => assert!(reference["optional"] == true, "{}: {kind} {} does not exist", pod.name, reference["name"]),
+                Some(object) => env
+                    .extend(data_of(object).into_iter().map(|(k, v)| (format!("{prefix}{k}"), v))),
+                None => assert!(
+                    reference["optional"] == true,
+                    "{}: {kind} {} does not exist",
+                    pod.name,
+                    reference["name"]
+                ),
             }
         }
         for var in container["env"].as_array().cloned().unwrap_or_default() {
@@ -339,25 +422,40 @@ impl Cluster {
                     other => panic!("{}: fieldRef {other} is not emulated", pod.name),
                 }
             } else {
-                let (kind, reference) = match (var["valueFrom"].get("configMapKeyRef"), var["valueFrom"].get("secretKeyRef")) {
+                let (kind, reference) = match (
+                    var["valueFrom"].get("configMapKeyRef"),
+                    var["valueFrom"].get("secretKeyRef"),
+                ) {
                     (Some(r), None) => ("ConfigMap", r),
                     (None, Some(r)) => ("Secret", r),
                     _ => panic!("{}: env {var} is not emulated", pod.name),
                 };
-                let object = self.object(kind, str_of(&reference["name"])).unwrap_or_else(|| panic!("{}: {kind} {} does not exist", pod.name, reference["name"]));
-                data_of(object).remove(str_of(&reference["key"])).unwrap_or_else(|| panic!("{}: no key {} in {kind} {}", pod.name, reference["key"], reference["name"]))
+                let object = self.object(kind, str_of(&reference["name"])).unwrap_or_else(|| {
+                    panic!("{}: {kind} {} does not exist", pod.name, reference["name"])
+                });
+                data_of(object).remove(str_of(&reference["key"])).unwrap_or_else(|| {
+                    panic!(
+                        "{}: no key {} in {kind} {}",
+                        pod.name, reference["key"], reference["name"]
+                    )
+                })
             };
             env.insert(name, value);
         }
-        let mut env: BTreeMap<String, String> = env.iter().map(|(k, v)| (k.clone(), self.translate(pod, v))).collect();
+        let mut env: BTreeMap<String, String> =
+            env.iter().map(|(k, v)| (k.clone(), self.translate(pod, v))).collect();
         // What the container runtime adds: the image's PATH, the pod's host name, and the
         // image user's home (here inside the root filesystem, which must stay untouched).
         env.entry("PATH".into()).or_insert_with(|| IMAGE_PATH.into());
         env.insert("HOSTNAME".into(), pod.name.clone());
-        env.entry("HOME".into()).or_insert_with(|| pod.rootfs().join("nonexistent").display().to_string());
+        env.entry("HOME".into())
+            .or_insert_with(|| pod.rootfs().join("nonexistent").display().to_string());
         // /tmp is a volume in our pods; elsewhere it would be the read-only root.
         let tmp = self.translate(pod, "/tmp");
-        env.insert("TMPDIR".into(), if tmp == "/tmp" { pod.rootfs().join("tmp").display().to_string() } else { tmp });
+        env.insert(
+            "TMPDIR".into(),
+            if tmp == "/tmp" { pod.rootfs().join("tmp").display().to_string() } else { tmp },
+        );
         env
     }
 
@@ -366,9 +464,18 @@ impl Cluster {
     fn start(&self, index: usize) -> Proc {
         let pod = &self.pods[index];
         let container = pod.container();
-        assert!(container.get("command").is_none(), "{}: `command` would replace the image's entrypoint, dnd", pod.name);
+        assert!(
+            container.get("command").is_none(),
+            "{}: `command` would replace the image's entrypoint, dnd",
+            pod.name
+        );
         let env = self.environment(pod);
-        let args: Vec<String> = container["args"].as_array().unwrap().iter().map(|a| self.translate(pod, &expand(str_of(a), &env))).collect();
+        let args: Vec<String> = container["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| self.translate(pod, &expand(str_of(a), &env)))
+            .collect();
         let child = Command::new(dnd_binary())
             .args(&args)
             .env_clear()
@@ -388,7 +495,12 @@ impl Cluster {
             self.runtime.block_on(async move {
                 use tonic_health::pb::health_check_response::ServingStatus;
                 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
-                let Ok(channel) = tonic::transport::Endpoint::from_shared(addr).unwrap().connect_timeout(Duration::from_secs(2)).connect().await else {
+                let Ok(channel) = tonic::transport::Endpoint::from_shared(addr)
+                    .unwrap()
+                    .connect_timeout(Duration::from_secs(2))
+                    .connect()
+                    .await
+                else {
                     return false;
                 };
                 let answer = HealthClient::new(channel).check(HealthCheckRequest { service }).await;
@@ -396,7 +508,8 @@ impl Cluster {
             })
         } else if let Some(http) = probe.get("httpGet") {
             let path = http["path"].as_str().unwrap_or("/");
-            http_get(&pod.ip.to_string(), pod.port(&http["port"]), path).is_some_and(|(code, _)| (200..400).contains(&code))
+            http_get(&pod.ip.to_string(), pod.port(&http["port"]), path)
+                .is_some_and(|(code, _)| (200..400).contains(&code))
         } else if let Some(tcp) = probe.get("tcpSocket") {
             std::net::TcpStream::connect((pod.ip, pod.port(&tcp["port"]))).is_ok()
         } else {
@@ -410,13 +523,22 @@ impl Cluster {
         let probe = &pod.container()[which];
         assert!(probe.is_object(), "{} has no {which}", pod.name);
         let seconds = |field: &str, default: u64| probe[field].as_u64().unwrap_or(default);
-        let budget = Duration::from_secs(seconds("initialDelaySeconds", 0) + seconds("periodSeconds", 10) * seconds("failureThreshold", 3)).min(PATIENCE);
+        let budget = Duration::from_secs(
+            seconds("initialDelaySeconds", 0)
+                + seconds("periodSeconds", 10) * seconds("failureThreshold", 3),
+        )
+        .min(PATIENCE);
         let start = Instant::now();
         while !self.probe_passes(pod, probe) {
             if let Some(status) = process.0.try_wait().unwrap() {
                 panic!("{} exited ({status}) before its {which} passed\n{}", pod.name, pod.logs());
             }
-            assert!(start.elapsed() < budget, "{}'s {which} did not pass within {budget:?}\n{}", pod.name, pod.logs());
+            assert!(
+                start.elapsed() < budget,
+                "{}'s {which} did not pass within {budget:?}\n{}",
+                pod.name,
+                pod.logs()
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
     }
@@ -429,24 +551,50 @@ impl Cluster {
         if process.0.try_wait().unwrap().is_none() {
             process.signal("-TERM");
         }
-        let status = process.wait_for_exit(Duration::from_secs(grace)).unwrap_or_else(|| panic!("{} outlived its {grace} s grace period\n{}", pod.name, pod.logs()));
+        let status = process.wait_for_exit(Duration::from_secs(grace)).unwrap_or_else(|| {
+            panic!("{} outlived its {grace} s grace period\n{}", pod.name, pod.logs())
+        });
         assert!(status.success(), "{} exited with {status}\n{}", pod.name, pod.logs());
-        let written: Vec<_> = std::fs::read_dir(pod.rootfs()).unwrap().map(|e| e.unwrap().path()).collect();
-        assert!(written.is_empty(), "{} wrote to its read-only root filesystem: {written:?}", pod.name);
+        let written: Vec<_> =
+            std::fs::read_dir(pod.rootfs()).unwrap().map(|e| e.unwrap().path()).collect();
+        assert!(
+            written.is_empty(),
+            "{} wrote to its read-only root filesystem: {written:?}",
+            pod.name
+        );
     }
 }
 
 /// `kubernetes-validate --strict` on `files`; the kinds it has no schema for.
 fn validate(files: &[PathBuf]) -> Option<Vec<String>> {
-    let output = match Command::new("kubernetes-validate").args(["--strict", "--kubernetes-version", KUBERNETES_VERSION]).args(files).output() {
+    let output = match Command::new("kubernetes-validate")
+        .args(["--strict", "--kubernetes-version", KUBERNETES_VERSION])
+        .args(files)
+        .output()
+    {
         Ok(o) => o,
-        Err(e) => return skip_outside_ci(&format!("kubernetes-validate: {e}; run `pip install -r tests/requirements-deploy.txt` (.ci/run does)")),
+        Err(e) => {
+            return skip_outside_ci(&format!(
+                "kubernetes-validate: {e}; run `pip install -r tests/requirements-deploy.txt` (.ci/run does)"
+            ));
+        }
     };
-    let report = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
-    assert!(output.status.success(), "kubernetes-validate --strict refused the manifests:\n{report}");
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        output.status.success(),
+        "kubernetes-validate --strict refused the manifests:\n{report}"
+    );
     let expected: usize = files.iter().map(|f| read_documents(f).len()).sum();
     let passed = report.matches(" passed for resource ").count();
-    let unknown: Vec<String> = report.lines().filter_map(|l| l.split("Couldn't find schema for kind ").nth(1)).map(|r| r.split_whitespace().next().unwrap().to_string()).collect();
+    let unknown: Vec<String> = report
+        .lines()
+        .filter_map(|l| l.split("Couldn't find schema for kind ").nth(1))
+        .map(|r| r.split_whitespace().next().unwrap().to_string())
+        .collect();
     assert_eq!(passed + unknown.len(), expected, "{report}");
     Some(unknown)
 }
@@ -459,7 +607,8 @@ fn rendered_overlay(name: &str, into: &Path) -> Option<PathBuf> {
 }
 
 fn deployment_container<'a>(docs: &'a [Value], name: &str) -> &'a Value {
-    &named(docs, "Deployment", name).unwrap_or_else(|| panic!("no Deployment {name}"))["spec"]["template"]["spec"]["containers"][0]
+    &named(docs, "Deployment", name).unwrap_or_else(|| panic!("no Deployment {name}"))["spec"]["template"]
+        ["spec"]["containers"][0]
 }
 
 #[test]
@@ -467,8 +616,13 @@ fn every_overlay_renders_alike_and_validates_strictly() {
     let dir = tempfile::tempdir().unwrap();
     let Some(cpu) = rendered_overlay("cpu", dir.path()) else { return };
     let Some(gpu) = rendered_overlay("gpu", dir.path()) else { return };
-    let examples: Vec<PathBuf> = std::fs::read_dir(repo().join("deploy/k8s/examples")).unwrap().map(|e| e.unwrap().path()).collect();
-    let Some(unknown) = validate(&[vec![cpu.clone(), gpu.clone()], examples].concat()) else { return };
+    let examples: Vec<PathBuf> = std::fs::read_dir(repo().join("deploy/k8s/examples"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    let Some(unknown) = validate(&[vec![cpu.clone(), gpu.clone()], examples].concat()) else {
+        return;
+    };
     // Only the Prometheus Operator's CRD has no schema in kubernetes-validate.
     assert_eq!(unknown, ["PodMonitor"]);
 
@@ -484,17 +638,27 @@ fn every_overlay_renders_alike_and_validates_strictly() {
             assert_eq!(pod["securityContext"]["runAsUser"], 10001);
             let container = &pod["containers"][0];
             assert_eq!(container["securityContext"]["readOnlyRootFilesystem"], true);
-            assert!(str_of(&container["image"]).starts_with("ghcr.io/dnd-project/dnd:"), "{container}");
+            assert!(
+                str_of(&container["image"]).starts_with("ghcr.io/dnd-project/dnd:"),
+                "{container}"
+            );
         }
     }
 
     // The gpu overlay differs from the cpu one only where GPUs need it.
-    let (cpu_worker, gpu_worker) = (deployment_container(&cpu, "dnd-worker"), deployment_container(&gpu, "dnd-worker"));
+    let (cpu_worker, gpu_worker) =
+        (deployment_container(&cpu, "dnd-worker"), deployment_container(&gpu, "dnd-worker"));
     assert_eq!(cpu_worker["args"], gpu_worker["args"]);
     assert_eq!(gpu_worker["resources"]["limits"]["nvidia.com/gpu"], 1);
     assert!(cpu_worker["resources"]["limits"].get("nvidia.com/gpu").is_none());
-    assert!(gpu_worker["env"].as_array().unwrap().contains(&json!({"name": "DND_DEVICE", "value": "cuda:0"})));
-    let tolerations = &named(&gpu, "Deployment", "dnd-worker").unwrap()["spec"]["template"]["spec"]["tolerations"];
+    assert!(
+        gpu_worker["env"]
+            .as_array()
+            .unwrap()
+            .contains(&json!({"name": "DND_DEVICE", "value": "cuda:0"}))
+    );
+    let tolerations = &named(&gpu, "Deployment", "dnd-worker").unwrap()["spec"]["template"]["spec"]
+        ["tolerations"];
     assert_eq!(tolerations[0]["key"], "nvidia.com/gpu");
     let mut cpu_coordinator = deployment_container(&cpu, "dnd-coordinator").clone();
     let mut gpu_coordinator = deployment_container(&gpu, "dnd-coordinator").clone();
@@ -524,14 +688,27 @@ fn the_cpu_overlay_runs_a_job_on_loopback_as_rendered() {
     let mut objects = documents(&rendered);
 
     // Step 2: the Secrets, shaped as the examples; step 4: the job file as a ConfigMap.
-    let token: String = (0..64).map(|i| char::from_digit((i * 7 + std::process::id() as usize) as u32 % 16, 16).unwrap()).collect();
-    objects.push(filled_secret("secret-token.example.yaml", &BTreeMap::from([("token", token)]), &[]));
-    let credentials = BTreeMap::from([("AWS_ACCESS_KEY_ID", S3Server::ACCESS_KEY.to_string()), ("AWS_SECRET_ACCESS_KEY", S3Server::SECRET_KEY.to_string())]);
-    let s3_compatible = [("AWS_ENDPOINT", s3.endpoint.clone()), ("AWS_ALLOW_HTTP", "true".to_string())];
+    let token: String = (0..64)
+        .map(|i| char::from_digit((i * 7 + std::process::id() as usize) as u32 % 16, 16).unwrap())
+        .collect();
+    objects.push(filled_secret(
+        "secret-token.example.yaml",
+        &BTreeMap::from([("token", token)]),
+        &[],
+    ));
+    let credentials = BTreeMap::from([
+        ("AWS_ACCESS_KEY_ID", S3Server::ACCESS_KEY.to_string()),
+        ("AWS_SECRET_ACCESS_KEY", S3Server::SECRET_KEY.to_string()),
+    ]);
+    let s3_compatible =
+        [("AWS_ENDPOINT", s3.endpoint.clone()), ("AWS_ALLOW_HTTP", "true".to_string())];
     objects.push(filled_secret("secret-object-store.example.yaml", &credentials, &s3_compatible));
     // The tiny fixture job; its models and images are where every pod can read them.
     let fixtures = format!("\"{}/tests/fixtures/", repo().display());
-    let job_toml = std::fs::read_to_string(repo().join("tests/fixtures/tiny-job.toml")).unwrap().replace("\"tests/fixtures/", &fixtures).replacen("seed = 0", "seed = 0\nname = \"k8s\"", 1);
+    let job_toml = std::fs::read_to_string(repo().join("tests/fixtures/tiny-job.toml"))
+        .unwrap()
+        .replace("\"tests/fixtures/", &fixtures)
+        .replacen("seed = 0", "seed = 0\nname = \"k8s\"", 1);
     objects.push(json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "dnd-job"}, "data": {"job.toml": job_toml}}));
 
     let mut cluster = Cluster::new(objects.clone(), dir.path());
@@ -556,12 +733,21 @@ fn the_cpu_overlay_runs_a_job_on_loopback_as_rendered() {
     }
     // The selectors that find these pods: the PDB's and the PodMonitor example's.
     let pdb = objects.iter().find(|o| o["kind"] == "PodDisruptionBudget").unwrap();
-    assert!(workers.iter().all(|(w, _)| cluster.pods[*w].selected_by(&pdb["spec"]["selector"]["matchLabels"])));
+    assert!(
+        workers
+            .iter()
+            .all(|(w, _)| cluster.pods[*w].selected_by(&pdb["spec"]["selector"]["matchLabels"]))
+    );
     let monitor = read_documents(&repo().join("deploy/k8s/examples/monitoring.yaml")).remove(0);
     for pod in &cluster.pods {
-        assert!(pod.selected_by(&monitor["spec"]["selector"]["matchLabels"]), "the PodMonitor misses {}", pod.name);
+        assert!(
+            pod.selected_by(&monitor["spec"]["selector"]["matchLabels"]),
+            "the PodMonitor misses {}",
+            pod.name
+        );
         let scraped = str_of(&monitor["spec"]["podMetricsEndpoints"][0]["port"]);
-        let (code, body) = http_get(&pod.ip.to_string(), pod.port(&json!(scraped)), "/metrics").unwrap_or_else(|| panic!("{} serves no metrics\n{}", pod.name, pod.logs()));
+        let (code, body) = http_get(&pod.ip.to_string(), pod.port(&json!(scraped)), "/metrics")
+            .unwrap_or_else(|| panic!("{} serves no metrics\n{}", pod.name, pod.logs()));
         assert_eq!(code, 200);
         assert!(body.contains("# TYPE dnd_"), "{}: {body}", pod.name);
     }
@@ -578,7 +764,11 @@ fn the_cpu_overlay_runs_a_job_on_loopback_as_rendered() {
     // The results are in the bucket, and the workers are the pods, by name.
     let job = s3.location("dnd/jobs/k8s");
     cluster.runtime.block_on(async {
-        let rows: Vec<DescriptionRow> = batches_rows("descriptions", &read_parquet(&job, "results/descriptions.parquet").await.unwrap()).unwrap();
+        let rows: Vec<DescriptionRow> = batches_rows(
+            "descriptions",
+            &read_parquet(&job, "results/descriptions.parquet").await.unwrap(),
+        )
+        .unwrap();
         assert_eq!(rows.len(), 5, "{rows:?}");
         assert!(rows.iter().all(|r| r.status == "ok"), "{rows:?}");
         let mut workers_seen = std::collections::BTreeSet::new();
@@ -591,7 +781,10 @@ fn the_cpu_overlay_runs_a_job_on_loopback_as_rendered() {
                 }
             }
         }
-        assert!(!workers_seen.is_empty() && workers_seen.iter().all(|w| w.starts_with("dnd-worker-")), "{workers_seen:?}");
+        assert!(
+            !workers_seen.is_empty() && workers_seen.iter().all(|w| w.starts_with("dnd-worker-")),
+            "{workers_seen:?}"
+        );
     });
 
     // Deleting the pods: each stops on SIGTERM within its grace period.

@@ -74,8 +74,11 @@ fn documented_schemas() -> BTreeMap<String, Vec<(String, DataType, bool)>> {
 }
 
 fn assert_documented(schema: &Schema, documented: &[(String, DataType, bool)], table: &str) {
-    let actual: Vec<(String, DataType, bool)> =
-        schema.fields().iter().map(|f| (f.name().clone(), f.data_type().clone(), f.is_nullable())).collect();
+    let actual: Vec<(String, DataType, bool)> = schema
+        .fields()
+        .iter()
+        .map(|f| (f.name().clone(), f.data_type().clone(), f.is_nullable()))
+        .collect();
     assert_eq!(actual, documented, "results/{table}.parquet differs from docs/schema.md");
 }
 
@@ -86,8 +89,14 @@ async fn a_dissection_writes_every_table_reuses_its_caches_and_is_deterministic(
     assert_eq!(first.code, 0, "{}\n{}", first.stdout, first.stderr);
     // The table at the end: every neuron, with its label and score.
     let header = first.stdout.lines().next().unwrap();
-    assert!(header.starts_with("layer") && header.contains("label") && header.contains("score"), "{}", first.stdout);
-    for neuron in ["layer4       0", "layer4       1", "layer4       2", "fc           0", "fc           1"] {
+    assert!(
+        header.starts_with("layer") && header.contains("label") && header.contains("score"),
+        "{}",
+        first.stdout
+    );
+    for neuron in
+        ["layer4       0", "layer4       1", "layer4       2", "fc           0", "fc           1"]
+    {
         assert!(first.stdout.contains(neuron), "{neuron} missing:\n{}", first.stdout);
     }
     assert!(first.stdout.contains("results: "), "{}", first.stdout);
@@ -102,7 +111,8 @@ async fn a_dissection_writes_every_table_reuses_its_caches_and_is_deterministic(
             assert!(batch.num_rows() > 0, "results/{} is empty", t.name());
         }
     }
-    let descriptions: Vec<DescriptionRow> = batches_rows("d", &[table(out.path(), "first", ResultTable::Descriptions).await]).unwrap();
+    let descriptions: Vec<DescriptionRow> =
+        batches_rows("d", &[table(out.path(), "first", ResultTable::Descriptions).await]).unwrap();
     assert_eq!(descriptions.len(), 5);
     for d in &descriptions {
         assert_eq!(d.status, "ok", "{d:?}");
@@ -131,14 +141,21 @@ async fn a_dissection_writes_every_table_reuses_its_caches_and_is_deterministic(
         assert_eq!(s2["cache"][kind]["misses"], 0, "{kind}: a warm run makes no model calls: {s2}");
         assert!(s2["cache"][kind]["hits"].as_u64().unwrap() > 0);
     }
-    let warm: Vec<DescriptionRow> = batches_rows("d", &[table(out.path(), "second", ResultTable::Descriptions).await]).unwrap();
+    let warm: Vec<DescriptionRow> =
+        batches_rows("d", &[table(out.path(), "second", ResultTable::Descriptions).await]).unwrap();
     for (cold, warm) in descriptions.iter().zip(&warm) {
-        assert_eq!((&cold.label, cold.score, &cold.label_2, &cold.label_3), (&warm.label, warm.score, &warm.label_2, &warm.label_3));
+        assert_eq!(
+            (&cold.label, cold.score, &cold.label_2, &cold.label_3),
+            (&warm.label, warm.score, &warm.label_2, &warm.label_3)
+        );
         assert_eq!(warm.captions_cached, warm.captions_total);
         assert_eq!(warm.replies_cached, warm.replies_total);
         assert_eq!(warm.images_cached, warm.images_total);
     }
-    assert_eq!(table(out.path(), "first", ResultTable::Scores).await, table(out.path(), "second", ResultTable::Scores).await);
+    assert_eq!(
+        table(out.path(), "first", ResultTable::Scores).await,
+        table(out.path(), "second", ResultTable::Scores).await
+    );
 
     // The same job in a fresh store (cold caches) gives identical results, table by table.
     let elsewhere = tempfile::tempdir().unwrap();
@@ -183,8 +200,15 @@ fn bad_input_is_rejected_before_any_work_starts() {
         let out = tempfile::tempdir().unwrap();
         let run = dissect(out.path(), "bad", &extra);
         assert_eq!(run.code, 2, "{extra:?} should be bad input:\n{}", run.stderr);
-        assert!(run.stderr.contains(expected), "{extra:?}: the error should mention {expected}:\n{}", run.stderr);
-        assert!(!out.path().join("jobs").exists(), "{extra:?}: nothing may be written before the checks pass");
+        assert!(
+            run.stderr.contains(expected),
+            "{extra:?}: the error should mention {expected}:\n{}",
+            run.stderr
+        );
+        assert!(
+            !out.path().join("jobs").exists(),
+            "{extra:?}: nothing may be written before the checks pass"
+        );
     }
 }
 
@@ -198,7 +222,9 @@ struct FailsFirstCall {
 impl FailsFirstCall {
     fn check(&self) -> Result<(), SummarizeError> {
         if self.calls.fetch_add(1, Ordering::SeqCst) == 0 {
-            return Err(SummarizeError::Internal("the language model keeps failing for this neuron".into()));
+            return Err(SummarizeError::Internal(
+                "the language model keeps failing for this neuron".into(),
+            ));
         }
         Ok(())
     }
@@ -232,26 +258,41 @@ async fn a_neuron_whose_summariser_fails_gets_an_error_row_and_the_job_completes
     let text = std::fs::read_to_string(job_file()).unwrap();
     let mut spec = JobSpec::from_toml(&text, "tiny-job.toml").unwrap();
     spec.out = out.path().display().to_string();
-    for model in [&mut spec.target.model, &mut spec.captioner.model, &mut spec.generator.model, &mut spec.embedder.model] {
+    for model in [
+        &mut spec.target.model,
+        &mut spec.captioner.model,
+        &mut spec.generator.model,
+        &mut spec.embedder.model,
+    ] {
         *model = repo().join(&*model).display().to_string();
     }
     spec.probe.images = repo().join(&spec.probe.images).display().to_string();
     let mut dissection = Dissection::prepare(&spec).await.unwrap();
     let summarizer = &mut dissection.bench.summarizer;
-    summarizer.model = Arc::new(FailsFirstCall { inner: summarizer.model.clone(), calls: AtomicUsize::new(0) });
+    summarizer.model =
+        Arc::new(FailsFirstCall { inner: summarizer.model.clone(), calls: AtomicUsize::new(0) });
     summarizer.identity = "fails-first-call".into();
     let outcome = dissection.run(&NoProgress).await.unwrap();
 
-    let failed: Vec<&DescriptionRow> = outcome.descriptions.iter().filter(|d| d.status == "failed").collect();
+    let failed: Vec<&DescriptionRow> =
+        outcome.descriptions.iter().filter(|d| d.status == "failed").collect();
     assert_eq!(failed.len(), 1, "{:?}", outcome.descriptions);
     assert_eq!((failed[0].layer.as_str(), failed[0].neuron), ("layer4", 0));
     assert!(failed[0].error.as_deref().unwrap().contains("keeps failing"));
     assert!(failed[0].label.is_none());
-    assert_eq!(outcome.descriptions.iter().filter(|d| d.status == "ok").count(), 4, "the other neurons are described");
+    assert_eq!(
+        outcome.descriptions.iter().filter(|d| d.status == "ok").count(),
+        4,
+        "the other neurons are described"
+    );
     assert_eq!(outcome.summary.neurons_failed, 1);
 
-    let job = Location::open(out.path().join(format!("jobs/{}", outcome.summary.job)).to_str().unwrap()).unwrap();
-    let errors: Vec<NeuronErrorRow> = batches_rows("errors", &read_parquet(&job, "results/errors.parquet").await.unwrap()).unwrap();
+    let job =
+        Location::open(out.path().join(format!("jobs/{}", outcome.summary.job)).to_str().unwrap())
+            .unwrap();
+    let errors: Vec<NeuronErrorRow> =
+        batches_rows("errors", &read_parquet(&job, "results/errors.parquet").await.unwrap())
+            .unwrap();
     assert_eq!(errors.len(), 1, "{errors:?}");
     assert_eq!((errors[0].stage.as_str(), errors[0].neuron), ("summarize", 0));
 }

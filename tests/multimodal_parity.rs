@@ -45,7 +45,8 @@ fn clip_matches_transformers() {
     let d = max_abs_diff(&image_features, &r.tensors["image_features"]);
     assert!(d <= TOLERANCE, "image features: {d}");
 
-    let texts: Vec<&str> = r.json["inputs"]["texts"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+    let texts: Vec<&str> =
+        r.json["inputs"]["texts"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
     let (ids, mask) = clip.tokenize(&texts).unwrap();
     assert_eq!(ids, ids_of(&r.tensors["input_ids"]), "token ids");
     assert_eq!(mask, ids_of(&r.tensors["attention_mask"]), "attention mask");
@@ -116,7 +117,13 @@ fn blip_matches_transformers() {
 }
 
 fn load_sd(r: &Reference) -> (dnd_models::DiffusionGenerator, String) {
-    let config = dnd_models::GenerationConfig { steps: 3, guidance_scale: 7.5, width: 32, height: 32, ..Default::default() };
+    let config = dnd_models::GenerationConfig {
+        steps: 3,
+        guidance_scale: 7.5,
+        width: 32,
+        height: 32,
+        ..Default::default()
+    };
     let sd = dnd_models::DiffusionGenerator::load(&model_ref("sd"), &Device::Cpu, config).unwrap();
     (sd, r.json["inputs"]["prompt"].as_str().unwrap().to_string())
 }
@@ -146,10 +153,23 @@ fn stable_diffusion_text_encoder_and_vae_match_diffusers() {
     assert_eq!(alone[0].dimensions(), (32, 32));
     // Same noise and prompt; only float rounding of larger GEMMs differs, which guidance
     // (x7.5) over the steps can turn into a level or two.
-    let diffs: Vec<u8> = alone[0].as_raw().iter().zip(batched[1].as_raw()).map(|(x, y)| x.abs_diff(*y)).collect();
-    let (worst, mean) = (*diffs.iter().max().unwrap(), diffs.iter().map(|&d| f64::from(d)).sum::<f64>() / diffs.len() as f64);
-    assert!(worst <= 3 && mean < 0.5, "an image must not depend on its batch: max {worst}, mean {mean} levels apart");
-    let other = alone[0].as_raw().iter().zip(batched[0].as_raw()).map(|(x, y)| x.abs_diff(*y)).max().unwrap();
+    let diffs: Vec<u8> =
+        alone[0].as_raw().iter().zip(batched[1].as_raw()).map(|(x, y)| x.abs_diff(*y)).collect();
+    let (worst, mean) = (
+        *diffs.iter().max().unwrap(),
+        diffs.iter().map(|&d| f64::from(d)).sum::<f64>() / diffs.len() as f64,
+    );
+    assert!(
+        worst <= 3 && mean < 0.5,
+        "an image must not depend on its batch: max {worst}, mean {mean} levels apart"
+    );
+    let other = alone[0]
+        .as_raw()
+        .iter()
+        .zip(batched[0].as_raw())
+        .map(|(x, y)| x.abs_diff(*y))
+        .max()
+        .unwrap();
     assert!(other > 1, "another prompt and seed give another image");
 }
 
@@ -167,9 +187,13 @@ fn stable_diffusion_unet_matches_diffusers() {
     let d = max_abs_diff(&noise, &r.tensors["unet.noise_pred"]);
     assert!(d <= TOLERANCE, "UNet noise prediction: {d}");
     // Guidance batch [uncond, cond].
-    let latents2 = Tensor::cat(&[&r.tensors["unet.latents"], &r.tensors["unet.latents"]], 0).unwrap();
+    let latents2 =
+        Tensor::cat(&[&r.tensors["unet.latents"], &r.tensors["unet.latents"]], 0).unwrap();
     let text2 = Tensor::cat(&[&uncond, &cond], 0).unwrap();
-    let d = max_abs_diff(&sd.predict_noise(&latents2, 500.0, &text2).unwrap(), &r.tensors["unet.cfg_noise_pred"]);
+    let d = max_abs_diff(
+        &sd.predict_noise(&latents2, 500.0, &text2).unwrap(),
+        &r.tensors["unet.cfg_noise_pred"],
+    );
     assert!(d <= TOLERANCE, "UNet guidance batch: {d}");
 
     // The whole 3-step DDIM loop from the pipeline's starting latents.
@@ -177,7 +201,8 @@ fn stable_diffusion_unet_matches_diffusers() {
     let d = max_abs_diff(&latents, &r.tensors["pipeline.final_latents"]);
     assert!(d <= 1e-3, "final latents after 3 guided DDIM steps: {d}");
     let image = sd.to_rgb(&sd.decode_latents(&latents).unwrap()).unwrap();
-    let want: Vec<u8> = r.tensors["pipeline.image_u8"].flatten_all().unwrap().to_vec1::<u8>().unwrap();
+    let want: Vec<u8> =
+        r.tensors["pipeline.image_u8"].flatten_all().unwrap().to_vec1::<u8>().unwrap();
     let worst = image[0].as_raw().iter().zip(&want).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
     assert!(worst <= 1, "pipeline image differs by {worst} levels");
 }

@@ -13,10 +13,16 @@ const BUCKET: &str = "dnd-test";
 fn dissect(s3: &S3Server, out: &str) -> (i32, String, String) {
     let job = repo().join("tests/fixtures/tiny-job.toml");
     let mut cmd = Command::new(dnd_binary());
-    cmd.args(["dissect", "--config", job.to_str().unwrap(), "--out", out, "--name", "s3"]).current_dir(repo()).env("RUST_LOG", "warn");
+    cmd.args(["dissect", "--config", job.to_str().unwrap(), "--out", out, "--name", "s3"])
+        .current_dir(repo())
+        .env("RUST_LOG", "warn");
     cmd.envs(s3.env());
     let output = cmd.output().unwrap();
-    (output.status.code().unwrap_or(-1), String::from_utf8_lossy(&output.stdout).into(), String::from_utf8_lossy(&output.stderr).into())
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into(),
+        String::from_utf8_lossy(&output.stderr).into(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -29,12 +35,20 @@ async fn a_dissection_runs_on_an_s3_bucket_and_resumes_from_it() {
 
     // Read back through object_store's S3 client, as a user's analysis would.
     let job = s3.location("runs/jobs/s3");
-    let rows: Vec<DescriptionRow> = batches_rows("descriptions", &read_parquet(&job, "results/descriptions.parquet").await.unwrap()).unwrap();
+    let rows: Vec<DescriptionRow> = batches_rows(
+        "descriptions",
+        &read_parquet(&job, "results/descriptions.parquet").await.unwrap(),
+    )
+    .unwrap();
     assert_eq!(rows.len(), 5);
     assert!(rows.iter().all(|r| r.status == "ok"), "{rows:?}");
     assert!(job.exists("tasks/fc-00000/_COMMITTED").await.unwrap());
     // Create-only puts hold on S3: a second commit of a task is refused.
-    assert!(!job.put_if_absent("tasks/fc-00000/_COMMITTED", bytes::Bytes::from_static(b"zombie")).await.unwrap());
+    assert!(
+        !job.put_if_absent("tasks/fc-00000/_COMMITTED", bytes::Bytes::from_static(b"zombie"))
+            .await
+            .unwrap()
+    );
 
     let (code, stdout, stderr) = dissect(&s3, &out);
     assert_eq!(code, 0, "{stdout}\n{stderr}");

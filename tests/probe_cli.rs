@@ -23,13 +23,21 @@ fn read_parquet(path: &Path) -> RecordBatch {
 
 /// Column names and types, as `docs/schema.md` documents them through `dnd_store::tables`.
 fn assert_schema(batch: &RecordBatch, expected: &arrow::datatypes::Schema) {
-    let got: Vec<(String, DataType)> = batch.schema().fields().iter().map(|f| (f.name().clone(), f.data_type().clone())).collect();
-    let want: Vec<(String, DataType)> = expected.fields().iter().map(|f| (f.name().clone(), f.data_type().clone())).collect();
+    let got: Vec<(String, DataType)> =
+        batch.schema().fields().iter().map(|f| (f.name().clone(), f.data_type().clone())).collect();
+    let want: Vec<(String, DataType)> =
+        expected.fields().iter().map(|f| (f.name().clone(), f.data_type().clone())).collect();
     assert_eq!(got, want);
 }
 
 fn strings(batch: &RecordBatch, column: &str) -> Vec<String> {
-    batch.column_by_name(column).unwrap().as_string::<i32>().iter().map(|s| s.unwrap().to_string()).collect()
+    batch
+        .column_by_name(column)
+        .unwrap()
+        .as_string::<i32>()
+        .iter()
+        .map(|s| s.unwrap().to_string())
+        .collect()
 }
 
 fn ints(batch: &RecordBatch, column: &str) -> Vec<i32> {
@@ -41,7 +49,8 @@ fn floats(batch: &RecordBatch, column: &str) -> Vec<f32> {
 }
 
 /// The fixture images whose preprocessing is exact (PNG, no resampling, no 16-bit).
-const EXACT_IMAGES: [&str; 5] = ["gray.png", "rgba.png", "scene_0.png", "scene_1.png", "scene_2.png"];
+const EXACT_IMAGES: [&str; 5] =
+    ["gray.png", "rgba.png", "scene_0.png", "scene_1.png", "scene_2.png"];
 
 fn copy_images(names: &[&str], to: &Path) {
     for name in names {
@@ -53,9 +62,12 @@ fn copy_images(names: &[&str], to: &Path) {
 /// pooled activations `tensor` (N x C) of the fixture image list.
 fn reference_topk(tensor: &str, images: &[&str], k: usize) -> Vec<Vec<(String, f32)>> {
     let dir = fixtures().join("reference");
-    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("resnet18.json")).unwrap()).unwrap();
-    let order: Vec<&str> = json["images"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
-    let refs = candle_core::safetensors::load(dir.join("resnet18.safetensors"), &Device::Cpu).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("resnet18.json")).unwrap()).unwrap();
+    let order: Vec<&str> =
+        json["images"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    let refs =
+        candle_core::safetensors::load(dir.join("resnet18.safetensors"), &Device::Cpu).unwrap();
     let t: &Tensor = &refs[tensor];
     let rows: Vec<(String, Vec<f32>)> = images
         .iter()
@@ -108,8 +120,12 @@ fn probe_matches_pytorch_and_writes_documented_tables() {
         assert_schema(&batch, &tables::topk_schema());
         assert_eq!(batch.num_rows(), width * 3);
         let expected = reference_topk(tensor, &EXACT_IMAGES, 3);
-        let (ids, neurons, ranks, acts) =
-            (strings(&batch, "image_id"), ints(&batch, "neuron"), ints(&batch, "rank"), floats(&batch, "activation"));
+        let (ids, neurons, ranks, acts) = (
+            strings(&batch, "image_id"),
+            ints(&batch, "neuron"),
+            ints(&batch, "rank"),
+            floats(&batch, "activation"),
+        );
         assert!(strings(&batch, "layer").iter().all(|l| l == layer));
         let mut worst = 0f32;
         for row in 0..batch.num_rows() {
@@ -119,7 +135,8 @@ fn probe_matches_pytorch_and_writes_documented_tables() {
             worst = worst.max(d);
             assert!(d <= 1e-4, "{layer} neuron {n} rank {r}: {} vs PyTorch {want_act}", acts[row]);
             // Near-ties may legitimately swap order; only a clear winner must match.
-            let clear = expected[n].iter().filter(|(_, a)| (a - want_act).abs() < 1e-4).count() == 1;
+            let clear =
+                expected[n].iter().filter(|(_, a)| (a - want_act).abs() < 1e-4).count() == 1;
             if clear {
                 assert_eq!(&ids[row], want_id, "{layer} neuron {n} rank {r}");
             }
@@ -137,9 +154,17 @@ fn probe_matches_pytorch_and_writes_documented_tables() {
     assert_schema(&crops, &tables::crops_schema());
     assert!(crops.num_rows() > 0, "three neurons x three images give some crops");
     assert!(ints(&crops, "neuron").iter().all(|n| (0..3).contains(n)));
-    let (x0, x1, y0, y1) = (ints(&crops, "x0"), ints(&crops, "x1"), ints(&crops, "y0"), ints(&crops, "y1"));
+    let (x0, x1, y0, y1) =
+        (ints(&crops, "x0"), ints(&crops, "x1"), ints(&crops, "y0"), ints(&crops, "y1"));
     for i in 0..crops.num_rows() {
-        assert!(0 <= x0[i] && x0[i] < x1[i] && x1[i] <= 375 && 0 <= y0[i] && y0[i] < y1[i] && y1[i] <= 375);
+        assert!(
+            0 <= x0[i]
+                && x0[i] < x1[i]
+                && x1[i] <= 375
+                && 0 <= y0[i]
+                && y0[i] < y1[i]
+                && y1[i] <= 375
+        );
     }
     let png = crops.column_by_name("png").unwrap().as_binary::<i32>().value(0).to_vec();
     let img = image::load_from_memory(&png).unwrap();
@@ -150,7 +175,8 @@ fn probe_matches_pytorch_and_writes_documented_tables() {
     assert_schema(&errors, &tables::errors_schema());
     assert_eq!(errors.num_rows(), 0);
 
-    let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(out.path().join("probe.json")).unwrap()).unwrap();
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("probe.json")).unwrap()).unwrap();
     assert_eq!(summary["images_ok"], 5);
     assert_eq!(summary["layers"][0]["neurons"], 512);
 
@@ -188,7 +214,11 @@ fn bad_images_are_skipped_and_recorded() {
         out.path().to_str().unwrap(),
     ]);
     assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
-    assert!(run.stdout.contains("probed 1 images (4 skipped, 1 other files ignored)"), "{}", run.stdout);
+    assert!(
+        run.stdout.contains("probed 1 images (4 skipped, 1 other files ignored)"),
+        "{}",
+        run.stdout
+    );
     let errors = read_parquet(&out.path().join("errors.parquet"));
     let reasons: HashMap<String, String> =
         strings(&errors, "image_id").into_iter().zip(strings(&errors, "reason")).collect();
@@ -206,18 +236,28 @@ fn bad_images_are_skipped_and_recorded() {
 fn list_files_and_urls_are_probe_sets() {
     let dir = tempfile::tempdir().unwrap();
     copy_images(&["scene_1.png", "gray.png"], dir.path());
-    std::fs::write(dir.path().join("probe.csv"), "path,label\nscene_1.png,a\ngray.png,b\n").unwrap();
+    std::fs::write(dir.path().join("probe.csv"), "path,label\nscene_1.png,a\ngray.png,b\n")
+        .unwrap();
     let out = tempfile::tempdir().unwrap();
     let model = fixtures().join("models/tiny_resnet");
     let list = dir.path().join("probe.csv");
-    let run = dnd(&["probe", "--model", model.to_str().unwrap(), "--images", list.to_str().unwrap(), "--out", out.path().to_str().unwrap()]);
+    let run = dnd(&[
+        "probe",
+        "--model",
+        model.to_str().unwrap(),
+        "--images",
+        list.to_str().unwrap(),
+        "--out",
+        out.path().to_str().unwrap(),
+    ]);
     assert_eq!(run.code, 0, "{}", run.stderr);
     let ids = strings(&read_parquet(&out.path().join("topk/layer4.parquet")), "image_id");
     assert!(ids.iter().all(|i| i == "gray.png" || i == "scene_1.png"));
 
     let url = format!("file://{}", dir.path().display());
     let out_url = format!("file://{}", out.path().join("via-url").display());
-    let run = dnd(&["probe", "--model", model.to_str().unwrap(), "--images", &url, "--out", &out_url]);
+    let run =
+        dnd(&["probe", "--model", model.to_str().unwrap(), "--images", &url, "--out", &out_url]);
     assert_eq!(run.code, 0, "{}", run.stderr);
     assert!(out.path().join("via-url/topk/layer4.parquet").is_file());
 }
@@ -235,11 +275,20 @@ fn bad_input_fails_early_with_exit_code_2_and_a_useful_message() {
     let empty = tempfile::tempdir().unwrap();
     let cases: Vec<(Vec<&str>, &[&str])> = vec![
         (vec!["--model", "/no/such/model", "--images", img], &["/no/such/model", "help:"]),
-        (vec!["--model", "hf:nobody/nothing", "--images", img], &["hf:nobody/nothing", "huggingface-cli download"]),
+        (
+            vec!["--model", "hf:nobody/nothing", "--images", img],
+            &["hf:nobody/nothing", "huggingface-cli download"],
+        ),
         (vec!["--model", model, "--images", img, "--layers", "layer9"], &["layer9", "layer4"]),
         (vec!["--model", model, "--images", img, "--top-k", "0"], &["top_k"]),
-        (vec!["--model", model, "--images", img, "--crops", "--crop-neurons", "0..999"], &["neuron 998", "layer4"]),
-        (vec!["--model", model, "--images", "/no/such/images"], &["/no/such/images", "no such directory"]),
+        (
+            vec!["--model", model, "--images", img, "--crops", "--crop-neurons", "0..999"],
+            &["neuron 998", "layer4"],
+        ),
+        (
+            vec!["--model", model, "--images", "/no/such/images"],
+            &["/no/such/images", "no such directory"],
+        ),
         (vec!["--model", model, "--images", empty.path().to_str().unwrap()], &["no probe images"]),
         (vec!["--model", model, "--images", img, "--pooling", "median"], &["median"]),
     ];

@@ -8,8 +8,8 @@
 
 use std::path::{Path, PathBuf};
 
-use dnd_store::results::{DescriptionRow, ResultTable};
 use dnd_store::batches_rows;
+use dnd_store::results::{DescriptionRow, ResultTable};
 use dnd_tests::{dnd, dnd_in, repo, run_python, table};
 
 fn browser_check(site: &Path, expected: &serde_json::Value) {
@@ -34,11 +34,16 @@ async fn a_dissection_report_lists_every_neuron_and_shows_its_evidence_in_a_brow
     let out = tempfile::tempdir().unwrap();
     let out_s = out.path().display().to_string();
     let job_file = repo().join("tests/fixtures/tiny-job.toml").display().to_string();
-    let run = dnd_in(&repo(), &["dissect", "--config", &job_file, "--out", &out_s, "--name", "report"]);
+    let run =
+        dnd_in(&repo(), &["dissect", "--config", &job_file, "--out", &out_s, "--name", "report"]);
     assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
     // dnd dissect ends with the report and says where it is.
     let job_dir = out.path().join("jobs/report");
-    let line = run.stdout.lines().find(|l| l.starts_with("report: ")).unwrap_or_else(|| panic!("no report line:\n{}", run.stdout));
+    let line = run
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("report: "))
+        .unwrap_or_else(|| panic!("no report line:\n{}", run.stdout));
     assert!(line.contains(&format!("{}/report/index.html", job_dir.display())), "{line}");
     assert!(job_dir.join("report/index.html").is_file());
     assert!(job_dir.join("report/neurons/layer4-0.html").is_file());
@@ -46,9 +51,14 @@ async fn a_dissection_report_lists_every_neuron_and_shows_its_evidence_in_a_brow
     // dnd report, to another directory, from where the dissection ran (the probe images'
     // paths in the results are relative to it).
     let site = out.path().join("site");
-    let run = dnd_in(&repo(), &["report", job_dir.to_str().unwrap(), "--out", site.to_str().unwrap()]);
+    let run =
+        dnd_in(&repo(), &["report", job_dir.to_str().unwrap(), "--out", site.to_str().unwrap()]);
     assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
-    assert!(run.stdout.contains("5 neurons") && !run.stdout.contains("could not be read"), "{}", run.stdout);
+    assert!(
+        run.stdout.contains("5 neurons") && !run.stdout.contains("could not be read"),
+        "{}",
+        run.stdout
+    );
 
     // To a URL, from the store root holding a single job, and from another working
     // directory: the job's crops and the cache's generated images are found (they are
@@ -59,9 +69,16 @@ async fn a_dissection_report_lists_every_neuron_and_shows_its_evidence_in_a_brow
     let run = dnd(&["report", &out_s, "--out", &url]);
     assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
     assert!(url_out.join("index.html").is_file() && url_out.join("neurons/fc-1.html").is_file());
-    assert!(run.stdout.contains("could not be read") && run.stdout.contains("tests/fixtures/images/"), "{}", run.stdout);
+    assert!(
+        run.stdout.contains("could not be read") && run.stdout.contains("tests/fixtures/images/"),
+        "{}",
+        run.stdout
+    );
     let page = std::fs::read_to_string(url_out.join("neurons/layer4-0.html")).unwrap();
-    assert!(page.contains("image missing") && page.contains("../thumbs/"), "crops and generated images are there");
+    assert!(
+        page.contains("image missing") && page.contains("../thumbs/"),
+        "crops and generated images are there"
+    );
 
     // Thumbnails are small; each links to the full image, both named by content.
     for entry in std::fs::read_dir(site.join("thumbs")).unwrap() {
@@ -75,11 +92,16 @@ async fn a_dissection_report_lists_every_neuron_and_shows_its_evidence_in_a_brow
     // The pages load nothing from outside the site.
     for page in ["index.html", "neurons/layer4-0.html", "index.js", "style.css"] {
         let text = std::fs::read_to_string(site.join(page)).unwrap();
-        assert!(!text.contains("http://") && !text.contains("https://") && !text.contains("//cdn"), "{page} names a remote URL");
+        assert!(
+            !text.contains("http://") && !text.contains("https://") && !text.contains("//cdn"),
+            "{page} names a remote URL"
+        );
     }
 
-    let descriptions: Vec<DescriptionRow> = batches_rows("d", &[table(out.path(), "report", ResultTable::Descriptions).await]).unwrap();
-    let neurons: Vec<String> = descriptions.iter().map(|d| format!("{}:{}", d.layer, d.neuron)).collect();
+    let descriptions: Vec<DescriptionRow> =
+        batches_rows("d", &[table(out.path(), "report", ResultTable::Descriptions).await]).unwrap();
+    let neurons: Vec<String> =
+        descriptions.iter().map(|d| format!("{}:{}", d.layer, d.neuron)).collect();
     assert_eq!(neurons.len(), 5);
     browser_check(&site, &serde_json::json!({ "neurons": neurons, "page": "layer4-0.html" }));
 }
@@ -89,7 +111,11 @@ fn report_errors_say_what_is_wrong() {
     let dir = tempfile::tempdir().unwrap();
     let run = dnd(&["report", dir.path().join("missing").to_str().unwrap()]);
     assert_eq!(run.code, 2, "{}", run.stderr);
-    assert!(run.stderr.contains("not a dnd job directory") && run.stderr.contains("no such directory"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("not a dnd job directory") && run.stderr.contains("no such directory"),
+        "{}",
+        run.stderr
+    );
 
     let run = dnd(&["report", dir.path().to_str().unwrap()]);
     assert_eq!(run.code, 2, "{}", run.stderr);
@@ -98,15 +124,28 @@ fn report_errors_say_what_is_wrong() {
     // A job that has not finished: no results.
     let job = dir.path().join("jobs/unfinished");
     std::fs::create_dir_all(&job).unwrap();
-    std::fs::write(job.join("job.json"), r#"["unfinished", {"target": {"model": "m", "layers": ["layer4"]}}]"#).unwrap();
+    std::fs::write(
+        job.join("job.json"),
+        r#"["unfinished", {"target": {"model": "m", "layers": ["layer4"]}}]"#,
+    )
+    .unwrap();
     let run = dnd(&["report", job.to_str().unwrap()]);
     assert_eq!(run.code, 2, "{}", run.stderr);
-    assert!(run.stderr.contains("no results yet") && run.stderr.contains("descriptions.parquet"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("no results yet") && run.stderr.contains("descriptions.parquet"),
+        "{}",
+        run.stderr
+    );
 
     // An unreadable table.
     std::fs::create_dir_all(job.join("results")).unwrap();
     std::fs::write(job.join("results/descriptions.parquet"), b"PAR1 but not really").unwrap();
     let run = dnd(&["report", job.to_str().unwrap()]);
     assert_eq!(run.code, 2, "{}", run.stderr);
-    assert!(run.stderr.contains("cannot read the results table") && run.stderr.contains("descriptions.parquet"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("cannot read the results table")
+            && run.stderr.contains("descriptions.parquet"),
+        "{}",
+        run.stderr
+    );
 }

@@ -6,7 +6,7 @@ use candle_core::{D, Device, IndexOp, Tensor};
 
 use dnd_core::{CropConfig, Map2, plan_crops};
 use dnd_models::preprocess::resize_rgb;
-use dnd_models::{ModelRef, TargetModel, Tap};
+use dnd_models::{ModelRef, Tap, TargetModel};
 use dnd_pipeline::ImageLimits;
 use dnd_pipeline::images::decode_rgb;
 use dnd_tests::{Reference, fixtures, max_abs_diff};
@@ -36,16 +36,34 @@ fn check_taps(model_name: &str) {
             let channel = r.json["map_channel"][&name].as_u64().unwrap() as usize;
             let flat = out.flatten_from(2).unwrap();
             vec![
-                ("mean", max_abs_diff(&flat.mean(D::Minus1).unwrap(), &r.tensors[&format!("{name}.mean")])),
-                ("max", max_abs_diff(&flat.max(D::Minus1).unwrap(), &r.tensors[&format!("{name}.max")])),
-                ("map", max_abs_diff(&out.i((.., channel)).unwrap(), &r.tensors[&format!("{name}.map")])),
+                (
+                    "mean",
+                    max_abs_diff(
+                        &flat.mean(D::Minus1).unwrap(),
+                        &r.tensors[&format!("{name}.mean")],
+                    ),
+                ),
+                (
+                    "max",
+                    max_abs_diff(&flat.max(D::Minus1).unwrap(), &r.tensors[&format!("{name}.max")]),
+                ),
+                (
+                    "map",
+                    max_abs_diff(
+                        &out.i((.., channel)).unwrap(),
+                        &r.tensors[&format!("{name}.map")],
+                    ),
+                ),
             ]
         } else {
             vec![("vector", max_abs_diff(out, &r.tensors[&format!("{name}.vector")]))]
         };
         for (what, d) in diffs {
             report.push(format!("{name}.{what}: {d:.2e}"));
-            assert!(d <= TAP_TOLERANCE, "{model_name} {name}.{what}: max |diff| {d} > {TAP_TOLERANCE}");
+            assert!(
+                d <= TAP_TOLERANCE,
+                "{model_name} {name}.{what}: max |diff| {d} > {TAP_TOLERANCE}"
+            );
         }
     }
     eprintln!("{model_name}: {}", report.join(", "));
@@ -66,18 +84,33 @@ fn custom_bottleneck_resnet_taps_match_pytorch() {
 fn preprocessing_matches_torchvision() {
     let model = load("resnet18");
     let r = reference("resnet18");
-    let images: Vec<String> = r.json["images"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
+    let images: Vec<String> = r.json["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
     for (i, name) in images.iter().enumerate() {
         let bytes = std::fs::read(fixtures().join("images").join(name)).unwrap();
         let rgb = decode_rgb(&bytes, &ImageLimits::default()).unwrap();
-        let ours = Tensor::from_vec(model.preprocess.apply(&rgb), (3, 224, 224), &Device::Cpu).unwrap();
+        let ours =
+            Tensor::from_vec(model.preprocess.apply(&rgb), (3, 224, 224), &Device::Cpu).unwrap();
         let theirs = r.tensors["input"].i(i).unwrap();
         let d = max_abs_diff(&ours, &theirs);
-        let mean_d = (&ours - &theirs).unwrap().abs().unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap();
+        let mean_d = (&ours - &theirs)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         match name.as_str() {
             // PIL saturates 16-bit grayscale at 255 (65% of this image turns white); we
             // scale 16 bits to 8 instead, so this image is expected to differ.
-            "deep16.png" => assert!(d > 0.5, "deep16 should differ from PIL's saturating conversion"),
+            "deep16.png" => {
+                assert!(d > 0.5, "deep16 should differ from PIL's saturating conversion")
+            }
             // Different JPEG decoders (zune-jpeg vs libjpeg-turbo) may round chroma
             // upsampling differently: a level or two per pixel, never more.
             "wide.jpg" => {
@@ -102,7 +135,13 @@ fn bilinear_resize_matches_pillow() {
     let img = image::RgbImage::from_raw(w as u32, h as u32, raw).unwrap();
     let ours = resize_rgb(&img, 375, 375);
     let idx = r.json["images"].as_array().unwrap().iter().position(|v| v == "wide.jpg").unwrap();
-    let theirs: Vec<u8> = r.tensors["crop375.resized_u8"].i(idx).unwrap().flatten_all().unwrap().to_vec1::<u8>().unwrap();
+    let theirs: Vec<u8> = r.tensors["crop375.resized_u8"]
+        .i(idx)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<u8>()
+        .unwrap();
     let max = ours.as_raw().iter().zip(&theirs).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
     assert!(max <= 1, "Pillow-compatible bilinear resize differs by {max} levels");
 }
@@ -135,11 +174,17 @@ fn attention_crops_match_opencv() {
                 .unwrap()
                 .iter()
                 .map(|b| {
-                    let v: Vec<u32> = b.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+                    let v: Vec<u32> =
+                        b.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
                     [v[0], v[1], v[2], v[3]]
                 })
                 .collect();
-            assert_eq!(plan.crops.len(), boxes.len(), "{layer} {image}: {:?} vs {boxes:?}", plan.crops);
+            assert_eq!(
+                plan.crops.len(),
+                boxes.len(),
+                "{layer} {image}: {:?} vs {boxes:?}",
+                plan.crops
+            );
             for (b, e) in plan.crops.iter().zip(&boxes) {
                 let got = [b.x0, b.y0, b.x1, b.y1];
                 let off = got.iter().zip(e).map(|(a, b)| a.abs_diff(*b)).max().unwrap();

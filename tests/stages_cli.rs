@@ -13,24 +13,49 @@ fn image(name: &str) -> String {
 
 #[test]
 fn caption_prints_one_line_per_image() {
-    let run = dnd(&["caption", "--model", &model("blip"), "--batch-size", "2", &image("scene_0.png"), &image("scene_1.png"), &image("wide.jpg")]);
+    let run = dnd(&[
+        "caption",
+        "--model",
+        &model("blip"),
+        "--batch-size",
+        "2",
+        &image("scene_0.png"),
+        &image("scene_1.png"),
+        &image("wide.jpg"),
+    ]);
     assert_eq!(run.code, 0, "{}", run.stderr);
     let lines: Vec<&str> = run.stdout.lines().collect();
     assert_eq!(lines.len(), 3);
     // The reference captions of tests/fixtures/multimodal/reference/blip.json (32 tokens
     // allowed here, so the first ones must agree).
-    assert!(lines[0].ends_with("\tover orange over the over photo shape texture magenta"), "{}", lines[0]);
+    assert!(
+        lines[0].ends_with("\tover orange over the over photo shape texture magenta"),
+        "{}",
+        lines[0]
+    );
     assert!(lines[2].starts_with(&image("wide.jpg")));
 }
 
 #[test]
 fn embed_prints_unit_vectors_and_similarities() {
-    let run = dnd(&["embed", "--model", &model("clip"), "--image", &image("scene_2.png"), "--text", "a red circle", "--text", "dots"]);
+    let run = dnd(&[
+        "embed",
+        "--model",
+        &model("clip"),
+        "--image",
+        &image("scene_2.png"),
+        "--text",
+        "a red circle",
+        "--text",
+        "dots",
+    ]);
     assert_eq!(run.code, 0, "{}", run.stderr);
-    let rows: Vec<serde_json::Value> = run.stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let rows: Vec<serde_json::Value> =
+        run.stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(rows.len(), 1 + 2 + 2);
     for row in &rows[..3] {
-        let v: Vec<f64> = row["embedding"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+        let v: Vec<f64> =
+            row["embedding"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
         assert_eq!(v.len(), 16);
         let norm = v.iter().map(|x| x * x).sum::<f64>().sqrt();
         assert!((norm - 1.0).abs() < 1e-4, "embeddings are L2-normalised: {norm}");
@@ -43,8 +68,25 @@ fn generate_writes_one_png_per_seed() {
     let out = tempfile::tempdir().unwrap();
     let summary = out.path().join("summary.json");
     let run = dnd(&[
-        "generate", "--model", &model("sd"), "--concept", "a red circle", "--count", "2", "--seed", "5", "--steps", "2",
-        "--width", "32", "--height", "32", "--out", out.path().to_str().unwrap(), "--summary-json", summary.to_str().unwrap(),
+        "generate",
+        "--model",
+        &model("sd"),
+        "--concept",
+        "a red circle",
+        "--count",
+        "2",
+        "--seed",
+        "5",
+        "--steps",
+        "2",
+        "--width",
+        "32",
+        "--height",
+        "32",
+        "--out",
+        out.path().to_str().unwrap(),
+        "--summary-json",
+        summary.to_str().unwrap(),
     ]);
     assert_eq!(run.code, 0, "{}", run.stderr);
     for seed in [5, 6] {
@@ -60,11 +102,33 @@ fn generate_writes_one_png_per_seed() {
 #[test]
 fn stage_commands_reject_bad_input_with_exit_code_2() {
     let cases: Vec<(Vec<String>, &str)> = vec![
-        (vec!["caption".into(), "--model".into(), model("blip"), "/no/such.png".into()], "/no/such.png"),
-        (vec!["caption".into(), "--model".into(), "/no/model".into(), image("gray.png")], "/no/model"),
+        (
+            vec!["caption".into(), "--model".into(), model("blip"), "/no/such.png".into()],
+            "/no/such.png",
+        ),
+        (
+            vec!["caption".into(), "--model".into(), "/no/model".into(), image("gray.png")],
+            "/no/model",
+        ),
         (vec!["embed".into(), "--model".into(), model("clip")], "--image"),
-        (vec!["embed".into(), "--model".into(), model("blip"), "--text".into(), "x".into()], "does not fit"),
-        (vec!["generate".into(), "--model".into(), model("sd"), "--prompt".into(), "x".into(), "--width".into(), "33".into(), "--out".into(), "/tmp/dnd-never".into()], "divisible"),
+        (
+            vec!["embed".into(), "--model".into(), model("blip"), "--text".into(), "x".into()],
+            "does not fit",
+        ),
+        (
+            vec![
+                "generate".into(),
+                "--model".into(),
+                model("sd"),
+                "--prompt".into(),
+                "x".into(),
+                "--width".into(),
+                "33".into(),
+                "--out".into(),
+                "/tmp/dnd-never".into(),
+            ],
+            "divisible",
+        ),
     ];
     for (args, needle) in cases {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();

@@ -51,7 +51,12 @@ pub fn dnd(args: &[&str]) -> Run {
 
 /// Runs `dnd` with `args` in the directory `cwd`.
 pub fn dnd_in(cwd: &Path, args: &[&str]) -> Run {
-    let out = Command::new(dnd_binary()).args(args).current_dir(cwd).env("RUST_LOG", "warn").output().expect("dnd starts");
+    let out = Command::new(dnd_binary())
+        .args(args)
+        .current_dir(cwd)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("dnd starts");
     Run {
         code: out.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -68,8 +73,12 @@ pub struct Reference {
 
 impl Reference {
     pub fn load(dir: &Path, name: &str) -> Self {
-        let json = serde_json::from_slice(&std::fs::read(dir.join(format!("{name}.json"))).unwrap()).unwrap();
-        let tensors = candle_core::safetensors::load(dir.join(format!("{name}.safetensors")), &Device::Cpu).unwrap();
+        let json =
+            serde_json::from_slice(&std::fs::read(dir.join(format!("{name}.json"))).unwrap())
+                .unwrap();
+        let tensors =
+            candle_core::safetensors::load(dir.join(format!("{name}.safetensors")), &Device::Cpu)
+                .unwrap();
         Self { json, tensors }
     }
 }
@@ -77,7 +86,16 @@ impl Reference {
 /// The largest absolute difference between two tensors of one shape.
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shapes differ");
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 /// A tool or package a test needs is missing: a failure under CI (`.ci/run` installs
@@ -112,27 +130,37 @@ pub fn python_readers(args: &[&std::ffi::OsStr]) {
     }
 }
 
-
 /// The repository root.
 pub fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ is in the repository").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ is in the repository")
+        .to_path_buf()
 }
 
 /// A job's `summary.json` under the store `out`.
 pub fn summary(out: &Path, name: &str) -> serde_json::Value {
-    serde_json::from_slice(&std::fs::read(out.join(format!("jobs/{name}/summary.json"))).unwrap()).unwrap()
+    serde_json::from_slice(&std::fs::read(out.join(format!("jobs/{name}/summary.json"))).unwrap())
+        .unwrap()
 }
 
 /// A compacted results table of job `name` under the store `out`.
-pub async fn table(out: &Path, name: &str, table: dnd_store::results::ResultTable) -> arrow::record_batch::RecordBatch {
-    let job = dnd_store::Location::open(out.join(format!("jobs/{name}")).to_str().unwrap()).unwrap();
-    let batches = dnd_store::read_parquet(&job, &format!("results/{}", table.file())).await.unwrap();
+pub async fn table(
+    out: &Path,
+    name: &str,
+    table: dnd_store::results::ResultTable,
+) -> arrow::record_batch::RecordBatch {
+    let job =
+        dnd_store::Location::open(out.join(format!("jobs/{name}")).to_str().unwrap()).unwrap();
+    let batches =
+        dnd_store::read_parquet(&job, &format!("results/{}", table.file())).await.unwrap();
     arrow::compute::concat_batches(&table.schema(), &batches).unwrap()
 }
 
 /// A table without the columns that name where files are (they contain the output path).
 pub fn without_paths(batch: &arrow::record_batch::RecordBatch) -> arrow::record_batch::RecordBatch {
-    let keep: Vec<usize> = (0..batch.num_columns()).filter(|&i| batch.schema().field(i).name() != "uri").collect();
+    let keep: Vec<usize> =
+        (0..batch.num_columns()).filter(|&i| batch.schema().field(i).name() != "uri").collect();
     batch.project(&keep).unwrap()
 }
 
@@ -171,7 +199,10 @@ impl Proc {
     }
 
     /// Waits up to `limit` for the process to exit; its status, or None if it is still running.
-    pub fn wait_for_exit(&mut self, limit: std::time::Duration) -> Option<std::process::ExitStatus> {
+    pub fn wait_for_exit(
+        &mut self,
+        limit: std::time::Duration,
+    ) -> Option<std::process::ExitStatus> {
         let start = std::time::Instant::now();
         loop {
             if let Some(status) = self.0.try_wait().unwrap() {
@@ -222,7 +253,10 @@ impl S3Server {
             if created.success() {
                 break;
             }
-            assert!(start.elapsed() < std::time::Duration::from_secs(60), "moto_server did not start");
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(60),
+                "moto_server did not start"
+            );
             std::thread::sleep(std::time::Duration::from_millis(300));
         }
         Self { _server: server, endpoint, bucket: bucket.to_string() }
@@ -251,7 +285,11 @@ impl S3Server {
             .with_region(Self::REGION)
             .build()
             .unwrap();
-        dnd_store::Location::from_store(std::sync::Arc::new(s3), object_store::path::Path::from(prefix), format!("s3://{}/{prefix}", self.bucket))
+        dnd_store::Location::from_store(
+            std::sync::Arc::new(s3),
+            object_store::path::Path::from(prefix),
+            format!("s3://{}/{prefix}", self.bucket),
+        )
     }
 }
 

@@ -10,7 +10,10 @@ use dnd_synth::train::target::read_planted;
 use dnd_tests::dnd_in;
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ is in the repository").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ is in the repository")
+        .to_path_buf()
 }
 
 /// Single-concept planted channels (crates/dnd-synth/zoo/target/planted.json) that are
@@ -41,29 +44,50 @@ async fn planted_neurons_get_labels_that_name_their_concepts() {
     ];
     let run = dnd_in(&repo(), &args);
     assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
-    assert!(run.stdout.contains("ground truth"), "the zoo's table shows the ground truth:\n{}", run.stdout);
+    assert!(
+        run.stdout.contains("ground truth"),
+        "the zoo's table shows the ground truth:\n{}",
+        run.stdout
+    );
 
     let job = Location::open(out.path().join("jobs/planted").to_str().unwrap()).unwrap();
-    let descriptions: Vec<DescriptionRow> =
-        batches_rows("descriptions", &read_parquet(&job, "results/descriptions.parquet").await.unwrap()).unwrap();
+    let descriptions: Vec<DescriptionRow> = batches_rows(
+        "descriptions",
+        &read_parquet(&job, "results/descriptions.parquet").await.unwrap(),
+    )
+    .unwrap();
     let planted = read_planted(&repo().join("crates/dnd-synth/zoo/target")).unwrap();
     assert_eq!(descriptions.len(), 5);
     let mut missed = Vec::new();
     for d in &descriptions {
-        let truth = planted.iter().find(|p| p.layer == d.layer && p.neuron == d.neuron as usize).expect("a planted neuron");
+        let truth = planted
+            .iter()
+            .find(|p| p.layer == d.layer && p.neuron == d.neuron as usize)
+            .expect("a planted neuron");
         let label = d.label.clone().unwrap_or_default();
         if !recovered(&label, truth.kind, &truth.parsed_concepts()) {
-            missed.push(format!("{} {}: planted {:?}, labelled {label:?}", d.layer, d.neuron, truth.description));
+            missed.push(format!(
+                "{} {}: planted {:?}, labelled {label:?}",
+                d.layer, d.neuron, truth.description
+            ));
         }
     }
-    assert!(missed.is_empty(), "labels that miss their planted concept:\n{}\n\n{}", missed.join("\n"), run.stdout);
+    assert!(
+        missed.is_empty(),
+        "labels that miss their planted concept:\n{}\n\n{}",
+        missed.join("\n"),
+        run.stdout
+    );
 
     // Deterministic: the same job again (from the cache) gives the same labels.
     let again = dnd_in(&repo(), &[&args[..6], &["again"], &args[7..]].concat());
     assert_eq!(again.code, 0, "{}", again.stderr);
     let job = Location::open(out.path().join("jobs/again").to_str().unwrap()).unwrap();
-    let second: Vec<DescriptionRow> =
-        batches_rows("descriptions", &read_parquet(&job, "results/descriptions.parquet").await.unwrap()).unwrap();
+    let second: Vec<DescriptionRow> = batches_rows(
+        "descriptions",
+        &read_parquet(&job, "results/descriptions.parquet").await.unwrap(),
+    )
+    .unwrap();
     let labels = |rows: &[DescriptionRow]| rows.iter().map(|d| d.label.clone()).collect::<Vec<_>>();
     assert_eq!(labels(&descriptions), labels(&second));
 }

@@ -13,13 +13,13 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
-use dnd_models::{ClipEmbedder, Embedder, ModelRef, TargetModel, Tap};
-use dnd_pipeline::describe::pooled_activations;
+use dnd_core::Map2;
 use dnd_embedded::run_dissect;
+use dnd_models::{ClipEmbedder, Embedder, ModelRef, Tap, TargetModel};
 use dnd_pipeline::JobSpec;
+use dnd_pipeline::describe::pooled_activations;
 use dnd_store::results::{CandidateRow, DescriptionRow};
 use dnd_store::{Location, batches_rows, read_parquet};
-use dnd_core::Map2;
 use dnd_synth::quality::{IouCounts, auc, best, pearson, recovered, top_quantile};
 use dnd_synth::train::target::{PlantedKind, PlantedNeuron, read_planted};
 use dnd_synth::{Concept, ProbeSetSpec, Scene, TextRenderer, all_concepts, read_scenes, render};
@@ -115,29 +115,40 @@ pub async fn bench(command: BenchCommand) -> anyhow::Result<()> {
     }
 }
 
-async fn results<T: serde::de::DeserializeOwned>(job: &Path, table: &str) -> anyhow::Result<Vec<T>> {
+async fn results<T: serde::de::DeserializeOwned>(
+    job: &Path,
+    table: &str,
+) -> anyhow::Result<Vec<T>> {
     let location = Location::open(job.to_str().context("a UTF-8 path")?)?;
     Ok(batches_rows(table, &read_parquet(&location, &format!("results/{table}.parquet")).await?)?)
 }
 
 /// The neuron's pooled activations on `images`, for every neuron of the tap: `(images, C)`.
-fn activations(model: &TargetModel, images: Vec<RgbImage>, tap: Tap) -> anyhow::Result<Vec<Vec<f32>>> {
+fn activations(
+    model: &TargetModel,
+    images: Vec<RgbImage>,
+    tap: Tap,
+) -> anyhow::Result<Vec<Vec<f32>>> {
     let images: Vec<Arc<RgbImage>> = images.into_iter().map(Arc::new).collect();
     Ok(pooled_activations(model, &images, tap, dnd_core::Pooling::Mean, 32)?)
 }
 
 async fn quality(args: QualityArgs) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(&args.config)
-        .map_err(|e| BadInput(format!("cannot read the job file {}: {e}", args.config.display())))?;
+    let text = std::fs::read_to_string(&args.config).map_err(|e| {
+        BadInput(format!("cannot read the job file {}: {e}", args.config.display()))
+    })?;
     let mut spec = JobSpec::from_toml(&text, &args.config.display().to_string())?;
     let Some(Ok(probe_set)) = ProbeSetSpec::parse(&spec.probe.images) else {
         return Err(BadInput(format!("{}: the quality benchmark needs a synthetic probe set (probe.images = \"synth:world?...\")", args.config.display())).into());
     };
-    let planted = read_planted(Path::new(&spec.target.model))
-        .with_context(|| format!("the target model {} has no readable planted.json", spec.target.model))?;
+    let planted = read_planted(Path::new(&spec.target.model)).with_context(|| {
+        format!("the target model {} has no readable planted.json", spec.target.model)
+    })?;
 
     // Two dissections: cold (a new cache) and warm (the same cache, another job name).
-    let nonce = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let nonce = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     spec.out = args.out.display().to_string();
     spec.cache = Some(args.out.join(format!("cache-{nonce}")).display().to_string());
     spec.name = Some(format!("quality-cold-{nonce}"));
@@ -156,7 +167,8 @@ async fn quality(args: QualityArgs) -> anyhow::Result<()> {
 
     // The probe images the baselines see, with their scenes (the ground truth masks).
     let probe_dir = args.out.join("probe-sets").join(probe_set.dir_name());
-    let scenes: Vec<Scene> = read_scenes(&probe_dir)?.into_iter().take(args.baseline_images).map(|(_, s)| s).collect();
+    let scenes: Vec<Scene> =
+        read_scenes(&probe_dir)?.into_iter().take(args.baseline_images).map(|(_, s)| s).collect();
     let probe_renders: Vec<_> = scenes.iter().map(|s| render(s, size, size)).collect();
     let concepts = all_concepts();
     const GRID: usize = 32;
@@ -191,12 +203,17 @@ async fn quality(args: QualityArgs) -> anyhow::Result<()> {
         }
         Tensor::cat(&rows, 0)?
     };
-    let text_embeddings = embedder.embed_texts(&phrases.iter().map(String::as_str).collect::<Vec<_>>())?;
-    let similarity: Vec<Vec<f32>> = image_embeddings.matmul(&text_embeddings.t()?)?.to_device(&Device::Cpu)?.to_vec2()?;
+    let text_embeddings =
+        embedder.embed_texts(&phrases.iter().map(String::as_str).collect::<Vec<_>>())?;
+    let similarity: Vec<Vec<f32>> =
+        image_embeddings.matmul(&text_embeddings.t()?)?.to_device(&Device::Cpu)?.to_vec2()?;
 
     // Controls for the AUC: plain scenes of the world, never seen by the dissection.
     let controls: Vec<RgbImage> = (0..args.control_images)
-        .map(|i| render(&Scene::sample(&mut ChaCha8Rng::seed_from_u64(2_000_000 + i as u64)), size, size).image)
+        .map(|i| {
+            render(&Scene::sample(&mut ChaCha8Rng::seed_from_u64(2_000_000 + i as u64)), size, size)
+                .image
+        })
         .collect();
 
     let mut scores = Vec::new();
@@ -207,12 +224,15 @@ async fn quality(args: QualityArgs) -> anyhow::Result<()> {
         }
     }
     if by_layer.is_empty() {
-        bail!("the job described none of the neurons in planted.json: list planted neurons in target.neurons");
+        bail!(
+            "the job described none of the neurons in planted.json: list planted neurons in target.neurons"
+        );
     }
     for (layer, neurons) in &by_layer {
         let tap = model.tap(layer)?;
         let control_acts = activations(&model, controls.clone(), tap)?;
-        let probe_acts = activations(&model, probe_renders.iter().map(|r| r.image.clone()).collect(), tap)?;
+        let probe_acts =
+            activations(&model, probe_renders.iter().map(|r| r.image.clone()).collect(), tap)?;
         // Network Dissection needs the maps: spatial layers only.
         let maps: Option<Vec<Tensor>> = if tap.is_spatial() {
             let mut out = Vec::new();
@@ -228,51 +248,75 @@ async fn quality(args: QualityArgs) -> anyhow::Result<()> {
         };
         for p in neurons {
             let truth_concepts = p.parsed_concepts();
-            let description = descriptions.iter().find(|d| d.layer == p.layer && d.neuron as usize == p.neuron);
+            let description =
+                descriptions.iter().find(|d| d.layer == p.layer && d.neuron as usize == p.neuron);
             let mut labels: BTreeMap<String, Option<String>> = BTreeMap::new();
             labels.insert("dnd".into(), description.and_then(|d| d.label.clone()));
             labels.insert(
                 "dnd-first".into(),
-                candidates.iter().find(|c| c.layer == p.layer && c.neuron as usize == p.neuron && c.candidate == 0).map(|c| c.concept.clone()),
+                candidates
+                    .iter()
+                    .find(|c| {
+                        c.layer == p.layer && c.neuron as usize == p.neuron && c.candidate == 0
+                    })
+                    .map(|c| c.concept.clone()),
             );
             labels.insert("truth".into(), Some(p.description.clone()));
             // CLIP-Dissect-style: the concept whose similarity correlates best with the activations.
             let acts: Vec<f32> = probe_acts.iter().map(|row| row[p.neuron]).collect();
-            let correlations: Vec<f64> =
-                (0..concepts.len()).map(|c| pearson(&acts, &similarity.iter().map(|row| row[c]).collect::<Vec<_>>())).collect();
+            let correlations: Vec<f64> = (0..concepts.len())
+                .map(|c| pearson(&acts, &similarity.iter().map(|row| row[c]).collect::<Vec<_>>()))
+                .collect();
             labels.insert("clip-dissect".into(), best(&correlations).map(|c| phrases[c].clone()));
             // Network-Dissection-style: best IoU of the top-0.5% thresholded, upsampled maps.
             labels.insert(
                 "netdissect".into(),
-                maps.as_ref().map(|maps| -> anyhow::Result<String> {
-                    let neuron_maps = maps[0].narrow(1, p.neuron, 1)?.squeeze(1)?; // (N, h, w)
-                    let (_, h, w) = neuron_maps.dims3()?;
-                    let values: Vec<f32> = neuron_maps.flatten_all()?.to_vec1()?;
-                    let threshold = top_quantile(&values, 0.005);
-                    let mut counts = vec![IouCounts::default(); concepts.len()];
-                    for (i, image_masks) in masks.iter().enumerate() {
-                        let map = Map2 { width: w, height: h, data: values[i * h * w..(i + 1) * h * w].to_vec() };
-                        let active: Vec<bool> = map.resize_bilinear(GRID, GRID).data.into_iter().map(|v| v > threshold).collect();
-                        for (c, mask) in image_masks.iter().enumerate() {
-                            counts[c].add(&active, mask);
+                maps.as_ref()
+                    .map(|maps| -> anyhow::Result<String> {
+                        let neuron_maps = maps[0].narrow(1, p.neuron, 1)?.squeeze(1)?; // (N, h, w)
+                        let (_, h, w) = neuron_maps.dims3()?;
+                        let values: Vec<f32> = neuron_maps.flatten_all()?.to_vec1()?;
+                        let threshold = top_quantile(&values, 0.005);
+                        let mut counts = vec![IouCounts::default(); concepts.len()];
+                        for (i, image_masks) in masks.iter().enumerate() {
+                            let map = Map2 {
+                                width: w,
+                                height: h,
+                                data: values[i * h * w..(i + 1) * h * w].to_vec(),
+                            };
+                            let active: Vec<bool> = map
+                                .resize_bilinear(GRID, GRID)
+                                .data
+                                .into_iter()
+                                .map(|v| v > threshold)
+                                .collect();
+                            for (c, mask) in image_masks.iter().enumerate() {
+                                counts[c].add(&active, mask);
+                            }
                         }
-                    }
-                    let ious: Vec<f64> = counts.iter().map(IouCounts::iou).collect();
-                    Ok(phrases[best(&ious).unwrap_or(0)].clone())
-                })
-                .transpose()?,
+                        let ious: Vec<f64> = counts.iter().map(IouCounts::iou).collect();
+                        Ok(phrases[best(&ious).unwrap_or(0)].clone())
+                    })
+                    .transpose()?,
             );
             let mut recovered_by = BTreeMap::new();
             let mut auc_by = BTreeMap::new();
             let negatives: Vec<f32> = control_acts.iter().map(|row| row[p.neuron]).collect();
             for method in METHODS {
                 let label = labels.get(method).cloned().flatten();
-                recovered_by.insert(method.to_string(), label.as_ref().map(|l| recovered(l, p.kind, &truth_concepts)));
+                recovered_by.insert(
+                    method.to_string(),
+                    label.as_ref().map(|l| recovered(l, p.kind, &truth_concepts)),
+                );
                 let value = match &label {
                     Some(l) => {
-                        let images: Vec<RgbImage> =
-                            (0..args.label_images).map(|i| renderer.render(l, 1_000_000 + i as u64).1.image).collect();
-                        let positives: Vec<f32> = activations(&model, images, tap)?.iter().map(|row| row[p.neuron]).collect();
+                        let images: Vec<RgbImage> = (0..args.label_images)
+                            .map(|i| renderer.render(l, 1_000_000 + i as u64).1.image)
+                            .collect();
+                        let positives: Vec<f32> = activations(&model, images, tap)?
+                            .iter()
+                            .map(|row| row[p.neuron])
+                            .collect();
                         Some(auc(&positives, &negatives))
                     }
                     None => None,
@@ -301,8 +345,10 @@ async fn quality(args: QualityArgs) -> anyhow::Result<()> {
     };
     print_report(&scores, &groups, &speed);
     if let Some(path) = &args.json {
-        let report = QualityReport { job: cold.summary.job.clone(), neurons: scores, groups, speed };
-        std::fs::write(path, serde_json::to_string_pretty(&report)?).with_context(|| format!("writing {}", path.display()))?;
+        let report =
+            QualityReport { job: cold.summary.job.clone(), neurons: scores, groups, speed };
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
         println!("\nwritten: {}", path.display());
     }
     Ok(())
@@ -319,7 +365,8 @@ fn mean(values: impl Iterator<Item = f64>) -> Option<f64> {
 }
 
 fn group_scores(scores: &[NeuronScore]) -> Vec<GroupScore> {
-    let mut keys: Vec<(String, String)> = scores.iter().map(|s| (s.layer.clone(), kind_name(s.kind))).collect();
+    let mut keys: Vec<(String, String)> =
+        scores.iter().map(|s| (s.layer.clone(), kind_name(s.kind))).collect();
     keys.sort();
     keys.dedup();
     // Then each kind over all layers (the targets are per kind), then everything.
@@ -331,13 +378,17 @@ fn group_scores(scores: &[NeuronScore]) -> Vec<GroupScore> {
         .map(|(layer, kind)| {
             let in_layer = |s: &NeuronScore| layer == "all" || s.layer == layer;
             let of_kind = |s: &NeuronScore| kind == "all" || kind_name(s.kind) == kind;
-            let members: Vec<&NeuronScore> = scores.iter().filter(|s| in_layer(s) && of_kind(s)).collect();
-            let per = |f: &dyn Fn(&NeuronScore) -> Option<f64>| mean(members.iter().filter_map(|s| f(s)));
+            let members: Vec<&NeuronScore> =
+                scores.iter().filter(|s| in_layer(s) && of_kind(s)).collect();
+            let per =
+                |f: &dyn Fn(&NeuronScore) -> Option<f64>| mean(members.iter().filter_map(|s| f(s)));
             GroupScore {
                 neurons: members.len(),
                 recovery: METHODS
                     .iter()
-                    .map(|m| (m.to_string(), per(&|s| s.recovered[*m].map(|r| f64::from(u8::from(r))))))
+                    .map(|m| {
+                        (m.to_string(), per(&|s| s.recovered[*m].map(|r| f64::from(u8::from(r)))))
+                    })
                     .collect(),
                 mean_auc: METHODS.iter().map(|m| (m.to_string(), per(&|s| s.auc[*m]))).collect(),
                 layer,
@@ -350,7 +401,10 @@ fn group_scores(scores: &[NeuronScore]) -> Vec<GroupScore> {
 fn print_report(scores: &[NeuronScore], groups: &[GroupScore], speed: &Speed) {
     let pct = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{:.0}%", 100.0 * v));
     let num = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
-    println!("{:<7} {:>6}  {:<44} {:<26} {:<26} {:>5}", "layer", "neuron", "truth", "dnd label", "dnd first candidate", "auc");
+    println!(
+        "{:<7} {:>6}  {:<44} {:<26} {:<26} {:>5}",
+        "layer", "neuron", "truth", "dnd label", "dnd first candidate", "auc"
+    );
     for s in scores {
         let label = |m: &str| s.labels[m].clone().unwrap_or_else(|| "-".into());
         let mark = |m: &str| match s.recovered[m] {
@@ -369,8 +423,24 @@ fn print_report(scores: &[NeuronScore], groups: &[GroupScore], speed: &Speed) {
         );
     }
     println!("\n(+ = names the planted concept)\n");
-    println!("recovery (share of neurons whose label names the planted concept) and mean CoSy-style AUC");
-    println!("{:<7} {:<8} {:>3}   {:>6} {:>9} {:>10} {:>12}   {:>6} {:>9} {:>10} {:>12} {:>6}", "layer", "kind", "n", "dnd", "dnd-first", "netdissect", "clip-dissect", "dnd", "dnd-first", "netdissect", "clip-dissect", "truth");
+    println!(
+        "recovery (share of neurons whose label names the planted concept) and mean CoSy-style AUC"
+    );
+    println!(
+        "{:<7} {:<8} {:>3}   {:>6} {:>9} {:>10} {:>12}   {:>6} {:>9} {:>10} {:>12} {:>6}",
+        "layer",
+        "kind",
+        "n",
+        "dnd",
+        "dnd-first",
+        "netdissect",
+        "clip-dissect",
+        "dnd",
+        "dnd-first",
+        "netdissect",
+        "clip-dissect",
+        "truth"
+    );
     for g in groups {
         println!(
             "{:<7} {:<8} {:>3}   {:>6} {:>9} {:>10} {:>12}   {:>6} {:>9} {:>10} {:>12} {:>6}",
@@ -422,9 +492,22 @@ mod tests {
             score("layer4", PlantedKind::Or, true, 0.6),
         ];
         let groups = group_scores(&scores);
-        let row = |layer: &str, kind: &str| groups.iter().find(|g| g.layer == layer && g.kind == kind).unwrap();
-        let keys: Vec<(&str, &str)> = groups.iter().map(|g| (g.layer.as_str(), g.kind.as_str())).collect();
-        assert_eq!(keys, [("layer3", "single"), ("layer4", "or"), ("layer4", "single"), ("all", "or"), ("all", "single"), ("all", "all")]);
+        let row = |layer: &str, kind: &str| {
+            groups.iter().find(|g| g.layer == layer && g.kind == kind).unwrap()
+        };
+        let keys: Vec<(&str, &str)> =
+            groups.iter().map(|g| (g.layer.as_str(), g.kind.as_str())).collect();
+        assert_eq!(
+            keys,
+            [
+                ("layer3", "single"),
+                ("layer4", "or"),
+                ("layer4", "single"),
+                ("all", "or"),
+                ("all", "single"),
+                ("all", "all")
+            ]
+        );
         let singles = row("all", "single");
         assert_eq!((singles.neurons, singles.recovery["dnd"]), (2, Some(0.5)));
         assert!((singles.mean_auc["dnd"].unwrap() - 0.9).abs() < 1e-12);

@@ -56,10 +56,18 @@ struct SchedulerReport {
     complete_ms_mean: f64,
 }
 
-async fn simulated_worker(channel: AuthedChannel, store: Location, task_time: Duration) -> anyhow::Result<(usize, Duration, Duration, Duration)> {
+async fn simulated_worker(
+    channel: AuthedChannel,
+    store: Location,
+    task_time: Duration,
+) -> anyhow::Result<(usize, Duration, Duration, Duration)> {
     let mut client = WorkerServiceClient::new(channel);
-    let joined = client.join(pb::JoinRequest { version: PROTOCOL_VERSION, name: "sim".into(), capabilities: None }).await?.into_inner();
-    let (mut done, mut lease_time, mut complete_time, mut worked) = (0, Duration::ZERO, Duration::ZERO, Duration::ZERO);
+    let joined = client
+        .join(pb::JoinRequest { version: PROTOCOL_VERSION, name: "sim".into(), capabilities: None })
+        .await?
+        .into_inner();
+    let (mut done, mut lease_time, mut complete_time, mut worked) =
+        (0, Duration::ZERO, Duration::ZERO, Duration::ZERO);
     let mut next = None;
     loop {
         // As `dnd worker` does: the next task comes with the last Complete's reply, and a
@@ -68,7 +76,14 @@ async fn simulated_worker(channel: AuthedChannel, store: Location, task_time: Du
             Some(t) => t,
             None => {
                 let asked = Instant::now();
-                let reply = client.lease(pb::LeaseRequest { version: PROTOCOL_VERSION, worker_id: joined.worker_id.clone(), wait_ms: 500 }).await?.into_inner();
+                let reply = client
+                    .lease(pb::LeaseRequest {
+                        version: PROTOCOL_VERSION,
+                        worker_id: joined.worker_id.clone(),
+                        wait_ms: 500,
+                    })
+                    .await?
+                    .into_inner();
                 lease_time += asked.elapsed();
                 match reply.task {
                     Some(t) => t,
@@ -82,7 +97,9 @@ async fn simulated_worker(channel: AuthedChannel, store: Location, task_time: Du
         tokio::time::sleep(task_time).await;
         worked += working.elapsed();
         let started = Instant::now();
-        TaskStore::new(store.join(&format!("jobs/{}", task.job))).commit(&task.task_id, &task.attempt_name).await?;
+        TaskStore::new(store.join(&format!("jobs/{}", task.job)))
+            .commit(&task.task_id, &task.attempt_name)
+            .await?;
         let request = pb::CompleteRequest {
             version: PROTOCOL_VERSION,
             worker_id: joined.worker_id.clone(),
@@ -99,14 +116,25 @@ async fn simulated_worker(channel: AuthedChannel, store: Location, task_time: Du
 
 pub async fn scheduler(args: SchedulerArgs) -> anyhow::Result<()> {
     let store = Location::create(&args.store)?;
-    let settings = Settings { lease: Duration::from_secs(60), heartbeat: Duration::from_secs(20), max_attempts: 3, resume_unfinished: false };
+    let settings = Settings {
+        lease: Duration::from_secs(60),
+        heartbeat: Duration::from_secs(20),
+        max_attempts: 3,
+        resume_unfinished: false,
+    };
     let coordinator = Coordinator::open(store.clone(), settings).await?;
     let token = BearerToken::random();
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let served = dnd_coordinator::serve(coordinator.clone(), listener, token.clone(), &ServerConfig::default(), async move {
-        let _ = stopped.await;
-    })
+    let served = dnd_coordinator::serve(
+        coordinator.clone(),
+        listener,
+        token.clone(),
+        &ServerConfig::default(),
+        async move {
+            let _ = stopped.await;
+        },
+    )
     .await?;
     let client = ClientConfig { url: format!("http://{}", served.addr), token, tls_ca: None };
     let mut channels = Vec::new();
@@ -118,16 +146,22 @@ pub async fn scheduler(args: SchedulerArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     coordinator.submit_simulated(job, args.tasks)?;
     let task_time = Duration::from_millis(args.task_ms);
-    let workers: Vec<_> = channels.into_iter().map(|c| tokio::spawn(simulated_worker(c, store.clone(), task_time))).collect();
+    let workers: Vec<_> = channels
+        .into_iter()
+        .map(|c| tokio::spawn(simulated_worker(c, store.clone(), task_time)))
+        .collect();
     loop {
         match coordinator.view(job).map(|v| v.phase) {
             Some(Phase::Succeeded) => break,
-            Some(Phase::Failed | Phase::Cancelled) | None => anyhow::bail!("the benchmark job did not succeed"),
+            Some(Phase::Failed | Phase::Cancelled) | None => {
+                anyhow::bail!("the benchmark job did not succeed")
+            }
             _ => tokio::time::sleep(Duration::from_millis(1)).await,
         }
     }
     let makespan = started.elapsed().as_secs_f64();
-    let (mut done, mut lease, mut complete, mut worked) = (0, Duration::ZERO, Duration::ZERO, Duration::ZERO);
+    let (mut done, mut lease, mut complete, mut worked) =
+        (0, Duration::ZERO, Duration::ZERO, Duration::ZERO);
     for w in workers {
         let (d, l, c, work) = w.await??;
         done += d;

@@ -31,7 +31,12 @@ pub struct AuthArgs {
 #[derive(Args, Clone)]
 pub struct ClientArgs {
     /// The coordinator: http://host:port, or https://host:port when it serves TLS.
-    #[arg(long, env = "DND_COORDINATOR", default_value = "http://127.0.0.1:7070", value_name = "URL")]
+    #[arg(
+        long,
+        env = "DND_COORDINATOR",
+        default_value = "http://127.0.0.1:7070",
+        value_name = "URL"
+    )]
     coordinator: String,
     #[command(flatten)]
     auth: AuthArgs,
@@ -42,7 +47,8 @@ pub struct ClientArgs {
 
 impl ClientArgs {
     fn config(&self) -> anyhow::Result<ClientConfig> {
-        let token = BearerToken::load(self.auth.token_file.as_deref()).map_err(|e| BadInput(e.to_string()))?;
+        let token = BearerToken::load(self.auth.token_file.as_deref())
+            .map_err(|e| BadInput(e.to_string()))?;
         Ok(ClientConfig { url: self.coordinator.clone(), token, tls_ca: self.tls_ca.clone() })
     }
 
@@ -57,7 +63,9 @@ impl ClientArgs {
 fn rpc_error(status: tonic::Status) -> anyhow::Error {
     let text = format!("{} ({:?})", status.message(), status.code());
     match status.code() {
-        Code::InvalidArgument | Code::Unauthenticated | Code::NotFound | Code::PermissionDenied => BadInput(text).into(),
+        Code::InvalidArgument | Code::Unauthenticated | Code::NotFound | Code::PermissionDenied => {
+            BadInput(text).into()
+        }
         _ => anyhow::anyhow!(text),
     }
 }
@@ -139,10 +147,11 @@ pub struct ListArgs {
 async fn terminated() {
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => return std::future::pending().await,
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return std::future::pending().await,
+            };
         tokio::select! {
             _ = term.recv() => {}
             _ = tokio::signal::ctrl_c() => {}
@@ -153,25 +162,38 @@ async fn terminated() {
 }
 
 pub async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
-    let token = BearerToken::load(args.auth.token_file.as_deref()).map_err(|e| BadInput(e.to_string()))?;
+    let token =
+        BearerToken::load(args.auth.token_file.as_deref()).map_err(|e| BadInput(e.to_string()))?;
     if !(args.lease_seconds > 0.0) {
         return Err(BadInput("--lease-seconds must be positive".into()).into());
     }
     let store = Location::create(&args.store)?;
     let lease = Duration::from_secs_f64(args.lease_seconds);
-    let settings = Settings { lease, heartbeat: lease / 3, max_attempts: args.max_attempts.max(1), resume_unfinished: true };
+    let settings = Settings {
+        lease,
+        heartbeat: lease / 3,
+        max_attempts: args.max_attempts.max(1),
+        resume_unfinished: true,
+    };
     let server = ServerConfig { tls_cert: args.tls_cert, tls_key: args.tls_key };
-    let listener = tokio::net::TcpListener::bind(&args.listen).await.map_err(|e| BadInput(format!("cannot listen on {}: {e}", args.listen)))?;
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .map_err(|e| BadInput(format!("cannot listen on {}: {e}", args.listen)))?;
     let coordinator = Coordinator::open(store.clone(), settings).await?;
     let metrics_addr = match &args.metrics_listen {
         Some(addr) => {
             let live = coordinator.clone();
             let refresh = move || live.refresh_metrics();
-            Some(dnd_metrics::serve(coordinator.metrics().clone(), addr, refresh).await.map_err(|e| BadInput(format!("cannot serve metrics on {addr}: {e}")))?)
+            Some(
+                dnd_metrics::serve(coordinator.metrics().clone(), addr, refresh)
+                    .await
+                    .map_err(|e| BadInput(format!("cannot serve metrics on {addr}: {e}")))?,
+            )
         }
         None => None,
     };
-    let served = dnd_coordinator::serve(coordinator, listener, token, &server, terminated()).await?;
+    let served =
+        dnd_coordinator::serve(coordinator, listener, token, &server, terminated()).await?;
     // Tests and scripts read the bound address from this line.
     println!("coordinator listening on {} (store {store})", served.addr);
     if let Some(addr) = metrics_addr {
@@ -183,7 +205,8 @@ pub async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
 }
 
 pub async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
-    let name = args.name.or_else(|| std::env::var("HOSTNAME").ok()).unwrap_or_else(|| "worker".into());
+    let name =
+        args.name.or_else(|| std::env::var("HOSTNAME").ok()).unwrap_or_else(|| "worker".into());
     let config = WorkerConfig {
         client: args.client.config()?,
         name,
@@ -194,9 +217,10 @@ pub async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     let worker = std::sync::Arc::new(Worker::new(config));
     if let Some(addr) = &args.metrics_listen {
         let live = worker.clone();
-        let bound = dnd_metrics::serve(worker.metrics().clone(), addr, move || live.refresh_metrics())
-            .await
-            .map_err(|e| BadInput(format!("cannot serve metrics on {addr}: {e}")))?;
+        let bound =
+            dnd_metrics::serve(worker.metrics().clone(), addr, move || live.refresh_metrics())
+                .await
+                .map_err(|e| BadInput(format!("cannot serve metrics on {addr}: {e}")))?;
         // Scripts and tests read the bound address from this line (ADDR may end in :0);
         // Rust's stdout is line-buffered, so it goes out at once.
         println!("metrics on http://{bound}/metrics");
@@ -208,7 +232,9 @@ pub async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         let _ = stop.send(true);
     });
     let report = worker.run(stopped).await.map_err(|e| match e {
-        dnd_worker::WorkerError::Refused(m) => anyhow::Error::from(BadInput(format!("the coordinator refused this worker: {m}"))),
+        dnd_worker::WorkerError::Refused(m) => {
+            anyhow::Error::from(BadInput(format!("the coordinator refused this worker: {m}")))
+        }
         other => other.into(),
     })?;
     println!(
@@ -219,12 +245,20 @@ pub async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
 }
 
 pub async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(&args.job).map_err(|e| BadInput(format!("cannot read the job file {}: {e}", args.job.display())))?;
+    let text = std::fs::read_to_string(&args.job)
+        .map_err(|e| BadInput(format!("cannot read the job file {}: {e}", args.job.display())))?;
     // Checked here too, so that a typo is reported before anything is sent.
     dnd_pipeline::JobSpec::from_toml(&text, &args.job.display().to_string())?;
     let mut jobs = args.client.jobs().await?;
-    let reply = jobs.submit(pb::SubmitRequest { version: PROTOCOL_VERSION, spec_toml: text }).await.map_err(rpc_error)?.into_inner();
-    println!("submitted job {} ({} tasks, {} already committed)", reply.job, reply.tasks_total, reply.tasks_resumed);
+    let reply = jobs
+        .submit(pb::SubmitRequest { version: PROTOCOL_VERSION, spec_toml: text })
+        .await
+        .map_err(rpc_error)?
+        .into_inner();
+    println!(
+        "submitted job {} ({} tasks, {} already committed)",
+        reply.job, reply.tasks_total, reply.tasks_resumed
+    );
     if args.watch {
         return follow(&mut jobs, &reply.job).await;
     }
@@ -268,7 +302,11 @@ fn print_status(s: &pb::JobStatus) {
 
 pub async fn status(args: JobArgs) -> anyhow::Result<()> {
     let mut jobs = args.client.jobs().await?;
-    let s = jobs.status(pb::StatusRequest { version: PROTOCOL_VERSION, job: args.job }).await.map_err(rpc_error)?.into_inner();
+    let s = jobs
+        .status(pb::StatusRequest { version: PROTOCOL_VERSION, job: args.job })
+        .await
+        .map_err(rpc_error)?
+        .into_inner();
     print_status(&s);
     Ok(())
 }
@@ -281,14 +319,33 @@ pub async fn watch_job(args: JobArgs) -> anyhow::Result<()> {
 /// Follows a job's event stream: one bar per stage, events as log lines; fails when the
 /// job does.
 async fn follow(jobs: &mut JobServiceClient<AuthedChannel>, job: &str) -> anyhow::Result<()> {
-    let mut stream = jobs.watch(pb::WatchRequest { version: PROTOCOL_VERSION, job: job.into() }).await.map_err(rpc_error)?.into_inner();
+    let mut stream = jobs
+        .watch(pb::WatchRequest { version: PROTOCOL_VERSION, job: job.into() })
+        .await
+        .map_err(rpc_error)?
+        .into_inner();
     let bars = Bars::new();
     let mut shown: std::collections::BTreeMap<String, u64> = Default::default();
     let mut last: Option<pb::JobStatus> = None;
     while let Some(event) = stream.message().await.map_err(rpc_error)? {
         if !matches!(event.kind.as_str(), "status" | "progress") && !event.kind.is_empty() {
-            let attempt = if event.attempt > 0 { format!(" attempt {}", event.attempt) } else { String::new() };
-            tracing::info!("{} {}{}{} {}", event.kind, event.task_id, attempt, if event.worker.is_empty() { String::new() } else { format!(" on {}", event.worker) }, event.message);
+            let attempt = if event.attempt > 0 {
+                format!(" attempt {}", event.attempt)
+            } else {
+                String::new()
+            };
+            tracing::info!(
+                "{} {}{}{} {}",
+                event.kind,
+                event.task_id,
+                attempt,
+                if event.worker.is_empty() {
+                    String::new()
+                } else {
+                    format!(" on {}", event.worker)
+                },
+                event.message
+            );
         }
         let Some(status) = event.status else { continue };
         if status.stages.is_empty() {
@@ -322,19 +379,34 @@ async fn follow(jobs: &mut JobServiceClient<AuthedChannel>, job: &str) -> anyhow
 
 pub async fn cancel(args: JobArgs) -> anyhow::Result<()> {
     let mut jobs = args.client.jobs().await?;
-    let s = jobs.cancel(pb::CancelRequest { version: PROTOCOL_VERSION, job: args.job }).await.map_err(rpc_error)?.into_inner();
+    let s = jobs
+        .cancel(pb::CancelRequest { version: PROTOCOL_VERSION, job: args.job })
+        .await
+        .map_err(rpc_error)?
+        .into_inner();
     print_status(&s);
     Ok(())
 }
 
 pub async fn list(args: ListArgs) -> anyhow::Result<()> {
     let mut jobs = args.client.jobs().await?;
-    let reply = jobs.list(pb::ListRequest { version: PROTOCOL_VERSION }).await.map_err(rpc_error)?.into_inner();
+    let reply = jobs
+        .list(pb::ListRequest { version: PROTOCOL_VERSION })
+        .await
+        .map_err(rpc_error)?
+        .into_inner();
     if reply.jobs.is_empty() {
         println!("no jobs");
     }
     for s in &reply.jobs {
-        println!("{}\t{}\t{}/{} tasks committed, {} failed", s.job, state_name(s.state), s.tasks_committed, s.tasks_total, s.tasks_failed);
+        println!(
+            "{}\t{}\t{}/{} tasks committed, {} failed",
+            s.job,
+            state_name(s.state),
+            s.tasks_committed,
+            s.tasks_total,
+            s.tasks_failed
+        );
     }
     Ok(())
 }

@@ -104,8 +104,9 @@ fn neuron_spec(flags: &[String]) -> Result<NeuronSpec, BadInput> {
 pub fn job_spec(args: &DissectArgs) -> anyhow::Result<JobSpec> {
     let mut spec = match &args.config {
         Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| BadInput(format!("cannot read the job file {}: {e}", path.display())))?;
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                BadInput(format!("cannot read the job file {}: {e}", path.display()))
+            })?;
             JobSpec::from_toml(&text, &path.display().to_string())?
         }
         None => JobSpec::default(),
@@ -138,8 +139,10 @@ pub fn job_spec(args: &DissectArgs) -> anyhow::Result<JobSpec> {
         spec.seed = seed;
     }
     if let Some(backend) = &args.summarizer {
-        spec.summarizer.backend = serde_json::from_value::<Backend>(serde_json::Value::String(backend.clone()))
-            .map_err(|_| BadInput(format!("--summarizer `{backend}`: use openai, local or consensus")))?;
+        spec.summarizer.backend =
+            serde_json::from_value::<Backend>(serde_json::Value::String(backend.clone())).map_err(
+                |_| BadInput(format!("--summarizer `{backend}`: use openai, local or consensus")),
+            )?;
     }
     Ok(spec)
 }
@@ -151,7 +154,8 @@ pub async fn dissect(args: DissectArgs) -> anyhow::Result<()> {
     drop(bars);
     let s = &outcome.summary;
     if let Some(path) = &args.summary_json {
-        std::fs::write(path, serde_json::to_string_pretty(s)?).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(path, serde_json::to_string_pretty(s)?)
+            .with_context(|| format!("writing {}", path.display()))?;
     }
 
     // A model that knows what its neurons mean (the synthetic zoo's planted.json) gets a
@@ -168,19 +172,35 @@ pub async fn dissect(args: DissectArgs) -> anyhow::Result<()> {
                 (None, Some(e)) => format!("(failed: {})", e.chars().take(60).collect::<String>()),
                 (None, None) => format!("({})", d.status.replace('_', " ")),
             };
-            let known = truth.get(&(d.layer.clone(), d.neuron as usize)).cloned().unwrap_or_default();
-            [d.layer.clone(), d.neuron.to_string(), label, d.score.map_or("-".into(), |v| format!("{v:.3}")), known]
+            let known =
+                truth.get(&(d.layer.clone(), d.neuron as usize)).cloned().unwrap_or_default();
+            [
+                d.layer.clone(),
+                d.neuron.to_string(),
+                label,
+                d.score.map_or("-".into(), |v| format!("{v:.3}")),
+                known,
+            ]
         })
         .collect();
     let columns = if truth.is_empty() { 4 } else { 5 };
     let header = ["layer", "neuron", "label", "score", "ground truth"];
-    let width = |c: usize| rows.iter().map(|r| r[c].chars().count()).chain([header[c].len()]).max().unwrap_or(0);
+    let width = |c: usize| {
+        rows.iter().map(|r| r[c].chars().count()).chain([header[c].len()]).max().unwrap_or(0)
+    };
     let widths: Vec<usize> = (0..5).map(width).collect();
     let line = |r: [&str; 5]| {
         let text = format!(
             "{:<w0$}  {:>w1$}  {:<w2$}  {:>w3$}  {}",
-            r[0], r[1], r[2], r[3], if columns == 5 { r[4] } else { "" },
-            w0 = widths[0], w1 = widths[1], w2 = widths[2], w3 = widths[3]
+            r[0],
+            r[1],
+            r[2],
+            r[3],
+            if columns == 5 { r[4] } else { "" },
+            w0 = widths[0],
+            w1 = widths[1],
+            w2 = widths[2],
+            w3 = widths[3]
         );
         text.trim_end().to_string()
     };
@@ -191,7 +211,12 @@ pub async fn dissect(args: DissectArgs) -> anyhow::Result<()> {
     println!();
     println!(
         "{} neurons: {} labelled, {} without candidates, {} failed; {} of {} tasks resumed from an earlier run",
-        s.neurons, s.neurons_ok, s.neurons_no_candidates, s.neurons_failed, s.tasks_resumed, s.tasks
+        s.neurons,
+        s.neurons_ok,
+        s.neurons_no_candidates,
+        s.neurons_failed,
+        s.tasks_resumed,
+        s.tasks
     );
     let calls = |k: &str| s.cache.get(k).map_or((0, 0), |c| (c.hits, c.misses));
     let (ih, im) = calls("images");
@@ -203,9 +228,17 @@ pub async fn dissect(args: DissectArgs) -> anyhow::Result<()> {
     );
     println!(
         "time: {:.1}s total (load {:.1}s, probe {:.1}s, describe {:.1}s = {:.2}s per neuron), peak memory {:.0} MiB",
-        s.total_seconds, s.load_seconds, s.probe_seconds, s.describe_seconds, s.seconds_per_neuron, s.peak_rss_mib
+        s.total_seconds,
+        s.load_seconds,
+        s.probe_seconds,
+        s.describe_seconds,
+        s.seconds_per_neuron,
+        s.peak_rss_mib
     );
-    println!("results: {}/results/ (descriptions, candidates, scores, captions, images, exchanges, errors .parquet)", s.location);
+    println!(
+        "results: {}/results/ (descriptions, candidates, scores, captions, images, exchanges, errors .parquet)",
+        s.location
+    );
     crate::report::after_dissect(&s.location).await;
     Ok(())
 }

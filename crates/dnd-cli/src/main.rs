@@ -19,7 +19,9 @@ use clap::{Args, Parser, Subcommand};
 use dnd_core::{CropConfig, Pooling};
 use dnd_models::device::parse_device;
 use dnd_models::{ModelRef, TargetModel};
-use dnd_pipeline::{CropStageConfig, ImageLimits, PipelineError, ProbeConfig, ProbeImages, run_probe};
+use dnd_pipeline::{
+    CropStageConfig, ImageLimits, PipelineError, ProbeConfig, ProbeImages, run_probe,
+};
 use dnd_store::Location;
 
 /// Exit code for bad input: a path, a flag value, a model or a config the user can fix.
@@ -255,7 +257,11 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            if is_user_error(&e) { ExitCode::from(EXIT_BAD_INPUT) } else { ExitCode::from(EXIT_INTERNAL) }
+            if is_user_error(&e) {
+                ExitCode::from(EXIT_BAD_INPUT)
+            } else {
+                ExitCode::from(EXIT_INTERNAL)
+            }
         }
     }
 }
@@ -289,7 +295,9 @@ fn is_user_error(e: &anyhow::Error) -> bool {
         if let Some(c) = cause.downcast_ref::<dnd_coordinator::CoordinatorError>() {
             return c.is_user_error();
         }
-        if cause.downcast_ref::<dnd_proto::TransportError>().is_some() || cause.downcast_ref::<dnd_proto::TokenError>().is_some() {
+        if cause.downcast_ref::<dnd_proto::TransportError>().is_some()
+            || cause.downcast_ref::<dnd_proto::TokenError>().is_some()
+        {
             return true;
         }
         if let Some(r) = cause.downcast_ref::<dnd_report::ReportError>() {
@@ -309,7 +317,9 @@ async fn probe(args: ProbeArgs) -> anyhow::Result<()> {
         pooling: args.pooling,
         batch_size: args.batch_size,
         write_activations: args.activations,
-        crops: args.crops.then(|| CropStageConfig { crop: CropConfig::default(), neurons: args.crop_neurons }),
+        crops: args
+            .crops
+            .then(|| CropStageConfig { crop: CropConfig::default(), neurons: args.crop_neurons }),
         limits: ImageLimits { max_pixels: args.max_pixels, ..ImageLimits::default() },
     };
     // Everything a user gave is checked before any work starts.
@@ -318,7 +328,9 @@ async fn probe(args: ProbeArgs) -> anyhow::Result<()> {
     let model = {
         let r = model_ref.clone();
         let d = device.clone();
-        tokio::task::spawn_blocking(move || TargetModel::load(&r, &d)).await?.map_err(PipelineError::from)?
+        tokio::task::spawn_blocking(move || TargetModel::load(&r, &d))
+            .await?
+            .map_err(PipelineError::from)?
     };
     config.plan(&model)?;
     let images = ProbeImages::discover(&args.images).await?;

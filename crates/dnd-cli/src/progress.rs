@@ -28,14 +28,20 @@ pub struct Bars {
 
 impl Bars {
     pub fn new() -> Self {
-        Self { multi: MultiProgress::new(), current: Mutex::new(None), stages: Mutex::new(HashMap::new()) }
+        Self {
+            multi: MultiProgress::new(),
+            current: Mutex::new(None),
+            stages: Mutex::new(HashMap::new()),
+        }
     }
 }
 
 impl Progress for Bars {
     fn begin(&self, stage: &str, total: u64) {
         let bar = bar(&self.multi, stage, total);
-        if let Some(old) = self.current.lock().expect("no panics while holding the lock").replace(bar) {
+        if let Some(old) =
+            self.current.lock().expect("no panics while holding the lock").replace(bar)
+        {
             old.finish();
         }
     }
@@ -60,7 +66,8 @@ impl Progress for Bars {
     }
 
     fn advance_stage(&self, stage: &str, done: u64) {
-        if let Some(bar) = self.stages.lock().expect("no panics while holding the lock").get(stage) {
+        if let Some(bar) = self.stages.lock().expect("no panics while holding the lock").get(stage)
+        {
             bar.inc(done);
         }
     }

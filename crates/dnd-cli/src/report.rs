@@ -43,7 +43,11 @@ pub fn ground_truth(model: Option<&str>) -> BTreeMap<(String, i32), String> {
 }
 
 /// Writes the report of `job` to `out` (default `<job>/report`).
-pub async fn render(job: &Job, out: Option<&str>, mut options: ReportOptions) -> anyhow::Result<ReportOutcome> {
+pub async fn render(
+    job: &Job,
+    out: Option<&str>,
+    mut options: ReportOptions,
+) -> anyhow::Result<ReportOutcome> {
     let out = match out {
         Some(spec) => Location::create(spec)?,
         None => job.location.join("report"),
@@ -61,14 +65,23 @@ fn print_outcome(o: &ReportOutcome) {
         o.neurons, o.images, o.files, o.seconds, o.location
     );
     if !o.images_missing.is_empty() {
-        println!("{} images could not be read and show as placeholders, e.g. {}: {}", o.images_missing.len(), o.images_missing[0].0, o.images_missing[0].1);
+        println!(
+            "{} images could not be read and show as placeholders, e.g. {}: {}",
+            o.images_missing.len(),
+            o.images_missing[0].0,
+            o.images_missing[0].1
+        );
     }
 }
 
 pub async fn report(args: ReportArgs) -> anyhow::Result<()> {
     let location = find_job(&args.job).await?;
     let job = open_job(&location).await?;
-    let options = ReportOptions { thumb_px: args.thumb_px, page_size: args.page_size, ..ReportOptions::default() };
+    let options = ReportOptions {
+        thumb_px: args.thumb_px,
+        page_size: args.page_size,
+        ..ReportOptions::default()
+    };
     let outcome = render(&job, args.out.as_deref(), options).await?;
     print_outcome(&outcome);
     Ok(())
@@ -107,8 +120,14 @@ pub async fn bench(args: BenchReportArgs) -> anyhow::Result<()> {
     let job_dir = args.out.join(format!("jobs/synthetic-{}", args.neurons));
     let job_loc = Location::create(&job_dir.display().to_string())?;
     let t = Instant::now();
-    write_job(&job_loc, &SyntheticSpec { neurons: args.neurons, ..SyntheticSpec::default() }).await?;
-    println!("synthetic job of {} neurons written in {:.1}s: {}", args.neurons, t.elapsed().as_secs_f64(), job_dir.display());
+    write_job(&job_loc, &SyntheticSpec { neurons: args.neurons, ..SyntheticSpec::default() })
+        .await?;
+    println!(
+        "synthetic job of {} neurons written in {:.1}s: {}",
+        args.neurons,
+        t.elapsed().as_secs_f64(),
+        job_dir.display()
+    );
     let job = open_job(&job_loc).await?;
     let outcome = render(&job, None, ReportOptions::default()).await?;
     print_outcome(&outcome);
@@ -124,6 +143,10 @@ pub async fn bench(args: BenchReportArgs) -> anyhow::Result<()> {
         .arg(args.neurons.to_string())
         .status()
         .with_context(|| format!("running {}", script.display()))?;
-    anyhow::ensure!(status.success(), "{} failed (it needs `pip install -r tests/requirements-browser.txt` and /usr/bin/chromium)", script.display());
+    anyhow::ensure!(
+        status.success(),
+        "{} failed (it needs `pip install -r tests/requirements-browser.txt` and /usr/bin/chromium)",
+        script.display()
+    );
     Ok(())
 }

@@ -10,8 +10,8 @@ use serde_json::json;
 use dnd_models::device::parse_device;
 use dnd_models::generator::Spacing;
 use dnd_models::{
-    BlipCaptioner, CaptionConfig, Captioner, ClipEmbedder, DiffusionGenerator, Embedder, GenerationConfig, ImageRequest,
-    ModelRef,
+    BlipCaptioner, CaptionConfig, Captioner, ClipEmbedder, DiffusionGenerator, Embedder,
+    GenerationConfig, ImageRequest, ModelRef,
 };
 use dnd_pipeline::ImageLimits;
 use dnd_pipeline::images::decode_rgb;
@@ -132,14 +132,18 @@ fn parse_spacing(s: &str) -> Result<Spacing, String> {
 }
 
 fn read_image(path: &PathBuf) -> anyhow::Result<image::RgbImage> {
-    let bytes = std::fs::read(path).map_err(|e| BadInput(format!("cannot read image {}: {e}", path.display())))?;
-    decode_rgb(&bytes, &ImageLimits::default())
-        .map_err(|s| BadInput(format!("{} is not a usable image ({}): {}", path.display(), s.reason, s.message)).into())
+    let bytes = std::fs::read(path)
+        .map_err(|e| BadInput(format!("cannot read image {}: {e}", path.display())))?;
+    decode_rgb(&bytes, &ImageLimits::default()).map_err(|s| {
+        BadInput(format!("{} is not a usable image ({}): {}", path.display(), s.reason, s.message))
+            .into()
+    })
 }
 
 fn write_summary(path: &Option<PathBuf>, value: serde_json::Value) -> anyhow::Result<()> {
     if let Some(p) = path {
-        std::fs::write(p, serde_json::to_string_pretty(&value)?).with_context(|| format!("writing {}", p.display()))?;
+        std::fs::write(p, serde_json::to_string_pretty(&value)?)
+            .with_context(|| format!("writing {}", p.display()))?;
     }
     Ok(())
 }
@@ -147,7 +151,9 @@ fn write_summary(path: &Option<PathBuf>, value: serde_json::Value) -> anyhow::Re
 /// Loads a model on a blocking thread (it reads and converts large files).
 async fn load<T: Send + 'static>(
     common: &CommonArgs,
-    f: impl FnOnce(&ModelRef, &candle_core::Device) -> Result<T, dnd_models::ModelError> + Send + 'static,
+    f: impl FnOnce(&ModelRef, &candle_core::Device) -> Result<T, dnd_models::ModelError>
+    + Send
+    + 'static,
 ) -> anyhow::Result<T> {
     let device = parse_device(&common.device)?;
     let reference: ModelRef = common.model.parse()?;
@@ -156,7 +162,8 @@ async fn load<T: Send + 'static>(
 
 pub async fn caption(args: CaptionArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.batch_size > 0, BadInput("--batch-size must be at least 1".into()));
-    let config = CaptionConfig { min_new_tokens: args.min_new_tokens, max_new_tokens: args.max_new_tokens };
+    let config =
+        CaptionConfig { min_new_tokens: args.min_new_tokens, max_new_tokens: args.max_new_tokens };
     let images = args.images.iter().map(read_image).collect::<anyhow::Result<Vec<_>>>()?;
     let captioner = load(&args.common, move |r, d| BlipCaptioner::load(r, d, config)).await?;
     let started = Instant::now();
@@ -173,7 +180,11 @@ pub async fn caption(args: CaptionArgs) -> anyhow::Result<()> {
     for (path, c) in args.images.iter().zip(&captions) {
         println!("{}\t{}", path.display(), c.text);
     }
-    eprintln!("captioned {} images in {seconds:.2}s ({:.2} captions/s)", captions.len(), captions.len() as f64 / seconds);
+    eprintln!(
+        "captioned {} images in {seconds:.2}s ({:.2} captions/s)",
+        captions.len(),
+        captions.len() as f64 / seconds
+    );
     write_summary(
         &args.common.summary_json,
         json!({
@@ -210,7 +221,10 @@ pub async fn embed(args: EmbedArgs) -> anyhow::Result<()> {
     };
     let (img_rows, txt_rows) = (rows(&image_emb)?, rows(&text_emb)?);
     for (path, e) in args.images.iter().zip(&img_rows) {
-        println!("{}", json!({"kind": "image", "input": path.display().to_string(), "embedding": e}));
+        println!(
+            "{}",
+            json!({"kind": "image", "input": path.display().to_string(), "embedding": e})
+        );
     }
     for (text, e) in args.texts.iter().zip(&txt_rows) {
         println!("{}", json!({"kind": "text", "input": text, "embedding": e}));
@@ -218,7 +232,10 @@ pub async fn embed(args: EmbedArgs) -> anyhow::Result<()> {
     for (path, i) in args.images.iter().zip(&img_rows) {
         for (text, t) in args.texts.iter().zip(&txt_rows) {
             let cos: f32 = i.iter().zip(t).map(|(a, b)| a * b).sum();
-            println!("{}", json!({"kind": "similarity", "image": path.display().to_string(), "text": text, "cosine": cos}));
+            println!(
+                "{}",
+                json!({"kind": "similarity", "image": path.display().to_string(), "text": text, "cosine": cos})
+            );
         }
     }
     write_summary(
@@ -229,13 +246,19 @@ pub async fn embed(args: EmbedArgs) -> anyhow::Result<()> {
 
 /// A file-name-safe form of a prompt.
 fn slug(text: &str) -> String {
-    let s: String = text.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' }).collect();
+    let s: String = text
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
+        .collect();
     let s = s.split('-').filter(|p| !p.is_empty()).collect::<Vec<_>>().join("-");
     s.chars().take(60).collect()
 }
 
 pub async fn generate(args: GenerateArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(args.count > 0 && args.batch_size > 0, BadInput("--count and --batch-size must be at least 1".into()));
+    anyhow::ensure!(
+        args.count > 0 && args.batch_size > 0,
+        BadInput("--count and --batch-size must be at least 1".into())
+    );
     let config = GenerationConfig {
         prompt_template: args.template.clone(),
         steps: args.steps,
@@ -249,27 +272,33 @@ pub async fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         (None, Some(c)) => config.prompt(c),
         (None, None) => unreachable!("clap requires --prompt or --concept"),
     };
-    std::fs::create_dir_all(&args.out).map_err(|e| BadInput(format!("cannot create {}: {e}", args.out.display())))?;
+    std::fs::create_dir_all(&args.out)
+        .map_err(|e| BadInput(format!("cannot create {}: {e}", args.out.display())))?;
     let generator = load(&args.common, move |r, d| DiffusionGenerator::load(r, d, config)).await?;
-    let requests: Vec<ImageRequest> =
-        (args.seed..args.seed + args.count).map(|seed| ImageRequest { prompt: prompt.clone(), seed }).collect();
+    let requests: Vec<ImageRequest> = (args.seed..args.seed + args.count)
+        .map(|seed| ImageRequest { prompt: prompt.clone(), seed })
+        .collect();
     let started = Instant::now();
     let batch = args.batch_size;
     // The generator's pieces, so that denoising is timed apart from text encoding and decoding.
-    let (images, requests, denoise_seconds) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-        let mut out = Vec::new();
-        let mut denoise_seconds = 0.0;
-        for chunk in requests.chunks(batch) {
-            let noise = chunk.iter().map(|r| generator.initial_noise(r.seed)).collect::<Result<Vec<_>, _>>()?;
-            let prompts: Vec<&str> = chunk.iter().map(|r| r.prompt.as_str()).collect();
-            let t = Instant::now();
-            let latents = generator.denoise(&prompts, candle_core::Tensor::cat(&noise, 0)?)?;
-            denoise_seconds += t.elapsed().as_secs_f64();
-            out.extend(generator.to_rgb(&generator.decode_latents(&latents)?)?);
-        }
-        Ok((out, requests, denoise_seconds))
-    })
-    .await??;
+    let (images, requests, denoise_seconds) =
+        tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+            let mut out = Vec::new();
+            let mut denoise_seconds = 0.0;
+            for chunk in requests.chunks(batch) {
+                let noise = chunk
+                    .iter()
+                    .map(|r| generator.initial_noise(r.seed))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let prompts: Vec<&str> = chunk.iter().map(|r| r.prompt.as_str()).collect();
+                let t = Instant::now();
+                let latents = generator.denoise(&prompts, candle_core::Tensor::cat(&noise, 0)?)?;
+                denoise_seconds += t.elapsed().as_secs_f64();
+                out.extend(generator.to_rgb(&generator.decode_latents(&latents)?)?);
+            }
+            Ok((out, requests, denoise_seconds))
+        })
+        .await??;
     let seconds = started.elapsed().as_secs_f64();
     for (img, r) in images.iter().zip(&requests) {
         let path = args.out.join(format!("{}-{}.png", slug(&r.prompt), r.seed));
@@ -323,25 +352,45 @@ pub struct SummarizeArgs {
 pub async fn summarize(args: SummarizeArgs) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&args.captions)
         .map_err(|e| BadInput(format!("cannot read captions {}: {e}", args.captions.display())))?;
-    let captions: Vec<String> = text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
-    anyhow::ensure!(!captions.is_empty(), BadInput(format!("{} holds no caption", args.captions.display())));
+    let captions: Vec<String> =
+        text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
+    anyhow::ensure!(
+        !captions.is_empty(),
+        BadInput(format!("{} holds no caption", args.captions.display()))
+    );
     let mut config: dnd_summarize::SummarizerConfig = match &args.config {
         Some(path) => {
-            let raw = std::fs::read_to_string(path).map_err(|e| BadInput(format!("cannot read {}: {e}", path.display())))?;
-            toml::from_str(&raw).map_err(|e| BadInput(format!("invalid summariser config {}: {e}", path.display())))?
+            let raw = std::fs::read_to_string(path)
+                .map_err(|e| BadInput(format!("cannot read {}: {e}", path.display())))?;
+            toml::from_str(&raw).map_err(|e| {
+                BadInput(format!("invalid summariser config {}: {e}", path.display()))
+            })?
         }
-        None => dnd_summarize::SummarizerConfig { backend: dnd_summarize::Backend::Consensus, ..Default::default() },
+        None => dnd_summarize::SummarizerConfig {
+            backend: dnd_summarize::Backend::Consensus,
+            ..Default::default()
+        },
     };
     if let Some(b) = &args.backend {
-        config.backend = serde_json::from_value(serde_json::Value::String(b.clone()))
-            .map_err(|_| BadInput(format!("--backend `{b}` is not one of: openai, local, consensus")))?;
+        config.backend =
+            serde_json::from_value(serde_json::Value::String(b.clone())).map_err(|_| {
+                BadInput(format!("--backend `{b}` is not one of: openai, local, consensus"))
+            })?;
     }
-    let summarizer = tokio::task::spawn_blocking(move || dnd_summarize::build(&config).map(|s| (s, config.rounds))).await??;
+    let summarizer = tokio::task::spawn_blocking(move || {
+        dnd_summarize::build(&config).map(|s| (s, config.rounds))
+    })
+    .await??;
     let (summarizer, rounds) = summarizer;
     summarizer.check().await?;
     let simplified = dnd_summarize::simplify_captions(summarizer.as_ref(), &captions).await?;
-    anyhow::ensure!(!simplified.labels.is_empty(), "no caption gave a usable label; see --exchanges for the replies");
-    let summary = dnd_summarize::summarize_rounds(summarizer.as_ref(), &simplified.labels, args.seed, rounds).await?;
+    anyhow::ensure!(
+        !simplified.labels.is_empty(),
+        "no caption gave a usable label; see --exchanges for the replies"
+    );
+    let summary =
+        dnd_summarize::summarize_rounds(summarizer.as_ref(), &simplified.labels, args.seed, rounds)
+            .await?;
     for label in &summary.labels {
         println!("{label}");
     }
@@ -353,6 +402,12 @@ pub async fn summarize(args: SummarizeArgs) -> anyhow::Result<()> {
         }
         std::fs::write(path, out).with_context(|| format!("writing {}", path.display()))?;
     }
-    eprintln!("{} captions, {} labels, {} candidates from {}", captions.len(), simplified.labels.len(), summary.labels.len(), summarizer.describe());
+    eprintln!(
+        "{} captions, {} labels, {} candidates from {}",
+        captions.len(),
+        simplified.labels.len(),
+        summary.labels.len(),
+        summarizer.describe()
+    );
     Ok(())
 }

@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
 
-use dnd_synth::train::captioner::{CaptionerReport, CaptionerTraining, evaluate_captioner, train_captioner};
+use dnd_synth::train::captioner::{
+    CaptionerReport, CaptionerTraining, evaluate_captioner, train_captioner,
+};
 use dnd_synth::train::embedder::{EmbedderTraining, train_embedder};
 use dnd_synth::train::target::{TargetTraining, TrainingReport, train_target};
 use dnd_synth::{ProbeSetSpec, write_probe_set};
@@ -116,11 +118,20 @@ pub fn synth(command: SynthCommand) -> anyhow::Result<()> {
     match command {
         SynthCommand::Images(args) => {
             if args.count == 0 || args.size < 8 {
-                return Err(BadInput("--count must be at least 1 and --size at least 8".into()).into());
+                return Err(
+                    BadInput("--count must be at least 1 and --size at least 8".into()).into()
+                );
             }
             let spec = ProbeSetSpec { count: args.count, size: args.size, seed: args.seed };
-            write_probe_set(&args.out, &spec).with_context(|| format!("writing the probe set to {}", args.out.display()))?;
-            println!("wrote {} images of {}x{} px and their scenes to {}", args.count, args.size, args.size, args.out.display());
+            write_probe_set(&args.out, &spec)
+                .with_context(|| format!("writing the probe set to {}", args.out.display()))?;
+            println!(
+                "wrote {} images of {}x{} px and their scenes to {}",
+                args.count,
+                args.size,
+                args.size,
+                args.out.display()
+            );
             Ok(())
         }
         SynthCommand::Train(args) => train(args),
@@ -146,7 +157,9 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     if args.evaluate && args.model != ZooModel::Captioner {
-        return Err(BadInput("--evaluate re-measures the captioner: add --model captioner".into()).into());
+        return Err(
+            BadInput("--evaluate re-measures the captioner: add --model captioner".into()).into()
+        );
     }
     let dir = args.out.join(args.model.name());
     match args.model {
@@ -156,9 +169,18 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
             let bar = steps_bar("target", config.steps);
             let report = train_target(&config, &dir, |log| {
                 bar.set_position(log.step as u64 + 1);
-                bar.set_message(format!("loss {:.3} (ce {:.3}, plant {:.3})", log.loss, log.ce, log.plant));
+                bar.set_message(format!(
+                    "loss {:.3} (ce {:.3}, plant {:.3})",
+                    log.loss, log.ce, log.plant
+                ));
                 if bar.is_hidden() && (log.step % 100 == 0 || log.step + 1 == log.steps) {
-                    tracing::info!(step = log.step + 1, loss = log.loss, ce = log.ce, plant = log.plant, "target");
+                    tracing::info!(
+                        step = log.step + 1,
+                        loss = log.loss,
+                        ce = log.ce,
+                        plant = log.plant,
+                        "target"
+                    );
                 }
             })
             .context("training the target network")?;
@@ -167,20 +189,25 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
         }
         ZooModel::Captioner if args.evaluate => {
             let path = dir.join("train.json");
-            let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-            let mut report: CaptionerReport = serde_json::from_str(&text).with_context(|| format!("reading {}", path.display()))?;
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let mut report: CaptionerReport = serde_json::from_str(&text)
+                .with_context(|| format!("reading {}", path.display()))?;
             let s = &report.settings;
             let started = std::time::Instant::now();
-            report.heldout = evaluate_captioner(&dir, &s.sampling, s.eval_seed, s.eval_pairs, 24).context("evaluating the captioner")?;
+            report.heldout = evaluate_captioner(&dir, &s.sampling, s.eval_seed, s.eval_pairs, 24)
+                .context("evaluating the captioner")?;
             report.eval_seconds = started.elapsed().as_secs_f64();
-            std::fs::write(&path, serde_json::to_string_pretty(&report)? + "\n").with_context(|| format!("writing {}", path.display()))?;
+            std::fs::write(&path, serde_json::to_string_pretty(&report)? + "\n")
+                .with_context(|| format!("writing {}", path.display()))?;
             println!("{}", serde_json::to_string_pretty(&report.heldout)?);
         }
         ZooModel::Captioner => {
             let mut settings: CaptionerTraining = settings_or_default(args.settings.as_deref())?;
             settings.steps = args.steps.unwrap_or(settings.steps);
             let bar = steps_bar("captioner", settings.steps);
-            let report = train_captioner(&settings, &dir, |step, loss| loss_step(&bar, step, loss)).context("training the captioner")?;
+            let report = train_captioner(&settings, &dir, |step, loss| loss_step(&bar, step, loss))
+                .context("training the captioner")?;
             bar.finish_and_clear();
             let h = &report.heldout;
             println!(
@@ -204,7 +231,8 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
             let mut settings: EmbedderTraining = settings_or_default(args.settings.as_deref())?;
             settings.steps = args.steps.unwrap_or(settings.steps);
             let bar = steps_bar("embedder", settings.steps);
-            let report = train_embedder(&settings, &dir, |step, loss| loss_step(&bar, step, loss)).context("training the embedder")?;
+            let report = train_embedder(&settings, &dir, |step, loss| loss_step(&bar, step, loss))
+                .context("training the embedder")?;
             bar.finish_and_clear();
             let h = &report.heldout;
             println!(
@@ -227,15 +255,24 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
 }
 
 /// Training settings from a JSON file (missing fields keep the zoo's), or the zoo's.
-fn settings_or_default<T: Default + serde::de::DeserializeOwned>(file: Option<&std::path::Path>) -> anyhow::Result<T> {
+fn settings_or_default<T: Default + serde::de::DeserializeOwned>(
+    file: Option<&std::path::Path>,
+) -> anyhow::Result<T> {
     let Some(file) = file else { return Ok(T::default()) };
-    let text = std::fs::read_to_string(file).map_err(|e| BadInput(format!("cannot read the settings file {}: {e}", file.display())))?;
-    serde_json::from_str(&text).map_err(|e| BadInput(format!("{}: {e} (see the model's train.json for the fields)", file.display())).into())
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| BadInput(format!("cannot read the settings file {}: {e}", file.display())))?;
+    serde_json::from_str(&text).map_err(|e| {
+        BadInput(format!("{}: {e} (see the model's train.json for the fields)", file.display()))
+            .into()
+    })
 }
 
 fn steps_bar(model: &str, steps: usize) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(steps as u64);
-    let style = indicatif::ProgressStyle::with_template("{prefix} {bar:30} {pos}/{len} steps, {elapsed} (eta {eta}) {msg}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+    let style = indicatif::ProgressStyle::with_template(
+        "{prefix} {bar:30} {pos}/{len} steps, {elapsed} (eta {eta}) {msg}",
+    )
+    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
     bar.set_style(style);
     bar.set_prefix(model.to_string());
     bar
@@ -267,7 +304,10 @@ fn print_target_report(report: &TrainingReport, dir: &std::path::Path) {
         report.export_max_abs_diff,
         report.weights_fnv1a64
     );
-    println!("{:<8} {:>6} {:<8} {:<44} {:>6} {:>6} {:>6} {:>6}", "layer", "neuron", "kind", "description", "iou", "oracle", "pear", "auc");
+    println!(
+        "{:<8} {:>6} {:<8} {:<44} {:>6} {:>6} {:>6} {:>6}",
+        "layer", "neuron", "kind", "description", "iou", "oracle", "pear", "auc"
+    );
     for q in &report.planted {
         println!(
             "{:<8} {:>6} {:<8} {:<44} {:>6.3} {:>6.3} {:>6.3} {:>6.3}",

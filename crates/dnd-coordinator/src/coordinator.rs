@@ -17,7 +17,9 @@ use dnd_pipeline::{JobSpec, PipelineError, ProbeImages};
 use dnd_store::tasks::check_name;
 use dnd_store::{Location, StoreError, TaskStore};
 
-use crate::scheduler::{Event, JobView, Leased, Next, Phase, Refused, Scheduler, TaskDef, TaskWork};
+use crate::scheduler::{
+    Event, JobView, Leased, Next, Phase, Refused, Scheduler, TaskDef, TaskWork,
+};
 
 const CANCELLED_MARKER: &str = "_CANCELLED";
 const EVENTS_DIR: &str = "events";
@@ -32,7 +34,9 @@ pub enum CoordinatorError {
     Refused(#[from] Refused),
     #[error("no job `{0}` on this coordinator; `dnd list` shows the jobs it knows")]
     NotFound(String),
-    #[error("task `{task}` of job `{job}` has no commit marker: write its outputs and commit before calling Complete")]
+    #[error(
+        "task `{task}` of job `{job}` has no commit marker: write its outputs and commit before calling Complete"
+    )]
     NotCommitted { job: String, task: String },
     #[error("{0}")]
     BadRequest(String),
@@ -65,7 +69,12 @@ pub struct Settings {
 
 impl Default for Settings {
     fn default() -> Self {
-        Self { lease: Duration::from_secs(60), heartbeat: Duration::from_secs(20), max_attempts: 3, resume_unfinished: true }
+        Self {
+            lease: Duration::from_secs(60),
+            heartbeat: Duration::from_secs(20),
+            max_attempts: 3,
+            resume_unfinished: true,
+        }
     }
 }
 
@@ -109,7 +118,11 @@ fn coordinator_metrics() -> dnd_metrics::Metrics {
     m.describe("dnd_jobs", Kind::Gauge, "Jobs by phase.");
     m.describe("dnd_task_events_total", Kind::Counter, "Task and job events by kind (leased, committed, failed, retried, lease_expired, handed_back, task_failed, ...).");
     m.describe("dnd_task_retries_total", Kind::Counter, "Task attempts that were retried.");
-    m.describe("dnd_lease_expiries_total", Kind::Counter, "Leases that expired without a heartbeat.");
+    m.describe(
+        "dnd_lease_expiries_total",
+        Kind::Counter,
+        "Leases that expired without a heartbeat.",
+    );
     m.describe("dnd_workers_joined_total", Kind::Counter, "Workers that joined.");
     m
 }
@@ -126,7 +139,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Coordinator {
     /// A coordinator over the store root `store`; resumes every unfinished job found there.
     pub async fn open(store: Location, settings: Settings) -> Result<Arc<Self>, CoordinatorError> {
-        let token_base = SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| d.as_micros() as u64) << 8;
+        let token_base =
+            SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| d.as_micros() as u64) << 8;
         let (events, _) = broadcast::channel(4096);
         let coordinator = Arc::new(Self {
             scheduler: Mutex::new(Scheduler::new(settings.max_attempts, token_base)),
@@ -168,7 +182,10 @@ impl Coordinator {
                 continue;
             }
             let dir = self.store.join(&format!("jobs/{job}"));
-            if !dir.exists(plan::PLAN_FILE).await? || dir.exists(SUMMARY_FILE).await? || dir.exists(CANCELLED_MARKER).await? {
+            if !dir.exists(plan::PLAN_FILE).await?
+                || dir.exists(SUMMARY_FILE).await?
+                || dir.exists(CANCELLED_MARKER).await?
+            {
                 continue;
             }
             let (_, spec) = plan::read_job_spec(&dir).await?;
@@ -187,10 +204,11 @@ impl Coordinator {
         }
         let reference: ModelRef = spec.target.model.parse().map_err(PipelineError::from)?;
         // Planning needs layer names and widths only: the CPU is enough.
-        let loaded = tokio::task::spawn_blocking(move || TargetModel::load(&reference, &candle_cpu()))
-            .await
-            .map_err(PipelineError::from)?
-            .map_err(PipelineError::from)?;
+        let loaded =
+            tokio::task::spawn_blocking(move || TargetModel::load(&reference, &candle_cpu()))
+                .await
+                .map_err(PipelineError::from)?
+                .map_err(PipelineError::from)?;
         let loaded = Arc::new(loaded);
         targets.insert(spec.target.model.clone(), loaded.clone());
         Ok(loaded)
@@ -203,7 +221,11 @@ impl Coordinator {
 
     /// Checks and plans a job, claims its directory and queues its tasks. A job already in
     /// the store under this name resumes, if its spec is the same.
-    pub async fn submit(self: &Arc<Self>, mut spec: JobSpec, load_seconds: f64) -> Result<Submitted, CoordinatorError> {
+    pub async fn submit(
+        self: &Arc<Self>,
+        mut spec: JobSpec,
+        load_seconds: f64,
+    ) -> Result<Submitted, CoordinatorError> {
         // Jobs always live in this coordinator's store, wherever the submitter pointed.
         spec.out = self.store.to_string();
         spec.validate()?;
@@ -230,21 +252,43 @@ impl Coordinator {
         Ok(submitted)
     }
 
-    async fn start_job(self: &Arc<Self>, name: &str, spec: &JobSpec, plan: JobPlan, dir: Location, load_seconds: f64) -> Result<Submitted, CoordinatorError> {
+    async fn start_job(
+        self: &Arc<Self>,
+        name: &str,
+        spec: &JobSpec,
+        plan: JobPlan,
+        dir: Location,
+        load_seconds: f64,
+    ) -> Result<Submitted, CoordinatorError> {
         let done = finish::committed_tasks(&dir, &plan).await?;
         let merged = finish::probe_merged(&dir).await?;
         let earlier = read_events(&dir).await?;
         let tasks: Vec<TaskDef> = plan
             .probe_tasks
             .iter()
-            .map(|t| TaskDef { id: t.id.clone(), work: TaskWork::Probe { start: t.start, end: t.end } })
+            .map(|t| TaskDef {
+                id: t.id.clone(),
+                work: TaskWork::Probe { start: t.start, end: t.end },
+            })
             .chain(plan.neuron_tasks.iter().map(|t| TaskDef {
                 id: t.id.clone(),
                 work: TaskWork::Neurons { layer: t.layer.clone(), neurons: t.neurons.clone() },
             }))
             .collect();
-        let submitted = Submitted { job: name.to_string(), tasks_total: tasks.len(), tasks_resumed: done.len() };
-        let run = JobRun { plan: Arc::new(plan), location: dir, top_k: spec.probe.top_k, started: Instant::now(), resumed: done.len(), load_seconds, simulated: false };
+        let submitted = Submitted {
+            job: name.to_string(),
+            tasks_total: tasks.len(),
+            tasks_resumed: done.len(),
+        };
+        let run = JobRun {
+            plan: Arc::new(plan),
+            location: dir,
+            top_k: spec.probe.top_k,
+            started: Instant::now(),
+            resumed: done.len(),
+            load_seconds,
+            simulated: false,
+        };
         lock(&self.runs).insert(name.to_string(), Arc::new(run));
         let next = lock(&self.scheduler).add_job(name, tasks, &done, merged, earlier, now_ms());
         self.after(name, next);
@@ -254,7 +298,11 @@ impl Coordinator {
 
     /// A job of `tasks` neuron tasks that only commit markers, for `dnd bench scheduler`:
     /// it measures the scheduling path (lease, commit check, complete) and nothing else.
-    pub fn submit_simulated(self: &Arc<Self>, name: &str, tasks: usize) -> Result<Submitted, CoordinatorError> {
+    pub fn submit_simulated(
+        self: &Arc<Self>,
+        name: &str,
+        tasks: usize,
+    ) -> Result<Submitted, CoordinatorError> {
         let dir = self.job_dir(name)?;
         let plan = JobPlan {
             job: name.into(),
@@ -263,17 +311,33 @@ impl Coordinator {
             layers: Vec::new(),
             probe_tasks: Vec::new(),
             neuron_tasks: (0..tasks)
-                .map(|i| dnd_pipeline::plan::NeuronBatch { id: format!("sim-{i:06}"), layer: "sim".into(), neurons: vec![i] })
+                .map(|i| dnd_pipeline::plan::NeuronBatch {
+                    id: format!("sim-{i:06}"),
+                    layer: "sim".into(),
+                    neurons: vec![i],
+                })
                 .collect(),
         };
         let defs = plan
             .neuron_tasks
             .iter()
-            .map(|t| TaskDef { id: t.id.clone(), work: TaskWork::Neurons { layer: t.layer.clone(), neurons: t.neurons.clone() } })
+            .map(|t| TaskDef {
+                id: t.id.clone(),
+                work: TaskWork::Neurons { layer: t.layer.clone(), neurons: t.neurons.clone() },
+            })
             .collect();
-        let run = JobRun { plan: Arc::new(plan), location: dir, top_k: 0, started: Instant::now(), resumed: 0, load_seconds: 0.0, simulated: true };
+        let run = JobRun {
+            plan: Arc::new(plan),
+            location: dir,
+            top_k: 0,
+            started: Instant::now(),
+            resumed: 0,
+            load_seconds: 0.0,
+            simulated: true,
+        };
         lock(&self.runs).insert(name.to_string(), Arc::new(run));
-        let next = lock(&self.scheduler).add_job(name, defs, &HashMap::new(), true, Vec::new(), now_ms());
+        let next =
+            lock(&self.scheduler).add_job(name, defs, &HashMap::new(), true, Vec::new(), now_ms());
         self.after(name, next);
         self.work_ready.notify_waiters();
         Ok(Submitted { job: name.into(), tasks_total: tasks, tasks_resumed: 0 })
@@ -305,7 +369,8 @@ impl Coordinator {
                 next
             }
             Next::RecordFailure { task, attempts, error } => {
-                finish::commit_failed_task(&run.location, &run.plan, &task, attempts, &error).await?;
+                finish::commit_failed_task(&run.location, &run.plan, &task, attempts, &error)
+                    .await?;
                 lock(&self.scheduler).failure_recorded(job)
             }
             Next::Compact if run.simulated => {
@@ -313,7 +378,11 @@ impl Coordinator {
                 Next::Nothing
             }
             Next::Compact => {
-                let facts = RunFacts { tasks_resumed: run.resumed, total_seconds: run.started.elapsed().as_secs_f64(), load_seconds: run.load_seconds };
+                let facts = RunFacts {
+                    tasks_resumed: run.resumed,
+                    total_seconds: run.started.elapsed().as_secs_f64(),
+                    load_seconds: run.load_seconds,
+                };
                 finish::finish_job(&run.location, &run.plan, &facts).await?;
                 lock(&self.scheduler).finish(job, now_ms());
                 Next::Nothing
@@ -324,7 +393,8 @@ impl Coordinator {
 
     fn spawn_background(self: Arc<Self>) {
         let weak = Arc::downgrade(&self);
-        let tick = (self.settings.lease / 8).clamp(Duration::from_millis(20), Duration::from_millis(500));
+        let tick =
+            (self.settings.lease / 8).clamp(Duration::from_millis(20), Duration::from_millis(500));
         tokio::spawn(async move {
             let mut interval = tokio::time::interval(tick);
             interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -351,8 +421,14 @@ impl Coordinator {
         for (job, events) in batches {
             let Some(first) = events.first() else { continue };
             let Ok(dir) = self.job_dir(&job) else { continue };
-            let lines: String = events.iter().filter_map(|e| serde_json::to_string(e).ok()).map(|l| l + "\n").collect();
-            if let Err(e) = dir.put(&format!("{EVENTS_DIR}/{:020}.jsonl", first.seq), Bytes::from(lines)).await {
+            let lines: String = events
+                .iter()
+                .filter_map(|e| serde_json::to_string(e).ok())
+                .map(|l| l + "\n")
+                .collect();
+            if let Err(e) =
+                dir.put(&format!("{EVENTS_DIR}/{:020}.jsonl", first.seq), Bytes::from(lines)).await
+            {
                 tracing::warn!(job, error = %e, "cannot persist the event log");
             }
             for event in events {
@@ -384,7 +460,11 @@ impl Coordinator {
             let notified = self.work_ready.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let leased = lock(&self.scheduler).lease(worker, now_ms(), self.settings.lease.as_millis() as i64);
+            let leased = lock(&self.scheduler).lease(
+                worker,
+                now_ms(),
+                self.settings.lease.as_millis() as i64,
+            );
             if let Some(leased) = leased {
                 let plan = lock(&self.runs).get(&leased.job).map(|r| r.plan.clone())?;
                 return Some((leased, plan));
@@ -395,12 +475,30 @@ impl Coordinator {
         }
     }
 
-    pub fn heartbeat(&self, job: &str, task: &str, token: u64, progress: &[(String, u64)]) -> Result<i64, Refused> {
-        lock(&self.scheduler).heartbeat(job, task, token, progress, now_ms(), self.settings.lease.as_millis() as i64)
+    pub fn heartbeat(
+        &self,
+        job: &str,
+        task: &str,
+        token: u64,
+        progress: &[(String, u64)],
+    ) -> Result<i64, Refused> {
+        lock(&self.scheduler).heartbeat(
+            job,
+            task,
+            token,
+            progress,
+            now_ms(),
+            self.settings.lease.as_millis() as i64,
+        )
     }
 
     /// A worker says it committed `task`: the marker in the store decides.
-    pub async fn complete(self: &Arc<Self>, job: &str, task: &str, token: u64) -> Result<(), CoordinatorError> {
+    pub async fn complete(
+        self: &Arc<Self>,
+        job: &str,
+        task: &str,
+        token: u64,
+    ) -> Result<(), CoordinatorError> {
         let dir = self.job_dir(job)?;
         check_name("task", task).map_err(|e| CoordinatorError::BadRequest(e.to_string()))?;
         if TaskStore::new(dir).committed(task).await?.is_none() {
@@ -412,8 +510,16 @@ impl Coordinator {
     }
 
     /// A worker's attempt failed or was handed back; true when the task is queued again.
-    pub fn fail(self: &Arc<Self>, job: &str, task: &str, token: u64, error: &str, handed_back: bool) -> Result<bool, CoordinatorError> {
-        let (retried, next) = lock(&self.scheduler).failed(job, task, token, error, handed_back, now_ms())?;
+    pub fn fail(
+        self: &Arc<Self>,
+        job: &str,
+        task: &str,
+        token: u64,
+        error: &str,
+        handed_back: bool,
+    ) -> Result<bool, CoordinatorError> {
+        let (retried, next) =
+            lock(&self.scheduler).failed(job, task, token, error, handed_back, now_ms())?;
         self.after(job, next);
         if retried {
             self.work_ready.notify_waiters();
@@ -423,7 +529,9 @@ impl Coordinator {
 
     pub async fn cancel(&self, job: &str) -> Result<JobView, CoordinatorError> {
         let dir = self.job_dir(job)?;
-        lock(&self.scheduler).cancel(job, now_ms()).map_err(|_| CoordinatorError::NotFound(job.into()))?;
+        lock(&self.scheduler)
+            .cancel(job, now_ms())
+            .map_err(|_| CoordinatorError::NotFound(job.into()))?;
         dir.put(CANCELLED_MARKER, Bytes::from_static(b"cancelled")).await?;
         self.view(job).ok_or_else(|| CoordinatorError::NotFound(job.into()))
     }
@@ -439,16 +547,28 @@ impl Coordinator {
         if let Some(view) = self.view(job) {
             return Ok((view, dir.to_string()));
         }
-        let Some(bytes) = dir.get_opt(SUMMARY_FILE).await? else { return Err(CoordinatorError::NotFound(job.into())) };
-        let summary: finish::DissectSummary =
-            serde_json::from_slice(&bytes).map_err(|e| CoordinatorError::BadRequest(format!("{}: {e}", dir.display_path(SUMMARY_FILE))))?;
+        let Some(bytes) = dir.get_opt(SUMMARY_FILE).await? else {
+            return Err(CoordinatorError::NotFound(job.into()));
+        };
+        let summary: finish::DissectSummary = serde_json::from_slice(&bytes).map_err(|e| {
+            CoordinatorError::BadRequest(format!("{}: {e}", dir.display_path(SUMMARY_FILE)))
+        })?;
         let counts = crate::scheduler::JobCounts {
             total: summary.tasks as u32,
             committed: (summary.tasks - summary.tasks_failed) as u32,
             failed: summary.tasks_failed as u32,
             ..Default::default()
         };
-        Ok((JobView { job: job.into(), phase: Phase::Succeeded, counts, stages: Vec::new(), error: String::new() }, dir.to_string()))
+        Ok((
+            JobView {
+                job: job.into(),
+                phase: Phase::Succeeded,
+                counts,
+                stages: Vec::new(),
+                error: String::new(),
+            },
+            dir.to_string(),
+        ))
     }
 
     pub fn jobs(&self) -> Vec<JobView> {

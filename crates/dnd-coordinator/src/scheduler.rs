@@ -59,7 +59,15 @@ pub enum Phase {
 }
 
 impl Phase {
-    pub const ALL: [Phase; 7] = [Phase::Probing, Phase::Merging, Phase::Describing, Phase::Compacting, Phase::Succeeded, Phase::Failed, Phase::Cancelled];
+    pub const ALL: [Phase; 7] = [
+        Phase::Probing,
+        Phase::Merging,
+        Phase::Describing,
+        Phase::Compacting,
+        Phase::Succeeded,
+        Phase::Failed,
+        Phase::Cancelled,
+    ];
 
     /// The phase as events, metrics and JSON spell it.
     pub fn name(self) -> &'static str {
@@ -162,7 +170,11 @@ pub enum Next {
     Compact,
     /// The task failed for good: record it ([`dnd_pipeline::finish::commit_failed_task`]),
     /// then call [`Scheduler::failure_recorded`].
-    RecordFailure { task: String, attempts: u32, error: String },
+    RecordFailure {
+        task: String,
+        attempts: u32,
+        error: String,
+    },
 }
 
 /// Why a worker's call about a task was refused.
@@ -209,7 +221,12 @@ impl Scheduler {
     /// `token_base` seeds the fencing tokens: give each coordinator incarnation a larger
     /// one (its start time), so a token from before a restart never matches.
     pub fn new(max_attempts: u32, token_base: u64) -> Self {
-        Self { jobs: HashMap::new(), order: Vec::new(), next_token: token_base.max(1), max_attempts: max_attempts.max(1) }
+        Self {
+            jobs: HashMap::new(),
+            order: Vec::new(),
+            next_token: token_base.max(1),
+            max_attempts: max_attempts.max(1),
+        }
     }
 
     pub fn has_job(&self, job: &str) -> bool {
@@ -237,16 +254,30 @@ impl Scheduler {
                 }
                 let state = match (done.get(&def.id), &def.work) {
                     (Some(false), _) => State::Committed,
-                    (Some(true), _) => State::Failed("failed before the coordinator restarted".into()),
+                    (Some(true), _) => {
+                        State::Failed("failed before the coordinator restarted".into())
+                    }
                     (None, TaskWork::Probe { .. }) => State::Queued,
                     (None, TaskWork::Neurons { .. }) if probe_merged => State::Queued,
                     (None, TaskWork::Neurons { .. }) => State::Waiting,
                 };
-                TaskEntry { def, state, attempts: 0, failures: 0, last_error: String::new(), progress: BTreeMap::new() }
+                TaskEntry {
+                    def,
+                    state,
+                    attempts: 0,
+                    failures: 0,
+                    last_error: String::new(),
+                    progress: BTreeMap::new(),
+                }
             })
             .collect();
         let index = entries.iter().enumerate().map(|(i, t)| (t.def.id.clone(), i)).collect();
-        let queue = entries.iter().enumerate().filter(|(_, t)| t.state == State::Queued).map(|(i, _)| i).collect();
+        let queue = entries
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| t.state == State::Queued)
+            .map(|(i, _)| i)
+            .collect();
         let seq = earlier_events.last().map_or(0, |e| e.seq + 1);
         let entry = JobEntry {
             phase: if probe_merged { Phase::Describing } else { Phase::Probing },
@@ -285,7 +316,12 @@ impl Scheduler {
                 }
                 task.attempts += 1;
                 self.next_token += 1;
-                let lease = Lease { worker: worker.to_string(), attempt: task.attempts, token: self.next_token, deadline_ms: now + lease_ms };
+                let lease = Lease {
+                    worker: worker.to_string(),
+                    attempt: task.attempts,
+                    token: self.next_token,
+                    deadline_ms: now + lease_ms,
+                };
                 task.state = State::Leased(lease.clone());
                 task.progress.clear();
                 let leased = Leased { job: name.clone(), task: task.def.clone(), lease };
@@ -299,12 +335,23 @@ impl Scheduler {
 
     fn task_mut(&mut self, job: &str, task: &str) -> Result<(&mut JobEntry, usize), Refused> {
         let entry = self.jobs.get_mut(job).ok_or_else(|| Refused::UnknownJob(job.into()))?;
-        let i = *entry.index.get(task).ok_or_else(|| Refused::UnknownTask { job: job.into(), task: task.into() })?;
+        let i = *entry
+            .index
+            .get(task)
+            .ok_or_else(|| Refused::UnknownTask { job: job.into(), task: task.into() })?;
         Ok((entry, i))
     }
 
     /// Extends the lease held under `token` and records progress; the new deadline.
-    pub fn heartbeat(&mut self, job: &str, task: &str, token: u64, progress: &[(String, u64)], now: i64, lease_ms: i64) -> Result<i64, Refused> {
+    pub fn heartbeat(
+        &mut self,
+        job: &str,
+        task: &str,
+        token: u64,
+        progress: &[(String, u64)],
+        now: i64,
+        lease_ms: i64,
+    ) -> Result<i64, Refused> {
         let (entry, i) = self.task_mut(job, task)?;
         let final_phase = entry.phase.is_final();
         let t = &mut entry.tasks[i];
@@ -322,7 +369,13 @@ impl Scheduler {
 
     /// The task's output is committed in the store (the caller checked the marker). Any
     /// token is accepted: the marker, not the lease, decides which attempt counts.
-    pub fn committed(&mut self, job: &str, task: &str, token: u64, now: i64) -> Result<Next, Refused> {
+    pub fn committed(
+        &mut self,
+        job: &str,
+        task: &str,
+        token: u64,
+        now: i64,
+    ) -> Result<Next, Refused> {
         let (entry, i) = self.task_mut(job, task)?;
         let t = &mut entry.tasks[i];
         if matches!(t.state, State::Committed | State::Failed(_)) {
@@ -335,13 +388,29 @@ impl Scheduler {
         let stale = !matches!(&t.state, State::Leased(l) if l.token == token);
         t.state = State::Committed;
         t.progress.clear();
-        push_event(entry, now, "committed", task, attempt, &worker, if stale { "by an earlier attempt" } else { "" });
+        push_event(
+            entry,
+            now,
+            "committed",
+            task,
+            attempt,
+            &worker,
+            if stale { "by an earlier attempt" } else { "" },
+        );
         Ok(self.advance(job))
     }
 
     /// The attempt under `token` failed (or was handed back, which does not count).
     /// `Ok(true)` when the task goes back to the queue.
-    pub fn failed(&mut self, job: &str, task: &str, token: u64, error: &str, handed_back: bool, now: i64) -> Result<(bool, Next), Refused> {
+    pub fn failed(
+        &mut self,
+        job: &str,
+        task: &str,
+        token: u64,
+        error: &str,
+        handed_back: bool,
+        now: i64,
+    ) -> Result<(bool, Next), Refused> {
         let (entry, i) = self.task_mut(job, task)?;
         let t = &mut entry.tasks[i];
         let State::Leased(lease) = &t.state else { return Err(Refused::LeaseLost(task.into())) };
@@ -359,7 +428,14 @@ impl Scheduler {
         Ok(self.attempt_failed(job, i, error, now, "failed"))
     }
 
-    fn attempt_failed(&mut self, job: &str, i: usize, error: &str, now: i64, kind: &str) -> (bool, Next) {
+    fn attempt_failed(
+        &mut self,
+        job: &str,
+        i: usize,
+        error: &str,
+        now: i64,
+        kind: &str,
+    ) -> (bool, Next) {
         let max_attempts = self.max_attempts;
         let entry = self.jobs.get_mut(job).expect("the caller found the job");
         let t = &mut entry.tasks[i];
@@ -375,13 +451,29 @@ impl Scheduler {
         if retry {
             entry.retried += 1;
             requeue(entry, i);
-            push_event(entry, now, "retried", &id, attempt + 1, "", &format!("attempt {} of {max_attempts}", attempt + 1));
+            push_event(
+                entry,
+                now,
+                "retried",
+                &id,
+                attempt + 1,
+                "",
+                &format!("attempt {} of {max_attempts}", attempt + 1),
+            );
             return (true, Next::Nothing);
         }
         let t = &mut entry.tasks[i];
         t.state = State::Failed(error.to_string());
         let failures = t.failures;
-        push_event(entry, now, "task_failed", &id, attempt, &worker, &format!("gave up after {failures} attempts: {error}"));
+        push_event(
+            entry,
+            now,
+            "task_failed",
+            &id,
+            attempt,
+            &worker,
+            &format!("gave up after {failures} attempts: {error}"),
+        );
         if matches!(entry.tasks[i].def.work, TaskWork::Probe { .. }) {
             // Without every probe slice no neuron can be described.
             let message = format!("probe task {id} failed {failures} times: {error}");
@@ -410,7 +502,13 @@ impl Scheduler {
         }
         let mut next = Vec::new();
         for (job, i, worker) in expired {
-            let (_, n) = self.attempt_failed(&job, i, &format!("lease expired: worker {worker} stopped sending heartbeats"), now, "lease_expired");
+            let (_, n) = self.attempt_failed(
+                &job,
+                i,
+                &format!("lease expired: worker {worker} stopped sending heartbeats"),
+                now,
+                "lease_expired",
+            );
             if n != Next::Nothing {
                 next.push((job, n));
             }
@@ -421,8 +519,13 @@ impl Scheduler {
     /// Where a job goes next, and its phase change.
     fn advance(&mut self, job: &str) -> Next {
         let Some(entry) = self.jobs.get_mut(job) else { return Next::Nothing };
-        let probe_done = entry.tasks.iter().filter(|t| matches!(t.def.work, TaskWork::Probe { .. })).all(|t| t.state == State::Committed);
-        let all_done = entry.tasks.iter().all(|t| matches!(t.state, State::Committed | State::Failed(_)));
+        let probe_done = entry
+            .tasks
+            .iter()
+            .filter(|t| matches!(t.def.work, TaskWork::Probe { .. }))
+            .all(|t| t.state == State::Committed);
+        let all_done =
+            entry.tasks.iter().all(|t| matches!(t.state, State::Committed | State::Failed(_)));
         match entry.phase {
             Phase::Probing if probe_done => {
                 entry.phase = Phase::Merging;
@@ -485,8 +588,13 @@ impl Scheduler {
 
     pub fn view(&self, job: &str) -> Option<JobView> {
         let entry = self.jobs.get(job)?;
-        let mut counts = JobCounts { total: entry.tasks.len() as u32, retried: entry.retried, ..Default::default() };
-        let mut done: BTreeMap<String, u64> = entry.stage_totals.keys().map(|k| (k.clone(), 0)).collect();
+        let mut counts = JobCounts {
+            total: entry.tasks.len() as u32,
+            retried: entry.retried,
+            ..Default::default()
+        };
+        let mut done: BTreeMap<String, u64> =
+            entry.stage_totals.keys().map(|k| (k.clone(), 0)).collect();
         for t in &entry.tasks {
             match &t.state {
                 State::Waiting | State::Queued => counts.queued += 1,
@@ -511,8 +619,18 @@ impl Scheduler {
             }
         }
         let order = std::iter::once(PROBE_STAGE).chain(dnd_pipeline::DESCRIBE_STAGES);
-        let stages = order.filter_map(|s| Some((s.to_string(), done.get(s).copied()?, *entry.stage_totals.get(s)?))).collect();
-        Some(JobView { job: job.to_string(), phase: entry.phase, counts, stages, error: entry.error.clone() })
+        let stages = order
+            .filter_map(|s| {
+                Some((s.to_string(), done.get(s).copied()?, *entry.stage_totals.get(s)?))
+            })
+            .collect();
+        Some(JobView {
+            job: job.to_string(),
+            phase: entry.phase,
+            counts,
+            stages,
+            error: entry.error.clone(),
+        })
     }
 
     /// Jobs in submission order.
@@ -555,7 +673,15 @@ fn requeue(entry: &mut JobEntry, i: usize) {
     entry.queue.push_front(i);
 }
 
-fn push_event(entry: &mut JobEntry, now: i64, kind: &str, task: &str, attempt: u32, worker: &str, message: &str) {
+fn push_event(
+    entry: &mut JobEntry,
+    now: i64,
+    kind: &str,
+    task: &str,
+    attempt: u32,
+    worker: &str,
+    message: &str,
+) {
     let seq = entry.events.last().map_or(0, |e| e.seq + 1);
     entry.events.push(Event {
         seq,
@@ -586,14 +712,23 @@ mod tests {
         vec![
             TaskDef { id: "probe-00000".into(), work: TaskWork::Probe { start: 0, end: 10 } },
             TaskDef { id: "probe-00001".into(), work: TaskWork::Probe { start: 10, end: 15 } },
-            TaskDef { id: "fc-00000".into(), work: TaskWork::Neurons { layer: "fc".into(), neurons: vec![0, 1] } },
-            TaskDef { id: "fc-00001".into(), work: TaskWork::Neurons { layer: "fc".into(), neurons: vec![2] } },
+            TaskDef {
+                id: "fc-00000".into(),
+                work: TaskWork::Neurons { layer: "fc".into(), neurons: vec![0, 1] },
+            },
+            TaskDef {
+                id: "fc-00001".into(),
+                work: TaskWork::Neurons { layer: "fc".into(), neurons: vec![2] },
+            },
         ]
     }
 
     fn scheduler_with_job(max_attempts: u32) -> Scheduler {
         let mut s = Scheduler::new(max_attempts, 100);
-        assert_eq!(s.add_job("j", job_tasks(), &HashMap::new(), false, Vec::new(), 0), Next::Nothing);
+        assert_eq!(
+            s.add_job("j", job_tasks(), &HashMap::new(), false, Vec::new(), 0),
+            Next::Nothing
+        );
         s
     }
 
@@ -624,7 +759,10 @@ mod tests {
         assert_eq!(s.committed("j", &d.task.id, d.lease.token, 4).unwrap(), Next::Compact);
         s.finish("j", 5);
         let view = s.view("j").unwrap();
-        assert_eq!((view.phase, view.counts.committed, view.counts.total), (Phase::Succeeded, 4, 4));
+        assert_eq!(
+            (view.phase, view.counts.committed, view.counts.total),
+            (Phase::Succeeded, 4, 4)
+        );
         assert!(view.stages.iter().all(|(_, done, total)| done == total), "{:?}", view.stages);
         assert_eq!(kinds(&s).last().unwrap(), "succeeded::0");
     }
@@ -639,12 +777,23 @@ mod tests {
         // ... until they stop.
         assert!(s.reap(2000).is_empty());
         let retry = s.lease("w2", 2000, LEASE).unwrap();
-        assert_eq!((retry.task.id.as_str(), retry.lease.attempt), ("probe-00000", 2), "retries go first");
+        assert_eq!(
+            (retry.task.id.as_str(), retry.lease.attempt),
+            ("probe-00000", 2),
+            "retries go first"
+        );
         assert!(retry.lease.token > first.lease.token);
-        assert_eq!(s.heartbeat("j", &first.task.id, first.lease.token, &[], 2001, LEASE), Err(Refused::LeaseLost("probe-00000".into())));
+        assert_eq!(
+            s.heartbeat("j", &first.task.id, first.lease.token, &[], 2001, LEASE),
+            Err(Refused::LeaseLost("probe-00000".into()))
+        );
         assert!(s.failed("j", &first.task.id, first.lease.token, "late", false, 2001).is_err());
         let log = kinds(&s);
-        assert!(log.contains(&"lease_expired:probe-00000:1".to_string()) && log.contains(&"retried:probe-00000:2".to_string()), "{log:?}");
+        assert!(
+            log.contains(&"lease_expired:probe-00000:1".to_string())
+                && log.contains(&"retried:probe-00000:2".to_string()),
+            "{log:?}"
+        );
         assert_eq!(s.view("j").unwrap().counts.retried, 1);
     }
 
@@ -652,7 +801,8 @@ mod tests {
     fn a_task_that_keeps_failing_is_recorded_and_the_job_goes_on() {
         let mut s = Scheduler::new(2, 1);
         let tasks = job_tasks();
-        let done: HashMap<String, bool> = [("probe-00000".to_string(), false), ("probe-00001".to_string(), false)].into();
+        let done: HashMap<String, bool> =
+            [("probe-00000".to_string(), false), ("probe-00001".to_string(), false)].into();
         assert_eq!(s.add_job("j", tasks, &done, true, Vec::new(), 0), Next::Nothing);
         let mut outcome = (true, Next::Nothing);
         for _ in 0..2 {
@@ -660,7 +810,13 @@ mod tests {
             assert_eq!(l.task.id, "fc-00000");
             outcome = s.failed("j", &l.task.id, l.lease.token, "boom", false, 1).unwrap();
         }
-        assert_eq!(outcome, (false, Next::RecordFailure { task: "fc-00000".into(), attempts: 2, error: "boom".into() }));
+        assert_eq!(
+            outcome,
+            (
+                false,
+                Next::RecordFailure { task: "fc-00000".into(), attempts: 2, error: "boom".into() }
+            )
+        );
         let other = s.lease("w", 2, LEASE).unwrap();
         assert_eq!(other.task.id, "fc-00001");
         assert_eq!(s.failure_recorded("j"), Next::Nothing);
@@ -672,10 +828,14 @@ mod tests {
     fn a_handed_back_task_keeps_its_attempts_and_a_failed_probe_fails_the_job() {
         let mut s = scheduler_with_job(1);
         let l = s.lease("w", 0, LEASE).unwrap();
-        assert_eq!(s.failed("j", &l.task.id, l.lease.token, "shutting down", true, 1).unwrap(), (true, Next::Nothing));
+        assert_eq!(
+            s.failed("j", &l.task.id, l.lease.token, "shutting down", true, 1).unwrap(),
+            (true, Next::Nothing)
+        );
         let again = s.lease("w2", 1, LEASE).unwrap();
         assert_eq!((again.task.id.as_str(), again.lease.attempt), (l.task.id.as_str(), 1));
-        let (retried, _) = s.failed("j", &again.task.id, again.lease.token, "corrupt", false, 2).unwrap();
+        let (retried, _) =
+            s.failed("j", &again.task.id, again.lease.token, "corrupt", false, 2).unwrap();
         assert!(!retried);
         let view = s.view("j").unwrap();
         assert_eq!(view.phase, Phase::Failed);
@@ -692,17 +852,33 @@ mod tests {
         assert_eq!(new.task.id, old.task.id);
         // The old attempt committed first (the marker is in the store): it counts.
         s.committed("j", &old.task.id, old.lease.token, LEASE + 2).unwrap();
-        assert!(s.heartbeat("j", &new.task.id, new.lease.token, &[], LEASE + 3, LEASE).is_err(), "the new attempt is told to stop");
-        assert_eq!(s.committed("j", &new.task.id, new.lease.token, LEASE + 4).unwrap(), Next::Nothing);
+        assert!(
+            s.heartbeat("j", &new.task.id, new.lease.token, &[], LEASE + 3, LEASE).is_err(),
+            "the new attempt is told to stop"
+        );
+        assert_eq!(
+            s.committed("j", &new.task.id, new.lease.token, LEASE + 4).unwrap(),
+            Next::Nothing
+        );
         assert_eq!(s.events("j").iter().filter(|e| e.kind == "committed").count(), 1);
     }
 
     #[test]
     fn a_resumed_job_skips_committed_tasks_and_continues_its_log() {
         let mut s = Scheduler::new(3, 1);
-        let done: HashMap<String, bool> =
-            ["probe-00000", "probe-00001", "fc-00000"].iter().map(|t| (t.to_string(), false)).collect();
-        let earlier = vec![Event { seq: 0, unix_ms: 0, kind: "submitted".into(), task: String::new(), attempt: 0, worker: String::new(), message: String::new() }];
+        let done: HashMap<String, bool> = ["probe-00000", "probe-00001", "fc-00000"]
+            .iter()
+            .map(|t| (t.to_string(), false))
+            .collect();
+        let earlier = vec![Event {
+            seq: 0,
+            unix_ms: 0,
+            kind: "submitted".into(),
+            task: String::new(),
+            attempt: 0,
+            worker: String::new(),
+            message: String::new(),
+        }];
         s.add_job("j", job_tasks(), &done, true, earlier, 10);
         assert_eq!(s.events("j")[1].seq, 1);
         let only = s.lease("w", 10, LEASE).unwrap();

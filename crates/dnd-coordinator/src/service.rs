@@ -44,7 +44,10 @@ impl From<CoordinatorError> for Status {
 
 fn bounded<'a>(field: &str, value: &'a str, max: usize) -> Result<&'a str, Status> {
     if value.len() > max {
-        return Err(Status::invalid_argument(format!("{field} is {} bytes long; the limit is {max}", value.len())));
+        return Err(Status::invalid_argument(format!(
+            "{field} is {} bytes long; the limit is {max}",
+            value.len()
+        )));
     }
     Ok(value)
 }
@@ -71,7 +74,15 @@ pub fn status_to_pb(view: &JobView, location: &str) -> pb::JobStatus {
         tasks_committed: view.counts.committed,
         tasks_failed: view.counts.failed,
         tasks_retried: view.counts.retried,
-        stages: view.stages.iter().map(|(stage, done, total)| pb::StageProgress { stage: stage.clone(), done: *done, total: *total }).collect(),
+        stages: view
+            .stages
+            .iter()
+            .map(|(stage, done, total)| pb::StageProgress {
+                stage: stage.clone(),
+                done: *done,
+                total: *total,
+            })
+            .collect(),
         error: view.error.clone(),
         location: location.to_string(),
     }
@@ -126,7 +137,10 @@ impl Services {
 
 #[tonic::async_trait]
 impl WorkerService for Services {
-    async fn join(&self, request: Request<pb::JoinRequest>) -> Result<Response<pb::JoinReply>, Status> {
+    async fn join(
+        &self,
+        request: Request<pb::JoinRequest>,
+    ) -> Result<Response<pb::JoinReply>, Status> {
         let r = request.into_inner();
         check_version(r.version)?;
         let name = bounded("name", &r.name, MAX_NAME_LEN)?;
@@ -140,40 +154,68 @@ impl WorkerService for Services {
         }))
     }
 
-    async fn lease(&self, request: Request<pb::LeaseRequest>) -> Result<Response<pb::LeaseReply>, Status> {
+    async fn lease(
+        &self,
+        request: Request<pb::LeaseRequest>,
+    ) -> Result<Response<pb::LeaseReply>, Status> {
         let r = request.into_inner();
         check_version(r.version)?;
         let worker = bounded("worker_id", &r.worker_id, MAX_NAME_LEN * 2)?;
         let wait = Duration::from_millis(r.wait_ms as u64).min(MAX_LEASE_WAIT);
-        let task = self.coordinator.lease(worker, wait).await.map(|(leased, _plan)| self.task_to_pb(&leased));
+        let task = self
+            .coordinator
+            .lease(worker, wait)
+            .await
+            .map(|(leased, _plan)| self.task_to_pb(&leased));
         Ok(Response::new(pb::LeaseReply { version: PROTOCOL_VERSION, task }))
     }
 
-    async fn heartbeat(&self, request: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatReply>, Status> {
+    async fn heartbeat(
+        &self,
+        request: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatReply>, Status> {
         let r = request.into_inner();
         check_version(r.version)?;
-        let progress: Vec<(String, u64)> = r.progress.iter().map(|p| (p.stage.clone(), p.done)).collect();
+        let progress: Vec<(String, u64)> =
+            r.progress.iter().map(|p| (p.stage.clone(), p.done)).collect();
         let reply = match self.coordinator.heartbeat(&r.job, &r.task_id, r.token, &progress) {
-            Ok(deadline) => pb::HeartbeatReply { version: PROTOCOL_VERSION, keep_going: true, lease_deadline_unix_ms: deadline },
-            Err(_) => pb::HeartbeatReply { version: PROTOCOL_VERSION, keep_going: false, lease_deadline_unix_ms: 0 },
+            Ok(deadline) => pb::HeartbeatReply {
+                version: PROTOCOL_VERSION,
+                keep_going: true,
+                lease_deadline_unix_ms: deadline,
+            },
+            Err(_) => pb::HeartbeatReply {
+                version: PROTOCOL_VERSION,
+                keep_going: false,
+                lease_deadline_unix_ms: 0,
+            },
         };
         Ok(Response::new(reply))
     }
 
-    async fn complete(&self, request: Request<pb::CompleteRequest>) -> Result<Response<pb::CompleteReply>, Status> {
+    async fn complete(
+        &self,
+        request: Request<pb::CompleteRequest>,
+    ) -> Result<Response<pb::CompleteReply>, Status> {
         let r = request.into_inner();
         check_version(r.version)?;
         self.coordinator.complete(&r.job, &r.task_id, r.token).await?;
         let next = if r.lease_next {
             let worker = bounded("worker_id", &r.worker_id, MAX_NAME_LEN * 2)?;
-            self.coordinator.lease(worker, Duration::ZERO).await.map(|(leased, _)| self.task_to_pb(&leased))
+            self.coordinator
+                .lease(worker, Duration::ZERO)
+                .await
+                .map(|(leased, _)| self.task_to_pb(&leased))
         } else {
             None
         };
         Ok(Response::new(pb::CompleteReply { version: PROTOCOL_VERSION, accepted: true, next }))
     }
 
-    async fn fail(&self, request: Request<pb::FailRequest>) -> Result<Response<pb::FailReply>, Status> {
+    async fn fail(
+        &self,
+        request: Request<pb::FailRequest>,
+    ) -> Result<Response<pb::FailReply>, Status> {
         let r = request.into_inner();
         check_version(r.version)?;
         let error: String = r.error.chars().take(MAX_ERROR_LEN).collect();
@@ -186,11 +228,15 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<pb::JobEvent, Status>> + Sen
 
 #[tonic::async_trait]
 impl JobService for Services {
-    async fn submit(&self, request: Request<pb::SubmitRequest>) -> Result<Response<pb::SubmitReply>, Status> {
+    async fn submit(
+        &self,
+        request: Request<pb::SubmitRequest>,
+    ) -> Result<Response<pb::SubmitReply>, Status> {
         let r = request.into_inner();
         check_version(r.version)?;
         let text = bounded("spec_toml", &r.spec_toml, MAX_SPEC_LEN)?;
-        let spec = JobSpec::from_toml(text, "the submitted job").map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let spec = JobSpec::from_toml(text, "the submitted job")
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let submitted = self.coordinator.submit(spec, 0.0).await?;
         Ok(Response::new(pb::SubmitReply {
             version: PROTOCOL_VERSION,
@@ -202,7 +248,10 @@ impl JobService for Services {
 
     type WatchStream = EventStream;
 
-    async fn watch(&self, request: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+    async fn watch(
+        &self,
+        request: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
         let r = request.into_inner();
         check_version(r.version)?;
         let job = r.job;
@@ -221,7 +270,12 @@ impl JobService for Services {
                 }
             }
             let mut last_status = Some(status_to_pb(&first, &location));
-            let snapshot = pb::JobEvent { version: PROTOCOL_VERSION, kind: "status".into(), status: last_status.clone(), ..Default::default() };
+            let snapshot = pb::JobEvent {
+                version: PROTOCOL_VERSION,
+                kind: "status".into(),
+                status: last_status.clone(),
+                ..Default::default()
+            };
             if tx.send(Ok(snapshot)).await.is_err() || first.phase.is_final() {
                 return;
             }
@@ -256,35 +310,57 @@ impl JobService for Services {
         Ok(Response::new(stream))
     }
 
-    async fn status(&self, request: Request<pb::StatusRequest>) -> Result<Response<pb::JobStatus>, Status> {
+    async fn status(
+        &self,
+        request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::JobStatus>, Status> {
         let r = request.into_inner();
         check_version(r.version)?;
         let (view, location) = self.coordinator.status(&r.job).await?;
         Ok(Response::new(status_to_pb(&view, &location)))
     }
 
-    async fn cancel(&self, request: Request<pb::CancelRequest>) -> Result<Response<pb::JobStatus>, Status> {
+    async fn cancel(
+        &self,
+        request: Request<pb::CancelRequest>,
+    ) -> Result<Response<pb::JobStatus>, Status> {
         let r = request.into_inner();
         check_version(r.version)?;
         let view = self.coordinator.cancel(&r.job).await?;
-        let location = self.coordinator.job_location(&r.job).map(|l| l.to_string()).unwrap_or_default();
+        let location =
+            self.coordinator.job_location(&r.job).map(|l| l.to_string()).unwrap_or_default();
         Ok(Response::new(status_to_pb(&view, &location)))
     }
 
-    async fn list(&self, request: Request<pb::ListRequest>) -> Result<Response<pb::ListReply>, Status> {
+    async fn list(
+        &self,
+        request: Request<pb::ListRequest>,
+    ) -> Result<Response<pb::ListReply>, Status> {
         check_version(request.into_inner().version)?;
         let jobs = self
             .coordinator
             .jobs()
             .iter()
-            .map(|v| status_to_pb(v, &self.coordinator.job_location(&v.job).map(|l| l.to_string()).unwrap_or_default()))
+            .map(|v| {
+                status_to_pb(
+                    v,
+                    &self
+                        .coordinator
+                        .job_location(&v.job)
+                        .map(|l| l.to_string())
+                        .unwrap_or_default(),
+                )
+            })
             .collect();
         Ok(Response::new(pb::ListReply { version: PROTOCOL_VERSION, jobs }))
     }
 }
 
 fn is_final(state: i32) -> bool {
-    matches!(pb::JobState::try_from(state), Ok(pb::JobState::Succeeded | pb::JobState::Failed | pb::JobState::Cancelled))
+    matches!(
+        pb::JobState::try_from(state),
+        Ok(pb::JobState::Succeeded | pb::JobState::Failed | pb::JobState::Cancelled)
+    )
 }
 
 /// A stream fed by a spawned task through a channel.
@@ -319,13 +395,19 @@ pub async fn serve(
     health.set_serving::<WorkerServiceServer<Services>>().await;
     health.set_serving::<JobServiceServer<Services>>().await;
     let auth = RequireToken(token);
-    let workers = WorkerServiceServer::new(services.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES).max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let jobs = JobServiceServer::new(services).max_decoding_message_size(MAX_MESSAGE_BYTES).max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let workers = WorkerServiceServer::new(services.clone())
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let jobs = JobServiceServer::new(services)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let router = config
         .builder()?
         .add_service(health_service)
         .add_service(InterceptedService::new(workers, auth.clone()))
         .add_service(InterceptedService::new(jobs, auth));
-    let task = tokio::spawn(router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown));
+    let task = tokio::spawn(
+        router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown),
+    );
     Ok(Served { addr, task })
 }

@@ -154,7 +154,9 @@ pub fn heatmap_u8(map: &Map2, (min, max): (f32, f32)) -> Vec<u8> {
                 255
             } else {
                 // round half to even, as numpy does in the reference fixtures
-                ((f64::from(v) - f64::from(min)) / range * 255.0).round_ties_even().clamp(0.0, 255.0) as u8
+                ((f64::from(v) - f64::from(min)) / range * 255.0)
+                    .round_ties_even()
+                    .clamp(0.0, 255.0) as u8
             }
         })
         .collect()
@@ -253,7 +255,12 @@ pub fn outer_contour_boxes(mask: &[bool], width: usize, height: usize) -> Vec<Bo
             for dy in -1i64..=1 {
                 for dx in -1i64..=1 {
                     let (nx, ny) = (x as i64 + dx, y as i64 + dy);
-                    if (dx == 0 && dy == 0) || nx < 0 || ny < 0 || nx >= width as i64 || ny >= height as i64 {
+                    if (dx == 0 && dy == 0)
+                        || nx < 0
+                        || ny < 0
+                        || nx >= width as i64
+                        || ny >= height as i64
+                    {
                         continue;
                     }
                     let j = ny as usize * width + nx as usize;
@@ -268,7 +275,8 @@ pub fn outer_contour_boxes(mask: &[bool], width: usize, height: usize) -> Vec<Bo
                 }
             }
         }
-        let bbox = BoundingBox { x0: x0 as u32, y0: y0 as u32, x1: x1 as u32 + 1, y1: y1 as u32 + 1 };
+        let bbox =
+            BoundingBox { x0: x0 as u32, y0: y0 as u32, x1: x1 as u32 + 1, y1: y1 as u32 + 1 };
         boxes.push((bbox, external));
     }
     boxes.into_iter().filter(|(_, external)| *external).map(|(b, _)| b).collect()
@@ -277,7 +285,12 @@ pub fn outer_contour_boxes(mask: &[bool], width: usize, height: usize) -> Vec<Bo
 /// Keeps boxes largest first: a box stays when its IoU with every box kept so far is at
 /// most `max_iou_between_crops` and its IoU with the whole image is below
 /// `max_iou_with_image`; at most `max_crops` boxes.
-pub fn select_boxes(mut boxes: Vec<BoundingBox>, width: u32, height: u32, config: &CropConfig) -> Vec<BoundingBox> {
+pub fn select_boxes(
+    mut boxes: Vec<BoundingBox>,
+    width: u32,
+    height: u32,
+    config: &CropConfig,
+) -> Vec<BoundingBox> {
     let whole = BoundingBox { x0: 0, y0: 0, x1: width, y1: height };
     // Stable sort: equal areas keep contour order, so results are deterministic.
     boxes.sort_by_key(|b| std::cmp::Reverse(b.area()));
@@ -476,7 +489,10 @@ mod tests {
         mask[w + 1] = true;
         mask[2 * w + 2] = true;
         mask[3 * w + 3] = true;
-        assert_eq!(outer_contour_boxes(&mask, w, h), vec![BoundingBox { x0: 1, y0: 1, x1: 4, y1: 4 }]);
+        assert_eq!(
+            outer_contour_boxes(&mask, w, h),
+            vec![BoundingBox { x0: 1, y0: 1, x1: 4, y1: 4 }]
+        );
     }
 
     #[test]
@@ -492,6 +508,9 @@ mod tests {
             b(40, 40, 45, 45), // fifth kept would exceed max_crops
         ];
         let kept = select_boxes(boxes, 100, 100, &config);
-        assert_eq!(kept, vec![b(0, 0, 50, 50), b(60, 60, 100, 100), b(0, 60, 30, 100), b(60, 0, 90, 30)]);
+        assert_eq!(
+            kept,
+            vec![b(0, 0, 50, 50), b(60, 60, 100, 100), b(0, 60, 30, 100), b(60, 0, 90, 30)]
+        );
     }
 }

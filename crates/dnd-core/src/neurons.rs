@@ -25,7 +25,9 @@ impl NeuronSet {
         match self.ids.last() {
             Some(&max) if max >= width => Err(CoreError::invalid(
                 "neurons",
-                format!("neuron {max} does not exist in `{layer}`, which has {width} neurons (0..{width})"),
+                format!(
+                    "neuron {max} does not exist in `{layer}`, which has {width} neurons (0..{width})"
+                ),
             )),
             _ => Ok(()),
         }
@@ -36,13 +38,18 @@ impl FromStr for NeuronSet {
     type Err = CoreError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bad = |part: &str, why: &str| {
-            CoreError::invalid("neurons", format!("`{part}` {why}; write ids and end-exclusive ranges like `0..64,100`"))
+            CoreError::invalid(
+                "neurons",
+                format!("`{part}` {why}; write ids and end-exclusive ranges like `0..64,100`"),
+            )
         };
         let mut ids = Vec::new();
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             if let Some((a, b)) = part.split_once("..") {
-                let a: usize = a.trim().parse().map_err(|_| bad(part, "has a start that is not a number"))?;
-                let b: usize = b.trim().parse().map_err(|_| bad(part, "has an end that is not a number"))?;
+                let a: usize =
+                    a.trim().parse().map_err(|_| bad(part, "has a start that is not a number"))?;
+                let b: usize =
+                    b.trim().parse().map_err(|_| bad(part, "has an end that is not a number"))?;
                 if a >= b {
                     return Err(bad(part, "is empty"));
                 }
@@ -76,7 +83,11 @@ impl fmt::Display for NeuronSet {
                 f.write_str(",")?;
             }
             first = false;
-            if end - start == 1 { write!(f, "{start}")? } else { write!(f, "{start}..{end}")? }
+            if end - start == 1 {
+                write!(f, "{start}")?
+            } else {
+                write!(f, "{start}..{end}")?
+            }
             i += 1;
         }
         Ok(())

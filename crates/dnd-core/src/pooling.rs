@@ -23,7 +23,9 @@ impl Pooling {
         assert!(spatial > 0 && maps.len().is_multiple_of(spatial), "maps are not whole channels");
         maps.chunks_exact(spatial)
             .map(|m| match self {
-                Pooling::Mean => (m.iter().map(|&v| f64::from(v)).sum::<f64>() / spatial as f64) as f32,
+                Pooling::Mean => {
+                    (m.iter().map(|&v| f64::from(v)).sum::<f64>() / spatial as f64) as f32
+                }
                 Pooling::Max => m.iter().copied().fold(f32::NEG_INFINITY, f32::max),
             })
             .collect()
@@ -45,7 +47,9 @@ impl FromStr for Pooling {
         match s {
             "mean" => Ok(Pooling::Mean),
             "max" => Ok(Pooling::Max),
-            other => Err(CoreError::invalid("pooling", format!("`{other}` is not one of: mean, max"))),
+            other => {
+                Err(CoreError::invalid("pooling", format!("`{other}` is not one of: mean, max")))
+            }
         }
     }
 }

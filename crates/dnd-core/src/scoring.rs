@@ -25,7 +25,8 @@ pub enum RankScore {
 }
 
 impl RankScore {
-    pub const ALL: [RankScore; 4] = [RankScore::TopkSqMean, RankScore::Mean, RankScore::Median, RankScore::SqMean];
+    pub const ALL: [RankScore; 4] =
+        [RankScore::TopkSqMean, RankScore::Mean, RankScore::Median, RankScore::SqMean];
 
     /// The score of ascending `positions`; `None` for a candidate without images.
     pub fn of(self, positions: &[usize], beta: usize) -> Option<f64> {
@@ -76,13 +77,22 @@ impl Default for ScoringConfig {
 impl ScoringConfig {
     pub fn validate(&self) -> Result<(), CoreError> {
         if self.beta == 0 {
-            return Err(CoreError::invalid("scoring.beta", "must be at least 1 (the method uses 5)"));
+            return Err(CoreError::invalid(
+                "scoring.beta",
+                "must be at least 1 (the method uses 5)",
+            ));
         }
         if self.similarity_top == 0 {
-            return Err(CoreError::invalid("scoring.similarity_top", "must be at least 1 (the method uses 10)"));
+            return Err(CoreError::invalid(
+                "scoring.similarity_top",
+                "must be at least 1 (the method uses 10)",
+            ));
         }
         if self.labels == 0 {
-            return Err(CoreError::invalid("scoring.labels", "must be at least 1 (the method reports 3)"));
+            return Err(CoreError::invalid(
+                "scoring.labels",
+                "must be at least 1 (the method reports 3)",
+            ));
         }
         Ok(())
     }
@@ -162,7 +172,11 @@ pub fn image_positions(images: &[GeneratedImage]) -> Vec<usize> {
 /// Scores `candidates` candidates from their generated `images`. The result is in
 /// candidate order; `final_rank` gives the label order. A candidate without images (its
 /// generation failed) ranks last with similarity -1.
-pub fn score_candidates(candidates: usize, images: &[GeneratedImage], config: &ScoringConfig) -> Vec<CandidateScore> {
+pub fn score_candidates(
+    candidates: usize,
+    images: &[GeneratedImage],
+    config: &ScoringConfig,
+) -> Vec<CandidateScore> {
     let position = image_positions(images);
     let mut positions = vec![Vec::new(); candidates];
     let mut similar = vec![Vec::new(); candidates];
@@ -176,8 +190,11 @@ pub fn score_candidates(candidates: usize, images: &[GeneratedImage], config: &S
         .map(|c| {
             positions[c].sort_unstable();
             let p = &positions[c];
-            let similarity =
-                if similar[c].is_empty() { -1.0 } else { similar[c].iter().sum::<f64>() / similar[c].len() as f64 };
+            let similarity = if similar[c].is_empty() {
+                -1.0
+            } else {
+                similar[c].iter().sum::<f64>() / similar[c].len() as f64
+            };
             CandidateScore {
                 candidate: c,
                 positions: p.clone(),
@@ -204,7 +221,10 @@ pub fn score_candidates(candidates: usize, images: &[GeneratedImage], config: &S
     // Final order: by final score, ties by the better rank order.
     let mut by_final: Vec<usize> = (0..candidates).collect();
     by_final.sort_by(|&a, &b| {
-        scores[b].final_score.total_cmp(&scores[a].final_score).then(scores[a].rank_order.cmp(&scores[b].rank_order))
+        scores[b]
+            .final_score
+            .total_cmp(&scores[a].final_score)
+            .then(scores[a].rank_order.cmp(&scores[b].rank_order))
     });
     for (p, &c) in by_final.iter().enumerate() {
         scores[c].final_rank = p;
@@ -222,7 +242,10 @@ pub fn mean_cosine(images: &[f32], references: &[f32], dim: usize) -> Vec<f32> {
     let refs: Vec<&[f32]> = references.chunks_exact(dim).collect();
     images
         .chunks_exact(dim)
-        .map(|v| refs.iter().map(|r| v.iter().zip(*r).map(|(a, b)| a * b).sum::<f32>()).sum::<f32>() / refs.len() as f32)
+        .map(|v| {
+            refs.iter().map(|r| v.iter().zip(*r).map(|(a, b)| a * b).sum::<f32>()).sum::<f32>()
+                / refs.len() as f32
+        })
         .collect()
 }
 
@@ -238,17 +261,25 @@ mod tests {
     fn rank_scores_follow_their_definitions() {
         let p = [0, 2, 3, 7, 10, 20];
         assert_eq!(RankScore::TopkSqMean.of(&p, 5), Some((0.0 + 4.0 + 9.0 + 49.0 + 100.0) / 5.0));
-        assert_eq!(RankScore::TopkSqMean.of(&p[..2], 5), Some(2.0), "fewer images than beta use all");
+        assert_eq!(
+            RankScore::TopkSqMean.of(&p[..2], 5),
+            Some(2.0),
+            "fewer images than beta use all"
+        );
         assert_eq!(RankScore::Mean.of(&p, 5), Some(42.0 / 6.0));
         assert_eq!(RankScore::Median.of(&p, 5), Some(5.0));
         assert_eq!(RankScore::Median.of(&p[..5], 5), Some(3.0));
-        assert_eq!(RankScore::SqMean.of(&p, 5), Some((0.0 + 4.0 + 9.0 + 49.0 + 100.0 + 400.0) / 6.0));
+        assert_eq!(
+            RankScore::SqMean.of(&p, 5),
+            Some((0.0 + 4.0 + 9.0 + 49.0 + 100.0 + 400.0) / 6.0)
+        );
         assert_eq!(RankScore::Mean.of(&[], 5), None);
     }
 
     #[test]
     fn positions_sort_by_activation_with_stable_ties_and_nan_last() {
-        let images = [image(0, 1.0, 0.0), image(0, f32::NAN, 0.0), image(1, 3.0, 0.0), image(1, 1.0, 0.0)];
+        let images =
+            [image(0, 1.0, 0.0), image(0, f32::NAN, 0.0), image(1, 3.0, 0.0), image(1, 1.0, 0.0)];
         assert_eq!(image_positions(&images), [1, 3, 0, 2]);
     }
 
@@ -272,7 +303,10 @@ mod tests {
         assert_eq!(scores[2].positions, [2, 5]);
         assert!((scores[2].similarity + 0.2).abs() < 1e-6);
         assert_eq!(scores[0].positions, [3, 4]);
-        assert!((scores[0].similarity - 0.5).abs() < 1e-6, "only its image at position 3 is in the top 4");
+        assert!(
+            (scores[0].similarity - 0.5).abs() < 1e-6,
+            "only its image at position 3 is in the top 4"
+        );
         // topk-sq-mean: c0 (9+16)/2 = 12.5, c1 0.5, c2 (4+25)/2 = 14.5
         assert_eq!([scores[0].rank_order, scores[1].rank_order, scores[2].rank_order], [1, 0, 2]);
         assert!((scores[1].final_score - 3.0 * 0.9).abs() < 1e-6);
@@ -301,17 +335,29 @@ mod tests {
         assert_eq!(scores[2].positions, Vec::<usize>::new());
         assert_eq!(scores[2].topk_sq_mean, None);
         assert_eq!(scores[2].rank_order, 2);
-        assert_eq!((scores[1].final_score, scores[2].final_score), (0.0, 0.0), "similarity -1 weighs 0");
+        assert_eq!(
+            (scores[1].final_score, scores[2].final_score),
+            (0.0, 0.0),
+            "similarity -1 weighs 0"
+        );
         assert_eq!(scores[0].final_rank, 0);
     }
 
     #[test]
     fn other_rank_scores_can_order_candidates() {
         // Candidate 0 has the best single image, candidate 1 the better mean.
-        let images = [image(0, 10.0, 1.0), image(0, 0.0, 1.0), image(0, -1.0, 1.0), image(1, 9.0, 1.0), image(1, 8.0, 1.0), image(1, 7.0, 1.0)];
+        let images = [
+            image(0, 10.0, 1.0),
+            image(0, 0.0, 1.0),
+            image(0, -1.0, 1.0),
+            image(1, 9.0, 1.0),
+            image(1, 8.0, 1.0),
+            image(1, 7.0, 1.0),
+        ];
         let top1 = ScoringConfig { beta: 1, similarity_top: 6, ..Default::default() };
         assert_eq!(score_candidates(2, &images, &top1)[0].rank_order, 0);
-        let mean = ScoringConfig { rank_score: RankScore::Mean, similarity_top: 6, ..Default::default() };
+        let mean =
+            ScoringConfig { rank_score: RankScore::Mean, similarity_top: 6, ..Default::default() };
         assert_eq!(score_candidates(2, &images, &mean)[1].rank_order, 0);
     }
 
@@ -325,7 +371,8 @@ mod tests {
 
     #[test]
     fn config_parses_kebab_case_and_rejects_zero() {
-        let parsed: ScoringConfig = serde_json::from_str(r#"{"rank_score":"sq-mean","beta":3}"#).unwrap();
+        let parsed: ScoringConfig =
+            serde_json::from_str(r#"{"rank_score":"sq-mean","beta":3}"#).unwrap();
         assert_eq!(parsed.rank_score, RankScore::SqMean);
         assert_eq!(parsed.similarity_top, 10);
         assert!(ScoringConfig { beta: 0, ..Default::default() }.validate().is_err());

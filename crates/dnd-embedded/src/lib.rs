@@ -36,7 +36,10 @@ pub struct Dissection {
 }
 
 /// Runs (or resumes) the job: [`Dissection::prepare`] then [`Dissection::run`].
-pub async fn run_dissect(spec: &JobSpec, progress: &dyn Progress) -> Result<DissectOutcome, PipelineError> {
+pub async fn run_dissect(
+    spec: &JobSpec,
+    progress: &dyn Progress,
+) -> Result<DissectOutcome, PipelineError> {
     Dissection::prepare(spec).await?.run(progress).await
 }
 
@@ -66,7 +69,10 @@ impl Dissection {
         let device = parse_device(&spec.device)?;
         let target = {
             let reference: ModelRef = spec.target.model.parse()?;
-            Arc::new(tokio::task::spawn_blocking(move || TargetModel::load(&reference, &device)).await??)
+            Arc::new(
+                tokio::task::spawn_blocking(move || TargetModel::load(&reference, &device))
+                    .await??,
+            )
         };
         for layer in layer_plans(&spec, &target)? {
             spec.target.neurons.resolve(&layer.name, layer.width)?;
@@ -79,16 +85,25 @@ impl Dissection {
     pub async fn run(self, progress: &dyn Progress) -> Result<DissectOutcome, PipelineError> {
         let Dissection { spec, name, store, bench, load_seconds } = self;
         let settings = Settings { resume_unfinished: false, ..Settings::default() };
-        let coordinator = Coordinator::open(store.clone(), settings).await.map_err(pipeline_error)?;
+        let coordinator =
+            Coordinator::open(store.clone(), settings).await.map_err(pipeline_error)?;
         coordinator.provide_target(&spec.target.model, bench.target.clone()).await;
 
         let token = BearerToken::random();
-        let listener = TcpListener::bind("127.0.0.1:0").await.map_err(|e| PipelineError::Internal(format!("cannot open a loopback port: {e}")))?;
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(|e| PipelineError::Internal(format!("cannot open a loopback port: {e}")))?;
         let (stop, stopped) = watch::channel(false);
         let mut server_stop = stopped.clone();
-        let served = dnd_coordinator::serve(coordinator.clone(), listener, token.clone(), &ServerConfig::default(), async move {
-            let _ = server_stop.wait_for(|s| *s).await;
-        })
+        let served = dnd_coordinator::serve(
+            coordinator.clone(),
+            listener,
+            token.clone(),
+            &ServerConfig::default(),
+            async move {
+                let _ = server_stop.wait_for(|s| *s).await;
+            },
+        )
         .await
         .map_err(|e| PipelineError::Internal(e.to_string()))?;
 
@@ -108,13 +123,22 @@ impl Dissection {
         };
 
         let outcome = async {
-            let submitted = coordinator.submit(spec.clone(), load_seconds).await.map_err(pipeline_error)?;
-            tracing::info!(job = submitted.job, tasks = submitted.tasks_total, resumed = submitted.tasks_resumed, "submitted");
+            let submitted =
+                coordinator.submit(spec.clone(), load_seconds).await.map_err(pipeline_error)?;
+            tracing::info!(
+                job = submitted.job,
+                tasks = submitted.tasks_total,
+                resumed = submitted.tasks_resumed,
+                "submitted"
+            );
             follow(&coordinator, &name, progress).await?;
             let job = store.join(&format!("jobs/{name}"));
-            let summary: DissectSummary =
-                serde_json::from_slice(&job.get(SUMMARY_FILE).await?).map_err(|e| PipelineError::Internal(e.to_string()))?;
-            let descriptions = batches_rows("descriptions", &read_parquet(&job, "results/descriptions.parquet").await?)?;
+            let summary: DissectSummary = serde_json::from_slice(&job.get(SUMMARY_FILE).await?)
+                .map_err(|e| PipelineError::Internal(e.to_string()))?;
+            let descriptions = batches_rows(
+                "descriptions",
+                &read_parquet(&job, "results/descriptions.parquet").await?,
+            )?;
             Ok(DissectOutcome { summary, descriptions })
         }
         .await;
@@ -126,12 +150,18 @@ impl Dissection {
 }
 
 /// Mirrors the job's progress onto `progress` until it ends.
-async fn follow(coordinator: &Coordinator, job: &str, progress: &dyn Progress) -> Result<(), PipelineError> {
+async fn follow(
+    coordinator: &Coordinator,
+    job: &str,
+    progress: &dyn Progress,
+) -> Result<(), PipelineError> {
     let mut shown: std::collections::BTreeMap<String, u64> = Default::default();
     let mut probe_open = false;
     let mut describe_open = false;
     loop {
-        let Some(view) = coordinator.view(job) else { return Err(PipelineError::Internal(format!("job {job} vanished"))) };
+        let Some(view) = coordinator.view(job) else {
+            return Err(PipelineError::Internal(format!("job {job} vanished")));
+        };
         for (stage, done, total) in &view.stages {
             let before = shown.get(stage).copied();
             if stage == "probe" {
@@ -151,7 +181,15 @@ async fn follow(coordinator: &Coordinator, job: &str, progress: &dyn Progress) -
                     }
                     let totals: Vec<(&str, u64)> = DESCRIBE_STAGES
                         .iter()
-                        .map(|s| (*s, view.stages.iter().find(|(n, _, _)| n == s).map_or(0, |(_, _, t)| *t)))
+                        .map(|s| {
+                            (
+                                *s,
+                                view.stages
+                                    .iter()
+                                    .find(|(n, _, _)| n == s)
+                                    .map_or(0, |(_, _, t)| *t),
+                            )
+                        })
                         .collect();
                     progress.begin_stages(&totals);
                     describe_open = true;
@@ -163,8 +201,12 @@ async fn follow(coordinator: &Coordinator, job: &str, progress: &dyn Progress) -
         }
         match view.phase {
             Phase::Succeeded => break,
-            Phase::Failed => return Err(PipelineError::Internal(format!("the job failed: {}", view.error))),
-            Phase::Cancelled => return Err(PipelineError::Internal("the job was cancelled".into())),
+            Phase::Failed => {
+                return Err(PipelineError::Internal(format!("the job failed: {}", view.error)));
+            }
+            Phase::Cancelled => {
+                return Err(PipelineError::Internal("the job was cancelled".into()));
+            }
             _ => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     }

@@ -8,7 +8,8 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 /// Upper bounds (seconds) of the duration histograms: from a cached stage to a slow model.
-pub const SECONDS_BUCKETS: [f64; 12] = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
+pub const SECONDS_BUCKETS: [f64; 12] =
+    [0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -42,7 +43,12 @@ fn labels_text(labels: &[(&str, &str)]) -> String {
     if labels.is_empty() {
         return String::new();
     }
-    let parts: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n"))).collect();
+    let parts: Vec<String> = labels
+        .iter()
+        .map(|(k, v)| {
+            format!("{k}=\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n"))
+        })
+        .collect();
     format!("{{{}}}", parts.join(","))
 }
 
@@ -60,7 +66,12 @@ impl Metrics {
     /// undeclared name are ignored, so a typo cannot invent a metric).
     pub fn describe(&self, name: &'static str, kind: Kind, help: &'static str) {
         let mut families = self.families.lock().unwrap_or_else(|e| e.into_inner());
-        families.entry(name).or_insert(Family { kind, help, values: BTreeMap::new(), histograms: BTreeMap::new() });
+        families.entry(name).or_insert(Family {
+            kind,
+            help,
+            values: BTreeMap::new(),
+            histograms: BTreeMap::new(),
+        });
     }
 
     pub fn inc(&self, name: &'static str, labels: &[(&str, &str)], by: f64) {
@@ -78,7 +89,11 @@ impl Metrics {
     pub fn observe(&self, name: &'static str, labels: &[(&str, &str)], value: f64) {
         let key = labels_text(labels);
         self.with(name, |f| {
-            let h = f.histograms.entry(key).or_insert_with(|| Histogram { buckets: vec![0; SECONDS_BUCKETS.len()], count: 0, sum: 0.0 });
+            let h = f.histograms.entry(key).or_insert_with(|| Histogram {
+                buckets: vec![0; SECONDS_BUCKETS.len()],
+                count: 0,
+                sum: 0.0,
+            });
             for (i, bound) in SECONDS_BUCKETS.iter().enumerate() {
                 if value <= *bound {
                     h.buckets[i] += 1;
@@ -108,7 +123,11 @@ impl Metrics {
                 let inner = labels.trim_start_matches('{').trim_end_matches('}');
                 let sep = if inner.is_empty() { "" } else { "," };
                 for (i, bound) in SECONDS_BUCKETS.iter().enumerate() {
-                    let _ = writeln!(out, "{name}_bucket{{{inner}{sep}le=\"{bound}\"}} {}", h.buckets[i]);
+                    let _ = writeln!(
+                        out,
+                        "{name}_bucket{{{inner}{sep}le=\"{bound}\"}} {}",
+                        h.buckets[i]
+                    );
                 }
                 let _ = writeln!(out, "{name}_bucket{{{inner}{sep}le=\"+Inf\"}} {}", h.count);
                 let _ = writeln!(out, "{name}_sum{labels} {}", h.sum);
@@ -121,7 +140,11 @@ impl Metrics {
 
 /// Serves `/metrics` (after `refresh` updates the gauges computed on demand) and
 /// `/healthz` on `addr`; the bound address.
-pub async fn serve(metrics: Metrics, addr: &str, refresh: impl Fn() + Send + Sync + 'static) -> std::io::Result<SocketAddr> {
+pub async fn serve(
+    metrics: Metrics,
+    addr: &str,
+    refresh: impl Fn() + Send + Sync + 'static,
+) -> std::io::Result<SocketAddr> {
     use axum::routing::get;
     let refresh = Arc::new(refresh);
     let listener = tokio::net::TcpListener::bind(addr).await?;
@@ -163,10 +186,21 @@ mod tests {
         m.observe("dnd_stage_seconds", &[("stage", "caption")], 0.3);
         m.inc("dnd_not_declared_total", &[], 1.0);
         let text = m.render();
-        assert!(text.contains("# TYPE dnd_tasks_committed_total counter\ndnd_tasks_committed_total 3\n"), "{text}");
+        assert!(
+            text.contains(
+                "# TYPE dnd_tasks_committed_total counter\ndnd_tasks_committed_total 3\n"
+            ),
+            "{text}"
+        );
         assert!(text.contains("dnd_tasks_queued{job=\"a\\\"b\"} 4"), "{text}");
-        assert!(text.contains("dnd_stage_seconds_bucket{stage=\"caption\",le=\"0.25\"} 0"), "{text}");
-        assert!(text.contains("dnd_stage_seconds_bucket{stage=\"caption\",le=\"0.5\"} 1"), "{text}");
+        assert!(
+            text.contains("dnd_stage_seconds_bucket{stage=\"caption\",le=\"0.25\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("dnd_stage_seconds_bucket{stage=\"caption\",le=\"0.5\"} 1"),
+            "{text}"
+        );
         assert!(text.contains("dnd_stage_seconds_count{stage=\"caption\"} 1"), "{text}");
         assert!(!text.contains("dnd_not_declared_total"));
     }

@@ -10,7 +10,9 @@ use candle_core::{D, Module, Result, Tensor};
 use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
 use serde::Deserialize;
 
-use crate::transformer::{Activation, EncoderLayer, PatchEmbedding, TowerShape, causal_mask, layer_norm, load_encoder};
+use crate::transformer::{
+    Activation, EncoderLayer, PatchEmbedding, TowerShape, causal_mask, layer_norm, load_encoder,
+};
 
 fn gelu() -> Activation {
     Activation::Gelu
@@ -109,7 +111,12 @@ impl BlipVision {
             act: c.hidden_act,
         };
         Ok(Self {
-            embeddings: PatchEmbedding::load(c.hidden_size, c.image_size, c.patch_size, vb.pp("embeddings"))?,
+            embeddings: PatchEmbedding::load(
+                c.hidden_size,
+                c.image_size,
+                c.patch_size,
+                vb.pp("embeddings"),
+            )?,
             layers: load_encoder(&shape, vb.clone())?,
             post_norm: layer_norm(c.hidden_size, c.layer_norm_eps, vb.pp("post_layernorm"))?,
         })
@@ -168,7 +175,10 @@ impl BertAttention {
         if let Some(m) = mask {
             scores = scores.broadcast_add(m)?;
         }
-        let y = candle_nn::ops::softmax_last_dim(&scores)?.matmul(v)?.transpose(1, 2)?.reshape((b, t, d))?;
+        let y = candle_nn::ops::softmax_last_dim(&scores)?
+            .matmul(v)?
+            .transpose(1, 2)?
+            .reshape((b, t, d))?;
         self.norm.forward(&(self.dense.forward(&y)? + x)?)
     }
 }
@@ -215,9 +225,25 @@ impl BlipTextDecoder {
             .map(|i| {
                 let l = bert.pp(format!("encoder.layer.{i}"));
                 Ok(DecoderLayer {
-                    self_attn: BertAttention::load(h, h, c.num_attention_heads, c.layer_norm_eps, l.pp("attention"))?,
-                    cross_attn: BertAttention::load(h, enc, c.num_attention_heads, c.layer_norm_eps, l.pp("crossattention"))?,
-                    intermediate: candle_nn::linear(h, c.intermediate_size, l.pp("intermediate.dense"))?,
+                    self_attn: BertAttention::load(
+                        h,
+                        h,
+                        c.num_attention_heads,
+                        c.layer_norm_eps,
+                        l.pp("attention"),
+                    )?,
+                    cross_attn: BertAttention::load(
+                        h,
+                        enc,
+                        c.num_attention_heads,
+                        c.layer_norm_eps,
+                        l.pp("crossattention"),
+                    )?,
+                    intermediate: candle_nn::linear(
+                        h,
+                        c.intermediate_size,
+                        l.pp("intermediate.dense"),
+                    )?,
                     output: candle_nn::linear(c.intermediate_size, h, l.pp("output.dense"))?,
                     output_norm: layer_norm(h, c.layer_norm_eps, l.pp("output.LayerNorm"))?,
                     act: c.hidden_act,
@@ -232,10 +258,17 @@ impl BlipTextDecoder {
         } else {
             words.embeddings().clone()
         };
-        let decoder_bias =
-            if p.contains_tensor("decoder.bias") { p.get(c.vocab_size, "decoder.bias")? } else { p.get(c.vocab_size, "bias")? };
+        let decoder_bias = if p.contains_tensor("decoder.bias") {
+            p.get(c.vocab_size, "decoder.bias")?
+        } else {
+            p.get(c.vocab_size, "bias")?
+        };
         Ok(Self {
-            positions: candle_nn::embedding(c.max_position_embeddings, h, bert.pp("embeddings.position_embeddings"))?,
+            positions: candle_nn::embedding(
+                c.max_position_embeddings,
+                h,
+                bert.pp("embeddings.position_embeddings"),
+            )?,
             embed_norm: layer_norm(h, c.layer_norm_eps, bert.pp("embeddings.LayerNorm"))?,
             words,
             layers,
@@ -248,7 +281,8 @@ impl BlipTextDecoder {
 
     /// A cache for decoding against `image` (the vision output `(B, 1 + N, D)`).
     pub fn start(&self, image: &Tensor) -> Result<DecoderCache> {
-        let cross_kv = self.layers.iter().map(|l| l.cross_attn.keys_values(image)).collect::<Result<_>>()?;
+        let cross_kv =
+            self.layers.iter().map(|l| l.cross_attn.keys_values(image)).collect::<Result<_>>()?;
         Ok(DecoderCache { self_kv: vec![None; self.layers.len()], cross_kv, len: 0 })
     }
 
@@ -261,7 +295,11 @@ impl BlipTextDecoder {
         // New tokens see every cached token and the new ones up to themselves.
         let mask = if t > 1 {
             let causal = causal_mask(t, h.dtype(), h.device())?;
-            Some(if cache.len > 0 { causal.pad_with_zeros(D::Minus1, cache.len, 0)? } else { causal })
+            Some(if cache.len > 0 {
+                causal.pad_with_zeros(D::Minus1, cache.len, 0)?
+            } else {
+                causal
+            })
         } else {
             None
         };

@@ -9,8 +9,8 @@ use tokenizers::Tokenizer;
 
 use crate::blip::{BlipConfig, BlipTextDecoder, BlipVision};
 use crate::checkpoint::ModelRef;
-use crate::hf_files::{load_tokenizer, model_file, read_json, var_builder};
 use crate::error::ModelError;
+use crate::hf_files::{load_tokenizer, model_file, read_json, var_builder};
 use crate::preprocess::Preprocess;
 
 /// Decoding limits; defaults are the method's (greedy, 5 to 32 new tokens).
@@ -55,7 +55,11 @@ pub struct BlipCaptioner {
 }
 
 impl BlipCaptioner {
-    pub fn load(reference: &ModelRef, device: &Device, config: CaptionConfig) -> Result<Self, ModelError> {
+    pub fn load(
+        reference: &ModelRef,
+        device: &Device,
+        config: CaptionConfig,
+    ) -> Result<Self, ModelError> {
         if config.max_new_tokens == 0 || config.min_new_tokens > config.max_new_tokens {
             return Err(ModelError::BadReference {
                 reference: reference.to_string(),
@@ -65,13 +69,22 @@ impl BlipCaptioner {
         let files = reference.resolve("model.safetensors")?;
         let dir = files.weights.parent().map(Path::to_path_buf).unwrap_or_default();
         let blip: BlipConfig = read_json(&model_file(&dir, "config.json", reference)?)?;
-        let preprocess = Preprocess::from_hf_config(&model_file(&dir, "preprocessor_config.json", reference)?)?;
+        let preprocess =
+            Preprocess::from_hf_config(&model_file(&dir, "preprocessor_config.json", reference)?)?;
         let tokenizer = load_tokenizer(&model_file(&dir, "tokenizer.json", reference)?)?;
         let vb = var_builder(&files.weights, device)?;
-        let checkpoint = |e: candle_core::Error| ModelError::Checkpoint { path: files.weights.clone(), reason: e.to_string() };
-        let vision = BlipVision::load(&blip.vision_config, vb.pp("vision_model")).map_err(checkpoint)?;
-        let decoder = BlipTextDecoder::load(&blip.text_config, blip.vision_config.hidden_size, vb.pp("text_decoder"))
-            .map_err(checkpoint)?;
+        let checkpoint = |e: candle_core::Error| ModelError::Checkpoint {
+            path: files.weights.clone(),
+            reason: e.to_string(),
+        };
+        let vision =
+            BlipVision::load(&blip.vision_config, vb.pp("vision_model")).map_err(checkpoint)?;
+        let decoder = BlipTextDecoder::load(
+            &blip.text_config,
+            blip.vision_config.hidden_size,
+            vb.pp("text_decoder"),
+        )
+        .map_err(checkpoint)?;
         let t = &blip.text_config;
         Ok(Self {
             reference: reference.to_string(),
@@ -136,9 +149,10 @@ impl BlipCaptioner {
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String, ModelError> {
-        self.tokenizer
-            .decode(ids, true)
-            .map_err(|e| ModelError::Config { path: "tokenizer.json".into(), reason: format!("cannot decode ids: {e}") })
+        self.tokenizer.decode(ids, true).map_err(|e| ModelError::Config {
+            path: "tokenizer.json".into(),
+            reason: format!("cannot decode ids: {e}"),
+        })
     }
 }
 

@@ -19,7 +19,10 @@ impl FromStr for ModelRef {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let Some(rest) = s.strip_prefix("hf:") else {
             if s.is_empty() {
-                return Err(ModelError::BadReference { reference: s.into(), reason: "it is empty".into() });
+                return Err(ModelError::BadReference {
+                    reference: s.into(),
+                    reason: "it is empty".into(),
+                });
             }
             return Ok(ModelRef::Local(PathBuf::from(s)));
         };
@@ -31,14 +34,20 @@ impl FromStr for ModelRef {
             !part.is_empty() && part.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
         };
         let parts: Vec<&str> = repo.split('/').collect();
-        if parts.len() != 2 || !parts.iter().all(|p| valid(p)) || parts.iter().any(|p| p.starts_with('.')) {
+        if parts.len() != 2
+            || !parts.iter().all(|p| valid(p))
+            || parts.iter().any(|p| p.starts_with('.'))
+        {
             return Err(ModelError::BadReference {
                 reference: s.into(),
                 reason: "write a hub model as hf:<org>/<name>[@<revision>], e.g. hf:timm/resnet50.tv_in1k".into(),
             });
         }
         if revision.is_empty() || revision.contains("..") || revision.starts_with('/') {
-            return Err(ModelError::BadReference { reference: s.into(), reason: "the revision after @ is not valid".into() });
+            return Err(ModelError::BadReference {
+                reference: s.into(),
+                reason: "the revision after @ is not valid".into(),
+            });
         }
         Ok(ModelRef::Hub { repo: repo.into(), revision: revision.into() })
     }
@@ -91,7 +100,8 @@ pub fn fingerprint(reference: &ModelRef, files: &ModelFiles) -> Result<String, M
         paths.push(files.weights.clone());
         paths.extend(files.config.clone());
     } else {
-        collect_model_files(dir, &mut paths).map_err(|e| ModelError::Io { path: dir.to_path_buf(), source: e })?;
+        collect_model_files(dir, &mut paths)
+            .map_err(|e| ModelError::Io { path: dir.to_path_buf(), source: e })?;
     }
     paths.sort();
     let mut hasher = blake3::Hasher::new();
@@ -99,8 +109,11 @@ pub fn fingerprint(reference: &ModelRef, files: &ModelFiles) -> Result<String, M
         let relative = path.strip_prefix(dir).unwrap_or(path);
         hasher.update(relative.to_string_lossy().as_bytes());
         hasher.update(&[0]);
-        let mut file = std::fs::File::open(path).map_err(|e| ModelError::Io { path: path.clone(), source: e })?;
-        hasher.update_reader(&mut file).map_err(|e| ModelError::Io { path: path.clone(), source: e })?;
+        let mut file = std::fs::File::open(path)
+            .map_err(|e| ModelError::Io { path: path.clone(), source: e })?;
+        hasher
+            .update_reader(&mut file)
+            .map_err(|e| ModelError::Io { path: path.clone(), source: e })?;
     }
     Ok(format!("{reference}#blake3:{}", &hasher.finalize().to_hex()[..16]))
 }
@@ -115,7 +128,8 @@ fn collect_model_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()
         }
         if path.is_dir() {
             collect_model_files(&path, out)?;
-        } else if [".json", ".safetensors", ".txt", ".model"].iter().any(|ext| name.ends_with(ext)) {
+        } else if [".json", ".safetensors", ".txt", ".model"].iter().any(|ext| name.ends_with(ext))
+        {
             out.push(path);
         }
     }
@@ -152,11 +166,20 @@ fn is_commit_hash(rev: &str) -> bool {
 
 fn resolve_hub(repo: &str, revision: &str, weights_file: &str) -> Result<ModelFiles, ModelError> {
     let cache = hf_hub::Cache::from_env();
-    let hub_repo = hf_hub::Repo::with_revision(repo.to_string(), hf_hub::RepoType::Model, revision.to_string());
+    let hub_repo = hf_hub::Repo::with_revision(
+        repo.to_string(),
+        hf_hub::RepoType::Model,
+        revision.to_string(),
+    );
     let cached = |file: &str| -> Option<PathBuf> {
         if is_commit_hash(revision) {
             // The cache's refs/ only names branches and tags; a commit is its own snapshot.
-            let p = cache.path().join(hub_repo.folder_name()).join("snapshots").join(revision).join(file);
+            let p = cache
+                .path()
+                .join(hub_repo.folder_name())
+                .join("snapshots")
+                .join(revision)
+                .join(file);
             return p.is_file().then_some(p);
         }
         cache.repo(hub_repo.clone()).get(file)
@@ -165,14 +188,18 @@ fn resolve_hub(repo: &str, revision: &str, weights_file: &str) -> Result<ModelFi
     if let Some(weights) = cached(weights_file) {
         return Ok(ModelFiles { weights, config: cached("config.json") });
     }
-    let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
+    let offline =
+        std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
     let help = format!(
         "on a machine with network, run `huggingface-cli download {repo} --revision {revision}` (or `hf download`) with the same HF_HOME, copy {} here, or pass a local directory instead of hf:{repo}",
         snapshot_dir.display()
     );
     if offline {
         return Err(ModelError::NotFound {
-            what: format!("hf:{repo}@{revision} is not in the hub cache at {} and HF_HUB_OFFLINE is set", snapshot_dir.display()),
+            what: format!(
+                "hf:{repo}@{revision} is not in the hub cache at {} and HF_HUB_OFFLINE is set",
+                snapshot_dir.display()
+            ),
             help,
         });
     }
@@ -186,7 +213,10 @@ fn resolve_hub(repo: &str, revision: &str, weights_file: &str) -> Result<ModelFi
         Ok(ModelFiles { weights, config })
     };
     download().map_err(|e| ModelError::NotFound {
-        what: format!("hf:{repo}@{revision} is not in the hub cache at {} and downloading it failed: {e}", snapshot_dir.display()),
+        what: format!(
+            "hf:{repo}@{revision} is not in the hub cache at {} and downloading it failed: {e}",
+            snapshot_dir.display()
+        ),
         help,
     })
 }
@@ -213,12 +243,19 @@ mod tests {
 
     #[test]
     fn missing_local_model_names_the_path_and_the_fix() {
-        let err = "/nonexistent/dnd-model".parse::<ModelRef>().unwrap().resolve("model.safetensors").unwrap_err();
+        let err = "/nonexistent/dnd-model"
+            .parse::<ModelRef>()
+            .unwrap()
+            .resolve("model.safetensors")
+            .unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("/nonexistent/dnd-model") && msg.contains("help:"), "{msg}");
 
         let dir = tempfile::tempdir().unwrap();
-        let msg = ModelRef::Local(dir.path().into()).resolve("model.safetensors").unwrap_err().to_string();
+        let msg = ModelRef::Local(dir.path().into())
+            .resolve("model.safetensors")
+            .unwrap_err()
+            .to_string();
         assert!(msg.contains("has no model.safetensors"), "{msg}");
     }
 
@@ -235,11 +272,22 @@ mod tests {
             std::env::set_var("HF_HOME", home.path());
             std::env::set_var("HF_HUB_OFFLINE", "1");
         }
-        let files = "hf:org/tiny".parse::<ModelRef>().unwrap().resolve("model.safetensors").unwrap();
+        let files =
+            "hf:org/tiny".parse::<ModelRef>().unwrap().resolve("model.safetensors").unwrap();
         assert!(files.weights.ends_with("snapshots/abc123/model.safetensors"));
         assert!(files.config.is_none());
 
-        let msg = "hf:org/missing".parse::<ModelRef>().unwrap().resolve("model.safetensors").unwrap_err().to_string();
-        assert!(msg.contains("hf:org/missing@main") && msg.contains("HF_HUB_OFFLINE") && msg.contains("huggingface-cli download org/missing"), "{msg}");
+        let msg = "hf:org/missing"
+            .parse::<ModelRef>()
+            .unwrap()
+            .resolve("model.safetensors")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("hf:org/missing@main")
+                && msg.contains("HF_HUB_OFFLINE")
+                && msg.contains("huggingface-cli download org/missing"),
+            "{msg}"
+        );
     }
 }

@@ -10,7 +10,9 @@ use candle_core::{D, DType, Device, IndexOp, Module, Result, Tensor};
 use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
 use serde::Deserialize;
 
-use crate::transformer::{Activation, EncoderLayer, PatchEmbedding, TowerShape, causal_mask, layer_norm, load_encoder};
+use crate::transformer::{
+    Activation, EncoderLayer, PatchEmbedding, TowerShape, causal_mask, layer_norm, load_encoder,
+};
 
 fn default_act() -> Activation {
     Activation::QuickGelu
@@ -75,7 +77,18 @@ pub struct ClipConfig {
 macro_rules! defaults {
     ($($name:ident = $v:expr),*) => { $(fn $name() -> usize { $v })* };
 }
-defaults!(d512 = 512, d2048 = 2048, d8 = 8, d12 = 12, d77 = 77, d49408 = 49408, d768 = 768, d3072 = 3072, d224 = 224, d32 = 32);
+defaults!(
+    d512 = 512,
+    d2048 = 2048,
+    d8 = 8,
+    d12 = 12,
+    d77 = 77,
+    d49408 = 49408,
+    d768 = 768,
+    d3072 = 3072,
+    d224 = 224,
+    d32 = 32
+);
 fn d2() -> u32 {
     2
 }
@@ -104,12 +117,21 @@ impl ClipVision {
         };
         let m = vb.pp("vision_model");
         Ok(Self {
-            embeddings: PatchEmbedding::load(v.hidden_size, v.image_size, v.patch_size, m.pp("embeddings"))?,
+            embeddings: PatchEmbedding::load(
+                v.hidden_size,
+                v.image_size,
+                v.patch_size,
+                m.pp("embeddings"),
+            )?,
             // sic: transformers spells it "pre_layrnorm"
             pre_norm: layer_norm(v.hidden_size, v.layer_norm_eps, m.pp("pre_layrnorm"))?,
             layers: load_encoder(&shape, m.clone())?,
             post_norm: layer_norm(v.hidden_size, v.layer_norm_eps, m.pp("post_layernorm"))?,
-            projection: candle_nn::linear_no_bias(v.hidden_size, c.projection_dim, vb.pp("visual_projection"))?,
+            projection: candle_nn::linear_no_bias(
+                v.hidden_size,
+                c.projection_dim,
+                vb.pp("visual_projection"),
+            )?,
         })
     }
 
@@ -140,7 +162,11 @@ pub struct ClipText {
 impl ClipText {
     /// The text tower of a `CLIPModel` (with its projection).
     pub fn load(c: &ClipConfig, vb: VarBuilder) -> Result<Self> {
-        let projection = candle_nn::linear_no_bias(c.text_config.hidden_size, c.projection_dim, vb.pp("text_projection"))?;
+        let projection = candle_nn::linear_no_bias(
+            c.text_config.hidden_size,
+            c.projection_dim,
+            vb.pp("text_projection"),
+        )?;
         let mut text = Self::load_tower(&c.text_config, vb.pp("text_model"))?;
         text.projection = Some(projection);
         Ok(text)
@@ -158,8 +184,15 @@ impl ClipText {
         };
         let m = vb;
         Ok(Self {
-            tokens: candle_nn::embedding(t.vocab_size, t.hidden_size, m.pp("embeddings.token_embedding"))?,
-            positions: m.get((t.max_position_embeddings, t.hidden_size), "embeddings.position_embedding.weight")?,
+            tokens: candle_nn::embedding(
+                t.vocab_size,
+                t.hidden_size,
+                m.pp("embeddings.token_embedding"),
+            )?,
+            positions: m.get(
+                (t.max_position_embeddings, t.hidden_size),
+                "embeddings.position_embedding.weight",
+            )?,
             layers: load_encoder(&shape, m.clone())?,
             final_norm: layer_norm(t.hidden_size, t.layer_norm_eps, m.pp("final_layer_norm"))?,
             projection: None,
@@ -178,7 +211,9 @@ impl ClipText {
         let x = self.tokens.forward(ids)?.broadcast_add(&self.positions.narrow(0, 0, t)?)?;
         let causal = causal_mask(t, x.dtype(), x.device())?;
         // Padding keys get -inf too: (B, 1, 1, T)
-        let pad = ((attention.to_dtype(DType::F32)? - 1.0)? * 1e9)?.reshape((b, 1, 1, t))?.to_dtype(x.dtype())?;
+        let pad = ((attention.to_dtype(DType::F32)? - 1.0)? * 1e9)?
+            .reshape((b, 1, 1, t))?
+            .to_dtype(x.dtype())?;
         let mask = causal.broadcast_add(&pad)?;
         let mut h = x;
         for layer in &self.layers {
@@ -193,7 +228,10 @@ impl ClipText {
         ids.iter()
             .map(|row| {
                 if self.eos_token_id == 2 {
-                    row.iter().enumerate().max_by_key(|(i, v)| (**v, std::cmp::Reverse(*i))).map_or(0, |(i, _)| i)
+                    row.iter()
+                        .enumerate()
+                        .max_by_key(|(i, v)| (**v, std::cmp::Reverse(*i)))
+                        .map_or(0, |(i, _)| i)
                 } else {
                     row.iter().position(|&v| v == self.eos_token_id).unwrap_or(row.len() - 1)
                 }
@@ -202,17 +240,28 @@ impl ClipText {
     }
 
     /// Unnormalised text features `(B, projection_dim)`.
-    pub fn features(&self, ids: &[Vec<u32>], attention: &[Vec<u32>], device: &Device) -> Result<Tensor> {
+    pub fn features(
+        &self,
+        ids: &[Vec<u32>],
+        attention: &[Vec<u32>],
+        device: &Device,
+    ) -> Result<Tensor> {
         let b = ids.len();
         let t = ids.first().map_or(0, Vec::len);
         let id_t = Tensor::from_vec(ids.concat(), (b, t), device)?;
         let att_t = Tensor::from_vec(attention.concat(), (b, t), device)?;
         let h = self.hidden_states(&id_t, &att_t)?;
-        let rows: Vec<Tensor> =
-            self.pool_positions(ids).iter().enumerate().map(|(i, &p)| h.i((i, p))).collect::<Result<_>>()?;
+        let rows: Vec<Tensor> = self
+            .pool_positions(ids)
+            .iter()
+            .enumerate()
+            .map(|(i, &p)| h.i((i, p)))
+            .collect::<Result<_>>()?;
         match &self.projection {
             Some(p) => p.forward(&Tensor::stack(&rows, 0)?),
-            None => candle_core::bail!("this text tower has no projection (a diffusion text encoder)"),
+            None => {
+                candle_core::bail!("this text tower has no projection (a diffusion text encoder)")
+            }
         }
     }
 }

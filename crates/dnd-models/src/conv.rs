@@ -30,7 +30,10 @@ pub fn conv2d_fused(
     relu: bool,
     g: ConvGeometry,
 ) -> Result<Tensor> {
-    let fast = matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32 && weight.dtype() == DType::F32 && g.groups == 1;
+    let fast = matches!(x.device(), Device::Cpu)
+        && x.dtype() == DType::F32
+        && weight.dtype() == DType::F32
+        && g.groups == 1;
     if !fast {
         let mut y = x.conv2d(weight, g.padding, g.stride, 1, g.groups)?;
         y = y.broadcast_add(&bias.reshape((1, (), 1, 1))?)?;
@@ -53,7 +56,11 @@ pub fn conv2d_fused(
     if let Some(r) = &residual
         && r.dims() != [b, o, oh, ow]
     {
-        candle_core::bail!("conv2d: residual has shape {:?}, the output {:?}", r.dims(), [b, o, oh, ow]);
+        candle_core::bail!(
+            "conv2d: residual has shape {:?}, the output {:?}",
+            r.dims(),
+            [b, o, oh, ow]
+        );
     }
 
     let (xs, xl) = x.storage_and_layout();
@@ -126,7 +133,9 @@ pub fn conv2d_fused(
         // One image per thread: no synchronisation inside the GEMMs.
         out.par_chunks_mut(out_plane).enumerate().for_each(|job| per_image(job, Parallelism::None));
     } else {
-        out.chunks_mut(out_plane).enumerate().for_each(|job| per_image(job, Parallelism::Rayon(threads)));
+        out.chunks_mut(out_plane)
+            .enumerate()
+            .for_each(|job| per_image(job, Parallelism::Rayon(threads)));
     }
     drop((xs, ws, bs, rs));
     Tensor::from_vec(out, (b, o, oh, ow), &Device::Cpu)
@@ -205,11 +214,24 @@ mod tests {
             let wt = Tensor::randn(0f32, 0.3, (o, c, k, k), &dev).unwrap();
             let b = Tensor::randn(0f32, 0.3, o, &dev).unwrap();
             let g = ConvGeometry { stride, padding, groups: 1 };
-            let expected = x.conv2d(&wt, padding, stride, 1, 1).unwrap().broadcast_add(&b.reshape((1, o, 1, 1)).unwrap()).unwrap();
+            let expected = x
+                .conv2d(&wt, padding, stride, 1, 1)
+                .unwrap()
+                .broadcast_add(&b.reshape((1, o, 1, 1)).unwrap())
+                .unwrap();
             let res = Tensor::randn(0f32, 1.0, expected.dims(), &dev).unwrap();
             let expected = (expected + &res).unwrap().relu().unwrap();
             let got = conv2d_fused(&x, &wt, &b, Some(&res), true, g).unwrap();
-            let diff = (got - expected).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            let diff = (got - expected)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
             assert!(diff < 1e-4, "c={c} o={o} k={k} s={stride} p={padding}: {diff}");
         }
     }

@@ -37,10 +37,14 @@ impl ClipEmbedder {
         let dir = files.weights.parent().map(Path::to_path_buf).unwrap_or_default();
         let config_path = model_file(&dir, "config.json", reference)?;
         let config: ClipConfig = read_json(&config_path)?;
-        let preprocess = Preprocess::from_hf_config(&model_file(&dir, "preprocessor_config.json", reference)?)?;
+        let preprocess =
+            Preprocess::from_hf_config(&model_file(&dir, "preprocessor_config.json", reference)?)?;
         let tokenizer = load_tokenizer(&model_file(&dir, "tokenizer.json", reference)?)?;
         let vb = var_builder(&files.weights, device)?;
-        let checkpoint = |e: candle_core::Error| ModelError::Checkpoint { path: files.weights.clone(), reason: e.to_string() };
+        let checkpoint = |e: candle_core::Error| ModelError::Checkpoint {
+            path: files.weights.clone(),
+            reason: e.to_string(),
+        };
         let vision = ClipVision::load(&config, vb.clone()).map_err(checkpoint)?;
         let text = ClipText::load(&config, vb).map_err(checkpoint)?;
         // Pad with the tokenizer's pad token, else end-of-text (as OpenAI's CLIP does):
@@ -49,7 +53,15 @@ impl ClipEmbedder {
             .iter()
             .find_map(|t| tokenizer.token_to_id(t))
             .unwrap_or(config.text_config.eos_token_id);
-        Ok(Self { reference: reference.to_string(), vision, text, tokenizer, pad_id, preprocess, device: device.clone() })
+        Ok(Self {
+            reference: reference.to_string(),
+            vision,
+            text,
+            tokenizer,
+            pad_id,
+            preprocess,
+            device: device.clone(),
+        })
     }
 
     /// Token ids and attention masks, right-padded to the longest, truncated to the
@@ -72,7 +84,8 @@ impl ClipEmbedder {
             ids.push(row);
         }
         let longest = ids.iter().map(Vec::len).max().unwrap_or(0);
-        let mask = ids.iter().map(|r| (0..longest).map(|i| u32::from(i < r.len())).collect()).collect();
+        let mask =
+            ids.iter().map(|r| (0..longest).map(|i| u32::from(i < r.len())).collect()).collect();
         for r in &mut ids {
             r.resize(longest, self.pad_id);
         }

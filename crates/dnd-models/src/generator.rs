@@ -15,7 +15,9 @@ use candle_transformers::models::stable_diffusion::ddim::DDIMSchedulerConfig;
 use candle_transformers::models::stable_diffusion::schedulers::{
     BetaSchedule, PredictionType, Scheduler, SchedulerConfig, TimestepSpacing,
 };
-use candle_transformers::models::stable_diffusion::unet_2d::{BlockConfig, UNet2DConditionModel, UNet2DConditionModelConfig};
+use candle_transformers::models::stable_diffusion::unet_2d::{
+    BlockConfig, UNet2DConditionModel, UNet2DConditionModelConfig,
+};
 use candle_transformers::models::stable_diffusion::vae::{AutoEncoderKL, AutoEncoderKLConfig};
 use image::RgbImage;
 use rand::SeedableRng;
@@ -25,8 +27,8 @@ use tokenizers::Tokenizer;
 
 use crate::checkpoint::ModelRef;
 use crate::clip::{ClipText, ClipTextConfig};
-use crate::hf_files::{load_tokenizer, read_json, var_builder_as};
 use crate::error::ModelError;
+use crate::hf_files::{load_tokenizer, read_json, var_builder_as};
 
 /// How images are generated; defaults are the method's (50 DDIM steps, guidance 7.5).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -198,7 +200,11 @@ fn part(dir: &Path, sub: &str, file: &str, reference: &ModelRef) -> Result<PathB
 }
 
 impl DiffusionGenerator {
-    pub fn load(reference: &ModelRef, device: &Device, config: GenerationConfig) -> Result<Self, ModelError> {
+    pub fn load(
+        reference: &ModelRef,
+        device: &Device,
+        config: GenerationConfig,
+    ) -> Result<Self, ModelError> {
         let files = reference.resolve("model_index.json")?;
         let dtype = if device.is_cuda() { DType::F16 } else { DType::F32 };
         let dir = files.weights.parent().map(Path::to_path_buf).unwrap_or_default();
@@ -213,10 +219,22 @@ impl DiffusionGenerator {
         if u.norm_num_groups != 32 {
             // candle-transformers' DownBlock2D/UpBlock2D build their resnets with 32 groups
             // whatever the config says; every released SD UNet uses 32.
-            return Err(bad(&unet_cfg_path, format!("norm_num_groups {} is not supported (only 32, as every released Stable Diffusion UNet)", u.norm_num_groups)));
+            return Err(bad(
+                &unet_cfg_path,
+                format!(
+                    "norm_num_groups {} is not supported (only 32, as every released Stable Diffusion UNet)",
+                    u.norm_num_groups
+                ),
+            ));
         }
-        if heads.len() != u.block_out_channels.len() || u.down_block_types.len() != u.block_out_channels.len() {
-            return Err(bad(&unet_cfg_path, "block_out_channels, down_block_types and attention_head_dim disagree in length".into()));
+        if heads.len() != u.block_out_channels.len()
+            || u.down_block_types.len() != u.block_out_channels.len()
+        {
+            return Err(bad(
+                &unet_cfg_path,
+                "block_out_channels, down_block_types and attention_head_dim disagree in length"
+                    .into(),
+            ));
         }
         let blocks = u
             .block_out_channels
@@ -225,7 +243,9 @@ impl DiffusionGenerator {
             .zip(&heads)
             .map(|((&out_channels, kind), &h)| BlockConfig {
                 out_channels,
-                use_cross_attn: kind.starts_with("CrossAttn").then_some(u.transformer_layers_per_block),
+                use_cross_attn: kind
+                    .starts_with("CrossAttn")
+                    .then_some(u.transformer_layers_per_block),
                 // diffusers' (mis)named attention_head_dim is the number of heads, as is candle's.
                 attention_head_dim: h,
             })
@@ -248,10 +268,19 @@ impl DiffusionGenerator {
         let unet_w = weights("unet", "diffusion_pytorch_model.safetensors")?;
         let checkpoint = |path: &Path| {
             let path = path.to_path_buf();
-            move |e: candle_core::Error| ModelError::Checkpoint { path: path.clone(), reason: e.to_string() }
+            move |e: candle_core::Error| ModelError::Checkpoint {
+                path: path.clone(),
+                reason: e.to_string(),
+            }
         };
-        let unet = UNet2DConditionModel::new(var_builder_as(&unet_w, dtype, device)?, u.in_channels, u.out_channels, false, unet_config)
-            .map_err(checkpoint(&unet_w))?;
+        let unet = UNet2DConditionModel::new(
+            var_builder_as(&unet_w, dtype, device)?,
+            u.in_channels,
+            u.out_channels,
+            false,
+            unet_config,
+        )
+        .map_err(checkpoint(&unet_w))?;
 
         let v: DiffusersVae = read_json(&weights("vae", "config.json")?)?;
         let vae_w = weights("vae", "diffusion_pytorch_model.safetensors")?;
@@ -264,7 +293,8 @@ impl DiffusionGenerator {
             use_post_quant_conv: v.use_post_quant_conv,
         };
         let vae_dtype = if v.force_upcast { DType::F32 } else { dtype };
-        let vae = AutoEncoderKL::new(var_builder_as(&vae_w, vae_dtype, device)?, 3, 3, vae_config).map_err(checkpoint(&vae_w))?;
+        let vae = AutoEncoderKL::new(var_builder_as(&vae_w, vae_dtype, device)?, 3, 3, vae_config)
+            .map_err(checkpoint(&vae_w))?;
 
         let t: ClipTextConfig = read_json(&weights("text_encoder", "config.json")?)?;
         let text_w = weights("text_encoder", "model.safetensors")?;
@@ -277,10 +307,14 @@ impl DiffusionGenerator {
         };
         let text = ClipText::load_tower(&t, text_vb).map_err(checkpoint(&text_w))?;
         let tokenizer_dir = dir.join("tokenizer");
-        if !tokenizer_dir.join("tokenizer.json").is_file() && tokenizer_dir.join("vocab.json").is_file() {
+        if !tokenizer_dir.join("tokenizer.json").is_file()
+            && tokenizer_dir.join("vocab.json").is_file()
+        {
             // Older checkpoints (e.g. the original v1.5) ship only the slow tokenizer's files.
             return Err(ModelError::NotFound {
-                what: format!("{reference} has tokenizer/vocab.json and merges.txt but no tokenizer/tokenizer.json"),
+                what: format!(
+                    "{reference} has tokenizer/vocab.json and merges.txt but no tokenizer/tokenizer.json"
+                ),
                 help: format!(
                     "write the fast tokenizer once: python -c \"from transformers import CLIPTokenizerFast as T; T.from_pretrained('{0}').save_pretrained('{0}')\"",
                     tokenizer_dir.display()
@@ -295,15 +329,25 @@ impl DiffusionGenerator {
             "scaled_linear" => BetaSchedule::ScaledLinear,
             "linear" => BetaSchedule::Linear,
             "squaredcos_cap_v2" => BetaSchedule::SquaredcosCapV2,
-            other => return Err(bad(&sched_path, format!("beta_schedule `{other}` is not supported"))),
+            other => {
+                return Err(bad(&sched_path, format!("beta_schedule `{other}` is not supported")));
+            }
         };
         let prediction_type = match s.prediction_type.as_str() {
             "epsilon" => PredictionType::Epsilon,
             "v_prediction" => PredictionType::VPrediction,
             "sample" => PredictionType::Sample,
-            other => return Err(bad(&sched_path, format!("prediction_type `{other}` is not supported"))),
+            other => {
+                return Err(bad(
+                    &sched_path,
+                    format!("prediction_type `{other}` is not supported"),
+                ));
+            }
         };
-        tracing::debug!(scheduler = s.class_name, "dnd samples with DDIM (eta 0) from the checkpoint's noise schedule");
+        tracing::debug!(
+            scheduler = s.class_name,
+            "dnd samples with DDIM (eta 0) from the checkpoint's noise schedule"
+        );
         let scheduler = DDIMSchedulerConfig {
             beta_start: s.beta_start,
             beta_end: s.beta_end,
@@ -322,7 +366,9 @@ impl DiffusionGenerator {
         if config.steps == 0 || config.width % vae_scale != 0 || config.height % vae_scale != 0 {
             return Err(ModelError::BadReference {
                 reference: reference.to_string(),
-                reason: format!("generation needs steps >= 1 and a width and height divisible by {vae_scale}"),
+                reason: format!(
+                    "generation needs steps >= 1 and a width and height divisible by {vae_scale}"
+                ),
             });
         }
         // Pad with the tokenizer's own end-of-text token: real v1.5 text-encoder configs
@@ -350,10 +396,10 @@ impl DiffusionGenerator {
     /// Token ids padded with end-of-text to the encoder's full context, as the diffusers
     /// pipeline does (`padding="max_length"`).
     pub fn tokenize(&self, prompt: &str) -> Result<Vec<u32>, ModelError> {
-        let enc = self
-            .tokenizer
-            .encode(prompt, true)
-            .map_err(|e| ModelError::Config { path: "tokenizer.json".into(), reason: format!("cannot tokenize {prompt:?}: {e}") })?;
+        let enc = self.tokenizer.encode(prompt, true).map_err(|e| ModelError::Config {
+            path: "tokenizer.json".into(),
+            reason: format!("cannot tokenize {prompt:?}: {e}"),
+        })?;
         let mut ids = enc.get_ids().to_vec();
         if ids.len() > self.max_tokens {
             let last = ids[ids.len() - 1];
@@ -366,15 +412,25 @@ impl DiffusionGenerator {
 
     /// Text-encoder states `(B, T, D)` for prompts (no attention mask, as diffusers).
     pub fn encode_prompts(&self, prompts: &[&str]) -> Result<Tensor, ModelError> {
-        let ids: Vec<u32> = prompts.iter().map(|p| self.tokenize(p)).collect::<Result<Vec<_>, _>>()?.concat();
+        let ids: Vec<u32> =
+            prompts.iter().map(|p| self.tokenize(p)).collect::<Result<Vec<_>, _>>()?.concat();
         let ids = Tensor::from_vec(ids, (prompts.len(), self.max_tokens), &self.device)?;
         let ones = Tensor::ones(ids.dims(), DType::U32, &self.device)?;
         Ok(self.text.hidden_states(&ids, &ones)?)
     }
 
     /// One UNet noise prediction.
-    pub fn predict_noise(&self, latents: &Tensor, timestep: f64, text: &Tensor) -> Result<Tensor, ModelError> {
-        Ok(self.unet.forward(&latents.to_dtype(self.dtype)?, timestep, &text.to_dtype(self.dtype)?)?)
+    pub fn predict_noise(
+        &self,
+        latents: &Tensor,
+        timestep: f64,
+        text: &Tensor,
+    ) -> Result<Tensor, ModelError> {
+        Ok(self.unet.forward(
+            &latents.to_dtype(self.dtype)?,
+            timestep,
+            &text.to_dtype(self.dtype)?,
+        )?)
     }
 
     /// Latents `(B, C, h, w)` to images in `[-1, 1]`, `(B, 3, H, W)`.
@@ -388,7 +444,8 @@ impl DiffusionGenerator {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let n = self.latent_channels * h * w;
         let noise: Vec<f32> = (0..n).map(|_| StandardNormal.sample(&mut rng)).collect();
-        Ok(Tensor::from_vec(noise, (1, self.latent_channels, h, w), &self.device)?.to_dtype(self.dtype)?)
+        Ok(Tensor::from_vec(noise, (1, self.latent_channels, h, w), &self.device)?
+            .to_dtype(self.dtype)?)
     }
 
     /// The denoising loop over a batch: `latents` are the starting noise `(B, C, h, w)`.
@@ -407,7 +464,8 @@ impl DiffusionGenerator {
         let mut latents = (latents.to_dtype(self.dtype)? * scheduler.init_noise_sigma())?;
         let timesteps = scheduler.timesteps().to_vec();
         for t in timesteps {
-            let input = if guided { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
+            let input =
+                if guided { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
             let input = scheduler.scale_model_input(input, t)?;
             let noise = self.unet.forward(&input, t as f64, &text)?;
             let noise = if guided {
@@ -425,9 +483,21 @@ impl DiffusionGenerator {
     /// `[-1, 1]` images to 8-bit RGB: `round(clamp(x / 2 + 0.5, 0, 1) * 255)`.
     pub fn to_rgb(&self, images: &Tensor) -> Result<Vec<RgbImage>, ModelError> {
         let (b, _, h, w) = images.dims4()?;
-        let px = ((images.to_dtype(DType::F32)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?.affine(255.0, 0.0)?.round()?;
-        let px = px.permute((0, 2, 3, 1))?.to_dtype(DType::U8)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<u8>()?;
-        Ok(px.chunks_exact(h * w * 3).take(b).map(|c| RgbImage::from_raw(w as u32, h as u32, c.to_vec()).expect("h*w*3 bytes")).collect())
+        let px = ((images.to_dtype(DType::F32)? / 2.0)? + 0.5)?
+            .clamp(0f32, 1f32)?
+            .affine(255.0, 0.0)?
+            .round()?;
+        let px = px
+            .permute((0, 2, 3, 1))?
+            .to_dtype(DType::U8)?
+            .to_device(&Device::Cpu)?
+            .flatten_all()?
+            .to_vec1::<u8>()?;
+        Ok(px
+            .chunks_exact(h * w * 3)
+            .take(b)
+            .map(|c| RgbImage::from_raw(w as u32, h as u32, c.to_vec()).expect("h*w*3 bytes"))
+            .collect())
     }
 }
 
@@ -436,7 +506,8 @@ impl Generator for DiffusionGenerator {
         if requests.is_empty() {
             return Ok(Vec::new());
         }
-        let noise = requests.iter().map(|r| self.initial_noise(r.seed)).collect::<Result<Vec<_>, _>>()?;
+        let noise =
+            requests.iter().map(|r| self.initial_noise(r.seed)).collect::<Result<Vec<_>, _>>()?;
         let prompts: Vec<&str> = requests.iter().map(|r| r.prompt.as_str()).collect();
         let latents = self.denoise(&prompts, Tensor::cat(&noise, 0)?)?;
         self.to_rgb(&self.decode_latents(&latents)?)

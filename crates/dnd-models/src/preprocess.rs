@@ -108,7 +108,11 @@ impl Preprocess {
         let filter = match raw.resample.unwrap_or(3) {
             2 => Filter::Bilinear,
             3 => Filter::Bicubic,
-            other => return Err(bad(format!("resample {other} is not supported (2 bilinear, 3 bicubic)"))),
+            other => {
+                return Err(bad(format!(
+                    "resample {other} is not supported (2 bilinear, 3 bicubic)"
+                )));
+            }
         };
         Ok(Self {
             resize,
@@ -164,7 +168,12 @@ impl Preprocess {
 }
 
 /// A batch of images already at the model's input size, only normalised.
-pub fn normalized_batch(images: &[RgbImage], mean: [f32; 3], std: [f32; 3], device: &Device) -> Result<Tensor, ModelError> {
+pub fn normalized_batch(
+    images: &[RgbImage],
+    mean: [f32; 3],
+    std: [f32; 3],
+    device: &Device,
+) -> Result<Tensor, ModelError> {
     let (w, h) = images.first().map(|i| i.dimensions()).unwrap_or((0, 0));
     let mut data = Vec::with_capacity(images.len() * 3 * (w * h) as usize);
     for img in images {
@@ -198,7 +207,8 @@ pub fn resize_with(img: &RgbImage, width: u32, height: u32, filter: Filter) -> R
         return img.clone();
     }
     let (w, h) = img.dimensions();
-    let src = Image::from_vec_u8(w, h, img.as_raw().clone(), PixelType::U8x3).expect("an RgbImage buffer is w*h*3 bytes");
+    let src = Image::from_vec_u8(w, h, img.as_raw().clone(), PixelType::U8x3)
+        .expect("an RgbImage buffer is w*h*3 bytes");
     let mut dst = Image::new(width, height, PixelType::U8x3);
     let kernel = match filter {
         Filter::Bilinear => FilterType::Bilinear,
@@ -206,7 +216,8 @@ pub fn resize_with(img: &RgbImage, width: u32, height: u32, filter: Filter) -> R
     };
     let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(kernel));
     Resizer::new().resize(&src, &mut dst, &options).expect("source and destination are both U8x3");
-    RgbImage::from_raw(width, height, dst.into_vec()).expect("the resizer fills width*height*3 bytes")
+    RgbImage::from_raw(width, height, dst.into_vec())
+        .expect("the resizer fills width*height*3 bytes")
 }
 
 #[cfg(test)]

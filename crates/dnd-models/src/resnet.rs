@@ -92,7 +92,9 @@ impl ResNetConfig {
         let mut config = match Self::standard(arch) {
             Some(c) => c,
             None if arch == "resnet" => {
-                let missing = |field: &str| bad(format!("a custom ResNet (`architecture: \"resnet\"`) needs `{field}`"));
+                let missing = |field: &str| {
+                    bad(format!("a custom ResNet (`architecture: \"resnet\"`) needs `{field}`"))
+                };
                 Self {
                     block: raw.block.ok_or_else(|| missing("block"))?,
                     layers: raw.layers.ok_or_else(|| missing("layers"))?,
@@ -126,18 +128,25 @@ impl ResNetConfig {
     /// `safetensors.torch.save_file(model.state_dict(), ...)` without any config file.
     pub fn infer(tensors: &HashMap<String, Tensor>) -> Result<Self, String> {
         let dims = |name: &str| -> Result<Vec<usize>, String> {
-            tensors
-                .get(name)
-                .map(|t| t.dims().to_vec())
-                .ok_or_else(|| format!("it has no tensor `{name}`; is it a torchvision/timm ResNet state_dict?"))
+            tensors.get(name).map(|t| t.dims().to_vec()).ok_or_else(|| {
+                format!("it has no tensor `{name}`; is it a torchvision/timm ResNet state_dict?")
+            })
         };
-        let block = if tensors.contains_key("layer1.0.conv3.weight") { BlockKind::Bottleneck } else { BlockKind::Basic };
+        let block = if tensors.contains_key("layer1.0.conv3.weight") {
+            BlockKind::Bottleneck
+        } else {
+            BlockKind::Basic
+        };
         let mut layers = [0; 4];
         let mut widths = [0; 4];
         let mut inner = 0;
         let mut groups = 1;
         for stage in 0..4 {
-            while tensors.contains_key(&format!("layer{}.{}.conv1.weight", stage + 1, layers[stage])) {
+            while tensors.contains_key(&format!(
+                "layer{}.{}.conv1.weight",
+                stage + 1,
+                layers[stage]
+            )) {
                 layers[stage] += 1;
             }
             if layers[stage] == 0 {
@@ -153,7 +162,8 @@ impl ResNetConfig {
                 groups = inner / dims(&format!("{prefix}.conv2.weight"))?[1];
             }
         }
-        let width_per_group = if block == BlockKind::Bottleneck { inner * 64 / (widths[0] * groups) } else { 64 };
+        let width_per_group =
+            if block == BlockKind::Bottleneck { inner * 64 / (widths[0] * groups) } else { 64 };
         let config = Self {
             block,
             layers,
@@ -216,8 +226,15 @@ pub enum Tap {
 }
 
 impl Tap {
-    pub const ALL: [Tap; 7] =
-        [Tap::Stem, Tap::Layer(1), Tap::Layer(2), Tap::Layer(3), Tap::Layer(4), Tap::AvgPool, Tap::Fc];
+    pub const ALL: [Tap; 7] = [
+        Tap::Stem,
+        Tap::Layer(1),
+        Tap::Layer(2),
+        Tap::Layer(3),
+        Tap::Layer(4),
+        Tap::AvgPool,
+        Tap::Fc,
+    ];
 
     /// Spatial taps give (C, H, W) maps; the others one value per channel.
     pub fn is_spatial(self) -> bool {
@@ -263,7 +280,12 @@ struct ConvBn {
 
 impl ConvBn {
     /// `conv(x) + bias [+ residual]`, then ReLU when `relu`.
-    fn forward(&self, x: &Tensor, residual: Option<&Tensor>, relu: bool) -> candle_core::Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        residual: Option<&Tensor>,
+        relu: bool,
+    ) -> candle_core::Result<Tensor> {
         let g = ConvGeometry { stride: self.stride, padding: self.padding, groups: self.groups };
         conv2d_fused(x, &self.weight, &self.bias, residual, relu, g)
     }
@@ -319,7 +341,10 @@ impl Loader<'_> {
         if t.dims() != shape {
             return Err(ModelError::Checkpoint {
                 path: self.path.into(),
-                reason: format!("tensor `{name}` has shape {:?}, the architecture expects {shape:?}", t.dims()),
+                reason: format!(
+                    "tensor `{name}` has shape {:?}, the architecture expects {shape:?}",
+                    t.dims()
+                ),
             });
         }
         Ok(t.to_dtype(DType::F32)?.to_device(self.device)?)
@@ -341,9 +366,14 @@ impl Loader<'_> {
         let mean = self.get(&format!("{bn}.running_mean"), &[out])?;
         let var = self.get(&format!("{bn}.running_var"), &[out])?;
         // Fold in f64 so the folded weights carry no more rounding than PyTorch's own BN.
-        let scale = (gamma.to_dtype(DType::F64)? / (var.to_dtype(DType::F64)? + BN_EPS)?.sqrt()?)?;
-        let weight = weight.to_dtype(DType::F64)?.broadcast_mul(&scale.reshape((out, 1, 1, 1))?)?.to_dtype(DType::F32)?;
-        let bias = (beta.to_dtype(DType::F64)? - (mean.to_dtype(DType::F64)? * &scale)?)?.to_dtype(DType::F32)?;
+        let scale =
+            (gamma.to_dtype(DType::F64)? / (var.to_dtype(DType::F64)? + BN_EPS)?.sqrt()?)?;
+        let weight = weight
+            .to_dtype(DType::F64)?
+            .broadcast_mul(&scale.reshape((out, 1, 1, 1))?)?
+            .to_dtype(DType::F32)?;
+        let bias = (beta.to_dtype(DType::F64)? - (mean.to_dtype(DType::F64)? * &scale)?)?
+            .to_dtype(DType::F32)?;
         Ok(ConvBn { weight, bias, stride, padding, groups })
     }
 }
@@ -351,14 +381,21 @@ impl Loader<'_> {
 impl ResNet {
     /// Loads a torchvision/timm ResNet from a safetensors file. The shape comes from
     /// `config` when given (config.json), else it is read off the tensor shapes.
-    pub fn load(weights: &Path, config: Option<ResNetConfig>, device: &Device) -> Result<Self, ModelError> {
-        let tensors = candle_core::safetensors::load(weights, &Device::Cpu).map_err(|e| ModelError::Checkpoint {
-            path: weights.into(),
-            reason: format!("it is not a readable safetensors file ({e})"),
+    pub fn load(
+        weights: &Path,
+        config: Option<ResNetConfig>,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        let tensors = candle_core::safetensors::load(weights, &Device::Cpu).map_err(|e| {
+            ModelError::Checkpoint {
+                path: weights.into(),
+                reason: format!("it is not a readable safetensors file ({e})"),
+            }
         })?;
         let config = match config {
             Some(c) => c,
-            None => ResNetConfig::infer(&tensors).map_err(|reason| ModelError::Checkpoint { path: weights.into(), reason })?,
+            None => ResNetConfig::infer(&tensors)
+                .map_err(|reason| ModelError::Checkpoint { path: weights.into(), reason })?,
         };
         Self::from_tensors(&tensors, config, weights, device)
     }
@@ -378,11 +415,22 @@ impl ResNet {
             for b in 0..config.layers[s] {
                 let stride = if s > 0 && b == 0 { 2 } else { 1 };
                 let p = format!("layer{}.{b}", s + 1);
-                let conv = |i: usize, shape: [usize; 4], stride: usize, padding: usize, groups: usize| {
-                    l.conv_bn(&format!("{p}.conv{i}"), &format!("{p}.bn{i}"), shape, stride, padding, groups)
-                };
+                let conv =
+                    |i: usize, shape: [usize; 4], stride: usize, padding: usize, groups: usize| {
+                        l.conv_bn(
+                            &format!("{p}.conv{i}"),
+                            &format!("{p}.bn{i}"),
+                            shape,
+                            stride,
+                            padding,
+                            groups,
+                        )
+                    };
                 let convs = match config.block {
-                    BlockKind::Basic => vec![conv(1, [out_ch, in_ch, 3, 3], stride, 1, 1)?, conv(2, [out_ch, out_ch, 3, 3], 1, 1, 1)?],
+                    BlockKind::Basic => vec![
+                        conv(1, [out_ch, in_ch, 3, 3], stride, 1, 1)?,
+                        conv(2, [out_ch, out_ch, 3, 3], 1, 1, 1)?,
+                    ],
                     BlockKind::Bottleneck => {
                         let inner = config.bottleneck_inner(s);
                         let g = config.groups;
@@ -395,7 +443,14 @@ impl ResNet {
                     }
                 };
                 let downsample = if stride != 1 || in_ch != out_ch {
-                    Some(l.conv_bn(&format!("{p}.downsample.0"), &format!("{p}.downsample.1"), [out_ch, in_ch, 1, 1], stride, 0, 1)?)
+                    Some(l.conv_bn(
+                        &format!("{p}.downsample.0"),
+                        &format!("{p}.downsample.1"),
+                        [out_ch, in_ch, 1, 1],
+                        stride,
+                        0,
+                        1,
+                    )?)
                 } else {
                     None
                 };
@@ -438,7 +493,10 @@ impl ResNet {
         };
         let mut h = self.stem.forward(x, None, true)?;
         // 3x3/2 max-pool with padding 1; zero padding equals -inf padding after a ReLU.
-        h = h.pad_with_zeros(D::Minus1, 1, 1)?.pad_with_zeros(D::Minus2, 1, 1)?.max_pool2d_with_stride(3, 2)?;
+        h = h
+            .pad_with_zeros(D::Minus1, 1, 1)?
+            .pad_with_zeros(D::Minus2, 1, 1)?
+            .max_pool2d_with_stride(3, 2)?;
         keep(Tap::Stem, &h);
         for (s, stage) in self.stages.iter().enumerate() {
             let tap = Tap::Layer(s as u8 + 1);
@@ -483,8 +541,14 @@ mod tests {
             t.insert(format!("{conv}.weight"), Tensor::randn(0f32, 0.1, &shape, &dev).unwrap());
             t.insert(format!("{bn}.weight"), Tensor::ones(shape[0], DType::F32, &dev).unwrap());
             t.insert(format!("{bn}.bias"), Tensor::zeros(shape[0], DType::F32, &dev).unwrap());
-            t.insert(format!("{bn}.running_mean"), Tensor::zeros(shape[0], DType::F32, &dev).unwrap());
-            t.insert(format!("{bn}.running_var"), Tensor::ones(shape[0], DType::F32, &dev).unwrap());
+            t.insert(
+                format!("{bn}.running_mean"),
+                Tensor::zeros(shape[0], DType::F32, &dev).unwrap(),
+            );
+            t.insert(
+                format!("{bn}.running_var"),
+                Tensor::ones(shape[0], DType::F32, &dev).unwrap(),
+            );
         };
         add_conv_bn("conv1", "bn1", [config.stem_channels, 3, 7, 7]);
         let mut in_ch = config.stem_channels;
@@ -500,18 +564,33 @@ mod tests {
                     }
                     BlockKind::Bottleneck => {
                         let inner = config.bottleneck_inner(s);
-                        add_conv_bn(&format!("{p}.conv1"), &format!("{p}.bn1"), [inner, in_ch, 1, 1]);
-                        add_conv_bn(&format!("{p}.conv2"), &format!("{p}.bn2"), [inner, inner, 3, 3]);
+                        add_conv_bn(
+                            &format!("{p}.conv1"),
+                            &format!("{p}.bn1"),
+                            [inner, in_ch, 1, 1],
+                        );
+                        add_conv_bn(
+                            &format!("{p}.conv2"),
+                            &format!("{p}.bn2"),
+                            [inner, inner, 3, 3],
+                        );
                         add_conv_bn(&format!("{p}.conv3"), &format!("{p}.bn3"), [out, inner, 1, 1]);
                     }
                 }
                 if stride != 1 || in_ch != out {
-                    add_conv_bn(&format!("{p}.downsample.0"), &format!("{p}.downsample.1"), [out, in_ch, 1, 1]);
+                    add_conv_bn(
+                        &format!("{p}.downsample.0"),
+                        &format!("{p}.downsample.1"),
+                        [out, in_ch, 1, 1],
+                    );
                 }
                 in_ch = out;
             }
         }
-        t.insert("fc.weight".into(), Tensor::randn(0f32, 0.1, (config.num_classes, in_ch), &dev).unwrap());
+        t.insert(
+            "fc.weight".into(),
+            Tensor::randn(0f32, 0.1, (config.num_classes, in_ch), &dev).unwrap(),
+        );
         t.insert("fc.bias".into(), Tensor::zeros(config.num_classes, DType::F32, &dev).unwrap());
         t
     }
@@ -541,13 +620,23 @@ mod tests {
     #[test]
     fn taps_have_the_expected_shapes() {
         let config = tiny(BlockKind::Bottleneck);
-        let model = ResNet::from_tensors(&random_tensors(&config), config, Path::new("mem"), &Device::Cpu).unwrap();
+        let model =
+            ResNet::from_tensors(&random_tensors(&config), config, Path::new("mem"), &Device::Cpu)
+                .unwrap();
         let x = Tensor::randn(0f32, 1.0, (2, 3, 64, 64), &Device::Cpu).unwrap();
         let outs = model.forward_taps(&x, &Tap::ALL).unwrap();
         let shapes: Vec<Vec<usize>> = outs.iter().map(|t| t.dims().to_vec()).collect();
         assert_eq!(
             shapes,
-            vec![vec![2, 4, 16, 16], vec![2, 16, 16, 16], vec![2, 32, 8, 8], vec![2, 32, 4, 4], vec![2, 64, 2, 2], vec![2, 64], vec![2, 5]]
+            vec![
+                vec![2, 4, 16, 16],
+                vec![2, 16, 16, 16],
+                vec![2, 32, 8, 8],
+                vec![2, 32, 4, 4],
+                vec![2, 64, 2, 2],
+                vec![2, 64],
+                vec![2, 5]
+            ]
         );
         for tap in Tap::ALL {
             let w = model.tap_width(tap);
@@ -561,12 +650,19 @@ mod tests {
         let config = tiny(BlockKind::Basic);
         let mut t = random_tensors(&config);
         t.remove("layer2.0.downsample.1.running_var");
-        let err = ResNet::from_tensors(&t, config.clone(), Path::new("x.safetensors"), &Device::Cpu).unwrap_err();
+        let err =
+            ResNet::from_tensors(&t, config.clone(), Path::new("x.safetensors"), &Device::Cpu)
+                .unwrap_err();
         assert!(err.to_string().contains("layer2.0.downsample.1.running_var"), "{err}");
         let mut other = config.clone();
         other.num_classes = 7;
-        let err = ResNet::from_tensors(&random_tensors(&config), other, Path::new("x"), &Device::Cpu).unwrap_err();
-        assert!(err.to_string().contains("fc.weight") && err.to_string().contains("[5, 16]"), "{err}");
+        let err =
+            ResNet::from_tensors(&random_tensors(&config), other, Path::new("x"), &Device::Cpu)
+                .unwrap_err();
+        assert!(
+            err.to_string().contains("fc.weight") && err.to_string().contains("[5, 16]"),
+            "{err}"
+        );
     }
 
     #[test]

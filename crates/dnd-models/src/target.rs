@@ -43,7 +43,9 @@ fn preprocess_from_config(path: &Path) -> Result<Preprocess, ModelError> {
         if let Some([_, _, side]) = cfg.input_size {
             p.crop = Some(side);
             // timm: scale_size = floor(img_size / crop_pct)
-            p.resize = Resize::ShorterSide((f64::from(side) / cfg.crop_pct.unwrap_or(0.875)).floor() as u32);
+            p.resize = Resize::ShorterSide(
+                (f64::from(side) / cfg.crop_pct.unwrap_or(0.875)).floor() as u32,
+            );
         }
         p.mean = cfg.mean.unwrap_or(p.mean);
         p.std = cfg.std.unwrap_or(p.std);
@@ -55,7 +57,9 @@ impl TargetModel {
     pub fn load(reference: &ModelRef, device: &Device) -> Result<Self, ModelError> {
         let files = reference.resolve("model.safetensors")?;
         let (config, preprocess) = match &files.config {
-            Some(path) => (Some(ResNetConfig::from_json_file(path)?), preprocess_from_config(path)?),
+            Some(path) => {
+                (Some(ResNetConfig::from_json_file(path)?), preprocess_from_config(path)?)
+            }
             None => (None, Preprocess::imagenet()),
         };
         let resnet = ResNet::load(&files.weights, config, device)?;

@@ -44,7 +44,10 @@ impl SelfAttention {
             let w = vb.get((3 * hidden, hidden), "qkv.weight")?;
             let b = vb.get(3 * hidden, "qkv.bias")?;
             let part = |i: usize| -> Result<Linear> {
-                Ok(Linear::new(w.narrow(0, i * hidden, hidden)?, Some(b.narrow(0, i * hidden, hidden)?)))
+                Ok(Linear::new(
+                    w.narrow(0, i * hidden, hidden)?,
+                    Some(b.narrow(0, i * hidden, hidden)?),
+                ))
             };
             (part(0)?, part(1)?, part(2)?, candle_nn::linear(hidden, hidden, vb.pp("projection"))?)
         } else {
@@ -85,7 +88,12 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    pub fn load(hidden: usize, intermediate: usize, act: Activation, vb: VarBuilder) -> Result<Self> {
+    pub fn load(
+        hidden: usize,
+        intermediate: usize,
+        act: Activation,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         Ok(Self {
             fc1: candle_nn::linear(hidden, intermediate, vb.pp("fc1"))?,
             fc2: candle_nn::linear(intermediate, hidden, vb.pp("fc2"))?,
@@ -156,8 +164,11 @@ impl PatchEmbedding {
         let n = (image / patch) * (image / patch) + 1;
         let class = vb.get_unchecked("class_embedding")?.flatten_all()?;
         let patch_weight = vb.get((hidden, 3, patch, patch), "patch_embedding.weight")?;
-        let patch_bias =
-            if vb.contains_tensor("patch_embedding.bias") { Some(vb.get(hidden, "patch_embedding.bias")?) } else { None };
+        let patch_bias = if vb.contains_tensor("patch_embedding.bias") {
+            Some(vb.get(hidden, "patch_embedding.bias")?)
+        } else {
+            None
+        };
         let positions = if vb.contains_tensor("position_embedding.weight") {
             vb.get((n, hidden), "position_embedding.weight")?
         } else {
@@ -181,6 +192,8 @@ impl PatchEmbedding {
 
 /// An additive causal mask `(1, 1, T, T)`: 0 on and below the diagonal, -inf above.
 pub fn causal_mask(t: usize, dtype: DType, device: &candle_core::Device) -> Result<Tensor> {
-    let mask: Vec<f32> = (0..t).flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 })).collect();
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
     Tensor::from_vec(mask, (1, 1, t, t), device)?.to_dtype(dtype)
 }

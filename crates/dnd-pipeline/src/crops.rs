@@ -13,16 +13,16 @@ use rayon::prelude::*;
 
 use dnd_core::{CropConfig, LayerTopK, Map2, NeuronSet, plan_crops};
 use dnd_models::preprocess::{normalized_batch, resize_rgb};
-use dnd_models::{TargetModel, Tap};
+use dnd_models::{Tap, TargetModel};
 use dnd_store::tables::{self, CropRow, ErrorRow};
 use dnd_store::{Location, ParquetSink};
 
+use crate::describe::cut_crops;
 use crate::error::PipelineError;
 use crate::images::ImageRef;
-use crate::describe::cut_crops;
 use crate::probe::{LayerPlan, ProbeConfig, load_batch};
-use crate::workbench::encode_png;
 use crate::progress::Progress;
+use crate::workbench::encode_png;
 
 pub(crate) struct CropReport {
     pub crops: usize,
@@ -40,7 +40,14 @@ struct Need {
 }
 
 /// The crops of one image for one neuron, as table rows.
-fn crop_rows(canvas: &RgbImage, map: &Map2, need: &Need, layer: &str, image_id: &str, config: &CropConfig) -> Vec<CropRow> {
+fn crop_rows(
+    canvas: &RgbImage,
+    map: &Map2,
+    need: &Need,
+    layer: &str,
+    image_id: &str,
+    config: &CropConfig,
+) -> Vec<CropRow> {
     let plan = plan_crops(map, config);
     let side = config.canvas_size;
     plan.crops
@@ -87,7 +94,12 @@ pub(crate) async fn run_crops(
                 continue;
             }
             for (rank, s) in topk.neuron(neuron).sorted().into_iter().enumerate() {
-                needs.entry(s.image).or_default().push(Need { layer: l, neuron, rank, activation: s.activation });
+                needs.entry(s.image).or_default().push(Need {
+                    layer: l,
+                    neuron,
+                    rank,
+                    activation: s.activation,
+                });
             }
         }
     }
@@ -107,7 +119,9 @@ pub(crate) async fn run_crops(
     for chunk in order.chunks(config.batch_size) {
         let refs: Vec<ImageRef> = chunk.iter().map(|&i| images[i as usize].clone()).collect();
         let mut loaded = Vec::new();
-        for (pos, (_, r)) in load_batch(&refs, 0, &config.limits, "crop").await.into_iter().enumerate() {
+        for (pos, (_, r)) in
+            load_batch(&refs, 0, &config.limits, "crop").await.into_iter().enumerate()
+        {
             match r {
                 Ok(img) => loaded.push((chunk[pos], img)),
                 Err(e) => errors.push(e),
@@ -123,36 +137,60 @@ pub(crate) async fn run_crops(
         let ids: Vec<String> = loaded.iter().map(|(i, _)| images[*i as usize].id.clone()).collect();
         let layer_names: Vec<String> = layers.iter().map(|(p, _)| p.name.clone()).collect();
         let crop = crop.clone();
-        let rows: Vec<Vec<CropRow>> = tokio::task::spawn_blocking(move || -> Result<_, PipelineError> {
-            let canvases: Vec<RgbImage> = loaded.par_iter().map(|(_, img)| resize_rgb(img, side, side)).collect();
-            let x = normalized_batch(&canvases, model.preprocess.mean, model.preprocess.std, &model.device)?;
-            let outs = model.forward_taps(&x, &taps)?;
-            // (B, C, h, w) per layer, on the host
-            let maps: Vec<(Vec<usize>, Vec<f32>)> = outs
-                .iter()
-                .map(|t| -> Result<_, PipelineError> {
-                    Ok((t.dims().to_vec(), t.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?))
-                })
-                .collect::<Result<_, _>>()?;
-            let mut per_layer = vec![Vec::new(); taps.len()];
-            let jobs: Vec<(usize, Need)> =
-                batch_needs.iter().enumerate().flat_map(|(b, ns)| ns.iter().map(move |n| (b, *n))).collect();
-            let made: Vec<(usize, Vec<CropRow>)> = jobs
-                .par_iter()
-                .map(|&(b, need)| {
-                    let (dims, data) = &maps[need.layer];
-                    let (c, h, w) = (dims[1], dims[2], dims[3]);
-                    let start = (b * c + need.neuron) * h * w;
-                    let map = Map2 { width: w, height: h, data: data[start..start + h * w].to_vec() };
-                    (need.layer, crop_rows(&canvases[b], &map, &need, &layer_names[need.layer], &ids[b], &crop))
-                })
-                .collect();
-            for (layer, rows) in made {
-                per_layer[layer].extend(rows);
-            }
-            Ok(per_layer)
-        })
-        .await??;
+        let rows: Vec<Vec<CropRow>> =
+            tokio::task::spawn_blocking(move || -> Result<_, PipelineError> {
+                let canvases: Vec<RgbImage> =
+                    loaded.par_iter().map(|(_, img)| resize_rgb(img, side, side)).collect();
+                let x = normalized_batch(
+                    &canvases,
+                    model.preprocess.mean,
+                    model.preprocess.std,
+                    &model.device,
+                )?;
+                let outs = model.forward_taps(&x, &taps)?;
+                // (B, C, h, w) per layer, on the host
+                let maps: Vec<(Vec<usize>, Vec<f32>)> = outs
+                    .iter()
+                    .map(|t| -> Result<_, PipelineError> {
+                        Ok((
+                            t.dims().to_vec(),
+                            t.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?,
+                        ))
+                    })
+                    .collect::<Result<_, _>>()?;
+                let mut per_layer = vec![Vec::new(); taps.len()];
+                let jobs: Vec<(usize, Need)> = batch_needs
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(b, ns)| ns.iter().map(move |n| (b, *n)))
+                    .collect();
+                let made: Vec<(usize, Vec<CropRow>)> = jobs
+                    .par_iter()
+                    .map(|&(b, need)| {
+                        let (dims, data) = &maps[need.layer];
+                        let (c, h, w) = (dims[1], dims[2], dims[3]);
+                        let start = (b * c + need.neuron) * h * w;
+                        let map =
+                            Map2 { width: w, height: h, data: data[start..start + h * w].to_vec() };
+                        (
+                            need.layer,
+                            crop_rows(
+                                &canvases[b],
+                                &map,
+                                &need,
+                                &layer_names[need.layer],
+                                &ids[b],
+                                &crop,
+                            ),
+                        )
+                    })
+                    .collect();
+                for (layer, rows) in made {
+                    per_layer[layer].extend(rows);
+                }
+                Ok(per_layer)
+            })
+            .await??;
         for (sink, rows) in sinks.iter_mut().zip(rows) {
             crops += rows.len();
             sink.write(&tables::crops_batch(&rows)?).await?;

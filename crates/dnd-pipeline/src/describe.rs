@@ -15,9 +15,11 @@ use rayon::prelude::*;
 use dnd_core::scoring::{GeneratedImage, mean_cosine, score_candidates};
 use dnd_core::{BoundingBox, Map2, Pooling, Scored, plan_crops};
 use dnd_models::preprocess::{normalized_batch, resize_rgb};
-use dnd_models::{ImageRequest, TargetModel, Tap};
+use dnd_models::{ImageRequest, Tap, TargetModel};
 use dnd_store::Location;
-use dnd_store::results::{CandidateRow, CaptionRow, DescriptionRow, ExchangeRow, ImageRow, NeuronErrorRow, ScoreRow};
+use dnd_store::results::{
+    CandidateRow, CaptionRow, DescriptionRow, ExchangeRow, ImageRow, NeuronErrorRow, ScoreRow,
+};
 use dnd_summarize::{Answer, Exchange, simplify_captions, summarize_rounds};
 
 use crate::error::PipelineError;
@@ -84,8 +86,14 @@ pub fn pooled_activations(
 ) -> Result<Vec<Vec<f32>>, PipelineError> {
     let mut rows = Vec::with_capacity(images.len());
     for chunk in images.chunks(batch_size.max(1)) {
-        let transformed: Vec<RgbImage> = chunk.par_iter().map(|i| model.preprocess.transform(i)).collect();
-        let x = normalized_batch(&transformed, model.preprocess.mean, model.preprocess.std, &model.device)?;
+        let transformed: Vec<RgbImage> =
+            chunk.par_iter().map(|i| model.preprocess.transform(i)).collect();
+        let x = normalized_batch(
+            &transformed,
+            model.preprocess.mean,
+            model.preprocess.std,
+            &model.device,
+        )?;
         let out = model.forward_taps(&x, &[tap])?.remove(0);
         rows.extend(pool(&out, pooling)?.to_device(&Device::Cpu)?.to_vec2::<f32>()?);
     }
@@ -93,10 +101,16 @@ pub fn pooled_activations(
 }
 
 /// Channel maps `(images, channels, h, w)` of `canvases` at `tap`, on the host.
-fn spatial_maps(model: &TargetModel, canvases: &[RgbImage], tap: Tap, batch_size: usize) -> Result<Vec<Tensor>, PipelineError> {
+fn spatial_maps(
+    model: &TargetModel,
+    canvases: &[RgbImage],
+    tap: Tap,
+    batch_size: usize,
+) -> Result<Vec<Tensor>, PipelineError> {
     let mut maps = Vec::new();
     for chunk in canvases.chunks(batch_size.max(1)) {
-        let x = normalized_batch(chunk, model.preprocess.mean, model.preprocess.std, &model.device)?;
+        let x =
+            normalized_batch(chunk, model.preprocess.mean, model.preprocess.std, &model.device)?;
         let out = model.forward_taps(&x, &[tap])?.remove(0).to_device(&Device::Cpu)?;
         for b in 0..chunk.len() {
             maps.push(out.get(b)?);
@@ -115,7 +129,13 @@ pub(crate) fn cut_crops(canvas: &RgbImage, boxes: &[BoundingBox]) -> Vec<RgbImag
     let (side_w, side_h) = canvas.dimensions();
     boxes
         .iter()
-        .map(|b| resize_rgb(&image::imageops::crop_imm(canvas, b.x0, b.y0, b.width(), b.height()).to_image(), side_w, side_h))
+        .map(|b| {
+            resize_rgb(
+                &image::imageops::crop_imm(canvas, b.x0, b.y0, b.width(), b.height()).to_image(),
+                side_w,
+                side_h,
+            )
+        })
         .collect()
 }
 
@@ -129,7 +149,10 @@ fn exchange_row(layer: &str, neuron: usize, seq: usize, e: &Exchange) -> Exchang
         layer: layer.into(),
         neuron: neuron as i32,
         seq: seq as i32,
-        step: serde_json::to_value(e.step).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),
+        step: serde_json::to_value(e.step)
+            .ok()
+            .and_then(|v| v.as_str().map(String::from))
+            .unwrap_or_default(),
         backend: e.backend.clone(),
         model: e.model.clone(),
         prompt_version: e.prompt_version.clone(),
@@ -159,15 +182,18 @@ pub async fn run_neuron_task(
     let layer = task.layer.as_str();
     let n = task.neurons.len();
     let model = bench.target.clone();
-    let neuron_error = |neuron: usize, stage: &str, image_id: Option<String>, reason: &str, message: String| NeuronErrorRow {
-        layer: layer.into(),
-        neuron: neuron as i32,
-        stage: stage.into(),
-        image_id,
-        reason: reason.into(),
-        message,
-        task: task.id.clone(),
-    };
+    let neuron_error =
+        |neuron: usize, stage: &str, image_id: Option<String>, reason: &str, message: String| {
+            NeuronErrorRow {
+                layer: layer.into(),
+                neuron: neuron as i32,
+                stage: stage.into(),
+                image_id,
+                reason: reason.into(),
+                message,
+                task: task.id.clone(),
+            }
+        };
 
     // Originals: every distinct top image of the task, read once.
     let wanted: Vec<u32> = {
@@ -178,7 +204,9 @@ pub async fn run_neuron_task(
     };
     let refs: Vec<ImageRef> = wanted.iter().map(|&i| images[i as usize].clone()).collect();
     let mut originals: HashMap<u32, Arc<RgbImage>> = HashMap::new();
-    for (pos, (_, loaded)) in load_batch(&refs, 0, &spec.probe.limits, "read").await.into_iter().enumerate() {
+    for (pos, (_, loaded)) in
+        load_batch(&refs, 0, &spec.probe.limits, "read").await.into_iter().enumerate()
+    {
         match loaded {
             Ok(img) => {
                 originals.insert(wanted[pos], Arc::new(img));
@@ -186,7 +214,13 @@ pub async fn run_neuron_task(
             Err(row) => {
                 for (k, list) in top.iter().enumerate() {
                     if list.iter().any(|s| s.image == wanted[pos]) {
-                        tables.errors.push(neuron_error(task.neurons[k], "read", Some(row.image_id.clone()), &row.reason, row.message.clone()));
+                        tables.errors.push(neuron_error(
+                            task.neurons[k],
+                            "read",
+                            Some(row.image_id.clone()),
+                            &row.reason,
+                            row.message.clone(),
+                        ));
                     }
                 }
             }
@@ -199,7 +233,14 @@ pub async fn run_neuron_task(
                 .filter_map(|s| {
                     let image = originals.get(&s.image)?.clone();
                     let r = &images[s.image as usize];
-                    Some(Evidence { image_id: r.id.clone(), crop: None, activation: s.activation, hash: image_hash(&image), image, uri: r.uri() })
+                    Some(Evidence {
+                        image_id: r.id.clone(),
+                        crop: None,
+                        activation: s.activation,
+                        hash: image_hash(&image),
+                        image,
+                        uri: r.uri(),
+                    })
                 })
                 .collect()
         })
@@ -208,13 +249,22 @@ pub async fn run_neuron_task(
     // Stage 1: attention crops (spatial layers only).
     if task.tap.is_spatial() {
         let side = spec.crops.canvas_size;
-        let order: Vec<u32> = originals.keys().copied().collect::<std::collections::BTreeSet<_>>().into_iter().collect();
-        let canvases: Vec<RgbImage> = order.par_iter().map(|i| resize_rgb(&originals[i], side, side)).collect();
+        let order: Vec<u32> = originals
+            .keys()
+            .copied()
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let canvases: Vec<RgbImage> =
+            order.par_iter().map(|i| resize_rgb(&originals[i], side, side)).collect();
         let maps = {
-            let (model, tap, batch, canvases) = (model.clone(), task.tap, spec.describe.batch_size, canvases.clone());
-            tokio::task::spawn_blocking(move || spatial_maps(&model, &canvases, tap, batch)).await??
+            let (model, tap, batch, canvases) =
+                (model.clone(), task.tap, spec.describe.batch_size, canvases.clone());
+            tokio::task::spawn_blocking(move || spatial_maps(&model, &canvases, tap, batch))
+                .await??
         };
-        let slot: HashMap<u32, usize> = order.iter().enumerate().map(|(i, &img)| (img, i)).collect();
+        let slot: HashMap<u32, usize> =
+            order.iter().enumerate().map(|(i, &img)| (img, i)).collect();
         let mut crops: Vec<(usize, Evidence)> = Vec::new();
         for (k, list) in top.iter().enumerate() {
             let neuron = task.neurons[k];
@@ -224,12 +274,21 @@ pub async fn run_neuron_task(
                 let (h, w) = map.dims2()?;
                 let map = Map2 { width: w, height: h, data: map.flatten_all()?.to_vec1::<f32>()? };
                 let plan = plan_crops(&map, &spec.crops);
-                for (c, (b, img)) in plan.crops.iter().zip(cut_crops(&canvases[i], &plan.crops)).enumerate() {
+                for (c, (b, img)) in
+                    plan.crops.iter().zip(cut_crops(&canvases[i], &plan.crops)).enumerate()
+                {
                     let hash = image_hash(&img);
                     let rel = crop_path(&hash);
                     crops.push((
                         k,
-                        Evidence { image_id: images[s.image as usize].id.clone(), crop: Some((c, *b)), activation: 0.0, image: Arc::new(img), hash, uri: job.display_path(&rel) },
+                        Evidence {
+                            image_id: images[s.image as usize].id.clone(),
+                            crop: Some((c, *b)),
+                            activation: 0.0,
+                            image: Arc::new(img),
+                            hash,
+                            uri: job.display_path(&rel),
+                        },
                     ));
                 }
             }
@@ -237,8 +296,12 @@ pub async fn run_neuron_task(
         // Their own activations, for re-ranking with the originals.
         let crop_images: Vec<Arc<RgbImage>> = crops.iter().map(|(_, e)| e.image.clone()).collect();
         let pooled = {
-            let (model, tap, pooling, batch) = (model.clone(), task.tap, spec.probe.pooling, spec.describe.batch_size);
-            tokio::task::spawn_blocking(move || pooled_activations(&model, &crop_images, tap, pooling, batch)).await??
+            let (model, tap, pooling, batch) =
+                (model.clone(), task.tap, spec.probe.pooling, spec.describe.batch_size);
+            tokio::task::spawn_blocking(move || {
+                pooled_activations(&model, &crop_images, tap, pooling, batch)
+            })
+            .await??
         };
         for ((k, mut e), row) in crops.into_iter().zip(pooled) {
             e.activation = row[task.neurons[k]];
@@ -262,14 +325,16 @@ pub async fn run_neuron_task(
     }
     let distinct: Vec<(String, Arc<RgbImage>)> = distinct.into_iter().collect();
     let captioned = bench.captions(&distinct, spec.captioner.batch_size).await?;
-    let caption_of: HashMap<&str, &(String, bool)> = distinct.iter().map(|(h, _)| h.as_str()).zip(&captioned).collect();
+    let caption_of: HashMap<&str, &(String, bool)> =
+        distinct.iter().map(|(h, _)| h.as_str()).zip(&captioned).collect();
     progress.advance_stage("caption", n as u64);
 
     // Stage 2: labels and candidates, neuron by neuron.
     let summarizer = bench.cached_summarizer();
     let mut labelling: Vec<Labelling> = Vec::with_capacity(n);
     for list in &evidence {
-        let captions: Vec<String> = list.iter().take(top_n).map(|e| caption_of[e.hash.as_str()].0.clone()).collect();
+        let captions: Vec<String> =
+            list.iter().take(top_n).map(|e| caption_of[e.hash.as_str()].0.clone()).collect();
         let mut out = Labelling::default();
         match simplify_captions(&summarizer, &captions).await {
             Ok(simplified) => {
@@ -277,7 +342,14 @@ pub async fn run_neuron_task(
                 out.simplified = per_caption_labels(&simplified.exchanges, captions.len());
                 out.exchanges = simplified.exchanges;
                 if !simplified.labels.is_empty() {
-                    match summarize_rounds(&summarizer, &simplified.labels, spec.seed, spec.summarizer.rounds).await {
+                    match summarize_rounds(
+                        &summarizer,
+                        &simplified.labels,
+                        spec.seed,
+                        spec.summarizer.rounds,
+                    )
+                    .await
+                    {
                         Ok(rounds) => {
                             out.exchanges.extend(rounds.exchanges);
                             out.candidates = rounds.labels;
@@ -316,8 +388,15 @@ pub async fn run_neuron_task(
     // its top images.
     let generated_images: Vec<Arc<RgbImage>> = generated.iter().map(|g| g.image.clone()).collect();
     let activations = {
-        let (model, tap, pooling, batch, imgs) = (model.clone(), task.tap, spec.probe.pooling, spec.describe.batch_size, generated_images.clone());
-        tokio::task::spawn_blocking(move || pooled_activations(&model, &imgs, tap, pooling, batch)).await??
+        let (model, tap, pooling, batch, imgs) = (
+            model.clone(),
+            task.tap,
+            spec.probe.pooling,
+            spec.describe.batch_size,
+            generated_images.clone(),
+        );
+        tokio::task::spawn_blocking(move || pooled_activations(&model, &imgs, tap, pooling, batch))
+            .await??
     };
     let embed = |imgs: Vec<Arc<RgbImage>>| {
         let embedder = bench.embedder.model.clone();
@@ -336,8 +415,11 @@ pub async fn run_neuron_task(
     };
     let (top_embeddings, dim) = embed(distinct.iter().map(|(_, i)| i.clone()).collect()).await??;
     let (generated_embeddings, _) = embed(generated_images).await??;
-    let embedding_of: HashMap<&str, &[f32]> =
-        distinct.iter().enumerate().map(|(i, (h, _))| (h.as_str(), &top_embeddings[i * dim..(i + 1) * dim])).collect();
+    let embedding_of: HashMap<&str, &[f32]> = distinct
+        .iter()
+        .enumerate()
+        .map(|(i, (h, _))| (h.as_str(), &top_embeddings[i * dim..(i + 1) * dim]))
+        .collect();
     let generated_hashes: Vec<String> = generated.iter().map(|g| image_hash(&g.image)).collect();
 
     for (k, (list, l)) in evidence.iter().zip(&labelling).enumerate() {
@@ -388,19 +470,31 @@ pub async fn run_neuron_task(
             tables.exchanges.push(exchange_row(layer, neuron, seq, e));
         }
         if let Some(failure) = &l.failure {
-            tables.errors.push(neuron_error(neuron, "summarize", None, "summarizer_failed", failure.clone()));
+            tables.errors.push(neuron_error(
+                neuron,
+                "summarize",
+                None,
+                "summarizer_failed",
+                failure.clone(),
+            ));
         }
 
         // Score this neuron's candidates.
-        let references: Vec<f32> = top_list.iter().flat_map(|e| embedding_of[e.hash.as_str()].iter().copied()).collect();
+        let references: Vec<f32> =
+            top_list.iter().flat_map(|e| embedding_of[e.hash.as_str()].iter().copied()).collect();
         let mut scored_images = Vec::new();
         let mut image_requests = Vec::new();
         for (c, concept) in l.candidates.iter().enumerate() {
             let prompt = spec.generator.sampling.prompt(concept);
             for i in 0..q as u64 {
                 let r = request_index[&(prompt.clone(), spec.seed.wrapping_add(i))];
-                let sim = mean_cosine(&generated_embeddings[r * dim..(r + 1) * dim], &references, dim)[0];
-                scored_images.push(GeneratedImage { candidate: c, activation: activations[r][neuron], similarity: sim });
+                let sim =
+                    mean_cosine(&generated_embeddings[r * dim..(r + 1) * dim], &references, dim)[0];
+                scored_images.push(GeneratedImage {
+                    candidate: c,
+                    activation: activations[r][neuron],
+                    similarity: sim,
+                });
                 image_requests.push(r);
             }
         }
@@ -431,7 +525,10 @@ pub async fn run_neuron_task(
                 cached: generated[r].cached,
             });
         }
-        let rank_score = serde_json::to_value(spec.scoring.rank_score).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
+        let rank_score = serde_json::to_value(spec.scoring.rank_score)
+            .ok()
+            .and_then(|v| v.as_str().map(String::from))
+            .unwrap_or_default();
         for s in &scores {
             let concept = l.candidates[s.candidate].clone();
             tables.candidates.push(CandidateRow {
@@ -462,7 +559,12 @@ pub async fn run_neuron_task(
         }
         let mut ranked: Vec<_> = scores.iter().collect();
         ranked.sort_by_key(|s| s.final_rank);
-        let label = |i: usize| ranked.get(i).filter(|_| i < spec.scoring.labels).map(|s| (l.candidates[s.candidate].clone(), s.final_score));
+        let label = |i: usize| {
+            ranked
+                .get(i)
+                .filter(|_| i < spec.scoring.labels)
+                .map(|s| (l.candidates[s.candidate].clone(), s.final_score))
+        };
         let status = if l.failure.is_some() {
             "failed"
         } else if l.candidates.is_empty() {
@@ -470,10 +572,14 @@ pub async fn run_neuron_task(
         } else {
             "ok"
         };
-        let count = |it: &mut dyn Iterator<Item = bool>| it.fold((0, 0), |(c, t), cached| (c + i32::from(cached), t + 1));
-        let (captions_cached, captions_total) = count(&mut top_list.iter().map(|e| caption_of[e.hash.as_str()].1));
+        let count = |it: &mut dyn Iterator<Item = bool>| {
+            it.fold((0, 0), |(c, t), cached| (c + i32::from(cached), t + 1))
+        };
+        let (captions_cached, captions_total) =
+            count(&mut top_list.iter().map(|e| caption_of[e.hash.as_str()].1));
         let (replies_cached, replies_total) = count(&mut l.exchanges.iter().map(|e| e.cached));
-        let (images_cached, images_total) = count(&mut image_requests.iter().map(|&r| generated[r].cached));
+        let (images_cached, images_total) =
+            count(&mut image_requests.iter().map(|&r| generated[r].cached));
         tables.descriptions.push(DescriptionRow {
             layer: layer.into(),
             neuron: neuron as i32,

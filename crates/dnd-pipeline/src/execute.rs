@@ -13,7 +13,9 @@ use tokio::sync::Mutex;
 use dnd_core::Scored;
 use dnd_store::results::ResultTable;
 use dnd_store::tables::TopKRow;
-use dnd_store::{CacheCounts, CacheKind, Location, TaskStore, batches_rows, read_parquet, write_parquet};
+use dnd_store::{
+    CacheCounts, CacheKind, Location, TaskStore, batches_rows, read_parquet, write_parquet,
+};
 
 use crate::describe::{NeuronTask, TaskTables, run_neuron_task};
 use crate::error::PipelineError;
@@ -67,24 +69,37 @@ impl JobContext {
         if images.images.len() != plan.images {
             return Err(PipelineError::BadJob {
                 origin: plan.probe_images.clone(),
-                reason: format!("the probe set changed since the job was planned ({} images then, {} now)", plan.images, images.images.len()),
+                reason: format!(
+                    "the probe set changed since the job was planned ({} images then, {} now)",
+                    plan.images,
+                    images.images.len()
+                ),
             });
         }
         Ok(Self { name, spec, plan, job, images, topk: Mutex::new(HashMap::new()) })
     }
 
     /// Each neuron's merged probe top-K of `layer`, as indices into the probe set.
-    async fn layer_topk(&self, layer: &str) -> Result<Arc<HashMap<usize, Vec<Scored>>>, PipelineError> {
+    async fn layer_topk(
+        &self,
+        layer: &str,
+    ) -> Result<Arc<HashMap<usize, Vec<Scored>>>, PipelineError> {
         let mut cached = self.topk.lock().await;
         if let Some(t) = cached.get(layer) {
             return Ok(t.clone());
         }
-        let index: HashMap<&str, u32> = self.images.images.iter().enumerate().map(|(i, r)| (r.id.as_str(), i as u32)).collect();
-        let rows: Vec<TopKRow> = batches_rows("topk", &read_parquet(&self.job, &format!("probe/topk/{layer}.parquet")).await?)?;
+        let index: HashMap<&str, u32> =
+            self.images.images.iter().enumerate().map(|(i, r)| (r.id.as_str(), i as u32)).collect();
+        let rows: Vec<TopKRow> = batches_rows(
+            "topk",
+            &read_parquet(&self.job, &format!("probe/topk/{layer}.parquet")).await?,
+        )?;
         let mut top: HashMap<usize, Vec<Scored>> = HashMap::new();
         for row in rows {
             if let Some(&image) = index.get(row.image_id.as_str()) {
-                top.entry(row.neuron as usize).or_default().push(Scored { image, activation: row.activation });
+                top.entry(row.neuron as usize)
+                    .or_default()
+                    .push(Scored { image, activation: row.activation });
             }
         }
         let top = Arc::new(top);
@@ -93,12 +108,19 @@ impl JobContext {
     }
 
     /// Runs task `task` of the plan with `bench`, writing under the attempt's directory.
-    pub async fn run_task(&self, bench: &Workbench, task: &str, attempt: &str, progress: &dyn Progress) -> Result<TaskStats, PipelineError> {
+    pub async fn run_task(
+        &self,
+        bench: &Workbench,
+        task: &str,
+        attempt: &str,
+        progress: &dyn Progress,
+    ) -> Result<TaskStats, PipelineError> {
         let store = TaskStore::new(self.job.clone());
         let dir = store.attempt_dir(task, attempt)?;
         let started = Instant::now();
         let before = cache_counts(bench);
-        let mut stats = TaskStats { task: task.into(), attempt: attempt.into(), ..Default::default() };
+        let mut stats =
+            TaskStats { task: task.into(), attempt: attempt.into(), ..Default::default() };
         if let Some(slice) = self.plan.probe_tasks.iter().find(|t| t.id == task) {
             let mut images = self.images.clone();
             images.images = images.images[slice.start..slice.end].to_vec();
@@ -106,32 +128,57 @@ impl JobContext {
             if slice.start > 0 {
                 images.errors.clear();
             }
-            run_probe(bench.target.clone(), images, &dir, &probe_config(&self.spec), progress).await?;
+            run_probe(bench.target.clone(), images, &dir, &probe_config(&self.spec), progress)
+                .await?;
             stats.kind = "probe".into();
             stats.images = slice.end - slice.start;
             stats.models.insert("target".into(), bench.target.reference.clone());
         } else if let Some(batch) = self.plan.neuron_tasks.iter().find(|t| t.id == task) {
-            let neuron_task =
-                NeuronTask { id: batch.id.clone(), layer: batch.layer.clone(), tap: bench.target.tap(&batch.layer)?, neurons: batch.neurons.clone() };
+            let neuron_task = NeuronTask {
+                id: batch.id.clone(),
+                layer: batch.layer.clone(),
+                tap: bench.target.tap(&batch.layer)?,
+                neurons: batch.neurons.clone(),
+            };
             let top_by_neuron = self.layer_topk(&batch.layer).await?;
-            let top: Vec<Vec<Scored>> = batch.neurons.iter().map(|n| top_by_neuron.get(n).cloned().unwrap_or_default()).collect();
-            let tables = run_neuron_task(bench, &self.spec, &neuron_task, &top, &self.images.images, &self.job, progress).await?;
+            let top: Vec<Vec<Scored>> = batch
+                .neurons
+                .iter()
+                .map(|n| top_by_neuron.get(n).cloned().unwrap_or_default())
+                .collect();
+            let tables = run_neuron_task(
+                bench,
+                &self.spec,
+                &neuron_task,
+                &top,
+                &self.images.images,
+                &self.job,
+                progress,
+            )
+            .await?;
             write_task(&dir, &tables).await?;
             stats.kind = "neurons".into();
             stats.neurons = batch.neurons.len();
             stats.models = bench.identities();
         } else {
-            return Err(PipelineError::BadJob { origin: self.job.display_path("plan.json"), reason: format!("the plan has no task `{task}`") });
+            return Err(PipelineError::BadJob {
+                origin: self.job.display_path("plan.json"),
+                reason: format!("the plan has no task `{task}`"),
+            });
         }
         stats.seconds = started.elapsed().as_secs_f64();
         let after = cache_counts(bench);
         for (i, kind) in CacheKind::ALL.iter().enumerate() {
             stats.cache.insert(
                 kind.name().into(),
-                CacheCounts { hits: after[i].hits - before[i].hits, misses: after[i].misses - before[i].misses },
+                CacheCounts {
+                    hits: after[i].hits - before[i].hits,
+                    misses: after[i].misses - before[i].misses,
+                },
             );
         }
-        let json = serde_json::to_vec_pretty(&stats).map_err(|e| PipelineError::Internal(e.to_string()))?;
+        let json = serde_json::to_vec_pretty(&stats)
+            .map_err(|e| PipelineError::Internal(e.to_string()))?;
         dir.put(STATS_FILE, Bytes::from(json)).await?;
         Ok(stats)
     }

@@ -74,35 +74,54 @@ pub async fn probe_merged(job: &Location) -> Result<bool, PipelineError> {
 /// Merges the committed probe slices into each layer's top-K (the `top_k` most activating
 /// images per neuron; ties go to the earlier image id, as within a slice) and the probe
 /// errors, then marks stage 0 done.
-pub async fn merge_probe(job: &Location, plan: &JobPlan, top_k: usize) -> Result<(), PipelineError> {
+pub async fn merge_probe(
+    job: &Location,
+    plan: &JobPlan,
+    top_k: usize,
+) -> Result<(), PipelineError> {
     let store = TaskStore::new(job.clone());
     let mut slices = Vec::new();
     for slice in &plan.probe_tasks {
-        let attempt = store.committed(&slice.id).await?.ok_or_else(|| PipelineError::Internal(format!("probe task {} is not committed", slice.id)))?;
+        let attempt = store.committed(&slice.id).await?.ok_or_else(|| {
+            PipelineError::Internal(format!("probe task {} is not committed", slice.id))
+        })?;
         slices.push(store.attempt_dir(&slice.id, &attempt)?);
     }
     for layer in &plan.layers {
         let mut by_neuron: BTreeMap<i32, Vec<TopKRow>> = BTreeMap::new();
         for dir in &slices {
-            let rows: Vec<TopKRow> = batches_rows("topk", &read_parquet(dir, &format!("topk/{}.parquet", layer.name)).await?)?;
+            let rows: Vec<TopKRow> = batches_rows(
+                "topk",
+                &read_parquet(dir, &format!("topk/{}.parquet", layer.name)).await?,
+            )?;
             for row in rows {
                 by_neuron.entry(row.neuron).or_default().push(row);
             }
         }
         let mut merged = Vec::new();
         for (_, mut rows) in by_neuron {
-            rows.sort_by(|a, b| b.activation.total_cmp(&a.activation).then_with(|| a.image_id.cmp(&b.image_id)));
+            rows.sort_by(|a, b| {
+                b.activation.total_cmp(&a.activation).then_with(|| a.image_id.cmp(&b.image_id))
+            });
             rows.truncate(top_k);
             for (rank, mut row) in rows.into_iter().enumerate() {
                 row.rank = rank as i32;
                 merged.push(row);
             }
         }
-        write_parquet(job, &format!("probe/topk/{}.parquet", layer.name), &tables::topk_batch(&merged)?).await?;
+        write_parquet(
+            job,
+            &format!("probe/topk/{}.parquet", layer.name),
+            &tables::topk_batch(&merged)?,
+        )
+        .await?;
     }
     let mut errors: Vec<ErrorRow> = Vec::new();
     for dir in &slices {
-        errors.extend(batches_rows::<ErrorRow>("errors", &read_parquet(dir, "errors.parquet").await?)?);
+        errors.extend(batches_rows::<ErrorRow>(
+            "errors",
+            &read_parquet(dir, "errors.parquet").await?,
+        )?);
     }
     write_parquet(job, "probe/errors.parquet", &tables::errors_batch(&errors)?).await?;
     job.put_if_absent(PROBE_MARKER, Bytes::from_static(b"merged")).await?;
@@ -112,7 +131,13 @@ pub async fn merge_probe(job: &Location, plan: &JobPlan, top_k: usize) -> Result
 /// Records that a neuron task failed for good: every neuron of it gets a `failed`
 /// description and an error row with the task's last error, committed as the task's
 /// output so that the job's results still hold every neuron exactly once.
-pub async fn commit_failed_task(job: &Location, plan: &JobPlan, task: &str, attempts: u32, error: &str) -> Result<(), PipelineError> {
+pub async fn commit_failed_task(
+    job: &Location,
+    plan: &JobPlan,
+    task: &str,
+    attempts: u32,
+    error: &str,
+) -> Result<(), PipelineError> {
     let Some(batch) = plan.neuron_tasks.iter().find(|t| t.id == task) else {
         return Err(PipelineError::Internal(format!("no neuron task `{task}` in the plan")));
     };
@@ -180,23 +205,32 @@ pub struct RunFacts {
 
 /// Compacts the committed neuron tasks into `results/*.parquet`, then writes
 /// `summary.json` from the attempts' `stats.json`.
-pub async fn finish_job(job: &Location, plan: &JobPlan, facts: &RunFacts) -> Result<DissectSummary, PipelineError> {
+pub async fn finish_job(
+    job: &Location,
+    plan: &JobPlan,
+    facts: &RunFacts,
+) -> Result<DissectSummary, PipelineError> {
     let store = TaskStore::new(job.clone());
     let task_ids: Vec<String> = plan.neuron_tasks.iter().map(|t| t.id.clone()).collect();
     let results = store.compact(&task_ids).await?;
-    let descriptions: Vec<DescriptionRow> = batches_rows("descriptions", &read_parquet(job, "results/descriptions.parquet").await?)?;
+    let descriptions: Vec<DescriptionRow> =
+        batches_rows("descriptions", &read_parquet(job, "results/descriptions.parquet").await?)?;
 
     let mut cache: BTreeMap<String, CacheCounts> = BTreeMap::new();
     let mut models = BTreeMap::new();
-    let (mut probe_seconds, mut describe_seconds, mut described, mut tasks_failed) = (0.0, 0.0, 0usize, 0usize);
+    let (mut probe_seconds, mut describe_seconds, mut described, mut tasks_failed) =
+        (0.0, 0.0, 0usize, 0usize);
     for task in plan.task_ids() {
         let Some(attempt) = store.committed(task).await? else { continue };
         if attempt.starts_with(FAILED_ATTEMPT_PREFIX) {
             tasks_failed += 1;
             continue;
         }
-        let Some(bytes) = store.attempt_dir(task, &attempt)?.get_opt(STATS_FILE).await? else { continue };
-        let stats: TaskStats = serde_json::from_slice(&bytes).map_err(|e| PipelineError::Internal(format!("{task}/{attempt}/{STATS_FILE}: {e}")))?;
+        let Some(bytes) = store.attempt_dir(task, &attempt)?.get_opt(STATS_FILE).await? else {
+            continue;
+        };
+        let stats: TaskStats = serde_json::from_slice(&bytes)
+            .map_err(|e| PipelineError::Internal(format!("{task}/{attempt}/{STATS_FILE}: {e}")))?;
         for (kind, c) in &stats.cache {
             let entry = cache.entry(kind.clone()).or_default();
             entry.hits += c.hits;
@@ -210,7 +244,8 @@ pub async fn finish_job(job: &Location, plan: &JobPlan, facts: &RunFacts) -> Res
         }
         models.extend(stats.models);
     }
-    let (hits, lookups) = cache.values().fold((0, 0), |(h, t), c| (h + c.hits, t + c.hits + c.misses));
+    let (hits, lookups) =
+        cache.values().fold((0, 0), |(h, t), c| (h + c.hits, t + c.hits + c.misses));
     let count = |status: &str| descriptions.iter().filter(|d| d.status == status).count();
     let summary = DissectSummary {
         dnd_version: env!("CARGO_PKG_VERSION").into(),
@@ -234,13 +269,17 @@ pub async fn finish_job(job: &Location, plan: &JobPlan, facts: &RunFacts) -> Res
         total_seconds: facts.total_seconds,
         peak_rss_mib: peak_rss_mib(),
     };
-    let json = serde_json::to_vec_pretty(&summary).map_err(|e| PipelineError::Internal(e.to_string()))?;
+    let json =
+        serde_json::to_vec_pretty(&summary).map_err(|e| PipelineError::Internal(e.to_string()))?;
     job.put(SUMMARY_FILE, Bytes::from(json)).await?;
     Ok(summary)
 }
 
 /// Which tasks of the plan are committed, and which of those are failure records.
-pub async fn committed_tasks(job: &Location, plan: &JobPlan) -> Result<HashMap<String, bool>, PipelineError> {
+pub async fn committed_tasks(
+    job: &Location,
+    plan: &JobPlan,
+) -> Result<HashMap<String, bool>, PipelineError> {
     let store = TaskStore::new(job.clone());
     let mut done = HashMap::new();
     for task in plan.task_ids() {

@@ -74,7 +74,12 @@ fn extension(name: &str) -> Option<String> {
 }
 
 fn error_row(id: &str, stage: &str, reason: &str, message: impl Into<String>) -> ErrorRow {
-    ErrorRow { image_id: id.into(), stage: stage.into(), reason: reason.into(), message: message.into() }
+    ErrorRow {
+        image_id: id.into(),
+        stage: stage.into(),
+        reason: reason.into(),
+        message: message.into(),
+    }
 }
 
 impl ProbeImages {
@@ -82,7 +87,8 @@ impl ProbeImages {
     pub async fn discover(spec: &str) -> Result<Self, PipelineError> {
         let is_list = extension(spec).is_some_and(|e| LIST_EXTENSIONS.contains(&e.as_str()))
             && !std::path::Path::new(spec).is_dir();
-        let set = if is_list { Self::from_list(spec).await? } else { Self::from_prefix(spec).await? };
+        let set =
+            if is_list { Self::from_list(spec).await? } else { Self::from_prefix(spec).await? };
         if set.images.is_empty() {
             let detail = if is_list {
                 "the list names no image".to_string()
@@ -106,7 +112,12 @@ impl ProbeImages {
         while let Some(meta) = listing.try_next().await? {
             let Some(relative) = root.relative(&meta.location) else { continue };
             if extension(&relative).is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.as_str())) {
-                images.push(ImageRef { id: relative.clone(), location: root.clone(), relative, size: Some(meta.size) });
+                images.push(ImageRef {
+                    id: relative.clone(),
+                    location: root.clone(),
+                    relative,
+                    size: Some(meta.size),
+                });
             } else {
                 ignored_files += 1;
             }
@@ -128,13 +139,19 @@ impl ProbeImages {
         let bad = |reason: String| PipelineError::BadImageList { location: spec.into(), reason };
         let base = Location::open(&parent)?;
         let bytes = base.get(&file).await?;
-        let text = String::from_utf8(bytes.to_vec()).map_err(|_| bad("it is not UTF-8 text".into()))?;
-        let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).peekable();
+        let text =
+            String::from_utf8(bytes.to_vec()).map_err(|_| bad("it is not UTF-8 text".into()))?;
+        let mut lines =
+            text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).peekable();
         let is_csv = extension(spec).as_deref() == Some("csv");
         let mut column = 0;
         if is_csv && let Some(header) = lines.peek() {
-            let names: Vec<String> = header.split(',').map(|c| c.trim().to_ascii_lowercase()).collect();
-            if let Some(i) = names.iter().position(|n| ["path", "image", "image_path", "file"].contains(&n.as_str())) {
+            let names: Vec<String> =
+                header.split(',').map(|c| c.trim().to_ascii_lowercase()).collect();
+            if let Some(i) = names
+                .iter()
+                .position(|n| ["path", "image", "image_path", "file"].contains(&n.as_str()))
+            {
                 column = i;
                 lines.next();
             }
@@ -155,7 +172,14 @@ impl ProbeImages {
             // list's directory.
             let (dir, name) = if entry.contains("://") || entry.starts_with('/') {
                 match entry.rsplit_once('/') {
-                    Some((d, f)) => (if d.is_empty() || d.ends_with(':') { format!("{d}/") } else { d.to_string() }, f.to_string()),
+                    Some((d, f)) => (
+                        if d.is_empty() || d.ends_with(':') {
+                            format!("{d}/")
+                        } else {
+                            d.to_string()
+                        },
+                        f.to_string(),
+                    ),
                     None => continue,
                 }
             } else {
@@ -202,10 +226,17 @@ pub async fn read_image(image: &ImageRef, limits: &ImageLimits) -> Result<Bytes,
     {
         return Err(Skipped {
             reason: "too_large",
-            message: format!("the file has {size} bytes, over the limit of {} (images.max_file_bytes)", limits.max_file_bytes),
+            message: format!(
+                "the file has {size} bytes, over the limit of {} (images.max_file_bytes)",
+                limits.max_file_bytes
+            ),
         });
     }
-    image.location.get(&image.relative).await.map_err(|e| Skipped { reason: "unreadable", message: e.to_string() })
+    image
+        .location
+        .get(&image.relative)
+        .await
+        .map_err(|e| Skipped { reason: "unreadable", message: e.to_string() })
 }
 
 /// Decodes JPEG, PNG or WebP bytes to 8-bit RGB, as PIL's `convert("RGB")` does:
@@ -217,29 +248,49 @@ pub fn decode_rgb(bytes: &[u8], limits: &ImageLimits) -> Result<RgbImage, Skippe
     if bytes.len() as u64 > limits.max_file_bytes {
         return Err(Skipped {
             reason: "too_large",
-            message: format!("the file has {} bytes, over the limit of {}", bytes.len(), limits.max_file_bytes),
+            message: format!(
+                "the file has {} bytes, over the limit of {}",
+                bytes.len(),
+                limits.max_file_bytes
+            ),
         });
     }
-    let reader = || ImageReader::new(Cursor::new(bytes)).with_guessed_format().expect("reading from memory cannot fail");
+    let reader = || {
+        ImageReader::new(Cursor::new(bytes))
+            .with_guessed_format()
+            .expect("reading from memory cannot fail")
+    };
     let Some(format) = reader().format() else {
         return Err(Skipped {
             reason: "not_an_image",
             message: "the content is not a JPEG, PNG or WebP image (unrecognised signature)".into(),
         });
     };
-    if !matches!(format, image::ImageFormat::Jpeg | image::ImageFormat::Png | image::ImageFormat::WebP) {
-        return Err(Skipped { reason: "unsupported", message: format!("{format:?} images are not supported; convert to JPEG, PNG or WebP") });
+    if !matches!(
+        format,
+        image::ImageFormat::Jpeg | image::ImageFormat::Png | image::ImageFormat::WebP
+    ) {
+        return Err(Skipped {
+            reason: "unsupported",
+            message: format!("{format:?} images are not supported; convert to JPEG, PNG or WebP"),
+        });
     }
     if format == image::ImageFormat::Jpeg && !jpeg_has_end(bytes) {
         // The JPEG decoder fills missing data with grey instead of failing; Pillow refuses
         // such files ("image file is truncated"), and so do we.
-        return Err(Skipped { reason: "truncated", message: "the JPEG ends before its end-of-image marker".into() });
+        return Err(Skipped {
+            reason: "truncated",
+            message: "the JPEG ends before its end-of-image marker".into(),
+        });
     }
     let (w, h) = reader().into_dimensions().map_err(classify)?;
     if u64::from(w) * u64::from(h) > limits.max_pixels {
         return Err(Skipped {
             reason: "too_large",
-            message: format!("{w}x{h} pixels is over the limit of {} (images.max_pixels); a decompression bomb?", limits.max_pixels),
+            message: format!(
+                "{w}x{h} pixels is over the limit of {} (images.max_pixels); a decompression bomb?",
+                limits.max_pixels
+            ),
         });
     }
     let mut r = reader();
@@ -263,7 +314,9 @@ fn classify(e: ImageError) -> Skipped {
         ImageError::Limits(_) => "too_large",
         ImageError::Unsupported(_) => "unsupported",
         ImageError::IoError(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => "truncated",
-        ImageError::Decoding(d) if d.to_string().to_ascii_lowercase().contains("eof") => "truncated",
+        ImageError::Decoding(d) if d.to_string().to_ascii_lowercase().contains("eof") => {
+            "truncated"
+        }
         _ => "corrupt",
     };
     Skipped { reason, message: e.to_string() }
@@ -297,12 +350,24 @@ mod tests {
     #[test]
     fn converts_gray_rgba_and_16_bit_to_rgb() {
         let limits = ImageLimits::default();
-        let gray = image::DynamicImage::ImageLuma8(image::GrayImage::from_pixel(3, 2, image::Luma([77])));
+        let gray =
+            image::DynamicImage::ImageLuma8(image::GrayImage::from_pixel(3, 2, image::Luma([77])));
         assert_eq!(decode_rgb(&png_bytes(&gray), &limits).unwrap().get_pixel(1, 1).0, [77, 77, 77]);
-        let rgba = image::DynamicImage::ImageRgba8(image::RgbaImage::from_pixel(2, 2, image::Rgba([10, 20, 30, 0])));
+        let rgba = image::DynamicImage::ImageRgba8(image::RgbaImage::from_pixel(
+            2,
+            2,
+            image::Rgba([10, 20, 30, 0]),
+        ));
         assert_eq!(decode_rgb(&png_bytes(&rgba), &limits).unwrap().get_pixel(0, 0).0, [10, 20, 30]);
-        let deep = image::DynamicImage::ImageLuma16(image::ImageBuffer::from_pixel(2, 2, image::Luma([0x1234u16])));
-        assert_eq!(decode_rgb(&png_bytes(&deep), &limits).unwrap().get_pixel(0, 0).0, [0x12, 0x12, 0x12]);
+        let deep = image::DynamicImage::ImageLuma16(image::ImageBuffer::from_pixel(
+            2,
+            2,
+            image::Luma([0x1234u16]),
+        ));
+        assert_eq!(
+            decode_rgb(&png_bytes(&deep), &limits).unwrap().get_pixel(0, 0).0,
+            [0x12, 0x12, 0x12]
+        );
     }
 
     #[test]
@@ -310,7 +375,11 @@ mod tests {
         let limits = ImageLimits::default();
         assert_eq!(decode_rgb(b"", &limits).unwrap_err().reason, "empty");
         assert_eq!(decode_rgb(b"hello, I am text", &limits).unwrap_err().reason, "not_an_image");
-        let good = png_bytes(&image::DynamicImage::ImageRgb8(RgbImage::from_pixel(64, 64, image::Rgb([1, 2, 3]))));
+        let good = png_bytes(&image::DynamicImage::ImageRgb8(RgbImage::from_pixel(
+            64,
+            64,
+            image::Rgb([1, 2, 3]),
+        )));
         let cut = &good[..good.len() / 2];
         let err = decode_rgb(cut, &limits).unwrap_err();
         assert!(["truncated", "corrupt"].contains(&err.reason), "{err:?}");

@@ -113,7 +113,10 @@ impl NeuronSpec {
         {
             return Err(CoreError::invalid(
                 "target.neurons",
-                format!("names layer `{unknown}`, which is not in target.layers ({})", layers.join(", ")),
+                format!(
+                    "names layer `{unknown}`, which is not in target.layers ({})",
+                    layers.join(", ")
+                ),
             ));
         }
         Ok(())
@@ -139,7 +142,14 @@ pub struct ProbeSection {
 
 impl Default for ProbeSection {
     fn default() -> Self {
-        Self { images: String::new(), top_k: 10, pooling: Pooling::Mean, batch_size: 16, images_per_task: 4096, limits: ImageLimits::default() }
+        Self {
+            images: String::new(),
+            top_k: 10,
+            pooling: Pooling::Mean,
+            batch_size: 16,
+            images_per_task: 4096,
+            limits: ImageLimits::default(),
+        }
     }
 }
 
@@ -190,7 +200,12 @@ pub struct GeneratorSection {
 
 impl Default for GeneratorSection {
     fn default() -> Self {
-        Self { model: String::new(), images_per_concept: 10, batch_size: 4, sampling: GenerationConfig::default() }
+        Self {
+            model: String::new(),
+            images_per_concept: 10,
+            batch_size: 4,
+            sampling: GenerationConfig::default(),
+        }
     }
 }
 
@@ -204,12 +219,15 @@ pub struct EmbedderSection {
 impl JobSpec {
     /// Reads a job file; errors name the file and the field.
     pub fn from_toml(text: &str, origin: &str) -> Result<Self, PipelineError> {
-        toml::from_str(text).map_err(|e| PipelineError::BadJob { origin: origin.into(), reason: e.to_string() })
+        toml::from_str(text)
+            .map_err(|e| PipelineError::BadJob { origin: origin.into(), reason: e.to_string() })
     }
 
     /// Every check that needs no model or store: run before any work starts.
     pub fn validate(&self) -> Result<(), PipelineError> {
-        let invalid = |field: &str, reason: &str| -> PipelineError { CoreError::invalid(field, reason).into() };
+        let invalid = |field: &str, reason: &str| -> PipelineError {
+            CoreError::invalid(field, reason).into()
+        };
         if let Some(name) = &self.name {
             dnd_store::tasks::check_name("job", name)?;
         }
@@ -231,11 +249,17 @@ impl JobSpec {
             model.parse::<ModelRef>()?;
         }
         if self.target.layers.is_empty() {
-            return Err(invalid("target.layers", "name at least one layer, e.g. [\"layer4\", \"fc\"]"));
+            return Err(invalid(
+                "target.layers",
+                "name at least one layer, e.g. [\"layer4\", \"fc\"]",
+            ));
         }
         self.target.neurons.check_layers(&self.target.layers)?;
         if self.probe.images.is_empty() {
-            return Err(invalid("probe.images", "name the probe images: a directory, a URL prefix or a .txt list"));
+            return Err(invalid(
+                "probe.images",
+                "name the probe images: a directory, a URL prefix or a .txt list",
+            ));
         }
         if let Some(Err(reason)) = dnd_synth::ProbeSetSpec::parse(&self.probe.images) {
             return Err(invalid("probe.images", &reason));
@@ -257,7 +281,10 @@ impl JobSpec {
             }
         }
         if !self.generator.sampling.prompt_template.contains("{concept}") {
-            return Err(invalid("generator.sampling.prompt_template", "must contain {concept}, e.g. \"One realistic image of {concept}\""));
+            return Err(invalid(
+                "generator.sampling.prompt_template",
+                "must contain {concept}, e.g. \"One realistic image of {concept}\"",
+            ));
         }
         self.crops.validate()?;
         self.scoring.validate()?;
@@ -270,8 +297,19 @@ impl JobSpec {
         if let Some(name) = &self.name {
             return name.clone();
         }
-        let json = serde_json::to_vec(&(&self.target, &self.probe, &self.crops, &self.describe, &self.captioner, &self.summarizer, &self.generator, &self.embedder, &self.scoring, self.seed))
-            .expect("a job spec serialises");
+        let json = serde_json::to_vec(&(
+            &self.target,
+            &self.probe,
+            &self.crops,
+            &self.describe,
+            &self.captioner,
+            &self.summarizer,
+            &self.generator,
+            &self.embedder,
+            &self.scoring,
+            self.seed,
+        ))
+        .expect("a job spec serialises");
         format!("dissect-{}", &blake3::hash(&json).to_hex()[..12])
     }
 }
@@ -319,7 +357,11 @@ mod tests {
         assert!(job.job_name().starts_with("dissect-"));
         let mut other = job.clone();
         other.seed = 8;
-        assert_ne!(job.job_name(), other.job_name(), "the seed shapes the results, so it names the job");
+        assert_ne!(
+            job.job_name(),
+            other.job_name(),
+            "the seed shapes the results, so it names the job"
+        );
     }
 
     #[test]
@@ -331,8 +373,14 @@ mod tests {
         let models_only = JobSpec {
             target: TargetSection { model: job.target.model.clone(), ..Default::default() },
             probe: ProbeSection { images: job.probe.images.clone(), ..Default::default() },
-            captioner: CaptionerSection { model: job.captioner.model.clone(), ..Default::default() },
-            generator: GeneratorSection { model: job.generator.model.clone(), ..Default::default() },
+            captioner: CaptionerSection {
+                model: job.captioner.model.clone(),
+                ..Default::default()
+            },
+            generator: GeneratorSection {
+                model: job.generator.model.clone(),
+                ..Default::default()
+            },
             embedder: EmbedderSection { model: job.embedder.model.clone() },
             ..Default::default()
         };
@@ -341,8 +389,13 @@ mod tests {
 
     #[test]
     fn errors_name_the_field() {
-        let typo = JobSpec::from_toml(&JOB.replace("images_per_concept", "images_per_concpt"), "job.toml").unwrap_err();
-        assert!(typo.to_string().contains("images_per_concpt") && typo.to_string().contains("job.toml"), "{typo}");
+        let typo =
+            JobSpec::from_toml(&JOB.replace("images_per_concept", "images_per_concpt"), "job.toml")
+                .unwrap_err();
+        assert!(
+            typo.to_string().contains("images_per_concpt") && typo.to_string().contains("job.toml"),
+            "{typo}"
+        );
         let check = |edit: &dyn Fn(&mut JobSpec), field: &str| {
             let mut job = JobSpec::from_toml(JOB, "job.toml").unwrap();
             edit(&mut job);
@@ -350,7 +403,10 @@ mod tests {
             assert!(err.is_user_error() && err.to_string().contains(field), "{field}: {err}");
         };
         check(&|j| j.target.layers.clear(), "target.layers");
-        check(&|j| j.target.neurons = NeuronSpec::PerLayer([("layer3".into(), "0".into())].into()), "layer3");
+        check(
+            &|j| j.target.neurons = NeuronSpec::PerLayer([("layer3".into(), "0".into())].into()),
+            "layer3",
+        );
         check(&|j| j.generator.images_per_concept = 0, "generator.images_per_concept");
         check(&|j| j.generator.sampling.prompt_template = "a photo".into(), "prompt_template");
         check(&|j| j.captioner.model.clear(), "captioner.model");

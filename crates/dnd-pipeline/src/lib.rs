@@ -16,12 +16,12 @@ pub mod progress;
 pub mod workbench;
 
 pub use describe::{DESCRIBE_STAGES, NeuronTask, TaskTables, run_neuron_task};
+pub use error::PipelineError;
 pub use execute::{JobContext, TaskStats};
 pub use finish::{DissectSummary, RunFacts};
-pub use plan::JobPlan;
-pub use error::PipelineError;
 pub use images::{ImageLimits, ProbeImages};
 pub use job::{JobSpec, NeuronSpec};
+pub use plan::JobPlan;
 pub use probe::{CropStageConfig, ProbeConfig, ProbeSummary, run_probe};
 pub use progress::{NoProgress, Progress};
 pub use workbench::{CachedSummarizer, Workbench};

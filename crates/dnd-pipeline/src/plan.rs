@@ -56,7 +56,11 @@ pub struct JobPlan {
 impl JobPlan {
     /// Plans `spec` for a loaded target model and a listed probe set. Fails on layers the
     /// model lacks and neuron ids beyond a layer's width.
-    pub fn make(spec: &JobSpec, target: &TargetModel, images: &ProbeImages) -> Result<Self, PipelineError> {
+    pub fn make(
+        spec: &JobSpec,
+        target: &TargetModel,
+        images: &ProbeImages,
+    ) -> Result<Self, PipelineError> {
         let layers = probe_config(spec).plan(target)?;
         let per_slice = spec.probe.images_per_task.max(1);
         let probe_tasks = (0..images.images.len().div_ceil(per_slice))
@@ -70,21 +74,35 @@ impl JobPlan {
         for layer in &layers {
             let neurons = spec.target.neurons.resolve(&layer.name, layer.width)?;
             for (i, chunk) in neurons.chunks(spec.describe.neurons_per_task).enumerate() {
-                neuron_tasks.push(NeuronBatch { id: format!("{}-{i:05}", layer.name), layer: layer.name.clone(), neurons: chunk.to_vec() });
+                neuron_tasks.push(NeuronBatch {
+                    id: format!("{}-{i:05}", layer.name),
+                    layer: layer.name.clone(),
+                    neurons: chunk.to_vec(),
+                });
             }
         }
         Ok(Self {
             job: spec.job_name(),
             probe_images: images.source.clone(),
             images: images.images.len(),
-            layers: layers.iter().map(|l| PlannedLayer { name: l.name.clone(), width: l.width, spatial: l.tap.is_spatial() }).collect(),
+            layers: layers
+                .iter()
+                .map(|l| PlannedLayer {
+                    name: l.name.clone(),
+                    width: l.width,
+                    spatial: l.tap.is_spatial(),
+                })
+                .collect(),
             probe_tasks,
             neuron_tasks,
         })
     }
 
     pub fn task_ids(&self) -> impl Iterator<Item = &str> {
-        self.probe_tasks.iter().map(|t| t.id.as_str()).chain(self.neuron_tasks.iter().map(|t| t.id.as_str()))
+        self.probe_tasks
+            .iter()
+            .map(|t| t.id.as_str())
+            .chain(self.neuron_tasks.iter().map(|t| t.id.as_str()))
     }
 
     pub fn neurons(&self) -> usize {
@@ -94,7 +112,8 @@ impl JobPlan {
     /// Stores the plan unless one is there; returns the stored one (a resubmitted job keeps
     /// its first plan).
     pub async fn store(&self, job: &Location) -> Result<JobPlan, PipelineError> {
-        let json = serde_json::to_vec_pretty(self).map_err(|e| PipelineError::Internal(e.to_string()))?;
+        let json =
+            serde_json::to_vec_pretty(self).map_err(|e| PipelineError::Internal(e.to_string()))?;
         if job.put_if_absent(PLAN_FILE, Bytes::from(json)).await? {
             return Ok(self.clone());
         }
@@ -103,7 +122,10 @@ impl JobPlan {
 
     pub async fn read(job: &Location) -> Result<JobPlan, PipelineError> {
         let bytes = job.get(PLAN_FILE).await?;
-        serde_json::from_slice(&bytes).map_err(|e| PipelineError::BadJob { origin: job.display_path(PLAN_FILE), reason: e.to_string() })
+        serde_json::from_slice(&bytes).map_err(|e| PipelineError::BadJob {
+            origin: job.display_path(PLAN_FILE),
+            reason: e.to_string(),
+        })
     }
 }
 
@@ -146,15 +168,22 @@ pub async fn resolve_probe_images(spec: &JobSpec, out: &Location) -> Result<Stri
 
 /// The spec as stored in `job.json`: the job's identity. A job directory holds one job
 /// only; `Ok(false)` when the same job was already there.
-pub async fn claim_job_dir(job: &Location, name: &str, spec: &JobSpec) -> Result<bool, PipelineError> {
-    let spec_json = serde_json::to_vec_pretty(&(name, spec)).map_err(|e| PipelineError::Internal(e.to_string()))?;
+pub async fn claim_job_dir(
+    job: &Location,
+    name: &str,
+    spec: &JobSpec,
+) -> Result<bool, PipelineError> {
+    let spec_json = serde_json::to_vec_pretty(&(name, spec))
+        .map_err(|e| PipelineError::Internal(e.to_string()))?;
     if job.put_if_absent(SPEC_FILE, Bytes::from(spec_json.clone())).await? {
         return Ok(true);
     }
     if job.get(SPEC_FILE).await? != spec_json {
         return Err(PipelineError::BadJob {
             origin: job.display_path(SPEC_FILE),
-            reason: format!("a different job named `{name}` is already there; give this one another name (--name) or another --out"),
+            reason: format!(
+                "a different job named `{name}` is already there; give this one another name (--name) or another --out"
+            ),
         });
     }
     Ok(false)
@@ -163,5 +192,8 @@ pub async fn claim_job_dir(job: &Location, name: &str, spec: &JobSpec) -> Result
 /// Reads the spec a job directory was claimed with.
 pub async fn read_job_spec(job: &Location) -> Result<(String, JobSpec), PipelineError> {
     let bytes = job.get(SPEC_FILE).await?;
-    serde_json::from_slice(&bytes).map_err(|e| PipelineError::BadJob { origin: job.display_path(SPEC_FILE), reason: e.to_string() })
+    serde_json::from_slice(&bytes).map_err(|e| PipelineError::BadJob {
+        origin: job.display_path(SPEC_FILE),
+        reason: e.to_string(),
+    })
 }

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use dnd_core::{CropConfig, LayerTopK, NeuronSet, Pooling};
-use dnd_models::{TargetModel, Tap};
+use dnd_models::{Tap, TargetModel};
 use dnd_store::tables::{self, ErrorRow, TopKRow};
 use dnd_store::{Location, ParquetSink, write_parquet};
 
@@ -156,7 +156,8 @@ pub(crate) async fn load_batch(
             .zip(ids)
             .enumerate()
             .map(|(i, (b, id))| {
-                let decoded = b.and_then(|b| decode_rgb(&b, &limits)).map_err(|s| s.into_row(&id, stage));
+                let decoded =
+                    b.and_then(|b| decode_rgb(&b, &limits)).map_err(|s| s.into_row(&id, stage));
                 (first_index + i as u32, decoded)
             })
             .collect()
@@ -225,9 +226,12 @@ pub async fn run_probe(
                 let loaded = load_batch(chunk, (n * batch_size) as u32, &limits, "decode").await;
                 let preprocess = preprocess.clone();
                 let batch = tokio::task::spawn_blocking(move || {
-                    let mut batch = InputBatch { images: Vec::new(), pixels: Vec::new(), errors: Vec::new() };
-                    let tensors: Vec<(u32, Result<Vec<f32>, ErrorRow>)> =
-                        loaded.into_par_iter().map(|(i, r)| (i, r.map(|img| preprocess.apply(&img)))).collect();
+                    let mut batch =
+                        InputBatch { images: Vec::new(), pixels: Vec::new(), errors: Vec::new() };
+                    let tensors: Vec<(u32, Result<Vec<f32>, ErrorRow>)> = loaded
+                        .into_par_iter()
+                        .map(|(i, r)| (i, r.map(|img| preprocess.apply(&img))))
+                        .collect();
                     for (i, r) in tensors {
                         match r {
                             Ok(px) => {
@@ -248,12 +252,17 @@ pub async fn run_probe(
         })
     };
 
-    let mut topk: Vec<LayerTopK> = plans.iter().map(|p| LayerTopK::new(p.width, config.top_k)).collect();
+    let mut topk: Vec<LayerTopK> =
+        plans.iter().map(|p| LayerTopK::new(p.width, config.top_k)).collect();
     let mut activation_sinks = Vec::new();
     if config.write_activations {
         for p in &plans {
             let rel = format!("activations/{}/part-00000.parquet", p.name);
-            activation_sinks.push(ParquetSink::create(out, &rel, tables::activations_schema(p.width))?);
+            activation_sinks.push(ParquetSink::create(
+                out,
+                &rel,
+                tables::activations_schema(p.width),
+            )?);
             outputs.push(rel);
         }
     }
@@ -286,7 +295,8 @@ pub async fn run_probe(
         for (l, pooled) in rows.into_iter().enumerate() {
             topk[l].push_batch(&batch.images, &pooled);
             if let Some(sink) = activation_sinks.get_mut(l) {
-                let ids: Vec<&str> = batch.images.iter().map(|&i| images.images[i as usize].id.as_str()).collect();
+                let ids: Vec<&str> =
+                    batch.images.iter().map(|&i| images.images[i as usize].id.as_str()).collect();
                 sink.write(&tables::activations_batch(&ids, plans[l].width, pooled)?).await?;
             }
         }
@@ -301,7 +311,12 @@ pub async fn run_probe(
     for (plan, layer_topk) in plans.iter().zip(&topk) {
         let rows: Vec<TopKRow> = (0..plan.width)
             .flat_map(|neuron| {
-                layer_topk.neuron(neuron).sorted().into_iter().enumerate().map(move |(rank, s)| (neuron, rank, s))
+                layer_topk
+                    .neuron(neuron)
+                    .sorted()
+                    .into_iter()
+                    .enumerate()
+                    .map(move |(rank, s)| (neuron, rank, s))
             })
             .map(|(neuron, rank, s)| TopKRow {
                 layer: plan.name.clone(),
@@ -321,7 +336,8 @@ pub async fn run_probe(
     let mut crops_written = 0;
     if let Some(crop_stage) = &config.crops {
         let neurons = crop_stage.neurons.as_deref().map(str::parse::<NeuronSet>).transpose()?;
-        let spatial: Vec<(usize, &LayerPlan)> = plans.iter().enumerate().filter(|(_, p)| p.tap.is_spatial()).collect();
+        let spatial: Vec<(usize, &LayerPlan)> =
+            plans.iter().enumerate().filter(|(_, p)| p.tap.is_spatial()).collect();
         if !spatial.is_empty() {
             let report = run_crops(
                 &model,
@@ -349,7 +365,14 @@ pub async fn run_probe(
         dnd_version: env!("CARGO_PKG_VERSION").into(),
         model: model.reference.clone(),
         images_source: images.source.clone(),
-        layers: plans.iter().map(|p| LayerSummary { name: p.name.clone(), neurons: p.width, spatial: p.tap.is_spatial() }).collect(),
+        layers: plans
+            .iter()
+            .map(|p| LayerSummary {
+                name: p.name.clone(),
+                neurons: p.width,
+                spatial: p.tap.is_spatial(),
+            })
+            .collect(),
         config: config.clone(),
         images_listed: images.images.len(),
         images_ok,
@@ -362,7 +385,8 @@ pub async fn run_probe(
         peak_rss_mib: peak_rss_mib(),
         outputs,
     };
-    let json = serde_json::to_vec_pretty(&summary).map_err(|e| PipelineError::Internal(e.to_string()))?;
+    let json =
+        serde_json::to_vec_pretty(&summary).map_err(|e| PipelineError::Internal(e.to_string()))?;
     out.put("probe.json", Bytes::from(json)).await?;
     Ok(summary)
 }

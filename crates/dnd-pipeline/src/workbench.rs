@@ -15,7 +15,10 @@ use serde::{Deserialize, Serialize};
 
 use dnd_models::checkpoint::fingerprint;
 use dnd_models::device::parse_device;
-use dnd_models::{BlipCaptioner, Captioner, ClipEmbedder, DiffusionGenerator, Embedder, Generator, ImageRequest, ModelRef, TargetModel};
+use dnd_models::{
+    BlipCaptioner, Captioner, ClipEmbedder, DiffusionGenerator, Embedder, Generator, ImageRequest,
+    ModelRef, TargetModel,
+};
 use dnd_store::{CacheKey, CacheKind, ContentCache};
 use dnd_summarize::{Exchange, Step, SummarizeError, Summarizer};
 
@@ -83,7 +86,9 @@ pub struct GeneratedEntry {
 }
 
 /// Loads a model on a blocking thread (loading reads and converts gigabytes).
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, PipelineError> + Send + 'static) -> Result<T, PipelineError> {
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, PipelineError> + Send + 'static,
+) -> Result<T, PipelineError> {
     tokio::task::spawn_blocking(f).await?
 }
 
@@ -104,28 +109,47 @@ impl Workbench {
 
     /// Loads the captioner, generator, embedder and summariser of `spec` next to an
     /// already loaded target model, and checks that the summariser can be reached.
-    pub async fn load(spec: &JobSpec, target: Arc<TargetModel>, cache: ContentCache) -> Result<Self, PipelineError> {
+    pub async fn load(
+        spec: &JobSpec,
+        target: Arc<TargetModel>,
+        cache: ContentCache,
+    ) -> Result<Self, PipelineError> {
         let device = parse_device(&spec.device)?;
         let captioner = {
-            let (reference, device, decoding) = (spec.captioner.model.parse::<ModelRef>()?, device.clone(), spec.captioner.decoding.clone());
+            let (reference, device, decoding) = (
+                spec.captioner.model.parse::<ModelRef>()?,
+                device.clone(),
+                spec.captioner.decoding.clone(),
+            );
             blocking(move || {
                 let model = BlipCaptioner::load(&reference, &device, decoding.clone())?;
-                Ok(Loaded { model: Arc::new(model) as Arc<dyn Captioner>, identity: identity(&reference, "model.safetensors")?, settings: serde_json::to_value(&decoding).expect("serialises") })
+                Ok(Loaded {
+                    model: Arc::new(model) as Arc<dyn Captioner>,
+                    identity: identity(&reference, "model.safetensors")?,
+                    settings: serde_json::to_value(&decoding).expect("serialises"),
+                })
             })
             .await?
         };
         let generator = if spec.generator.model == SYNTHETIC_GENERATOR {
             // The synthetic world's renderer: text in, a scene of the world out, no weights.
             let sampling = &spec.generator.sampling;
-            let renderer = dnd_synth::TextRenderer::new(sampling.width as u32, sampling.height as u32)
-                .map_err(|e| dnd_core::CoreError::invalid("generator.sampling", e.to_string()))?;
+            let renderer =
+                dnd_synth::TextRenderer::new(sampling.width as u32, sampling.height as u32)
+                    .map_err(|e| {
+                        dnd_core::CoreError::invalid("generator.sampling", e.to_string())
+                    })?;
             Loaded {
                 model: Arc::new(renderer) as Arc<dyn Generator>,
                 identity: format!("{SYNTHETIC_GENERATOR}@{}", dnd_synth::WORLD_VERSION),
                 settings: serde_json::json!({ "width": sampling.width, "height": sampling.height }),
             }
         } else {
-            let (reference, device, sampling) = (spec.generator.model.parse::<ModelRef>()?, device.clone(), spec.generator.sampling.clone());
+            let (reference, device, sampling) = (
+                spec.generator.model.parse::<ModelRef>()?,
+                device.clone(),
+                spec.generator.sampling.clone(),
+            );
             blocking(move || {
                 let model = DiffusionGenerator::load(&reference, &device, sampling.clone())?;
                 // The prompt template is not a setting of an image: the rendered prompt is in the key.
@@ -137,7 +161,11 @@ impl Workbench {
                     "height": sampling.height,
                     "timestep_spacing": sampling.timestep_spacing,
                 });
-                Ok(Loaded { model: Arc::new(model) as Arc<dyn Generator>, identity: identity(&reference, "model_index.json")?, settings })
+                Ok(Loaded {
+                    model: Arc::new(model) as Arc<dyn Generator>,
+                    identity: identity(&reference, "model_index.json")?,
+                    settings,
+                })
             })
             .await?
         };
@@ -145,13 +173,18 @@ impl Workbench {
             let (reference, device) = (spec.embedder.model.parse::<ModelRef>()?, device.clone());
             blocking(move || {
                 let model = ClipEmbedder::load(&reference, &device)?;
-                Ok(Loaded { model: Arc::new(model) as Arc<dyn Embedder>, identity: identity(&reference, "model.safetensors")?, settings: serde_json::Value::Null })
+                Ok(Loaded {
+                    model: Arc::new(model) as Arc<dyn Embedder>,
+                    identity: identity(&reference, "model.safetensors")?,
+                    settings: serde_json::Value::Null,
+                })
             })
             .await?
         };
         let summarizer = {
             let config = spec.summarizer.clone();
-            let model: Arc<dyn Summarizer> = blocking(move || Ok(Arc::from(dnd_summarize::build(&config)?))).await?;
+            let model: Arc<dyn Summarizer> =
+                blocking(move || Ok(Arc::from(dnd_summarize::build(&config)?))).await?;
             model.check().await?;
             Loaded { identity: model.describe(), model, settings: serde_json::Value::Null }
         };
@@ -186,7 +219,11 @@ impl Workbench {
             match self.cache.get(&key).await? {
                 Some(bytes) => {
                     let value = decode(&bytes).map_err(|e| {
-                        PipelineError::Internal(format!("corrupt {} cache entry {}: {e}", key.kind, self.cache.display_path(&key)))
+                        PipelineError::Internal(format!(
+                            "corrupt {} cache entry {}: {e}",
+                            key.kind,
+                            self.cache.display_path(&key)
+                        ))
                     })?;
                     out[i] = Some((value, true));
                 }
@@ -195,7 +232,9 @@ impl Workbench {
         }
         let batches: Vec<Vec<usize>> = match batching {
             Batching::Misses(size) => misses.chunks(size.max(1)).map(<[usize]>::to_vec).collect(),
-            Batching::Fixed(batches) => batches.into_iter().filter(|b| b.iter().any(|i| out[*i].is_none())).collect(),
+            Batching::Fixed(batches) => {
+                batches.into_iter().filter(|b| b.iter().any(|i| out[*i].is_none())).collect()
+            }
         };
         for chunk in batches {
             let batch: Vec<I> = chunk.iter().map(|&i| inputs[i].clone()).collect();
@@ -214,7 +253,11 @@ impl Workbench {
     /// Captions of `images` (with their [`image_hash`]es), served from the cache where
     /// possible; misses are captioned together in batches of `batch_size`. Returns the
     /// caption and whether it came from the cache, in input order.
-    pub async fn captions(&self, images: &[(String, Arc<RgbImage>)], batch_size: usize) -> Result<Vec<(String, bool)>, PipelineError> {
+    pub async fn captions(
+        &self,
+        images: &[(String, Arc<RgbImage>)],
+        batch_size: usize,
+    ) -> Result<Vec<(String, bool)>, PipelineError> {
         #[derive(Serialize)]
         struct Inputs<'a> {
             captioner: &'a str,
@@ -233,13 +276,25 @@ impl Workbench {
                 Batching::Misses(batch_size),
                 |i| {
                     let image = images[i].0.as_str();
-                    CacheKey::of(CacheKind::Captions, &Inputs { captioner: &self.captioner.identity, settings: &self.captioner.settings, image })
+                    CacheKey::of(
+                        CacheKind::Captions,
+                        &Inputs {
+                            captioner: &self.captioner.identity,
+                            settings: &self.captioner.settings,
+                            image,
+                        },
+                    )
                 },
                 |bytes| serde_json::from_slice::<Entry>(bytes).map_err(|e| e.to_string()),
                 |entry| Bytes::from(serde_json::to_vec(entry).expect("serialises")),
                 move |batch: Vec<(String, Arc<RgbImage>)>| {
-                    let pictures: Vec<RgbImage> = batch.iter().map(|(_, image)| (**image).clone()).collect();
-                    Ok(model.caption(&pictures)?.into_iter().map(|c| Entry { caption: c.text, token_ids: c.token_ids }).collect())
+                    let pictures: Vec<RgbImage> =
+                        batch.iter().map(|(_, image)| (**image).clone()).collect();
+                    Ok(model
+                        .caption(&pictures)?
+                        .into_iter()
+                        .map(|c| Entry { caption: c.text, token_ids: c.token_ids })
+                        .collect())
                 },
             )
             .await?;
@@ -250,7 +305,11 @@ impl Workbench {
     /// generated in fixed batches: one prompt's requested seeds, in order, `batch_size` at
     /// a time; an image's cache key names its batch (see [`Self::through_cache`]). Returns
     /// each image, whether it came from the cache, and its key, in request order.
-    pub async fn generated(&self, requests: &[ImageRequest], batch_size: usize) -> Result<Vec<GeneratedEntry>, PipelineError> {
+    pub async fn generated(
+        &self,
+        requests: &[ImageRequest],
+        batch_size: usize,
+    ) -> Result<Vec<GeneratedEntry>, PipelineError> {
         #[derive(Serialize)]
         struct Inputs<'a> {
             generator: &'a str,
@@ -283,7 +342,9 @@ impl Workbench {
         // A duplicate request shares its twin's batch.
         for i in 0..requests.len() {
             if batch_seeds[i].is_empty() {
-                let twin = (0..requests.len()).find(|&j| !batch_seeds[j].is_empty() && requests[j] == requests[i]).expect("a twin exists");
+                let twin = (0..requests.len())
+                    .find(|&j| !batch_seeds[j].is_empty() && requests[j] == requests[i])
+                    .expect("a twin exists");
                 batch_seeds[i] = batch_seeds[twin].clone();
             }
         }
@@ -291,7 +352,13 @@ impl Workbench {
             .iter()
             .zip(&batch_seeds)
             .map(|(r, batch)| {
-                let inputs = Inputs { generator: &self.generator.identity, settings: &self.generator.settings, prompt: &r.prompt, seed: r.seed, batch };
+                let inputs = Inputs {
+                    generator: &self.generator.identity,
+                    settings: &self.generator.settings,
+                    prompt: &r.prompt,
+                    seed: r.seed,
+                    batch,
+                };
                 CacheKey::of(CacheKind::Images, &inputs)
             })
             .collect();
@@ -307,15 +374,25 @@ impl Workbench {
                         .map_err(|e| e.to_string())
                 },
                 |image| encode_png(image),
-                move |batch: Vec<ImageRequest>| Ok(model.generate(&batch)?.into_iter().map(Arc::new).collect()),
+                move |batch: Vec<ImageRequest>| {
+                    Ok(model.generate(&batch)?.into_iter().map(Arc::new).collect())
+                },
             )
             .await?;
-        Ok(images.into_iter().zip(keys).map(|((image, cached), key)| GeneratedEntry { image, cached, key }).collect())
+        Ok(images
+            .into_iter()
+            .zip(keys)
+            .map(|((image, cached), key)| GeneratedEntry { image, cached, key })
+            .collect())
     }
 
     /// The summariser behind the reply cache.
     pub fn cached_summarizer(&self) -> CachedSummarizer<'_> {
-        CachedSummarizer { inner: self.summarizer.model.as_ref(), identity: &self.summarizer.identity, cache: &self.cache }
+        CachedSummarizer {
+            inner: self.summarizer.model.as_ref(),
+            identity: &self.summarizer.identity,
+            cache: &self.cache,
+        }
     }
 }
 
@@ -336,20 +413,28 @@ impl CachedSummarizer<'_> {
             request: &'a str,
         }
         let request = self.inner.request(step, input)?;
-        let key = CacheKey::of(CacheKind::Replies, &Inputs { summarizer: self.identity, request: &request });
-        let cache_error = |e: dnd_store::StoreError| SummarizeError::Internal(format!("reply cache: {e}"));
+        let key = CacheKey::of(
+            CacheKind::Replies,
+            &Inputs { summarizer: self.identity, request: &request },
+        );
+        let cache_error =
+            |e: dnd_store::StoreError| SummarizeError::Internal(format!("reply cache: {e}"));
         if let Some(bytes) = self.cache.get(&key).await.map_err(cache_error)? {
-            let mut exchange: Exchange = serde_json::from_slice(&bytes)
-                .map_err(|e| SummarizeError::Internal(format!("corrupt reply cache entry {}: {e}", key.path())))?;
+            let mut exchange: Exchange = serde_json::from_slice(&bytes).map_err(|e| {
+                SummarizeError::Internal(format!("corrupt reply cache entry {}: {e}", key.path()))
+            })?;
             exchange.cached = true;
             return Ok(exchange);
         }
         let exchange = match step {
-            Step::Simplify => self.inner.simplify(input.first().map(String::as_str).unwrap_or_default()).await?,
+            Step::Simplify => {
+                self.inner.simplify(input.first().map(String::as_str).unwrap_or_default()).await?
+            }
             Step::Summarize => self.inner.summarize(input).await?,
             Step::Merge => self.inner.merge(input).await?,
         };
-        let json = serde_json::to_vec(&exchange).map_err(|e| SummarizeError::Internal(e.to_string()))?;
+        let json =
+            serde_json::to_vec(&exchange).map_err(|e| SummarizeError::Internal(e.to_string()))?;
         self.cache.put(&key, Bytes::from(json)).await.map_err(cache_error)?;
         Ok(exchange)
     }

@@ -18,11 +18,17 @@ const MIN_TOKEN_LEN: usize = 16;
 pub enum TokenError {
     #[error("cannot read the token file {path}: {reason}")]
     File { path: String, reason: String },
-    #[error("no auth token: pass --token-file <file> or set {TOKEN_ENV} (the same token on the coordinator, the workers and the clients)")]
+    #[error(
+        "no auth token: pass --token-file <file> or set {TOKEN_ENV} (the same token on the coordinator, the workers and the clients)"
+    )]
     Missing,
-    #[error("the auth token from {origin} is too short ({len} characters): use at least {MIN_TOKEN_LEN}, e.g. `openssl rand -hex 32`")]
+    #[error(
+        "the auth token from {origin} is too short ({len} characters): use at least {MIN_TOKEN_LEN}, e.g. `openssl rand -hex 32`"
+    )]
     TooShort { origin: String, len: usize },
-    #[error("the auth token from {origin} contains characters that cannot go in an HTTP header: use printable ASCII")]
+    #[error(
+        "the auth token from {origin} contains characters that cannot go in an HTTP header: use printable ASCII"
+    )]
     NotAscii { origin: String },
 }
 
@@ -45,7 +51,9 @@ impl BearerToken {
         if secret.len() < MIN_TOKEN_LEN {
             return Err(TokenError::TooShort { origin: origin.into(), len: secret.len() });
         }
-        let header = format!("Bearer {secret}").parse().map_err(|_| TokenError::NotAscii { origin: origin.into() })?;
+        let header = format!("Bearer {secret}")
+            .parse()
+            .map_err(|_| TokenError::NotAscii { origin: origin.into() })?;
         if !secret.bytes().all(|b| b.is_ascii_graphic()) {
             return Err(TokenError::NotAscii { origin: origin.into() });
         }
@@ -55,8 +63,10 @@ impl BearerToken {
     /// The token from `file` when given, else from `DND_TOKEN`.
     pub fn load(file: Option<&Path>) -> Result<Self, TokenError> {
         if let Some(path) = file {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| TokenError::File { path: path.display().to_string(), reason: e.to_string() })?;
+            let text = std::fs::read_to_string(path).map_err(|e| TokenError::File {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            })?;
             return Self::new(&text, &path.display().to_string());
         }
         match std::env::var(TOKEN_ENV) {
@@ -93,8 +103,12 @@ impl Interceptor for RequireToken {
     fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
         match request.metadata().get("authorization") {
             Some(value) if self.0.matches(value.as_bytes()) => Ok(request),
-            Some(_) => Err(Status::unauthenticated("wrong auth token: use the coordinator's token (--token-file or DND_TOKEN)")),
-            None => Err(Status::unauthenticated("missing auth token: pass --token-file or set DND_TOKEN")),
+            Some(_) => Err(Status::unauthenticated(
+                "wrong auth token: use the coordinator's token (--token-file or DND_TOKEN)",
+            )),
+            None => Err(Status::unauthenticated(
+                "missing auth token: pass --token-file or set DND_TOKEN",
+            )),
         }
     }
 }
@@ -125,7 +139,13 @@ mod tests {
     #[test]
     fn only_the_right_token_passes() {
         assert!(call_with(Some("Bearer 0123456789abcdef0123")).is_ok());
-        for bad in [None, Some("Bearer 0123456789abcdef0124"), Some("Bearer 0123456789abcdef012"), Some("0123456789abcdef0123"), Some("Basic x")] {
+        for bad in [
+            None,
+            Some("Bearer 0123456789abcdef0124"),
+            Some("Bearer 0123456789abcdef012"),
+            Some("0123456789abcdef0123"),
+            Some("Basic x"),
+        ] {
             let status = call_with(bad).unwrap_err();
             assert_eq!(status.code(), tonic::Code::Unauthenticated, "{bad:?}");
         }
@@ -141,7 +161,10 @@ mod tests {
     #[test]
     fn short_or_missing_tokens_are_refused_with_advice() {
         assert!(matches!(BearerToken::new("short", "x"), Err(TokenError::TooShort { .. })));
-        assert!(BearerToken::new("  0123456789abcdef0123\n", "file").is_ok(), "a trailing newline from a file is fine");
+        assert!(
+            BearerToken::new("  0123456789abcdef0123\n", "file").is_ok(),
+            "a trailing newline from a file is fine"
+        );
         let dir = std::env::temp_dir().join("dnd-no-such-token-file");
         let err = BearerToken::load(Some(&dir)).unwrap_err().to_string();
         assert!(err.contains("dnd-no-such-token-file"), "{err}");

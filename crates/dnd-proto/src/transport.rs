@@ -4,7 +4,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, Server, ServerTlsConfig};
+use tonic::transport::{
+    Certificate, Channel, ClientTlsConfig, Endpoint, Identity, Server, ServerTlsConfig,
+};
 
 use crate::auth::{AttachToken, BearerToken};
 
@@ -16,7 +18,9 @@ pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
 pub enum TransportError {
     #[error("cannot read {what} {path}: {reason}")]
     Read { what: &'static str, path: String, reason: String },
-    #[error("invalid coordinator address `{url}`: {reason}; write it as http://host:port or https://host:port")]
+    #[error(
+        "invalid coordinator address `{url}`: {reason}; write it as http://host:port or https://host:port"
+    )]
     BadUrl { url: String, reason: String },
     #[error("TLS setup failed: {0}")]
     Tls(String),
@@ -36,7 +40,11 @@ fn install_crypto_provider() {
 }
 
 fn read_pem(what: &'static str, path: &Path) -> Result<Vec<u8>, TransportError> {
-    std::fs::read(path).map_err(|e| TransportError::Read { what, path: path.display().to_string(), reason: e.to_string() })
+    std::fs::read(path).map_err(|e| TransportError::Read {
+        what,
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    })
 }
 
 /// A server's TLS identity, when it serves TLS.
@@ -56,8 +64,13 @@ impl ServerConfig {
         match (&self.tls_cert, &self.tls_key) {
             (Some(cert), Some(key)) => {
                 install_crypto_provider();
-                let identity = Identity::from_pem(read_pem("the TLS certificate", cert)?, read_pem("the TLS key", key)?);
-                server = server.tls_config(ServerTlsConfig::new().identity(identity)).map_err(|e| TransportError::Tls(e.to_string()))?;
+                let identity = Identity::from_pem(
+                    read_pem("the TLS certificate", cert)?,
+                    read_pem("the TLS key", key)?,
+                );
+                server = server
+                    .tls_config(ServerTlsConfig::new().identity(identity))
+                    .map_err(|e| TransportError::Tls(e.to_string()))?;
             }
             (None, None) => {}
             _ => return Err(TransportError::HalfTls),
@@ -95,7 +108,8 @@ impl ClientConfig {
             install_crypto_provider();
             let mut tls = ClientTlsConfig::new().with_native_roots();
             if let Some(ca) = &self.tls_ca {
-                tls = tls.ca_certificate(Certificate::from_pem(read_pem("the TLS CA certificate", ca)?));
+                tls = tls
+                    .ca_certificate(Certificate::from_pem(read_pem("the TLS CA certificate", ca)?));
             }
             endpoint = endpoint.tls_config(tls).map_err(|e| TransportError::Tls(e.to_string()))?;
         }
@@ -104,17 +118,19 @@ impl ClientConfig {
 
     /// Connects now, failing with the reason when the coordinator is not there.
     pub async fn connect(&self) -> Result<AuthedChannel, TransportError> {
-        let channel = self
-            .endpoint()?
-            .connect()
-            .await
-            .map_err(|e| TransportError::Connect { url: self.url.clone(), reason: error_chain(&e) })?;
+        let channel = self.endpoint()?.connect().await.map_err(|e| TransportError::Connect {
+            url: self.url.clone(),
+            reason: error_chain(&e),
+        })?;
         Ok(InterceptedService::new(channel, AttachToken(self.token.clone())))
     }
 
     /// A channel that connects on first use and reconnects after the coordinator restarts.
     pub fn connect_lazy(&self) -> Result<AuthedChannel, TransportError> {
-        Ok(InterceptedService::new(self.endpoint()?.connect_lazy(), AttachToken(self.token.clone())))
+        Ok(InterceptedService::new(
+            self.endpoint()?.connect_lazy(),
+            AttachToken(self.token.clone()),
+        ))
     }
 }
 

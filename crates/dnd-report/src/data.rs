@@ -4,7 +4,10 @@ use std::collections::BTreeMap;
 
 use serde::de::DeserializeOwned;
 
-use dnd_store::results::{CandidateRow, CaptionRow, DescriptionRow, ExchangeRow, ImageRow, NeuronErrorRow, ResultTable, ScoreRow};
+use dnd_store::results::{
+    CandidateRow, CaptionRow, DescriptionRow, ExchangeRow, ImageRow, NeuronErrorRow, ResultTable,
+    ScoreRow,
+};
 use dnd_store::{StoreError, batches_rows, read_parquet};
 
 use crate::{Job, ReportError};
@@ -33,9 +36,15 @@ pub struct JobResults {
 
 async fn table<T: DeserializeOwned>(job: &Job, table: ResultTable) -> Result<Vec<T>, ReportError> {
     let relative = format!("results/{}", table.file());
-    let wrap = |source: StoreError| ReportError::Table { location: job.location.display_path(&relative), source };
+    let wrap = |source: StoreError| ReportError::Table {
+        location: job.location.display_path(&relative),
+        source,
+    };
     if !job.location.exists(&relative).await? {
-        return Err(ReportError::NoResults { location: job.location.to_string(), missing: job.location.display_path(&relative) });
+        return Err(ReportError::NoResults {
+            location: job.location.to_string(),
+            missing: job.location.display_path(&relative),
+        });
     }
     let batches = read_parquet(&job.location, &relative).await.map_err(wrap)?;
     batches_rows(table.name(), &batches).map_err(wrap)
@@ -105,6 +114,7 @@ pub async fn read_results(job: &Job) -> Result<JobResults, ReportError> {
         n.images.sort_by(|a, b| a.kind.cmp(&b.kind).then(a.rank.cmp(&b.rank)));
         n.exchanges.sort_by_key(|e| e.seq);
     }
-    let sorted: Vec<NeuronData> = order.into_values().filter_map(|key| neurons.remove(&key)).collect();
+    let sorted: Vec<NeuronData> =
+        order.into_values().filter_map(|key| neurons.remove(&key)).collect();
     Ok(JobResults { neurons: sorted, layers, errors: error_count })
 }

@@ -33,7 +33,9 @@ pub fn esc(s: &str) -> String {
 
 /// A file name part: letters, digits, `_`, `.` and `-` kept, anything else `_`.
 fn slug(s: &str) -> String {
-    s.chars().map(|c| if c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-') { c } else { '_' }).collect()
+    s.chars()
+        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-') { c } else { '_' })
+        .collect()
 }
 
 /// The page of a neuron, relative to `neurons/`.
@@ -66,7 +68,9 @@ fn show(v: Option<&Value>) -> String {
         None | Some(Value::Null) => "–".into(),
         Some(Value::String(s)) => s.clone(),
         Some(Value::Array(a)) => a.iter().map(|x| show(Some(x))).collect::<Vec<_>>().join(", "),
-        Some(Value::Object(o)) => o.iter().map(|(k, v)| format!("{k}: {}", show(Some(v)))).collect::<Vec<_>>().join("; "),
+        Some(Value::Object(o)) => {
+            o.iter().map(|(k, v)| format!("{k}: {}", show(Some(v)))).collect::<Vec<_>>().join("; ")
+        }
         Some(other) => other.to_string(),
     }
 }
@@ -79,9 +83,19 @@ pub fn neurons_js(results: &JobResults, options: &ReportOptions) -> String {
         .iter()
         .map(|n| {
             let d = &n.description;
-            let others: Vec<&str> = [&d.label_2, &d.label_3].into_iter().flatten().map(String::as_str).collect();
+            let others: Vec<&str> =
+                [&d.label_2, &d.label_3].into_iter().flatten().map(String::as_str).collect();
             let truth = options.ground_truth.get(&(d.layer.clone(), d.neuron));
-            json!([d.layer, d.neuron, d.label, d.score, d.status, neuron_file(&d.layer, d.neuron), others.join("; "), truth])
+            json!([
+                d.layer,
+                d.neuron,
+                d.label,
+                d.score,
+                d.status,
+                neuron_file(&d.layer, d.neuron),
+                others.join("; "),
+                truth
+            ])
         })
         .collect();
     let data = json!({
@@ -93,11 +107,20 @@ pub fn neurons_js(results: &JobResults, options: &ReportOptions) -> String {
     format!("window.DND_REPORT = {data};\n")
 }
 
-pub fn index_html(job: &Job, results: &JobResults, options: &ReportOptions, images_missing: usize) -> String {
+pub fn index_html(
+    job: &Job,
+    results: &JobResults,
+    options: &ReportOptions,
+    images_missing: usize,
+) -> String {
     let spec = &job.spec;
     let mut b = String::new();
     let _ = write!(b, "<header><h1>Dissection <code>{}</code></h1>", esc(&job.name));
-    let _ = write!(b, "<p class=\"where\">Job directory: <code>{}</code></p></header>\n<main>\n", esc(&job.location.to_string()));
+    let _ = write!(
+        b,
+        "<p class=\"where\">Job directory: <code>{}</code></p></header>\n<main>\n",
+        esc(&job.location.to_string())
+    );
 
     b.push_str("<section aria-labelledby=\"job-h\"><h2 id=\"job-h\">The job</h2><div class=\"facts\">\n<dl>");
     let fact = |b: &mut String, k: &str, v: String| {
@@ -134,7 +157,12 @@ pub fn index_html(job: &Job, results: &JobResults, options: &ReportOptions, imag
             fact(
                 &mut b,
                 "Tasks",
-                format!("{} ({} resumed, {} failed)", show(s("tasks")), show(s("tasks_resumed")), show(s("tasks_failed"))),
+                format!(
+                    "{} ({} resumed, {} failed)",
+                    show(s("tasks")),
+                    show(s("tasks_resumed")),
+                    show(s("tasks_failed"))
+                ),
             );
             fact(&mut b, "Problems recorded", format!("{} rows in results/errors", results.errors));
             fact(
@@ -152,17 +180,28 @@ pub fn index_html(job: &Job, results: &JobResults, options: &ReportOptions, imag
             fact(&mut b, "Peak memory", format!("{} MiB", num(f("peak_rss_mib"), 0)));
             fact(&mut b, "dnd version", show(s("dnd_version")));
         }
-        None => fact(&mut b, "Summary", "summary.json is missing: the job may not have finished".into()),
+        None => {
+            fact(&mut b, "Summary", "summary.json is missing: the job may not have finished".into())
+        }
     }
     if images_missing > 0 {
-        fact(&mut b, "Images missing from this report", format!("{images_missing} (could not be read when it was written)"));
+        fact(
+            &mut b,
+            "Images missing from this report",
+            format!("{images_missing} (could not be read when it was written)"),
+        );
     }
     b.push_str("</dl></div>\n");
 
     if let Some(Value::Object(models)) = s("models") {
         b.push_str("<h3>Models</h3><table class=\"models\"><thead><tr><th scope=\"col\">role</th><th scope=\"col\">identity (reference and pinned weights)</th></tr></thead><tbody>");
         for (role, id) in models {
-            let _ = write!(b, "<tr><th scope=\"row\">{}</th><td><code>{}</code></td></tr>", esc(role), esc(&show(Some(id))));
+            let _ = write!(
+                b,
+                "<tr><th scope=\"row\">{}</th><td><code>{}</code></td></tr>",
+                esc(role),
+                esc(&show(Some(id)))
+            );
         }
         b.push_str("</tbody></table>\n");
     }
@@ -171,10 +210,22 @@ pub fn index_html(job: &Job, results: &JobResults, options: &ReportOptions, imag
         for (kind, c) in cache {
             let hits = c.get("hits").and_then(Value::as_u64).unwrap_or(0);
             let misses = c.get("misses").and_then(Value::as_u64).unwrap_or(0);
-            let rate = if hits + misses == 0 { "–".to_string() } else { format!("{:.0}%", 100.0 * hits as f64 / (hits + misses) as f64) };
-            let _ = write!(b, "<tr><th scope=\"row\">{}</th><td>{hits}</td><td>{misses}</td><td>{rate}</td></tr>", esc(kind));
+            let rate = if hits + misses == 0 {
+                "–".to_string()
+            } else {
+                format!("{:.0}%", 100.0 * hits as f64 / (hits + misses) as f64)
+            };
+            let _ = write!(
+                b,
+                "<tr><th scope=\"row\">{}</th><td>{hits}</td><td>{misses}</td><td>{rate}</td></tr>",
+                esc(kind)
+            );
         }
-        let _ = write!(b, "</tbody></table><p>All model calls: {} answered by the cache.</p>\n", f("cache_hit_rate").map_or("–".into(), |r| format!("{:.0}%", 100.0 * r)));
+        let _ = write!(
+            b,
+            "</tbody></table><p>All model calls: {} answered by the cache.</p>\n",
+            f("cache_hit_rate").map_or("–".into(), |r| format!("{:.0}%", 100.0 * r))
+        );
     }
     b.push_str("</section>\n");
 
@@ -190,33 +241,62 @@ pub fn index_html(job: &Job, results: &JobResults, options: &ReportOptions, imag
     b.push_str("<button type=\"reset\" id=\"f-reset\">Clear</button>\n</form>\n");
     b.push_str("<p id=\"count\" role=\"status\" aria-live=\"polite\"></p>\n");
     b.push_str("<table id=\"neurons\" class=\"neurons\"><thead><tr>");
-    let mut cols = vec![("layer", "Layer"), ("neuron", "Neuron"), ("label", "Top label"), ("score", "Score"), ("status", "Status")];
+    let mut cols = vec![
+        ("layer", "Layer"),
+        ("neuron", "Neuron"),
+        ("label", "Top label"),
+        ("score", "Score"),
+        ("status", "Status"),
+    ];
     if truth {
         cols.push(("truth", "Ground truth"));
     }
     for (key, name) in cols {
-        let _ = write!(b, "<th scope=\"col\" data-key=\"{key}\" aria-sort=\"none\"><button type=\"button\" data-sort=\"{key}\">{name}</button></th>");
+        let _ = write!(
+            b,
+            "<th scope=\"col\" data-key=\"{key}\" aria-sort=\"none\"><button type=\"button\" data-sort=\"{key}\">{name}</button></th>"
+        );
     }
     b.push_str("<th scope=\"col\">Other labels</th></tr></thead><tbody></tbody></table>\n");
     b.push_str("<nav class=\"pager\" aria-label=\"Pages of the table\"><button type=\"button\" id=\"prev\">← Previous</button> <span id=\"page\"></span> <button type=\"button\" id=\"next\">Next →</button></nav>\n");
     let _ = write!(
         b,
         "<noscript><p>The table needs JavaScript. Every neuron also has its own page: <code>neurons/&lt;layer&gt;-&lt;neuron&gt;.html</code>, e.g. <a href=\"neurons/{}\">the first one</a>.</p></noscript>\n",
-        results.neurons.first().map(|n| neuron_file(&n.description.layer, n.description.neuron)).unwrap_or_default()
+        results
+            .neurons
+            .first()
+            .map(|n| neuron_file(&n.description.layer, n.description.neuron))
+            .unwrap_or_default()
     );
     b.push_str("</section>\n</main>\n<script src=\"neurons.js\"></script>\n<script src=\"index.js\"></script>");
     page(&format!("dnd: {}", job.name), "style.css", &b)
 }
 
-fn figure(b: &mut String, img: &ImageRow, images: &Images, options: &ReportOptions, boxes: &[&ImageRow], caption_html: &str) {
+fn figure(
+    b: &mut String,
+    img: &ImageRow,
+    images: &Images,
+    options: &ReportOptions,
+    boxes: &[&ImageRow],
+    caption_html: &str,
+) {
     b.push_str("<figure class=\"img\">");
     match images.by_uri.get(&img.uri) {
         Some(c) => {
             let w = options.thumb_px;
-            let h = ((w as f64) * c.thumb_height as f64 / c.thumb_width.max(1) as f64).round() as u32;
+            let h =
+                ((w as f64) * c.thumb_height as f64 / c.thumb_width.max(1) as f64).round() as u32;
             let alt = match img.kind.as_str() {
-                "generated" => format!("generated for “{}”, seed {}", img.concept.as_deref().unwrap_or(""), img.seed.unwrap_or(0)),
-                "crop" => format!("attention crop {} of {}", img.crop_index.unwrap_or(0), img.image_id.as_deref().unwrap_or("")),
+                "generated" => format!(
+                    "generated for “{}”, seed {}",
+                    img.concept.as_deref().unwrap_or(""),
+                    img.seed.unwrap_or(0)
+                ),
+                "crop" => format!(
+                    "attention crop {} of {}",
+                    img.crop_index.unwrap_or(0),
+                    img.image_id.as_deref().unwrap_or("")
+                ),
                 _ => format!("probe image {}", img.image_id.as_deref().unwrap_or("")),
             };
             let _ = write!(
@@ -229,7 +309,11 @@ fn figure(b: &mut String, img: &ImageRow, images: &Images, options: &ReportOptio
                 esc(&alt)
             );
             for bx in boxes {
-                let (Some(cs), Some(x0), Some(y0), Some(x1), Some(y1)) = (bx.canvas_size, bx.x0, bx.y0, bx.x1, bx.y1) else { continue };
+                let (Some(cs), Some(x0), Some(y0), Some(x1), Some(y1)) =
+                    (bx.canvas_size, bx.x0, bx.y0, bx.x1, bx.y1)
+                else {
+                    continue;
+                };
                 let cs = cs.max(1) as f64;
                 let pct = |v: i32| 100.0 * v as f64 / cs;
                 let _ = write!(
@@ -246,7 +330,8 @@ fn figure(b: &mut String, img: &ImageRow, images: &Images, options: &ReportOptio
             b.push_str("</a>");
         }
         None => {
-            let _ = write!(b, "<div class=\"missing\" title=\"{}\">image missing</div>", esc(&img.uri));
+            let _ =
+                write!(b, "<div class=\"missing\" title=\"{}\">image missing</div>", esc(&img.uri));
         }
     }
     let _ = write!(b, "<figcaption>{caption_html}</figcaption></figure>");
@@ -275,15 +360,36 @@ fn rank_value(s: &ScoreRow) -> Option<f64> {
     }
 }
 
-pub fn neuron_html(job: &Job, n: &NeuronData, prev: Option<&DescriptionRow>, next: Option<&DescriptionRow>, images: &Images, options: &ReportOptions) -> String {
+pub fn neuron_html(
+    job: &Job,
+    n: &NeuronData,
+    prev: Option<&DescriptionRow>,
+    next: Option<&DescriptionRow>,
+    images: &Images,
+    options: &ReportOptions,
+) -> String {
     let d = &n.description;
     let mut b = String::new();
-    b.push_str("<nav class=\"top\" aria-label=\"Neurons\"><a href=\"../index.html\">↑ All neurons</a>");
+    b.push_str(
+        "<nav class=\"top\" aria-label=\"Neurons\"><a href=\"../index.html\">↑ All neurons</a>",
+    );
     if let Some(p) = prev {
-        let _ = write!(b, " <a href=\"{}\" rel=\"prev\">← {} {}</a>", esc(&neuron_file(&p.layer, p.neuron)), esc(&p.layer), p.neuron);
+        let _ = write!(
+            b,
+            " <a href=\"{}\" rel=\"prev\">← {} {}</a>",
+            esc(&neuron_file(&p.layer, p.neuron)),
+            esc(&p.layer),
+            p.neuron
+        );
     }
     if let Some(x) = next {
-        let _ = write!(b, " <a href=\"{}\" rel=\"next\">{} {} →</a>", esc(&neuron_file(&x.layer, x.neuron)), esc(&x.layer), x.neuron);
+        let _ = write!(
+            b,
+            " <a href=\"{}\" rel=\"next\">{} {} →</a>",
+            esc(&neuron_file(&x.layer, x.neuron)),
+            esc(&x.layer),
+            x.neuron
+        );
     }
     b.push_str("</nav>\n");
     let _ = write!(
@@ -297,20 +403,31 @@ pub fn neuron_html(job: &Job, n: &NeuronData, prev: Option<&DescriptionRow>, nex
         esc(&d.task)
     );
 
-    b.push_str("<section id=\"labels\" aria-labelledby=\"labels-h\"><h2 id=\"labels-h\">Labels</h2>");
+    b.push_str(
+        "<section id=\"labels\" aria-labelledby=\"labels-h\"><h2 id=\"labels-h\">Labels</h2>",
+    );
     let labels: Vec<(&String, Option<f64>)> =
-        [(&d.label, d.score), (&d.label_2, d.score_2), (&d.label_3, d.score_3)].into_iter().filter_map(|(l, s)| l.as_ref().map(|l| (l, s))).collect();
+        [(&d.label, d.score), (&d.label_2, d.score_2), (&d.label_3, d.score_3)]
+            .into_iter()
+            .filter_map(|(l, s)| l.as_ref().map(|l| (l, s)))
+            .collect();
     if labels.is_empty() {
         let _ = write!(b, "<p>No label ({}).</p>", esc(&d.status.replace('_', " ")));
     } else {
         b.push_str("<ol class=\"labels\">");
         for (l, s) in labels {
-            let _ = write!(b, "<li><strong>{}</strong> <span class=\"score\">score {}</span></li>", esc(l), num(s, 3));
+            let _ = write!(
+                b,
+                "<li><strong>{}</strong> <span class=\"score\">score {}</span></li>",
+                esc(l),
+                num(s, 3)
+            );
         }
         b.push_str("</ol>");
     }
     if let Some(t) = options.ground_truth.get(&(d.layer.clone(), d.neuron)) {
-        let _ = write!(b, "<p class=\"truth\">Ground truth (planted): <strong>{}</strong></p>", esc(t));
+        let _ =
+            write!(b, "<p class=\"truth\">Ground truth (planted): <strong>{}</strong></p>", esc(t));
     }
     if let Some(e) = &d.error {
         let _ = write!(b, "<p class=\"error\">Error: {}</p>", esc(e));
@@ -318,17 +435,26 @@ pub fn neuron_html(job: &Job, n: &NeuronData, prev: Option<&DescriptionRow>, nex
     let _ = write!(
         b,
         "<p class=\"counts\">{} candidates · {} top images captioned · captions {}/{} from cache · replies {}/{} · generated images {}/{}</p></section>\n",
-        d.candidates, d.top_images, d.captions_cached, d.captions_total, d.replies_cached, d.replies_total, d.images_cached, d.images_total
+        d.candidates,
+        d.top_images,
+        d.captions_cached,
+        d.captions_total,
+        d.replies_cached,
+        d.replies_total,
+        d.images_cached,
+        d.images_total
     );
 
-    let captions: HashMap<i32, &CaptionRow> = n.captions.iter().map(|c| (c.image_rank, c)).collect();
+    let captions: HashMap<i32, &CaptionRow> =
+        n.captions.iter().map(|c| (c.image_rank, c)).collect();
     let originals: Vec<&ImageRow> = n.images.iter().filter(|i| i.kind == "original").collect();
     let crops: Vec<&ImageRow> = n.images.iter().filter(|i| i.kind == "crop").collect();
     let generated: Vec<&ImageRow> = n.images.iter().filter(|i| i.kind == "generated").collect();
 
     b.push_str("<section id=\"top-images\" aria-labelledby=\"top-h\"><h2 id=\"top-h\">Top images</h2><p class=\"note\">The probe images that excite the neuron most, by activation; boxes are its attention crops. Marked ★: captioned.</p><div class=\"grid\">");
     for img in &originals {
-        let boxes: Vec<&ImageRow> = crops.iter().copied().filter(|c| c.image_id == img.image_id).collect();
+        let boxes: Vec<&ImageRow> =
+            crops.iter().copied().filter(|c| c.image_id == img.image_id).collect();
         let cap = format!(
             "{}rank {} · activation <b>{:.3}</b><br><span class=\"id\">{}</span><br>{}",
             if img.top { "★ " } else { "" },
@@ -437,7 +563,8 @@ pub fn neuron_html(job: &Job, n: &NeuronData, prev: Option<&DescriptionRow>, nex
                 );
             }
             b.push_str("<div class=\"grid\">");
-            let mut mine: Vec<&&ImageRow> = generated.iter().filter(|g| g.candidate == Some(c.candidate)).collect();
+            let mut mine: Vec<&&ImageRow> =
+                generated.iter().filter(|g| g.candidate == Some(c.candidate)).collect();
             mine.sort_by_key(|g| (g.seed, g.rank));
             for g in &mine {
                 let cap = format!(
@@ -460,14 +587,24 @@ pub fn neuron_html(job: &Job, n: &NeuronData, prev: Option<&DescriptionRow>, nex
 
     if !n.exchanges.is_empty() {
         b.push_str("<section id=\"exchanges\" aria-labelledby=\"ex-h\"><h2 id=\"ex-h\">Summariser exchanges</h2><details><summary>");
-        let _ = write!(b, "{} exchanges (requests and replies, verbatim)</summary><table><thead><tr><th scope=\"col\">#</th><th scope=\"col\">step</th><th scope=\"col\">model</th><th scope=\"col\">answer</th><th scope=\"col\">request and reply</th></tr></thead><tbody>", n.exchanges.len());
+        let _ = write!(
+            b,
+            "{} exchanges (requests and replies, verbatim)</summary><table><thead><tr><th scope=\"col\">#</th><th scope=\"col\">step</th><th scope=\"col\">model</th><th scope=\"col\">answer</th><th scope=\"col\">request and reply</th></tr></thead><tbody>",
+            n.exchanges.len()
+        );
         for e in &n.exchanges {
             let answer = match (&e.answer, &e.error) {
                 (Some(a), _) => esc(a),
                 (None, Some(err)) => format!("<span class=\"error\">{}</span>", esc(err)),
                 (None, None) => "–".into(),
             };
-            let cut = |s: &str| if s.chars().count() > 4000 { format!("{}…", s.chars().take(4000).collect::<String>()) } else { s.to_string() };
+            let cut = |s: &str| {
+                if s.chars().count() > 4000 {
+                    format!("{}…", s.chars().take(4000).collect::<String>())
+                } else {
+                    s.to_string()
+                }
+            };
             let _ = write!(
                 b,
                 "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td><details><summary>show</summary><pre>{}</pre><pre>{}</pre></details></td></tr>",
@@ -482,7 +619,9 @@ pub fn neuron_html(job: &Job, n: &NeuronData, prev: Option<&DescriptionRow>, nex
         b.push_str("</tbody></table></details></section>\n");
     }
     if !n.errors.is_empty() {
-        b.push_str("<section id=\"errors\" aria-labelledby=\"err-h\"><h2 id=\"err-h\">Problems</h2><ul>");
+        b.push_str(
+            "<section id=\"errors\" aria-labelledby=\"err-h\"><h2 id=\"err-h\">Problems</h2><ul>",
+        );
         for e in &n.errors {
             let _ = write!(
                 b,

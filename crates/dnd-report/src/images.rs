@@ -40,7 +40,9 @@ pub struct Images {
 }
 
 fn looks_like_url(s: &str) -> bool {
-    s.split_once("://").is_some_and(|(scheme, _)| !scheme.is_empty() && scheme.chars().all(|c| c.is_ascii_alphanumeric() || c == '+'))
+    s.split_once("://").is_some_and(|(scheme, _)| {
+        !scheme.is_empty() && scheme.chars().all(|c| c.is_ascii_alphanumeric() || c == '+')
+    })
 }
 
 /// Finds an image from the `uri` the results give: a URL, a path (relative to where the
@@ -56,7 +58,9 @@ pub struct Resolver {
 impl Resolver {
     pub fn new(job: Location) -> Self {
         let shown = job.to_string();
-        let job_dir = (!looks_like_url(&shown)).then(|| std::path::absolute(Path::new(&shown)).ok()).flatten();
+        let job_dir = (!looks_like_url(&shown))
+            .then(|| std::path::absolute(Path::new(&shown)).ok())
+            .flatten();
         Self { job, job_dir, stores: Mutex::new(HashMap::new()) }
     }
 
@@ -119,20 +123,38 @@ struct Made {
 }
 
 fn thumbnail(uri: String, bytes: Bytes, px: u32) -> Result<Made, (String, String)> {
-    let format = image::guess_format(&bytes).map_err(|e| (uri.clone(), format!("not an image ({e})")))?;
+    let format =
+        image::guess_format(&bytes).map_err(|e| (uri.clone(), format!("not an image ({e})")))?;
     let ext = format.extensions_str().first().copied().unwrap_or("img");
-    let img = image::load_from_memory_with_format(&bytes, format).map_err(|e| (uri.clone(), format!("cannot decode it ({e})")))?;
+    let img = image::load_from_memory_with_format(&bytes, format)
+        .map_err(|e| (uri.clone(), format!("cannot decode it ({e})")))?;
     let size = (img.width(), img.height());
     let small = if img.width() > px || img.height() > px { img.thumbnail(px, px) } else { img };
     let mut thumb = Vec::new();
-    small.write_to(&mut Cursor::new(&mut thumb), image::ImageFormat::Png).map_err(|e| (uri.clone(), format!("cannot encode its thumbnail ({e})")))?;
+    small
+        .write_to(&mut Cursor::new(&mut thumb), image::ImageFormat::Png)
+        .map_err(|e| (uri.clone(), format!("cannot encode its thumbnail ({e})")))?;
     let hash = blake3::hash(&bytes).to_hex()[..32].to_string();
-    Ok(Made { uri, hash, ext, full: bytes, thumb, size, thumb_size: (small.width(), small.height()) })
+    Ok(Made {
+        uri,
+        hash,
+        ext,
+        full: bytes,
+        thumb,
+        size,
+        thumb_size: (small.width(), small.height()),
+    })
 }
 
 /// Copies every image the results name into `out`.
-pub async fn copy_images(resolver: &Resolver, results: &JobResults, out: &Location, options: &ReportOptions) -> Result<Images, ReportError> {
-    let uris: BTreeSet<String> = results.neurons.iter().flat_map(|n| n.images.iter().map(|i| i.uri.clone())).collect();
+pub async fn copy_images(
+    resolver: &Resolver,
+    results: &JobResults,
+    out: &Location,
+    options: &ReportOptions,
+) -> Result<Images, ReportError> {
+    let uris: BTreeSet<String> =
+        results.neurons.iter().flat_map(|n| n.images.iter().map(|i| i.uri.clone())).collect();
     let written: Mutex<HashSet<String>> = Mutex::new(HashSet::new());
     let px = options.thumb_px.max(16);
     let work = uris.into_iter().map(|uri| {
@@ -151,7 +173,10 @@ pub async fn copy_images(resolver: &Resolver, results: &JobResults, out: &Locati
             };
             let full = format!("images/{}.{}", made.hash, made.ext);
             let thumb = format!("thumbs/{}.png", made.hash);
-            let first = written.lock().map_err(|_| ReportError::Internal("a lock was poisoned".into()))?.insert(made.hash.clone());
+            let first = written
+                .lock()
+                .map_err(|_| ReportError::Internal("a lock was poisoned".into()))?
+                .insert(made.hash.clone());
             if first {
                 out.put(&full, made.full).await?;
                 out.put(&thumb, Bytes::from(made.thumb)).await?;

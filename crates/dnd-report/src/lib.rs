@@ -37,7 +37,9 @@ pub enum ReportError {
     #[error("{location} is not a dnd job directory: {reason}")]
     NotAJob { location: String, reason: String },
 
-    #[error("{location} has no results yet ({missing} is missing): the job has not finished; run `dnd dissect` (or `dnd watch <job>`) until it ends, then report")]
+    #[error(
+        "{location} has no results yet ({missing} is missing): the job has not finished; run `dnd dissect` (or `dnd watch <job>`) until it ends, then report"
+    )]
     NoResults { location: String, missing: String },
 
     #[error("cannot read the results table {location}: {source}")]
@@ -58,7 +60,10 @@ impl ReportError {
     /// failure inside dnd.
     pub fn is_user_error(&self) -> bool {
         match self {
-            ReportError::NotAJob { .. } | ReportError::NoResults { .. } | ReportError::Table { .. } | ReportError::BadFile { .. } => true,
+            ReportError::NotAJob { .. }
+            | ReportError::NoResults { .. }
+            | ReportError::Table { .. }
+            | ReportError::BadFile { .. } => true,
             ReportError::Store(e) => e.is_user_error(),
             ReportError::Internal(_) => false,
         }
@@ -124,7 +129,9 @@ pub const SUMMARY_FILE: &str = "summary.json";
 /// dissect`) holding exactly one job under `jobs/` is taken as that job.
 pub async fn find_job(spec: &str) -> Result<Location, ReportError> {
     let location = Location::open(spec).map_err(|e| match e {
-        StoreError::BadLocation { reason, .. } => ReportError::NotAJob { location: spec.to_string(), reason },
+        StoreError::BadLocation { reason, .. } => {
+            ReportError::NotAJob { location: spec.to_string(), reason }
+        }
         other => ReportError::Store(other),
     })?;
     if location.exists(JOB_FILE).await? {
@@ -135,13 +142,18 @@ pub async fn find_job(spec: &str) -> Result<Location, ReportError> {
         [one] => Ok(location.join(&format!("jobs/{one}"))),
         [] => Err(ReportError::NotAJob {
             location: spec.to_string(),
-            reason: format!("no {JOB_FILE} there (give the job directory `dnd dissect` wrote: <out>/jobs/<name>)"),
+            reason: format!(
+                "no {JOB_FILE} there (give the job directory `dnd dissect` wrote: <out>/jobs/<name>)"
+            ),
         }),
         many => Err(ReportError::NotAJob {
             location: spec.to_string(),
             reason: format!(
                 "it holds several jobs; give one of them: {}",
-                many.iter().map(|j| location.display_path(&format!("jobs/{j}"))).collect::<Vec<_>>().join(", ")
+                many.iter()
+                    .map(|j| location.display_path(&format!("jobs/{j}")))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         }),
     }
@@ -149,25 +161,34 @@ pub async fn find_job(spec: &str) -> Result<Location, ReportError> {
 
 /// Reads `job.json` and `summary.json` of a job directory.
 pub async fn open_job(location: &Location) -> Result<Job, ReportError> {
-    let not_a_job = |reason: String| ReportError::NotAJob { location: location.to_string(), reason };
+    let not_a_job =
+        |reason: String| ReportError::NotAJob { location: location.to_string(), reason };
     let Some(spec_bytes) = location.get_opt(JOB_FILE).await? else {
-        return Err(not_a_job(format!("no {JOB_FILE} there (give the job directory `dnd dissect` wrote: <out>/jobs/<name>)")));
+        return Err(not_a_job(format!(
+            "no {JOB_FILE} there (give the job directory `dnd dissect` wrote: <out>/jobs/<name>)"
+        )));
     };
     // job.json is `[name, spec]`.
     let (name, spec): (String, Value) = serde_json::from_slice(&spec_bytes)
         .map_err(|e| not_a_job(format!("{JOB_FILE} is not a dnd job spec ({e})")))?;
     let summary = match location.get_opt(SUMMARY_FILE).await? {
-        Some(bytes) => Some(serde_json::from_slice::<Value>(&bytes).map_err(|e| ReportError::BadFile {
-            location: location.display_path(SUMMARY_FILE),
-            reason: format!("not JSON ({e})"),
-        })?),
+        Some(bytes) => {
+            Some(serde_json::from_slice::<Value>(&bytes).map_err(|e| ReportError::BadFile {
+                location: location.display_path(SUMMARY_FILE),
+                reason: format!("not JSON ({e})"),
+            })?)
+        }
         None => None,
     };
     Ok(Job { location: location.clone(), name, spec, summary })
 }
 
 /// Writes the report of `job` to `out`.
-pub async fn write_report(job: &Job, out: &Location, options: &ReportOptions) -> Result<ReportOutcome, ReportError> {
+pub async fn write_report(
+    job: &Job,
+    out: &Location,
+    options: &ReportOptions,
+) -> Result<ReportOutcome, ReportError> {
     let started = Instant::now();
     let results = data::read_results(job).await?;
     let resolver = images::Resolver::new(job.location.clone());
@@ -177,17 +198,25 @@ pub async fn write_report(job: &Job, out: &Location, options: &ReportOptions) ->
     files.push(("style.css".into(), Bytes::from_static(html::STYLE_CSS.as_bytes())));
     files.push(("index.js".into(), Bytes::from_static(html::INDEX_JS.as_bytes())));
     files.push(("neurons.js".into(), Bytes::from(html::neurons_js(&results, options))));
-    files.push(("index.html".into(), Bytes::from(html::index_html(job, &results, options, imgs.missing.len()))));
+    files.push((
+        "index.html".into(),
+        Bytes::from(html::index_html(job, &results, options, imgs.missing.len())),
+    ));
     let all = &results.neurons;
     for (i, n) in all.iter().enumerate() {
         let prev = i.checked_sub(1).map(|p| &all[p].description);
         let next = all.get(i + 1).map(|n| &n.description);
         let page = html::neuron_html(job, n, prev, next, &imgs, options);
-        files.push((format!("neurons/{}", html::neuron_file(&n.description.layer, n.description.neuron)), Bytes::from(page)));
+        files.push((
+            format!("neurons/{}", html::neuron_file(&n.description.layer, n.description.neuron)),
+            Bytes::from(page),
+        ));
     }
     let count = files.len() + imgs.files;
-    let mut writes = futures::stream::iter(files.into_iter().map(|(rel, bytes)| async move { out.put(&rel, bytes).await }))
-        .buffer_unordered(options.parallel.max(1));
+    let mut writes = futures::stream::iter(
+        files.into_iter().map(|(rel, bytes)| async move { out.put(&rel, bytes).await }),
+    )
+    .buffer_unordered(options.parallel.max(1));
     while let Some(r) = writes.next().await {
         r?;
     }
@@ -208,7 +237,9 @@ mod tests {
     async fn synthetic_job(neurons: usize) -> (tempfile::TempDir, Location) {
         let dir = tempfile::tempdir().unwrap();
         let loc = Location::create(dir.path().join("jobs/synthetic").to_str().unwrap()).unwrap();
-        synthetic::write_job(&loc, &synthetic::SyntheticSpec { neurons, ..Default::default() }).await.unwrap();
+        synthetic::write_job(&loc, &synthetic::SyntheticSpec { neurons, ..Default::default() })
+            .await
+            .unwrap();
         (dir, loc)
     }
 
@@ -225,17 +256,29 @@ mod tests {
         let root = dir.path().join("report");
         let index = std::fs::read_to_string(root.join("index.html")).unwrap();
         assert!(index.contains("neurons.js") && index.contains("synthetic"), "{index}");
-        assert!(!index.contains("http://") && !index.contains("https://"), "the index loads nothing from outside");
+        assert!(
+            !index.contains("http://") && !index.contains("https://"),
+            "the index loads nothing from outside"
+        );
         let js = std::fs::read_to_string(root.join("neurons.js")).unwrap();
         assert!(js.starts_with("window.DND_REPORT = "));
         let pages = std::fs::read_dir(root.join("neurons")).unwrap().count();
         assert_eq!(pages, 12);
         let page = std::fs::read_to_string(root.join("neurons/layer4-0.html")).unwrap();
-        for part in ["id=\"top-images\"", "id=\"crops\"", "id=\"candidates\"", "class=\"box\"", "red circles", "../thumbs/", "../images/"] {
+        for part in [
+            "id=\"top-images\"",
+            "id=\"crops\"",
+            "id=\"candidates\"",
+            "class=\"box\"",
+            "red circles",
+            "../thumbs/",
+            "../images/",
+        ] {
             assert!(page.contains(part), "{part} missing from the neuron page");
         }
         // Thumbnails are small PNGs; every image is stored once, by content.
-        let thumbs: Vec<_> = std::fs::read_dir(root.join("thumbs")).unwrap().map(|e| e.unwrap().path()).collect();
+        let thumbs: Vec<_> =
+            std::fs::read_dir(root.join("thumbs")).unwrap().map(|e| e.unwrap().path()).collect();
         assert_eq!(thumbs.len(), outcome.images);
         for t in &thumbs {
             let img = image::open(t).unwrap();
@@ -256,12 +299,19 @@ mod tests {
         assert!(err.is_user_error() && err.to_string().contains("no such directory"), "{err}");
 
         let err = find_job(dir.path().to_str().unwrap()).await.unwrap_err();
-        assert!(err.is_user_error() && err.to_string().contains("not a dnd job directory"), "{err}");
+        assert!(
+            err.is_user_error() && err.to_string().contains("not a dnd job directory"),
+            "{err}"
+        );
 
         // A job without results: not finished.
         let job_dir = dir.path().join("jobs/j");
         std::fs::create_dir_all(&job_dir).unwrap();
-        std::fs::write(job_dir.join("job.json"), r#"["j", {"target": {"model": "m", "layers": ["layer4"]}}]"#).unwrap();
+        std::fs::write(
+            job_dir.join("job.json"),
+            r#"["j", {"target": {"model": "m", "layers": ["layer4"]}}]"#,
+        )
+        .unwrap();
         let loc = find_job(dir.path().to_str().unwrap()).await.unwrap();
         let job = open_job(&loc).await.unwrap();
         assert_eq!(job.name, "j");

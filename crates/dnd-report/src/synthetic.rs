@@ -7,7 +7,10 @@ use bytes::Bytes;
 use image::{Rgb, RgbImage};
 use serde_json::json;
 
-use dnd_store::results::{CandidateRow, CaptionRow, DescriptionRow, ExchangeRow, ImageRow, NeuronErrorRow, ResultTable, ScoreRow};
+use dnd_store::results::{
+    CandidateRow, CaptionRow, DescriptionRow, ExchangeRow, ImageRow, NeuronErrorRow, ResultTable,
+    ScoreRow,
+};
 use dnd_store::{Location, write_parquet};
 
 use crate::ReportError;
@@ -46,8 +49,14 @@ impl Default for SyntheticSpec {
     }
 }
 
-const COLOURS: [(&str, [u8; 3]); 6] =
-    [("red", [220, 40, 40]), ("green", [40, 170, 60]), ("blue", [40, 80, 220]), ("yellow", [230, 200, 30]), ("purple", [140, 50, 170]), ("orange", [240, 130, 20])];
+const COLOURS: [(&str, [u8; 3]); 6] = [
+    ("red", [220, 40, 40]),
+    ("green", [40, 170, 60]),
+    ("blue", [40, 80, 220]),
+    ("yellow", [230, 200, 30]),
+    ("purple", [140, 50, 170]),
+    ("orange", [240, 130, 20]),
+];
 const SHAPES: [&str; 4] = ["circle", "square", "stripes", "dots"];
 
 struct Lcg(u64);
@@ -97,7 +106,8 @@ pub async fn write_job(job: &Location, spec: &SyntheticSpec) -> Result<(), Repor
         job.put(&format!("synthetic-images/{i:04}.png"), Bytes::from(picture(i))).await?;
     }
     let uri = |i: usize| job.display_path(&format!("synthetic-images/{:04}.png", i % pool));
-    let hash = |i: usize| blake3::hash(format!("image {}", i % pool).as_bytes()).to_hex().to_string();
+    let hash =
+        |i: usize| blake3::hash(format!("image {}", i % pool).as_bytes()).to_hex().to_string();
     let mut rng = Lcg(spec.seed ^ 0x9e37_79b9_7f4a_7c15);
 
     let (mut descriptions, mut candidates, mut scores, mut captions, mut images, mut exchanges) =
@@ -107,8 +117,10 @@ pub async fn write_job(job: &Location, spec: &SyntheticSpec) -> Result<(), Repor
         let layer = spec.layers[k % spec.layers.len()].clone();
         let neuron = (k / spec.layers.len()) as i32;
         let task = format!("{layer}-{:05}", neuron / 8);
-        let concepts: Vec<usize> = (0..spec.candidates).map(|_| rng.below(COLOURS.len() * SHAPES.len())).collect();
-        let finals: Vec<f64> = (0..spec.candidates).map(|c| (spec.candidates - c) as f64 * rng.unit()).collect();
+        let concepts: Vec<usize> =
+            (0..spec.candidates).map(|_| rng.below(COLOURS.len() * SHAPES.len())).collect();
+        let finals: Vec<f64> =
+            (0..spec.candidates).map(|c| (spec.candidates - c) as f64 * rng.unit()).collect();
         let mut order: Vec<usize> = (0..spec.candidates).collect();
         order.sort_by(|&a, &b| finals[b].total_cmp(&finals[a]));
         let final_rank = |c: usize| order.iter().position(|&o| o == c).unwrap_or(0) as i32;
@@ -162,8 +174,25 @@ pub async fn write_job(job: &Location, spec: &SyntheticSpec) -> Result<(), Repor
             let p = rng.below(pool);
             let act = 1.0 - 0.1 * o as f32;
             let id = format!("{p:04}.png");
-            images.push(ImageRow { kind: "original".into(), rank, activation: act, image_id: Some(id.clone()), uri: uri(p), image_hash: hash(p), ..base.clone() });
-            captions.push(CaptionRow { layer: layer.clone(), neuron, image_rank: rank, image_hash: hash(p), caption: format!("a picture of a {}", concept(p)), simplified: Some(concept(p)), captioner: "synthetic".into(), cached: false });
+            images.push(ImageRow {
+                kind: "original".into(),
+                rank,
+                activation: act,
+                image_id: Some(id.clone()),
+                uri: uri(p),
+                image_hash: hash(p),
+                ..base.clone()
+            });
+            captions.push(CaptionRow {
+                layer: layer.clone(),
+                neuron,
+                image_rank: rank,
+                image_hash: hash(p),
+                caption: format!("a picture of a {}", concept(p)),
+                simplified: Some(concept(p)),
+                captioner: "synthetic".into(),
+                cached: false,
+            });
             rank += 1;
             for c in 0..spec.crops {
                 let q = rng.below(pool);
@@ -184,13 +213,31 @@ pub async fn write_job(job: &Location, spec: &SyntheticSpec) -> Result<(), Repor
                     image_hash: hash(q),
                     ..base.clone()
                 });
-                captions.push(CaptionRow { layer: layer.clone(), neuron, image_rank: rank, image_hash: hash(q), caption: format!("a close-up of a {}", concept(q)), simplified: Some(concept(q)), captioner: "synthetic".into(), cached: false });
+                captions.push(CaptionRow {
+                    layer: layer.clone(),
+                    neuron,
+                    image_rank: rank,
+                    image_hash: hash(q),
+                    caption: format!("a close-up of a {}", concept(q)),
+                    simplified: Some(concept(q)),
+                    captioner: "synthetic".into(),
+                    cached: false,
+                });
                 rank += 1;
             }
         }
         for c in 0..spec.candidates {
             let name = concept(concepts[c]);
-            candidates.push(CandidateRow { layer: layer.clone(), neuron, candidate: c as i32, concept: name.clone(), prompt: format!("a photo of a {name}"), images: spec.images_per_concept as i32, final_rank: final_rank(c), selected: final_rank(c) < 3 });
+            candidates.push(CandidateRow {
+                layer: layer.clone(),
+                neuron,
+                candidate: c as i32,
+                concept: name.clone(),
+                prompt: format!("a photo of a {name}"),
+                images: spec.images_per_concept as i32,
+                final_rank: final_rank(c),
+                selected: final_rank(c) < 3,
+            });
             scores.push(ScoreRow {
                 layer: layer.clone(),
                 neuron,
@@ -240,12 +287,20 @@ pub async fn write_job(job: &Location, spec: &SyntheticSpec) -> Result<(), Repor
         });
     }
     let put = |table: ResultTable| format!("results/{}", table.file());
-    write_parquet(job, &put(ResultTable::Descriptions), &ResultTable::Descriptions.batch(&descriptions)?).await?;
-    write_parquet(job, &put(ResultTable::Candidates), &ResultTable::Candidates.batch(&candidates)?).await?;
+    write_parquet(
+        job,
+        &put(ResultTable::Descriptions),
+        &ResultTable::Descriptions.batch(&descriptions)?,
+    )
+    .await?;
+    write_parquet(job, &put(ResultTable::Candidates), &ResultTable::Candidates.batch(&candidates)?)
+        .await?;
     write_parquet(job, &put(ResultTable::Scores), &ResultTable::Scores.batch(&scores)?).await?;
-    write_parquet(job, &put(ResultTable::Captions), &ResultTable::Captions.batch(&captions)?).await?;
+    write_parquet(job, &put(ResultTable::Captions), &ResultTable::Captions.batch(&captions)?)
+        .await?;
     write_parquet(job, &put(ResultTable::Images), &ResultTable::Images.batch(&images)?).await?;
-    write_parquet(job, &put(ResultTable::Exchanges), &ResultTable::Exchanges.batch(&exchanges)?).await?;
+    write_parquet(job, &put(ResultTable::Exchanges), &ResultTable::Exchanges.batch(&exchanges)?)
+        .await?;
     write_parquet(job, &put(ResultTable::Errors), &ResultTable::Errors.batch(&errors)?).await?;
 
     let job_json = json!([spec.name, {

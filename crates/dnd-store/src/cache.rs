@@ -109,7 +109,11 @@ impl ContentCache {
     /// The entry, or `None` on a miss. Counts the hit or miss.
     pub async fn get(&self, key: &CacheKey) -> Result<Option<Bytes>, StoreError> {
         let found = self.root.get_opt(&key.path()).await?;
-        let counter = if found.is_some() { &self.counters(key.kind).hits } else { &self.counters(key.kind).misses };
+        let counter = if found.is_some() {
+            &self.counters(key.kind).hits
+        } else {
+            &self.counters(key.kind).misses
+        };
         counter.fetch_add(1, Ordering::Relaxed);
         Ok(found)
     }
@@ -127,7 +131,10 @@ impl ContentCache {
 
     pub fn counts(&self, kind: CacheKind) -> CacheCounts {
         let c = self.counters(kind);
-        CacheCounts { hits: c.hits.load(Ordering::Relaxed), misses: c.misses.load(Ordering::Relaxed) }
+        CacheCounts {
+            hits: c.hits.load(Ordering::Relaxed),
+            misses: c.misses.load(Ordering::Relaxed),
+        }
     }
 }
 
@@ -146,17 +153,33 @@ mod tests {
     async fn equal_inputs_share_an_entry_and_counts_are_kept() {
         let dir = tempfile::tempdir().unwrap();
         let cache = ContentCache::new(Location::create(dir.path().to_str().unwrap()).unwrap());
-        let key = CacheKey::of(CacheKind::Images, &ImageInputs { generator: "sd", prompt: "a cat", seed: 0 });
-        let same = CacheKey::of(CacheKind::Images, &ImageInputs { generator: "sd", prompt: "a cat", seed: 0 });
-        let other = CacheKey::of(CacheKind::Images, &ImageInputs { generator: "sd", prompt: "a cat", seed: 1 });
+        let key = CacheKey::of(
+            CacheKind::Images,
+            &ImageInputs { generator: "sd", prompt: "a cat", seed: 0 },
+        );
+        let same = CacheKey::of(
+            CacheKind::Images,
+            &ImageInputs { generator: "sd", prompt: "a cat", seed: 0 },
+        );
+        let other = CacheKey::of(
+            CacheKind::Images,
+            &ImageInputs { generator: "sd", prompt: "a cat", seed: 1 },
+        );
         assert_eq!(key, same);
         assert_ne!(key, other);
-        assert!(key.path().starts_with(&format!("images/{}/", &key.hash[..2])) && key.path().ends_with(".png"));
+        assert!(
+            key.path().starts_with(&format!("images/{}/", &key.hash[..2]))
+                && key.path().ends_with(".png")
+        );
 
         assert_eq!(cache.get(&key).await.unwrap(), None);
         cache.put(&key, Bytes::from_static(b"first")).await.unwrap();
         cache.put(&same, Bytes::from_static(b"second")).await.unwrap();
-        assert_eq!(cache.get(&same).await.unwrap(), Some(Bytes::from_static(b"first")), "entries are immutable");
+        assert_eq!(
+            cache.get(&same).await.unwrap(),
+            Some(Bytes::from_static(b"first")),
+            "entries are immutable"
+        );
         assert_eq!(cache.counts(CacheKind::Images), CacheCounts { hits: 1, misses: 1 });
         assert_eq!(cache.counts(CacheKind::Captions), CacheCounts::default());
         assert!(dir.path().join(key.path()).is_file());

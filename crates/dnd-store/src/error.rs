@@ -23,7 +23,12 @@ impl StoreError {
         match self {
             StoreError::BadLocation { .. } => true,
             StoreError::ObjectStore { source, .. } => {
-                matches!(source, object_store::Error::NotFound { .. } | object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. })
+                matches!(
+                    source,
+                    object_store::Error::NotFound { .. }
+                        | object_store::Error::PermissionDenied { .. }
+                        | object_store::Error::Unauthenticated { .. }
+                )
             }
             _ => false,
         }

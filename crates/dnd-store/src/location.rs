@@ -9,7 +9,9 @@ use futures::stream::BoxStream;
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
 use object_store::path::Path;
-use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt, ObjectStoreScheme, PutMode, PutOptions, PutPayload};
+use object_store::{
+    ObjectMeta, ObjectStore, ObjectStoreExt, ObjectStoreScheme, PutMode, PutOptions, PutPayload,
+};
 use url::Url;
 
 use crate::error::StoreError;
@@ -40,8 +42,9 @@ impl fmt::Display for Location {
 }
 
 fn looks_like_url(s: &str) -> bool {
-    s.split_once("://").is_some_and(|(scheme, _)| !scheme.is_empty() && scheme.chars().all(|c| c.is_ascii_alphanumeric() || c == '+'))
-        || s.starts_with("memory:")
+    s.split_once("://").is_some_and(|(scheme, _)| {
+        !scheme.is_empty() && scheme.chars().all(|c| c.is_ascii_alphanumeric() || c == '+')
+    }) || s.starts_with("memory:")
 }
 
 impl Location {
@@ -65,25 +68,41 @@ impl Location {
         }
         let url = Url::parse(spec).map_err(|e| bad(format!("not a valid URL ({e})")))?;
         let (scheme, prefix) = ObjectStoreScheme::parse(&url).map_err(|e| {
-            bad(format!("{e}; dnd understands local paths, file://, memory://, s3://, gs:// and az:// URLs"))
+            bad(format!(
+                "{e}; dnd understands local paths, file://, memory://, s3://, gs:// and az:// URLs"
+            ))
         })?;
-        let built = |r: object_store::Result<Arc<dyn ObjectStore>>| r.map_err(|e| bad(e.to_string()));
+        let built =
+            |r: object_store::Result<Arc<dyn ObjectStore>>| r.map_err(|e| bad(e.to_string()));
         let store: Arc<dyn ObjectStore> = match scheme {
             ObjectStoreScheme::Local => {
                 let path = url.to_file_path().map_err(|_| bad("not a local file URL".into()))?;
                 return Self::local_dir(&path, create).map_err(bad);
             }
             ObjectStoreScheme::Memory => Arc::new(InMemory::new()),
-            ObjectStoreScheme::AmazonS3 => {
-                built(object_store::aws::AmazonS3Builder::from_env().with_url(spec).build().map(|s| Arc::new(s) as _))?
-            }
+            ObjectStoreScheme::AmazonS3 => built(
+                object_store::aws::AmazonS3Builder::from_env()
+                    .with_url(spec)
+                    .build()
+                    .map(|s| Arc::new(s) as _),
+            )?,
             ObjectStoreScheme::GoogleCloudStorage => built(
-                object_store::gcp::GoogleCloudStorageBuilder::from_env().with_url(spec).build().map(|s| Arc::new(s) as _),
+                object_store::gcp::GoogleCloudStorageBuilder::from_env()
+                    .with_url(spec)
+                    .build()
+                    .map(|s| Arc::new(s) as _),
             )?,
             ObjectStoreScheme::MicrosoftAzure => built(
-                object_store::azure::MicrosoftAzureBuilder::from_env().with_url(spec).build().map(|s| Arc::new(s) as _),
+                object_store::azure::MicrosoftAzureBuilder::from_env()
+                    .with_url(spec)
+                    .build()
+                    .map(|s| Arc::new(s) as _),
             )?,
-            other => return Err(bad(format!("{other:?} URLs are not supported; use s3://, gs://, az://, file:// or a local path"))),
+            other => {
+                return Err(bad(format!(
+                    "{other:?} URLs are not supported; use s3://, gs://, az://, file:// or a local path"
+                )));
+            }
         };
         Ok(Self { store, prefix, display: spec.trim_end_matches('/').to_string() })
     }
@@ -92,14 +111,26 @@ impl Location {
         if create {
             std::fs::create_dir_all(path).map_err(|e| format!("cannot create directory: {e}"))?;
         } else if !path.is_dir() {
-            return Err(if path.exists() { "it is not a directory".into() } else { "no such directory".into() });
+            return Err(if path.exists() {
+                "it is not a directory".into()
+            } else {
+                "no such directory".into()
+            });
         }
         let store = LocalFileSystem::new_with_prefix(path).map_err(|e| e.to_string())?;
-        Ok(Self { store: Arc::new(store), prefix: Path::default(), display: path.display().to_string() })
+        Ok(Self {
+            store: Arc::new(store),
+            prefix: Path::default(),
+            display: path.display().to_string(),
+        })
     }
 
     /// A location over an existing store (tests, in-memory pipelines).
-    pub fn from_store(store: Arc<dyn ObjectStore>, prefix: Path, display: impl Into<String>) -> Self {
+    pub fn from_store(
+        store: Arc<dyn ObjectStore>,
+        prefix: Path,
+        display: impl Into<String>,
+    ) -> Self {
         Self { store, prefix, display: display.into() }
     }
 
@@ -109,7 +140,10 @@ impl Location {
 
     /// The full store path of `relative` (a `/`-separated path under this location).
     pub fn path(&self, relative: &str) -> Path {
-        relative.split('/').filter(|p| !p.is_empty()).fold(self.prefix.clone(), |p, part| p.clone().join(part))
+        relative
+            .split('/')
+            .filter(|p| !p.is_empty())
+            .fold(self.prefix.clone(), |p, part| p.clone().join(part))
     }
 
     /// The location of a sub-directory.
@@ -128,7 +162,8 @@ impl Location {
 
     /// Path of `path` relative to this location's prefix.
     pub fn relative(&self, path: &Path) -> Option<String> {
-        let parts: Vec<_> = path.prefix_match(&self.prefix)?.map(|p| p.as_ref().to_string()).collect();
+        let parts: Vec<_> =
+            path.prefix_match(&self.prefix)?.map(|p| p.as_ref().to_string()).collect();
         Some(parts.join("/"))
     }
 
@@ -137,7 +172,10 @@ impl Location {
     }
 
     pub async fn put(&self, relative: &str, bytes: Bytes) -> Result<(), StoreError> {
-        self.store.put(&self.path(relative), PutPayload::from(bytes)).await.map_err(|e| self.err(relative, e))?;
+        self.store
+            .put(&self.path(relative), PutPayload::from(bytes))
+            .await
+            .map_err(|e| self.err(relative, e))?;
         Ok(())
     }
 
@@ -159,7 +197,9 @@ impl Location {
     pub async fn get_opt(&self, relative: &str) -> Result<Option<Bytes>, StoreError> {
         match self.get(relative).await {
             Ok(bytes) => Ok(Some(bytes)),
-            Err(StoreError::ObjectStore { source: object_store::Error::NotFound { .. }, .. }) => Ok(None),
+            Err(StoreError::ObjectStore {
+                source: object_store::Error::NotFound { .. }, ..
+            }) => Ok(None),
             Err(e) => Err(e),
         }
     }
@@ -174,7 +214,8 @@ impl Location {
     }
 
     pub async fn get_path(&self, path: &Path) -> Result<Bytes, StoreError> {
-        let err = |e| StoreError::ObjectStore { location: format!("{}/{path}", self.display), source: e };
+        let err =
+            |e| StoreError::ObjectStore { location: format!("{}/{path}", self.display), source: e };
         self.store.get(path).await.map_err(err)?.bytes().await.map_err(err)
     }
 
@@ -183,7 +224,9 @@ impl Location {
         let display = self.display.clone();
         self.store
             .list(Some(&self.prefix))
-            .map(move |r| r.map_err(|source| StoreError::ObjectStore { location: display.clone(), source }))
+            .map(move |r| {
+                r.map_err(|source| StoreError::ObjectStore { location: display.clone(), source })
+            })
             .boxed()
     }
 
@@ -191,7 +234,9 @@ impl Location {
     pub async fn delete(&self, relative: &str) -> Result<(), StoreError> {
         match self.store.delete(&self.path(relative)).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(source) => Err(StoreError::ObjectStore { location: self.display_path(relative), source }),
+            Err(source) => {
+                Err(StoreError::ObjectStore { location: self.display_path(relative), source })
+            }
         }
     }
 
@@ -202,9 +247,18 @@ impl Location {
             Ok(l) => l,
             // A local directory that does not exist yet lists as empty, as a bucket prefix does.
             Err(object_store::Error::NotFound { .. }) => return Ok(Vec::new()),
-            Err(source) => return Err(StoreError::ObjectStore { location: self.display_path(relative), source }),
+            Err(source) => {
+                return Err(StoreError::ObjectStore {
+                    location: self.display_path(relative),
+                    source,
+                });
+            }
         };
-        let mut names: Vec<String> = listing.common_prefixes.iter().filter_map(|p| p.filename().map(str::to_string)).collect();
+        let mut names: Vec<String> = listing
+            .common_prefixes
+            .iter()
+            .filter_map(|p| p.filename().map(str::to_string))
+            .collect();
         names.sort();
         Ok(names)
     }
@@ -216,9 +270,18 @@ impl Location {
             Ok(l) => l,
             // A local directory that does not exist yet lists as empty, as a bucket prefix does.
             Err(object_store::Error::NotFound { .. }) => return Ok(Vec::new()),
-            Err(source) => return Err(StoreError::ObjectStore { location: self.display_path(relative), source }),
+            Err(source) => {
+                return Err(StoreError::ObjectStore {
+                    location: self.display_path(relative),
+                    source,
+                });
+            }
         };
-        let mut names: Vec<String> = listing.objects.iter().filter_map(|o| o.location.filename().map(str::to_string)).collect();
+        let mut names: Vec<String> = listing
+            .objects
+            .iter()
+            .filter_map(|o| o.location.filename().map(str::to_string))
+            .collect();
         names.sort();
         Ok(names)
     }

@@ -24,7 +24,8 @@ fn writer_properties(schema: &SchemaRef) -> WriterProperties {
         .set_max_row_group_bytes(Some(MAX_ROW_GROUP_BYTES));
     for field in schema.fields() {
         if matches!(field.data_type(), DataType::Utf8 | DataType::LargeUtf8) {
-            props = props.set_column_dictionary_enabled(ColumnPath::from(field.name().as_str()), true);
+            props =
+                props.set_column_dictionary_enabled(ColumnPath::from(field.name().as_str()), true);
         }
     }
     props.build()
@@ -39,7 +40,11 @@ pub struct ParquetSink {
 }
 
 impl ParquetSink {
-    pub fn create(location: &Location, relative: &str, schema: SchemaRef) -> Result<Self, StoreError> {
+    pub fn create(
+        location: &Location,
+        relative: &str,
+        schema: SchemaRef,
+    ) -> Result<Self, StoreError> {
         let display = location.display_path(relative);
         let buf = BufWriter::new(location.store().clone(), location.path(relative));
         let props = writer_properties(&schema);
@@ -50,19 +55,29 @@ impl ParquetSink {
 
     pub async fn write(&mut self, batch: &RecordBatch) -> Result<(), StoreError> {
         self.rows += batch.num_rows();
-        self.writer.write(batch).await.map_err(|source| StoreError::Parquet { location: self.display.clone(), source })
+        self.writer
+            .write(batch)
+            .await
+            .map_err(|source| StoreError::Parquet { location: self.display.clone(), source })
     }
 
     /// Finishes the file; returns the number of rows written.
     pub async fn close(self) -> Result<usize, StoreError> {
         let display = self.display;
-        self.writer.close().await.map_err(|source| StoreError::Parquet { location: display, source })?;
+        self.writer
+            .close()
+            .await
+            .map_err(|source| StoreError::Parquet { location: display, source })?;
         Ok(self.rows)
     }
 }
 
 /// Writes one whole table in one go.
-pub async fn write_parquet(location: &Location, relative: &str, batch: &RecordBatch) -> Result<(), StoreError> {
+pub async fn write_parquet(
+    location: &Location,
+    relative: &str,
+    batch: &RecordBatch,
+) -> Result<(), StoreError> {
     let mut sink = ParquetSink::create(location, relative, batch.schema())?;
     sink.write(batch).await?;
     sink.close().await?;

@@ -17,15 +17,25 @@ use crate::error::StoreError;
 use crate::location::Location;
 
 /// The rows as one record batch of `schema`.
-pub fn rows_batch<T: Serialize>(table: &str, schema: SchemaRef, rows: &[T]) -> Result<RecordBatch, StoreError> {
+pub fn rows_batch<T: Serialize>(
+    table: &str,
+    schema: SchemaRef,
+    rows: &[T],
+) -> Result<RecordBatch, StoreError> {
     let err = |source| StoreError::Arrow { table: table.into(), source };
-    let mut decoder = ReaderBuilder::new(schema.clone()).with_batch_size(rows.len().max(1)).build_decoder().map_err(err)?;
+    let mut decoder = ReaderBuilder::new(schema.clone())
+        .with_batch_size(rows.len().max(1))
+        .build_decoder()
+        .map_err(err)?;
     decoder.serialize(rows).map_err(err)?;
     Ok(decoder.flush().map_err(err)?.unwrap_or_else(|| RecordBatch::new_empty(schema)))
 }
 
 /// Record batches back to rows (columns matched by name; a null is a `None`).
-pub fn batches_rows<T: DeserializeOwned>(table: &str, batches: &[RecordBatch]) -> Result<Vec<T>, StoreError> {
+pub fn batches_rows<T: DeserializeOwned>(
+    table: &str,
+    batches: &[RecordBatch],
+) -> Result<Vec<T>, StoreError> {
     let err = |source| StoreError::Arrow { table: table.into(), source };
     let mut writer = arrow::json::ArrayWriter::new(Vec::new());
     for batch in batches {
@@ -36,16 +46,21 @@ pub fn batches_rows<T: DeserializeOwned>(table: &str, batches: &[RecordBatch]) -
     if json.is_empty() {
         return Ok(Vec::new());
     }
-    serde_json::from_slice(&json).map_err(|e| err(arrow::error::ArrowError::JsonError(e.to_string())))
+    serde_json::from_slice(&json)
+        .map_err(|e| err(arrow::error::ArrowError::JsonError(e.to_string())))
 }
 
 /// Every record batch of the Parquet file at `location/relative`. The file is fetched
 /// whole: dnd reads back only per-task tables and top-K lists, which are small.
-pub async fn read_parquet(location: &Location, relative: &str) -> Result<Vec<RecordBatch>, StoreError> {
+pub async fn read_parquet(
+    location: &Location,
+    relative: &str,
+) -> Result<Vec<RecordBatch>, StoreError> {
     let display = location.display_path(relative);
     let bytes = location.get(relative).await?;
     let err = |source| StoreError::Parquet { location: display.clone(), source };
-    let reader = ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(err)?.build().map_err(err)?;
+    let reader =
+        ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(err)?.build().map_err(err)?;
     reader.collect::<Result<Vec<_>, _>>().map_err(|e| err(e.into()))
 }
 

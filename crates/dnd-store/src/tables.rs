@@ -5,14 +5,21 @@
 
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, BinaryArray, FixedSizeListArray, Float32Array, Int32Array, StringArray};
+use arrow::array::{
+    ArrayRef, BinaryArray, FixedSizeListArray, Float32Array, Int32Array, StringArray,
+};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 
 use crate::error::StoreError;
 
-fn batch(table: &str, schema: SchemaRef, columns: Vec<ArrayRef>) -> Result<RecordBatch, StoreError> {
-    RecordBatch::try_new(schema, columns).map_err(|source| StoreError::Arrow { table: table.into(), source })
+fn batch(
+    table: &str,
+    schema: SchemaRef,
+    columns: Vec<ArrayRef>,
+) -> Result<RecordBatch, StoreError> {
+    RecordBatch::try_new(schema, columns)
+        .map_err(|source| StoreError::Arrow { table: table.into(), source })
 }
 
 fn strings<'a>(values: impl Iterator<Item = &'a str>) -> ArrayRef {
@@ -65,18 +72,30 @@ pub fn activations_schema(width: usize) -> SchemaRef {
         Field::new("image_id", DataType::Utf8, false),
         Field::new(
             "activation",
-            DataType::FixedSizeList(Arc::new(Field::new("item", DataType::Float32, false)), width as i32),
+            DataType::FixedSizeList(
+                Arc::new(Field::new("item", DataType::Float32, false)),
+                width as i32,
+            ),
             false,
         ),
     ]))
 }
 
 /// `values` is row-major `image_ids.len() x width`.
-pub fn activations_batch(image_ids: &[&str], width: usize, values: Vec<f32>) -> Result<RecordBatch, StoreError> {
+pub fn activations_batch(
+    image_ids: &[&str],
+    width: usize,
+    values: Vec<f32>,
+) -> Result<RecordBatch, StoreError> {
     let item = Arc::new(Field::new("item", DataType::Float32, false));
-    let list = FixedSizeListArray::try_new(item, width as i32, Arc::new(Float32Array::from(values)), None)
-        .map_err(|source| StoreError::Arrow { table: "activations".into(), source })?;
-    batch("activations", activations_schema(width), vec![strings(image_ids.iter().copied()), Arc::new(list)])
+    let list =
+        FixedSizeListArray::try_new(item, width as i32, Arc::new(Float32Array::from(values)), None)
+            .map_err(|source| StoreError::Arrow { table: "activations".into(), source })?;
+    batch(
+        "activations",
+        activations_schema(width),
+        vec![strings(image_ids.iter().copied()), Arc::new(list)],
+    )
 }
 
 /// An input that was skipped, and why.

@@ -26,7 +26,9 @@ pub fn check_name(what: &str, name: &str) -> Result<(), StoreError> {
     } else {
         Err(StoreError::BadLocation {
             location: name.to_string(),
-            reason: format!("not a valid {what} name: use 1-128 letters, digits, `-`, `_`, `.` or `=`, not starting with `.`"),
+            reason: format!(
+                "not a valid {what} name: use 1-128 letters, digits, `-`, `_`, `.` or `=`, not starting with `.`"
+            ),
         })
     }
 }
@@ -57,7 +59,12 @@ impl TaskStore {
     /// committed (this one's files are then ignored).
     pub async fn commit(&self, task: &str, attempt: &str) -> Result<bool, StoreError> {
         check_name("task", task)?;
-        self.job.put_if_absent(&format!("tasks/{task}/{COMMIT_MARKER}"), Bytes::from(attempt.to_string())).await
+        self.job
+            .put_if_absent(
+                &format!("tasks/{task}/{COMMIT_MARKER}"),
+                Bytes::from(attempt.to_string()),
+            )
+            .await
     }
 
     /// The committed attempt of a task, if any.
@@ -74,7 +81,9 @@ impl TaskStore {
         for task in tasks {
             let attempt = self.committed(task).await?.ok_or_else(|| StoreError::BadLocation {
                 location: self.job.display_path(&format!("tasks/{task}")),
-                reason: "the task has no committed output; run the job to completion before compacting".into(),
+                reason:
+                    "the task has no committed output; run the job to completion before compacting"
+                        .into(),
             })?;
             attempts.push(self.attempt_dir(task, &attempt)?);
         }

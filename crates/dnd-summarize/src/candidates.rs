@@ -42,13 +42,22 @@ mod tests {
 
     #[test]
     fn lower_cases_strips_and_deduplicates_in_order() {
-        let labels = ["Red Circles.", "\"red circles\"", "  striped   fabric! ", "red circles", "'Dots'", "", " ... "];
+        let labels = [
+            "Red Circles.",
+            "\"red circles\"",
+            "  striped   fabric! ",
+            "red circles",
+            "'Dots'",
+            "",
+            " ... ",
+        ];
         assert_eq!(normalize_candidates(&labels), ["red circles", "striped fabric", "dots"]);
     }
 
     #[test]
     fn design_and_graphic_labels_get_a_background_variant() {
-        let labels = ["Floral Designs", "geometric design.", "text graphics", "graphic novel", "design"];
+        let labels =
+            ["Floral Designs", "geometric design.", "text graphics", "graphic novel", "design"];
         assert_eq!(
             normalize_candidates(&labels),
             [

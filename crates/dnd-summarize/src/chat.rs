@@ -51,7 +51,11 @@ impl<B: ChatBackend> ChatSummarizer<B> {
         })
     }
 
-    async fn ask(&self, step: Step, messages: Vec<ChatMessage>) -> Result<Exchange, SummarizeError> {
+    async fn ask(
+        &self,
+        step: Step,
+        messages: Vec<ChatMessage>,
+    ) -> Result<Exchange, SummarizeError> {
         let Completion { request, reply } = self.backend.complete(messages).await?;
         Ok(Exchange {
             step,

@@ -17,17 +17,28 @@ pub(crate) struct ChatTemplate {
 impl ChatTemplate {
     /// Compiles `source`. The special tokens are the tokenizer config's, which some
     /// templates insert themselves.
-    pub(crate) fn new(source: String, bos_token: Option<String>, eos_token: Option<String>) -> Result<Self, String> {
+    pub(crate) fn new(
+        source: String,
+        bos_token: Option<String>,
+        eos_token: Option<String>,
+    ) -> Result<Self, String> {
         let mut env = Environment::new();
         // transformers compiles templates with trim_blocks and lstrip_blocks; without them
         // the rendered whitespace, and so the token ids, differ.
-        let syntax = SyntaxConfig::builder().trim_blocks(true).lstrip_blocks(true).build().map_err(|e| e.to_string())?;
+        let syntax = SyntaxConfig::builder()
+            .trim_blocks(true)
+            .lstrip_blocks(true)
+            .build()
+            .map_err(|e| e.to_string())?;
         env.set_syntax(syntax);
         // Templates call Python string methods (.strip(), .startswith(), ...).
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |message: String| -> Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(ErrorKind::InvalidOperation, message))
-        });
+        env.add_function(
+            "raise_exception",
+            |message: String| -> Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(ErrorKind::InvalidOperation, message))
+            },
+        );
         env.add_template_owned(TEMPLATE_NAME, source).map_err(|e| e.to_string())?;
         Ok(ChatTemplate { env, bos_token, eos_token })
     }
@@ -58,7 +69,8 @@ mod tests {
         // user turn ends with the tokenizer's eos_token, passed in).
         let source = "{% for message in messages %}\n    {% if message.role == 'system' %}\n<|im_start|>system\n{{ message.content.strip() }}<|im_end|>\n    {% else %}\n<|im_start|>{{ message.role }}\n{{ message.content.strip() }}{{ eos_token }}\n    {% endif %}\n{% endfor %}\n{% if add_generation_prompt %}\n<|im_start|>assistant\n{% endif %}\n";
         let template = ChatTemplate::new(source.into(), None, Some("<|im_end|>".into())).unwrap();
-        let messages = [ChatMessage::new("system", "Be brief."), ChatMessage::new("user", " red circle ")];
+        let messages =
+            [ChatMessage::new("system", "Be brief."), ChatMessage::new("user", " red circle ")];
         assert_eq!(
             template.render(&messages).unwrap(),
             "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nred circle<|im_end|>\n<|im_start|>assistant\n"

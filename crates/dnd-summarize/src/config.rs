@@ -57,7 +57,10 @@ impl SummarizerConfig {
     /// Checks the settings that the selected backend uses; the error names the field.
     pub fn validate(&self) -> Result<(), SummarizeError> {
         if self.rounds == 0 {
-            return Err(SummarizeError::invalid("rounds", "ask for at least one summary round (the method uses 5)"));
+            return Err(SummarizeError::invalid(
+                "rounds",
+                "ask for at least one summary round (the method uses 5)",
+            ));
         }
         match self.backend {
             Backend::OpenAi => {
@@ -78,8 +81,12 @@ pub fn build(config: &SummarizerConfig) -> Result<Box<dyn Summarizer>, Summarize
     config.validate()?;
     let prompts = config.prompts.clone();
     Ok(match config.backend {
-        Backend::OpenAi => Box::new(ChatSummarizer { backend: OpenAiChat::new(&config.openai)?, prompts }),
-        Backend::Local => Box::new(ChatSummarizer { backend: LocalChat::load(&config.local)?, prompts }),
+        Backend::OpenAi => {
+            Box::new(ChatSummarizer { backend: OpenAiChat::new(&config.openai)?, prompts })
+        }
+        Backend::Local => {
+            Box::new(ChatSummarizer { backend: LocalChat::load(&config.local)?, prompts })
+        }
         Backend::Consensus => Box::new(ConsensusSummarizer),
     })
 }
@@ -105,11 +112,17 @@ mod tests {
         assert_eq!(config.openai.temperature, 0.3);
         assert_eq!(config.prompts.version, crate::prompts::DEFAULT_PROMPT_VERSION);
         let summarizer = build(&config).unwrap();
-        assert_eq!(summarizer.describe(), "openai:Qwen/Qwen2.5-7B-Instruct@http://localhost:8000/v1");
+        assert_eq!(
+            summarizer.describe(),
+            "openai:Qwen/Qwen2.5-7B-Instruct@http://localhost:8000/v1"
+        );
 
         // The rendered request, known before anything is sent, is what a reply cache keys on.
         let request = summarizer.request(crate::Step::Simplify, &["a red circle".into()]).unwrap();
-        assert!(request.contains("Qwen/Qwen2.5-7B-Instruct") && request.contains("a red circle"), "{request}");
+        assert!(
+            request.contains("Qwen/Qwen2.5-7B-Instruct") && request.contains("a red circle"),
+            "{request}"
+        );
 
         let consensus: SummarizerConfig = toml::from_str("backend = \"consensus\"").unwrap();
         assert!(build(&consensus).unwrap().describe().starts_with("consensus:"));
@@ -123,11 +136,13 @@ mod tests {
 
     #[test]
     fn validation_names_the_bad_field_of_the_selected_backend_only() {
-        let local_without_model = SummarizerConfig { backend: Backend::Local, ..Default::default() };
+        let local_without_model =
+            SummarizerConfig { backend: Backend::Local, ..Default::default() };
         let err = local_without_model.validate().unwrap_err();
         assert!(err.is_user_error() && err.to_string().contains("local.model"), "{err}");
 
-        let zero_rounds = SummarizerConfig { backend: Backend::Consensus, rounds: 0, ..Default::default() };
+        let zero_rounds =
+            SummarizerConfig { backend: Backend::Consensus, rounds: 0, ..Default::default() };
         assert!(zero_rounds.validate().unwrap_err().to_string().contains("rounds"));
 
         // The consensus rule uses neither the OpenAI section nor the prompts.

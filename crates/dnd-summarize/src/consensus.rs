@@ -51,32 +51,126 @@ const MAX_SET: usize = 3;
 /// Words that carry no visual concept in a caption.
 const STOPWORDS: &[&str] = &[
     // articles, determiners, pronouns
-    "a", "an", "the", "this", "that", "these", "those", "there", "here", "it", "its", "they", "them", "their",
-    "his", "her", "some", "each", "other", "another", "all", "any", "many", "several", "few", "lots", "lot",
-    "bunch", "group", "couple", "pair",
+    "a",
+    "an",
+    "the",
+    "this",
+    "that",
+    "these",
+    "those",
+    "there",
+    "here",
+    "it",
+    "its",
+    "they",
+    "them",
+    "their",
+    "his",
+    "her",
+    "some",
+    "each",
+    "other",
+    "another",
+    "all",
+    "any",
+    "many",
+    "several",
+    "few",
+    "lots",
+    "lot",
+    "bunch",
+    "group",
+    "couple",
+    "pair",
     // prepositions and conjunctions that do not end a phrase
-    "of", "in", "at", "with", "to", "from", "by", "for", "into", "inside", "through", "across", "along", "top",
+    "of",
+    "in",
+    "at",
+    "with",
+    "to",
+    "from",
+    "by",
+    "for",
+    "into",
+    "inside",
+    "through",
+    "across",
+    "along",
+    "top",
     "as",
     // verbs that only link
-    "is", "are", "was", "were", "be", "been", "being", "has", "have", "having", "shows", "showing",
+    "is",
+    "are",
+    "was",
+    "were",
+    "be",
+    "been",
+    "being",
+    "has",
+    "have",
+    "having",
+    "shows",
+    "showing",
     // counts
-    "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
     // captioner filler
-    "picture", "pictures", "image", "images", "photo", "photos", "photograph", "closeup", "close", "up",
-    "view", "shot", "very",
+    "picture",
+    "pictures",
+    "image",
+    "images",
+    "photo",
+    "photos",
+    "photograph",
+    "closeup",
+    "close",
+    "up",
+    "view",
+    "shot",
+    "very",
 ];
 
 /// Words that end a phrase: conjunctions and prepositions of place ("a red circle next to
 /// a blue square on a green background" is three things).
 const BOUNDARIES: &[&str] = &[
-    "and", "or", "but", "while", "on", "onto", "upon", "atop", "against", "over", "under", "beneath", "above",
-    "below", "beside", "besides", "near", "next", "behind", "between", "alongside", "around", "front",
+    "and",
+    "or",
+    "but",
+    "while",
+    "on",
+    "onto",
+    "upon",
+    "atop",
+    "against",
+    "over",
+    "under",
+    "beneath",
+    "above",
+    "below",
+    "beside",
+    "besides",
+    "near",
+    "next",
+    "behind",
+    "between",
+    "alongside",
+    "around",
+    "front",
 ];
 
 /// Nouns that name no concept on their own: every image has a background, and its things
 /// are shapes or objects. A word set made only of them is not an answer ("background")
 /// while any other set is; they do count within larger sets ("noisy background").
-const GENERIC_NOUNS: &[&str] = &["background", "backdrop", "pattern", "texture", "shape", "object", "thing", "item", "scene"];
+const GENERIC_NOUNS: &[&str] =
+    &["background", "backdrop", "pattern", "texture", "shape", "object", "thing", "item", "scene"];
 
 /// The consensus rule as a [`Summarizer`].
 #[derive(Debug, Clone, Copy, Default)]
@@ -195,7 +289,11 @@ pub fn consensus_label(labels: &[String]) -> Option<String> {
             keys.sort_unstable();
             for set in subsets(&keys, MAX_SET) {
                 let key = set.join(" ");
-                *spellings.entry(key.clone()).or_default().entry(phrase.spelling(&set)).or_default() += 1;
+                *spellings
+                    .entry(key.clone())
+                    .or_default()
+                    .entry(phrase.spelling(&set))
+                    .or_default() += 1;
                 if seen.insert(key.clone()) {
                     *support.entry(key).or_default() += 1;
                 }
@@ -254,20 +352,31 @@ fn alternatives(labels: &[Vec<Phrase>]) -> Option<Alternatives> {
     }
     let mut support: BTreeMap<&str, usize> = BTreeMap::new();
     for label in labels {
-        let keys: BTreeSet<&str> = label.iter().flat_map(|p| p.keys.iter().map(String::as_str)).collect();
+        let keys: BTreeSet<&str> =
+            label.iter().flat_map(|p| p.keys.iter().map(String::as_str)).collect();
         for k in keys {
             *support.entry(k).or_default() += 1;
         }
     }
     let phrase_has = |p: &Phrase, w: &str| p.keys.iter().any(|k| k == w);
     let mates = |w: &str| -> BTreeSet<&str> {
-        labels.iter().flatten().filter(|p| phrase_has(p, w)).flat_map(|p| p.keys.iter().map(String::as_str)).filter(|k| *k != w).collect()
+        labels
+            .iter()
+            .flatten()
+            .filter(|p| phrase_has(p, w))
+            .flat_map(|p| p.keys.iter().map(String::as_str))
+            .filter(|k| *k != w)
+            .collect()
     };
-    let candidates: Vec<&str> = support.iter().filter(|(_, s)| 3 * **s >= n && **s < n).map(|(k, _)| *k).collect();
+    let candidates: Vec<&str> =
+        support.iter().filter(|(_, s)| 3 * **s >= n && **s < n).map(|(k, _)| *k).collect();
     let mut best: Option<Alternatives> = None;
     for (i, &a) in candidates.iter().enumerate() {
         for &b in &candidates[i + 1..] {
-            let covered = labels.iter().filter(|l| l.iter().any(|p| phrase_has(p, a) || phrase_has(p, b))).count();
+            let covered = labels
+                .iter()
+                .filter(|l| l.iter().any(|p| phrase_has(p, a) || phrase_has(p, b)))
+                .count();
             if covered < n || best.as_ref().is_some_and(|x| x.covered >= covered) {
                 continue;
             }
@@ -280,7 +389,13 @@ fn alternatives(labels: &[Vec<Phrase>]) -> Option<Alternatives> {
             }
             // The better supported first, then the one a label names first.
             let first = |w: &str| labels.iter().flatten().position(|p| phrase_has(p, w));
-            let (a, b) = if (std::cmp::Reverse(support[a]), first(a)) <= (std::cmp::Reverse(support[b]), first(b)) { (a, b) } else { (b, a) };
+            let (a, b) = if (std::cmp::Reverse(support[a]), first(a))
+                <= (std::cmp::Reverse(support[b]), first(b))
+            {
+                (a, b)
+            } else {
+                (b, a)
+            };
             best = Some(Alternatives { a: a.to_string(), b: b.to_string(), covered });
         }
     }
@@ -290,7 +405,13 @@ fn alternatives(labels: &[Vec<Phrase>]) -> Option<Alternatives> {
 /// Every subset of 1 to `max` elements of `items` (sorted input gives sorted subsets).
 fn subsets<'a>(items: &[&'a str], max: usize) -> Vec<Vec<&'a str>> {
     let mut out: Vec<Vec<&'a str>> = Vec::new();
-    fn grow<'a>(items: &[&'a str], start: usize, max: usize, current: &mut Vec<&'a str>, out: &mut Vec<Vec<&'a str>>) {
+    fn grow<'a>(
+        items: &[&'a str],
+        start: usize,
+        max: usize,
+        current: &mut Vec<&'a str>,
+        out: &mut Vec<Vec<&'a str>>,
+    ) {
         for i in start..items.len() {
             current.push(items[i]);
             out.push(current.clone());
@@ -343,7 +464,8 @@ fn phrases(text: &str) -> Vec<Vec<String>> {
         let w = w.strip_suffix("'s").unwrap_or(w);
         if BOUNDARIES.contains(&w) {
             flush(&mut current);
-        } else if !w.is_empty() && !STOPWORDS.contains(&w) && !w.chars().all(|c| c.is_ascii_digit()) {
+        } else if !w.is_empty() && !STOPWORDS.contains(&w) && !w.chars().all(|c| c.is_ascii_digit())
+        {
             current.push(w.to_string());
         }
     }
@@ -359,7 +481,11 @@ fn fold(word: &str) -> String {
     let undouble = |stem: &str| -> String {
         let b = stem.as_bytes();
         let n = b.len();
-        if n >= 3 && b[n - 1] == b[n - 2] && !b"aeiouls".contains(&b[n - 1]) { stem[..n - 1].to_string() } else { stem.to_string() }
+        if n >= 3 && b[n - 1] == b[n - 2] && !b"aeiouls".contains(&b[n - 1]) {
+            stem[..n - 1].to_string()
+        } else {
+            stem.to_string()
+        }
     };
     if w.len() > 4 && w.is_ascii() {
         if let Some(stem) = w.strip_suffix("ed") {
@@ -405,10 +531,16 @@ mod tests {
     fn simplify_keeps_every_content_word_phrase_by_phrase() {
         let cases = [
             ("a red circle on a blue background", "red circle, blue background"),
-            ("there is a picture of two red circles and a green square", "red circles, green square"),
+            (
+                "there is a picture of two red circles and a green square",
+                "red circles, green square",
+            ),
             ("a close up of a dog's nose", "dog nose"),
             ("an image of 3 striped zebras standing in the grass", "striped zebras standing grass"),
-            ("A large red circle with small blue dots and green stripes", "large red circle small blue dots, green stripes"),
+            (
+                "A large red circle with small blue dots and green stripes",
+                "large red circle small blue dots, green stripes",
+            ),
             ("black-and-white checkerboard", "black-and-white checkerboard"),
             (
                 "a picture of a yellow dotted star on a gray background with a checkerboard pattern",
@@ -434,16 +566,29 @@ mod tests {
         // "red" has support 4 and {red, circle} 3 of 5: the pair reaches half and is larger.
         assert_eq!(consensus_label(&labels).as_deref(), Some("red circle"));
 
-        let stripes = strings(&["black white stripes", "black white stripes zebra", "black white stripes shirt", "dots"]);
+        let stripes = strings(&[
+            "black white stripes",
+            "black white stripes zebra",
+            "black white stripes shirt",
+            "dots",
+        ]);
         assert_eq!(consensus_label(&stripes).as_deref(), Some("black white stripes"));
 
         let shared_word = strings(&["striped shirt", "striped tie", "polka dots"]);
         assert_eq!(consensus_label(&shared_word).as_deref(), Some("striped"));
 
         // Every caption names a background; most name a star, in no shared phrase.
-        let stars = strings(&["purple star, yellow background", "star, white background", "green star, cyan background", "gray background"]);
+        let stars = strings(&[
+            "purple star, yellow background",
+            "star, white background",
+            "green star, cyan background",
+            "gray background",
+        ]);
         assert_eq!(consensus_label(&stars).as_deref(), Some("star"));
-        assert_eq!(consensus_label(&strings(&["background", "backgrounds, patterns"])).as_deref(), Some("background"));
+        assert_eq!(
+            consensus_label(&strings(&["background", "backgrounds, patterns"])).as_deref(),
+            Some("background")
+        );
     }
 
     #[test]
@@ -455,7 +600,10 @@ mod tests {
             "gray checkerboard background",
             "brown star, cyan background checkerboard pattern",
         ]);
-        assert_eq!(consensus_label(&checkerboard).as_deref(), Some("background checkerboard pattern"));
+        assert_eq!(
+            consensus_label(&checkerboard).as_deref(),
+            Some("background checkerboard pattern")
+        );
 
         // {orange, dotted} in every label, written in several orders and words.
         let orange_dots = strings(&[
@@ -468,10 +616,17 @@ mod tests {
         assert_eq!(consensus_label(&orange_dots).as_deref(), Some("orange dotted"));
 
         // Words of different phrases are not a set: "red" and "background" never describe one thing.
-        let split = strings(&["red square, green background", "blue circle, red background", "red star"]);
+        let split =
+            strings(&["red square, green background", "blue circle, red background", "red star"]);
         assert_eq!(consensus_label(&split).as_deref(), Some("red"));
 
-        for (a, b) in [("stripes", "striped"), ("stripy", "stripe"), ("dotted", "dots"), ("noisy", "noise"), ("circles", "circle")] {
+        for (a, b) in [
+            ("stripes", "striped"),
+            ("stripy", "stripe"),
+            ("dotted", "dots"),
+            ("noisy", "noise"),
+            ("circles", "circle"),
+        ] {
             assert_eq!(fold(a), fold(b), "{a} / {b}");
         }
         assert_ne!(fold("dotted"), fold("striped"));
@@ -493,9 +648,21 @@ mod tests {
         assert_eq!(consensus_label(&labels).as_deref(), Some("yellow or purple"));
 
         // Not alternatives: words named together, words in every label, words too rare.
-        let shared = strings(&["yellow purple square", "yellow square", "purple square", "yellow purple", "yellow square"]);
+        let shared = strings(&[
+            "yellow purple square",
+            "yellow square",
+            "purple square",
+            "yellow purple",
+            "yellow square",
+        ]);
         assert_eq!(consensus_label(&shared).as_deref(), Some("yellow square"));
-        let red = strings(&["red dotted square", "red striped square", "red square", "red dotted star", "red striped ring"]);
+        let red = strings(&[
+            "red dotted square",
+            "red striped square",
+            "red square",
+            "red dotted star",
+            "red striped ring",
+        ]);
         assert_eq!(consensus_label(&red).as_deref(), Some("red square"));
         // A larger set that half of the labels share wins over the alternatives.
         let larger = strings(&[
@@ -522,7 +689,12 @@ mod tests {
         // Support 1 each, one word each: the alphabetically first.
         assert_eq!(consensus_label(&labels).as_deref(), Some("bird"));
 
-        let mut shuffled = strings(&["two red circles and a green square", "red circle", "a red circle on a blue background", "blue square"]);
+        let mut shuffled = strings(&[
+            "two red circles and a green square",
+            "red circle",
+            "a red circle on a blue background",
+            "blue square",
+        ]);
         let expected = consensus_label(&shuffled);
         assert_eq!(expected.as_deref(), Some("red circle"));
         shuffled.reverse();
@@ -557,23 +729,41 @@ mod tests {
     async fn as_a_summarizer_it_records_its_input_and_answer() {
         let s = ConsensusSummarizer;
         let ex = s.simplify("a red circle on a blue background").await.unwrap();
-        assert_eq!((ex.step, ex.backend.as_str(), ex.model.as_str()), (Step::Simplify, "consensus", CONSENSUS_VERSION));
+        assert_eq!(
+            (ex.step, ex.backend.as_str(), ex.model.as_str()),
+            (Step::Simplify, "consensus", CONSENSUS_VERSION)
+        );
         assert_eq!(ex.request, "a red circle on a blue background");
         assert_eq!(ex.label(), Some("red circle, blue background"));
 
-        let ex = s.summarize(&strings(&["red circle", "red circles", "blue square"])).await.unwrap();
+        let ex =
+            s.summarize(&strings(&["red circle", "red circles", "blue square"])).await.unwrap();
         assert_eq!(ex.request, "red circle\nred circles\nblue square");
         assert_eq!(ex.label(), Some("red circle"));
 
         // A summary reads the first two thirds of what it is given, so the order matters.
-        let labels = strings(&["blue square", "blue square", "red circle", "red circle", "red circle", "green star"]);
+        let labels = strings(&[
+            "blue square",
+            "blue square",
+            "red circle",
+            "red circle",
+            "red circle",
+            "green star",
+        ]);
         assert_eq!(summary_window(labels.len()), 4);
         assert_eq!(s.summarize(&labels).await.unwrap().label(), Some("blue square"));
         let mut reordered = labels.clone();
         reordered.rotate_left(2);
         assert_eq!(s.summarize(&reordered).await.unwrap().label(), Some("red circle"));
-        assert_eq!(s.merge(&labels).await.unwrap().label(), Some("red circle"), "a merge reads every label");
-        assert_eq!((summary_window(1), summary_window(2), summary_window(3), summary_window(10)), (1, 2, 2, 7));
+        assert_eq!(
+            s.merge(&labels).await.unwrap().label(),
+            Some("red circle"),
+            "a merge reads every label"
+        );
+        assert_eq!(
+            (summary_window(1), summary_window(2), summary_window(3), summary_window(10)),
+            (1, 2, 2, 7)
+        );
 
         let ex = s.simplify("there is a picture of it").await.unwrap();
         assert_eq!(ex.answer, Err(ReplyError::Empty));

@@ -29,7 +29,9 @@ pub enum SummarizeError {
     Rejected { url: String, status: u16, message: String, help: Option<String> },
 
     /// No connection could be made (wrong `base_url`, server down), after every retry.
-    #[error("cannot reach {url} ({attempts} attempts): {reason}\n  help: check openai.base_url and that the server is running")]
+    #[error(
+        "cannot reach {url} ({attempts} attempts): {reason}\n  help: check openai.base_url and that the server is running"
+    )]
     Unreachable { url: String, attempts: u32, reason: String },
 
     /// The server kept failing (429 or 5xx) or timing out until the retries ran out.

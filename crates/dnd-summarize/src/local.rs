@@ -55,7 +55,10 @@ impl LocalConfig {
             ));
         }
         if self.max_new_tokens == 0 {
-            return Err(SummarizeError::invalid("local.max_new_tokens", "allow at least one token"));
+            return Err(SummarizeError::invalid(
+                "local.max_new_tokens",
+                "allow at least one token",
+            ));
         }
         Ok(())
     }
@@ -209,8 +212,12 @@ impl Qwen2Chat {
         let missing = |file: &str| ModelError::NotFound {
             what: format!("{reference} has no {file} next to {}", files.weights.display()),
             help: match &reference {
-                ModelRef::Hub { repo, .. } => format!("download the whole repository: `huggingface-cli download {repo}`"),
-                ModelRef::Local(_) => format!("copy the checkpoint's {file} into {}", dir.display()),
+                ModelRef::Hub { repo, .. } => {
+                    format!("download the whole repository: `huggingface-cli download {repo}`")
+                }
+                ModelRef::Local(_) => {
+                    format!("copy the checkpoint's {file} into {}", dir.display())
+                }
             },
         };
         let config_path = files.config.clone().ok_or_else(|| missing("config.json"))?;
@@ -221,23 +228,37 @@ impl Qwen2Chat {
 
         let qwen2_json: Qwen2Json = read_json(&config_path)?;
         let candle_config = qwen2_json.to_candle(&config_path)?;
-        let tokenizer_config: Value = read_optional_json(&dir.join("tokenizer_config.json"))?.unwrap_or(Value::Null);
-        let generation: Option<GenerationJson> = read_optional_json(&dir.join("generation_config.json"))?;
+        let tokenizer_config: Value =
+            read_optional_json(&dir.join("tokenizer_config.json"))?.unwrap_or(Value::Null);
+        let generation: Option<GenerationJson> =
+            read_optional_json(&dir.join("generation_config.json"))?;
 
-        let tokenizer = Tokenizer::from_file(&tokenizer_path)
-            .map_err(|e| SummarizeError::Tokenizer { path: tokenizer_path.clone(), reason: e.to_string() })?;
+        let tokenizer = Tokenizer::from_file(&tokenizer_path).map_err(|e| {
+            SummarizeError::Tokenizer { path: tokenizer_path.clone(), reason: e.to_string() }
+        })?;
         let name = reference.to_string();
         let template_source = chat_template_source(&dir, &tokenizer_config)?.ok_or_else(|| SummarizeError::ChatTemplate {
             model: name.clone(),
             reason: "it has none (no chat_template.jinja, no chat_template in tokenizer_config.json): use an instruct model, e.g. Qwen/Qwen2.5-1.5B-Instruct".into(),
         })?;
         let eos_token = special_token(&tokenizer_config, "eos_token");
-        let template = ChatTemplate::new(template_source, special_token(&tokenizer_config, "bos_token"), eos_token.clone())
-            .map_err(|reason| SummarizeError::ChatTemplate { model: name.clone(), reason })?;
+        let template = ChatTemplate::new(
+            template_source,
+            special_token(&tokenizer_config, "bos_token"),
+            eos_token.clone(),
+        )
+        .map_err(|reason| SummarizeError::ChatTemplate { model: name.clone(), reason })?;
 
-        let eos_ids = eos_ids(&[generation.and_then(|g| g.eos_token_id), qwen2_json.eos_token_id], eos_token, &tokenizer);
+        let eos_ids = eos_ids(
+            &[generation.and_then(|g| g.eos_token_id), qwen2_json.eos_token_id],
+            eos_token,
+            &tokenizer,
+        );
         if eos_ids.is_empty() {
-            tracing::warn!(model = name, "no EOS token id found; every reply runs to local.max_new_tokens");
+            tracing::warn!(
+                model = name,
+                "no EOS token id found; every reply runs to local.max_new_tokens"
+            );
         }
 
         let device = parse_device(&config.device)?;
@@ -258,7 +279,9 @@ impl Qwen2Chat {
 
     /// The prompt for `messages` per the model's chat template, assistant turn opened.
     pub fn render(&self, messages: &[ChatMessage]) -> Result<String, SummarizeError> {
-        self.template.render(messages).map_err(|reason| SummarizeError::ChatTemplate { model: self.name.clone(), reason })
+        self.template
+            .render(messages)
+            .map_err(|reason| SummarizeError::ChatTemplate { model: self.name.clone(), reason })
     }
 
     /// Token ids of a rendered prompt. The template already wrote the special tokens, so
@@ -295,7 +318,13 @@ impl Qwen2Chat {
         generated
     }
 
-    fn greedy(&self, model: &mut qwen2::Model, input: Tensor, prompt_len: usize, budget: usize) -> Result<Vec<u32>, SummarizeError> {
+    fn greedy(
+        &self,
+        model: &mut qwen2::Model,
+        input: Tensor,
+        prompt_len: usize,
+        budget: usize,
+    ) -> Result<Vec<u32>, SummarizeError> {
         let mut new_ids = Vec::with_capacity(budget);
         let mut hidden = model.forward(&input, 0, None)?;
         while new_ids.len() < budget {
@@ -317,14 +346,21 @@ impl Qwen2Chat {
         if ids.is_empty() || ids.len() >= self.max_positions {
             return Err(SummarizeError::invalid(
                 "prompt",
-                format!("it has {} tokens; {} takes 1 to {}", ids.len(), self.name, self.max_positions - 1),
+                format!(
+                    "it has {} tokens; {} takes 1 to {}",
+                    ids.len(),
+                    self.name,
+                    self.max_positions - 1
+                ),
             ));
         }
         Ok(Tensor::new(ids, &self.device)?.unsqueeze(0)?)
     }
 
     fn lock(&self) -> Result<MutexGuard<'_, qwen2::Model>, SummarizeError> {
-        self.model.lock().map_err(|_| SummarizeError::Internal("an earlier generation panicked".into()))
+        self.model
+            .lock()
+            .map_err(|_| SummarizeError::Internal("an earlier generation panicked".into()))
     }
 
     fn tokenizer_error(&self, e: tokenizers::Error) -> SummarizeError {
@@ -333,7 +369,11 @@ impl Qwen2Chat {
 }
 
 /// The Qwen2 model and its output projection, in f32 on `device`.
-fn load_weights(weights: &Path, config: &qwen2::Config, device: &Device) -> Result<(qwen2::Model, Linear), SummarizeError> {
+fn load_weights(
+    weights: &Path,
+    config: &qwen2::Config,
+    device: &Device,
+) -> Result<(qwen2::Model, Linear), SummarizeError> {
     let checkpoint_error = |reason: String| ModelError::Checkpoint { path: weights.into(), reason };
     let tensors: HashMap<String, Tensor> = candle_core::safetensors::load(weights, device)
         .map_err(|e| checkpoint_error(format!("it is not a readable safetensors file ({e})")))?
@@ -349,7 +389,8 @@ fn load_weights(weights: &Path, config: &qwen2::Config, device: &Device) -> Resu
             .cloned()
             .ok_or_else(|| checkpoint_error("it has no model.embed_tokens.weight".into()))?,
         None => {
-            let reason = "it has no lm_head.weight and config.json does not tie it to the embeddings";
+            let reason =
+                "it has no lm_head.weight and config.json does not tie it to the embeddings";
             return Err(checkpoint_error(reason.into()).into());
         }
     };
@@ -360,7 +401,11 @@ fn load_weights(weights: &Path, config: &qwen2::Config, device: &Device) -> Resu
 
 /// Generation stops at any EOS id the checkpoint names, wherever it names them:
 /// generation_config.json, config.json, the tokenizer config's eos_token.
-fn eos_ids(named: &[Option<TokenIds>], eos_token: Option<String>, tokenizer: &Tokenizer) -> Vec<u32> {
+fn eos_ids(
+    named: &[Option<TokenIds>],
+    eos_token: Option<String>,
+    tokenizer: &Tokenizer,
+) -> Vec<u32> {
     let from_token = eos_token.and_then(|t| tokenizer.token_to_id(&t));
     let mut ids: Vec<u32> = Vec::new();
     for id in named.iter().flatten().flat_map(|ids| ids.ids().iter().copied()).chain(from_token) {
@@ -373,17 +418,23 @@ fn eos_ids(named: &[Option<TokenIds>], eos_token: Option<String>, tokenizer: &To
 
 /// `chat_template.jinja` (what newer transformers saves) wins over the tokenizer config's
 /// entry, which is a string or a list of named templates.
-fn chat_template_source(dir: &Path, tokenizer_config: &Value) -> Result<Option<String>, SummarizeError> {
+fn chat_template_source(
+    dir: &Path,
+    tokenizer_config: &Value,
+) -> Result<Option<String>, SummarizeError> {
     let jinja = dir.join("chat_template.jinja");
     if jinja.is_file() {
-        let source = std::fs::read_to_string(&jinja).map_err(|source| ModelError::Io { path: jinja, source })?;
+        let source = std::fs::read_to_string(&jinja)
+            .map_err(|source| ModelError::Io { path: jinja, source })?;
         return Ok(Some(source));
     }
     let source = match tokenizer_config.get("chat_template") {
         Some(Value::String(source)) => Some(source.clone()),
         Some(Value::Array(named)) => {
-            let template = |t: &Value| t.get("template").and_then(Value::as_str).map(str::to_string);
-            let default = named.iter().find(|t| t.get("name").and_then(Value::as_str) == Some("default"));
+            let template =
+                |t: &Value| t.get("template").and_then(Value::as_str).map(str::to_string);
+            let default =
+                named.iter().find(|t| t.get("name").and_then(Value::as_str) == Some("default"));
             default.or(named.first()).and_then(template)
         }
         _ => None,
@@ -398,8 +449,10 @@ fn special_token(tokenizer_config: &Value, key: &str) -> Option<String> {
 }
 
 fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T, ModelError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io { path: path.into(), source })?;
-    serde_json::from_str(&text).map_err(|e| ModelError::Config { path: path.into(), reason: e.to_string() })
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| ModelError::Io { path: path.into(), source })?;
+    serde_json::from_str(&text)
+        .map_err(|e| ModelError::Config { path: path.into(), reason: e.to_string() })
 }
 
 fn read_optional_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, ModelError> {
@@ -472,17 +525,26 @@ mod tests {
 
     #[test]
     fn reads_rope_theta_from_either_transformers_layout() {
-        let v5 = config(&format!(r#"{{{BASE}, "rope_parameters": {{"rope_theta": 1000000.0, "rope_type": "default"}}}}"#)).unwrap();
+        let v5 = config(&format!(
+            r#"{{{BASE}, "rope_parameters": {{"rope_theta": 1000000.0, "rope_type": "default"}}}}"#
+        ))
+        .unwrap();
         assert_eq!(v5.rope_theta, 1e6);
-        let v4 = config(&format!(r#"{{{BASE}, "rope_theta": 500.0, "rope_scaling": null}}"#)).unwrap();
+        let v4 =
+            config(&format!(r#"{{{BASE}, "rope_theta": 500.0, "rope_scaling": null}}"#)).unwrap();
         assert_eq!(v4.rope_theta, 500.0);
         let neither = config(&format!("{{{BASE}}}")).unwrap();
-        assert_eq!((neither.rope_theta, neither.num_key_value_heads, neither.sliding_window), (DEFAULT_ROPE_THETA, 2, 64));
+        assert_eq!(
+            (neither.rope_theta, neither.num_key_value_heads, neither.sliding_window),
+            (DEFAULT_ROPE_THETA, 2, 64)
+        );
     }
 
     #[test]
     fn rejects_what_the_model_code_cannot_run() {
-        let yarn = config(&format!(r#"{{{BASE}, "rope_scaling": {{"type": "yarn", "factor": 4.0}}}}"#)).unwrap_err();
+        let yarn =
+            config(&format!(r#"{{{BASE}, "rope_scaling": {{"type": "yarn", "factor": 4.0}}}}"#))
+                .unwrap_err();
         assert!(yarn.to_string().contains("yarn"), "{yarn}");
         let llama = config(&format!("{{{}}}", BASE.replace("qwen2", "llama"))).unwrap_err();
         assert!(llama.to_string().contains("`llama`"), "{llama}");

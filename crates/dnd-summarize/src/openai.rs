@@ -61,13 +61,23 @@ impl Default for OpenAiConfig {
 
 impl OpenAiConfig {
     pub fn validate(&self) -> Result<(), SummarizeError> {
-        let url = Url::parse(&self.base_url)
-            .map_err(|e| SummarizeError::invalid("openai.base_url", format!("`{}` is not a URL: {e}", self.base_url)))?;
+        let url = Url::parse(&self.base_url).map_err(|e| {
+            SummarizeError::invalid(
+                "openai.base_url",
+                format!("`{}` is not a URL: {e}", self.base_url),
+            )
+        })?;
         if !matches!(url.scheme(), "http" | "https") {
-            return Err(SummarizeError::invalid("openai.base_url", "use an http:// or https:// URL"));
+            return Err(SummarizeError::invalid(
+                "openai.base_url",
+                "use an http:// or https:// URL",
+            ));
         }
         if self.model.trim().is_empty() {
-            return Err(SummarizeError::invalid("openai.model", "name the model the server should run"));
+            return Err(SummarizeError::invalid(
+                "openai.model",
+                "name the model the server should run",
+            ));
         }
         if self.api_key_env.starts_with("sk-") {
             return Err(SummarizeError::invalid(
@@ -75,8 +85,12 @@ impl OpenAiConfig {
                 "this looks like an API key; put the key in an environment variable and write that variable's name here",
             ));
         }
-        if self.api_key_env.contains(['=', '\0']) || self.api_key_env.contains(char::is_whitespace) {
-            return Err(SummarizeError::invalid("openai.api_key_env", "write the name of an environment variable, e.g. OPENAI_API_KEY"));
+        if self.api_key_env.contains(['=', '\0']) || self.api_key_env.contains(char::is_whitespace)
+        {
+            return Err(SummarizeError::invalid(
+                "openai.api_key_env",
+                "write the name of an environment variable, e.g. OPENAI_API_KEY",
+            ));
         }
         if !(0.0..=2.0).contains(&self.temperature) {
             return Err(SummarizeError::invalid("openai.temperature", "use a value from 0 to 2"));
@@ -85,10 +99,16 @@ impl OpenAiConfig {
             return Err(SummarizeError::invalid("openai.max_tokens", "allow at least one token"));
         }
         if !(self.timeout_secs.is_finite() && self.timeout_secs > 0.0) {
-            return Err(SummarizeError::invalid("openai.timeout_secs", "use a positive number of seconds"));
+            return Err(SummarizeError::invalid(
+                "openai.timeout_secs",
+                "use a positive number of seconds",
+            ));
         }
         if self.backoff_base_ms > self.backoff_max_ms {
-            return Err(SummarizeError::invalid("openai.backoff_base_ms", "it must not exceed openai.backoff_max_ms"));
+            return Err(SummarizeError::invalid(
+                "openai.backoff_base_ms",
+                "it must not exceed openai.backoff_max_ms",
+            ));
         }
         Ok(())
     }
@@ -143,7 +163,11 @@ struct ChoiceMessage {
 /// Why one attempt failed.
 enum Failure {
     /// Worth another attempt: 429, 5xx, a lost connection, a timeout.
-    Transient { what: String, retry_after: Option<Duration>, no_connection: bool },
+    Transient {
+        what: String,
+        retry_after: Option<Duration>,
+        no_connection: bool,
+    },
     Fatal(SummarizeError),
 }
 
@@ -151,11 +175,10 @@ impl OpenAiChat {
     /// `config` must have passed [`OpenAiConfig::validate`].
     pub(crate) fn new(config: &OpenAiConfig) -> Result<Self, SummarizeError> {
         let timeout = Duration::from_secs_f64(config.timeout_secs);
-        let client = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout)
-            .build()
-            .map_err(|e| SummarizeError::Internal(format!("cannot set up the HTTP client: {e}")))?;
+        let client =
+            reqwest::Client::builder().timeout(timeout).connect_timeout(timeout).build().map_err(
+                |e| SummarizeError::Internal(format!("cannot set up the HTTP client: {e}")),
+            )?;
         Ok(OpenAiChat { config: config.clone(), client, api_key: config.api_key() })
     }
 
@@ -166,7 +189,10 @@ impl OpenAiChat {
             return "the server wants an API key: set openai.api_key_env to the name of the environment variable that holds it".into();
         }
         match self.api_key {
-            None => format!("put the API key in the environment variable {} (it is not set)", config.api_key_env),
+            None => format!(
+                "put the API key in the environment variable {} (it is not set)",
+                config.api_key_env
+            ),
             Some(_) => format!(
                 "the key in the environment variable {} was refused: check it, and that it may use model {}",
                 config.api_key_env, config.model
@@ -201,7 +227,11 @@ impl OpenAiChat {
         }
         let message = server_message(&body);
         if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
-            return Err(Failure::Transient { what: format!("{status}: {message}"), retry_after, no_connection: false });
+            return Err(Failure::Transient {
+                what: format!("{status}: {message}"),
+                retry_after,
+                no_connection: false,
+            });
         }
         let help = match status {
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Some(self.auth_help()),
@@ -209,12 +239,18 @@ impl OpenAiChat {
                 "check openai.base_url ({}; OpenAI-compatible servers usually serve the API under /v1) and openai.model ({})",
                 self.config.base_url, self.config.model
             )),
-            StatusCode::BAD_REQUEST | StatusCode::UNPROCESSABLE_ENTITY => {
-                Some(format!("check openai.model ({}) and that the server accepts temperature and max_tokens", self.config.model))
-            }
+            StatusCode::BAD_REQUEST | StatusCode::UNPROCESSABLE_ENTITY => Some(format!(
+                "check openai.model ({}) and that the server accepts temperature and max_tokens",
+                self.config.model
+            )),
             _ => None,
         };
-        Err(Failure::Fatal(SummarizeError::Rejected { url: url.into(), status: status.as_u16(), message, help }))
+        Err(Failure::Fatal(SummarizeError::Rejected {
+            url: url.into(),
+            status: status.as_u16(),
+            message,
+            help,
+        }))
     }
 
     /// Posts the body, retrying transient failures with exponential backoff and jitter.
@@ -222,11 +258,17 @@ impl OpenAiChat {
         let attempts = self.config.max_retries + 1;
         let mut attempt = 1;
         loop {
-            let request = self.client.post(url).header(CONTENT_TYPE, "application/json").body(body.to_string());
+            let request = self
+                .client
+                .post(url)
+                .header(CONTENT_TYPE, "application/json")
+                .body(body.to_string());
             let (what, retry_after, no_connection) = match self.attempt(request, url).await {
                 Ok(body) => return Ok(body),
                 Err(Failure::Fatal(e)) => return Err(e),
-                Err(Failure::Transient { what, retry_after, no_connection }) => (what, retry_after, no_connection),
+                Err(Failure::Transient { what, retry_after, no_connection }) => {
+                    (what, retry_after, no_connection)
+                }
             };
             if attempt == attempts {
                 return Err(if no_connection {
@@ -277,7 +319,9 @@ impl ChatBackend for OpenAiChat {
             Err(Failure::Transient { what, no_connection: true, .. }) => {
                 return Err(SummarizeError::Unreachable { url, attempts: 1, reason: what });
             }
-            Err(Failure::Transient { what, .. }) => return Err(SummarizeError::RetriesExhausted { url, attempts: 1, last: what }),
+            Err(Failure::Transient { what, .. }) => {
+                return Err(SummarizeError::RetriesExhausted { url, attempts: 1, last: what });
+            }
         };
         let listed: Vec<String> = serde_json::from_str::<serde_json::Value>(&body)
             .ok()
@@ -287,7 +331,11 @@ impl ChatBackend for OpenAiChat {
             .filter_map(|m| Some(m.get("id")?.as_str()?.to_string()))
             .collect();
         if !listed.contains(&self.config.model) {
-            tracing::warn!(model = self.config.model, ?listed, "the server does not list the configured model");
+            tracing::warn!(
+                model = self.config.model,
+                ?listed,
+                "the server does not list the configured model"
+            );
         }
         Ok(())
     }
@@ -306,9 +354,13 @@ impl ChatBackend for OpenAiChat {
         let url = self.config.chat_url();
         let request = self.render(&messages)?;
         let body = self.post_with_retries(&url, &request).await?;
-        let malformed = |reason: String| SummarizeError::MalformedResponse { url: url.clone(), reason, body: quoted(&body) };
-        let response: ChatResponse =
-            serde_json::from_str(&body).map_err(|e| malformed(format!("not a chat completion ({e})")))?;
+        let malformed = |reason: String| SummarizeError::MalformedResponse {
+            url: url.clone(),
+            reason,
+            body: quoted(&body),
+        };
+        let response: ChatResponse = serde_json::from_str(&body)
+            .map_err(|e| malformed(format!("not a chat completion ({e})")))?;
         let Some(choice) = response.choices.into_iter().next() else {
             return Err(malformed("it has no choices".into()));
         };
@@ -323,7 +375,8 @@ impl ChatBackend for OpenAiChat {
 /// applies then.)
 fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     let seconds: f64 = headers.get(RETRY_AFTER)?.to_str().ok()?.trim().parse().ok()?;
-    (seconds.is_finite() && seconds >= 0.0).then(|| Duration::from_secs_f64(seconds.min(MAX_RETRY_AFTER.as_secs_f64())))
+    (seconds.is_finite() && seconds >= 0.0)
+        .then(|| Duration::from_secs_f64(seconds.min(MAX_RETRY_AFTER.as_secs_f64())))
 }
 
 /// The server's own explanation: OpenAI's `{"error": {"message"}}`, the `{"error": "..."}`
@@ -375,9 +428,20 @@ mod tests {
 
     #[test]
     fn finds_the_servers_message_in_common_error_shapes() {
-        assert_eq!(server_message(r#"{"error":{"message":"Incorrect API key","type":"invalid_request_error"}}"#), "Incorrect API key");
-        assert_eq!(server_message(r#"{"error":"model 'llama9' not found"}"#), "model 'llama9' not found");
-        assert_eq!(server_message(r#"{"object":"error","message":"bad temperature"}"#), "bad temperature");
+        assert_eq!(
+            server_message(
+                r#"{"error":{"message":"Incorrect API key","type":"invalid_request_error"}}"#
+            ),
+            "Incorrect API key"
+        );
+        assert_eq!(
+            server_message(r#"{"error":"model 'llama9' not found"}"#),
+            "model 'llama9' not found"
+        );
+        assert_eq!(
+            server_message(r#"{"object":"error","message":"bad temperature"}"#),
+            "bad temperature"
+        );
         assert_eq!(server_message(r#"{"detail":"Not Found"}"#), "Not Found");
         assert_eq!(server_message("<html>502</html>"), "<html>502</html>");
         assert_eq!(server_message(""), "(no message)");
@@ -386,7 +450,8 @@ mod tests {
 
     #[test]
     fn backoff_grows_exponentially_with_bounded_jitter() {
-        let config = OpenAiConfig { backoff_base_ms: 100, backoff_max_ms: 1000, ..Default::default() };
+        let config =
+            OpenAiConfig { backoff_base_ms: 100, backoff_max_ms: 1000, ..Default::default() };
         let chat = OpenAiChat::new(&config).unwrap();
         for _ in 0..50 {
             let ms = |attempt| chat.backoff(attempt).as_millis();
@@ -415,15 +480,30 @@ mod tests {
     #[test]
     fn validation_names_the_field_and_catches_a_key_pasted_as_its_variable() {
         let cases = [
-            (OpenAiConfig { base_url: "localhost:8000".into(), ..Default::default() }, "openai.base_url"),
-            (OpenAiConfig { base_url: "ftp://x/v1".into(), ..Default::default() }, "openai.base_url"),
+            (
+                OpenAiConfig { base_url: "localhost:8000".into(), ..Default::default() },
+                "openai.base_url",
+            ),
+            (
+                OpenAiConfig { base_url: "ftp://x/v1".into(), ..Default::default() },
+                "openai.base_url",
+            ),
             (OpenAiConfig { model: " ".into(), ..Default::default() }, "openai.model"),
-            (OpenAiConfig { api_key_env: "sk-proj-abc123".into(), ..Default::default() }, "openai.api_key_env"),
-            (OpenAiConfig { api_key_env: "MY KEY".into(), ..Default::default() }, "openai.api_key_env"),
+            (
+                OpenAiConfig { api_key_env: "sk-proj-abc123".into(), ..Default::default() },
+                "openai.api_key_env",
+            ),
+            (
+                OpenAiConfig { api_key_env: "MY KEY".into(), ..Default::default() },
+                "openai.api_key_env",
+            ),
             (OpenAiConfig { temperature: 3.0, ..Default::default() }, "openai.temperature"),
             (OpenAiConfig { max_tokens: 0, ..Default::default() }, "openai.max_tokens"),
             (OpenAiConfig { timeout_secs: 0.0, ..Default::default() }, "openai.timeout_secs"),
-            (OpenAiConfig { backoff_base_ms: 5000, backoff_max_ms: 10, ..Default::default() }, "openai.backoff_base_ms"),
+            (
+                OpenAiConfig { backoff_base_ms: 5000, backoff_max_ms: 10, ..Default::default() },
+                "openai.backoff_base_ms",
+            ),
         ];
         for (config, field) in cases {
             let err = config.validate().unwrap_err();

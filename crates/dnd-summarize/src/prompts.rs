@@ -112,7 +112,10 @@ impl PromptTemplates {
     /// defaults: recorded results would otherwise claim prompts that did not make them.
     pub fn validate(&self) -> Result<(), SummarizeError> {
         if self.version.trim().is_empty() || self.version.contains('\n') {
-            return Err(SummarizeError::invalid("prompts.version", "give the prompts a one-line version, e.g. \"my-prompts-1\""));
+            return Err(SummarizeError::invalid(
+                "prompts.version",
+                "give the prompts a one-line version, e.g. \"my-prompts-1\"",
+            ));
         }
         let slots = [
             ("prompts.simplify", &self.simplify, "{caption}"),
@@ -121,7 +124,10 @@ impl PromptTemplates {
         ];
         for (field, text, slot) in slots {
             if !text.contains(slot) {
-                return Err(SummarizeError::invalid(field, format!("the text has no {slot} slot for its input")));
+                return Err(SummarizeError::invalid(
+                    field,
+                    format!("the text has no {slot} slot for its input"),
+                ));
             }
         }
         let defaults = PromptTemplates::default();
@@ -174,7 +180,11 @@ mod tests {
         let messages = prompts.simplify_messages("a red\ncircle  on a wall");
         assert_eq!(messages.len(), 2);
         assert_eq!(messages[0].role, "system");
-        assert!(messages[1].content.ends_with("Caption: a red circle on a wall\nLabel:"), "{}", messages[1].content);
+        assert!(
+            messages[1].content.ends_with("Caption: a red circle on a wall\nLabel:"),
+            "{}",
+            messages[1].content
+        );
 
         let labels = ["red circle".to_string(), "two red dots".to_string()];
         let user = &prompts.summarize_messages(&labels)[1].content;
@@ -195,16 +205,24 @@ mod tests {
         prompts.validate().unwrap();
         assert_eq!(prompts.version, "lab-prompts-2");
         assert_eq!(prompts.simplify, SIMPLIFY);
-        assert!(toml::from_str::<PromptTemplates>("sumarize = \"typo\"").is_err(), "unknown fields are rejected");
+        assert!(
+            toml::from_str::<PromptTemplates>("sumarize = \"typo\"").is_err(),
+            "unknown fields are rejected"
+        );
     }
 
     #[test]
     fn validation_names_the_bad_field() {
-        let missing_slot = PromptTemplates { version: "x-1".into(), merge: "Merge these.".into(), ..Default::default() };
+        let missing_slot = PromptTemplates {
+            version: "x-1".into(),
+            merge: "Merge these.".into(),
+            ..Default::default()
+        };
         let err = missing_slot.validate().unwrap_err().to_string();
         assert!(err.contains("prompts.merge") && err.contains("{labels}"), "{err}");
 
-        let edited_but_default_version = PromptTemplates { system: "Be brief.".into(), ..Default::default() };
+        let edited_but_default_version =
+            PromptTemplates { system: "Be brief.".into(), ..Default::default() };
         let err = edited_but_default_version.validate().unwrap_err().to_string();
         assert!(err.contains("prompts.version") && err.contains(DEFAULT_PROMPT_VERSION), "{err}");
 

@@ -31,11 +31,8 @@ pub enum Answer {
 /// items separated by semicolons, or comma-separated phrases. "red and white stripes" and
 /// "red, white and blue stripes" (single-word modifiers joined by "and"/"or") are one label.
 pub fn parse_reply(reply: &str) -> Result<Answer, ReplyError> {
-    let lines: Vec<&str> = reply
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with("```"))
-        .collect();
+    let lines: Vec<&str> =
+        reply.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with("```")).collect();
 
     let listed: Vec<&str> = lines.iter().filter_map(|l| strip_list_marker(l)).collect();
     if listed.len() >= 2 {
@@ -44,7 +41,9 @@ pub fn parse_reply(reply: &str) -> Result<Answer, ReplyError> {
 
     // A model that explains itself puts the label first; a preamble such as "Label:" or
     // "Here is the label:" on a line of its own comes before it.
-    let Some(line) = lines.iter().map(|l| strip_list_marker(l).unwrap_or(l)).find(|l| !is_preamble(l)) else {
+    let Some(line) =
+        lines.iter().map(|l| strip_list_marker(l).unwrap_or(l)).find(|l| !is_preamble(l))
+    else {
         return Err(ReplyError::Empty);
     };
     let phrase = clean_phrase(line);
@@ -139,7 +138,8 @@ pub(crate) fn trim_wrapping(text: &str) -> &str {
 /// Splits "red circle, blue square" or "circles; squares" into items; `None` for one label,
 /// including coordinated single-word modifiers such as "red, white and blue stripes".
 fn split_enumeration(phrase: &str) -> Option<Vec<String>> {
-    let items: Vec<&str> = phrase.split([',', ';']).map(str::trim).filter(|p| !p.is_empty()).collect();
+    let items: Vec<&str> =
+        phrase.split([',', ';']).map(str::trim).filter(|p| !p.is_empty()).collect();
     if items.len() < 2 {
         return None;
     }
@@ -153,7 +153,8 @@ fn split_enumeration(phrase: &str) -> Option<Vec<String>> {
     let items = items
         .iter()
         .map(|item| {
-            let item = item.strip_prefix("and ").or_else(|| item.strip_prefix("or ")).unwrap_or(item);
+            let item =
+                item.strip_prefix("and ").or_else(|| item.strip_prefix("or ")).unwrap_or(item);
             trim_wrapping(item).to_string()
         })
         .collect();
@@ -193,7 +194,10 @@ mod tests {
         assert_eq!(label("```\nred circles\n```"), "red circles");
         assert_eq!(label("red circles (most of the images)"), "red circles");
         assert_eq!(label("red circles - every caption mentions them"), "red circles");
-        assert_eq!(label("red circles\nMost of the captions mention red round shapes, so this fits."), "red circles");
+        assert_eq!(
+            label("red circles\nMost of the captions mention red round shapes, so this fits."),
+            "red circles"
+        );
         assert_eq!(label("- red circles"), "red circles");
         assert_eq!(label("dog's nose"), "dog's nose");
         assert_eq!(label("black-and-white   stripes"), "black-and-white stripes");
@@ -212,12 +216,21 @@ mod tests {
 
     #[test]
     fn detects_explicit_enumerations() {
-        assert_eq!(several("1. red circles\n2. blue squares\n3. green triangles"), ["red circles", "blue squares", "green triangles"]);
+        assert_eq!(
+            several("1. red circles\n2. blue squares\n3. green triangles"),
+            ["red circles", "blue squares", "green triangles"]
+        );
         assert_eq!(several("- red circles\n- \"blue squares\"."), ["red circles", "blue squares"]);
         assert_eq!(several("Labels:\n* dog face\n* cat face"), ["dog face", "cat face"]);
         assert_eq!(several("1) stripes\n2) dots"), ["stripes", "dots"]);
-        assert_eq!(several("red circle, blue square, green triangle"), ["red circle", "blue square", "green triangle"]);
-        assert_eq!(several("dog face, cat face, and bird head"), ["dog face", "cat face", "bird head"]);
+        assert_eq!(
+            several("red circle, blue square, green triangle"),
+            ["red circle", "blue square", "green triangle"]
+        );
+        assert_eq!(
+            several("dog face, cat face, and bird head"),
+            ["dog face", "cat face", "bird head"]
+        );
         assert_eq!(several("circles; squares"), ["circles", "squares"]);
         assert_eq!(several("Label: dog face, cat face."), ["dog face", "cat face"]);
     }
@@ -238,7 +251,10 @@ mod tests {
             Err(ReplyError::TooManyWords { words: 9, max: 5 })
         );
         let long_word = "x".repeat(100);
-        assert_eq!(parse_reply(&long_word), Err(ReplyError::TooLong { chars: 100, max: MAX_LABEL_CHARS }));
+        assert_eq!(
+            parse_reply(&long_word),
+            Err(ReplyError::TooLong { chars: 100, max: MAX_LABEL_CHARS })
+        );
     }
 
     #[test]

@@ -24,7 +24,10 @@ pub struct Labelled {
 
 /// Simplifies each caption to a label, in caption order. A caption whose reply gives no
 /// usable label (even after one merge) contributes no label; its exchanges are kept.
-pub async fn simplify_captions(summarizer: &dyn Summarizer, captions: &[String]) -> Result<Labelled, SummarizeError> {
+pub async fn simplify_captions(
+    summarizer: &dyn Summarizer,
+    captions: &[String],
+) -> Result<Labelled, SummarizeError> {
     let mut exchanges = Vec::new();
     let mut labels = Vec::new();
     for caption in captions {
@@ -108,7 +111,12 @@ mod tests {
         }
 
         fn answer(&self, step: Step, input: Vec<String>) -> Result<Exchange, SummarizeError> {
-            let answer = self.answers.lock().unwrap().pop_front().unwrap_or(Ok(Answer::Label("same".into())));
+            let answer = self
+                .answers
+                .lock()
+                .unwrap()
+                .pop_front()
+                .unwrap_or(Ok(Answer::Label("same".into())));
             self.asked.lock().unwrap().push((step, input.clone()));
             Ok(Exchange {
                 step,
@@ -177,7 +185,10 @@ mod tests {
             sorted.sort();
             assert_eq!(sorted, input, "each round sees every label once");
         }
-        assert!(first.windows(2).all(|w| w[0] != w[1]), "consecutive rounds see different orders: {first:?}");
+        assert!(
+            first.windows(2).all(|w| w[0] != w[1]),
+            "consecutive rounds see different orders: {first:?}"
+        );
     }
 
     #[tokio::test]
@@ -194,13 +205,23 @@ mod tests {
         let steps: Vec<Step> = out.exchanges.iter().map(|e| e.step).collect();
         use Step::{Merge, Summarize};
         assert_eq!(steps, [Summarize, Merge, Summarize, Summarize, Merge, Summarize]);
-        assert_eq!(scripted.orders()[1], ["red circles", "blue squares"], "the merge gets the listed labels");
+        assert_eq!(
+            scripted.orders()[1],
+            ["red circles", "blue squares"],
+            "the merge gets the listed labels"
+        );
         assert_eq!(out.labels, ["colored shapes", "floral design", "floral design background"]);
     }
 
     #[tokio::test]
     async fn simplify_captions_keeps_caption_order_and_skips_unusable_replies() {
-        let scripted = Scripted::new(vec![label("red circle"), Err(ReplyError::Empty), several(&["a", "b"]), label("a and b"), label("dots")]);
+        let scripted = Scripted::new(vec![
+            label("red circle"),
+            Err(ReplyError::Empty),
+            several(&["a", "b"]),
+            label("a and b"),
+            label("dots"),
+        ]);
         let captions: Vec<String> = ["c1", "c2", "c3", "c4"].map(String::from).to_vec();
         let out = simplify_captions(&scripted, &captions).await.unwrap();
         assert_eq!(out.labels, ["red circle", "a and b", "dots"]);

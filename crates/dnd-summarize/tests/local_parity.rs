@@ -19,16 +19,27 @@ fn local_config() -> LocalConfig {
 }
 
 fn ids(tensor: &Tensor) -> Vec<u32> {
-    tensor.flatten_all().unwrap().to_vec1::<i64>().unwrap().into_iter().map(|id| id as u32).collect()
+    tensor
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|id| id as u32)
+        .collect()
 }
 
 #[test]
 fn matches_transformers_on_the_fixture_qwen2() {
-    let reference: Value = serde_json::from_str(&std::fs::read_to_string(fixture("reference/lm.json")).unwrap()).unwrap();
-    let tensors = candle_core::safetensors::load(fixture("reference/lm.safetensors"), &Device::Cpu).unwrap();
+    let reference: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("reference/lm.json")).unwrap())
+            .unwrap();
+    let tensors =
+        candle_core::safetensors::load(fixture("reference/lm.safetensors"), &Device::Cpu).unwrap();
     let chat = Qwen2Chat::load(&local_config()).unwrap();
 
-    let messages: Vec<ChatMessage> = serde_json::from_value(reference["chat"]["messages"].clone()).unwrap();
+    let messages: Vec<ChatMessage> =
+        serde_json::from_value(reference["chat"]["messages"].clone()).unwrap();
     let rendered = chat.render(&messages).unwrap();
     assert_eq!(rendered, reference["chat"]["rendered"].as_str().unwrap());
 
@@ -38,16 +49,27 @@ fn matches_transformers_on_the_fixture_qwen2() {
     let logits = chat.logits(&input_ids).unwrap();
     let expected = &tensors["logits"];
     assert_eq!(logits.dims(), expected.dims());
-    let max_diff = (logits - expected).unwrap().abs().unwrap().max_all().unwrap().to_dtype(DType::F32).unwrap();
+    let max_diff = (logits - expected)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
     let max_diff = max_diff.to_scalar::<f32>().unwrap();
     println!("max |logits - transformers| = {max_diff:e} over {:?}", expected.dims());
     assert!(max_diff <= 1e-4, "logits differ by {max_diff}");
 
     let new_ids = chat.generate(&input_ids, 8).unwrap();
-    let expected_new: Vec<u32> = serde_json::from_value(reference["generation"]["new_token_ids"].clone()).unwrap();
+    let expected_new: Vec<u32> =
+        serde_json::from_value(reference["generation"]["new_token_ids"].clone()).unwrap();
     assert_eq!(new_ids, expected_new);
     assert_eq!(ids(&tensors["generate.ids"])[input_ids.len()..], expected_new[..]);
-    assert_eq!(chat.decode(&new_ids).unwrap(), reference["generation"]["new_text"].as_str().unwrap());
+    assert_eq!(
+        chat.decode(&new_ids).unwrap(),
+        reference["generation"]["new_text"].as_str().unwrap()
+    );
 }
 
 #[test]
@@ -74,8 +96,12 @@ fn short_prompts() -> PromptTemplates {
 
 #[tokio::test]
 async fn the_local_summarizer_records_the_rendered_prompt_and_the_decoded_reply() {
-    let config =
-        SummarizerConfig { backend: Backend::Local, local: local_config(), prompts: short_prompts(), ..Default::default() };
+    let config = SummarizerConfig {
+        backend: Backend::Local,
+        local: local_config(),
+        prompts: short_prompts(),
+        ..Default::default()
+    };
     let summarizer = build(&config).unwrap();
     assert_eq!(summarizer.describe(), format!("local:{}@cpu", config.local.model));
     summarizer.check().await.unwrap();
@@ -85,11 +111,21 @@ async fn the_local_summarizer_records_the_rendered_prompt_and_the_decoded_reply(
     let chat = Qwen2Chat::load(&config.local).unwrap();
     let expected_request = chat.render(&config.prompts.simplify_messages(caption)).unwrap();
     assert_eq!(ex.request, expected_request);
-    assert!(ex.request.ends_with("Caption: a red circle on a blue background\nLabel:<|im_end|>\n<|im_start|>assistant\n"), "{}", ex.request);
-    let reply_ids = chat.generate(&chat.encode(&ex.request).unwrap(), config.local.max_new_tokens).unwrap();
+    assert!(
+        ex.request.ends_with(
+            "Caption: a red circle on a blue background\nLabel:<|im_end|>\n<|im_start|>assistant\n"
+        ),
+        "{}",
+        ex.request
+    );
+    let reply_ids =
+        chat.generate(&chat.encode(&ex.request).unwrap(), config.local.max_new_tokens).unwrap();
     assert!(reply_ids.len() <= 24);
     assert_eq!(ex.reply, chat.decode(&reply_ids).unwrap(), "greedy decoding is deterministic");
-    assert_eq!((ex.step, ex.backend.as_str(), ex.model.as_str()), (Step::Simplify, "local", config.local.model.as_str()));
+    assert_eq!(
+        (ex.step, ex.backend.as_str(), ex.model.as_str()),
+        (Step::Simplify, "local", config.local.model.as_str())
+    );
     assert_eq!(ex.prompt_version, "test-short-1");
 
     let labels = vec!["red circle".to_string(), "red ring".to_string()];
@@ -98,7 +134,8 @@ async fn the_local_summarizer_records_the_rendered_prompt_and_the_decoded_reply(
 
 #[tokio::test]
 async fn a_prompt_longer_than_the_models_context_is_a_user_error() {
-    let config = SummarizerConfig { backend: Backend::Local, local: local_config(), ..Default::default() };
+    let config =
+        SummarizerConfig { backend: Backend::Local, local: local_config(), ..Default::default() };
     let err = build(&config).unwrap().simplify("a red circle").await.unwrap_err();
     assert!(err.is_user_error() && err.to_string().contains("tokens"), "{err}");
 }

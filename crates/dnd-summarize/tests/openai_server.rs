@@ -12,7 +12,8 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use dnd_summarize::{
-    Answer, Backend, OpenAiConfig, Step, SummarizeError, Summarizer, SummarizerConfig, build, summarize_rounds,
+    Answer, Backend, OpenAiConfig, Step, SummarizeError, Summarizer, SummarizerConfig, build,
+    summarize_rounds,
 };
 use serde_json::{Value, json};
 
@@ -57,7 +58,11 @@ impl Script {
     }
 }
 
-async fn chat_completions(State(script): State<Arc<Script>>, headers: HeaderMap, body: String) -> Response {
+async fn chat_completions(
+    State(script): State<Arc<Script>>,
+    headers: HeaderMap,
+    body: String,
+) -> Response {
     let auth = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_string);
     script.received.lock().unwrap().push((body, auth));
     let next = script.replies.lock().unwrap().pop_front();
@@ -78,12 +83,17 @@ async fn models(State(script): State<Arc<Script>>, headers: HeaderMap) -> Respon
         let body = json!({"error": {"message": "You didn't provide an API key."}});
         return (StatusCode::UNAUTHORIZED, body.to_string()).into_response();
     }
-    axum::Json(json!({"object": "list", "data": [{"id": "test-model", "object": "model"}]})).into_response()
+    axum::Json(json!({"object": "list", "data": [{"id": "test-model", "object": "model"}]}))
+        .into_response()
 }
 
 /// Serves `replies` on a fresh port; returns the API root (`http://127.0.0.1:N/v1`).
 async fn serve(replies: Vec<Reply>, models_need_key: bool) -> (String, Arc<Script>) {
-    let script = Arc::new(Script { replies: Mutex::new(replies.into()), models_need_key, ..Default::default() });
+    let script = Arc::new(Script {
+        replies: Mutex::new(replies.into()),
+        models_need_key,
+        ..Default::default()
+    });
     let app = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
@@ -118,12 +128,16 @@ async fn a_label_comes_back_cleaned_with_the_request_as_sent() {
     // standard library serialises environment access.
     unsafe { std::env::set_var("DND_SUMMARIZE_TEST_KEY", "sk-test-123") };
     let (url, script) = serve(vec![completion("Label: Red circles.")], true).await;
-    let s = summarizer(OpenAiConfig { api_key_env: "DND_SUMMARIZE_TEST_KEY".into(), ..openai(&url) });
+    let s =
+        summarizer(OpenAiConfig { api_key_env: "DND_SUMMARIZE_TEST_KEY".into(), ..openai(&url) });
     s.check().await.unwrap();
     assert_eq!(s.describe(), format!("openai:test-model@{url}"));
 
     let ex = s.simplify("a red circle on a blue background").await.unwrap();
-    assert_eq!((ex.step, ex.backend.as_str(), ex.model.as_str()), (Step::Simplify, "openai", "test-model"));
+    assert_eq!(
+        (ex.step, ex.backend.as_str(), ex.model.as_str()),
+        (Step::Simplify, "openai", "test-model")
+    );
     assert_eq!(ex.prompt_version, "dnd-prompts-1");
     assert_eq!(ex.reply, "Label: Red circles.");
     assert_eq!(ex.label(), Some("Red circles"));
@@ -153,7 +167,10 @@ async fn a_throttled_request_waits_for_retry_after_then_succeeds() {
     let waited = start.elapsed();
     assert_eq!(ex.label(), Some("stripes"));
     assert_eq!(script.received().len(), 2);
-    assert!(waited >= Duration::from_millis(950), "Retry-After: 1 was not honoured ({waited:?}; the backoff alone is 2 ms)");
+    assert!(
+        waited >= Duration::from_millis(950),
+        "Retry-After: 1 was not honoured ({waited:?}; the backoff alone is 2 ms)"
+    );
     assert!(waited < Duration::from_secs(3), "{waited:?}");
 }
 
@@ -164,7 +181,10 @@ async fn server_errors_are_retried_until_the_attempts_run_out() {
     let err = summarizer(openai(&url)).simplify("a dog").await.unwrap_err();
     assert!(matches!(err, SummarizeError::RetriesExhausted { attempts: 3, .. }), "{err:?}");
     let msg = err.to_string();
-    assert!(msg.contains("3 attempts") && msg.contains("500") && msg.contains("engine overloaded"), "{msg}");
+    assert!(
+        msg.contains("3 attempts") && msg.contains("500") && msg.contains("engine overloaded"),
+        "{msg}"
+    );
     assert!(!err.is_user_error());
     assert_eq!(script.received().len(), 3, "max_retries 2 = 3 attempts");
 }
@@ -203,7 +223,11 @@ async fn malformed_completions_are_typed_errors_and_not_retried() {
 
 #[tokio::test]
 async fn a_reply_listing_several_labels_is_merged_in_the_summary_rounds() {
-    let replies = vec![completion("1. red circles\n2. blue squares"), completion("colored shapes"), completion("\"Red circles.\"")];
+    let replies = vec![
+        completion("1. red circles\n2. blue squares"),
+        completion("colored shapes"),
+        completion("\"Red circles.\""),
+    ];
     let (url, script) = serve(replies, false).await;
     let s = summarizer(openai(&url));
     let labels: Vec<String> = ["red circle", "blue square", "red ring"].map(String::from).to_vec();
@@ -211,11 +235,19 @@ async fn a_reply_listing_several_labels_is_merged_in_the_summary_rounds() {
 
     let steps: Vec<Step> = out.exchanges.iter().map(|e| e.step).collect();
     assert_eq!(steps, [Step::Summarize, Step::Merge, Step::Summarize]);
-    assert_eq!(out.exchanges[0].answer, Ok(Answer::Several(vec!["red circles".into(), "blue squares".into()])));
+    assert_eq!(
+        out.exchanges[0].answer,
+        Ok(Answer::Several(vec!["red circles".into(), "blue squares".into()]))
+    );
     assert_eq!(out.labels, ["colored shapes", "red circles"]);
 
     let received = script.received();
-    let user = |i: usize| serde_json::from_str::<Value>(&received[i].0).unwrap()["messages"][1]["content"].as_str().unwrap().to_string();
+    let user = |i: usize| {
+        serde_json::from_str::<Value>(&received[i].0).unwrap()["messages"][1]["content"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
     assert!(user(1).ends_with("Labels:\n- red circles\n- blue squares\nLabel:"), "{}", user(1));
     for round in [0, 2] {
         let prompt = user(round);
@@ -226,7 +258,10 @@ async fn a_reply_listing_several_labels_is_merged_in_the_summary_rounds() {
 #[tokio::test]
 async fn a_refused_key_names_the_variable_that_should_hold_it() {
     let (url, script) = serve(vec![error(401, "Incorrect API key provided")], true).await;
-    let s = summarizer(OpenAiConfig { api_key_env: "DND_SUMMARIZE_TEST_UNSET_KEY".into(), ..openai(&url) });
+    let s = summarizer(OpenAiConfig {
+        api_key_env: "DND_SUMMARIZE_TEST_UNSET_KEY".into(),
+        ..openai(&url)
+    });
 
     let err = s.simplify("a dog").await.unwrap_err();
     assert!(matches!(err, SummarizeError::Rejected { status: 401, .. }), "{err:?}");

@@ -6,8 +6,8 @@
 //! scene. The grammar omits only the default attributes: an object without a fill word is
 //! solid, a background without a texture word is plain.
 
-use rand::seq::SliceRandom;
 use rand::Rng;
+use rand::seq::SliceRandom;
 
 use crate::error::SynthError;
 use crate::mask::Rect;
@@ -30,7 +30,12 @@ pub struct VisibilityRule {
 
 impl Default for VisibilityRule {
     fn default() -> Self {
-        Self { min_object_fraction: 0.15, min_crop_fraction: 0.1, min_object_pixels: 12, min_background_fraction: 0.2 }
+        Self {
+            min_object_fraction: 0.15,
+            min_crop_fraction: 0.1,
+            min_object_pixels: 12,
+            min_background_fraction: 0.2,
+        }
     }
 }
 
@@ -44,9 +49,17 @@ pub struct Visible {
 
 /// What of `scene` is visible in `rect` of its rendering. If nothing passes the rule, the
 /// thing with most pixels in the crop counts as visible, so that every crop has a caption.
-pub fn visible_in(scene: &Scene, rendered: &Rendered, rect: Rect, rule: &VisibilityRule) -> Result<Visible, SynthError> {
+pub fn visible_in(
+    scene: &Scene,
+    rendered: &Rendered,
+    rect: Rect,
+    rule: &VisibilityRule,
+) -> Result<Visible, SynthError> {
     if scene.objects.len() != rendered.object_masks.len() {
-        return Err(SynthError::SceneMismatch { objects: scene.objects.len(), masks: rendered.object_masks.len() });
+        return Err(SynthError::SceneMismatch {
+            objects: scene.objects.len(),
+            masks: rendered.object_masks.len(),
+        });
     }
     rect.check(rendered.image.width(), rendered.image.height())?;
     let crop_area = rect.area() as f32;
@@ -67,7 +80,11 @@ pub fn visible_in(scene: &Scene, rendered: &Rendered, rect: Rect, rule: &Visibil
     let background = background_pixels as f32 >= rule.min_background_fraction * crop_area;
     if objects.is_empty() && !background {
         // Fall back to the largest thing in the crop.
-        let largest = in_crop.iter().enumerate().max_by_key(|&(_, &n)| n).filter(|&(_, &n)| n > background_pixels);
+        let largest = in_crop
+            .iter()
+            .enumerate()
+            .max_by_key(|&(_, &n)| n)
+            .filter(|&(_, &n)| n > background_pixels);
         return Ok(match largest {
             Some((i, _)) => Visible { objects: vec![i], background: false },
             None => Visible { objects: vec![], background: true },
@@ -84,7 +101,12 @@ pub fn caption<R: Rng + ?Sized>(scene: &Scene, rng: &mut R) -> String {
 
 /// A caption of the crop `rect` of a rendered scene, naming only what is visible in it by
 /// the default [`VisibilityRule`].
-pub fn caption_visible<R: Rng + ?Sized>(scene: &Scene, rendered: &Rendered, rect: Rect, rng: &mut R) -> Result<String, SynthError> {
+pub fn caption_visible<R: Rng + ?Sized>(
+    scene: &Scene,
+    rendered: &Rendered,
+    rect: Rect,
+    rng: &mut R,
+) -> Result<String, SynthError> {
     let visible = visible_in(scene, rendered, rect, &VisibilityRule::default())?;
     let objects: Vec<&Object> = visible.objects.iter().map(|&i| &scene.objects[i]).collect();
     Ok(describe(&objects, visible.background.then_some(&scene.background), rng))
@@ -102,17 +124,32 @@ struct Group {
 fn groups(objects: &[&Object]) -> Vec<Group> {
     let mut groups: Vec<Group> = Vec::new();
     for o in objects {
-        match groups.iter_mut().find(|g| (g.colour, g.shape, g.fill) == (o.colour, o.shape, o.fill)) {
+        match groups.iter_mut().find(|g| (g.colour, g.shape, g.fill) == (o.colour, o.shape, o.fill))
+        {
             Some(g) => g.count += 1,
-            None => groups.push(Group { colour: o.colour, shape: o.shape, fill: o.fill, count: 1, size: o.size }),
+            None => groups.push(Group {
+                colour: o.colour,
+                shape: o.shape,
+                fill: o.fill,
+                count: 1,
+                size: o.size,
+            }),
         }
     }
     groups
 }
 
 /// The canonical word most of the time, a synonym now and then.
-fn word<R: Rng + ?Sized>(rng: &mut R, canonical: &'static str, synonyms: &[&'static str]) -> &'static str {
-    if synonyms.is_empty() || rng.random_bool(0.75) { canonical } else { synonyms[rng.random_range(0..synonyms.len())] }
+fn word<R: Rng + ?Sized>(
+    rng: &mut R,
+    canonical: &'static str,
+    synonyms: &[&'static str],
+) -> &'static str {
+    if synonyms.is_empty() || rng.random_bool(0.75) {
+        canonical
+    } else {
+        synonyms[rng.random_range(0..synonyms.len())]
+    }
 }
 
 fn any<R: Rng + ?Sized>(rng: &mut R, words: &[&'static str]) -> &'static str {
@@ -124,7 +161,8 @@ fn colour_word<R: Rng + ?Sized>(rng: &mut R, colour: Colour) -> &'static str {
 }
 
 fn shape_word<R: Rng + ?Sized>(rng: &mut R, shape: Shape, plural: bool) -> &'static str {
-    let synonyms: Vec<&'static str> = shape.synonyms().iter().map(|&(s, p)| if plural { p } else { s }).collect();
+    let synonyms: Vec<&'static str> =
+        shape.synonyms().iter().map(|&(s, p)| if plural { p } else { s }).collect();
     word(rng, if plural { shape.plural() } else { shape.name() }, &synonyms)
 }
 
@@ -151,7 +189,8 @@ fn number_word(count: usize) -> &'static str {
 fn sentence(words: &[&str]) -> String {
     let mut out: Vec<&str> = Vec::with_capacity(words.len());
     for (i, &w) in words.iter().enumerate() {
-        let before_vowel = words.get(i + 1).is_some_and(|next| next.starts_with(['a', 'e', 'i', 'o', 'u']));
+        let before_vowel =
+            words.get(i + 1).is_some_and(|next| next.starts_with(['a', 'e', 'i', 'o', 'u']));
         out.push(if w == "a" && before_vowel { "an" } else { w });
     }
     out.join(" ")
@@ -189,16 +228,26 @@ fn join_objects<R: Rng + ?Sized>(phrases: &[String], rng: &mut R) -> String {
         [] => String::new(),
         [one] => one.clone(),
         [a, b] => format!("{a} {} {b}", any(rng, &["and", "and", "next to", "beside"])),
-        [init @ .., last] => format!("{}{} and {last}", init.join(", "), if rng.random_bool(0.5) { "," } else { "" }),
+        [init @ .., last] => {
+            format!("{}{} and {last}", init.join(", "), if rng.random_bool(0.5) { "," } else { "" })
+        }
     }
 }
 
 /// "a dotted green background", or, if `with_noun`, also "a green background with dots".
-fn background_noun_phrase<R: Rng + ?Sized>(background: &Background, with_noun: bool, rng: &mut R) -> String {
+fn background_noun_phrase<R: Rng + ?Sized>(
+    background: &Background,
+    with_noun: bool,
+    rng: &mut R,
+) -> String {
     let colour = colour_word(rng, background.colour);
     let texture = background.texture;
     if texture == Texture::Plain {
-        let words: &[&str] = if rng.random_bool(0.3) { &["a", "plain", colour, "background"] } else { &["a", colour, "background"] };
+        let words: &[&str] = if rng.random_bool(0.3) {
+            &["a", "plain", colour, "background"]
+        } else {
+            &["a", colour, "background"]
+        };
         return sentence(words);
     }
     let adjective = word(rng, texture.adjectives()[0], &texture.adjectives()[1..]);
@@ -223,7 +272,11 @@ fn background_after_objects<R: Rng + ?Sized>(background: &Background, rng: &mut 
 }
 
 /// A caption of some objects and, if given, the background.
-fn describe<R: Rng + ?Sized>(objects: &[&Object], background: Option<&Background>, rng: &mut R) -> String {
+fn describe<R: Rng + ?Sized>(
+    objects: &[&Object],
+    background: Option<&Background>,
+    rng: &mut R,
+) -> String {
     let mut groups = groups(objects);
     groups.shuffle(rng);
     let phrases: Vec<String> = groups.iter().map(|g| object_phrase(g, rng)).collect();
@@ -232,7 +285,9 @@ fn describe<R: Rng + ?Sized>(objects: &[&Object], background: Option<&Background
         None => objects,
         Some(bg) if phrases.is_empty() => background_noun_phrase(bg, true, rng),
         // Background first; no "with" inside it, which would read "a ... with dots with a circle".
-        Some(bg) if rng.random_bool(0.2) => format!("{} with {objects}", background_noun_phrase(bg, false, rng)),
+        Some(bg) if rng.random_bool(0.2) => {
+            format!("{} with {objects}", background_noun_phrase(bg, false, rng))
+        }
         Some(bg) => {
             let comma = if rng.random_bool(0.25) { "," } else { "" };
             format!("{objects}{comma} {}", background_after_objects(bg, rng))
@@ -248,7 +303,7 @@ mod tests {
     use rand_chacha::ChaCha8Rng;
 
     use super::*;
-    use crate::phrase::{parse_mentions, Mention};
+    use crate::phrase::{Mention, parse_mentions};
     use crate::render::render;
     use crate::scene::Point;
 
@@ -261,10 +316,17 @@ mod tests {
         for mention in parse_mentions(caption) {
             match mention {
                 Mention::Object(o) => {
-                    let (Some(colour), Some(shape)) = (o.colour, o.shape) else { panic!("incomplete object in `{caption}`: {o:?}") };
-                    objects.extend(std::iter::repeat_n((colour, shape, o.fill.unwrap_or(Fill::Solid)), o.count));
+                    let (Some(colour), Some(shape)) = (o.colour, o.shape) else {
+                        panic!("incomplete object in `{caption}`: {o:?}")
+                    };
+                    objects.extend(std::iter::repeat_n(
+                        (colour, shape, o.fill.unwrap_or(Fill::Solid)),
+                        o.count,
+                    ));
                 }
-                Mention::Background(b) => backgrounds.push((b.colour, b.texture.unwrap_or(Texture::Plain))),
+                Mention::Background(b) => {
+                    backgrounds.push((b.colour, b.texture.unwrap_or(Texture::Plain)))
+                }
             }
         }
         objects.sort();
@@ -272,7 +334,8 @@ mod tests {
     }
 
     fn attributes<'a>(objects: impl IntoIterator<Item = &'a Object>) -> Vec<Attributes> {
-        let mut attributes: Vec<Attributes> = objects.into_iter().map(|o| (o.colour, o.shape, o.fill)).collect();
+        let mut attributes: Vec<Attributes> =
+            objects.into_iter().map(|o| (o.colour, o.shape, o.fill)).collect();
         attributes.sort();
         attributes
     }
@@ -286,8 +349,16 @@ mod tests {
             let caption = caption(&scene, &mut rng);
             let (objects, backgrounds) = read_back(&caption);
             assert_eq!(objects, attributes(&scene.objects), "`{caption}` for {scene:?}");
-            assert_eq!(backgrounds, vec![(Some(scene.background.colour), scene.background.texture)], "`{caption}`");
-            forms.extend(["with", "on", "against", "background", "next to", "an", ","].into_iter().filter(|w| caption.contains(w)));
+            assert_eq!(
+                backgrounds,
+                vec![(Some(scene.background.colour), scene.background.texture)],
+                "`{caption}`"
+            );
+            forms.extend(
+                ["with", "on", "against", "background", "next to", "an", ","]
+                    .into_iter()
+                    .filter(|w| caption.contains(w)),
+            );
         }
         assert_eq!(forms.len(), 7, "the grammar's forms all occur: {forms:?}");
     }
@@ -295,29 +366,61 @@ mod tests {
     #[test]
     fn captions_vary_with_the_generator() {
         let scene = Scene::sample(&mut ChaCha8Rng::seed_from_u64(5));
-        let captions: HashSet<String> = (0..20).map(|seed| caption(&scene, &mut ChaCha8Rng::seed_from_u64(seed))).collect();
+        let captions: HashSet<String> =
+            (0..20).map(|seed| caption(&scene, &mut ChaCha8Rng::seed_from_u64(seed))).collect();
         assert!(captions.len() >= 5, "{captions:?}");
-        assert_eq!(caption(&scene, &mut ChaCha8Rng::seed_from_u64(1)), caption(&scene, &mut ChaCha8Rng::seed_from_u64(1)));
+        assert_eq!(
+            caption(&scene, &mut ChaCha8Rng::seed_from_u64(1)),
+            caption(&scene, &mut ChaCha8Rng::seed_from_u64(1))
+        );
     }
 
     #[test]
     fn a_crop_caption_names_only_what_is_in_the_crop() {
-        let object = |shape, colour, x| Object { shape, colour, fill: Fill::Solid, centre: Point { x, y: 0.5 }, size: 0.15, rotation: 0.0 };
+        let object = |shape, colour, x| Object {
+            shape,
+            colour,
+            fill: Fill::Solid,
+            centre: Point { x, y: 0.5 },
+            size: 0.15,
+            rotation: 0.0,
+        };
         let scene = Scene {
             background: Background::new(Colour::Green, Texture::Stripes),
-            objects: vec![object(Shape::Circle, Colour::Red, 0.25), object(Shape::Square, Colour::Blue, 0.75)],
+            objects: vec![
+                object(Shape::Circle, Colour::Red, 0.25),
+                object(Shape::Square, Colour::Blue, 0.75),
+            ],
         };
         let rendered = render(&scene, 100, 100);
         let mut rng = ChaCha8Rng::seed_from_u64(0);
         for _ in 0..20 {
-            let left = caption_visible(&scene, &rendered, Rect::new(0, 0, 50, 100), &mut rng).unwrap();
-            assert_eq!(read_back(&left), (vec![(Colour::Red, Shape::Circle, Fill::Solid)], vec![(Some(Colour::Green), Texture::Stripes)]), "{left}");
+            let left =
+                caption_visible(&scene, &rendered, Rect::new(0, 0, 50, 100), &mut rng).unwrap();
+            assert_eq!(
+                read_back(&left),
+                (
+                    vec![(Colour::Red, Shape::Circle, Fill::Solid)],
+                    vec![(Some(Colour::Green), Texture::Stripes)]
+                ),
+                "{left}"
+            );
             // Inside the circle only: no background to speak of.
-            let inside = caption_visible(&scene, &rendered, Rect::new(20, 45, 10, 10), &mut rng).unwrap();
-            assert_eq!(read_back(&inside), (vec![(Colour::Red, Shape::Circle, Fill::Solid)], vec![]), "{inside}");
+            let inside =
+                caption_visible(&scene, &rendered, Rect::new(20, 45, 10, 10), &mut rng).unwrap();
+            assert_eq!(
+                read_back(&inside),
+                (vec![(Colour::Red, Shape::Circle, Fill::Solid)], vec![]),
+                "{inside}"
+            );
             // A corner with nothing but background.
-            let corner = caption_visible(&scene, &rendered, Rect::new(0, 0, 20, 20), &mut rng).unwrap();
-            assert_eq!(read_back(&corner), (vec![], vec![(Some(Colour::Green), Texture::Stripes)]), "{corner}");
+            let corner =
+                caption_visible(&scene, &rendered, Rect::new(0, 0, 20, 20), &mut rng).unwrap();
+            assert_eq!(
+                read_back(&corner),
+                (vec![], vec![(Some(Colour::Green), Texture::Stripes)]),
+                "{corner}"
+            );
         }
         assert!(caption_visible(&scene, &rendered, Rect::new(90, 0, 20, 10), &mut rng).is_err());
     }
@@ -333,7 +436,11 @@ mod tests {
             let visible = visible_in(&scene, &rendered, rect, &VisibilityRule::default()).unwrap();
             let caption = caption_visible(&scene, &rendered, rect, &mut rng).unwrap();
             let (objects, backgrounds) = read_back(&caption);
-            assert_eq!(objects, attributes(visible.objects.iter().map(|&i| &scene.objects[i])), "`{caption}` in {rect}");
+            assert_eq!(
+                objects,
+                attributes(visible.objects.iter().map(|&i| &scene.objects[i])),
+                "`{caption}` in {rect}"
+            );
             assert_eq!(backgrounds.len(), usize::from(visible.background), "`{caption}` in {rect}");
             for &i in &visible.objects {
                 assert!(rendered.object_masks[i].count_in(rect) > 0, "object {i} is not in {rect}");

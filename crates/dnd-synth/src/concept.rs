@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::SynthError;
 use crate::mask::Mask;
-use crate::phrase::{parse_mentions, Mention};
+use crate::phrase::{Mention, parse_mentions};
 use crate::render::Rendered;
 use crate::scene::{Background, Object, Scene};
 use crate::vocab::{Colour, Fill, Shape, Texture};
@@ -34,7 +34,9 @@ pub fn all_concepts() -> Vec<Concept> {
         .chain(Shape::ALL.into_iter().map(Concept::Shape))
         .chain(Fill::ALL.into_iter().map(Concept::Fill))
         .chain(Texture::ALL.into_iter().map(Concept::Texture));
-    let pairs = Colour::ALL.into_iter().flat_map(|c| Shape::ALL.into_iter().map(move |s| Concept::ColourShape(c, s)));
+    let pairs = Colour::ALL
+        .into_iter()
+        .flat_map(|c| Shape::ALL.into_iter().map(move |s| Concept::ColourShape(c, s)));
     singles.chain(pairs).collect()
 }
 
@@ -102,7 +104,10 @@ impl Concept {
     /// `rendered` must be the rendering of `scene`.
     pub fn mask(&self, scene: &Scene, rendered: &Rendered) -> Result<Mask, SynthError> {
         if scene.objects.len() != rendered.object_masks.len() {
-            return Err(SynthError::SceneMismatch { objects: scene.objects.len(), masks: rendered.object_masks.len() });
+            return Err(SynthError::SceneMismatch {
+                objects: scene.objects.len(),
+                masks: rendered.object_masks.len(),
+            });
         }
         let (width, height) = (rendered.image.width(), rendered.image.height());
         if self.describes_background(&scene.background) {
@@ -154,7 +159,13 @@ mod tests {
             ("grey stars", &[C::ColourShape(Colour::Gray, Shape::Star)]),
             ("polka-dot discs", &[C::Shape(Shape::Circle), C::Fill(Fill::Dotted)]),
             ("things with stripes", &[C::Fill(Fill::Striped)]),
-            ("red circles and blue squares", &[C::ColourShape(Colour::Red, Shape::Circle), C::ColourShape(Colour::Blue, Shape::Square)]),
+            (
+                "red circles and blue squares",
+                &[
+                    C::ColourShape(Colour::Red, Shape::Circle),
+                    C::ColourShape(Colour::Blue, Shape::Square),
+                ],
+            ),
             ("yellow objects", &[C::Colour(Colour::Yellow)]),
             ("a green background", &[]),
             ("dogs playing in a park", &[]),
@@ -166,7 +177,14 @@ mod tests {
 
     #[test]
     fn masks_are_the_pixels_of_what_the_concept_describes() {
-        let object = |shape, colour, fill, x| Object { shape, colour, fill, centre: Point { x, y: 0.5 }, size: 0.15, rotation: 0.0 };
+        let object = |shape, colour, fill, x| Object {
+            shape,
+            colour,
+            fill,
+            centre: Point { x, y: 0.5 },
+            size: 0.15,
+            rotation: 0.0,
+        };
         let scene = Scene {
             background: Background::new(Colour::White, Texture::Dots),
             objects: vec![
@@ -184,16 +202,23 @@ mod tests {
         assert_eq!(m(Concept::Fill(Fill::Solid)), square.union(&blue).unwrap());
         assert_eq!(m(Concept::Texture(Texture::Dots)), r.background_mask);
         assert!(m(Concept::Texture(Texture::Stripes)).is_empty());
-        assert!(m(Concept::Colour(Colour::White)).is_empty(), "a background colour is not a colour concept");
+        assert!(
+            m(Concept::Colour(Colour::White)).is_empty(),
+            "a background colour is not a colour concept"
+        );
         assert!(!circle.is_empty() && !square.is_empty() && !blue.is_empty());
 
         let other = render(&Scene { objects: vec![], ..scene.clone() }, 128, 128);
-        assert!(matches!(Concept::Colour(Colour::Red).mask(&scene, &other), Err(SynthError::SceneMismatch { objects: 3, masks: 0 })));
+        assert!(matches!(
+            Concept::Colour(Colour::Red).mask(&scene, &other),
+            Err(SynthError::SceneMismatch { objects: 3, masks: 0 })
+        ));
     }
 
     #[test]
     fn concepts_serialise_readably() {
-        let json = serde_json::to_string(&Concept::ColourShape(Colour::Red, Shape::Circle)).unwrap();
+        let json =
+            serde_json::to_string(&Concept::ColourShape(Colour::Red, Shape::Circle)).unwrap();
         assert_eq!(json, r#"{"colour_shape":["red","circle"]}"#);
         assert_eq!(Concept::Texture(Texture::Noise).to_string(), "noisy background");
     }

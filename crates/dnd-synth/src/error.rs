@@ -11,10 +11,14 @@ pub enum SynthError {
     #[error("crop {rect} is empty or does not fit in a {width}x{height} image")]
     BadCrop { rect: Rect, width: u32, height: u32 },
 
-    #[error("masks of different sizes cannot be combined: {left_width}x{left_height} and {right_width}x{right_height}")]
+    #[error(
+        "masks of different sizes cannot be combined: {left_width}x{left_height} and {right_width}x{right_height}"
+    )]
     MaskSizeMismatch { left_width: u32, left_height: u32, right_width: u32, right_height: u32 },
 
-    #[error("the rendering has {masks} object masks but the scene has {objects} objects: pass the scene that was rendered")]
+    #[error(
+        "the rendering has {masks} object masks but the scene has {objects} objects: pass the scene that was rendered"
+    )]
     SceneMismatch { objects: usize, masks: usize },
 
     /// Reading or writing a file failed (the I/O error as text, so errors stay comparable).

@@ -91,13 +91,19 @@ mod tests {
                     let y = -BOUND + (j as f32 + 0.5) * step;
                     if contains(shape, x, y) {
                         inside += 1;
-                        assert!(x * x + y * y <= BOUND * BOUND + 1e-3, "{shape:?} leaves its bound at ({x}, {y})");
+                        assert!(
+                            x * x + y * y <= BOUND * BOUND + 1e-3,
+                            "{shape:?} leaves its bound at ({x}, {y})"
+                        );
                     }
                 }
             }
             let measured = inside as f32 * step * step;
             let exact = area(shape);
-            assert!((measured - exact).abs() / exact < 0.01, "{shape:?}: measured {measured}, exact {exact}");
+            assert!(
+                (measured - exact).abs() / exact < 0.01,
+                "{shape:?}: measured {measured}, exact {exact}"
+            );
             assert!((1.7..3.2).contains(&exact), "{shape:?} area {exact}");
         }
     }

@@ -34,11 +34,18 @@ impl Rect {
     pub fn fits(&self, width: u32, height: u32) -> bool {
         let right = u64::from(self.x) + u64::from(self.width);
         let bottom = u64::from(self.y) + u64::from(self.height);
-        self.width > 0 && self.height > 0 && right <= u64::from(width) && bottom <= u64::from(height)
+        self.width > 0
+            && self.height > 0
+            && right <= u64::from(width)
+            && bottom <= u64::from(height)
     }
 
     pub(crate) fn check(&self, width: u32, height: u32) -> Result<(), SynthError> {
-        if self.fits(width, height) { Ok(()) } else { Err(SynthError::BadCrop { rect: *self, width, height }) }
+        if self.fits(width, height) {
+            Ok(())
+        } else {
+            Err(SynthError::BadCrop { rect: *self, width, height })
+        }
     }
 }
 
@@ -114,7 +121,8 @@ impl Mask {
             let (x, y) = (i % w, i / w);
             (x0, y0, x1, y1) = (x0.min(x), y0.min(y), x1.max(x), y1.max(y));
         }
-        (x0 != usize::MAX).then(|| Rect::new(x0 as u32, y0 as u32, (x1 - x0 + 1) as u32, (y1 - y0 + 1) as u32))
+        (x0 != usize::MAX)
+            .then(|| Rect::new(x0 as u32, y0 as u32, (x1 - x0 + 1) as u32, (y1 - y0 + 1) as u32))
     }
 
     /// Number of set pixels inside `rect`; the part of `rect` outside the mask counts nothing.
@@ -124,7 +132,10 @@ impl Mask {
         (rect.y.min(bottom)..bottom)
             .map(|y| {
                 let row = y as usize * self.width as usize;
-                self.bits[row + rect.x.min(right) as usize..row + right as usize].iter().filter(|&&b| b).count()
+                self.bits[row + rect.x.min(right) as usize..row + right as usize]
+                    .iter()
+                    .filter(|&&b| b)
+                    .count()
             })
             .sum()
     }
@@ -178,7 +189,9 @@ impl Mask {
 
     /// The mask as an image: 255 where set, 0 elsewhere.
     pub fn to_image(&self) -> GrayImage {
-        GrayImage::from_fn(self.width, self.height, |x, y| image::Luma([if self.get(x, y) { 255 } else { 0 }]))
+        GrayImage::from_fn(self.width, self.height, |x, y| {
+            image::Luma([if self.get(x, y) { 255 } else { 0 }])
+        })
     }
 }
 
@@ -218,7 +231,11 @@ mod tests {
         let m = from_rows(&["#..#", ".##.", "#..#"]);
         assert_eq!(m.count(), 6);
         assert_eq!(m.count_in(Rect::new(1, 0, 2, 3)), 2);
-        assert_eq!(m.count_in(Rect::new(3, 2, 10, 10)), 1, "the part outside the mask counts nothing");
+        assert_eq!(
+            m.count_in(Rect::new(3, 2, 10, 10)),
+            1,
+            "the part outside the mask counts nothing"
+        );
         assert_eq!(m.crop(Rect::new(1, 1, 3, 2)).unwrap(), from_rows(&["##.", "..#"]));
         assert!(m.crop(Rect::new(2, 0, 3, 1)).is_err());
         assert!(m.crop(Rect::new(0, 0, 0, 1)).is_err());

@@ -43,7 +43,8 @@ pub(crate) fn fill_marks(fill: Fill, x: f32, y: f32) -> bool {
 
 /// A deterministic hash of a lattice cell to [0, 1) (splitmix64 finaliser).
 fn cell_hash(a: i64, b: i64) -> f32 {
-    let mut z = (a as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (b as u64).wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
+    let mut z = (a as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ (b as u64).wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^= z >> 31;
@@ -57,14 +58,17 @@ pub(crate) fn texture_weight(texture: Texture, u: f32, v: f32) -> f32 {
     match texture {
         Texture::Plain => 0.0,
         // Diagonal stripes, so that they cannot be mistaken for an object's edge.
-        Texture::Stripes => on(((u + v) / (BG_STRIPE_PERIOD * std::f32::consts::SQRT_2)).rem_euclid(1.0) < BG_STRIPE_DUTY),
+        Texture::Stripes => on(((u + v) / (BG_STRIPE_PERIOD * std::f32::consts::SQRT_2))
+            .rem_euclid(1.0)
+            < BG_STRIPE_DUTY),
         Texture::Dots => on(near_lattice_node(u, v, BG_DOT_SPACING, BG_DOT_RADIUS)),
         Texture::Checkerboard => {
             let (cu, cv) = ((u / BG_CHECK_SIZE).floor() as i64, (v / BG_CHECK_SIZE).floor() as i64);
             on((cu + cv).rem_euclid(2) == 1)
         }
         Texture::Noise => {
-            BG_NOISE_STRENGTH * cell_hash((u / BG_NOISE_CELL).floor() as i64, (v / BG_NOISE_CELL).floor() as i64)
+            BG_NOISE_STRENGTH
+                * cell_hash((u / BG_NOISE_CELL).floor() as i64, (v / BG_NOISE_CELL).floor() as i64)
         }
     }
 }
@@ -76,13 +80,17 @@ mod tests {
     /// Fraction of a grid of sample points for which `f` holds / its mean.
     fn mean(f: impl Fn(f32, f32) -> f32) -> f32 {
         let n = 400;
-        let total: f32 = (0..n * n).map(|i| f(((i % n) as f32 + 0.5) / n as f32, ((i / n) as f32 + 0.5) / n as f32)).sum();
+        let total: f32 = (0..n * n)
+            .map(|i| f(((i % n) as f32 + 0.5) / n as f32, ((i / n) as f32 + 0.5) / n as f32))
+            .sum();
         total / (n * n) as f32
     }
 
     #[test]
     fn patterns_cover_plausible_fractions() {
-        let fill = |fill: Fill| mean(|x, y| if fill_marks(fill, 3.0 * x - 1.5, 3.0 * y - 1.5) { 1.0 } else { 0.0 });
+        let fill = |fill: Fill| {
+            mean(|x, y| if fill_marks(fill, 3.0 * x - 1.5, 3.0 * y - 1.5) { 1.0 } else { 0.0 })
+        };
         assert_eq!(fill(Fill::Solid), 0.0);
         assert!((fill(Fill::Striped) - FILL_STRIPE_DUTY).abs() < 0.05);
         assert!((0.2..0.5).contains(&fill(Fill::Dotted)), "{}", fill(Fill::Dotted));

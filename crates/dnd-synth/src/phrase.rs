@@ -64,13 +64,15 @@ enum Token {
 
 fn cue(form: &str) -> Option<Token> {
     let cue = match form {
-        "and" | "or" | "&" | "next to" | "beside" | "near" | "alongside" | "above" | "below" | "under" | "beneath"
-        | "left of" | "right of" | "but" | "while" => Cue::Boundary,
+        "and" | "or" | "&" | "next to" | "beside" | "near" | "alongside" | "above" | "below"
+        | "under" | "beneath" | "left of" | "right of" | "but" | "while" => Cue::Boundary,
         "on" | "against" | "over" | "upon" | "atop" | "in front of" | "on top of" => Cue::On,
         "with" | "having" | "featuring" => Cue::With,
         "background" | "backgrounds" | "backdrop" | "backdrops" => Cue::BackgroundNoun,
-        "shape" | "shapes" | "object" | "objects" | "thing" | "things" | "item" | "items" | "figure" | "figures"
-        | "pattern" | "patterns" | "texture" | "textures" => Cue::GenericNoun,
+        "shape" | "shapes" | "object" | "objects" | "thing" | "things" | "item" | "items"
+        | "figure" | "figures" | "pattern" | "patterns" | "texture" | "textures" => {
+            Cue::GenericNoun
+        }
         _ => return None,
     };
     Some(Token::Cue(cue))
@@ -118,7 +120,10 @@ fn tokenize(text: &str) -> Vec<Token> {
             let words: Option<Vec<&str>> = pieces[i..i + n].iter().map(|p| p.as_deref()).collect();
             let Some(words) = words else { continue };
             let form = words.join(" ");
-            let token = vocab::lookup(&form).map(Token::Word).or_else(|| cue(&form)).or_else(|| count(&form));
+            let token = vocab::lookup(&form)
+                .map(Token::Word)
+                .or_else(|| cue(&form))
+                .or_else(|| count(&form));
             if let Some(token) = token {
                 tokens.push(token);
                 i += n;
@@ -146,7 +151,10 @@ impl Pending {
     }
 
     fn background(&self) -> BackgroundMention {
-        BackgroundMention { colour: self.colour, texture: self.texture.or(self.fill.map(Fill::as_texture)) }
+        BackgroundMention {
+            colour: self.colour,
+            texture: self.texture.or(self.fill.map(Fill::as_texture)),
+        }
     }
 }
 
@@ -165,11 +173,19 @@ impl Reader {
         let p = std::mem::take(&mut self.pending);
         if p.colour.is_some() || p.fill.is_some() || shape.is_some() {
             let count = p.count.unwrap_or(1);
-            self.mentions.push(Mention::Object(ObjectMention { colour: p.colour, shape, fill: p.fill, count }));
+            self.mentions.push(Mention::Object(ObjectMention {
+                colour: p.colour,
+                shape,
+                fill: p.fill,
+                count,
+            }));
         }
         if let Some(texture) = p.texture {
             // A texture word can only describe a background ("checkered circles").
-            self.mentions.push(Mention::Background(BackgroundMention { colour: None, texture: Some(texture) }));
+            self.mentions.push(Mention::Background(BackgroundMention {
+                colour: None,
+                texture: Some(texture),
+            }));
         }
     }
 
@@ -193,7 +209,9 @@ impl Reader {
     fn attach(&mut self, word: Word) -> bool {
         match (self.mentions.last_mut(), word) {
             (Some(Mention::Object(o)), Word::Fill(f)) if o.fill.is_none() => o.fill = Some(f),
-            (Some(Mention::Background(b)), _) if b.texture.is_none() && word.as_texture().is_some() => {
+            (Some(Mention::Background(b)), _)
+                if b.texture.is_none() && word.as_texture().is_some() =>
+            {
                 b.texture = word.as_texture()
             }
             _ => return false,
@@ -213,7 +231,8 @@ impl Reader {
             }
             Token::Word(word @ (Word::Fill(_) | Word::Texture(_))) => {
                 // "with a striped green triangle": the pattern starts an object instead.
-                let object_follows = matches!(next, Some(Token::Word(Word::Colour(_) | Word::Shape(_))));
+                let object_follows =
+                    matches!(next, Some(Token::Word(Word::Colour(_) | Word::Shape(_))));
                 if may_attach && self.pending.is_empty() && !object_follows && self.attach(word) {
                     return;
                 }
@@ -277,7 +296,12 @@ pub fn parse_mentions(text: &str) -> Vec<Mention> {
 mod tests {
     use super::*;
 
-    fn object(colour: Option<Colour>, shape: Option<Shape>, fill: Option<Fill>, count: usize) -> Mention {
+    fn object(
+        colour: Option<Colour>,
+        shape: Option<Shape>,
+        fill: Option<Fill>,
+        count: usize,
+    ) -> Mention {
         Mention::Object(ObjectMention { colour, shape, fill, count })
     }
 
@@ -308,20 +332,41 @@ mod tests {
             ),
             (
                 "a chequered grey background with two polka-dot crosses",
-                vec![background(Some(Gray), Some(Texture::Checkerboard)), object(None, Some(Shape::Cross), Some(Fill::Dotted), 2)],
+                vec![
+                    background(Some(Gray), Some(Texture::Checkerboard)),
+                    object(None, Some(Shape::Cross), Some(Fill::Dotted), 2),
+                ],
             ),
-            ("on white with a checkerboard pattern", vec![background(Some(White), Some(Texture::Checkerboard))]),
-            ("One realistic image of green triangles", vec![object(Some(Green), Some(Shape::Triangle), None, 1)]),
+            (
+                "on white with a checkerboard pattern",
+                vec![background(Some(White), Some(Texture::Checkerboard))],
+            ),
+            (
+                "One realistic image of green triangles",
+                vec![object(Some(Green), Some(Shape::Triangle), None, 1)],
+            ),
             ("dotted shapes", vec![object(None, None, Some(Fill::Dotted), 1)]),
             ("Red Circle.", vec![object(Some(Red), Some(Shape::Circle), None, 1)]),
-            ("red, blue", vec![object(Some(Red), None, None, 1), object(Some(Blue), None, None, 1)]),
+            (
+                "red, blue",
+                vec![object(Some(Red), None, None, 1), object(Some(Blue), None, None, 1)],
+            ),
             ("a plain background", vec![background(None, Some(Texture::Plain))]),
             ("purple background stripes", vec![background(Some(Purple), Some(Texture::Stripes))]),
             (
                 "a cyan background with a striped small green triangle",
-                vec![background(Some(Cyan), None), object(Some(Green), Some(Shape::Triangle), Some(Fill::Striped), 1)],
+                vec![
+                    background(Some(Cyan), None),
+                    object(Some(Green), Some(Shape::Triangle), Some(Fill::Striped), 1),
+                ],
             ),
-            ("a dotted background, striped", vec![background(None, Some(Texture::Dots)), object(None, None, Some(Fill::Striped), 1)]),
+            (
+                "a dotted background, striped",
+                vec![
+                    background(None, Some(Texture::Dots)),
+                    object(None, None, Some(Fill::Striped), 1),
+                ],
+            ),
             ("the weather in spring", vec![]),
         ];
         for (text, expected) in cases {

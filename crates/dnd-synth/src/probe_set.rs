@@ -30,17 +30,36 @@ impl ProbeSetSpec {
         let rest = spec.strip_prefix("synth:")?;
         let (world, query) = rest.split_once('?').unwrap_or((rest, ""));
         if world != "world" {
-            return Some(Err(format!("`{spec}`: the only synthetic probe set is synth:world?count=N&size=S&seed=K")));
+            return Some(Err(format!(
+                "`{spec}`: the only synthetic probe set is synth:world?count=N&size=S&seed=K"
+            )));
         }
         let mut out = ProbeSetSpec { count: 1000, size: 96, seed: 0 };
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
             let bad = || format!("`{spec}`: `{pair}` needs a whole number, e.g. count=2000");
             match key {
-                "count" => out.count = match value.parse() { Ok(v) => v, Err(_) => return Some(Err(bad())) },
-                "size" => out.size = match value.parse() { Ok(v) => v, Err(_) => return Some(Err(bad())) },
-                "seed" => out.seed = match value.parse() { Ok(v) => v, Err(_) => return Some(Err(bad())) },
-                _ => return Some(Err(format!("`{spec}`: unknown key `{key}` (count, size, seed)"))),
+                "count" => {
+                    out.count = match value.parse() {
+                        Ok(v) => v,
+                        Err(_) => return Some(Err(bad())),
+                    }
+                }
+                "size" => {
+                    out.size = match value.parse() {
+                        Ok(v) => v,
+                        Err(_) => return Some(Err(bad())),
+                    }
+                }
+                "seed" => {
+                    out.seed = match value.parse() {
+                        Ok(v) => v,
+                        Err(_) => return Some(Err(bad())),
+                    }
+                }
+                _ => {
+                    return Some(Err(format!("`{spec}`: unknown key `{key}` (count, size, seed)")));
+                }
             }
         }
         if out.count == 0 || out.size < 8 {
@@ -110,8 +129,10 @@ pub fn read_scenes(dir: &Path) -> Result<Vec<(String, Scene)>, SynthError> {
     text.lines()
         .enumerate()
         .map(|(i, line)| {
-            let scene = serde_json::from_str(line)
-                .map_err(|e| SynthError::Io { path: path.clone(), reason: format!("line {}: {e}", i + 1) })?;
+            let scene = serde_json::from_str(line).map_err(|e| SynthError::Io {
+                path: path.clone(),
+                reason: format!("line {}: {e}", i + 1),
+            })?;
             Ok((ProbeSetSpec::file_name(i), scene))
         })
         .collect()
@@ -132,18 +153,27 @@ mod tests {
         assert_eq!(back[3], (ProbeSetSpec::file_name(3), scenes[3].clone()));
         let image = image::open(dir.path().join("00003.png")).unwrap().to_rgb8();
         assert_eq!(image, render(&scenes[3], 32, 32).image);
-        assert_eq!(spec.scene(3), ProbeSetSpec { count: 1, ..spec }.scene(3), "image i is scene seed + i, whatever the count");
+        assert_eq!(
+            spec.scene(3),
+            ProbeSetSpec { count: 1, ..spec }.scene(3),
+            "image i is scene seed + i, whatever the count"
+        );
     }
 
     #[test]
     fn probe_set_references_parse_with_defaults_and_clear_errors() {
         assert!(ProbeSetSpec::parse("/data/images").is_none());
-        assert_eq!(ProbeSetSpec::parse("synth:world").unwrap().unwrap(), ProbeSetSpec { count: 1000, size: 96, seed: 0 });
+        assert_eq!(
+            ProbeSetSpec::parse("synth:world").unwrap().unwrap(),
+            ProbeSetSpec { count: 1000, size: 96, seed: 0 }
+        );
         assert_eq!(
             ProbeSetSpec::parse("synth:world?count=20&seed=3").unwrap().unwrap(),
             ProbeSetSpec { count: 20, size: 96, seed: 3 }
         );
-        for bad in ["synth:mars", "synth:world?count=x", "synth:world?colour=red", "synth:world?count=0"] {
+        for bad in
+            ["synth:mars", "synth:world?count=x", "synth:world?colour=red", "synth:world?count=0"]
+        {
             assert!(ProbeSetSpec::parse(bad).unwrap().is_err(), "{bad}");
         }
     }

@@ -144,12 +144,15 @@ pub fn pearson(a: &[f32], b: &[f32]) -> f64 {
 
 /// The index of the largest score (the first on ties); `None` for no scores.
 pub fn best(scores: &[f64]) -> Option<usize> {
-    scores.iter().enumerate().fold(None, |acc: Option<(usize, f64)>, (i, &s)| match acc {
-        Some((_, b)) if b >= s || s.is_nan() => acc,
-        _ if s.is_nan() => acc,
-        _ => Some((i, s)),
-    })
-    .map(|(i, _)| i)
+    scores
+        .iter()
+        .enumerate()
+        .fold(None, |acc: Option<(usize, f64)>, (i, &s)| match acc {
+            Some((_, b)) if b >= s || s.is_nan() => acc,
+            _ if s.is_nan() => acc,
+            _ => Some((i, s)),
+        })
+        .map(|(i, _)| i)
 }
 
 #[cfg(test)]
@@ -165,7 +168,10 @@ mod tests {
         assert!(!recovered("blue circles", Kind::Single, &red));
         let stripes = [Concept::Fill(Fill::Striped)];
         assert!(recovered("stripy squares", Kind::Single, &stripes));
-        assert!(recovered("striped background", Kind::Single, &stripes), "a pattern counts on objects or the background");
+        assert!(
+            recovered("striped background", Kind::Single, &stripes),
+            "a pattern counts on objects or the background"
+        );
         let pair = [Concept::ColourShape(Colour::Blue, Shape::Square)];
         assert!(recovered("blue squares", Kind::Class, &pair));
         assert!(!recovered("blue shapes", Kind::Class, &pair));

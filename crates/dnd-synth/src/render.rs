@@ -79,12 +79,18 @@ impl Placed {
 }
 
 fn mix(a: [u8; 3], b: [u8; 3], t: f32) -> [u8; 3] {
-    std::array::from_fn(|i| (f32::from(a[i]) + (f32::from(b[i]) - f32::from(a[i])) * t).round() as u8)
+    std::array::from_fn(|i| {
+        (f32::from(a[i]) + (f32::from(b[i]) - f32::from(a[i])) * t).round() as u8
+    })
 }
 
 fn background_colour_at(background: &Background, u: f32, v: f32) -> [u8; 3] {
     let t = texture_weight(background.texture, u, v);
-    if t == 0.0 { background.colour.rgb() } else { mix(background.colour.rgb(), background.texture_colour.rgb(), t) }
+    if t == 0.0 {
+        background.colour.rgb()
+    } else {
+        mix(background.colour.rgb(), background.texture_colour.rgb(), t)
+    }
 }
 
 /// Renders a scene at any size. Object positions scale with each side, sizes and pattern
@@ -99,7 +105,11 @@ pub fn render(scene: &Scene, width: u32, height: u32) -> Rendered {
     for y in 0..height {
         for x in 0..width {
             let (px, py) = (x as f32 + 0.5, y as f32 + 0.5);
-            let top = placed.iter().enumerate().rev().find_map(|(i, p)| p.hit(px, py).map(|frame| (i, frame)));
+            let top = placed
+                .iter()
+                .enumerate()
+                .rev()
+                .find_map(|(i, p)| p.hit(px, py).map(|frame| (i, frame)));
             let rgb = match top {
                 Some((i, (fx, fy))) => {
                     object_masks[i].set(x, y, true);
@@ -137,13 +147,17 @@ mod tests {
 
     #[test]
     fn a_circle_mask_has_the_circle_area_and_colour() {
-        let s = scene(Background::new(Colour::White, Texture::Plain), vec![object(Shape::Circle, Colour::Red, Fill::Solid, 0.5, 0.5, 0.2)]);
+        let s = scene(
+            Background::new(Colour::White, Texture::Plain),
+            vec![object(Shape::Circle, Colour::Red, Fill::Solid, 0.5, 0.5, 0.2)],
+        );
         let r = render(&s, 224, 224);
         let expected = std::f32::consts::PI * (0.2f32 * 224.0).powi(2);
         let area = r.object_masks[0].count() as f32;
         assert!((area - expected).abs() / expected < 0.02, "area {area}, expected {expected}");
         for (x, y, p) in r.image.enumerate_pixels() {
-            let expected = if r.object_masks[0].get(x, y) { Colour::Red.rgb() } else { Colour::White.rgb() };
+            let expected =
+                if r.object_masks[0].get(x, y) { Colour::Red.rgb() } else { Colour::White.rgb() };
             assert_eq!(p.0, expected, "pixel ({x}, {y})");
         }
     }
@@ -151,7 +165,13 @@ mod tests {
     #[test]
     fn every_shape_covers_its_exact_area() {
         for shape in Shape::ALL {
-            let s = scene(Background::new(Colour::White, Texture::Plain), vec![Object { rotation: 0.7, ..object(shape, Colour::Blue, Fill::Solid, 0.5, 0.5, 0.3) }]);
+            let s = scene(
+                Background::new(Colour::White, Texture::Plain),
+                vec![Object {
+                    rotation: 0.7,
+                    ..object(shape, Colour::Blue, Fill::Solid, 0.5, 0.5, 0.3)
+                }],
+            );
             let area = render(&s, 300, 300).object_masks[0].count() as f32;
             let expected = geometry::area(shape) * (0.3f32 * 300.0).powi(2);
             assert!((area - expected).abs() / expected < 0.02, "{shape:?}: {area} vs {expected}");
@@ -168,7 +188,11 @@ mod tests {
         let both = render(&scene(bg, vec![first, second]), 128, 128);
         let (a, b) = (&both.object_masks[0], &both.object_masks[1]);
         assert_eq!(b.count(), alone_second, "the top object keeps all its pixels");
-        assert!(a.count() < alone_first && a.count() > alone_first / 2, "{} of {alone_first}", a.count());
+        assert!(
+            a.count() < alone_first && a.count() > alone_first / 2,
+            "{} of {alone_first}",
+            a.count()
+        );
         assert!(a.intersection(b).unwrap().is_empty());
         assert_eq!(both.object_at(77, 64), Some(1));
         assert_eq!(both.object_at(0, 0), None);
@@ -183,7 +207,8 @@ mod tests {
             let r = render(&s, w, h);
             for y in 0..h {
                 for x in 0..w {
-                    let owners = r.object_masks.iter().filter(|m| m.get(x, y)).count() + usize::from(r.background_mask.get(x, y));
+                    let owners = r.object_masks.iter().filter(|m| m.get(x, y)).count()
+                        + usize::from(r.background_mask.get(x, y));
                     assert_eq!(owners, 1, "pixel ({x}, {y}) of {s:?}");
                 }
             }
@@ -193,11 +218,22 @@ mod tests {
 
     #[test]
     fn fills_and_textures_show_their_pattern_colour() {
-        for (fill, texture) in [(Fill::Striped, Texture::Stripes), (Fill::Dotted, Texture::Dots), (Fill::Dotted, Texture::Checkerboard)] {
-            let s = scene(Background::new(Colour::Green, texture), vec![object(Shape::Square, Colour::Yellow, fill, 0.5, 0.5, 0.25)]);
+        for (fill, texture) in [
+            (Fill::Striped, Texture::Stripes),
+            (Fill::Dotted, Texture::Dots),
+            (Fill::Dotted, Texture::Checkerboard),
+        ] {
+            let s = scene(
+                Background::new(Colour::Green, texture),
+                vec![object(Shape::Square, Colour::Yellow, fill, 0.5, 0.5, 0.25)],
+            );
             let r = render(&s, 96, 96);
             let colours_of = |mask: &Mask| -> HashSet<[u8; 3]> {
-                r.image.enumerate_pixels().filter(|(x, y, _)| mask.get(*x, *y)).map(|(_, _, p)| p.0).collect()
+                r.image
+                    .enumerate_pixels()
+                    .filter(|(x, y, _)| mask.get(*x, *y))
+                    .map(|(_, _, p)| p.0)
+                    .collect()
             };
             let expected_object: HashSet<_> = [Colour::Yellow.rgb(), Colour::Black.rgb()].into();
             let half_white = mix(Colour::Green.rgb(), Colour::White.rgb(), 0.5);
@@ -213,7 +249,10 @@ mod tests {
 
     #[test]
     fn odd_sizes_and_degenerate_objects() {
-        let s = scene(Background::new(Colour::Gray, Texture::Dots), vec![object(Shape::Star, Colour::Red, Fill::Solid, 0.5, 0.5, f32::NAN)]);
+        let s = scene(
+            Background::new(Colour::Gray, Texture::Dots),
+            vec![object(Shape::Star, Colour::Red, Fill::Solid, 0.5, 0.5, f32::NAN)],
+        );
         let r = render(&s, 375, 200);
         assert!(r.object_masks[0].is_empty());
         assert_eq!(r.background_mask.count(), 375 * 200);

@@ -99,10 +99,18 @@ mod tests {
                 assert_ne!(o.colour, scene.background.colour);
                 assert!((MIN_SIZE..=MAX_SIZE).contains(&o.size));
                 let margin = BOUND * o.size - 1e-4;
-                assert!([o.centre.x, o.centre.y].iter().all(|v| (margin..=1.0 - margin).contains(v)), "{o:?} leaves the image");
-                let alone = render(&Scene { objects: vec![*o], ..scene.clone() }, 64, 64).object_masks[0].count();
+                assert!(
+                    [o.centre.x, o.centre.y].iter().all(|v| (margin..=1.0 - margin).contains(v)),
+                    "{o:?} leaves the image"
+                );
+                let alone = render(&Scene { objects: vec![*o], ..scene.clone() }, 64, 64)
+                    .object_masks[0]
+                    .count();
                 let shown = rendered.object_masks[i].count();
-                assert!(shown * 2 >= alone, "object {i} of {scene:?} shows {shown} of {alone} pixels");
+                assert!(
+                    shown * 2 >= alone,
+                    "object {i} of {scene:?} shows {shown} of {alone} pixels"
+                );
             }
         }
         assert_eq!(counts.len(), MAX_OBJECTS);

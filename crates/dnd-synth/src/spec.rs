@@ -4,8 +4,8 @@
 use rand::Rng;
 
 use crate::geometry::BOUND;
-use crate::phrase::{parse_mentions, Mention};
-use crate::scene::{Background, Object, Point, Scene, MAX_OBJECTS, MAX_SIZE, MIN_SIZE};
+use crate::phrase::{Mention, parse_mentions};
+use crate::scene::{Background, MAX_OBJECTS, MAX_SIZE, MIN_SIZE, Object, Point, Scene};
 use crate::vocab::{Colour, Fill, Shape, Texture};
 
 /// Objects' centres stay at least this multiple of the sum of their sizes apart: below 1 so
@@ -84,7 +84,8 @@ impl SceneSpec {
         let background_colour = match self.background.colour {
             Some(c) if !required_colours.contains(&c) => c,
             _ => {
-                let free: Vec<Colour> = Colour::ALL.into_iter().filter(|c| !required_colours.contains(c)).collect();
+                let free: Vec<Colour> =
+                    Colour::ALL.into_iter().filter(|c| !required_colours.contains(c)).collect();
                 pick(rng, &free)
             }
         };
@@ -92,7 +93,8 @@ impl SceneSpec {
         let background = Background::new(background_colour, texture);
 
         let total = rng.random_range(required.len().max(1)..=MAX_OBJECTS);
-        let object_colours: Vec<Colour> = Colour::ALL.into_iter().filter(|&c| c != background_colour).collect();
+        let object_colours: Vec<Colour> =
+            Colour::ALL.into_iter().filter(|&c| c != background_colour).collect();
         let mut attributes = |spec: &ObjectSpec| {
             (
                 spec.shape.unwrap_or_else(|| pick(rng, &Shape::ALL)),
@@ -103,23 +105,42 @@ impl SceneSpec {
         let required_attributes: Vec<_> = required.iter().map(&mut attributes).collect();
         // A prompt that names objects gets more of them, not random ones: a text-to-image
         // model asked for "red squares" draws red squares and nothing else.
-        let extra = |i: usize| if required.is_empty() { ObjectSpec::default() } else { required[i % required.len()] };
-        let extra_attributes: Vec<_> = (required.len()..total).map(|i| attributes(&extra(i))).collect();
+        let extra = |i: usize| {
+            if required.is_empty() { ObjectSpec::default() } else { required[i % required.len()] }
+        };
+        let extra_attributes: Vec<_> =
+            (required.len()..total).map(|i| attributes(&extra(i))).collect();
 
         // Place the required objects first, so that they get room, but draw them last.
         let mut placed: Vec<Object> = Vec::new();
         for &(shape, colour, fill) in &required_attributes {
-            let (centre, size) = place(rng, &placed, true).unwrap_or((Point { x: 0.5, y: 0.5 }, MIN_SIZE));
-            placed.push(Object { shape, colour, fill, centre, size, rotation: rng.random_range(0.0..std::f32::consts::TAU) });
+            let (centre, size) =
+                place(rng, &placed, true).unwrap_or((Point { x: 0.5, y: 0.5 }, MIN_SIZE));
+            placed.push(Object {
+                shape,
+                colour,
+                fill,
+                centre,
+                size,
+                rotation: rng.random_range(0.0..std::f32::consts::TAU),
+            });
         }
         let mut extras = Vec::new();
         for &(shape, colour, fill) in &extra_attributes {
             let Some((centre, size)) = place(rng, &placed, false) else { continue };
-            let object = Object { shape, colour, fill, centre, size, rotation: rng.random_range(0.0..std::f32::consts::TAU) };
+            let object = Object {
+                shape,
+                colour,
+                fill,
+                centre,
+                size,
+                rotation: rng.random_range(0.0..std::f32::consts::TAU),
+            };
             placed.push(object);
             extras.push(object);
         }
-        let objects = extras.into_iter().chain(placed.into_iter().take(required_attributes.len())).collect();
+        let objects =
+            extras.into_iter().chain(placed.into_iter().take(required_attributes.len())).collect();
         Scene { background, objects }
     }
 }
@@ -129,10 +150,17 @@ impl SceneSpec {
 fn place<R: Rng + ?Sized>(rng: &mut R, placed: &[Object], required: bool) -> Option<(Point, f32)> {
     let mut last = None;
     for attempt in 0..PLACEMENT_TRIES {
-        let size = if required && attempt >= PLACEMENT_TRIES / 2 { MIN_SIZE } else { rng.random_range(MIN_SIZE..=MAX_SIZE) };
+        let size = if required && attempt >= PLACEMENT_TRIES / 2 {
+            MIN_SIZE
+        } else {
+            rng.random_range(MIN_SIZE..=MAX_SIZE)
+        };
         // Keep the whole shape inside the image.
         let margin = BOUND * size;
-        let centre = Point { x: rng.random_range(margin..=1.0 - margin), y: rng.random_range(margin..=1.0 - margin) };
+        let centre = Point {
+            x: rng.random_range(margin..=1.0 - margin),
+            y: rng.random_range(margin..=1.0 - margin),
+        };
         if placed.iter().all(|o| o.centre.distance(centre) >= SEPARATION * (o.size + size)) {
             return Some((centre, size));
         }
@@ -151,7 +179,10 @@ mod tests {
     #[test]
     fn sampled_scenes_satisfy_their_spec() {
         let spec = SceneSpec {
-            background: BackgroundSpec { colour: Some(Colour::Green), texture: Some(Texture::Stripes) },
+            background: BackgroundSpec {
+                colour: Some(Colour::Green),
+                texture: Some(Texture::Stripes),
+            },
             objects: vec![
                 ObjectSpec { colour: Some(Colour::Blue), shape: Some(Shape::Star), fill: None },
                 ObjectSpec { colour: None, shape: None, fill: Some(Fill::Dotted) },
@@ -176,16 +207,24 @@ mod tests {
         for seed in 0..20 {
             let scene = spec.sample(&mut ChaCha8Rng::seed_from_u64(seed));
             assert_ne!(scene.background.colour, Colour::Red);
-            assert!(scene.objects.iter().any(|o| o.colour == Colour::Red && o.shape == Shape::Circle));
+            assert!(
+                scene.objects.iter().any(|o| o.colour == Colour::Red && o.shape == Shape::Circle)
+            );
         }
     }
 
     #[test]
     fn specs_from_text() {
-        let spec = SceneSpec::from_text("two red circles and a blue square on a striped background");
-        assert_eq!(spec.background, BackgroundSpec { colour: None, texture: Some(Texture::Stripes) });
-        let red_circle = ObjectSpec { colour: Some(Colour::Red), shape: Some(Shape::Circle), fill: None };
-        let blue_square = ObjectSpec { colour: Some(Colour::Blue), shape: Some(Shape::Square), fill: None };
+        let spec =
+            SceneSpec::from_text("two red circles and a blue square on a striped background");
+        assert_eq!(
+            spec.background,
+            BackgroundSpec { colour: None, texture: Some(Texture::Stripes) }
+        );
+        let red_circle =
+            ObjectSpec { colour: Some(Colour::Red), shape: Some(Shape::Circle), fill: None };
+        let blue_square =
+            ObjectSpec { colour: Some(Colour::Blue), shape: Some(Shape::Square), fill: None };
         assert_eq!(spec.objects, vec![red_circle, red_circle, blue_square]);
         assert!(SceneSpec::from_text("a photograph of the sea").is_empty());
     }
@@ -197,15 +236,26 @@ mod tests {
             let stars = SceneSpec::from_text("stars").sample(&mut ChaCha8Rng::seed_from_u64(seed));
             assert!(stars.objects.iter().all(|o| o.shape == Shape::Star), "seed {seed}: {stars:?}");
             counts.insert(stars.objects.len());
-            let either = SceneSpec::from_text("yellow objects or purple objects").sample(&mut ChaCha8Rng::seed_from_u64(seed));
+            let either = SceneSpec::from_text("yellow objects or purple objects")
+                .sample(&mut ChaCha8Rng::seed_from_u64(seed));
             let colours: Vec<Colour> = either.objects.iter().map(|o| o.colour).collect();
-            assert!(colours.contains(&Colour::Yellow) && colours.contains(&Colour::Purple), "seed {seed}: {either:?}");
-            assert!(colours.iter().all(|c| [Colour::Yellow, Colour::Purple].contains(c)), "seed {seed}: {either:?}");
+            assert!(
+                colours.contains(&Colour::Yellow) && colours.contains(&Colour::Purple),
+                "seed {seed}: {either:?}"
+            );
+            assert!(
+                colours.iter().all(|c| [Colour::Yellow, Colour::Purple].contains(c)),
+                "seed {seed}: {either:?}"
+            );
         }
         assert_eq!(counts.into_iter().collect::<Vec<_>>(), vec![1, 2, 3]);
         // Nothing named: any objects of the world.
         let shapes: std::collections::BTreeSet<Shape> = (0..100)
-            .flat_map(|seed| SceneSpec::from_text("a striped background").sample(&mut ChaCha8Rng::seed_from_u64(seed)).objects)
+            .flat_map(|seed| {
+                SceneSpec::from_text("a striped background")
+                    .sample(&mut ChaCha8Rng::seed_from_u64(seed))
+                    .objects
+            })
             .map(|o| o.shape)
             .collect();
         assert_eq!(shapes.len(), Shape::ALL.len());

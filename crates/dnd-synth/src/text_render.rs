@@ -6,7 +6,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::error::SynthError;
-use crate::render::{render, Rendered};
+use crate::render::{Rendered, render};
 use crate::scene::Scene;
 use crate::spec::SceneSpec;
 
@@ -69,7 +69,7 @@ mod tests {
     use dnd_models::GenerationConfig;
 
     use super::*;
-    use crate::concept::{all_concepts, Concept};
+    use crate::concept::{Concept, all_concepts};
     use crate::scene::MAX_OBJECTS;
     use crate::vocab::{Colour, Shape, Texture};
 
@@ -91,11 +91,25 @@ mod tests {
         let blue_star = Concept::ColourShape(Colour::Blue, Shape::Star);
         for seed in 0..50 {
             assert!(shows(&renderer, "blue stars", seed, blue_star), "seed {seed}");
-            assert!(shows(&renderer, &template.prompt("green triangles"), seed, Concept::ColourShape(Colour::Green, Shape::Triangle)));
-            assert_eq!(renderer.scene("a striped background", seed).background.texture, Texture::Stripes);
+            assert!(shows(
+                &renderer,
+                &template.prompt("green triangles"),
+                seed,
+                Concept::ColourShape(Colour::Green, Shape::Triangle)
+            ));
+            assert_eq!(
+                renderer.scene("a striped background", seed).background.texture,
+                Texture::Stripes
+            );
             let both = "red circles and blue squares";
-            assert!(shows(&renderer, both, seed, Concept::ColourShape(Colour::Red, Shape::Circle)), "{both}, seed {seed}");
-            assert!(shows(&renderer, both, seed, Concept::ColourShape(Colour::Blue, Shape::Square)), "{both}, seed {seed}");
+            assert!(
+                shows(&renderer, both, seed, Concept::ColourShape(Colour::Red, Shape::Circle)),
+                "{both}, seed {seed}"
+            );
+            assert!(
+                shows(&renderer, both, seed, Concept::ColourShape(Colour::Blue, Shape::Square)),
+                "{both}, seed {seed}"
+            );
         }
     }
 
@@ -117,7 +131,11 @@ mod tests {
         let requests: Vec<ImageRequest> = (0..10).map(|seed| request("blue stars", seed)).collect();
         let images = renderer.generate(&requests).unwrap();
         assert!(images.iter().all(|i| i.dimensions() == (48, 32)));
-        assert_eq!(images.iter().map(|i| i.as_raw()).collect::<HashSet<_>>().len(), 10, "seeds give different images");
+        assert_eq!(
+            images.iter().map(|i| i.as_raw()).collect::<HashSet<_>>().len(),
+            10,
+            "seeds give different images"
+        );
         // The same request alone, or in another batch order, gives the same pixels.
         let reversed: Vec<ImageRequest> = requests.iter().rev().cloned().collect();
         let mut again = renderer.generate(&reversed).unwrap();

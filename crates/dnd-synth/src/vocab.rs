@@ -118,7 +118,8 @@ pub enum Shape {
 }
 
 impl Shape {
-    pub const ALL: [Shape; 6] = [Shape::Circle, Shape::Square, Shape::Triangle, Shape::Star, Shape::Ring, Shape::Cross];
+    pub const ALL: [Shape; 6] =
+        [Shape::Circle, Shape::Square, Shape::Triangle, Shape::Star, Shape::Ring, Shape::Cross];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -231,7 +232,8 @@ pub enum Texture {
 }
 
 impl Texture {
-    pub const ALL: [Texture; 5] = [Texture::Plain, Texture::Stripes, Texture::Dots, Texture::Checkerboard, Texture::Noise];
+    pub const ALL: [Texture; 5] =
+        [Texture::Plain, Texture::Stripes, Texture::Dots, Texture::Checkerboard, Texture::Noise];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -268,9 +270,17 @@ impl Texture {
     /// Words that can only name this texture (the lexicon's texture entries).
     fn own_words(self) -> &'static [&'static str] {
         match self {
-            Texture::Checkerboard => {
-                &["checkerboard", "checkerboards", "checkered", "chequered", "checked", "checker", "checkers", "checks", "chessboard"]
-            }
+            Texture::Checkerboard => &[
+                "checkerboard",
+                "checkerboards",
+                "checkered",
+                "chequered",
+                "checked",
+                "checker",
+                "checkers",
+                "checks",
+                "chessboard",
+            ],
             Texture::Noise => &["noise", "noisy", "grainy", "grain", "grained"],
             Texture::Plain | Texture::Stripes | Texture::Dots => &[],
         }
@@ -353,7 +363,8 @@ fn lexicon_entries() -> Vec<(String, Word)> {
     entries
 }
 
-static LEXICON: LazyLock<HashMap<String, Word>> = LazyLock::new(|| lexicon_entries().into_iter().collect());
+static LEXICON: LazyLock<HashMap<String, Word>> =
+    LazyLock::new(|| lexicon_entries().into_iter().collect());
 
 /// Looks up an already normalised form, without the conveniences of [`canonical_word`].
 pub(crate) fn lookup(normalised: &str) -> Option<Word> {
@@ -386,21 +397,30 @@ mod tests {
             }
         }
         for s in Shape::ALL {
-            let forms = [s.name(), s.plural()].into_iter().chain(s.synonyms().iter().flat_map(|(a, b)| [*a, *b]));
+            let forms = [s.name(), s.plural()]
+                .into_iter()
+                .chain(s.synonyms().iter().flat_map(|(a, b)| [*a, *b]));
             for form in forms {
                 assert_eq!(canonical_word(form), Some(Word::Shape(s)), "{form}");
             }
         }
         for f in Fill::ALL {
-            for form in std::iter::once(f.name()).chain(f.adjectives().iter().copied()).chain(f.nouns().iter().copied()) {
+            for form in std::iter::once(f.name())
+                .chain(f.adjectives().iter().copied())
+                .chain(f.nouns().iter().copied())
+            {
                 assert_eq!(canonical_word(form), Some(Word::Fill(f)), "{form}");
             }
         }
         for t in Texture::ALL {
-            let forms = [t.name()].into_iter().chain(t.adjectives().iter().copied()).chain(t.nouns().iter().copied());
+            let forms = [t.name()]
+                .into_iter()
+                .chain(t.adjectives().iter().copied())
+                .chain(t.nouns().iter().copied());
             for form in forms {
                 // Nouns such as "a checkerboard pattern" carry function words; their content word counts.
-                let content = form.strip_prefix("a ").map(|f| f.trim_end_matches(" pattern")).unwrap_or(form);
+                let content =
+                    form.strip_prefix("a ").map(|f| f.trim_end_matches(" pattern")).unwrap_or(form);
                 assert_eq!(canonical_word(content).and_then(Word::as_texture), Some(t), "{form}");
             }
         }
@@ -446,7 +466,13 @@ mod tests {
     fn colours_are_well_separated() {
         for (i, a) in Colour::ALL.iter().enumerate() {
             for b in &Colour::ALL[i + 1..] {
-                let d: f32 = a.rgb().iter().zip(b.rgb()).map(|(&x, y)| (f32::from(x) - f32::from(y)).powi(2)).sum::<f32>().sqrt();
+                let d: f32 = a
+                    .rgb()
+                    .iter()
+                    .zip(b.rgb())
+                    .map(|(&x, y)| (f32::from(x) - f32::from(y)).powi(2))
+                    .sum::<f32>()
+                    .sqrt();
                 assert!(d >= 90.0, "{a:?} and {b:?} are only {d:.0} apart");
             }
             assert_ne!(a.contrast(), *a, "{a:?} must contrast with its pattern colour");

@@ -22,7 +22,8 @@ impl GpuMemory {
     /// None where there is no NVIDIA driver.
     pub fn open() -> Option<Self> {
         // Containers get the versioned library from the NVIDIA runtime, hosts usually both.
-        let nvml = Nvml::builder().lib_path("libnvidia-ml.so.1".as_ref()).init().or_else(|_| Nvml::init());
+        let nvml =
+            Nvml::builder().lib_path("libnvidia-ml.so.1".as_ref()).init().or_else(|_| Nvml::init());
         match nvml {
             Ok(nvml) => Some(Self { nvml }),
             Err(e) => {
@@ -65,13 +66,33 @@ mod tests {
         let metrics = dnd_metrics::Metrics::new();
         metrics.describe("dnd_gpu_memory_used_bytes", dnd_metrics::Kind::Gauge, "used");
         metrics.describe("dnd_gpu_memory_total_bytes", dnd_metrics::Kind::Gauge, "total");
-        let h100 = |index, used| GpuReading { index, name: "NVIDIA H100 80GB HBM3".into(), used_bytes: used, total_bytes: 85_520_809_984 };
+        let h100 = |index, used| GpuReading {
+            index,
+            name: "NVIDIA H100 80GB HBM3".into(),
+            used_bytes: used,
+            total_bytes: 85_520_809_984,
+        };
         record(&metrics, &[h100(0, 1_000_000), h100(1, 2_000_000)]);
         record(&metrics, &[h100(0, 3_000_000)]);
         let text = metrics.render();
-        assert!(text.contains("dnd_gpu_memory_used_bytes{gpu=\"0\",name=\"NVIDIA H100 80GB HBM3\"} 3000000\n"), "{text}");
-        assert!(text.contains("dnd_gpu_memory_used_bytes{gpu=\"1\",name=\"NVIDIA H100 80GB HBM3\"} 2000000\n"), "{text}");
-        assert!(text.contains("dnd_gpu_memory_total_bytes{gpu=\"1\",name=\"NVIDIA H100 80GB HBM3\"} 85520809984\n"), "{text}");
+        assert!(
+            text.contains(
+                "dnd_gpu_memory_used_bytes{gpu=\"0\",name=\"NVIDIA H100 80GB HBM3\"} 3000000\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "dnd_gpu_memory_used_bytes{gpu=\"1\",name=\"NVIDIA H100 80GB HBM3\"} 2000000\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "dnd_gpu_memory_total_bytes{gpu=\"1\",name=\"NVIDIA H100 80GB HBM3\"} 85520809984\n"
+            ),
+            "{text}"
+        );
     }
 
     /// Opening never fails a worker: on a machine without the driver it is None, with

@@ -69,13 +69,21 @@ struct AttemptProgress {
 
 impl Default for AttemptProgress {
     fn default() -> Self {
-        Self { started: std::time::Instant::now(), current: Mutex::default(), done: Mutex::default(), moved: Mutex::default() }
+        Self {
+            started: std::time::Instant::now(),
+            current: Mutex::default(),
+            done: Mutex::default(),
+            moved: Mutex::default(),
+        }
     }
 }
 
 impl AttemptProgress {
     fn snapshot(&self) -> Vec<pb::StageProgress> {
-        lock(&self.done).iter().map(|(stage, done)| pb::StageProgress { stage: stage.clone(), done: *done, total: 0 }).collect()
+        lock(&self.done)
+            .iter()
+            .map(|(stage, done)| pb::StageProgress { stage: stage.clone(), done: *done, total: 0 })
+            .collect()
     }
 
     fn moved(&self, stage: &str, done: u64) {
@@ -121,15 +129,39 @@ impl Progress for AttemptProgress {
 fn worker_metrics() -> dnd_metrics::Metrics {
     use dnd_metrics::Kind;
     let m = dnd_metrics::Metrics::new();
-    m.describe("dnd_worker_tasks_total", Kind::Counter, "Task attempts this worker ran, by outcome: committed, failed, handed_back, abandoned.");
-    m.describe("dnd_task_seconds", Kind::Histogram, "Wall time of committed task attempts, by kind (probe, neurons).");
+    m.describe(
+        "dnd_worker_tasks_total",
+        Kind::Counter,
+        "Task attempts this worker ran, by outcome: committed, failed, handed_back, abandoned.",
+    );
+    m.describe(
+        "dnd_task_seconds",
+        Kind::Histogram,
+        "Wall time of committed task attempts, by kind (probe, neurons).",
+    );
     m.describe("dnd_stage_seconds", Kind::Histogram, "Wall time of each stage within a task attempt (probe, crop, caption, summarize, generate, score).");
     m.describe("dnd_cache_lookups_total", Kind::Counter, "Content-cache lookups by kind (images, captions, replies) and result (hit, miss); a miss is one model call.");
-    m.describe("dnd_images_generated_total", Kind::Counter, "Images the generator made (image cache misses).");
-    m.describe("dnd_model_load_seconds", Kind::Gauge, "Seconds the last model load (target, captioner, generator, embedder, summariser) took.");
-    m.describe("dnd_models_loaded_total", Kind::Counter, "Model sets loaded (a new job with other models loads anew).");
+    m.describe(
+        "dnd_images_generated_total",
+        Kind::Counter,
+        "Images the generator made (image cache misses).",
+    );
+    m.describe(
+        "dnd_model_load_seconds",
+        Kind::Gauge,
+        "Seconds the last model load (target, captioner, generator, embedder, summariser) took.",
+    );
+    m.describe(
+        "dnd_models_loaded_total",
+        Kind::Counter,
+        "Model sets loaded (a new job with other models loads anew).",
+    );
     m.describe("dnd_gpu_memory_used_bytes", Kind::Gauge, "GPU memory in use on each visible GPU, by every process (NVML; absent without an NVIDIA driver).");
-    m.describe("dnd_gpu_memory_total_bytes", Kind::Gauge, "GPU memory installed on each visible GPU (NVML; absent without an NVIDIA driver).");
+    m.describe(
+        "dnd_gpu_memory_total_bytes",
+        Kind::Gauge,
+        "GPU memory installed on each visible GPU (NVML; absent without an NVIDIA driver).",
+    );
     m
 }
 
@@ -172,8 +204,22 @@ enum Outcome {
 
 impl Worker {
     pub fn new(config: WorkerConfig) -> Self {
-        let fail_tasks = std::env::var(FAIL_TASKS_ENV).unwrap_or_default().split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect();
-        Self { config, benches: Default::default(), jobs: Default::default(), stores: Default::default(), fail_tasks, metrics: worker_metrics(), gpus: gpu::GpuMemory::open() }
+        let fail_tasks = std::env::var(FAIL_TASKS_ENV)
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect();
+        Self {
+            config,
+            benches: Default::default(),
+            jobs: Default::default(),
+            stores: Default::default(),
+            fail_tasks,
+            metrics: worker_metrics(),
+            gpus: gpu::GpuMemory::open(),
+        }
     }
 
     /// The worker's metrics registry.
@@ -224,7 +270,9 @@ impl Worker {
         let loading = std::time::Instant::now();
         let device = parse_device(&spec.device)?;
         let reference = spec.target.model.parse()?;
-        let target = Arc::new(tokio::task::spawn_blocking(move || TargetModel::load(&reference, &device)).await??);
+        let target = Arc::new(
+            tokio::task::spawn_blocking(move || TargetModel::load(&reference, &device)).await??,
+        );
         let cache = ContentCache::new(match &spec.cache {
             Some(c) => Location::create(c)?,
             None => self.store(&spec.out)?.join("cache"),
@@ -245,15 +293,23 @@ impl Worker {
         if let Some(c) = jobs.get(&key) {
             return Ok(c.clone());
         }
-        let context = Arc::new(JobContext::open(self.store(store)?.join(&format!("jobs/{job}"))).await?);
+        let context =
+            Arc::new(JobContext::open(self.store(store)?.join(&format!("jobs/{job}"))).await?);
         jobs.insert(key, context.clone());
         Ok(context)
     }
 
     /// Runs one attempt and commits it.
-    async fn execute(&self, task: &pb::Task, progress: &AttemptProgress) -> Result<(), PipelineError> {
+    async fn execute(
+        &self,
+        task: &pb::Task,
+        progress: &AttemptProgress,
+    ) -> Result<(), PipelineError> {
         if self.fail_tasks.iter().any(|t| t == &task.task_id) {
-            return Err(PipelineError::Internal(format!("injected failure ({FAIL_TASKS_ENV} names task {})", task.task_id)));
+            return Err(PipelineError::Internal(format!(
+                "injected failure ({FAIL_TASKS_ENV} names task {})",
+                task.task_id
+            )));
         }
         let context = self.context(&task.store, &task.job).await?;
         let bench = self.bench(&context.spec).await?;
@@ -263,23 +319,39 @@ impl Worker {
             self.metrics.observe("dnd_stage_seconds", &[("stage", &stage)], seconds);
         }
         for (kind, counts) in &stats.cache {
-            self.metrics.inc("dnd_cache_lookups_total", &[("kind", kind), ("result", "hit")], counts.hits as f64);
-            self.metrics.inc("dnd_cache_lookups_total", &[("kind", kind), ("result", "miss")], counts.misses as f64);
+            self.metrics.inc(
+                "dnd_cache_lookups_total",
+                &[("kind", kind), ("result", "hit")],
+                counts.hits as f64,
+            );
+            self.metrics.inc(
+                "dnd_cache_lookups_total",
+                &[("kind", kind), ("result", "miss")],
+                counts.misses as f64,
+            );
             if kind == "images" {
                 self.metrics.inc("dnd_images_generated_total", &[], counts.misses as f64);
             }
         }
-        let committed = TaskStore::new(context.job.clone()).commit(&task.task_id, &task.attempt_name).await?;
+        let committed =
+            TaskStore::new(context.job.clone()).commit(&task.task_id, &task.attempt_name).await?;
         if !committed {
-            tracing::info!(task = task.task_id, "another attempt committed first; this one's outputs are ignored");
+            tracing::info!(
+                task = task.task_id,
+                "another attempt committed first; this one's outputs are ignored"
+            );
         }
         Ok(())
     }
 
     /// Pulls and runs tasks until `shutdown` turns true.
-    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) -> Result<WorkerReport, WorkerError> {
+    pub async fn run(
+        self: Arc<Self>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<WorkerReport, WorkerError> {
         let channel = self.config.client.connect_lazy()?;
-        let mut client = WorkerServiceClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES);
+        let mut client =
+            WorkerServiceClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES);
         let mut report = WorkerReport::default();
         let Some(joined) = self.join(&mut client, &mut shutdown).await? else { return Ok(report) };
         tracing::info!(worker = joined.worker_id, coordinator = self.config.client.url, "joined");
@@ -291,7 +363,11 @@ impl Worker {
             let task = match next.take() {
                 Some(t) => t,
                 None => {
-                    let request = pb::LeaseRequest { version: PROTOCOL_VERSION, worker_id: joined.worker_id.clone(), wait_ms: self.config.lease_wait.as_millis() as u32 };
+                    let request = pb::LeaseRequest {
+                        version: PROTOCOL_VERSION,
+                        worker_id: joined.worker_id.clone(),
+                        wait_ms: self.config.lease_wait.as_millis() as u32,
+                    };
                     let leased = tokio::select! {
                         r = client.lease(request) => r,
                         _ = shutdown.changed() => break,
@@ -315,7 +391,9 @@ impl Worker {
                 }
             };
             tracing::info!(job = task.job, task = task.task_id, attempt = task.attempt, "leased");
-            let (outcome, following) = self.run_leased(&mut client, &joined.worker_id, &task, heartbeat, &mut shutdown).await;
+            let (outcome, following) = self
+                .run_leased(&mut client, &joined.worker_id, &task, heartbeat, &mut shutdown)
+                .await;
             next = following;
             let (name, count) = match outcome {
                 Outcome::Committed => ("committed", &mut report.committed),
@@ -328,7 +406,12 @@ impl Worker {
         }
         if let Some(task) = next {
             // Leased just as shutdown came: give it straight back.
-            let request = fail_request(&joined.worker_id, &task, format!("worker {} is shutting down", self.config.name), true);
+            let request = fail_request(
+                &joined.worker_id,
+                &task,
+                format!("worker {} is shutting down", self.config.name),
+                true,
+            );
             if client.fail(request).await.is_ok() {
                 report.handed_back += 1;
             }
@@ -337,7 +420,11 @@ impl Worker {
         Ok(report)
     }
 
-    async fn join(&self, client: &mut WorkerServiceClient<AuthedChannel>, shutdown: &mut watch::Receiver<bool>) -> Result<Option<pb::JoinReply>, WorkerError> {
+    async fn join(
+        &self,
+        client: &mut WorkerServiceClient<AuthedChannel>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<Option<pb::JoinReply>, WorkerError> {
         let mut backoff = Duration::from_millis(100);
         loop {
             let request = pb::JoinRequest {
@@ -358,7 +445,11 @@ impl Worker {
                 Ok(reply) => return Ok(Some(reply.into_inner())),
                 Err(status) => {
                     fatal(&status)?;
-                    tracing::warn!(error = status.message(), url = self.config.client.url, "cannot join the coordinator yet; retrying");
+                    tracing::warn!(
+                        error = status.message(),
+                        url = self.config.client.url,
+                        "cannot join the coordinator yet; retrying"
+                    );
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
@@ -382,7 +473,11 @@ impl Worker {
         };
         let mut beat = tokio::time::interval(heartbeat);
         beat.tick().await;
-        let mut grace_end: Option<tokio::time::Instant> = if *shutdown.borrow() { Some(tokio::time::Instant::now() + self.config.grace) } else { None };
+        let mut grace_end: Option<tokio::time::Instant> = if *shutdown.borrow() {
+            Some(tokio::time::Instant::now() + self.config.grace)
+        } else {
+            None
+        };
         let result = loop {
             let grace = async {
                 match grace_end {
@@ -421,9 +516,17 @@ impl Worker {
         };
         let Some(result) = result else {
             work.abort();
-            let request = fail_request(worker_id, task, format!("worker {} shut down before the task finished", self.config.name), true);
+            let request = fail_request(
+                worker_id,
+                task,
+                format!("worker {} shut down before the task finished", self.config.name),
+                true,
+            );
             if let Err(status) = client.fail(request).await {
-                tracing::warn!(error = status.message(), "could not hand the task back; its lease will expire");
+                tracing::warn!(
+                    error = status.message(),
+                    "could not hand the task back; its lease will expire"
+                );
             }
             return (Outcome::HandedBack, None);
         };
@@ -447,7 +550,12 @@ impl Worker {
                             next = reply.into_inner().next;
                             break;
                         }
-                        Err(status) if status.code() == Code::Unavailable || status.code() == Code::Unknown => continue,
+                        Err(status)
+                            if status.code() == Code::Unavailable
+                                || status.code() == Code::Unknown =>
+                        {
+                            continue;
+                        }
                         Err(status) => {
                             tracing::warn!(error = status.message(), "complete refused");
                             break;
@@ -462,7 +570,10 @@ impl Worker {
                 tracing::warn!(task = task.task_id, error, "task failed");
                 let request = fail_request(worker_id, task, error, false);
                 if let Err(status) = client.fail(request).await {
-                    tracing::warn!(error = status.message(), "could not report the failure; the lease will expire");
+                    tracing::warn!(
+                        error = status.message(),
+                        "could not report the failure; the lease will expire"
+                    );
                 }
                 (Outcome::Failed, None)
             }
@@ -470,7 +581,12 @@ impl Worker {
     }
 }
 
-fn fail_request(worker_id: &str, task: &pb::Task, error: String, handed_back: bool) -> pb::FailRequest {
+fn fail_request(
+    worker_id: &str,
+    task: &pb::Task,
+    error: String,
+    handed_back: bool,
+) -> pb::FailRequest {
     pb::FailRequest {
         version: PROTOCOL_VERSION,
         worker_id: worker_id.into(),
@@ -485,6 +601,7 @@ fn fail_request(worker_id: &str, task: &pb::Task, error: String, handed_back: bo
 /// Errors no retry can fix.
 fn fatal(status: &tonic::Status) -> Result<(), WorkerError> {
     let refused = matches!(status.code(), Code::Unauthenticated | Code::PermissionDenied)
-        || (status.code() == Code::FailedPrecondition && status.message().contains("protocol version"));
+        || (status.code() == Code::FailedPrecondition
+            && status.message().contains("protocol version"));
     if refused { Err(WorkerError::Refused(status.message().to_string())) } else { Ok(()) }
 }

@@ -17,12 +17,12 @@ use dnd_models::{BlipCaptioner, CaptionConfig, Captioner, ModelRef};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::pairs::{self, io_error, sample_pairs, Pair, PairKind, PairSampling, TrainError, Truth};
+use super::pairs::{self, Pair, PairKind, PairSampling, TrainError, Truth, io_error, sample_pairs};
 use super::tiny_transformer::{
-    attention, causal_mask, check_all_gradients, masked_cross_entropy, named_tensors, repeat_rows, Act, Init, Lin, Norm, Params,
-    TowerSize, VisionStyle, VisionTower, INIT_STD,
+    Act, INIT_STD, Init, Lin, Norm, Params, TowerSize, VisionStyle, VisionTower, attention,
+    causal_mask, check_all_gradients, masked_cross_entropy, named_tensors, repeat_rows,
 };
-use super::tokenizer::{write_tokenizer, WorldTokenizer, CLS_ID, PAD_ID, SEP_ID};
+use super::tokenizer::{CLS_ID, PAD_ID, SEP_ID, WorldTokenizer, write_tokenizer};
 use crate::vocab::{Fill, Shape};
 
 const VISION_EPS: f64 = 1e-5;
@@ -91,7 +91,11 @@ impl CaptionerTraining {
         let tower = TowerSize { hidden: 32, intermediate: 64, heads: 2, layers: 1 };
         Self {
             eval_pairs: 8,
-            sampling: PairSampling { image_size: 32, render_sizes: vec![32, 48], ..PairSampling::default() },
+            sampling: PairSampling {
+                image_size: 32,
+                render_sizes: vec![32, 48],
+                ..PairSampling::default()
+            },
             patch_size: 8,
             vision: tower,
             text: tower,
@@ -108,25 +112,37 @@ impl CaptionerTraining {
         let bad = |m: String| Err(TrainError::Settings(m));
         let s = self.sampling.image_size as usize;
         if self.patch_size == 0 || s % self.patch_size != 0 {
-            return bad(format!("image size {s} must be a multiple of the patch size {}", self.patch_size));
+            return bad(format!(
+                "image size {s} must be a multiple of the patch size {}",
+                self.patch_size
+            ));
         }
         for (name, t) in [("vision", &self.vision), ("text", &self.text)] {
             if t.hidden == 0 || t.heads == 0 || t.hidden % t.heads != 0 || t.intermediate == 0 {
-                return bad(format!("{name}: hidden size must be a positive multiple of the heads"));
+                return bad(format!(
+                    "{name}: hidden size must be a positive multiple of the heads"
+                ));
             }
         }
         if self.steps == 0 || self.batch_size == 0 || self.max_positions < 8 {
             return bad("steps, batch size must be positive and max_positions at least 8".into());
         }
         if tokenizer.encode(&self.caption_prefix).contains(&super::tokenizer::UNK_ID) {
-            return bad(format!("the caption prefix {:?} has words outside the world's vocabulary", self.caption_prefix));
+            return bad(format!(
+                "the caption prefix {:?} has words outside the world's vocabulary",
+                self.caption_prefix
+            ));
         }
         Ok(())
     }
 
     /// The caption the decoder is taught for a pair's caption.
     pub fn target_text(&self, caption: &str) -> String {
-        if self.caption_prefix.is_empty() { caption.to_string() } else { format!("{} {caption}", self.caption_prefix) }
+        if self.caption_prefix.is_empty() {
+            caption.to_string()
+        } else {
+            format!("{} {caption}", self.caption_prefix)
+        }
     }
 
     /// The Hugging Face config.json of the model.
@@ -187,7 +203,13 @@ struct BertAttention {
 }
 
 impl BertAttention {
-    fn new(p: &mut Params, name: &str, hidden: usize, kv_in: usize, heads: usize) -> candle_core::Result<Self> {
+    fn new(
+        p: &mut Params,
+        name: &str,
+        hidden: usize,
+        kv_in: usize,
+        heads: usize,
+    ) -> candle_core::Result<Self> {
         Ok(Self {
             query: p.linear(&format!("{name}.self.query"), hidden, hidden, true)?,
             key: p.linear(&format!("{name}.self.key"), kv_in, hidden, true)?,
@@ -198,8 +220,19 @@ impl BertAttention {
         })
     }
 
-    fn forward(&self, x: &Tensor, source: &Tensor, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
-        let y = attention(&self.query.forward(x)?, &self.key.forward(source)?, &self.value.forward(source)?, self.heads, mask)?;
+    fn forward(
+        &self,
+        x: &Tensor,
+        source: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let y = attention(
+            &self.query.forward(x)?,
+            &self.key.forward(source)?,
+            &self.value.forward(source)?,
+            self.heads,
+            mask,
+        )?;
         self.norm.forward(&(self.dense.forward(&y)? + x)?)
     }
 }
@@ -224,18 +257,43 @@ struct TextDecoder {
 }
 
 impl TextDecoder {
-    fn new(p: &mut Params, t: &TowerSize, vision_hidden: usize, vocab: usize, positions: usize) -> candle_core::Result<Self> {
+    fn new(
+        p: &mut Params,
+        t: &TowerSize,
+        vision_hidden: usize,
+        vocab: usize,
+        positions: usize,
+    ) -> candle_core::Result<Self> {
         let h = t.hidden;
-        let words = p.get("text_decoder.bert.embeddings.word_embeddings.weight", &[vocab, h], Init::Normal(INIT_STD))?;
-        let positions = p.get("text_decoder.bert.embeddings.position_embeddings.weight", &[positions, h], Init::Normal(INIT_STD))?;
+        let words = p.get(
+            "text_decoder.bert.embeddings.word_embeddings.weight",
+            &[vocab, h],
+            Init::Normal(INIT_STD),
+        )?;
+        let positions = p.get(
+            "text_decoder.bert.embeddings.position_embeddings.weight",
+            &[positions, h],
+            Init::Normal(INIT_STD),
+        )?;
         let embed_norm = p.norm("text_decoder.bert.embeddings.LayerNorm", h, TEXT_EPS)?;
         let layers = (0..t.layers)
             .map(|i| {
                 let l = format!("text_decoder.bert.encoder.layer.{i}");
                 Ok(DecoderLayer {
                     self_attn: BertAttention::new(p, &format!("{l}.attention"), h, h, t.heads)?,
-                    cross_attn: BertAttention::new(p, &format!("{l}.crossattention"), h, vision_hidden, t.heads)?,
-                    intermediate: p.linear(&format!("{l}.intermediate.dense"), h, t.intermediate, true)?,
+                    cross_attn: BertAttention::new(
+                        p,
+                        &format!("{l}.crossattention"),
+                        h,
+                        vision_hidden,
+                        t.heads,
+                    )?,
+                    intermediate: p.linear(
+                        &format!("{l}.intermediate.dense"),
+                        h,
+                        t.intermediate,
+                        true,
+                    )?,
                     output: p.linear(&format!("{l}.output.dense"), t.intermediate, h, true)?,
                     output_norm: p.norm(&format!("{l}.output.LayerNorm"), h, TEXT_EPS)?,
                 })
@@ -307,7 +365,13 @@ impl TrainingCaptioner {
             Act::Gelu,
             VisionStyle::Blip,
         )?;
-        let decoder = TextDecoder::new(&mut p, &s.text, s.vision.hidden, tokenizer.vocab_size(), s.max_positions)?;
+        let decoder = TextDecoder::new(
+            &mut p,
+            &s.text,
+            s.vision.hidden,
+            tokenizer.vocab_size(),
+            s.max_positions,
+        )?;
         let shape_words = Shape::ALL
             .iter()
             .flat_map(|s| [(s.name(), s.plural())].into_iter().chain(s.synonyms().iter().copied()))
@@ -350,7 +414,10 @@ impl TrainingCaptioner {
                 targets.push(ids.get(i + 1).copied());
             }
         }
-        Ok(TextBatch { inputs: Tensor::from_vec(inputs, (encoded.len(), t), &Device::Cpu)?, targets })
+        Ok(TextBatch {
+            inputs: Tensor::from_vec(inputs, (encoded.len(), t), &Device::Cpu)?,
+            targets,
+        })
     }
 
     /// Mean teacher-forced cross-entropy per caption token on `pairs`.
@@ -387,20 +454,30 @@ impl TrainingCaptioner {
             weight_decay: s.weight_decay,
             max_grad_norm: s.max_grad_norm,
         };
-        pairs::train_on_pairs(&self.params.varmap, &optimisation, |pairs| self.loss(pairs), || Ok(()), progress)
+        pairs::train_on_pairs(
+            &self.params.varmap,
+            &optimisation,
+            |pairs| self.loss(pairs),
+            || Ok(()),
+            progress,
+        )
     }
 
     /// Writes the model directory: config.json, generation_config.json, model.safetensors
     /// (f32), preprocessor_config.json, tokenizer.json, tokenizer_config.json.
     pub fn save(&self, dir: &Path) -> Result<(), TrainError> {
         std::fs::create_dir_all(dir).map_err(io_error(dir))?;
-        let write_json = |name: &str, value: &serde_json::Value| pairs::write_json(dir, name, value);
+        let write_json =
+            |name: &str, value: &serde_json::Value| pairs::write_json(dir, name, value);
         write_json("config.json", &self.settings.hf_config(self.tokenizer.vocab_size()))?;
         write_json(
             "generation_config.json",
             &json!({"bos_token_id": CLS_ID, "eos_token_id": SEP_ID, "pad_token_id": PAD_ID, "decoder_start_token_id": CLS_ID}),
         )?;
-        write_json("preprocessor_config.json", &self.settings.sampling.preprocessor_config("BlipImageProcessor"))?;
+        write_json(
+            "preprocessor_config.json",
+            &self.settings.sampling.preprocessor_config("BlipImageProcessor"),
+        )?;
         write_tokenizer(dir, self.settings.max_positions).map_err(io_error(dir))?;
         let weights = named_tensors(&self.params.varmap);
         candle_core::safetensors::save(&weights, dir.join("model.safetensors"))?;
@@ -471,9 +548,16 @@ fn multiset_overlap<T: PartialEq + Clone>(a: &[T], b: &[T]) -> usize {
 /// Captions `count` held-out pairs (stream `seed`) with the model in `dir`, loaded by
 /// `dnd_models::BlipCaptioner`, fed the pairs' source images (dnd's preprocessing resizes
 /// them), with dnd's default decoding.
-pub fn evaluate_captioner(dir: &Path, sampling: &PairSampling, seed: u64, count: usize, examples: usize) -> Result<CaptionEval, TrainError> {
+pub fn evaluate_captioner(
+    dir: &Path,
+    sampling: &PairSampling,
+    seed: u64,
+    count: usize,
+    examples: usize,
+) -> Result<CaptionEval, TrainError> {
     let config = CaptionConfig::default();
-    let model = BlipCaptioner::load(&ModelRef::Local(dir.to_path_buf()), &Device::Cpu, config.clone())?;
+    let model =
+        BlipCaptioner::load(&ModelRef::Local(dir.to_path_buf()), &Device::Cpu, config.clone())?;
     let pairs = sample_pairs(seed, 0, count, sampling)?;
     let mut generated = Vec::with_capacity(count);
     for chunk in pairs.chunks(64) {
@@ -502,7 +586,9 @@ pub fn evaluate_captioner(dir: &Path, sampling: &PairSampling, seed: u64, count:
             let named: Vec<_> = crate::phrase::parse_mentions(text)
                 .into_iter()
                 .filter_map(|m| match m {
-                    crate::phrase::Mention::Object(o) => Some((o.colour, o.shape, o.fill.unwrap_or(Fill::Solid))),
+                    crate::phrase::Mention::Object(o) => {
+                        Some((o.colour, o.shape, o.fill.unwrap_or(Fill::Solid)))
+                    }
                     crate::phrase::Mention::Background(_) => None,
                 })
                 .collect();
@@ -517,7 +603,12 @@ pub fn evaluate_captioner(dir: &Path, sampling: &PairSampling, seed: u64, count:
             backgrounds_right += usize::from(said.background == pair.truth.background);
         }
         if shown.len() < examples {
-            shown.push(CaptionExample { kind: pair.kind, reference: pair.caption.clone(), generated: text.clone(), exact: ok });
+            shown.push(CaptionExample {
+                kind: pair.kind,
+                reference: pair.caption.clone(),
+                generated: text.clone(),
+                exact: ok,
+            });
         }
     }
     let ratio = |a: usize, b: usize| if b == 0 { 0.0 } else { a as f32 / b as f32 };
@@ -563,14 +654,24 @@ pub struct CaptionerReport {
 
 /// Trains a captioner with `settings`, writes the model directory and `train.json` to
 /// `out_dir`, and measures it on held-out pairs through dnd's loader.
-pub fn train_captioner(settings: &CaptionerTraining, out_dir: &Path, progress: impl FnMut(usize, f32)) -> Result<CaptionerReport, TrainError> {
+pub fn train_captioner(
+    settings: &CaptionerTraining,
+    out_dir: &Path,
+    progress: impl FnMut(usize, f32),
+) -> Result<CaptionerReport, TrainError> {
     let started = Instant::now();
     let mut model = TrainingCaptioner::new(settings)?;
     let losses = model.train(progress)?;
     let train_seconds = started.elapsed().as_secs_f64();
     model.save(out_dir)?;
     let started = Instant::now();
-    let heldout = evaluate_captioner(out_dir, &settings.sampling, settings.eval_seed, settings.eval_pairs, 24)?;
+    let heldout = evaluate_captioner(
+        out_dir,
+        &settings.sampling,
+        settings.eval_seed,
+        settings.eval_pairs,
+        24,
+    )?;
     let losses = pairs::summarize_losses(&losses);
     let report = CaptionerReport {
         settings: settings.clone(),
@@ -618,7 +719,10 @@ mod tests {
         }
         let pairs = sample_pairs(1, 0, 4, &settings.sampling).unwrap();
         let plain = model.loss(&pairs).unwrap().to_scalar::<f32>().unwrap();
-        let heavy = TrainingCaptioner { settings: CaptionerTraining { shape_word_weight: 4.0, ..settings.clone() }, ..model };
+        let heavy = TrainingCaptioner {
+            settings: CaptionerTraining { shape_word_weight: 4.0, ..settings.clone() },
+            ..model
+        };
         assert_ne!(plain, heavy.loss(&pairs).unwrap().to_scalar::<f32>().unwrap());
     }
 
@@ -633,19 +737,38 @@ mod tests {
 
         let dir = tempfile::tempdir().unwrap();
         model.save(dir.path()).unwrap();
-        let loaded = BlipCaptioner::load(&ModelRef::Local(dir.path().into()), &Device::Cpu, CaptionConfig::default()).unwrap();
+        let loaded = BlipCaptioner::load(
+            &ModelRef::Local(dir.path().into()),
+            &Device::Cpu,
+            CaptionConfig::default(),
+        )
+        .unwrap();
         assert_eq!(loaded.preprocess, settings.sampling.preprocess());
         let pairs = sample_pairs(99, 0, 3, &settings.sampling).unwrap();
         let images: Vec<_> = pairs.iter().map(|p| p.source.clone()).collect();
         let pixels = loaded.preprocess.batch(&images, &Device::Cpu).unwrap();
         let ours = pairs::pixels(&pairs, &settings.sampling).unwrap();
-        let diff = |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let diff = |a: &Tensor, b: &Tensor| {
+            (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+        };
         assert_eq!(diff(&pixels, &ours), 0.0, "training sees what dnd feeds");
 
-        let ids = Tensor::new(&[[CLS_ID, 5, 9, 17, 30, 40, 51], [CLS_ID, 8, 7, 6, 44, 3, 0], [CLS_ID, 60, 20, 11, 12, 13, 14]], &Device::Cpu).unwrap();
+        let ids = Tensor::new(
+            &[
+                [CLS_ID, 5, 9, 17, 30, 40, 51],
+                [CLS_ID, 8, 7, 6, 44, 3, 0],
+                [CLS_ID, 60, 20, 11, 12, 13, 14],
+            ],
+            &Device::Cpu,
+        )
+        .unwrap();
         let theirs_image = loaded.encode_images(&pixels).unwrap();
         let ours_image = model.encode_images(&pixels).unwrap();
-        assert!(diff(&theirs_image, &ours_image) < 1e-4, "vision features differ by {}", diff(&theirs_image, &ours_image));
+        assert!(
+            diff(&theirs_image, &ours_image) < 1e-4,
+            "vision features differ by {}",
+            diff(&theirs_image, &ours_image)
+        );
         let theirs = loaded.decoder_logits(&theirs_image, &ids).unwrap();
         let ours = model.decoder_logits(&ours_image, &ids).unwrap();
         assert_eq!(theirs.dims(), ours.dims());
@@ -659,7 +782,9 @@ mod tests {
     #[test]
     fn the_committed_zoo_captioner_scores_what_its_train_json_records() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("zoo/captioner");
-        let report: CaptionerReport = serde_json::from_str(&std::fs::read_to_string(dir.join("train.json")).unwrap()).unwrap();
+        let report: CaptionerReport =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("train.json")).unwrap())
+                .unwrap();
         let s = &report.settings;
         let eval = evaluate_captioner(&dir, &s.sampling, s.eval_seed, s.eval_pairs, 0).unwrap();
         let recorded = &report.heldout;

@@ -17,12 +17,12 @@ use dnd_models::{ClipEmbedder, Embedder, ModelRef};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::pairs::{self, io_error, sample_pairs, Pair, PairKind, PairSampling, TrainError};
+use super::pairs::{self, Pair, PairKind, PairSampling, TrainError, io_error, sample_pairs};
 use super::tiny_transformer::{
-    causal_mask, check_all_gradients, gather_rows, named_tensors, repeat_rows, Act, EncoderLayer, Init, Lin, Norm, Params,
-    TowerSize, VisionStyle, VisionTower, INIT_STD,
+    Act, EncoderLayer, INIT_STD, Init, Lin, Norm, Params, TowerSize, VisionStyle, VisionTower,
+    causal_mask, check_all_gradients, gather_rows, named_tensors, repeat_rows,
 };
-use super::tokenizer::{write_tokenizer, WorldTokenizer, CLS_ID, PAD_ID, SEP_ID};
+use super::tokenizer::{CLS_ID, PAD_ID, SEP_ID, WorldTokenizer, write_tokenizer};
 
 const EPS: f64 = 1e-5;
 /// CLIP's initial logit scale, ln(1 / 0.07).
@@ -90,7 +90,11 @@ impl EmbedderTraining {
         Self {
             eval_pairs: 16,
             retrieval_candidates: 8,
-            sampling: PairSampling { image_size: 32, render_sizes: vec![32, 48], ..PairSampling::default() },
+            sampling: PairSampling {
+                image_size: 32,
+                render_sizes: vec![32, 48],
+                ..PairSampling::default()
+            },
             patch_size: 8,
             vision: tower,
             text: tower,
@@ -108,18 +112,30 @@ impl EmbedderTraining {
         let bad = |m: String| Err(TrainError::Settings(m));
         let s = self.sampling.image_size as usize;
         if self.patch_size == 0 || s % self.patch_size != 0 {
-            return bad(format!("image size {s} must be a multiple of the patch size {}", self.patch_size));
+            return bad(format!(
+                "image size {s} must be a multiple of the patch size {}",
+                self.patch_size
+            ));
         }
         for (name, t) in [("vision", &self.vision), ("text", &self.text)] {
             if t.hidden == 0 || t.heads == 0 || t.hidden % t.heads != 0 || t.intermediate == 0 {
-                return bad(format!("{name}: hidden size must be a positive multiple of the heads"));
+                return bad(format!(
+                    "{name}: hidden size must be a positive multiple of the heads"
+                ));
             }
         }
-        if self.steps == 0 || self.batch_size < 2 || self.max_positions < 8 || self.projection_dim == 0 {
+        if self.steps == 0
+            || self.batch_size < 2
+            || self.max_positions < 8
+            || self.projection_dim == 0
+        {
             return bad("steps and projection_dim must be positive, batch size at least 2, max_positions at least 8".into());
         }
         if self.retrieval_candidates < 2 || self.eval_pairs < self.retrieval_candidates {
-            return bad("retrieval needs at least 2 candidates and eval_pairs >= retrieval_candidates".into());
+            return bad(
+                "retrieval needs at least 2 candidates and eval_pairs >= retrieval_candidates"
+                    .into(),
+            );
         }
         Ok(())
     }
@@ -204,19 +220,45 @@ impl TrainingEmbedder {
             Act::QuickGelu,
             VisionStyle::Clip,
         )?;
-        let visual_projection = p.linear("visual_projection", s.vision.hidden, s.projection_dim, false)?;
+        let visual_projection =
+            p.linear("visual_projection", s.vision.hidden, s.projection_dim, false)?;
         let t = &s.text;
         let text = TextTower {
-            tokens: p.get("text_model.embeddings.token_embedding.weight", &[tokenizer.vocab_size(), t.hidden], Init::Normal(INIT_STD))?,
-            positions: p.get("text_model.embeddings.position_embedding.weight", &[s.max_positions, t.hidden], Init::Normal(INIT_STD))?,
+            tokens: p.get(
+                "text_model.embeddings.token_embedding.weight",
+                &[tokenizer.vocab_size(), t.hidden],
+                Init::Normal(INIT_STD),
+            )?,
+            positions: p.get(
+                "text_model.embeddings.position_embedding.weight",
+                &[s.max_positions, t.hidden],
+                Init::Normal(INIT_STD),
+            )?,
             layers: (0..t.layers)
-                .map(|i| EncoderLayer::new(&mut p, &format!("text_model.encoder.layers.{i}"), t, EPS, Act::QuickGelu, false))
+                .map(|i| {
+                    EncoderLayer::new(
+                        &mut p,
+                        &format!("text_model.encoder.layers.{i}"),
+                        t,
+                        EPS,
+                        Act::QuickGelu,
+                        false,
+                    )
+                })
                 .collect::<candle_core::Result<Vec<_>>>()?,
             final_norm: p.norm("text_model.final_layer_norm", t.hidden, EPS)?,
             projection: p.linear("text_projection", t.hidden, s.projection_dim, false)?,
         };
         let logit_scale = p.get("logit_scale", &[], Init::Const(LOGIT_SCALE_INIT))?;
-        Ok(Self { params: p, vision, visual_projection, text, logit_scale, settings: settings.clone(), tokenizer })
+        Ok(Self {
+            params: p,
+            vision,
+            visual_projection,
+            text,
+            logit_scale,
+            settings: settings.clone(),
+            tokenizer,
+        })
     }
 
     pub fn parameter_count(&self) -> usize {
@@ -245,7 +287,10 @@ impl TrainingEmbedder {
                 ids
             })
             .collect();
-        let ends = rows.iter().map(|r| r.iter().position(|&v| v == SEP_ID).unwrap_or(r.len() - 1)).collect();
+        let ends = rows
+            .iter()
+            .map(|r| r.iter().position(|&v| v == SEP_ID).unwrap_or(r.len() - 1))
+            .collect();
         let longest = rows.iter().map(Vec::len).max().unwrap_or(0);
         for r in &mut rows {
             r.resize(longest, PAD_ID);
@@ -259,7 +304,8 @@ impl TrainingEmbedder {
         let (b, t) = (rows.len(), rows[0].len());
         let ids = Tensor::from_vec(rows.concat(), b * t, &Device::Cpu)?;
         let h = self.text.tokens.dim(1)?;
-        let positions = repeat_rows(&self.text.positions.narrow(0, 0, t)?, b)?.reshape((b, t, h))?;
+        let positions =
+            repeat_rows(&self.text.positions.narrow(0, 0, t)?, b)?.reshape((b, t, h))?;
         let x = (self.text.tokens.index_select(&ids, 0)?.reshape((b, t, h))? + positions)?;
         // Padding follows the end token, so the causal mask alone keeps it out of the pooled
         // state (dnd's loader also masks it: same result at the end token).
@@ -283,7 +329,12 @@ impl TrainingEmbedder {
         let b = pairs.len();
         let mut targets = vec![0f32; b * b];
         for (i, a) in pairs.iter().enumerate() {
-            let same: Vec<usize> = pairs.iter().enumerate().filter(|(_, p)| p.truth == a.truth).map(|(j, _)| j).collect();
+            let same: Vec<usize> = pairs
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| p.truth == a.truth)
+                .map(|(j, _)| j)
+                .collect();
             for &j in &same {
                 targets[i * b + j] = 1.0 / same.len() as f32;
             }
@@ -308,7 +359,8 @@ impl TrainingEmbedder {
 
     fn clamp_logit_scale(&self) -> Result<(), TrainError> {
         if self.logit_scale()? > self.settings.max_logit_scale {
-            let data = self.params.varmap.data().lock().expect("the var map lock is never poisoned");
+            let data =
+                self.params.varmap.data().lock().expect("the var map lock is never poisoned");
             data["logit_scale"].set(&Tensor::new(self.settings.max_logit_scale, &Device::Cpu)?)?;
         }
         Ok(())
@@ -329,18 +381,31 @@ impl TrainingEmbedder {
             weight_decay: s.weight_decay,
             max_grad_norm: s.max_grad_norm,
         };
-        pairs::train_on_pairs(&self.params.varmap, &optimisation, |pairs| self.loss(pairs), || self.clamp_logit_scale(), progress)
+        pairs::train_on_pairs(
+            &self.params.varmap,
+            &optimisation,
+            |pairs| self.loss(pairs),
+            || self.clamp_logit_scale(),
+            progress,
+        )
     }
 
     /// Writes the model directory: config.json, model.safetensors (f32, with
     /// `logit_scale`), preprocessor_config.json, tokenizer.json, tokenizer_config.json.
     pub fn save(&self, dir: &Path) -> Result<(), TrainError> {
         std::fs::create_dir_all(dir).map_err(io_error(dir))?;
-        let write_json = |name: &str, value: &serde_json::Value| pairs::write_json(dir, name, value);
+        let write_json =
+            |name: &str, value: &serde_json::Value| pairs::write_json(dir, name, value);
         write_json("config.json", &self.settings.hf_config(self.tokenizer.vocab_size()))?;
-        write_json("preprocessor_config.json", &self.settings.sampling.preprocessor_config("CLIPImageProcessor"))?;
+        write_json(
+            "preprocessor_config.json",
+            &self.settings.sampling.preprocessor_config("CLIPImageProcessor"),
+        )?;
         write_tokenizer(dir, self.settings.max_positions).map_err(io_error(dir))?;
-        candle_core::safetensors::save(&named_tensors(&self.params.varmap), dir.join("model.safetensors"))?;
+        candle_core::safetensors::save(
+            &named_tensors(&self.params.varmap),
+            dir.join("model.safetensors"),
+        )?;
         Ok(())
     }
 }
@@ -372,7 +437,13 @@ pub struct EmbedEval {
 
 /// Ranks `count` held-out pairs (stream `seed`) in groups of `candidates` with the model
 /// in `dir`, loaded by `dnd_models::ClipEmbedder` and fed the pairs' source images.
-pub fn evaluate_embedder(dir: &Path, sampling: &PairSampling, seed: u64, count: usize, candidates: usize) -> Result<EmbedEval, TrainError> {
+pub fn evaluate_embedder(
+    dir: &Path,
+    sampling: &PairSampling,
+    seed: u64,
+    count: usize,
+    candidates: usize,
+) -> Result<EmbedEval, TrainError> {
     let model = ClipEmbedder::load(&ModelRef::Local(dir.to_path_buf()), &Device::Cpu)?;
     let pairs = sample_pairs(seed, 0, count, sampling)?;
     #[derive(Default)]
@@ -392,13 +463,21 @@ pub fn evaluate_embedder(dir: &Path, sampling: &PairSampling, seed: u64, count: 
             Retrieval { exact: r(self.exact), same_content: r(self.same) }
         }
     }
-    let (mut i2t, mut t2i, mut scenes, mut crops) = (Tally::default(), Tally::default(), Tally::default(), Tally::default());
+    let (mut i2t, mut t2i, mut scenes, mut crops) =
+        (Tally::default(), Tally::default(), Tally::default(), Tally::default());
     let (mut pos, mut pos_n, mut neg, mut neg_n) = (0f64, 0usize, 0f64, 0usize);
     for group in pairs.chunks_exact(candidates) {
         let images: Vec<_> = group.iter().map(|p| p.source.clone()).collect();
         let texts: Vec<&str> = group.iter().map(|p| p.caption.as_str()).collect();
-        let sims = model.embed_images(&images)?.matmul(&model.embed_texts(&texts)?.t()?)?.to_vec2::<f32>()?;
-        let argmax = |v: &mut dyn Iterator<Item = f32>| v.enumerate().fold((0, f32::NEG_INFINITY), |b, (i, x)| if x > b.1 { (i, x) } else { b }).0;
+        let sims = model
+            .embed_images(&images)?
+            .matmul(&model.embed_texts(&texts)?.t()?)?
+            .to_vec2::<f32>()?;
+        let argmax = |v: &mut dyn Iterator<Item = f32>| {
+            v.enumerate()
+                .fold((0, f32::NEG_INFINITY), |b, (i, x)| if x > b.1 { (i, x) } else { b })
+                .0
+        };
         for (i, p) in group.iter().enumerate() {
             let best = argmax(&mut sims[i].iter().copied());
             let (exact, same) = (best == i, group[best].truth == p.truth);
@@ -449,14 +528,24 @@ pub struct EmbedderReport {
 
 /// Trains an embedder with `settings`, writes the model directory and `train.json` to
 /// `out_dir`, and measures held-out retrieval through dnd's loader.
-pub fn train_embedder(settings: &EmbedderTraining, out_dir: &Path, progress: impl FnMut(usize, f32)) -> Result<EmbedderReport, TrainError> {
+pub fn train_embedder(
+    settings: &EmbedderTraining,
+    out_dir: &Path,
+    progress: impl FnMut(usize, f32),
+) -> Result<EmbedderReport, TrainError> {
     let started = Instant::now();
     let mut model = TrainingEmbedder::new(settings)?;
     let losses = model.train(progress)?;
     let train_seconds = started.elapsed().as_secs_f64();
     model.save(out_dir)?;
     let started = Instant::now();
-    let heldout = evaluate_embedder(out_dir, &settings.sampling, settings.eval_seed, settings.eval_pairs, settings.retrieval_candidates)?;
+    let heldout = evaluate_embedder(
+        out_dir,
+        &settings.sampling,
+        settings.eval_seed,
+        settings.eval_pairs,
+        settings.retrieval_candidates,
+    )?;
     let losses = pairs::summarize_losses(&losses);
     let report = EmbedderReport {
         settings: settings.clone(),
@@ -507,7 +596,9 @@ mod tests {
         assert_eq!(loaded.preprocess, settings.sampling.preprocess());
         let pairs = sample_pairs(99, 0, 4, &settings.sampling).unwrap();
         let images: Vec<_> = pairs.iter().map(|p| p.source.clone()).collect();
-        let diff = |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let diff = |a: &Tensor, b: &Tensor| {
+            (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+        };
         let pixels = pairs::pixels(&pairs, &settings.sampling).unwrap();
         let ours = l2_normalize(&model.image_features(&pixels).unwrap()).unwrap();
         let theirs = loaded.embed_images(&images).unwrap();
@@ -525,9 +616,13 @@ mod tests {
     #[test]
     fn the_committed_zoo_embedder_scores_what_its_train_json_records() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("zoo/embedder");
-        let report: EmbedderReport = serde_json::from_str(&std::fs::read_to_string(dir.join("train.json")).unwrap()).unwrap();
+        let report: EmbedderReport =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("train.json")).unwrap())
+                .unwrap();
         let s = &report.settings;
-        let eval = evaluate_embedder(&dir, &s.sampling, s.eval_seed, s.eval_pairs, s.retrieval_candidates).unwrap();
+        let eval =
+            evaluate_embedder(&dir, &s.sampling, s.eval_seed, s.eval_pairs, s.retrieval_candidates)
+                .unwrap();
         let recorded = &report.heldout;
         for (name, now, then) in [
             ("image to text", eval.image_to_text.exact, recorded.image_to_text.exact),

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use dnd_models::preprocess::{Filter, Preprocess, Resize, CropRounding};
+use dnd_models::preprocess::{CropRounding, Filter, Preprocess, Resize};
 use image::RgbImage;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -14,10 +14,10 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::caption::{caption, caption_visible, visible_in, VisibilityRule};
+use crate::caption::{VisibilityRule, caption, caption_visible, visible_in};
 use crate::mask::Rect;
-use crate::phrase::{parse_mentions, Mention};
-use crate::render::{render, Rendered};
+use crate::phrase::{Mention, parse_mentions};
+use crate::render::{Rendered, render};
 use crate::scene::Scene;
 use crate::vocab::{Colour, Fill, Shape, Texture};
 
@@ -80,10 +80,16 @@ impl Default for PairSampling {
 impl PairSampling {
     pub(crate) fn check(&self) -> Result<(), TrainError> {
         let bad = |m: &str| Err(TrainError::Settings(m.into()));
-        if self.image_size < 8 || self.render_sizes.is_empty() || self.render_sizes.iter().any(|&s| s < 8) {
-            return bad("image and render sizes must be at least 8 pixels, with at least one render size");
+        if self.image_size < 8
+            || self.render_sizes.is_empty()
+            || self.render_sizes.iter().any(|&s| s < 8)
+        {
+            return bad(
+                "image and render sizes must be at least 8 pixels, with at least one render size",
+            );
         }
-        if !(0.0..=1.0).contains(&self.crop_fraction) || !(0.05..=1.0).contains(&self.min_crop_side) {
+        if !(0.0..=1.0).contains(&self.crop_fraction) || !(0.05..=1.0).contains(&self.min_crop_side)
+        {
             return bad("crop_fraction must be in 0..=1 and min_crop_side in 0.05..=1");
         }
         if !(0.0..=1.0).contains(&self.object_crop_fraction) {
@@ -144,9 +150,14 @@ impl Truth {
             match mention {
                 Mention::Object(o) => {
                     let (Some(colour), Some(shape)) = (o.colour, o.shape) else { return None };
-                    objects.extend(std::iter::repeat_n((colour, shape, o.fill.unwrap_or(Fill::Solid)), o.count));
+                    objects.extend(std::iter::repeat_n(
+                        (colour, shape, o.fill.unwrap_or(Fill::Solid)),
+                        o.count,
+                    ));
                 }
-                Mention::Background(b) => backgrounds.push((b.colour?, b.texture.unwrap_or(Texture::Plain))),
+                Mention::Background(b) => {
+                    backgrounds.push((b.colour?, b.texture.unwrap_or(Texture::Plain)))
+                }
             }
         }
         objects.sort();
@@ -177,9 +188,13 @@ pub struct Pair {
 }
 
 fn truth_of(scene: &Scene, objects: &[usize], background: bool) -> Truth {
-    let mut o: Vec<_> = objects.iter().map(|&i| &scene.objects[i]).map(|o| (o.colour, o.shape, o.fill)).collect();
+    let mut o: Vec<_> =
+        objects.iter().map(|&i| &scene.objects[i]).map(|o| (o.colour, o.shape, o.fill)).collect();
     o.sort();
-    Truth { objects: o, background: background.then_some((scene.background.colour, scene.background.texture)) }
+    Truth {
+        objects: o,
+        background: background.then_some((scene.background.colour, scene.background.texture)),
+    }
 }
 
 /// A crop around a random object of a `side` x `side` rendering: its bounding box scaled
@@ -193,15 +208,24 @@ fn object_crop<R: Rng + ?Sized>(rng: &mut R, rendered: &Rendered, side: u32) -> 
     let bounds = masks[rng.random_range(0..masks.len())].bounds()?;
     let scale = rng.random_range(0.5f32..=1.5);
     let side = side as f32;
-    let (w, h) = ((bounds.width as f32 * scale).round().clamp(4.0, side), (bounds.height as f32 * scale).round().clamp(4.0, side));
-    let centre = (bounds.x as f32 + bounds.width as f32 / 2.0, bounds.y as f32 + bounds.height as f32 / 2.0);
+    let (w, h) = (
+        (bounds.width as f32 * scale).round().clamp(4.0, side),
+        (bounds.height as f32 * scale).round().clamp(4.0, side),
+    );
+    let centre =
+        (bounds.x as f32 + bounds.width as f32 / 2.0, bounds.y as f32 + bounds.height as f32 / 2.0);
     let x = (centre.0 - w / 2.0).round().clamp(0.0, side - w);
     let y = (centre.1 - h / 2.0).round().clamp(0.0, side - h);
     Some(Rect::new(x as u32, y as u32, w as u32, h as u32))
 }
 
 /// Pair `index` of the stream `seed`.
-pub fn sample_pair(seed: u64, index: u64, sampling: &PairSampling, preprocess: &Preprocess) -> Result<Pair, TrainError> {
+pub fn sample_pair(
+    seed: u64,
+    index: u64,
+    sampling: &PairSampling,
+    preprocess: &Preprocess,
+) -> Result<Pair, TrainError> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     rng.set_stream(index);
     let scene = Scene::sample(&mut rng);
@@ -210,7 +234,8 @@ pub fn sample_pair(seed: u64, index: u64, sampling: &PairSampling, preprocess: &
     let crop = rng.random::<f32>() < sampling.crop_fraction;
     let (source, caption, truth, kind) = if crop {
         // Drawn only when asked for, so that pairs without object crops stay as they were.
-        let around_object = sampling.object_crop_fraction > 0.0 && rng.random::<f32>() < sampling.object_crop_fraction;
+        let around_object = sampling.object_crop_fraction > 0.0
+            && rng.random::<f32>() < sampling.object_crop_fraction;
         let rect = match around_object.then(|| object_crop(&mut rng, &rendered, side)).flatten() {
             Some(rect) => rect,
             None => {
@@ -234,15 +259,31 @@ pub fn sample_pair(seed: u64, index: u64, sampling: &PairSampling, preprocess: &
 }
 
 /// Pairs `start..start + count` of the stream `seed`, rendered in parallel, in order.
-pub fn sample_pairs(seed: u64, start: u64, count: usize, sampling: &PairSampling) -> Result<Vec<Pair>, TrainError> {
+pub fn sample_pairs(
+    seed: u64,
+    start: u64,
+    count: usize,
+    sampling: &PairSampling,
+) -> Result<Vec<Pair>, TrainError> {
     let preprocess = sampling.preprocess();
-    (start..start + count as u64).into_par_iter().map(|i| sample_pair(seed, i, sampling, &preprocess)).collect()
+    (start..start + count as u64)
+        .into_par_iter()
+        .map(|i| sample_pair(seed, i, sampling, &preprocess))
+        .collect()
 }
 
 /// `(B, 3, S, S)` normalised pixels of the pairs' preprocessed images.
-pub(crate) fn pixels(pairs: &[Pair], sampling: &PairSampling) -> Result<candle_core::Tensor, TrainError> {
+pub(crate) fn pixels(
+    pairs: &[Pair],
+    sampling: &PairSampling,
+) -> Result<candle_core::Tensor, TrainError> {
     let images: Vec<RgbImage> = pairs.iter().map(|p| p.image.clone()).collect();
-    Ok(dnd_models::preprocess::normalized_batch(&images, sampling.mean, sampling.std, &candle_core::Device::Cpu)?)
+    Ok(dnd_models::preprocess::normalized_batch(
+        &images,
+        sampling.mean,
+        sampling.std,
+        &candle_core::Device::Cpu,
+    )?)
 }
 
 /// What train.json says of a run's losses: the curve (means per window, about 30
@@ -286,28 +327,46 @@ pub(crate) fn train_on_pairs(
     mut after_step: impl FnMut() -> Result<(), TrainError>,
     mut progress: impl FnMut(usize, f32),
 ) -> Result<Vec<f32>, TrainError> {
-    use candle_nn::Optimizer;
     use super::tiny_transformer::{clip_gradients, learning_rate};
-    let params = candle_nn::ParamsAdamW { lr: o.learning_rate, beta1: 0.9, beta2: 0.98, eps: 1e-8, weight_decay: o.weight_decay };
+    use candle_nn::Optimizer;
+    let params = candle_nn::ParamsAdamW {
+        lr: o.learning_rate,
+        beta1: 0.9,
+        beta2: 0.98,
+        eps: 1e-8,
+        weight_decay: o.weight_decay,
+    };
     let mut opt = candle_nn::AdamW::new(varmap.all_vars(), params)?;
     let mut losses = Vec::with_capacity(o.steps);
-    let fetch = |step: usize| sample_pairs(o.seed, (step * o.batch_size) as u64, o.batch_size, o.sampling);
+    let fetch =
+        |step: usize| sample_pairs(o.seed, (step * o.batch_size) as u64, o.batch_size, o.sampling);
     let mut next = fetch(0)?;
     for step in 0..o.steps {
         let pairs = std::mem::take(&mut next);
-        let (loss, fetched) = rayon::join(|| loss_of(&pairs), || if step + 1 < o.steps { fetch(step + 1).map(Some) } else { Ok(None) });
+        let (loss, fetched) = rayon::join(
+            || loss_of(&pairs),
+            || if step + 1 < o.steps { fetch(step + 1).map(Some) } else { Ok(None) },
+        );
         let loss = loss?;
         if let Some(f) = fetched? {
             next = f;
         }
-        opt.set_learning_rate(learning_rate(step, o.steps, o.warmup_steps, o.learning_rate, o.final_learning_rate_fraction));
+        opt.set_learning_rate(learning_rate(
+            step,
+            o.steps,
+            o.warmup_steps,
+            o.learning_rate,
+            o.final_learning_rate_fraction,
+        ));
         let mut grads = loss.backward()?;
         clip_gradients(varmap, &mut grads, o.max_grad_norm)?;
         opt.step(&grads)?;
         after_step()?;
         let value = loss.to_scalar::<f32>()?;
         if !value.is_finite() {
-            return Err(TrainError::Settings(format!("the loss diverged at step {step}: lower the learning rate")));
+            return Err(TrainError::Settings(format!(
+                "the loss diverged at step {step}: lower the learning rate"
+            )));
         }
         losses.push(value);
         progress(step, value);
@@ -316,9 +375,17 @@ pub(crate) fn train_on_pairs(
 }
 
 /// Writes `value` as pretty JSON to `dir/name` (model configs, train.json).
-pub(crate) fn write_json(dir: &std::path::Path, name: &str, value: &impl serde::Serialize) -> Result<(), TrainError> {
+pub(crate) fn write_json(
+    dir: &std::path::Path,
+    name: &str,
+    value: &impl serde::Serialize,
+) -> Result<(), TrainError> {
     let path = dir.join(name);
-    std::fs::write(&path, serde_json::to_string_pretty(value).expect("JSON values serialise") + "\n").map_err(io_error(&path))
+    std::fs::write(
+        &path,
+        serde_json::to_string_pretty(value).expect("JSON values serialise") + "\n",
+    )
+    .map_err(io_error(&path))
 }
 
 /// Mean of `values` per window of `every` steps, for train.json's loss curve.
@@ -355,8 +422,12 @@ mod tests {
     fn object_crops_show_an_object_large() {
         let random = PairSampling { crop_fraction: 1.0, ..PairSampling::default() };
         let around = PairSampling { object_crop_fraction: 1.0, ..random.clone() };
-        let mean_side = |pairs: &[Pair]| pairs.iter().map(|p| p.source.width() + p.source.height()).sum::<u32>() as f32 / (2 * pairs.len()) as f32;
-        let (random, around) = (sample_pairs(5, 0, 60, &random).unwrap(), sample_pairs(5, 0, 60, &around).unwrap());
+        let mean_side = |pairs: &[Pair]| {
+            pairs.iter().map(|p| p.source.width() + p.source.height()).sum::<u32>() as f32
+                / (2 * pairs.len()) as f32
+        };
+        let (random, around) =
+            (sample_pairs(5, 0, 60, &random).unwrap(), sample_pairs(5, 0, 60, &around).unwrap());
         for p in &around {
             assert_eq!(p.kind, PairKind::Crop);
             assert!(!p.truth.objects.is_empty(), "{}", p.caption);
@@ -365,7 +436,12 @@ mod tests {
             // by at most 1.5 it is at most about three quarters of the largest render (128).
             assert!(p.source.width().max(p.source.height()) <= 100, "{:?}", p.source.dimensions());
         }
-        assert!(mean_side(&around) < 0.6 * mean_side(&random), "{} vs {}", mean_side(&around), mean_side(&random));
+        assert!(
+            mean_side(&around) < 0.6 * mean_side(&random),
+            "{} vs {}",
+            mean_side(&around),
+            mean_side(&random)
+        );
         // Off by default: the committed models' pairs are drawn as before.
         assert_eq!(PairSampling::default().object_crop_fraction, 0.0);
     }

@@ -215,20 +215,37 @@ impl PlantedSpec {
 
     fn validate(&self, widths: &[usize; 4]) -> Result<(), String> {
         if !(self.layer == 3 || self.layer == 4) {
-            return Err(format!("planted channels live in layer3 or layer4, not layer{}", self.layer));
+            return Err(format!(
+                "planted channels live in layer3 or layer4, not layer{}",
+                self.layer
+            ));
         }
         let channels = widths[self.layer as usize - 1];
         if self.neuron >= channels {
-            return Err(format!("{} has {channels} channels, cannot plant channel {}", self.layer_name(), self.neuron));
+            return Err(format!(
+                "{} has {channels} channels, cannot plant channel {}",
+                self.layer_name(),
+                self.neuron
+            ));
         }
         if self.kind == PlantedKind::Class {
             return Err("class neurons are the fc units, not planted hidden channels".into());
         }
         if self.concepts.len() != self.kind.arity() {
-            return Err(format!("a {:?} channel needs {} concepts, got {}", self.kind, self.kind.arity(), self.concepts.len()));
+            return Err(format!(
+                "a {:?} channel needs {} concepts, got {}",
+                self.kind,
+                self.kind.arity(),
+                self.concepts.len()
+            ));
         }
         if !(self.weight.is_finite() && self.weight >= 0.0) {
-            return Err(format!("weight {} of {} channel {} is not a non-negative number", self.weight, self.layer_name(), self.neuron));
+            return Err(format!(
+                "weight {} of {} channel {} is not a non-negative number",
+                self.weight,
+                self.layer_name(),
+                self.neuron
+            ));
         }
         Ok(())
     }
@@ -267,8 +284,14 @@ fn conjunction(a: Concept, b: Concept) -> String {
             Concept::Texture(_) => return format!("{} and {}", noun_phrase(a), noun_phrase(b)),
         }
     }
-    let words: Vec<&str> =
-        [fill.map(Fill::name), colour.map(Colour::name), Some(shape.map_or("objects", Shape::plural))].into_iter().flatten().collect();
+    let words: Vec<&str> = [
+        fill.map(Fill::name),
+        colour.map(Colour::name),
+        Some(shape.map_or("objects", Shape::plural)),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
     words.join(" ")
 }
 
@@ -282,7 +305,9 @@ fn describe(kind: PlantedKind, concepts: &[Concept]) -> String {
         }
         (PlantedKind::Or, [a, b]) => format!("{} or {}", noun_phrase(*a), noun_phrase(*b)),
         (PlantedKind::And, [a, b]) => conjunction(*a, *b),
-        (PlantedKind::AndNot, [a, b]) => format!("{} that are not {}", noun_phrase(*a), predicate(*b)),
+        (PlantedKind::AndNot, [a, b]) => {
+            format!("{} that are not {}", noun_phrase(*a), predicate(*b))
+        }
         _ => concepts.iter().map(Concept::phrase).collect::<Vec<_>>().join(", "),
     }
 }
@@ -308,7 +333,8 @@ impl PlantedNeuron {
 
 /// The class of fc unit `i`: (colour, shape) of the largest object.
 pub fn class_of(index: usize) -> Option<(Colour, Shape)> {
-    (index < NUM_CLASSES).then(|| (Colour::ALL[index / Shape::ALL.len()], Shape::ALL[index % Shape::ALL.len()]))
+    (index < NUM_CLASSES)
+        .then(|| (Colour::ALL[index / Shape::ALL.len()], Shape::ALL[index % Shape::ALL.len()]))
 }
 
 fn class_index(colour: Colour, shape: Shape) -> usize {
@@ -367,7 +393,10 @@ pub fn default_planted() -> Vec<PlantedSpec> {
     planted
         .into_iter()
         .map(|p| {
-            let slow = p.concepts.iter().any(|c| matches!(c, C::Shape(_) | C::ColourShape(..) | C::Fill(_)));
+            let slow = p
+                .concepts
+                .iter()
+                .any(|c| matches!(c, C::Shape(_) | C::ColourShape(..) | C::Fill(_)));
             PlantedSpec { weight: if slow { 2.0 } else { 1.0 }, ..p }
         })
         .collect()
@@ -381,12 +410,14 @@ pub fn write_planted(dir: &Path, neurons: &[PlantedNeuron]) -> Result<(), TrainE
 /// Reads `planted.json` from a model directory (or the file itself).
 pub fn read_planted(path: &Path) -> Result<Vec<PlantedNeuron>, TrainError> {
     let file = if path.is_dir() { path.join("planted.json") } else { path.to_path_buf() };
-    let text = fs::read_to_string(&file).map_err(|source| TrainError::Io { path: file.clone(), source })?;
+    let text = fs::read_to_string(&file)
+        .map_err(|source| TrainError::Io { path: file.clone(), source })?;
     serde_json::from_str(&text).map_err(|source| TrainError::Json { path: file, source })
 }
 
 fn write_json<T: Serialize + ?Sized>(path: &Path, value: &T) -> Result<(), TrainError> {
-    let mut text = serde_json::to_string_pretty(value).map_err(|source| TrainError::Json { path: path.into(), source })?;
+    let mut text = serde_json::to_string_pretty(value)
+        .map_err(|source| TrainError::Json { path: path.into(), source })?;
     text.push('\n');
     fs::write(path, text).map_err(|source| TrainError::Io { path: path.into(), source })
 }
@@ -483,12 +514,22 @@ impl TargetTraining {
             return bad("widths, layers and stem_channels must be positive".into());
         }
         if self.steps == 0 || self.batch_size < 2 {
-            return bad("steps must be positive and batch_size at least 2 (BatchNorm needs a batch)".into());
+            return bad(
+                "steps must be positive and batch_size at least 2 (BatchNorm needs a batch)".into(),
+            );
         }
-        if !(self.lr > 0.0 && self.lr.is_finite()) || self.calibration_images < 2 || self.eval_images == 0 {
-            return bad("lr must be positive, calibration_images at least 2 and eval_images positive".into());
+        if !(self.lr > 0.0 && self.lr.is_finite())
+            || self.calibration_images < 2
+            || self.eval_images == 0
+        {
+            return bad(
+                "lr must be positive, calibration_images at least 2 and eval_images positive"
+                    .into(),
+            );
         }
-        if !(0.0..=1.0).contains(&self.focus_fraction) || !(0.0..=1.0).contains(&self.hires_fraction) {
+        if !(0.0..=1.0).contains(&self.focus_fraction)
+            || !(0.0..=1.0).contains(&self.hires_fraction)
+        {
             return bad("focus_fraction and hires_fraction are fractions".into());
         }
         if self.hires_fraction > 0.0 && self.hires_max <= self.size {
@@ -580,7 +621,12 @@ fn other<T: Copy + PartialEq, R: Rng + ?Sized>(rng: &mut R, all: &[T], not: T) -
 }
 
 /// Makes the object (or background) avoid a concept, where the spec leaves room for it.
-fn exclude<R: Rng + ?Sized>(rng: &mut R, object: &mut ObjectSpec, background: &mut BackgroundSpec, concept: Concept) {
+fn exclude<R: Rng + ?Sized>(
+    rng: &mut R,
+    object: &mut ObjectSpec,
+    background: &mut BackgroundSpec,
+    concept: Concept,
+) {
     match concept {
         Concept::Colour(c) => {
             object.colour.get_or_insert_with(|| other(rng, &Colour::ALL, c));
@@ -611,7 +657,9 @@ fn focus_spec<R: Rng + ?Sized>(rng: &mut R, spec: &PlantedSpec, near_miss: bool)
     let mut background = BackgroundSpec::default();
     let c = &spec.concepts;
     match (spec.kind, near_miss) {
-        (PlantedKind::Single | PlantedKind::Class, _) => constrain(&mut object, &mut background, c[0]),
+        (PlantedKind::Single | PlantedKind::Class, _) => {
+            constrain(&mut object, &mut background, c[0])
+        }
         (PlantedKind::Or, _) => constrain(&mut object, &mut background, c[rng.random_range(0..2)]),
         (PlantedKind::And, false) => {
             constrain(&mut object, &mut background, c[0]);
@@ -644,7 +692,8 @@ fn largest_object(rendered: &Rendered) -> Option<usize> {
 
 fn label_of(scene: &Scene, rendered: &Rendered) -> u32 {
     // Every sampled scene has an object that shows; an empty scene would be class 0.
-    largest_object(rendered).map_or(0, |i| class_index(scene.objects[i].colour, scene.objects[i].shape) as u32)
+    largest_object(rendered)
+        .map_or(0, |i| class_index(scene.objects[i].colour, scene.objects[i].shape) as u32)
 }
 
 /// Fraction of each cell of a `grid` x `grid` partition of the image that the mask covers;
@@ -663,7 +712,10 @@ fn cell_fractions(mask: &Mask, grid: usize) -> Vec<f32> {
             hits[k] += u32::from(bits[y * w + x]);
         }
     }
-    hits.iter().zip(&totals).map(|(&a, &t)| if t == 0 { 0.0 } else { a as f32 / t as f32 }).collect()
+    hits.iter()
+        .zip(&totals)
+        .map(|(&a, &t)| if t == 0 { 0.0 } else { a as f32 / t as f32 })
+        .collect()
 }
 
 /// Planted channels grouped by layer: what the planting loss indexes.
@@ -680,8 +732,13 @@ fn plant_groups(config: &TargetTraining) -> Vec<PlantGroup> {
     [3u8, 4]
         .into_iter()
         .filter_map(|layer| {
-            let specs: Vec<usize> = (0..config.planted.len()).filter(|&i| config.planted[i].layer == layer).collect();
-            (!specs.is_empty()).then(|| PlantGroup { layer, specs, grid: config.map_size(layer as usize) })
+            let specs: Vec<usize> =
+                (0..config.planted.len()).filter(|&i| config.planted[i].layer == layer).collect();
+            (!specs.is_empty()).then(|| PlantGroup {
+                layer,
+                specs,
+                grid: config.map_size(layer as usize),
+            })
         })
         .collect()
 }
@@ -694,11 +751,17 @@ struct Example {
     fractions: Vec<Vec<f32>>,
 }
 
-fn training_example(config: &TargetTraining, pre: &Preprocess, groups: &[PlantGroup], seed: u64) -> Result<Example, TrainError> {
+fn training_example(
+    config: &TargetTraining,
+    pre: &Preprocess,
+    groups: &[PlantGroup],
+    seed: u64,
+) -> Result<Example, TrainError> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let scene = if !config.planted.is_empty() && rng.random_bool(config.focus_fraction) {
         let spec = &config.planted[rng.random_range(0..config.planted.len())];
-        let near_miss = matches!(spec.kind, PlantedKind::And | PlantedKind::AndNot) && rng.random_bool(0.3);
+        let near_miss =
+            matches!(spec.kind, PlantedKind::And | PlantedKind::AndNot) && rng.random_bool(0.3);
         focus_spec(&mut rng, spec, near_miss).sample(&mut rng)
     } else {
         Scene::sample(&mut rng)
@@ -729,8 +792,17 @@ struct Batch {
     targets: Vec<(Tensor, Tensor)>,
 }
 
-fn make_batch(config: &TargetTraining, pre: &Preprocess, groups: &[PlantGroup], seeds: &[u64], device: &Device) -> Result<Batch, TrainError> {
-    let examples: Vec<Example> = seeds.par_iter().map(|&s| training_example(config, pre, groups, s)).collect::<Result<_, _>>()?;
+fn make_batch(
+    config: &TargetTraining,
+    pre: &Preprocess,
+    groups: &[PlantGroup],
+    seeds: &[u64],
+    device: &Device,
+) -> Result<Batch, TrainError> {
+    let examples: Vec<Example> = seeds
+        .par_iter()
+        .map(|&s| training_example(config, pre, groups, s))
+        .collect::<Result<_, _>>()?;
     let n = examples.len();
     let s = config.size as usize;
     let images: Vec<f32> = examples.iter().flat_map(|e| e.input.iter().copied()).collect();
@@ -741,7 +813,10 @@ fn make_batch(config: &TargetTraining, pre: &Preprocess, groups: &[PlantGroup], 
         let covered: Vec<f32> = fr.iter().map(|&f| if f > 0.0 { 1.0 } else { 0.0 }).collect();
         let target: Vec<f32> = fr.iter().map(|&f| f * config.plant_scale).collect();
         let shape = (n, group.specs.len(), group.grid, group.grid);
-        targets.push((Tensor::from_vec(target, shape, device)?, Tensor::from_vec(covered, shape, device)?));
+        targets.push((
+            Tensor::from_vec(target, shape, device)?,
+            Tensor::from_vec(covered, shape, device)?,
+        ));
     }
     Ok(Batch {
         images: Tensor::from_vec(images, (n, 3, s, s), device)?,
@@ -751,7 +826,9 @@ fn make_batch(config: &TargetTraining, pre: &Preprocess, groups: &[PlantGroup], 
 }
 
 fn training_seeds(config: &TargetTraining, step: usize) -> Vec<u64> {
-    (0..config.batch_size).map(|i| derive(&[config.seed, PURPOSE_TRAIN, step as u64, i as u64])).collect()
+    (0..config.batch_size)
+        .map(|i| derive(&[config.seed, PURPOSE_TRAIN, step as u64, i as u64]))
+        .collect()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -804,7 +881,12 @@ struct TrainNet {
 }
 
 impl TrainNet {
-    fn new(config: &TargetTraining, num_classes: usize, rng: &mut ChaCha8Rng, device: &Device) -> Result<Self, TrainError> {
+    fn new(
+        config: &TargetTraining,
+        num_classes: usize,
+        rng: &mut ChaCha8Rng,
+        device: &Device,
+    ) -> Result<Self, TrainError> {
         let mut net = Self {
             stem: config.stem_channels,
             widths: config.widths,
@@ -819,16 +901,32 @@ impl TrainNet {
         net.add_conv_bn("conv1", "bn1", [net.stem, 3, 7, 7], rng)?;
         for b in net.blocks() {
             let p = &b.prefix;
-            net.add_conv_bn(&format!("{p}.conv1"), &format!("{p}.bn1"), [b.out_ch, b.in_ch, 3, 3], rng)?;
-            net.add_conv_bn(&format!("{p}.conv2"), &format!("{p}.bn2"), [b.out_ch, b.out_ch, 3, 3], rng)?;
+            net.add_conv_bn(
+                &format!("{p}.conv1"),
+                &format!("{p}.bn1"),
+                [b.out_ch, b.in_ch, 3, 3],
+                rng,
+            )?;
+            net.add_conv_bn(
+                &format!("{p}.conv2"),
+                &format!("{p}.bn2"),
+                [b.out_ch, b.out_ch, 3, 3],
+                rng,
+            )?;
             if b.downsample {
-                net.add_conv_bn(&format!("{p}.downsample.0"), &format!("{p}.downsample.1"), [b.out_ch, b.in_ch, 1, 1], rng)?;
+                net.add_conv_bn(
+                    &format!("{p}.downsample.0"),
+                    &format!("{p}.downsample.1"),
+                    [b.out_ch, b.in_ch, 1, 1],
+                    rng,
+                )?;
             }
         }
         // torchvision's nn.Linear init: U(-1/sqrt(in), 1/sqrt(in)) for weight and bias.
         let fan_in = net.widths[3];
         let bound = 1.0 / (fan_in as f32).sqrt();
-        let w: Vec<f32> = (0..num_classes * fan_in).map(|_| rng.random_range(-bound..bound)).collect();
+        let w: Vec<f32> =
+            (0..num_classes * fan_in).map(|_| rng.random_range(-bound..bound)).collect();
         let b: Vec<f32> = (0..num_classes).map(|_| rng.random_range(-bound..bound)).collect();
         net.add_param("fc.weight", Tensor::from_vec(w, (num_classes, fan_in), device)?)?;
         net.add_param("fc.bias", Tensor::from_vec(b, num_classes, device)?)?;
@@ -842,7 +940,13 @@ impl TrainNet {
             for b in 0..self.layers[s] {
                 let stride = if s > 0 && b == 0 { 2 } else { 1 };
                 let out_ch = self.widths[s];
-                out.push(BlockInfo { prefix: format!("layer{}.{b}", s + 1), in_ch, out_ch, stride, downsample: stride != 1 || in_ch != out_ch });
+                out.push(BlockInfo {
+                    prefix: format!("layer{}.{b}", s + 1),
+                    in_ch,
+                    out_ch,
+                    stride,
+                    downsample: stride != 1 || in_ch != out_ch,
+                });
                 in_ch = out_ch;
             }
         }
@@ -851,40 +955,76 @@ impl TrainNet {
 
     fn add_param(&mut self, name: &str, value: Tensor) -> Result<(), TrainError> {
         let var = Var::from_tensor(&value)?;
-        self.varmap.data().lock().expect("the VarMap lock is never poisoned").insert(name.to_string(), var.clone());
+        self.varmap
+            .data()
+            .lock()
+            .expect("the VarMap lock is never poisoned")
+            .insert(name.to_string(), var.clone());
         self.params.insert(name.to_string(), var);
         Ok(())
     }
 
     /// Kaiming-normal (fan_out, ReLU) convolution weights as torchvision; BN gamma 1, beta 0.
-    fn add_conv_bn(&mut self, conv: &str, bn: &str, shape: [usize; 4], rng: &mut ChaCha8Rng) -> Result<(), TrainError> {
+    fn add_conv_bn(
+        &mut self,
+        conv: &str,
+        bn: &str,
+        shape: [usize; 4],
+        rng: &mut ChaCha8Rng,
+    ) -> Result<(), TrainError> {
         let fan_out = shape[0] * shape[2] * shape[3];
         let std = (2.0 / fan_out as f32).sqrt();
         let n: usize = shape.iter().product();
-        let w: Vec<f32> = (0..n).map(|_| std * Distribution::<f32>::sample(&StandardNormal, rng)).collect::<Vec<f32>>();
+        let w: Vec<f32> = (0..n)
+            .map(|_| std * Distribution::<f32>::sample(&StandardNormal, rng))
+            .collect::<Vec<f32>>();
         let out = shape[0];
         self.add_param(&format!("{conv}.weight"), Tensor::from_vec(w, &shape, &self.device)?)?;
         self.add_param(&format!("{bn}.weight"), Tensor::ones(out, DType::F32, &self.device)?)?;
         self.add_param(&format!("{bn}.bias"), Tensor::zeros(out, DType::F32, &self.device)?)?;
-        self.running.insert(bn.to_string(), (Tensor::zeros(out, DType::F32, &self.device)?, Tensor::ones(out, DType::F32, &self.device)?));
+        self.running.insert(
+            bn.to_string(),
+            (
+                Tensor::zeros(out, DType::F32, &self.device)?,
+                Tensor::ones(out, DType::F32, &self.device)?,
+            ),
+        );
         Ok(())
     }
 
     fn param(&self, name: &str) -> &Tensor {
-        self.params.get(name).unwrap_or_else(|| panic!("parameter {name} exists by construction")).as_tensor()
+        self.params
+            .get(name)
+            .unwrap_or_else(|| panic!("parameter {name} exists by construction"))
+            .as_tensor()
     }
 
     /// (weights that decay: convolutions and fc.weight; the rest: BN affine and fc.bias)
     fn param_groups(&self) -> (Vec<Var>, Vec<Var>) {
-        let (decay, rest): (Vec<_>, Vec<_>) =
-            self.params.iter().partition(|(name, _)| name.as_str() == "fc.weight" || self.param(name).rank() == 4);
-        (decay.into_iter().map(|(_, v)| v.clone()).collect(), rest.into_iter().map(|(_, v)| v.clone()).collect())
+        let (decay, rest): (Vec<_>, Vec<_>) = self
+            .params
+            .iter()
+            .partition(|(name, _)| name.as_str() == "fc.weight" || self.param(name).rank() == 4);
+        (
+            decay.into_iter().map(|(_, v)| v.clone()).collect(),
+            rest.into_iter().map(|(_, v)| v.clone()).collect(),
+        )
     }
 
-    fn bn(&self, y: &Tensor, name: &str, train: bool, stats: &mut Vec<BnStat>) -> candle_core::Result<Tensor> {
+    fn bn(
+        &self,
+        y: &Tensor,
+        name: &str,
+        train: bool,
+        stats: &mut Vec<BnStat>,
+    ) -> candle_core::Result<Tensor> {
         let c = y.dim(1)?;
         if train {
-            let (out, moments) = ops::batch_norm_train(y, self.param(&format!("{name}.weight")), self.param(&format!("{name}.bias")))?;
+            let (out, moments) = ops::batch_norm_train(
+                y,
+                self.param(&format!("{name}.weight")),
+                self.param(&format!("{name}.bias")),
+            )?;
             stats.push(BnStat {
                 name: name.to_string(),
                 mean: Tensor::from_vec(moments.mean, c, &self.device)?,
@@ -900,7 +1040,16 @@ impl TrainNet {
         y.broadcast_sub(&m.reshape((1, c, 1, 1))?)?.broadcast_mul(&scale)?.broadcast_add(&beta)
     }
 
-    fn conv_bn(&self, x: &Tensor, conv: &str, bn: &str, stride: usize, padding: usize, train: bool, stats: &mut Vec<BnStat>) -> candle_core::Result<Tensor> {
+    fn conv_bn(
+        &self,
+        x: &Tensor,
+        conv: &str,
+        bn: &str,
+        stride: usize,
+        padding: usize,
+        train: bool,
+        stats: &mut Vec<BnStat>,
+    ) -> candle_core::Result<Tensor> {
         let weight = self.param(&format!("{conv}.weight"));
         let y = ops::conv2d(x, weight, stride, padding)?;
         self.bn(&y, bn, train, stats)
@@ -921,10 +1070,36 @@ impl TrainNet {
                 let b = &blocks[index];
                 index += 1;
                 let p = &b.prefix;
-                let y = self.conv_bn(&h, &format!("{p}.conv1"), &format!("{p}.bn1"), b.stride, 1, train, &mut stats)?.relu()?;
-                let y = self.conv_bn(&y, &format!("{p}.conv2"), &format!("{p}.bn2"), 1, 1, train, &mut stats)?;
+                let y = self
+                    .conv_bn(
+                        &h,
+                        &format!("{p}.conv1"),
+                        &format!("{p}.bn1"),
+                        b.stride,
+                        1,
+                        train,
+                        &mut stats,
+                    )?
+                    .relu()?;
+                let y = self.conv_bn(
+                    &y,
+                    &format!("{p}.conv2"),
+                    &format!("{p}.bn2"),
+                    1,
+                    1,
+                    train,
+                    &mut stats,
+                )?;
                 let shortcut = if b.downsample {
-                    self.conv_bn(&h, &format!("{p}.downsample.0"), &format!("{p}.downsample.1"), b.stride, 0, train, &mut stats)?
+                    self.conv_bn(
+                        &h,
+                        &format!("{p}.downsample.0"),
+                        &format!("{p}.downsample.1"),
+                        b.stride,
+                        0,
+                        train,
+                        &mut stats,
+                    )?
                 } else {
                     h.clone()
                 };
@@ -936,7 +1111,8 @@ impl TrainNet {
             taps.push(h.clone());
         }
         let pooled = h.mean(D::Minus1)?.mean(D::Minus1)?;
-        let logits = pooled.matmul(&self.param("fc.weight").t()?)?.broadcast_add(self.param("fc.bias"))?;
+        let logits =
+            pooled.matmul(&self.param("fc.weight").t()?)?.broadcast_add(self.param("fc.bias"))?;
         Ok(Pass { logits, pre, taps, stats })
     }
 
@@ -973,13 +1149,21 @@ impl TrainNet {
         for (bn, (m, v)) in &self.running {
             out.insert(format!("{bn}.running_mean"), m.copy()?);
             out.insert(format!("{bn}.running_var"), v.copy()?);
-            out.insert(format!("{bn}.num_batches_tracked"), Tensor::new(self.batches_tracked, &self.device)?);
+            out.insert(
+                format!("{bn}.num_batches_tracked"),
+                Tensor::new(self.batches_tracked, &self.device)?,
+            );
         }
         Ok(out)
     }
 
     fn config_json(&self, config: &TargetTraining) -> serde_json::Value {
-        let labels: Vec<String> = (0..self.num_classes).map(|i| class_of(i).map_or(format!("class {i}"), |(c, s)| format!("{} {}", c.name(), s.name()))).collect();
+        let labels: Vec<String> = (0..self.num_classes)
+            .map(|i| {
+                class_of(i)
+                    .map_or(format!("class {i}"), |(c, s)| format!("{} {}", c.name(), s.name()))
+            })
+            .collect();
         serde_json::json!({
             "architecture": "resnet",
             "block": "basic",
@@ -1005,14 +1189,21 @@ impl TrainNet {
 /// `plant_scale` x coverage on covered cells, and the ReLU'd map's square elsewhere (a
 /// channel may stay negative where its concept is absent); covered cells weigh
 /// `1 + positive_weight`. Mean over cells and images, weighted mean over channels.
-fn plant_loss(config: &TargetTraining, groups: &[PlantGroup], pass: &Pass, batch: &Batch, device: &Device) -> candle_core::Result<Tensor> {
+fn plant_loss(
+    config: &TargetTraining,
+    groups: &[PlantGroup],
+    pass: &Pass,
+    batch: &Batch,
+    device: &Device,
+) -> candle_core::Result<Tensor> {
     let total_weight: f32 = config.planted.iter().map(|p| p.weight).sum();
     let mut loss = Tensor::zeros((), DType::F32, device)?;
     if total_weight <= 0.0 {
         return Ok(loss);
     }
     for (group, (target, covered)) in groups.iter().zip(&batch.targets) {
-        let neurons: Vec<u32> = group.specs.iter().map(|&i| config.planted[i].neuron as u32).collect();
+        let neurons: Vec<u32> =
+            group.specs.iter().map(|&i| config.planted[i].neuron as u32).collect();
         let weights: Vec<f32> = group.specs.iter().map(|&i| config.planted[i].weight).collect();
         let p = neurons.len();
         let ids = Tensor::from_vec(neurons, p, device)?;
@@ -1095,7 +1286,9 @@ pub struct TrainingReport {
 }
 
 fn fnv1a64(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
+    bytes
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
 }
 
 fn pearson(x: &[f64], y: &[f64]) -> f64 {
@@ -1174,10 +1367,20 @@ struct EvalImage {
     masks: Vec<Mask>,
 }
 
-fn eval_image(config: &TargetTraining, pre: &Preprocess, index: usize, side: u32) -> Result<EvalImage, TrainError> {
-    let scene = Scene::sample(&mut ChaCha8Rng::seed_from_u64(derive(&[config.seed, PURPOSE_EVAL, index as u64])));
+fn eval_image(
+    config: &TargetTraining,
+    pre: &Preprocess,
+    index: usize,
+    side: u32,
+) -> Result<EvalImage, TrainError> {
+    let scene = Scene::sample(&mut ChaCha8Rng::seed_from_u64(derive(&[
+        config.seed,
+        PURPOSE_EVAL,
+        index as u64,
+    ])));
     let rendered = render(&scene, side, side);
-    let masks = config.planted.iter().map(|p| p.mask(&scene, &rendered)).collect::<Result<_, _>>()?;
+    let masks =
+        config.planted.iter().map(|p| p.mask(&scene, &rendered)).collect::<Result<_, _>>()?;
     Ok(EvalImage { input: pre.apply(&rendered.image), label: label_of(&scene, &rendered), masks })
 }
 
@@ -1197,7 +1400,10 @@ fn ratio(a: u64, b: u64) -> f32 {
 }
 
 /// Accuracy and planted-channel quality of the loaded checkpoint.
-fn evaluate(config: &TargetTraining, model: &TargetModel) -> Result<(f32, f32, Vec<PlantedQuality>), TrainError> {
+fn evaluate(
+    config: &TargetTraining,
+    model: &TargetModel,
+) -> Result<(f32, f32, Vec<PlantedQuality>), TrainError> {
     let pre = &model.preprocess;
     let side = config.eval_render_size;
     let s = config.size as usize;
@@ -1209,8 +1415,15 @@ fn evaluate(config: &TargetTraining, model: &TargetModel) -> Result<(f32, f32, V
     for start in (0..config.eval_images).step_by(chunk) {
         let indices: Vec<usize> = (start..(start + chunk).min(config.eval_images)).collect();
         let n = indices.len();
-        let images: Vec<EvalImage> = indices.par_iter().map(|&i| eval_image(config, pre, i, side)).collect::<Result<_, _>>()?;
-        let x = Tensor::from_vec(images.iter().flat_map(|e| e.input.iter().copied()).collect::<Vec<f32>>(), (n, 3, s, s), &model.device)?;
+        let images: Vec<EvalImage> = indices
+            .par_iter()
+            .map(|&i| eval_image(config, pre, i, side))
+            .collect::<Result<_, _>>()?;
+        let x = Tensor::from_vec(
+            images.iter().flat_map(|e| e.input.iter().copied()).collect::<Vec<f32>>(),
+            (n, 3, s, s),
+            &model.device,
+        )?;
         let outs = model.forward_taps(&x, &taps)?;
         let predictions = outs[2].argmax(D::Minus1)?.to_vec1::<u32>()?;
         correct += predictions.iter().zip(&images).filter(|(p, e)| **p == e.label).count();
@@ -1221,15 +1434,21 @@ fn evaluate(config: &TargetTraining, model: &TargetModel) -> Result<(f32, f32, V
             .par_iter()
             .enumerate()
             .map(|(k, spec)| {
-                let (maps, g) = if spec.layer == 3 { (&l3, config.map_size(3)) } else { (&l4, config.map_size(4)) };
+                let (maps, g) = if spec.layer == 3 {
+                    (&l3, config.map_size(3))
+                } else {
+                    (&l4, config.map_size(4))
+                };
                 let mut t = ChannelTally::default();
                 for (b, image) in images.iter().enumerate() {
                     let map = &maps[b][spec.neuron];
-                    t.pooled.push(map.iter().map(|&v| f64::from(v)).sum::<f64>() / map.len() as f64);
+                    t.pooled
+                        .push(map.iter().map(|&v| f64::from(v)).sum::<f64>() / map.len() as f64);
                     let mask = &image.masks[k];
                     t.area.push(mask.count() as f64 / (side as f64 * side as f64));
                     let up = upsample_bilinear(map, g, side as usize);
-                    let ideal: Vec<f32> = cell_fractions(mask, g).iter().map(|f| f * config.plant_scale).collect();
+                    let ideal: Vec<f32> =
+                        cell_fractions(mask, g).iter().map(|f| f * config.plant_scale).collect();
                     let ideal = upsample_bilinear(&ideal, g, side as usize);
                     for ((&on, &v), &o) in mask.as_slice().iter().zip(&up).zip(&ideal) {
                         let (hit, oracle) = (v > threshold, o > threshold);
@@ -1251,8 +1470,15 @@ fn evaluate(config: &TargetTraining, model: &TargetModel) -> Result<(f32, f32, V
             tally.oracle_union += u.oracle_union;
         }
         // The same scenes rendered at the model's own size.
-        let native: Vec<EvalImage> = indices.par_iter().map(|&i| eval_image(config, pre, i, config.size)).collect::<Result<_, _>>()?;
-        let x = Tensor::from_vec(native.iter().flat_map(|e| e.input.iter().copied()).collect::<Vec<f32>>(), (n, 3, s, s), &model.device)?;
+        let native: Vec<EvalImage> = indices
+            .par_iter()
+            .map(|&i| eval_image(config, pre, i, config.size))
+            .collect::<Result<_, _>>()?;
+        let x = Tensor::from_vec(
+            native.iter().flat_map(|e| e.input.iter().copied()).collect::<Vec<f32>>(),
+            (n, 3, s, s),
+            &model.device,
+        )?;
         let logits = &model.forward_taps(&x, &[Tap::Fc])?[0];
         let predictions = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
         correct_native += predictions.iter().zip(&native).filter(|(p, e)| **p == e.label).count();
@@ -1264,7 +1490,13 @@ fn evaluate(config: &TargetTraining, model: &TargetModel) -> Result<(f32, f32, V
         .map(|(spec, t)| {
             let present: Vec<bool> = t.area.iter().map(|&a| a >= 0.01).collect();
             let mean_where = |want: bool| {
-                let v: Vec<f64> = t.pooled.iter().zip(&present).filter(|(_, p)| **p == want).map(|(v, _)| *v).collect();
+                let v: Vec<f64> = t
+                    .pooled
+                    .iter()
+                    .zip(&present)
+                    .filter(|(_, p)| **p == want)
+                    .map(|(v, _)| *v)
+                    .collect();
                 if v.is_empty() { 0.0 } else { (v.iter().sum::<f64>() / v.len() as f64) as f32 }
             };
             PlantedQuality {
@@ -1272,7 +1504,8 @@ fn evaluate(config: &TargetTraining, model: &TargetModel) -> Result<(f32, f32, V
                 neuron: spec.neuron,
                 kind: spec.kind,
                 description: spec.description(),
-                prevalence: (t.area.iter().filter(|&&a| a > 0.0).count() as f64 / t.area.len() as f64) as f32,
+                prevalence: (t.area.iter().filter(|&&a| a > 0.0).count() as f64
+                    / t.area.len() as f64) as f32,
                 iou: ratio(t.intersection, t.union),
                 oracle_iou: ratio(t.oracle_intersection, t.oracle_union),
                 pearson: pearson(&t.pooled, &t.area) as f32,
@@ -1305,13 +1538,22 @@ pub struct StepLog {
 
 /// Trains the target network and writes the checkpoint directory `out_dir`
 /// (model.safetensors, config.json, planted.json, train.json). `progress` sees every step.
-pub fn train_target(config: &TargetTraining, out_dir: &Path, mut progress: impl FnMut(&StepLog)) -> Result<TrainingReport, TrainError> {
+pub fn train_target(
+    config: &TargetTraining,
+    out_dir: &Path,
+    mut progress: impl FnMut(&StepLog),
+) -> Result<TrainingReport, TrainError> {
     config.validate()?;
     let start = Instant::now();
     let device = Device::Cpu;
     let groups = plant_groups(config);
     let pre = config.preprocess();
-    let mut net = TrainNet::new(config, NUM_CLASSES, &mut ChaCha8Rng::seed_from_u64(derive(&[config.seed, PURPOSE_INIT])), &device)?;
+    let mut net = TrainNet::new(
+        config,
+        NUM_CLASSES,
+        &mut ChaCha8Rng::seed_from_u64(derive(&[config.seed, PURPOSE_INIT])),
+        &device,
+    )?;
     let (decay, no_decay) = net.param_groups();
     let adam = |weight_decay| ParamsAdamW { lr: config.lr, weight_decay, ..ParamsAdamW::default() };
     let mut opt_decay = AdamW::new(decay, adam(config.weight_decay))?;
@@ -1326,7 +1568,13 @@ pub fn train_target(config: &TargetTraining, out_dir: &Path, mut progress: impl 
         let (groups_ref, pre_ref, device_ref) = (&groups, &pre, &device);
         scope.spawn(move || {
             for step in 0..config.steps {
-                let batch = make_batch(config, pre_ref, groups_ref, &training_seeds(config, step), device_ref);
+                let batch = make_batch(
+                    config,
+                    pre_ref,
+                    groups_ref,
+                    &training_seeds(config, step),
+                    device_ref,
+                );
                 if tx.send(batch).is_err() {
                     break;
                 }
@@ -1353,47 +1601,71 @@ pub fn train_target(config: &TargetTraining, out_dir: &Path, mut progress: impl 
             timing[1] += (t_bwd - t_fwd).as_secs_f64();
             timing[2] += (t_opt - t_bwd).as_secs_f64();
             timing[3] += t_opt.elapsed().as_secs_f64();
-            let values = [loss.to_scalar::<f32>()?, ce.to_scalar::<f32>()?, plant.to_scalar::<f32>()?];
+            let values =
+                [loss.to_scalar::<f32>()?, ce.to_scalar::<f32>()?, plant.to_scalar::<f32>()?];
             if !values.iter().all(|v| v.is_finite()) {
                 return Err(TrainError::Diverged { step, loss: values[0] });
             }
             history.push(values);
-            progress(&StepLog { step, steps: config.steps, loss: values[0], ce: values[1], plant: values[2], lr, seconds: start.elapsed().as_secs_f64() });
+            progress(&StepLog {
+                step,
+                steps: config.steps,
+                loss: values[0],
+                ce: values[1],
+                plant: values[2],
+                lr,
+                seconds: start.elapsed().as_secs_f64(),
+            });
         }
         Ok(())
     })?;
     let train_seconds = start.elapsed().as_secs_f64();
 
     // Recalibrate BatchNorm on one large batch of the training distribution, then export.
-    let calibration: Vec<u64> = (0..config.calibration_images).map(|i| derive(&[config.seed, PURPOSE_CALIBRATE, i as u64])).collect();
+    let calibration: Vec<u64> = (0..config.calibration_images)
+        .map(|i| derive(&[config.seed, PURPOSE_CALIBRATE, i as u64]))
+        .collect();
     let batch = make_batch(config, &pre, &groups, &calibration, &device)?;
     net.calibrate(&batch.images)?;
-    fs::create_dir_all(out_dir).map_err(|source| TrainError::Io { path: out_dir.into(), source })?;
+    fs::create_dir_all(out_dir)
+        .map_err(|source| TrainError::Io { path: out_dir.into(), source })?;
     let weights = out_dir.join("model.safetensors");
     candle_core::safetensors::save(&net.state_dict()?, &weights)?;
     write_json(&out_dir.join("config.json"), &net.config_json(config))?;
-    let mut neurons: Vec<PlantedNeuron> = config.planted.iter().map(PlantedSpec::to_neuron).collect();
+    let mut neurons: Vec<PlantedNeuron> =
+        config.planted.iter().map(PlantedSpec::to_neuron).collect();
     neurons.extend(class_neurons());
     write_planted(out_dir, &neurons)?;
     let export_seconds = start.elapsed().as_secs_f64() - train_seconds;
 
     // Evaluate what dnd will load.
     let model = TargetModel::load(&ModelRef::Local(out_dir.to_path_buf()), &device)?;
-    let probe: Vec<EvalImage> = (0..8).map(|i| eval_image(config, &pre, i, config.eval_render_size)).collect::<Result<_, _>>()?;
+    let probe: Vec<EvalImage> = (0..8)
+        .map(|i| eval_image(config, &pre, i, config.eval_render_size))
+        .collect::<Result<_, _>>()?;
     let s = config.size as usize;
-    let x = Tensor::from_vec(probe.iter().flat_map(|e| e.input.iter().copied()).collect::<Vec<f32>>(), (probe.len(), 3, s, s), &device)?;
+    let x = Tensor::from_vec(
+        probe.iter().flat_map(|e| e.input.iter().copied()).collect::<Vec<f32>>(),
+        (probe.len(), 3, s, s),
+        &device,
+    )?;
     let export_max_abs_diff = export_difference(&net, &model, &x)?;
     let (accuracy, accuracy_native, planted) = evaluate(config, &model)?;
     let eval_seconds = start.elapsed().as_secs_f64() - train_seconds - export_seconds;
 
     let tail = &history[history.len().saturating_sub(50)..];
-    let mean_of = |k: usize, rows: &[[f32; 3]]| rows.iter().map(|r| r[k]).sum::<f32>() / rows.len().max(1) as f32;
+    let mean_of = |k: usize, rows: &[[f32; 3]]| {
+        rows.iter().map(|r| r[k]).sum::<f32>() / rows.len().max(1) as f32
+    };
     let loss_curve = history
         .chunks(50)
         .enumerate()
-        .map(|(i, rows)| [(i * 50 + rows.len() - 1) as f32, mean_of(0, rows), mean_of(1, rows), mean_of(2, rows)])
+        .map(|(i, rows)| {
+            [(i * 50 + rows.len() - 1) as f32, mean_of(0, rows), mean_of(1, rows), mean_of(2, rows)]
+        })
         .collect();
-    let bytes = fs::read(&weights).map_err(|source| TrainError::Io { path: weights.clone(), source })?;
+    let bytes =
+        fs::read(&weights).map_err(|source| TrainError::Io { path: weights.clone(), source })?;
     let report = TrainingReport {
         config: config.clone(),
         command: REGENERATE_COMMAND.to_string(),
@@ -1467,8 +1739,11 @@ mod tests {
         let config = tiny();
         let dev = Device::Cpu;
         let groups = plant_groups(&config);
-        let net = TrainNet::new(&config, NUM_CLASSES, &mut ChaCha8Rng::seed_from_u64(1), &dev).unwrap();
-        let batch = make_batch(&config, &config.preprocess(), &groups, &training_seeds(&config, 0), &dev).unwrap();
+        let net =
+            TrainNet::new(&config, NUM_CLASSES, &mut ChaCha8Rng::seed_from_u64(1), &dev).unwrap();
+        let batch =
+            make_batch(&config, &config.preprocess(), &groups, &training_seeds(&config, 0), &dev)
+                .unwrap();
         let pass = net.forward(&batch.images, true).unwrap();
         let ce = candle_nn::loss::cross_entropy(&pass.logits, &batch.labels).unwrap();
         let plant = plant_loss(&config, &groups, &pass, &batch, &dev).unwrap();
@@ -1495,26 +1770,44 @@ mod tests {
         let first = losses[..5].iter().sum::<f32>() / 5.0;
         let last = losses[losses.len() - 5..].iter().sum::<f32>() / 5.0;
         assert!(last < first * 0.85, "loss {first} -> {last}");
-        assert!(report.export_max_abs_diff < 1e-3, "export differs by {}", report.export_max_abs_diff);
+        assert!(
+            report.export_max_abs_diff < 1e-3,
+            "export differs by {}",
+            report.export_max_abs_diff
+        );
 
         // dnd loads it unchanged, with the preprocessing of training.
-        let model = TargetModel::load(&ModelRef::Local(dir.path().to_path_buf()), &Device::Cpu).unwrap();
+        let model =
+            TargetModel::load(&ModelRef::Local(dir.path().to_path_buf()), &Device::Cpu).unwrap();
         assert_eq!(model.preprocess, config.preprocess());
         assert_eq!(model.tap_width(Tap::Fc), NUM_CLASSES);
         assert_eq!(model.tap_width(Tap::Layer(4)), 8);
         let planted = read_planted(dir.path()).unwrap();
         assert_eq!(planted.len(), config.planted.len() + NUM_CLASSES);
-        let json: TrainingReport = serde_json::from_str(&fs::read_to_string(dir.path().join("train.json")).unwrap()).unwrap();
+        let json: TrainingReport =
+            serde_json::from_str(&fs::read_to_string(dir.path().join("train.json")).unwrap())
+                .unwrap();
         assert_eq!(json.config, config);
         assert_eq!(json.planted.len(), config.planted.len());
-        let tensors = candle_core::safetensors::load(dir.path().join("model.safetensors"), &Device::Cpu).unwrap();
+        let tensors =
+            candle_core::safetensors::load(dir.path().join("model.safetensors"), &Device::Cpu)
+                .unwrap();
         assert!(tensors.contains_key("layer2.0.downsample.1.running_var"));
-        assert_eq!(tensors["bn1.num_batches_tracked"].to_scalar::<i64>().unwrap(), config.steps as i64);
+        assert_eq!(
+            tensors["bn1.num_batches_tracked"].to_scalar::<i64>().unwrap(),
+            config.steps as i64
+        );
     }
 
     #[test]
     fn same_seed_same_weights() {
-        let config = TargetTraining { steps: 4, eval_images: 4, calibration_images: 8, batch_size: 8, ..tiny() };
+        let config = TargetTraining {
+            steps: 4,
+            eval_images: 4,
+            calibration_images: 8,
+            batch_size: 8,
+            ..tiny()
+        };
         let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let ra = train_target(&config, a.path(), |_| {}).unwrap();
         let rb = train_target(&config, b.path(), |_| {}).unwrap();
@@ -1528,7 +1821,8 @@ mod tests {
     #[test]
     fn planted_table_round_trips_and_names_world_concepts() {
         let dir = tempfile::tempdir().unwrap();
-        let mut neurons: Vec<PlantedNeuron> = default_planted().iter().map(PlantedSpec::to_neuron).collect();
+        let mut neurons: Vec<PlantedNeuron> =
+            default_planted().iter().map(PlantedSpec::to_neuron).collect();
         neurons.extend(class_neurons());
         write_planted(dir.path(), &neurons).unwrap();
         assert_eq!(read_planted(dir.path()).unwrap(), neurons);
@@ -1539,14 +1833,39 @@ mod tests {
         let text = fs::read_to_string(dir.path().join("planted.json")).unwrap();
         assert!(text.contains(r#""kind": "and_not""#), "{text}");
         let descriptions: Vec<&str> = neurons.iter().map(|n| n.description.as_str()).collect();
-        for expected in ["red objects", "checkerboard background", "blue squares", "yellow objects or purple objects", "dotted orange objects", "striped rings", "pink objects that are not circles", "squares that are not solid"] {
+        for expected in [
+            "red objects",
+            "checkerboard background",
+            "blue squares",
+            "yellow objects or purple objects",
+            "dotted orange objects",
+            "striped rings",
+            "pink objects that are not circles",
+            "squares that are not solid",
+        ] {
             assert!(descriptions.contains(&expected), "{expected} not in {descriptions:?}");
         }
         let fc = &neurons[default_planted().len() + 7];
-        assert_eq!((fc.layer.as_str(), fc.neuron, fc.concepts.clone()), ("fc", 7, vec!["orange square".to_string()]));
-        assert_eq!(fc.description, "the largest object is a orange square".replace(" a o", " an o"));
-        let counts = |k: PlantedKind| default_planted().iter().filter(|p| p.layer == 4 && p.kind == k).count();
-        assert_eq!([counts(PlantedKind::Single), counts(PlantedKind::Or), counts(PlantedKind::And), counts(PlantedKind::AndNot)], [6, 2, 2, 2]);
+        assert_eq!(
+            (fc.layer.as_str(), fc.neuron, fc.concepts.clone()),
+            ("fc", 7, vec!["orange square".to_string()])
+        );
+        assert_eq!(
+            fc.description,
+            "the largest object is a orange square".replace(" a o", " an o")
+        );
+        let counts = |k: PlantedKind| {
+            default_planted().iter().filter(|p| p.layer == 4 && p.kind == k).count()
+        };
+        assert_eq!(
+            [
+                counts(PlantedKind::Single),
+                counts(PlantedKind::Or),
+                counts(PlantedKind::And),
+                counts(PlantedKind::AndNot)
+            ],
+            [6, 2, 2, 2]
+        );
         TargetTraining::default().validate().unwrap();
     }
 
@@ -1557,16 +1876,28 @@ mod tests {
     fn the_committed_zoo_model_matches_the_defaults() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("zoo/target");
         let config = TargetTraining::default();
-        let report: TrainingReport = serde_json::from_str(&fs::read_to_string(dir.join("train.json")).unwrap()).unwrap();
-        assert_eq!(report.config, config, "zoo/target was trained with other settings: regenerate it ({REGENERATE_COMMAND})");
-        let mut expected: Vec<PlantedNeuron> = config.planted.iter().map(PlantedSpec::to_neuron).collect();
+        let report: TrainingReport =
+            serde_json::from_str(&fs::read_to_string(dir.join("train.json")).unwrap()).unwrap();
+        assert_eq!(
+            report.config, config,
+            "zoo/target was trained with other settings: regenerate it ({REGENERATE_COMMAND})"
+        );
+        let mut expected: Vec<PlantedNeuron> =
+            config.planted.iter().map(PlantedSpec::to_neuron).collect();
         expected.extend(class_neurons());
         assert_eq!(read_planted(&dir).unwrap(), expected);
         let bytes = fs::read(dir.join("model.safetensors")).unwrap();
         assert_eq!(format!("{:016x}", fnv1a64(&bytes)), report.weights_fnv1a64);
         let model = TargetModel::load(&ModelRef::Local(dir), &Device::Cpu).unwrap();
         assert_eq!(model.preprocess, config.preprocess());
-        assert_eq!([model.tap_width(Tap::Layer(3)), model.tap_width(Tap::Layer(4)), model.tap_width(Tap::Fc)], [96, 192, NUM_CLASSES]);
+        assert_eq!(
+            [
+                model.tap_width(Tap::Layer(3)),
+                model.tap_width(Tap::Layer(4)),
+                model.tap_width(Tap::Fc)
+            ],
+            [96, 192, NUM_CLASSES]
+        );
         assert!(bytes.len() < 10 << 20);
     }
 
@@ -1593,7 +1924,10 @@ mod tests {
         let f = cell_fractions(&m, 3);
         assert_eq!(f, vec![1.0, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
         let config = TargetTraining::default();
-        assert_eq!([config.map_size(1), config.map_size(2), config.map_size(3), config.map_size(4)], [24, 12, 6, 3]);
+        assert_eq!(
+            [config.map_size(1), config.map_size(2), config.map_size(3), config.map_size(4)],
+            [24, 12, 6, 3]
+        );
     }
 
     #[test]

@@ -49,7 +49,12 @@ impl Params {
         };
         let var = Var::from_tensor(&Tensor::from_vec(values, dims, &self.device)?)?;
         let tensor = var.as_tensor().clone();
-        let previous = self.varmap.data().lock().expect("the var map lock is never poisoned").insert(name.to_string(), var);
+        let previous = self
+            .varmap
+            .data()
+            .lock()
+            .expect("the var map lock is never poisoned")
+            .insert(name.to_string(), var);
         if previous.is_some() {
             candle_core::bail!("parameter {name} is defined twice");
         }
@@ -57,8 +62,13 @@ impl Params {
     }
 
     pub fn linear(&mut self, name: &str, input: usize, output: usize, bias: bool) -> Result<Lin> {
-        let weight = self.get(&format!("{name}.weight"), &[output, input], Init::Normal(INIT_STD))?;
-        let bias = if bias { Some(self.get(&format!("{name}.bias"), &[output], Init::Zeros)?) } else { None };
+        let weight =
+            self.get(&format!("{name}.weight"), &[output, input], Init::Normal(INIT_STD))?;
+        let bias = if bias {
+            Some(self.get(&format!("{name}.bias"), &[output], Init::Zeros)?)
+        } else {
+            None
+        };
         Ok(Lin { weight, bias })
     }
 
@@ -164,7 +174,13 @@ fn split_heads(y: &Tensor, heads: usize) -> Result<Tensor> {
 
 /// Scaled dot-product attention of `q: (B, T, D)` over `k, v: (B, S, D)` with `heads`
 /// heads and an additive `mask` broadcastable to `(B, heads, T, S)`; differentiable softmax.
-pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<&Tensor>) -> Result<Tensor> {
+pub(crate) fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
     let (b, t, d) = q.dims3()?;
     let hd = d / heads;
     let (q, k, v) = (split_heads(q, heads)?, split_heads(k, heads)?, split_heads(v, heads)?);
@@ -178,7 +194,9 @@ pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: 
 
 /// An additive causal mask `(1, 1, T, T)`: 0 on and below the diagonal, -inf above.
 pub(crate) fn causal_mask(t: usize, device: &Device) -> Result<Tensor> {
-    let mask: Vec<f32> = (0..t).flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 })).collect();
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
     Tensor::from_vec(mask, (1, 1, t, t), device)
 }
 
@@ -211,11 +229,21 @@ pub(crate) struct EncoderLayer {
 }
 
 impl EncoderLayer {
-    pub fn new(p: &mut Params, name: &str, s: &TowerSize, eps: f64, act: Act, fused: bool) -> Result<Self> {
+    pub fn new(
+        p: &mut Params,
+        name: &str,
+        s: &TowerSize,
+        eps: f64,
+        act: Act,
+        fused: bool,
+    ) -> Result<Self> {
         let h = s.hidden;
         let a = format!("{name}.self_attn");
         let (qkv, out) = if fused {
-            (Qkv::Fused(p.linear(&format!("{a}.qkv"), h, 3 * h, true)?), p.linear(&format!("{a}.projection"), h, h, true)?)
+            (
+                Qkv::Fused(p.linear(&format!("{a}.qkv"), h, 3 * h, true)?),
+                p.linear(&format!("{a}.projection"), h, h, true)?,
+            )
         } else {
             let q = p.linear(&format!("{a}.q_proj"), h, h, true)?;
             let k = p.linear(&format!("{a}.k_proj"), h, h, true)?;
@@ -240,7 +268,11 @@ impl EncoderLayer {
             Qkv::Fused(l) => {
                 let all = l.forward(&y)?;
                 let h = x.dim(D::Minus1)?;
-                (all.narrow(D::Minus1, 0, h)?, all.narrow(D::Minus1, h, h)?, all.narrow(D::Minus1, 2 * h, h)?)
+                (
+                    all.narrow(D::Minus1, 0, h)?,
+                    all.narrow(D::Minus1, h, h)?,
+                    all.narrow(D::Minus1, 2 * h, h)?,
+                )
             }
             Qkv::Separate(q, k, v) => (q.forward(&y)?, k.forward(&y)?, v.forward(&y)?),
         };
@@ -276,26 +308,55 @@ pub(crate) struct VisionTower {
 
 impl VisionTower {
     /// `name` is the tower's prefix (`vision_model`).
-    pub fn new(p: &mut Params, name: &str, s: &TowerSize, image: usize, patch: usize, eps: f64, act: Act, style: VisionStyle) -> Result<Self> {
+    pub fn new(
+        p: &mut Params,
+        name: &str,
+        s: &TowerSize,
+        image: usize,
+        patch: usize,
+        eps: f64,
+        act: Act,
+        style: VisionStyle,
+    ) -> Result<Self> {
         let h = s.hidden;
         let n = (image / patch) * (image / patch) + 1;
         let e = format!("{name}.embeddings");
         let blip = style == VisionStyle::Blip;
         let class_dims: &[usize] = if blip { &[1, 1, h] } else { &[h] };
         let class = p.get(&format!("{e}.class_embedding"), class_dims, Init::Normal(INIT_STD))?;
-        let patch_weight = p.get(&format!("{e}.patch_embedding.weight"), &[h, 3, patch, patch], Init::Normal(INIT_STD))?;
-        let patch_bias = if blip { Some(p.get(&format!("{e}.patch_embedding.bias"), &[h], Init::Zeros)?) } else { None };
+        let patch_weight = p.get(
+            &format!("{e}.patch_embedding.weight"),
+            &[h, 3, patch, patch],
+            Init::Normal(INIT_STD),
+        )?;
+        let patch_bias = if blip {
+            Some(p.get(&format!("{e}.patch_embedding.bias"), &[h], Init::Zeros)?)
+        } else {
+            None
+        };
         let positions = if blip {
-            p.get(&format!("{e}.position_embedding"), &[1, n, h], Init::Normal(INIT_STD))?.squeeze(0)?
+            p.get(&format!("{e}.position_embedding"), &[1, n, h], Init::Normal(INIT_STD))?
+                .squeeze(0)?
         } else {
             p.get(&format!("{e}.position_embedding.weight"), &[n, h], Init::Normal(INIT_STD))?
         };
-        let pre_norm = if blip { None } else { Some(p.norm(&format!("{name}.pre_layrnorm"), h, eps)?) };
+        let pre_norm =
+            if blip { None } else { Some(p.norm(&format!("{name}.pre_layrnorm"), h, eps)?) };
         let layers = (0..s.layers)
             .map(|i| EncoderLayer::new(p, &format!("{name}.encoder.layers.{i}"), s, eps, act, blip))
             .collect::<Result<Vec<_>>>()?;
         let post_norm = p.norm(&format!("{name}.post_layernorm"), h, eps)?;
-        Ok(Self { class, patch_weight, patch_bias, positions, pre_norm, layers, post_norm, patch, hidden: h })
+        Ok(Self {
+            class,
+            patch_weight,
+            patch_bias,
+            positions,
+            pre_norm,
+            layers,
+            post_norm,
+            patch,
+            hidden: h,
+        })
     }
 
     /// `(B, 3, S, S)` pixels to hidden states `(B, 1 + N, D)` before `post_layernorm`. The
@@ -338,7 +399,11 @@ pub(crate) fn gather_rows(x: &Tensor, rows: &[usize]) -> Result<Tensor> {
 
 /// Weighted mean cross-entropy of `logits: (N, V)` against `targets`, counting only rows
 /// whose target is `Some`, each with the weight `weight_of(target)`.
-pub(crate) fn masked_cross_entropy(logits: &Tensor, targets: &[Option<u32>], weight_of: impl Fn(u32) -> f32) -> Result<Tensor> {
+pub(crate) fn masked_cross_entropy(
+    logits: &Tensor,
+    targets: &[Option<u32>],
+    weight_of: impl Fn(u32) -> f32,
+) -> Result<Tensor> {
     let (n, v) = logits.dims2()?;
     let mut onehot = vec![0f32; n * v];
     let mut total = 0f64;
@@ -368,7 +433,10 @@ fn softmax_invariant(name: &str) -> bool {
 
 /// Fails naming every variable whose gradient is missing or zero after a backward pass
 /// (key biases excepted: see [`softmax_invariant`]).
-pub(crate) fn check_all_gradients(varmap: &VarMap, grads: &candle_core::backprop::GradStore) -> Result<()> {
+pub(crate) fn check_all_gradients(
+    varmap: &VarMap,
+    grads: &candle_core::backprop::GradStore,
+) -> Result<()> {
     let data = varmap.data().lock().expect("the var map lock is never poisoned");
     let mut dead: Vec<&str> = Vec::new();
     for (name, var) in data.iter().filter(|(name, _)| !softmax_invariant(name)) {
@@ -385,7 +453,13 @@ pub(crate) fn check_all_gradients(varmap: &VarMap, grads: &candle_core::backprop
 }
 
 /// Learning rate at `step`: linear warm-up, then cosine decay to `final_fraction` of `peak`.
-pub(crate) fn learning_rate(step: usize, steps: usize, warmup: usize, peak: f64, final_fraction: f64) -> f64 {
+pub(crate) fn learning_rate(
+    step: usize,
+    steps: usize,
+    warmup: usize,
+    peak: f64,
+    final_fraction: f64,
+) -> f64 {
     if step < warmup {
         return peak * (step + 1) as f64 / warmup as f64;
     }
@@ -397,7 +471,11 @@ pub(crate) fn learning_rate(step: usize, steps: usize, warmup: usize, peak: f64,
 
 /// Scales all gradients so that their global L2 norm is at most `max_norm`; returns the
 /// norm before clipping.
-pub(crate) fn clip_gradients(varmap: &VarMap, grads: &mut candle_core::backprop::GradStore, max_norm: f64) -> Result<f64> {
+pub(crate) fn clip_gradients(
+    varmap: &VarMap,
+    grads: &mut candle_core::backprop::GradStore,
+    max_norm: f64,
+) -> Result<f64> {
     let vars = varmap.all_vars();
     let mut total = 0f64;
     for v in &vars {

@@ -31,8 +31,23 @@ const PREFIX_WORDS: [&str; 2] = ["picture", "of"];
 
 /// Function words of the grammar (see `caption.rs`), and its punctuation.
 const FUNCTION_WORDS: [&str; 17] = [
-    "a", "an", "small", "large", "two", "three", "four", "five", "with", "and", "next", "to", "beside", "on", "against",
-    "background", ",",
+    "a",
+    "an",
+    "small",
+    "large",
+    "two",
+    "three",
+    "four",
+    "five",
+    "with",
+    "and",
+    "next",
+    "to",
+    "beside",
+    "on",
+    "against",
+    "background",
+    ",",
 ];
 
 /// Splits text as the tokenizer does: lowercase, whitespace, each punctuation mark its own
@@ -121,8 +136,12 @@ impl WorldTokenizer {
 
     /// Words joined by spaces, special tokens skipped, no space before a comma.
     pub fn decode(&self, ids: &[u32]) -> String {
-        let words: Vec<&str> =
-            ids.iter().filter(|&&i| i as usize >= SPECIALS.len()).filter_map(|&i| self.words.get(i as usize)).map(String::as_str).collect();
+        let words: Vec<&str> = ids
+            .iter()
+            .filter(|&&i| i as usize >= SPECIALS.len())
+            .filter_map(|&i| self.words.get(i as usize))
+            .map(String::as_str)
+            .collect();
         words.join(" ").replace(" ,", ",")
     }
 }
@@ -169,7 +188,9 @@ pub fn tokenizer_json() -> serde_json::Value {
 /// `model_max_length` is the context the model was trained for.
 pub fn write_tokenizer(dir: &Path, model_max_length: usize) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
-    let pretty = |v: &serde_json::Value| serde_json::to_string_pretty(v).expect("JSON values serialise") + "\n";
+    let pretty = |v: &serde_json::Value| {
+        serde_json::to_string_pretty(v).expect("JSON values serialise") + "\n"
+    };
     std::fs::write(dir.join("tokenizer.json"), pretty(&tokenizer_json()))?;
     let config = json!({
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -233,7 +254,8 @@ mod tests {
             } else {
                 let rendered = render(&scene, 64, 64);
                 let (w, h) = (rng.random_range(8..=64), rng.random_range(8..=64));
-                let rect = Rect::new(rng.random_range(0..=64 - w), rng.random_range(0..=64 - h), w, h);
+                let rect =
+                    Rect::new(rng.random_range(0..=64 - w), rng.random_range(0..=64 - h), w, h);
                 caption_visible(&scene, &rendered, rect, &mut rng).unwrap()
             };
             let text = format!("a picture of {text}");

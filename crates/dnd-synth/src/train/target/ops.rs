@@ -16,7 +16,9 @@
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Device, Layout, Result, Shape, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, Device, Layout, Result, Shape, Tensor,
+};
 use rayon::prelude::*;
 
 /// torchvision's BatchNorm2d epsilon, which dnd's loader folds with.
@@ -49,10 +51,14 @@ pub fn max_pool_3x3_s2_views(x: &Tensor) -> Result<Tensor> {
     let xp = x.pad_with_zeros(2, 1, 2 * oh + 1 - h)?.pad_with_zeros(3, 1, 2 * ow + 1 - w)?;
     let wp = 2 * ow + 2;
     let rows = xp.reshape((n, c, oh + 1, 2, wp))?;
-    let row = |pair: usize, slot: usize| rows.narrow(2, pair, oh)?.narrow(3, slot, 1)?.reshape((n, c, oh, wp));
+    let row = |pair: usize, slot: usize| {
+        rows.narrow(2, pair, oh)?.narrow(3, slot, 1)?.reshape((n, c, oh, wp))
+    };
     let by_rows = row(0, 0)?.maximum(&row(0, 1)?)?.maximum(&row(1, 0)?)?;
     let cols = by_rows.reshape((n, c, oh, ow + 1, 2))?;
-    let col = |pair: usize, slot: usize| cols.narrow(3, pair, ow)?.narrow(4, slot, 1)?.reshape((n, c, oh, ow));
+    let col = |pair: usize, slot: usize| {
+        cols.narrow(3, pair, ow)?.narrow(4, slot, 1)?.reshape((n, c, oh, ow))
+    };
     col(0, 0)?.maximum(&col(0, 1)?)?.maximum(&col(1, 0)?)
 }
 
@@ -67,7 +73,12 @@ struct MaxPool;
 
 /// Per output of one `h` x `w` plane: the input index of its window's first maximum, or
 /// `None` where the zero padding is larger than every value of the window.
-fn argmax_plane(plane: &[f32], h: usize, w: usize, mut visit: impl FnMut(usize, Option<usize>, f32)) {
+fn argmax_plane(
+    plane: &[f32],
+    h: usize,
+    w: usize,
+    mut visit: impl FnMut(usize, Option<usize>, f32),
+) {
     let (oh, ow) = (pooled_size(h), pooled_size(w));
     for oy in 0..oh {
         for ox in 0..ow {
@@ -121,13 +132,15 @@ impl CustomOp1 for MaxPool {
         let x = arg.flatten_all()?.to_vec1::<f32>()?;
         let g = grad.flatten_all()?.to_vec1::<f32>()?;
         let mut dx = vec![0f32; n * c * h * w];
-        dx.par_chunks_mut(h * w).zip(x.par_chunks(h * w)).zip(g.par_chunks(oh * ow)).for_each(|((dst, src), g)| {
-            argmax_plane(src, h, w, |o, i, _| {
-                if let Some(i) = i {
-                    dst[i] += g[o];
-                }
-            });
-        });
+        dx.par_chunks_mut(h * w).zip(x.par_chunks(h * w)).zip(g.par_chunks(oh * ow)).for_each(
+            |((dst, src), g)| {
+                argmax_plane(src, h, w, |o, i, _| {
+                    if let Some(i) = i {
+                        dst[i] += g[o];
+                    }
+                });
+            },
+        );
         Ok(Some(Tensor::from_vec(dx, (n, c, h, w), arg.device())?))
     }
 }
@@ -148,7 +161,10 @@ struct Unfold {
 
 impl Unfold {
     fn out(&self) -> (usize, usize) {
-        ((self.h + 2 * self.padding - self.k) / self.stride + 1, (self.w + 2 * self.padding - self.k) / self.stride + 1)
+        (
+            (self.h + 2 * self.padding - self.k) / self.stride + 1,
+            (self.w + 2 * self.padding - self.k) / self.stride + 1,
+        )
     }
 
     /// Input coordinate of output `o` and kernel offset `j`, if inside the image.
@@ -213,7 +229,10 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Res
     let (_, c, h, w) = x.dims4()?;
     let (_, wc, k, kw) = weight.dims4()?;
     if wc != c || kw != k {
-        candle_core::bail!("conv2d: input has {c} channels and the kernel shape {:?}", weight.dims());
+        candle_core::bail!(
+            "conv2d: input has {c} channels and the kernel shape {:?}",
+            weight.dims()
+        );
     }
     let op = Conv { unfold: Unfold { k, stride, padding, h, w }, cols: Arc::new(Mutex::new(None)) };
     x.contiguous()?.apply_op2(&weight.contiguous()?, op)
@@ -230,7 +249,13 @@ impl CustomOp2 for Conv {
         "conv2d-gemm"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (x, wt) = (contiguous_f32(s1, l1)?, contiguous_f32(s2, l2)?);
         let (n, c, _, _) = l1.shape().dims4()?;
         let (o, ..) = l2.shape().dims4()?;
@@ -244,7 +269,13 @@ impl CustomOp2 for Conv {
         Ok((CpuStorage::F32(y), (n, o, oh, ow).into()))
     }
 
-    fn bwd(&self, x: &Tensor, weight: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (n, c, _, _) = x.dims4()?;
         let (o, _, k, _) = weight.dims4()?;
         let (oh, ow) = self.unfold.out();
@@ -253,14 +284,29 @@ impl CustomOp2 for Conv {
             Some(cols) => cols,
             None => {
                 let xs = x.flatten_all()?.to_vec1::<f32>()?;
-                Tensor::from_vec(im2col(&xs, n, c, self.unfold), (c * k * k, n * oh * ow), &Device::Cpu)?
+                Tensor::from_vec(
+                    im2col(&xs, n, c, self.unfold),
+                    (c * k * k, n * oh * ow),
+                    &Device::Cpu,
+                )?
             }
         };
         // (N, O, OH, OW) -> (O, N*OH*OW), the layout of the GEMM's output.
-        let g = grad.detach().reshape((n, o, oh * ow))?.transpose(0, 1)?.contiguous()?.reshape((o, n * oh * ow))?;
+        let g = grad
+            .detach()
+            .reshape((n, o, oh * ow))?
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((o, n * oh * ow))?;
         let dw = g.matmul(&cols.t()?)?.reshape(weight.dims())?;
         let dx = if x.track_op() {
-            let dcols = weight.detach().reshape((o, c * k * k))?.t()?.matmul(&g)?.flatten_all()?.to_vec1::<f32>()?;
+            let dcols = weight
+                .detach()
+                .reshape((o, c * k * k))?
+                .t()?
+                .matmul(&g)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
             Some(Tensor::from_vec(col2im(&dcols, n, c, self.unfold), x.dims(), x.device())?)
         } else {
             None
@@ -286,7 +332,11 @@ pub struct Moments {
 /// the running statistics; they carry no gradient). Differentiable in all three inputs.
 pub fn batch_norm_train(x: &Tensor, gamma: &Tensor, beta: &Tensor) -> Result<(Tensor, Moments)> {
     let moments = Arc::new(Mutex::new(Moments::default()));
-    let y = x.contiguous()?.apply_op3(&gamma.contiguous()?, &beta.contiguous()?, BatchNorm { moments: moments.clone() })?;
+    let y = x.contiguous()?.apply_op3(
+        &gamma.contiguous()?,
+        &beta.contiguous()?,
+        BatchNorm { moments: moments.clone() },
+    )?;
     let m = moments.lock().expect("not poisoned").clone();
     Ok((y, m))
 }
@@ -300,8 +350,17 @@ impl CustomOp3 for BatchNorm {
         "batch-norm-train"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (x, gamma, beta) = (contiguous_f32(s1, l1)?, contiguous_f32(s2, l2)?, contiguous_f32(s3, l3)?);
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, gamma, beta) =
+            (contiguous_f32(s1, l1)?, contiguous_f32(s2, l2)?, contiguous_f32(s3, l3)?);
         let (n, c, h, w) = l1.shape().dims4()?;
         let plane = h * w;
         let count = (n * plane) as f64;
@@ -310,8 +369,13 @@ impl CustomOp3 for BatchNorm {
             .into_par_iter()
             .map(|ci| {
                 let planes = || (0..n).map(|b| &x[(b * c + ci) * plane..][..plane]);
-                let mean = planes().map(|p| p.iter().map(|&v| f64::from(v)).sum::<f64>()).sum::<f64>() / count;
-                let var = planes().map(|p| p.iter().map(|&v| (f64::from(v) - mean).powi(2)).sum::<f64>()).sum::<f64>() / count;
+                let mean =
+                    planes().map(|p| p.iter().map(|&v| f64::from(v)).sum::<f64>()).sum::<f64>()
+                        / count;
+                let var = planes()
+                    .map(|p| p.iter().map(|&v| (f64::from(v) - mean).powi(2)).sum::<f64>())
+                    .sum::<f64>()
+                    / count;
                 (mean as f32, var as f32)
             })
             .collect();
@@ -324,18 +388,29 @@ impl CustomOp3 for BatchNorm {
             })
             .collect();
         let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(plane).zip(x.par_chunks(plane)).enumerate().for_each(|(bc, (dst, src))| {
-            let (scale, shift) = affine[bc % c];
-            for (d, &v) in dst.iter_mut().zip(src) {
-                *d = v * scale + shift;
-            }
-        });
-        *self.moments.lock().expect("not poisoned") =
-            Moments { mean: moments.iter().map(|m| m.0).collect(), var: moments.iter().map(|m| m.1).collect() };
+        out.par_chunks_mut(plane).zip(x.par_chunks(plane)).enumerate().for_each(
+            |(bc, (dst, src))| {
+                let (scale, shift) = affine[bc % c];
+                for (d, &v) in dst.iter_mut().zip(src) {
+                    *d = v * scale + shift;
+                }
+            },
+        );
+        *self.moments.lock().expect("not poisoned") = Moments {
+            mean: moments.iter().map(|m| m.0).collect(),
+            var: moments.iter().map(|m| m.1).collect(),
+        };
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
-    fn bwd(&self, x: &Tensor, gamma: &Tensor, _beta: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        _beta: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (n, c, h, w) = x.dims4()?;
         let plane = h * w;
         let count = (n * plane) as f32;
@@ -372,8 +447,10 @@ impl CustomOp3 for BatchNorm {
             }
         });
         let device = x.device();
-        let dgamma = Tensor::from_vec(sums.iter().map(|s| s.1 as f32).collect::<Vec<_>>(), c, device)?;
-        let dbeta = Tensor::from_vec(sums.iter().map(|s| s.0 as f32).collect::<Vec<_>>(), c, device)?;
+        let dgamma =
+            Tensor::from_vec(sums.iter().map(|s| s.1 as f32).collect::<Vec<_>>(), c, device)?;
+        let dbeta =
+            Tensor::from_vec(sums.iter().map(|s| s.0 as f32).collect::<Vec<_>>(), c, device)?;
         Ok((Some(Tensor::from_vec(dx, (n, c, h, w), device)?), Some(dgamma), Some(dbeta)))
     }
 }
@@ -385,7 +462,16 @@ mod tests {
     use super::*;
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
     }
 
     /// Gradients of `sum(f(x) * weights)` for each var, weights random so that every
@@ -401,27 +487,48 @@ mod tests {
         let dev = Device::Cpu;
         for (h, w) in [(8, 8), (7, 9), (1, 2), (48, 48), (5, 6), (47, 48)] {
             let x = Tensor::randn(0f32, 1.0, (2, 3, h, w), &dev).unwrap().relu().unwrap();
-            let theirs = x.pad_with_zeros(3, 1, 1).unwrap().pad_with_zeros(2, 1, 1).unwrap().max_pool2d_with_stride(3, 2).unwrap();
+            let theirs = x
+                .pad_with_zeros(3, 1, 1)
+                .unwrap()
+                .pad_with_zeros(2, 1, 1)
+                .unwrap()
+                .max_pool2d_with_stride(3, 2)
+                .unwrap();
             for ours in [max_pool_3x3_s2_views(&x).unwrap(), max_pool_3x3_s2(&x).unwrap()] {
                 assert_eq!(ours.dims(), theirs.dims(), "{h}x{w}");
                 assert_eq!(max_diff(&ours, &theirs), 0.0, "{h}x{w}");
             }
             // Without ties (positive, distinct values) both backward passes agree.
-            let v = Var::from_tensor(&(Tensor::rand(0f32, 1.0, (2, 3, h, w), &dev).unwrap() + 0.01).unwrap()).unwrap();
+            let v = Var::from_tensor(
+                &(Tensor::rand(0f32, 1.0, (2, 3, h, w), &dev).unwrap() + 0.01).unwrap(),
+            )
+            .unwrap();
             let a = max_pool_3x3_s2_views(v.as_tensor()).unwrap();
             let b = max_pool_3x3_s2(v.as_tensor()).unwrap();
             let weights = Tensor::randn(0f32, 1.0, a.dims(), &dev).unwrap();
             let ga = (&a * &weights).unwrap().sum_all().unwrap().backward().unwrap();
             let gb = (&b * &weights).unwrap().sum_all().unwrap().backward().unwrap();
-            assert!(max_diff(ga.get(v.as_tensor()).unwrap(), gb.get(v.as_tensor()).unwrap()) < 1e-6, "{h}x{w}");
+            assert!(
+                max_diff(ga.get(v.as_tensor()).unwrap(), gb.get(v.as_tensor()).unwrap()) < 1e-6,
+                "{h}x{w}"
+            );
         }
         // The gradient reaches every window's maximum: on a 4x4 ramp the windows' maxima
         // are (1,1)=5, (1,3)=7, (3,1)=13, (3,3)=15.
-        let v = Var::from_tensor(&Tensor::arange(0f32, 16.0, &dev).unwrap().reshape((1, 1, 4, 4)).unwrap()).unwrap();
-        let expected: Vec<f32> = (0..16).map(|i| if [5, 7, 13, 15].contains(&i) { 1.0 } else { 0.0 }).collect();
-        for pooled in [max_pool_3x3_s2_views(v.as_tensor()).unwrap(), max_pool_3x3_s2(v.as_tensor()).unwrap()] {
+        let v = Var::from_tensor(
+            &Tensor::arange(0f32, 16.0, &dev).unwrap().reshape((1, 1, 4, 4)).unwrap(),
+        )
+        .unwrap();
+        let expected: Vec<f32> =
+            (0..16).map(|i| if [5, 7, 13, 15].contains(&i) { 1.0 } else { 0.0 }).collect();
+        for pooled in
+            [max_pool_3x3_s2_views(v.as_tensor()).unwrap(), max_pool_3x3_s2(v.as_tensor()).unwrap()]
+        {
             let grads = pooled.sum_all().unwrap().backward().unwrap();
-            assert_eq!(grads.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(), expected);
+            assert_eq!(
+                grads.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                expected
+            );
         }
     }
 
@@ -430,19 +537,31 @@ mod tests {
         let dev = Device::Cpu;
         // Square inputs only for the comparison: candle's own conv2d backward takes the
         // output padding of both axes from the height.
-        for (k, stride, padding, size) in [(7, 2, 3, 11), (7, 2, 3, 12), (3, 1, 1, 6), (3, 2, 1, 7), (1, 2, 0, 6), (1, 1, 0, 5)] {
-            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, size, size), &dev).unwrap()).unwrap();
-            let wt = Var::from_tensor(&Tensor::randn(0f32, 1.0, (4, 3, k, k), &dev).unwrap()).unwrap();
+        for (k, stride, padding, size) in
+            [(7, 2, 3, 11), (7, 2, 3, 12), (3, 1, 1, 6), (3, 2, 1, 7), (1, 2, 0, 6), (1, 1, 0, 5)]
+        {
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, size, size), &dev).unwrap())
+                .unwrap();
+            let wt =
+                Var::from_tensor(&Tensor::randn(0f32, 1.0, (4, 3, k, k), &dev).unwrap()).unwrap();
             let ours = conv2d(x.as_tensor(), wt.as_tensor(), stride, padding).unwrap();
             let theirs = x.as_tensor().conv2d(wt.as_tensor(), padding, stride, 1, 1).unwrap();
             assert_eq!(ours.dims(), theirs.dims());
-            assert!(max_diff(&ours, &theirs) < 1e-4, "k{k} s{stride}: {}", max_diff(&ours, &theirs));
+            assert!(
+                max_diff(&ours, &theirs) < 1e-4,
+                "k{k} s{stride}: {}",
+                max_diff(&ours, &theirs)
+            );
             let weights = Tensor::randn(0f32, 1.0, ours.dims(), &dev).unwrap();
             let g1 = (&ours * &weights).unwrap().sum_all().unwrap().backward().unwrap();
             let g2 = (&theirs * &weights).unwrap().sum_all().unwrap().backward().unwrap();
             for v in [&x, &wt] {
                 let (a, b) = (g1.get(v.as_tensor()).unwrap(), g2.get(v.as_tensor()).unwrap());
-                assert!(max_diff(a, b) < 1e-3, "k{k} s{stride}: gradient differs by {}", max_diff(a, b));
+                assert!(
+                    max_diff(a, b) < 1e-3,
+                    "k{k} s{stride}: gradient differs by {}",
+                    max_diff(a, b)
+                );
             }
         }
         // Non-square inputs: the forward pass still matches, and an input that is not a
@@ -460,21 +579,37 @@ mod tests {
         let mean = y.mean_keepdim(vec![0, 2, 3])?;
         let centered = y.broadcast_sub(&mean)?;
         let var = centered.sqr()?.mean_keepdim(vec![0, 2, 3])?;
-        let scale = (var + BN_EPS)?.sqrt()?.recip()?.broadcast_mul(&gamma.reshape((1, c, 1, 1))?)?;
+        let scale =
+            (var + BN_EPS)?.sqrt()?.recip()?.broadcast_mul(&gamma.reshape((1, c, 1, 1))?)?;
         centered.broadcast_mul(&scale)?.broadcast_add(&beta.reshape((1, c, 1, 1))?)
     }
 
     #[test]
     fn batch_norm_matches_its_composition_from_candle_ops() {
         let dev = Device::Cpu;
-        let x = Var::from_tensor(&(Tensor::randn(0f32, 2.0, (3, 4, 5, 6), &dev).unwrap() + 0.7).unwrap()).unwrap();
+        let x = Var::from_tensor(
+            &(Tensor::randn(0f32, 2.0, (3, 4, 5, 6), &dev).unwrap() + 0.7).unwrap(),
+        )
+        .unwrap();
         let gamma = Var::from_tensor(&Tensor::randn(1f32, 0.3, 4, &dev).unwrap()).unwrap();
         let beta = Var::from_tensor(&Tensor::randn(0f32, 0.3, 4, &dev).unwrap()).unwrap();
-        let (ours, moments) = batch_norm_train(x.as_tensor(), gamma.as_tensor(), beta.as_tensor()).unwrap();
-        let reference = batch_norm_reference(x.as_tensor(), gamma.as_tensor(), beta.as_tensor()).unwrap();
+        let (ours, moments) =
+            batch_norm_train(x.as_tensor(), gamma.as_tensor(), beta.as_tensor()).unwrap();
+        let reference =
+            batch_norm_reference(x.as_tensor(), gamma.as_tensor(), beta.as_tensor()).unwrap();
         assert!(max_diff(&ours, &reference) < 1e-5);
-        let mean = x.as_tensor().mean_keepdim(vec![0, 2, 3]).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        assert!(moments.mean.iter().zip(&mean).all(|(a, b)| (a - b).abs() < 1e-5), "{moments:?} vs {mean:?}");
+        let mean = x
+            .as_tensor()
+            .mean_keepdim(vec![0, 2, 3])
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert!(
+            moments.mean.iter().zip(&mean).all(|(a, b)| (a - b).abs() < 1e-5),
+            "{moments:?} vs {mean:?}"
+        );
         let weights = Tensor::randn(0f32, 1.0, ours.dims(), &dev).unwrap();
         let g1 = (&ours * &weights).unwrap().sum_all().unwrap().backward().unwrap();
         let g2 = (&reference * &weights).unwrap().sum_all().unwrap().backward().unwrap();
