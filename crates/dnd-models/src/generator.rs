@@ -2,23 +2,22 @@
 //! layout (`unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`): v1.5, v2.1,
 //! SD-Turbo, or any config of that family.
 //!
-//! The UNet and the VAE are candle-transformers'; the denoising loop is ours. It batches
-//! classifier-free guidance as `[uncond x B, cond x B]` (candle's example interleaves them
-//! wrongly for B > 1), and draws each image's starting noise from its own seed, so an image
-//! depends on (model, prompt, seed, steps, size, guidance, scheduler) and never on the
-//! other images of its batch.
+//! The UNet and the VAE are ours (`diffusion/`), as is the denoising loop. It batches
+//! classifier-free guidance as `[uncond x B, cond x B]` and draws each image's starting
+//! noise from its own seed. Every layer computes image by image (see
+//! `diffusion/layers.rs`), so an image is the same bits whatever else shares its batch: it
+//! depends on (model, prompt, seed, steps, size, guidance, scheduler) only, and images of
+//! many prompts can be generated together.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::stable_diffusion::ddim::DDIMSchedulerConfig;
 use candle_transformers::models::stable_diffusion::schedulers::{
     BetaSchedule, PredictionType, Scheduler, SchedulerConfig, TimestepSpacing,
 };
-use candle_transformers::models::stable_diffusion::unet_2d::{
-    BlockConfig, UNet2DConditionModel, UNet2DConditionModelConfig,
-};
-use candle_transformers::models::stable_diffusion::vae::{AutoEncoderKL, AutoEncoderKLConfig};
 use image::RgbImage;
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
@@ -27,6 +26,7 @@ use tokenizers::Tokenizer;
 
 use crate::checkpoint::ModelRef;
 use crate::clip::{ClipText, ClipTextConfig};
+use crate::diffusion::{UNet, UNetConfig, VaeConfig, VaeDecoder};
 use crate::error::ModelError;
 use crate::hf_files::{load_tokenizer, read_json, var_builder_as};
 
@@ -84,55 +84,8 @@ pub trait Generator: Send + Sync {
     fn generate(&self, requests: &[ImageRequest]) -> Result<Vec<RgbImage>, ModelError>;
 }
 
-#[derive(Deserialize)]
-struct DiffusersUnet {
-    block_out_channels: Vec<usize>,
-    down_block_types: Vec<String>,
-    attention_head_dim: OneOrMany,
-    #[serde(default = "one")]
-    transformer_layers_per_block: usize,
-    layers_per_block: usize,
-    norm_num_groups: usize,
-    norm_eps: f64,
-    cross_attention_dim: usize,
-    #[serde(default)]
-    use_linear_projection: bool,
-    #[serde(default = "yes")]
-    flip_sin_to_cos: bool,
-    #[serde(default)]
-    freq_shift: f64,
-    #[serde(default = "one")]
-    downsample_padding: usize,
-    #[serde(default = "four")]
-    in_channels: usize,
-    #[serde(default = "four")]
-    out_channels: usize,
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum OneOrMany {
-    One(usize),
-    Many(Vec<usize>),
-}
-
-#[derive(Deserialize)]
-struct DiffusersVae {
-    block_out_channels: Vec<usize>,
-    layers_per_block: usize,
-    latent_channels: usize,
-    norm_num_groups: usize,
-    #[serde(default = "scaling")]
-    scaling_factor: f64,
-    #[serde(default = "yes")]
-    use_quant_conv: bool,
-    #[serde(default = "yes")]
-    use_post_quant_conv: bool,
-    /// The VAE overflows in f16 (SD 1.x/2.x): decode in f32, as diffusers does.
-    #[serde(default = "yes")]
-    force_upcast: bool,
-}
-
+/// `scheduler/scheduler_config.json`: the noise schedule dnd samples with (DDIM, eta 0),
+/// whatever sampler class the checkpoint was saved with.
 #[derive(Deserialize)]
 struct DiffusersScheduler {
     #[serde(rename = "_class_name")]
@@ -148,24 +101,16 @@ struct DiffusersScheduler {
     num_train_timesteps: usize,
 }
 
-fn one() -> usize {
-    1
-}
-fn four() -> usize {
-    4
-}
-fn yes() -> bool {
-    true
-}
-fn scaling() -> f64 {
-    0.18215
-}
 fn epsilon() -> String {
     "epsilon".into()
 }
 fn thousand() -> usize {
     1000
 }
+
+/// Text-encoder states of this many prompts are kept (a generation batch rarely holds
+/// more distinct ones); the cache is emptied when it is full.
+const TEXT_CACHE_PROMPTS: usize = 256;
 
 /// A loaded Stable Diffusion pipeline.
 pub struct DiffusionGenerator {
@@ -174,9 +119,8 @@ pub struct DiffusionGenerator {
     tokenizer: Tokenizer,
     max_tokens: usize,
     eos_id: u32,
-    unet: UNet2DConditionModel,
-    vae: AutoEncoderKL,
-    scaling_factor: f64,
+    unet: UNet,
+    vae: VaeDecoder,
     latent_channels: usize,
     /// The VAE's spatial downscaling (8 for real SD checkpoints).
     vae_scale: usize,
@@ -186,6 +130,8 @@ pub struct DiffusionGenerator {
     /// f16 on CUDA, f32 on the CPU (text encoder and UNet).
     dtype: DType,
     vae_dtype: DType,
+    /// Text-encoder states `(1, T, D)` by prompt: a prompt is encoded once, alone.
+    text_states: Mutex<HashMap<String, Tensor>>,
 }
 
 fn part(dir: &Path, sub: &str, file: &str, reference: &ModelRef) -> Result<PathBuf, ModelError> {
@@ -199,6 +145,10 @@ fn part(dir: &Path, sub: &str, file: &str, reference: &ModelRef) -> Result<PathB
     })
 }
 
+fn checkpoint_error(path: &Path) -> impl Fn(candle_core::Error) -> ModelError + '_ {
+    move |e| ModelError::Checkpoint { path: path.to_path_buf(), reason: e.to_string() }
+}
+
 impl DiffusionGenerator {
     pub fn load(
         reference: &ModelRef,
@@ -209,92 +159,23 @@ impl DiffusionGenerator {
         let dtype = if device.is_cuda() { DType::F16 } else { DType::F32 };
         let dir = files.weights.parent().map(Path::to_path_buf).unwrap_or_default();
         let bad = |path: &Path, reason: String| ModelError::Config { path: path.into(), reason };
-
-        let unet_cfg_path = part(&dir, "unet", "config.json", reference)?;
-        let u: DiffusersUnet = read_json(&unet_cfg_path)?;
-        let heads = match &u.attention_head_dim {
-            OneOrMany::One(h) => vec![*h; u.block_out_channels.len()],
-            OneOrMany::Many(v) => v.clone(),
-        };
-        if u.norm_num_groups != 32 {
-            // candle-transformers' DownBlock2D/UpBlock2D build their resnets with 32 groups
-            // whatever the config says; every released SD UNet uses 32.
-            return Err(bad(
-                &unet_cfg_path,
-                format!(
-                    "norm_num_groups {} is not supported (only 32, as every released Stable Diffusion UNet)",
-                    u.norm_num_groups
-                ),
-            ));
-        }
-        if heads.len() != u.block_out_channels.len()
-            || u.down_block_types.len() != u.block_out_channels.len()
-        {
-            return Err(bad(
-                &unet_cfg_path,
-                "block_out_channels, down_block_types and attention_head_dim disagree in length"
-                    .into(),
-            ));
-        }
-        let blocks = u
-            .block_out_channels
-            .iter()
-            .zip(&u.down_block_types)
-            .zip(&heads)
-            .map(|((&out_channels, kind), &h)| BlockConfig {
-                out_channels,
-                use_cross_attn: kind
-                    .starts_with("CrossAttn")
-                    .then_some(u.transformer_layers_per_block),
-                // diffusers' (mis)named attention_head_dim is the number of heads, as is candle's.
-                attention_head_dim: h,
-            })
-            .collect();
-        let unet_config = UNet2DConditionModelConfig {
-            blocks,
-            center_input_sample: false,
-            cross_attention_dim: u.cross_attention_dim,
-            downsample_padding: u.downsample_padding,
-            flip_sin_to_cos: u.flip_sin_to_cos,
-            freq_shift: u.freq_shift,
-            layers_per_block: u.layers_per_block,
-            mid_block_scale_factor: 1.0,
-            norm_eps: u.norm_eps,
-            norm_num_groups: u.norm_num_groups,
-            sliced_attention_size: None,
-            use_linear_projection: u.use_linear_projection,
-        };
         let weights = |sub: &str, file: &str| part(&dir, sub, file, reference);
-        let unet_w = weights("unet", "diffusion_pytorch_model.safetensors")?;
-        let checkpoint = |path: &Path| {
-            let path = path.to_path_buf();
-            move |e: candle_core::Error| ModelError::Checkpoint {
-                path: path.clone(),
-                reason: e.to_string(),
-            }
-        };
-        let unet = UNet2DConditionModel::new(
-            var_builder_as(&unet_w, dtype, device)?,
-            u.in_channels,
-            u.out_channels,
-            false,
-            unet_config,
-        )
-        .map_err(checkpoint(&unet_w))?;
 
-        let v: DiffusersVae = read_json(&weights("vae", "config.json")?)?;
+        let unet_cfg_path = weights("unet", "config.json")?;
+        let unet_config: UNetConfig = read_json(&unet_cfg_path)?;
+        unet_config.validate().map_err(|reason| bad(&unet_cfg_path, reason))?;
+        let unet_w = weights("unet", "diffusion_pytorch_model.safetensors")?;
+        let unet = UNet::load(&var_builder_as(&unet_w, dtype, device)?, unet_config)
+            .map_err(checkpoint_error(&unet_w))?;
+
+        let vae_cfg_path = weights("vae", "config.json")?;
+        let vae_config: VaeConfig = read_json(&vae_cfg_path)?;
+        vae_config.validate().map_err(|reason| bad(&vae_cfg_path, reason))?;
+        let vae_dtype = if vae_config.force_upcast { DType::F32 } else { dtype };
+        let (latent_channels, vae_scale) = (vae_config.latent_channels, vae_config.downscale());
         let vae_w = weights("vae", "diffusion_pytorch_model.safetensors")?;
-        let vae_config = AutoEncoderKLConfig {
-            block_out_channels: v.block_out_channels.clone(),
-            layers_per_block: v.layers_per_block,
-            latent_channels: v.latent_channels,
-            norm_num_groups: v.norm_num_groups,
-            use_quant_conv: v.use_quant_conv,
-            use_post_quant_conv: v.use_post_quant_conv,
-        };
-        let vae_dtype = if v.force_upcast { DType::F32 } else { dtype };
-        let vae = AutoEncoderKL::new(var_builder_as(&vae_w, vae_dtype, device)?, 3, 3, vae_config)
-            .map_err(checkpoint(&vae_w))?;
+        let vae = VaeDecoder::load(&var_builder_as(&vae_w, vae_dtype, device)?, vae_config)
+            .map_err(checkpoint_error(&vae_w))?;
 
         let t: ClipTextConfig = read_json(&weights("text_encoder", "config.json")?)?;
         let text_w = weights("text_encoder", "model.safetensors")?;
@@ -305,7 +186,7 @@ impl DiffusionGenerator {
         } else {
             text_vb
         };
-        let text = ClipText::load_tower(&t, text_vb).map_err(checkpoint(&text_w))?;
+        let text = ClipText::load_tower(&t, text_vb).map_err(checkpoint_error(&text_w))?;
         let tokenizer_dir = dir.join("tokenizer");
         if !tokenizer_dir.join("tokenizer.json").is_file()
             && tokenizer_dir.join("vocab.json").is_file()
@@ -362,8 +243,10 @@ impl DiffusionGenerator {
                 Spacing::Linspace => TimestepSpacing::Linspace,
             },
         };
-        let vae_scale = 1 << (v.block_out_channels.len() - 1);
-        if config.steps == 0 || config.width % vae_scale != 0 || config.height % vae_scale != 0 {
+        if config.steps == 0
+            || !config.width.is_multiple_of(vae_scale)
+            || !config.height.is_multiple_of(vae_scale)
+        {
             return Err(ModelError::BadReference {
                 reference: reference.to_string(),
                 reason: format!(
@@ -382,14 +265,14 @@ impl DiffusionGenerator {
             eos_id,
             unet,
             vae,
-            scaling_factor: v.scaling_factor,
-            latent_channels: v.latent_channels,
+            latent_channels,
             vae_scale,
             scheduler,
             config,
             device: device.clone(),
             dtype,
             vae_dtype,
+            text_states: Mutex::new(HashMap::new()),
         })
     }
 
@@ -410,32 +293,49 @@ impl DiffusionGenerator {
         Ok(ids)
     }
 
-    /// Text-encoder states `(B, T, D)` for prompts (no attention mask, as diffusers).
+    /// Text-encoder states `(B, T, D)` for prompts (no attention mask, as diffusers). Each
+    /// distinct prompt is encoded once, on its own, and kept for later batches.
     pub fn encode_prompts(&self, prompts: &[&str]) -> Result<Tensor, ModelError> {
-        let ids: Vec<u32> =
-            prompts.iter().map(|p| self.tokenize(p)).collect::<Result<Vec<_>, _>>()?.concat();
-        let ids = Tensor::from_vec(ids, (prompts.len(), self.max_tokens), &self.device)?;
-        let ones = Tensor::ones(ids.dims(), DType::U32, &self.device)?;
-        Ok(self.text.hidden_states(&ids, &ones)?)
+        let mut states = Vec::with_capacity(prompts.len());
+        for prompt in prompts {
+            let known = self.text_states.lock().expect("not poisoned").get(*prompt).cloned();
+            let state = match known {
+                Some(state) => state,
+                None => {
+                    let ids = Tensor::from_vec(
+                        self.tokenize(prompt)?,
+                        (1, self.max_tokens),
+                        &self.device,
+                    )?;
+                    let ones = Tensor::ones(ids.dims(), DType::U32, &self.device)?;
+                    let state = self.text.hidden_states(&ids, &ones)?;
+                    let mut cache = self.text_states.lock().expect("not poisoned");
+                    if cache.len() >= TEXT_CACHE_PROMPTS {
+                        cache.clear();
+                    }
+                    cache.insert(prompt.to_string(), state.clone());
+                    state
+                }
+            };
+            states.push(state);
+        }
+        Ok(Tensor::cat(&states, 0)?)
     }
 
-    /// One UNet noise prediction.
+    /// One UNet noise prediction for `latents` `(B, C, h, w)` and text states `(B, T, D)`.
     pub fn predict_noise(
         &self,
         latents: &Tensor,
         timestep: f64,
         text: &Tensor,
     ) -> Result<Tensor, ModelError> {
-        Ok(self.unet.forward(
-            &latents.to_dtype(self.dtype)?,
-            timestep,
-            &text.to_dtype(self.dtype)?,
-        )?)
+        let context = self.unet.context(&text.to_dtype(self.dtype)?)?;
+        Ok(self.unet.forward(&latents.to_dtype(self.dtype)?, timestep, &context)?)
     }
 
     /// Latents `(B, C, h, w)` to images in `[-1, 1]`, `(B, 3, H, W)`.
     pub fn decode_latents(&self, latents: &Tensor) -> Result<Tensor, ModelError> {
-        Ok(self.vae.decode(&(latents.to_dtype(self.vae_dtype)? / self.scaling_factor)?)?)
+        Ok(self.vae.decode(&latents.to_dtype(self.vae_dtype)?)?)
     }
 
     /// Starting noise of one image, from its own seed (ChaCha8, standard normal).
@@ -460,6 +360,8 @@ impl DiffusionGenerator {
         } else {
             self.encode_prompts(prompts)?
         };
+        // What the text decides (every cross-attention's keys and values), once.
+        let context = self.unet.context(&text)?;
         let mut scheduler: Box<dyn Scheduler> = self.scheduler.build(self.config.steps)?;
         let mut latents = (latents.to_dtype(self.dtype)? * scheduler.init_noise_sigma())?;
         let timesteps = scheduler.timesteps().to_vec();
@@ -467,7 +369,7 @@ impl DiffusionGenerator {
             let input =
                 if guided { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
             let input = scheduler.scale_model_input(input, t)?;
-            let noise = self.unet.forward(&input, t as f64, &text)?;
+            let noise = self.unet.forward(&input, t as f64, &context)?;
             let noise = if guided {
                 let parts = noise.chunk(2, 0)?;
                 let (uncond, cond) = (&parts[0], &parts[1]);

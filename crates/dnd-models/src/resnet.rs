@@ -286,7 +286,12 @@ impl ConvBn {
         residual: Option<&Tensor>,
         relu: bool,
     ) -> candle_core::Result<Tensor> {
-        let g = ConvGeometry { stride: self.stride, padding: self.padding, groups: self.groups };
+        let g = ConvGeometry {
+            stride: self.stride,
+            padding: self.padding,
+            groups: self.groups,
+            upsample: false,
+        };
         conv2d_fused(x, &self.weight, &self.bias, residual, relu, g)
     }
 }
