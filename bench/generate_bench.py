@@ -4,12 +4,16 @@
     python bench/generate_bench.py --dnd $CARGO_TARGET_DIR/release/dnd [--model DIR | --sd15]
         [--count 10] [--batch-size 10] [--steps 50] [--size 64] [--guidance 7.5]
         [--threads 2] [--repeats 3] [--workdir /tmp/dnd-gen-bench] [--json FILE]
+        [--device cpu|cuda]
 
 Both sides load the same diffusers directory (default: the tiny random-weight fixture
 tests/fixtures/multimodal/sd; --sd15 builds a random Stable Diffusion v1.5-sized one with
 bench/multimodal_bench.py's recipe, about 4.3 GB, once) and generate --count images of one
 prompt in batches of --batch-size, DDIM (eta 0, the model's noise schedule, the same
-timestep spacing), classifier-free guidance --guidance, fp32, --threads threads. Each run
+timestep spacing), classifier-free guidance --guidance, fp32 and --threads threads on the
+CPU; with --device cuda, on the first GPU in fp16 (diffusers: torch_dtype float16; dnd
+runs its UNet and text encoder in f16 on CUDA, the VAE in f32 as diffusers' force_upcast
+asks, and diffusers is left as it is there). Each run
 is a fresh process; runs alternate (diffusers, dnd, diffusers, dnd ...) so that a machine
 whose speed drifts slows both alike.
 
@@ -50,17 +54,24 @@ def worker(args: argparse.Namespace) -> int:
     torch.set_num_interop_threads(1)
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
+    gpu = args.device.startswith("cuda")
     pipe = StableDiffusionPipeline.from_pretrained(
-        args.model, torch_dtype=torch.float32, safety_checker=None, requires_safety_checker=False
+        args.model,
+        torch_dtype=torch.float16 if gpu else torch.float32,
+        safety_checker=None,
+        requires_safety_checker=False,
     )
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
+    if gpu:
+        pipe = pipe.to(args.device)
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
     started = time.perf_counter()
     done = 0
     with torch.inference_mode():
         while done < args.count:
             n = min(args.batch_size, args.count - done)
-            generator = [torch.Generator().manual_seed(done + i) for i in range(n)]
+            generator = [torch.Generator(args.device).manual_seed(done + i) for i in range(n)]
             pipe(
                 PROMPT,
                 num_inference_steps=args.steps,
@@ -72,6 +83,7 @@ def worker(args: argparse.Namespace) -> int:
                 output_type="np",
             )
             done += n
+    sync()
     seconds = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     print(json.dumps({"seconds": seconds, "images": done, "peak_rss_mib": peak}))
@@ -102,7 +114,7 @@ def dnd_run(args, model: str, scratch: Path) -> dict:
         "--count", str(args.count), "--batch-size", str(args.batch_size),
         "--steps", str(args.steps), "--guidance", str(args.guidance),
         "--width", str(args.size), "--height", str(args.size),
-        "--threads", str(args.threads), "--out", str(scratch / "images"),
+        "--threads", str(args.threads), "--device", args.device, "--out", str(scratch / "images"),
         "--summary-json", str(summary),
     ]  # fmt: skip
     wall, _ = run(cmd)
@@ -115,6 +127,7 @@ def common_flags(args) -> list[str]:
     return [
         "--count", str(args.count), "--batch-size", str(args.batch_size), "--steps", str(args.steps),
         "--guidance", str(args.guidance), "--size", str(args.size), "--threads", str(args.threads),
+        "--device", args.device,
     ]  # fmt: skip
 
 
@@ -129,6 +142,7 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--guidance", type=float, default=7.5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda / cuda:N (fp16 on both sides)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "dnd-gen-bench")
     ap.add_argument("--json", type=Path)

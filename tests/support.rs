@@ -83,10 +83,13 @@ impl Reference {
     }
 }
 
-/// The largest absolute difference between two tensors of one shape.
+/// The largest absolute difference between two tensors of one shape (on any devices, in
+/// any float dtypes: both are compared in f32 on the CPU).
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shapes differ");
-    (a - b)
+    let host =
+        |t: &Tensor| t.to_device(&Device::Cpu).unwrap().to_dtype(candle_core::DType::F32).unwrap();
+    (host(a) - host(b))
         .unwrap()
         .abs()
         .unwrap()
@@ -96,6 +99,14 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
         .to_scalar::<f32>()
         .unwrap()
+}
+
+/// The device the model-parity tests of the generator run on: `DND_TEST_DEVICE` (e.g.
+/// `cuda:0`, which bench/gpu_check.sh sets on a GPU machine), the CPU by default.
+pub fn test_device() -> Device {
+    let spec = std::env::var("DND_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
+    dnd_models::device::parse_device(&spec)
+        .unwrap_or_else(|e| panic!("DND_TEST_DEVICE={spec}: {e}"))
 }
 
 /// A tool or package a test needs is missing: a failure under CI (`.ci/run` installs

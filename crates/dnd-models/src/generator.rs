@@ -329,13 +329,15 @@ impl DiffusionGenerator {
         timestep: f64,
         text: &Tensor,
     ) -> Result<Tensor, ModelError> {
-        let context = self.unet.context(&text.to_dtype(self.dtype)?)?;
-        Ok(self.unet.forward(&latents.to_dtype(self.dtype)?, timestep, &context)?)
+        let text = text.to_device(&self.device)?.to_dtype(self.dtype)?;
+        let context = self.unet.context(&text)?;
+        let latents = latents.to_device(&self.device)?.to_dtype(self.dtype)?;
+        Ok(self.unet.forward(&latents, timestep, &context)?)
     }
 
     /// Latents `(B, C, h, w)` to images in `[-1, 1]`, `(B, 3, H, W)`.
     pub fn decode_latents(&self, latents: &Tensor) -> Result<Tensor, ModelError> {
-        Ok(self.vae.decode(&latents.to_dtype(self.vae_dtype)?)?)
+        Ok(self.vae.decode(&latents.to_device(&self.device)?.to_dtype(self.vae_dtype)?)?)
     }
 
     /// Starting noise of one image, from its own seed (ChaCha8, standard normal).
@@ -350,7 +352,21 @@ impl DiffusionGenerator {
 
     /// The denoising loop over a batch: `latents` are the starting noise `(B, C, h, w)`.
     /// Returns the final latents.
+    ///
+    /// On the CPU every layer computes image by image, so a batch gives each image the
+    /// bits it gets alone. candle's GPU kernels pick their algorithms by the shape of the
+    /// whole batch, so there each image (with its guidance pair) is denoised on its own,
+    /// which keeps that guarantee at the cost of GPU batching.
     pub fn denoise(&self, prompts: &[&str], latents: Tensor) -> Result<Tensor, ModelError> {
+        let latents = latents.to_device(&self.device)?;
+        if !self.device.is_cpu() && prompts.len() > 1 {
+            let each = prompts
+                .iter()
+                .enumerate()
+                .map(|(i, p)| self.denoise(&[p], latents.narrow(0, i, 1)?))
+                .collect::<Result<Vec<_>, _>>()?;
+            return Ok(Tensor::cat(&each, 0)?);
+        }
         let b = prompts.len();
         let guided = self.config.guidance_scale > 1.0;
         let text = if guided {
