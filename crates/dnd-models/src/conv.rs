@@ -41,9 +41,21 @@ impl ConvGeometry {
 const TILE_FLOATS: usize = 1 << 22;
 
 thread_local! {
-    /// Each thread's im2col buffer, kept between calls: a fresh allocation of this size
-    /// costs as much in page faults as the copy into it.
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on this thread's scratch buffer of `len` floats (contents unspecified). The
+/// buffer is kept between calls: a fresh allocation of the size of an im2col tile costs
+/// as much in page faults as the work done in it. A nested call (a task that rayon runs
+/// while this one waits) gets a buffer of its own.
+pub(crate) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    let mut buffer = SCRATCH.take();
+    if buffer.len() < len {
+        buffer.resize(len, 0.0);
+    }
+    let result = f(&mut buffer[..len]);
+    SCRATCH.set(buffer);
+    result
 }
 
 /// `act(conv(x, weight) + bias [+ residual])` for `x: (B, C, H, W)`, `weight:
@@ -143,41 +155,41 @@ pub fn conv2d_fused(
                 None => row.fill(bias_v[oc]),
             }
         }
-        let mut scratch = if direct { Vec::new() } else { SCRATCH.take() };
-        let (col, col_rs): (&[f32], usize) = if direct {
-            (&src[n0..], n)
-        } else {
-            scratch.resize(k * tn, 0.0);
-            im2col(src, &shape, oy0, oy1, &mut scratch[..k * tn]);
-            (&scratch, tn)
+        let multiply = |col: &[f32], col_rs: usize| {
+            // SAFETY: dst is o x tn with row stride n inside `out`; kernel is o x k
+            // row-major; col is k x tn with row stride col_rs, all within their buffers by
+            // the shapes above.
+            unsafe {
+                gemm::gemm(
+                    o,
+                    tn,
+                    k,
+                    dst,
+                    1,
+                    n as isize,
+                    true,
+                    kernel.as_ptr(),
+                    1,
+                    k as isize,
+                    col.as_ptr(),
+                    1,
+                    col_rs as isize,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    parallelism,
+                );
+            }
         };
-        // SAFETY: dst is o x tn with row stride n inside `out`; kernel is o x k row-major;
-        // col is k x tn with row stride col_rs, all within their buffers by the shapes above.
-        unsafe {
-            gemm::gemm(
-                o,
-                tn,
-                k,
-                dst,
-                1,
-                n as isize,
-                true,
-                kernel.as_ptr(),
-                1,
-                k as isize,
-                col.as_ptr(),
-                1,
-                col_rs as isize,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
-                parallelism,
-            );
-        }
-        if !direct {
-            SCRATCH.set(scratch);
+        if direct {
+            multiply(&src[n0..], n);
+        } else {
+            with_scratch(k * tn, |col| {
+                im2col(src, &shape, oy0, oy1, col);
+                multiply(col, tn);
+            });
         }
         if relu {
             for oc in 0..o {

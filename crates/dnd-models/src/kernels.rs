@@ -257,6 +257,56 @@ vectorized! {
     }
 }
 
+vectorized! {
+    /// Winograd F(2x2, 3x3) input transform `B^T d B` of a row of tiles. `even[r]` and
+    /// `odd[r]` are the even and odd columns of the tiles' input row `r` (0..4), so that
+    /// tile `x` covers `even[r][x], odd[r][x], even[r][x+1], odd[r][x+1]`; the 16 values of
+    /// tile `x` go to `out[k * tiles + x]`.
+    pub fn winograd_input_tiles(even: &[&[f32]; 4], odd: &[&[f32]; 4], tiles: usize, out: &mut [f32]) {
+        let (out, _) = out.split_at_mut(16 * tiles);
+        let mut rows = out.chunks_exact_mut(tiles);
+        let mut o: [&mut [f32]; 16] = std::array::from_fn(|_| rows.next().expect("16 rows"));
+        for x in 0..tiles {
+            // (B^T d) row r, column s: d[s] is (even[x], odd[x], even[x+1], odd[x+1]).
+            let col = |r: usize| [even[r][x], odd[r][x], even[r][x + 1], odd[r][x + 1]];
+            let (d0, d1, d2, d3) = (col(0), col(1), col(2), col(3));
+            let mut bd = [[0f32; 4]; 4];
+            for s in 0..4 {
+                bd[0][s] = d0[s] - d2[s];
+                bd[1][s] = d1[s] + d2[s];
+                bd[2][s] = d2[s] - d1[s];
+                bd[3][s] = d1[s] - d3[s];
+            }
+            for (r, row) in bd.iter().enumerate() {
+                o[r * 4][x] = row[0] - row[2];
+                o[r * 4 + 1][x] = row[1] + row[2];
+                o[r * 4 + 2][x] = row[2] - row[1];
+                o[r * 4 + 3][x] = row[1] - row[3];
+            }
+        }
+    }
+}
+
+vectorized! {
+    /// Winograd F(2x2, 3x3) output transform `A^T M A` of a row of tiles: `m[k]` holds
+    /// product `k` of each tile; the two output rows of tile `x` are written, interleaved,
+    /// to `top[2x], top[2x+1]` and `bottom[2x], bottom[2x+1]`.
+    pub fn winograd_output_tiles(m: &[&[f32]; 16], top: &mut [f32], bottom: &mut [f32]) {
+        let tiles = m[0].len();
+        for x in 0..tiles {
+            let mut am = [[0f32; 4]; 2];
+            for s in 0..4 {
+                am[0][s] = m[s][x] + m[4 + s][x] + m[8 + s][x];
+                am[1][s] = m[4 + s][x] - m[8 + s][x] - m[12 + s][x];
+            }
+            top[2 * x] = am[0][0] + am[0][1] + am[0][2];
+            top[2 * x + 1] = am[0][1] - am[0][2] - am[0][3];
+            bottom[2 * x] = am[1][0] + am[1][1] + am[1][2];
+            bottom[2 * x + 1] = am[1][1] - am[1][2] - am[1][3];
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -19,6 +19,7 @@ pub mod preprocess;
 pub mod resnet;
 pub mod target;
 pub mod transformer;
+pub mod winograd;
 
 pub use captioner::{BlipCaptioner, Caption, CaptionConfig, Captioner};
 pub use checkpoint::{ModelFiles, ModelRef};

@@ -15,6 +15,7 @@ use rayon::prelude::*;
 
 use crate::conv::{ConvGeometry, SendPtr, conv2d_fused, cpu_f32, output_buffer};
 use crate::kernels;
+use crate::winograd::{self, WinogradKernel};
 
 /// True when the fast CPU kernels apply.
 fn on_host(t: &Tensor) -> bool {
@@ -30,10 +31,19 @@ fn image_strides(layout: &Layout) -> Option<(usize, usize)> {
     }
 }
 
+/// A convolution's kernel as the layer computes with it.
+#[derive(Debug, Clone)]
+enum Kernel {
+    /// `(out, in, k, k)`, PyTorch's layout (im2col + GEMM on the CPU, candle elsewhere).
+    Direct(Tensor),
+    /// A 3x3 stride-1 kernel on the CPU, in the Winograd domain (the only copy kept).
+    Winograd(WinogradKernel),
+}
+
 /// A convolution with bias (a linear layer is one with a 1x1 kernel).
 #[derive(Debug, Clone)]
 pub struct Conv2d {
-    weight: Tensor,
+    kernel: Kernel,
     bias: Tensor,
     geometry: ConvGeometry,
 }
@@ -48,8 +58,14 @@ impl Conv2d {
         stride: usize,
         padding: usize,
     ) -> Result<Self> {
+        let weight = vb.get((c_out, c_in, kernel, kernel), "weight")?;
+        let winograd = on_host(&weight) && (kernel, stride, padding) == (3, 1, 1);
         Ok(Self {
-            weight: vb.get((c_out, c_in, kernel, kernel), "weight")?,
+            kernel: if winograd {
+                Kernel::Winograd(WinogradKernel::new(&weight)?)
+            } else {
+                Kernel::Direct(weight)
+            },
             bias: vb.get(c_out, "bias")?,
             geometry: ConvGeometry::new(stride, padding),
         })
@@ -66,7 +82,7 @@ impl Conv2d {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        conv2d_fused(x, &self.weight, &self.bias, None, false, self.geometry)
+        self.forward_with(x, None, None)
     }
 
     /// `conv(x) + bias + residual`, with `bias` in place of the layer's own when given
@@ -77,7 +93,11 @@ impl Conv2d {
         bias: Option<&Tensor>,
         residual: Option<&Tensor>,
     ) -> Result<Tensor> {
-        conv2d_fused(x, &self.weight, bias.unwrap_or(&self.bias), residual, false, self.geometry)
+        let bias = bias.unwrap_or(&self.bias);
+        match &self.kernel {
+            Kernel::Winograd(k) => winograd::conv3x3(x, k, bias, residual, self.geometry.upsample),
+            Kernel::Direct(w) => conv2d_fused(x, w, bias, residual, false, self.geometry),
+        }
     }
 }
 
