@@ -8,6 +8,7 @@ pub mod error;
 pub mod neurons;
 pub mod pooling;
 pub mod scoring;
+pub mod screening;
 pub mod topk;
 
 pub use crop::{BoundingBox, CropConfig, CropPlan, Map2, plan_crops};
@@ -15,4 +16,5 @@ pub use error::CoreError;
 pub use neurons::NeuronSet;
 pub use pooling::Pooling;
 pub use scoring::{CandidateScore, GeneratedImage, RankScore, ScoringConfig, score_candidates};
+pub use screening::Screening;
 pub use topk::{LayerTopK, Scored, TopK};
