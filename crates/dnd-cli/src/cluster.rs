@@ -10,7 +10,8 @@ use tokio::sync::watch;
 use tonic::Code;
 
 use dnd_coordinator::{Coordinator, Settings};
-use dnd_pipeline::{DESCRIBE_STAGES, Progress};
+use dnd_core::Stage;
+use dnd_pipeline::Progress;
 use dnd_proto::transport::{AuthedChannel, MAX_MESSAGE_BYTES};
 use dnd_proto::v1::job_service_client::JobServiceClient;
 use dnd_proto::v1::{self as pb};
@@ -352,15 +353,19 @@ async fn follow(jobs: &mut JobServiceClient<AuthedChannel>, job: &str) -> anyhow
             continue;
         }
         if shown.is_empty() {
-            let totals: Vec<(&str, u64)> = std::iter::once("probe")
-                .chain(DESCRIBE_STAGES)
-                .filter_map(|s| status.stages.iter().find(|p| p.stage == s).map(|p| (s, p.total)))
+            let totals: Vec<(Stage, u64)> = Stage::ALL
+                .into_iter()
+                .filter_map(|s| {
+                    status.stages.iter().find(|p| p.stage == s.name()).map(|p| (s, p.total))
+                })
                 .collect();
             bars.begin_stages(&totals);
         }
         for p in &status.stages {
             let before = shown.get(&p.stage).copied().unwrap_or(0);
-            bars.advance_stage(&p.stage, p.done.saturating_sub(before));
+            if let Ok(stage) = p.stage.parse::<Stage>() {
+                bars.advance_stage(stage, p.done.saturating_sub(before));
+            }
             shown.insert(p.stage.clone(), p.done.max(before));
         }
         last = Some(status);

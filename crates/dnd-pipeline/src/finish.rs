@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, HashMap};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use dnd_store::results::{DescriptionRow, NeuronErrorRow, ResultTable};
+use dnd_store::results::{DescriptionRow, DescriptionStatus, NeuronErrorRow, ResultTable};
 use dnd_store::tables::{self, ErrorRow, TopKRow};
 use dnd_store::{CacheCounts, Location, TaskStore, batches_rows, read_parquet, write_parquet};
 
@@ -82,10 +82,10 @@ pub async fn merge_probe(
     let store = TaskStore::new(job.clone());
     let mut slices = Vec::new();
     for slice in &plan.probe_tasks {
-        let attempt = store.committed(&slice.id).await?.ok_or_else(|| {
+        let attempt = store.committed(slice.id.as_str()).await?.ok_or_else(|| {
             PipelineError::Internal(format!("probe task {} is not committed", slice.id))
         })?;
-        slices.push(store.attempt_dir(&slice.id, &attempt)?);
+        slices.push(store.attempt_dir(slice.id.as_str(), &attempt)?);
     }
     for layer in &plan.layers {
         let mut by_neuron: BTreeMap<i32, Vec<TopKRow>> = BTreeMap::new();
@@ -149,9 +149,9 @@ pub async fn commit_failed_task(
         .neurons
         .iter()
         .map(|&n| DescriptionRow {
-            layer: batch.layer.clone(),
-            neuron: n as i32,
-            status: "failed".into(),
+            layer: batch.layer.to_string(),
+            neuron: n.to_i32(),
+            status: DescriptionStatus::Failed,
             label: None,
             score: None,
             label_2: None,
@@ -174,8 +174,8 @@ pub async fn commit_failed_task(
         .neurons
         .iter()
         .map(|&n| NeuronErrorRow {
-            layer: batch.layer.clone(),
-            neuron: n as i32,
+            layer: batch.layer.to_string(),
+            neuron: n.to_i32(),
             stage: "task".into(),
             image_id: None,
             reason: "task_failed".into(),
@@ -211,7 +211,7 @@ pub async fn finish_job(
     facts: &RunFacts,
 ) -> Result<DissectSummary, PipelineError> {
     let store = TaskStore::new(job.clone());
-    let task_ids: Vec<String> = plan.neuron_tasks.iter().map(|t| t.id.clone()).collect();
+    let task_ids: Vec<String> = plan.neuron_tasks.iter().map(|t| t.id.to_string()).collect();
     let results = store.compact(&task_ids).await?;
     let descriptions: Vec<DescriptionRow> =
         batches_rows("descriptions", &read_parquet(job, "results/descriptions.parquet").await?)?;
@@ -221,12 +221,13 @@ pub async fn finish_job(
     let (mut probe_seconds, mut describe_seconds, mut described, mut tasks_failed) =
         (0.0, 0.0, 0usize, 0usize);
     for task in plan.task_ids() {
-        let Some(attempt) = store.committed(task).await? else { continue };
+        let Some(attempt) = store.committed(task.as_str()).await? else { continue };
         if attempt.starts_with(FAILED_ATTEMPT_PREFIX) {
             tasks_failed += 1;
             continue;
         }
-        let Some(bytes) = store.attempt_dir(task, &attempt)?.get_opt(STATS_FILE).await? else {
+        let dir = store.attempt_dir(task.as_str(), &attempt)?;
+        let Some(bytes) = dir.get_opt(STATS_FILE).await? else {
             continue;
         };
         let stats: TaskStats = serde_json::from_slice(&bytes)
@@ -246,10 +247,10 @@ pub async fn finish_job(
     }
     let (hits, lookups) =
         cache.values().fold((0, 0), |(h, t), c| (h + c.hits, t + c.hits + c.misses));
-    let count = |status: &str| descriptions.iter().filter(|d| d.status == status).count();
+    let count = |status| descriptions.iter().filter(|d| d.status == status).count();
     let summary = DissectSummary {
         dnd_version: env!("CARGO_PKG_VERSION").into(),
-        job: plan.job.clone(),
+        job: plan.job.to_string(),
         location: job.to_string(),
         results: results.iter().map(|r| job.display_path(r)).collect(),
         models,
@@ -257,9 +258,9 @@ pub async fn finish_job(
         tasks_resumed: facts.tasks_resumed,
         tasks_failed,
         neurons: plan.neurons(),
-        neurons_ok: count("ok"),
-        neurons_no_candidates: count("no_candidates"),
-        neurons_failed: count("failed"),
+        neurons_ok: count(DescriptionStatus::Ok),
+        neurons_no_candidates: count(DescriptionStatus::NoCandidates),
+        neurons_failed: count(DescriptionStatus::Failed),
         cache,
         cache_hit_rate: if lookups == 0 { 0.0 } else { hits as f64 / lookups as f64 },
         load_seconds: facts.load_seconds,
@@ -283,7 +284,7 @@ pub async fn committed_tasks(
     let store = TaskStore::new(job.clone());
     let mut done = HashMap::new();
     for task in plan.task_ids() {
-        if let Some(attempt) = store.committed(task).await? {
+        if let Some(attempt) = store.committed(task.as_str()).await? {
             done.insert(task.to_string(), attempt.starts_with(FAILED_ATTEMPT_PREFIX));
         }
     }

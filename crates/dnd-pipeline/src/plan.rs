@@ -6,7 +6,9 @@
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use dnd_models::TargetModel;
+use dnd_core::{JobName, LayerName, NeuronId, TaskDef, TaskId, TaskWork};
+
+use dnd_models::target::TargetShape;
 use dnd_store::Location;
 
 use crate::error::PipelineError;
@@ -20,7 +22,7 @@ pub const SPEC_FILE: &str = "job.json";
 /// A slice `[start, end)` of the sorted probe set.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProbeSlice {
-    pub id: String,
+    pub id: TaskId,
     pub start: usize,
     pub end: usize,
 }
@@ -28,9 +30,9 @@ pub struct ProbeSlice {
 /// A batch of neurons of one layer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NeuronBatch {
-    pub id: String,
-    pub layer: String,
-    pub neurons: Vec<usize>,
+    pub id: TaskId,
+    pub layer: LayerName,
+    pub neurons: Vec<NeuronId>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -43,7 +45,7 @@ pub struct PlannedLayer {
 /// Everything a worker needs besides the spec to run any task of the job.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobPlan {
-    pub job: String,
+    pub job: JobName,
     /// The probe set as workers read it: for a synthetic set, the directory it was
     /// rendered into.
     pub probe_images: String,
@@ -54,18 +56,18 @@ pub struct JobPlan {
 }
 
 impl JobPlan {
-    /// Plans `spec` for a loaded target model and a listed probe set. Fails on layers the
+    /// Plans `spec` for a target model's shape and a listed probe set. Fails on layers the
     /// model lacks and neuron ids beyond a layer's width.
     pub fn make(
         spec: &JobSpec,
-        target: &TargetModel,
+        target: &TargetShape,
         images: &ProbeImages,
     ) -> Result<Self, PipelineError> {
         let layers = probe_config(spec).plan(target)?;
         let per_slice = spec.probe.images_per_task.max(1);
         let probe_tasks = (0..images.images.len().div_ceil(per_slice))
             .map(|i| ProbeSlice {
-                id: format!("probe-{i:05}"),
+                id: TaskId::new(format!("probe-{i:05}")),
                 start: i * per_slice,
                 end: ((i + 1) * per_slice).min(images.images.len()),
             })
@@ -75,14 +77,14 @@ impl JobPlan {
             let neurons = spec.target.neurons.resolve(&layer.name, layer.width)?;
             for (i, chunk) in neurons.chunks(spec.describe.neurons_per_task).enumerate() {
                 neuron_tasks.push(NeuronBatch {
-                    id: format!("{}-{i:05}", layer.name),
-                    layer: layer.name.clone(),
+                    id: TaskId::new(format!("{}-{i:05}", layer.name)),
+                    layer: LayerName::new(layer.name.clone()),
                     neurons: chunk.to_vec(),
                 });
             }
         }
         Ok(Self {
-            job: spec.job_name(),
+            job: JobName::new(spec.job_name()),
             probe_images: images.source.clone(),
             images: images.images.len(),
             layers: layers
@@ -98,11 +100,21 @@ impl JobPlan {
         })
     }
 
-    pub fn task_ids(&self) -> impl Iterator<Item = &str> {
-        self.probe_tasks
-            .iter()
-            .map(|t| t.id.as_str())
-            .chain(self.neuron_tasks.iter().map(|t| t.id.as_str()))
+    pub fn task_ids(&self) -> impl Iterator<Item = &TaskId> {
+        self.probe_tasks.iter().map(|t| &t.id).chain(self.neuron_tasks.iter().map(|t| &t.id))
+    }
+
+    /// Every task of the plan with its work: probe slices first, then neuron batches.
+    pub fn tasks(&self) -> Vec<TaskDef> {
+        let probes = self.probe_tasks.iter().map(|t| TaskDef {
+            id: t.id.clone(),
+            work: TaskWork::Probe { start: t.start, end: t.end },
+        });
+        let neurons = self.neuron_tasks.iter().map(|t| TaskDef {
+            id: t.id.clone(),
+            work: TaskWork::Neurons { layer: t.layer.clone(), neurons: t.neurons.clone() },
+        });
+        probes.chain(neurons).collect()
     }
 
     pub fn neurons(&self) -> usize {
@@ -143,7 +155,7 @@ pub fn probe_config(spec: &JobSpec) -> ProbeConfig {
 }
 
 /// The layer plans of a job, checked against the model.
-pub fn layer_plans(spec: &JobSpec, target: &TargetModel) -> Result<Vec<LayerPlan>, PipelineError> {
+pub fn layer_plans(spec: &JobSpec, target: &TargetShape) -> Result<Vec<LayerPlan>, PipelineError> {
     probe_config(spec).plan(target)
 }
 

@@ -23,10 +23,7 @@ use dnd_store::{CacheKey, CacheKind, ContentCache};
 use dnd_summarize::{Exchange, Step, SummarizeError, Summarizer};
 
 use crate::error::PipelineError;
-use crate::job::JobSpec;
-
-/// The generator reference of the synthetic world's text-conditioned renderer.
-pub const SYNTHETIC_GENERATOR: &str = "synth:world";
+use crate::job::{JobSpec, SYNTHETIC_GENERATOR};
 
 /// BLAKE3 of an image's size and RGB pixels: equal pictures, equal hashes, whatever file
 /// format they came in.

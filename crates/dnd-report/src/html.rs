@@ -398,8 +398,8 @@ pub fn neuron_html(
         esc(&d.layer),
         d.neuron,
         esc(&job.name),
-        esc(&d.status),
-        esc(&d.status.replace('_', " ")),
+        esc(d.status.as_str()),
+        esc(&d.status.as_str().replace('_', " ")),
         esc(&d.task)
     );
 
@@ -412,7 +412,7 @@ pub fn neuron_html(
             .filter_map(|(l, s)| l.as_ref().map(|l| (l, s)))
             .collect();
     if labels.is_empty() {
-        let _ = write!(b, "<p>No label ({}).</p>", esc(&d.status.replace('_', " ")));
+        let _ = write!(b, "<p>No label ({}).</p>", esc(&d.status.as_str().replace('_', " ")));
     } else {
         b.push_str("<ol class=\"labels\">");
         for (l, s) in labels {

@@ -8,8 +8,8 @@ use image::{Rgb, RgbImage};
 use serde_json::json;
 
 use dnd_store::results::{
-    CandidateRow, CaptionRow, DescriptionRow, ExchangeRow, ImageRow, NeuronErrorRow, ResultTable,
-    ScoreRow,
+    CandidateRow, CaptionRow, DescriptionRow, DescriptionStatus, ExchangeRow, ImageRow,
+    NeuronErrorRow, ResultTable, ScoreRow,
 };
 use dnd_store::{Location, write_parquet};
 
@@ -129,7 +129,7 @@ pub async fn write_job(job: &Location, spec: &SyntheticSpec) -> Result<(), Repor
         descriptions.push(DescriptionRow {
             layer: layer.clone(),
             neuron,
-            status: "ok".into(),
+            status: DescriptionStatus::Ok,
             label: label(0),
             score: score(0),
             label_2: label(1),

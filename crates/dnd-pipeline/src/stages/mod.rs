@@ -1,0 +1,10 @@
+//! The stages of a neuron task, one module each, over typed inputs and outputs:
+//! [`crop`] (stage 1), [`caption`] and [`summarize`] (stage 2), [`generate`] and
+//! [`score`] (stage 3). [`crate::neuron_task`] composes them; the probe (stage 0) is
+//! [`crate::probe`].
+
+pub mod caption;
+pub mod crop;
+pub mod generate;
+pub mod score;
+pub mod summarize;
