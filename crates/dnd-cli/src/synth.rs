@@ -5,12 +5,10 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
 
-use dnd_synth::train::captioner::{
-    CaptionerReport, CaptionerTraining, evaluate_captioner, train_captioner,
-};
-use dnd_synth::train::embedder::{EmbedderTraining, train_embedder};
-use dnd_synth::train::target::{TargetTraining, TrainingReport, train_target};
 use dnd_synth::{ProbeSetSpec, write_probe_set};
+use dnd_zoo::captioner::{CaptionerReport, CaptionerTraining, evaluate_captioner, train_captioner};
+use dnd_zoo::embedder::{EmbedderTraining, train_embedder};
+use dnd_zoo::target::{TargetTraining, TrainingReport, train_target};
 
 use crate::BadInput;
 

@@ -19,6 +19,8 @@
 //!   normalises a single word.
 //! - [`TextRenderer`] is the world's text-to-image model: a [`dnd_models::Generator`] that
 //!   renders varied scenes containing what the prompt names.
+//! - [`planted`] is the zoo's ground truth: what each planted neuron of the trained target
+//!   model detects (`planted.json`). Training the zoo is the `dnd-zoo` crate's.
 //!
 //! Everything is deterministic: same seed, same scene; same scene and size, same pixels.
 
@@ -33,13 +35,13 @@ pub mod geometry;
 pub mod mask;
 mod pattern;
 pub mod phrase;
+pub mod planted;
 pub mod probe_set;
 pub mod quality;
 pub mod render;
 pub mod scene;
 pub mod spec;
 pub mod text_render;
-pub mod train;
 pub mod vocab;
 
 pub use caption::{VisibilityRule, Visible, caption, caption_visible, visible_in};
@@ -47,6 +49,7 @@ pub use concept::{Concept, all_concepts};
 pub use error::SynthError;
 pub use mask::{Mask, Rect};
 pub use phrase::{BackgroundMention, Mention, ObjectMention, parse_mentions};
+pub use planted::{PlantedKind, PlantedNeuron, read_planted};
 pub use probe_set::{ProbeSetSpec, read_scenes, write_probe_set};
 pub use render::{Rendered, render};
 pub use scene::{Background, MAX_OBJECTS, MAX_SIZE, MIN_SIZE, Object, Point, Scene};

@@ -7,7 +7,7 @@
 //! `min_new_tokens = 5` by default, and a crop's caption can be three words ("a red
 //! circle"); the prefix keeps every caption at least six tokens long, so the forbidden end
 //! token never forces the model to invent words. The prefix's words name nothing in the
-//! world, so [`crate::parse_mentions`] and dnd's summariser skip them.
+//! world, so [`dnd_synth::parse_mentions`] and dnd's summariser skip them.
 
 use std::path::Path;
 use std::time::Instant;
@@ -23,7 +23,7 @@ use super::tiny_transformer::{
     causal_mask, check_all_gradients, masked_cross_entropy, named_tensors, repeat_rows,
 };
 use super::tokenizer::{CLS_ID, PAD_ID, SEP_ID, WorldTokenizer, write_tokenizer};
-use crate::vocab::{Fill, Shape};
+use dnd_synth::vocab::{Fill, Shape};
 
 const VISION_EPS: f64 = 1e-5;
 const TEXT_EPS: f64 = 1e-12;
@@ -583,13 +583,13 @@ pub fn evaluate_captioner(
         matched += multiset_overlap(&pair.truth.objects, &said.objects);
         if let [(colour, shape, fill)] = pair.truth.objects[..] {
             // Read leniently: incomplete objects still count for the attributes they name.
-            let named: Vec<_> = crate::phrase::parse_mentions(text)
+            let named: Vec<_> = dnd_synth::phrase::parse_mentions(text)
                 .into_iter()
                 .filter_map(|m| match m {
-                    crate::phrase::Mention::Object(o) => {
+                    dnd_synth::phrase::Mention::Object(o) => {
                         Some((o.colour, o.shape, o.fill.unwrap_or(Fill::Solid)))
                     }
-                    crate::phrase::Mention::Background(_) => None,
+                    dnd_synth::phrase::Mention::Background(_) => None,
                 })
                 .collect();
             single += 1;

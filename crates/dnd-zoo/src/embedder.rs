@@ -568,7 +568,7 @@ pub fn train_embedder(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::train::tokenizer::UNK_ID;
+    use crate::tokenizer::UNK_ID;
 
     #[test]
     fn every_variable_gets_a_gradient() {

@@ -1,7 +1,11 @@
-//! Training the zoo's models with candle, reproducibly from seeds.
+//! dnd-zoo: training the synthetic world's zoo with candle, reproducibly from seeds: the
+//! target ResNet with its planted channels, the captioner (a tiny BLIP) and the embedder
+//! (a tiny CLIP). The world and the ground truth the trainer plants live in `dnd-synth`;
+//! only the `dnd synth train` command links this crate, never a worker.
 
 pub mod captioner;
 pub mod embedder;
+pub mod json;
 pub mod pairs;
 pub mod target;
 pub mod tiny_transformer;
