@@ -332,7 +332,7 @@ async fn probe(args: ProbeArgs) -> anyhow::Result<()> {
             .await?
             .map_err(PipelineError::from)?
     };
-    config.plan(&model)?;
+    config.plan(&model.shape())?;
     let images = ProbeImages::discover(&args.images).await?;
     let out = Location::create(&args.out)?;
     tracing::info!(

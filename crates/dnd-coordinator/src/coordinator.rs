@@ -10,16 +10,17 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use tokio::sync::{Notify, broadcast};
 
-use dnd_models::{ModelRef, TargetModel};
+use dnd_models::ModelRef;
+use dnd_models::target::TargetShape;
 use dnd_pipeline::finish::{self, RunFacts, SUMMARY_FILE};
 use dnd_pipeline::plan::{self, JobPlan};
 use dnd_pipeline::{JobSpec, PipelineError, ProbeImages};
 use dnd_store::tasks::check_name;
 use dnd_store::{Location, StoreError, TaskStore};
 
-use crate::scheduler::{
-    Event, JobView, Leased, Next, Phase, Refused, Scheduler, TaskDef, TaskWork,
-};
+use dnd_core::{JobName, LayerName, NeuronId, TaskId};
+
+use crate::scheduler::{Event, JobView, Leased, Next, Phase, Refused, Scheduler};
 
 const CANCELLED_MARKER: &str = "_CANCELLED";
 const EVENTS_DIR: &str = "events";
@@ -104,7 +105,8 @@ pub struct Coordinator {
     runs: Mutex<HashMap<String, Arc<JobRun>>>,
     work_ready: Notify,
     events: broadcast::Sender<(String, Event)>,
-    targets: tokio::sync::Mutex<HashMap<String, Arc<TargetModel>>>,
+    /// Target models' shapes by reference: planning needs layer names and widths only.
+    targets: tokio::sync::Mutex<HashMap<String, Arc<TargetShape>>>,
     workers: Mutex<HashMap<String, String>>,
     submissions: tokio::sync::Mutex<()>,
     metrics: dnd_metrics::Metrics,
@@ -196,27 +198,27 @@ impl Coordinator {
         Ok(())
     }
 
-    /// Loads (once) the target model of a spec, for planning.
-    async fn target(&self, spec: &JobSpec) -> Result<Arc<TargetModel>, CoordinatorError> {
+    /// Reads (once) the shape of a spec's target model, for planning: its config.json or
+    /// its safetensors header, never its weights.
+    async fn target(&self, spec: &JobSpec) -> Result<Arc<TargetShape>, CoordinatorError> {
         let mut targets = self.targets.lock().await;
         if let Some(t) = targets.get(&spec.target.model) {
             return Ok(t.clone());
         }
         let reference: ModelRef = spec.target.model.parse().map_err(PipelineError::from)?;
-        // Planning needs layer names and widths only: the CPU is enough.
-        let loaded =
-            tokio::task::spawn_blocking(move || TargetModel::load(&reference, &candle_cpu()))
-                .await
-                .map_err(PipelineError::from)?
-                .map_err(PipelineError::from)?;
-        let loaded = Arc::new(loaded);
-        targets.insert(spec.target.model.clone(), loaded.clone());
-        Ok(loaded)
+        let shape = tokio::task::spawn_blocking(move || TargetShape::read(&reference))
+            .await
+            .map_err(PipelineError::from)?
+            .map_err(PipelineError::from)?;
+        let shape = Arc::new(shape);
+        targets.insert(spec.target.model.clone(), shape.clone());
+        Ok(shape)
     }
 
-    /// Makes an already loaded target model available for planning (embedded runs).
-    pub async fn provide_target(&self, reference: &str, model: Arc<TargetModel>) {
-        self.targets.lock().await.insert(reference.to_string(), model);
+    /// Makes the shape of an already loaded target model available for planning
+    /// (embedded runs).
+    pub async fn provide_target(&self, reference: &str, shape: TargetShape) {
+        self.targets.lock().await.insert(reference.to_string(), Arc::new(shape));
     }
 
     /// Checks and plans a job, claims its directory and queues its tasks. A job already in
@@ -263,18 +265,7 @@ impl Coordinator {
         let done = finish::committed_tasks(&dir, &plan).await?;
         let merged = finish::probe_merged(&dir).await?;
         let earlier = read_events(&dir).await?;
-        let tasks: Vec<TaskDef> = plan
-            .probe_tasks
-            .iter()
-            .map(|t| TaskDef {
-                id: t.id.clone(),
-                work: TaskWork::Probe { start: t.start, end: t.end },
-            })
-            .chain(plan.neuron_tasks.iter().map(|t| TaskDef {
-                id: t.id.clone(),
-                work: TaskWork::Neurons { layer: t.layer.clone(), neurons: t.neurons.clone() },
-            }))
-            .collect();
+        let tasks = plan.tasks();
         let submitted = Submitted {
             job: name.to_string(),
             tasks_total: tasks.len(),
@@ -305,27 +296,20 @@ impl Coordinator {
     ) -> Result<Submitted, CoordinatorError> {
         let dir = self.job_dir(name)?;
         let plan = JobPlan {
-            job: name.into(),
+            job: JobName::new(name),
             probe_images: String::new(),
             images: 0,
             layers: Vec::new(),
             probe_tasks: Vec::new(),
             neuron_tasks: (0..tasks)
                 .map(|i| dnd_pipeline::plan::NeuronBatch {
-                    id: format!("sim-{i:06}"),
-                    layer: "sim".into(),
-                    neurons: vec![i],
+                    id: TaskId::new(format!("sim-{i:06}")),
+                    layer: LayerName::new("sim"),
+                    neurons: vec![NeuronId::new(i as u32)],
                 })
                 .collect(),
         };
-        let defs = plan
-            .neuron_tasks
-            .iter()
-            .map(|t| TaskDef {
-                id: t.id.clone(),
-                work: TaskWork::Neurons { layer: t.layer.clone(), neurons: t.neurons.clone() },
-            })
-            .collect();
+        let defs = plan.tasks();
         let run = JobRun {
             plan: Arc::new(plan),
             location: dir,
@@ -616,10 +600,6 @@ impl Coordinator {
     pub fn job_location(&self, job: &str) -> Option<Location> {
         lock(&self.runs).get(job).map(|r| r.location.clone())
     }
-}
-
-fn candle_cpu() -> candle_core::Device {
-    candle_core::Device::Cpu
 }
 
 /// A job's persisted event log, in order.

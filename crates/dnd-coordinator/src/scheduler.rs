@@ -9,39 +9,9 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
-/// What a task computes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TaskWork {
-    /// Stage 0 over probe images `[start, end)`.
-    Probe { start: usize, end: usize },
-    /// Stages 1-3 for these neurons of `layer`.
-    Neurons { layer: String, neurons: Vec<usize> },
-}
+use dnd_core::Stage;
 
-impl TaskWork {
-    /// Units of work per stage when done (images for the probe stage, neurons for the others).
-    fn units(&self) -> u64 {
-        match self {
-            TaskWork::Probe { start, end } => (end - start) as u64,
-            TaskWork::Neurons { neurons, .. } => neurons.len() as u64,
-        }
-    }
-
-    fn stages(&self) -> &'static [&'static str] {
-        match self {
-            TaskWork::Probe { .. } => &[PROBE_STAGE],
-            TaskWork::Neurons { .. } => &dnd_pipeline::DESCRIBE_STAGES,
-        }
-    }
-}
-
-pub const PROBE_STAGE: &str = "probe";
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TaskDef {
-    pub id: String,
-    pub work: TaskWork,
-}
+pub use dnd_core::{TaskDef, TaskWork};
 
 /// A job's phase.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -250,9 +220,9 @@ impl Scheduler {
             .into_iter()
             .map(|def| {
                 for stage in def.work.stages() {
-                    *stage_totals.entry(stage.to_string()).or_insert(0) += def.work.units();
+                    *stage_totals.entry(stage.name().to_string()).or_insert(0) += def.work.units();
                 }
-                let state = match (done.get(&def.id), &def.work) {
+                let state = match (done.get(def.id.as_str()), &def.work) {
                     (Some(false), _) => State::Committed,
                     (Some(true), _) => {
                         State::Failed("failed before the coordinator restarted".into())
@@ -271,7 +241,7 @@ impl Scheduler {
                 }
             })
             .collect();
-        let index = entries.iter().enumerate().map(|(i, t)| (t.def.id.clone(), i)).collect();
+        let index = entries.iter().enumerate().map(|(i, t)| (t.def.id.to_string(), i)).collect();
         let queue = entries
             .iter()
             .enumerate()
@@ -480,7 +450,8 @@ impl Scheduler {
             self.fail_job(job, &message, now);
             return (false, Next::Nothing);
         }
-        (false, Next::RecordFailure { task: id, attempts: failures, error: error.to_string() })
+        let task = id.to_string();
+        (false, Next::RecordFailure { task, attempts: failures, error: error.to_string() })
     }
 
     /// The failure record of a task is committed.
@@ -613,13 +584,14 @@ impl Scheduler {
                         counts.failed += 1;
                     }
                     for stage in t.def.work.stages() {
-                        *done.entry(stage.to_string()).or_default() += t.def.work.units();
+                        *done.entry(stage.name().to_string()).or_default() += t.def.work.units();
                     }
                 }
             }
         }
-        let order = std::iter::once(PROBE_STAGE).chain(dnd_pipeline::DESCRIBE_STAGES);
-        let stages = order
+        let stages = Stage::ALL
+            .map(Stage::name)
+            .into_iter()
             .filter_map(|s| {
                 Some((s.to_string(), done.get(s).copied()?, *entry.stage_totals.get(s)?))
             })
@@ -708,17 +680,22 @@ mod tests {
 
     const LEASE: i64 = 1000;
 
+    use dnd_core::NeuronId;
+
     fn job_tasks() -> Vec<TaskDef> {
         vec![
             TaskDef { id: "probe-00000".into(), work: TaskWork::Probe { start: 0, end: 10 } },
             TaskDef { id: "probe-00001".into(), work: TaskWork::Probe { start: 10, end: 15 } },
             TaskDef {
                 id: "fc-00000".into(),
-                work: TaskWork::Neurons { layer: "fc".into(), neurons: vec![0, 1] },
+                work: TaskWork::Neurons {
+                    layer: "fc".into(),
+                    neurons: vec![NeuronId::new(0), NeuronId::new(1)],
+                },
             },
             TaskDef {
                 id: "fc-00001".into(),
-                work: TaskWork::Neurons { layer: "fc".into(), neurons: vec![2] },
+                work: TaskWork::Neurons { layer: "fc".into(), neurons: vec![NeuronId::new(2)] },
             },
         ]
     }

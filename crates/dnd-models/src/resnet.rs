@@ -127,8 +127,23 @@ impl ResNetConfig {
     /// Reads the shape off a torchvision `state_dict`: what a user has after
     /// `safetensors.torch.save_file(model.state_dict(), ...)` without any config file.
     pub fn infer(tensors: &HashMap<String, Tensor>) -> Result<Self, String> {
+        let shapes: HashMap<String, Vec<usize>> =
+            tensors.iter().map(|(name, t)| (name.clone(), t.dims().to_vec())).collect();
+        Self::infer_from_shapes(&shapes)
+    }
+
+    /// Reads the shape off a `safetensors` file's header, without reading the weights.
+    pub fn from_safetensors_header(path: &Path) -> Result<Self, ModelError> {
+        let bad = |reason: String| ModelError::Checkpoint { path: path.into(), reason };
+        let shapes = safetensors_shapes(path)
+            .map_err(|e| bad(format!("it is not a readable safetensors file ({e})")))?;
+        Self::infer_from_shapes(&shapes).map_err(bad)
+    }
+
+    /// [`Self::infer`] from tensor names and shapes.
+    pub fn infer_from_shapes(tensors: &HashMap<String, Vec<usize>>) -> Result<Self, String> {
         let dims = |name: &str| -> Result<Vec<usize>, String> {
-            tensors.get(name).map(|t| t.dims().to_vec()).ok_or_else(|| {
+            tensors.get(name).cloned().ok_or_else(|| {
                 format!("it has no tensor `{name}`; is it a torchvision/timm ResNet state_dict?")
             })
         };
@@ -193,6 +208,16 @@ impl ResNetConfig {
     /// Output channels of a stage (0-based).
     pub fn stage_channels(&self, stage: usize) -> usize {
         self.widths[stage] * self.block.expansion()
+    }
+
+    /// Number of neurons (channels or units) at a tap.
+    pub fn tap_width(&self, tap: Tap) -> usize {
+        match tap {
+            Tap::Stem => self.stem_channels,
+            Tap::Layer(i) => self.stage_channels(i as usize - 1),
+            Tap::AvgPool => self.stage_channels(3),
+            Tap::Fc => self.num_classes,
+        }
     }
 
     fn bottleneck_inner(&self, stage: usize) -> usize {
@@ -469,12 +494,7 @@ impl ResNet {
 
     /// Number of neurons (channels or units) at a tap.
     pub fn tap_width(&self, tap: Tap) -> usize {
-        match tap {
-            Tap::Stem => self.config.stem_channels,
-            Tap::Layer(i) => self.config.stage_channels(i as usize - 1),
-            Tap::AvgPool => self.config.stage_channels(3),
-            Tap::Fc => self.config.num_classes,
-        }
+        self.config.tap_width(tap)
     }
 
     /// Runs a batch `(B, 3, H, W)` and returns the output of each requested tap, in the
@@ -527,6 +547,36 @@ impl Module for ResNet {
             .map(|mut v| v.remove(0))
             .map_err(|e| candle_core::Error::Msg(e.to_string()))
     }
+}
+
+/// Tensor names and shapes from a safetensors header: an 8-byte little-endian length,
+/// then that many bytes of JSON (`{"name": {"dtype", "shape", "data_offsets"}, ...}`).
+fn safetensors_shapes(path: &Path) -> Result<HashMap<String, Vec<usize>>, String> {
+    use std::io::Read;
+    /// Larger headers are not safetensors files (the format caps them at 100 MB).
+    const MAX_HEADER: u64 = 100 << 20;
+    #[derive(serde::Deserialize)]
+    struct Entry {
+        shape: Vec<usize>,
+    }
+    let mut file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len).map_err(|e| e.to_string())?;
+    let len = u64::from_le_bytes(len);
+    if len > MAX_HEADER {
+        return Err(format!("a header of {len} bytes"));
+    }
+    let mut header = vec![0u8; len as usize];
+    file.read_exact(&mut header).map_err(|e| e.to_string())?;
+    let raw: HashMap<String, serde_json::Value> =
+        serde_json::from_slice(&header).map_err(|e| e.to_string())?;
+    raw.into_iter()
+        .filter(|(name, _)| name != "__metadata__")
+        .map(|(name, v)| {
+            let entry: Entry = serde_json::from_value(v).map_err(|e| format!("{name}: {e}"))?;
+            Ok((name, entry.shape))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -612,6 +662,10 @@ mod tests {
         for block in [BlockKind::Basic, BlockKind::Bottleneck] {
             let config = tiny(block);
             assert_eq!(ResNetConfig::infer(&random_tensors(&config)).unwrap(), config);
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("model.safetensors");
+            candle_core::safetensors::save(&random_tensors(&config), &path).unwrap();
+            assert_eq!(ResNetConfig::from_safetensors_header(&path).unwrap(), config);
         }
         let r50 = ResNetConfig::standard("resnet50").unwrap();
         assert_eq!(r50.stage_channels(3), 2048);
