@@ -12,12 +12,12 @@ use dnd_coordinator::{Coordinator, CoordinatorError, Phase, Settings};
 use dnd_core::Stage;
 use dnd_models::device::parse_device;
 use dnd_models::{ModelRef, TargetModel};
-use dnd_pipeline::finish::{DissectSummary, SUMMARY_FILE};
+use dnd_pipeline::finish::DissectSummary;
 use dnd_pipeline::plan::{layer_plans, resolve_probe_images};
-use dnd_pipeline::{JobSpec, PipelineError, ProbeImages, Progress, Workbench};
+use dnd_pipeline::{JobDir, JobSpec, PipelineError, ProbeImages, Progress, Workbench};
 use dnd_proto::{BearerToken, ClientConfig, ServerConfig};
 use dnd_store::results::DescriptionRow;
-use dnd_store::{ContentCache, Location, batches_rows, read_parquet};
+use dnd_store::{ContentCache, Location};
 use dnd_worker::{Worker, WorkerConfig};
 
 /// The run's summary and every neuron's description row.
@@ -133,13 +133,11 @@ impl Dissection {
                 "submitted"
             );
             follow(&coordinator, &name, progress).await?;
-            let job = store.join(&format!("jobs/{name}"));
-            let summary: DissectSummary = serde_json::from_slice(&job.get(SUMMARY_FILE).await?)
-                .map_err(|e| PipelineError::Internal(e.to_string()))?;
-            let descriptions = batches_rows(
-                "descriptions",
-                &read_parquet(&job, "results/descriptions.parquet").await?,
-            )?;
+            let job = JobDir::under(&store, &name)?;
+            let summary = job.summary().await?.ok_or_else(|| {
+                PipelineError::Internal(format!("job {name} ended without a summary"))
+            })?;
+            let descriptions = job.descriptions().await?;
             Ok(DissectOutcome { summary, descriptions })
         }
         .await;

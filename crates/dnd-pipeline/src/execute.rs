@@ -13,15 +13,14 @@ use tokio::sync::Mutex;
 use dnd_core::{LayerName, NeuronId, Scored, TaskDef, TaskWork};
 use dnd_store::results::ResultTable;
 use dnd_store::tables::TopKRow;
-use dnd_store::{
-    CacheCounts, CacheKind, Location, TaskStore, batches_rows, read_parquet, write_parquet,
-};
+use dnd_store::{CacheCounts, CacheKind, Location, batches_rows, read_parquet, write_parquet};
 
 use crate::error::PipelineError;
 use crate::images::ProbeImages;
 use crate::job::JobSpec;
+use crate::job_dir::JobDir;
 use crate::neuron_task::{NeuronTask, TaskTables, run_neuron_task};
-use crate::plan::{JobPlan, probe_config, read_job_spec};
+use crate::plan::{JobPlan, probe_config};
 use crate::probe::run_probe;
 use crate::progress::Progress;
 use crate::workbench::Workbench;
@@ -54,17 +53,16 @@ pub struct JobContext {
     pub name: String,
     pub spec: JobSpec,
     pub plan: JobPlan,
-    /// The job directory.
-    pub job: Location,
+    pub dir: JobDir,
     pub images: ProbeImages,
     topk: Mutex<HashMap<LayerName, Arc<HashMap<NeuronId, Vec<Scored>>>>>,
 }
 
 impl JobContext {
     /// Reads a job's spec and plan from its directory and lists its probe images.
-    pub async fn open(job: Location) -> Result<Self, PipelineError> {
-        let (name, spec) = read_job_spec(&job).await?;
-        let plan = JobPlan::read(&job).await?;
+    pub async fn open(dir: JobDir) -> Result<Self, PipelineError> {
+        let (name, spec) = dir.spec().await?;
+        let plan = dir.plan().await?;
         let images = ProbeImages::discover(&plan.probe_images).await?;
         if images.images.len() != plan.images {
             return Err(PipelineError::BadJob {
@@ -76,7 +74,7 @@ impl JobContext {
                 ),
             });
         }
-        Ok(Self { name, spec, plan, job, images, topk: Mutex::new(HashMap::new()) })
+        Ok(Self { name, spec, plan, dir, images, topk: Mutex::new(HashMap::new()) })
     }
 
     /// Each neuron's merged probe top-K of `layer`, as indices into the probe set.
@@ -92,7 +90,7 @@ impl JobContext {
             self.images.images.iter().enumerate().map(|(i, r)| (r.id.as_str(), i as u32)).collect();
         let rows: Vec<TopKRow> = batches_rows(
             "topk",
-            &read_parquet(&self.job, &format!("probe/topk/{layer}.parquet")).await?,
+            &read_parquet(self.dir.location(), &format!("probe/topk/{layer}.parquet")).await?,
         )?;
         let mut top: HashMap<NeuronId, Vec<Scored>> = HashMap::new();
         for row in rows {
@@ -115,8 +113,7 @@ impl JobContext {
         attempt: &str,
         progress: &dyn Progress,
     ) -> Result<TaskStats, PipelineError> {
-        let store = TaskStore::new(self.job.clone());
-        let dir = store.attempt_dir(task.id.as_str(), attempt)?;
+        let dir = self.dir.tasks().attempt_dir(task.id.as_str(), attempt)?;
         let started = Instant::now();
         let before = cache_counts(bench);
         let mut stats =
@@ -126,7 +123,7 @@ impl JobContext {
                 let (start, end) = (*start, *end);
                 if start > end || end > self.images.images.len() {
                     return Err(PipelineError::BadJob {
-                        origin: self.job.to_string(),
+                        origin: self.dir.location().to_string(),
                         reason: format!(
                             "probe task {} asks for images {start}..{end} of a probe set of {}",
                             task.id,
@@ -164,7 +161,7 @@ impl JobContext {
                     &neuron_task,
                     &top,
                     &self.images.images,
-                    &self.job,
+                    self.dir.location(),
                     progress,
                 )
                 .await?;

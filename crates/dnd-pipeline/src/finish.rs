@@ -1,35 +1,21 @@
 //! The coordinator's share of a job's data work: merging the probe slices' top-K lists,
 //! recording a task that failed for good, and, at the end, compacting the committed tasks
-//! into the results dataset with a summary.
-//!
-//! Layout under the job directory:
-//! ```text
-//! job.json, plan.json                      the spec (a resubmission must match it) and its tasks
-//! tasks/<task>/<attempt>/...               one attempt's outputs (+ stats.json), then
-//! tasks/<task>/_COMMITTED                  naming the attempt that counts
-//! probe/topk/<layer>.parquet, probe/errors.parquet, probe/_COMMITTED   merged stage 0
-//! images/crops/..../<hash>.png             attention crops
-//! results/<table>.parquet                  the compacted results
-//! events/*.jsonl                           the job's event log
-//! summary.json                             written last: the job is done
-//! ```
+//! into the results dataset with a summary. The layout is [`JobDir`]'s.
 
 use std::collections::{BTreeMap, HashMap};
 
-use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use dnd_store::results::{DescriptionRow, DescriptionStatus, NeuronErrorRow, ResultTable};
 use dnd_store::tables::{self, ErrorRow, TopKRow};
-use dnd_store::{CacheCounts, Location, TaskStore, batches_rows, read_parquet, write_parquet};
+use dnd_store::{CacheCounts, batches_rows, read_parquet, write_parquet};
 
 use crate::error::PipelineError;
 use crate::execute::{STATS_FILE, TaskStats};
+use crate::job_dir::JobDir;
 use crate::plan::JobPlan;
 use crate::probe::peak_rss_mib;
 
-pub const SUMMARY_FILE: &str = "summary.json";
-const PROBE_MARKER: &str = "probe/_COMMITTED";
 /// Attempt names the coordinator gives a task's failure record.
 pub const FAILED_ATTEMPT_PREFIX: &str = "failed-";
 
@@ -67,19 +53,12 @@ pub struct DissectSummary {
     pub peak_rss_mib: f64,
 }
 
-pub async fn probe_merged(job: &Location) -> Result<bool, PipelineError> {
-    Ok(job.exists(PROBE_MARKER).await?)
-}
-
 /// Merges the committed probe slices into each layer's top-K (the `top_k` most activating
 /// images per neuron; ties go to the earlier image id, as within a slice) and the probe
 /// errors, then marks stage 0 done.
-pub async fn merge_probe(
-    job: &Location,
-    plan: &JobPlan,
-    top_k: usize,
-) -> Result<(), PipelineError> {
-    let store = TaskStore::new(job.clone());
+pub async fn merge_probe(dir: &JobDir, plan: &JobPlan, top_k: usize) -> Result<(), PipelineError> {
+    let job = dir.location();
+    let store = dir.tasks();
     let mut slices = Vec::new();
     for slice in &plan.probe_tasks {
         let attempt = store.committed(slice.id.as_str()).await?.ok_or_else(|| {
@@ -124,15 +103,14 @@ pub async fn merge_probe(
         )?);
     }
     write_parquet(job, "probe/errors.parquet", &tables::errors_batch(&errors)?).await?;
-    job.put_if_absent(PROBE_MARKER, Bytes::from_static(b"merged")).await?;
-    Ok(())
+    dir.mark_probe_merged().await
 }
 
 /// Records that a neuron task failed for good: every neuron of it gets a `failed`
 /// description and an error row with the task's last error, committed as the task's
 /// output so that the job's results still hold every neuron exactly once.
 pub async fn commit_failed_task(
-    job: &Location,
+    job: &JobDir,
     plan: &JobPlan,
     task: &str,
     attempts: u32,
@@ -141,7 +119,7 @@ pub async fn commit_failed_task(
     let Some(batch) = plan.neuron_tasks.iter().find(|t| t.id == task) else {
         return Err(PipelineError::Internal(format!("no neuron task `{task}` in the plan")));
     };
-    let store = TaskStore::new(job.clone());
+    let store = job.tasks();
     let attempt = format!("{FAILED_ATTEMPT_PREFIX}{attempts}");
     let dir = store.attempt_dir(task, &attempt)?;
     let message = format!("the task failed {attempts} times; last error: {error}");
@@ -206,15 +184,15 @@ pub struct RunFacts {
 /// Compacts the committed neuron tasks into `results/*.parquet`, then writes
 /// `summary.json` from the attempts' `stats.json`.
 pub async fn finish_job(
-    job: &Location,
+    dir: &JobDir,
     plan: &JobPlan,
     facts: &RunFacts,
 ) -> Result<DissectSummary, PipelineError> {
-    let store = TaskStore::new(job.clone());
+    let job = dir.location();
+    let store = dir.tasks();
     let task_ids: Vec<String> = plan.neuron_tasks.iter().map(|t| t.id.to_string()).collect();
     let results = store.compact(&task_ids).await?;
-    let descriptions: Vec<DescriptionRow> =
-        batches_rows("descriptions", &read_parquet(job, "results/descriptions.parquet").await?)?;
+    let descriptions: Vec<DescriptionRow> = dir.descriptions().await?;
 
     let mut cache: BTreeMap<String, CacheCounts> = BTreeMap::new();
     let mut models = BTreeMap::new();
@@ -270,18 +248,16 @@ pub async fn finish_job(
         total_seconds: facts.total_seconds,
         peak_rss_mib: peak_rss_mib(),
     };
-    let json =
-        serde_json::to_vec_pretty(&summary).map_err(|e| PipelineError::Internal(e.to_string()))?;
-    job.put(SUMMARY_FILE, Bytes::from(json)).await?;
+    dir.write_summary(&summary).await?;
     Ok(summary)
 }
 
 /// Which tasks of the plan are committed, and which of those are failure records.
 pub async fn committed_tasks(
-    job: &Location,
+    job: &JobDir,
     plan: &JobPlan,
 ) -> Result<HashMap<String, bool>, PipelineError> {
-    let store = TaskStore::new(job.clone());
+    let store = job.tasks();
     let mut done = HashMap::new();
     for task in plan.task_ids() {
         if let Some(attempt) = store.committed(task.as_str()).await? {

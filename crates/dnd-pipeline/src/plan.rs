@@ -16,9 +16,6 @@ use crate::images::ProbeImages;
 use crate::job::JobSpec;
 use crate::probe::{LayerPlan, ProbeConfig};
 
-pub const PLAN_FILE: &str = "plan.json";
-pub const SPEC_FILE: &str = "job.json";
-
 /// A slice `[start, end)` of the sorted probe set.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProbeSlice {
@@ -120,25 +117,6 @@ impl JobPlan {
     pub fn neurons(&self) -> usize {
         self.neuron_tasks.iter().map(|t| t.neurons.len()).sum()
     }
-
-    /// Stores the plan unless one is there; returns the stored one (a resubmitted job keeps
-    /// its first plan).
-    pub async fn store(&self, job: &Location) -> Result<JobPlan, PipelineError> {
-        let json =
-            serde_json::to_vec_pretty(self).map_err(|e| PipelineError::Internal(e.to_string()))?;
-        if job.put_if_absent(PLAN_FILE, Bytes::from(json)).await? {
-            return Ok(self.clone());
-        }
-        Self::read(job).await
-    }
-
-    pub async fn read(job: &Location) -> Result<JobPlan, PipelineError> {
-        let bytes = job.get(PLAN_FILE).await?;
-        serde_json::from_slice(&bytes).map_err(|e| PipelineError::BadJob {
-            origin: job.display_path(PLAN_FILE),
-            reason: e.to_string(),
-        })
-    }
 }
 
 /// The probe stage's settings for a job.
@@ -176,36 +154,4 @@ pub async fn resolve_probe_images(spec: &JobSpec, out: &Location) -> Result<Stri
         dir.put(dnd_synth::probe_set::SCENES_FILE, Bytes::from(scenes)).await?;
     }
     Ok(dir.to_string())
-}
-
-/// The spec as stored in `job.json`: the job's identity. A job directory holds one job
-/// only; `Ok(false)` when the same job was already there.
-pub async fn claim_job_dir(
-    job: &Location,
-    name: &str,
-    spec: &JobSpec,
-) -> Result<bool, PipelineError> {
-    let spec_json = serde_json::to_vec_pretty(&(name, spec))
-        .map_err(|e| PipelineError::Internal(e.to_string()))?;
-    if job.put_if_absent(SPEC_FILE, Bytes::from(spec_json.clone())).await? {
-        return Ok(true);
-    }
-    if job.get(SPEC_FILE).await? != spec_json {
-        return Err(PipelineError::BadJob {
-            origin: job.display_path(SPEC_FILE),
-            reason: format!(
-                "a different job named `{name}` is already there; give this one another name (--name) or another --out"
-            ),
-        });
-    }
-    Ok(false)
-}
-
-/// Reads the spec a job directory was claimed with.
-pub async fn read_job_spec(job: &Location) -> Result<(String, JobSpec), PipelineError> {
-    let bytes = job.get(SPEC_FILE).await?;
-    serde_json::from_slice(&bytes).map_err(|e| PipelineError::BadJob {
-        origin: job.display_path(SPEC_FILE),
-        reason: e.to_string(),
-    })
 }

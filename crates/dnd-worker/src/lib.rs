@@ -17,12 +17,12 @@ use tonic::Code;
 use dnd_core::Stage;
 use dnd_models::TargetModel;
 use dnd_models::device::parse_device;
-use dnd_pipeline::{JobContext, JobSpec, PipelineError, Progress, Workbench};
+use dnd_pipeline::{JobContext, JobDir, JobSpec, PipelineError, Progress, Workbench};
 use dnd_proto::transport::{AuthedChannel, ClientConfig, MAX_MESSAGE_BYTES};
 use dnd_proto::v1::worker_service_client::WorkerServiceClient;
 use dnd_proto::v1::{self as pb};
 use dnd_proto::{LeasedTask, PROTOCOL_VERSION, TransportError};
-use dnd_store::{ContentCache, Location, TaskStore};
+use dnd_store::{ContentCache, Location};
 
 /// Tasks to fail on purpose, comma-separated task ids: a fault-injection hook for tests
 /// of the retry path (a task that always fails).
@@ -294,8 +294,7 @@ impl Worker {
         if let Some(c) = jobs.get(&key) {
             return Ok(c.clone());
         }
-        let context =
-            Arc::new(JobContext::open(self.store(store)?.join(&format!("jobs/{job}"))).await?);
+        let context = Arc::new(JobContext::open(JobDir::under(&self.store(store)?, job)?).await?);
         jobs.insert(key, context.clone());
         Ok(context)
     }
@@ -337,8 +336,7 @@ impl Worker {
                 self.metrics.inc("dnd_images_generated_total", &[], counts.misses as f64);
             }
         }
-        let committed =
-            TaskStore::new(context.job.clone()).commit(&task.task_id, &task.attempt_name).await?;
+        let committed = context.dir.tasks().commit(&task.task_id, &task.attempt_name).await?;
         if !committed {
             tracing::info!(
                 task = task.task_id,
