@@ -12,6 +12,7 @@ use tonic::Code;
 use dnd_coordinator::{Coordinator, Settings};
 use dnd_core::Stage;
 use dnd_pipeline::Progress;
+use dnd_proto::convert::job_state_name;
 use dnd_proto::transport::{AuthedChannel, MAX_MESSAGE_BYTES};
 use dnd_proto::v1::job_service_client::JobServiceClient;
 use dnd_proto::v1::{self as pb};
@@ -165,7 +166,7 @@ async fn terminated() {
 pub async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     let token =
         BearerToken::load(args.auth.token_file.as_deref()).map_err(|e| BadInput(e.to_string()))?;
-    if !(args.lease_seconds > 0.0) {
+    if args.lease_seconds.is_nan() || args.lease_seconds <= 0.0 {
         return Err(BadInput("--lease-seconds must be positive".into()).into());
     }
     let store = Location::create(&args.store)?;
@@ -266,23 +267,11 @@ pub async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn state_name(state: i32) -> &'static str {
-    match pb::JobState::try_from(state).unwrap_or(pb::JobState::Unspecified) {
-        pb::JobState::Probing => "probing",
-        pb::JobState::Describing => "describing",
-        pb::JobState::Compacting => "compacting",
-        pb::JobState::Succeeded => "succeeded",
-        pb::JobState::Failed => "failed",
-        pb::JobState::Cancelled => "cancelled",
-        pb::JobState::Unspecified => "unknown",
-    }
-}
-
 fn print_status(s: &pb::JobStatus) {
     println!(
         "{}: {}; tasks {} total, {} queued, {} running, {} committed, {} failed, {} retried",
         s.job,
-        state_name(s.state),
+        job_state_name(s.state),
         s.tasks_total,
         s.tasks_queued,
         s.tasks_leased,
@@ -407,7 +396,7 @@ pub async fn list(args: ListArgs) -> anyhow::Result<()> {
         println!(
             "{}\t{}\t{}/{} tasks committed, {} failed",
             s.job,
-            state_name(s.state),
+            job_state_name(s.state),
             s.tasks_committed,
             s.tasks_total,
             s.tasks_failed

@@ -27,6 +27,9 @@ use crate::workbench::Workbench;
 
 pub const STATS_FILE: &str = "stats.json";
 
+/// Each neuron's merged probe top-K of a layer, as indices into the probe set.
+type NeuronTopK = HashMap<NeuronId, Vec<Scored>>;
+
 /// What one attempt of a task did, written as `stats.json` in its directory.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct TaskStats {
@@ -55,7 +58,7 @@ pub struct JobContext {
     pub plan: JobPlan,
     pub dir: JobDir,
     pub images: ProbeImages,
-    topk: Mutex<HashMap<LayerName, Arc<HashMap<NeuronId, Vec<Scored>>>>>,
+    topk: Mutex<HashMap<LayerName, Arc<NeuronTopK>>>,
 }
 
 impl JobContext {
@@ -78,10 +81,7 @@ impl JobContext {
     }
 
     /// Each neuron's merged probe top-K of `layer`, as indices into the probe set.
-    async fn layer_topk(
-        &self,
-        layer: &LayerName,
-    ) -> Result<Arc<HashMap<NeuronId, Vec<Scored>>>, PipelineError> {
+    async fn layer_topk(&self, layer: &LayerName) -> Result<Arc<NeuronTopK>, PipelineError> {
         let mut cached = self.topk.lock().await;
         if let Some(t) = cached.get(layer) {
             return Ok(t.clone());

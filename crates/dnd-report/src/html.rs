@@ -217,10 +217,10 @@ pub fn index_html(
                 esc(kind)
             );
         }
-        let _ = write!(
+        let _ = writeln!(
             b,
-            "</tbody></table><p>All model calls: {} answered by the cache.</p>\n",
-            format!("{:.0}%", 100.0 * s.cache_hit_rate)
+            "</tbody></table><p>All model calls: {:.0}% answered by the cache.</p>",
+            100.0 * s.cache_hit_rate
         );
     }
     b.push_str("</section>\n");
@@ -255,9 +255,9 @@ pub fn index_html(
     }
     b.push_str("<th scope=\"col\">Other labels</th></tr></thead><tbody></tbody></table>\n");
     b.push_str("<nav class=\"pager\" aria-label=\"Pages of the table\"><button type=\"button\" id=\"prev\">← Previous</button> <span id=\"page\"></span> <button type=\"button\" id=\"next\">Next →</button></nav>\n");
-    let _ = write!(
+    let _ = writeln!(
         b,
-        "<noscript><p>The table needs JavaScript. Every neuron also has its own page: <code>neurons/&lt;layer&gt;-&lt;neuron&gt;.html</code>, e.g. <a href=\"neurons/{}\">the first one</a>.</p></noscript>\n",
+        "<noscript><p>The table needs JavaScript. Every neuron also has its own page: <code>neurons/&lt;layer&gt;-&lt;neuron&gt;.html</code>, e.g. <a href=\"neurons/{}\">the first one</a>.</p></noscript>",
         results
             .neurons
             .first()
@@ -428,9 +428,9 @@ pub fn neuron_html(
     if let Some(e) = &d.error {
         let _ = write!(b, "<p class=\"error\">Error: {}</p>", esc(e));
     }
-    let _ = write!(
+    let _ = writeln!(
         b,
-        "<p class=\"counts\">{} candidates · {} top images captioned · captions {}/{} from cache · replies {}/{} · generated images {}/{}</p></section>\n",
+        "<p class=\"counts\">{} candidates · {} top images captioned · captions {}/{} from cache · replies {}/{} · generated images {}/{}</p></section>",
         d.candidates,
         d.top_images,
         d.captions_cached,

@@ -189,14 +189,15 @@ pub async fn write_report(
     let resolver = images::Resolver::new(job.location.clone());
     let imgs = images::copy_images(&resolver, &results, out, options).await?;
 
-    let mut files: Vec<(String, Bytes)> = Vec::new();
-    files.push(("style.css".into(), Bytes::from_static(html::STYLE_CSS.as_bytes())));
-    files.push(("index.js".into(), Bytes::from_static(html::INDEX_JS.as_bytes())));
-    files.push(("neurons.js".into(), Bytes::from(html::neurons_js(&results, options))));
-    files.push((
-        "index.html".into(),
-        Bytes::from(html::index_html(job, &results, options, imgs.missing.len())),
-    ));
+    let mut files: Vec<(String, Bytes)> = vec![
+        ("style.css".into(), Bytes::from_static(html::STYLE_CSS.as_bytes())),
+        ("index.js".into(), Bytes::from_static(html::INDEX_JS.as_bytes())),
+        ("neurons.js".into(), Bytes::from(html::neurons_js(&results, options))),
+        (
+            "index.html".into(),
+            Bytes::from(html::index_html(job, &results, options, imgs.missing.len())),
+        ),
+    ];
     let all = &results.neurons;
     for (i, n) in all.iter().enumerate() {
         let prev = i.checked_sub(1).map(|p| &all[p].description);

@@ -8,11 +8,11 @@
 //!   checkerboard, noise) and one to three objects, each with a shape, a colour (one of a
 //!   dozen, far apart in RGB), a fill (solid, striped, dotted), a size, a position and a
 //!   rotation. [`Scene::sample`] draws one from a seeded generator.
-//! - [`render`] draws a scene at any size and returns exact masks: per object its visible
+//! - [`render()`] draws a scene at any size and returns exact masks: per object its visible
 //!   pixels, and the background's. [`Concept::mask`] gives the mask of every concept (a
 //!   colour, shape, fill, texture, or colour+shape pair); [`Mask`]'s union, intersection
 //!   and difference give the ground truth of OR, AND and AND-NOT neurons.
-//! - [`caption`] writes a caption from a small grammar with synonyms and word-order
+//! - [`caption()`] writes a caption from a small grammar with synonyms and word-order
 //!   variation; [`caption_visible`] captions a crop from what is visible in it.
 //! - [`Concept::parse`] and [`parse_mentions`] read phrases in the world's vocabulary
 //!   (synonyms, plurals, articles and unknown words are fine), and [`canonical_word`]

@@ -32,7 +32,7 @@ pub enum PlantedKind {
     And,
     /// The first concept's mask minus the second's.
     AndNot,
-    /// An fc unit: the class "largest object is a <colour> <shape>".
+    /// An fc unit: the class "largest object is a `<colour> <shape>`".
     Class,
 }
 
@@ -242,7 +242,7 @@ pub fn class_index(colour: Colour, shape: Shape) -> usize {
     c * Shape::ALL.len() + s
 }
 
-/// The fc rows of planted.json: unit i is the class "largest object is a <colour> <shape>".
+/// The fc rows of planted.json: unit i is the class "largest object is a `<colour> <shape>`".
 pub fn class_neurons() -> Vec<PlantedNeuron> {
     (0..NUM_CLASSES)
         .map(|i| {

@@ -111,7 +111,7 @@ impl CaptionerTraining {
         self.sampling.check()?;
         let bad = |m: String| Err(TrainError::Settings(m));
         let s = self.sampling.image_size as usize;
-        if self.patch_size == 0 || s % self.patch_size != 0 {
+        if self.patch_size == 0 || !s.is_multiple_of(self.patch_size) {
             return bad(format!(
                 "image size {s} must be a multiple of the patch size {}",
                 self.patch_size

@@ -37,7 +37,7 @@ pub struct TargetTraining {
     /// Extra weight of the cells a concept covers (they are rare).
     pub positive_weight: f32,
     /// Fraction of training scenes built to contain a planted concept (or, for AND and
-    /// AND-NOT channels, sometimes a near miss); the rest are plain [`Scene::sample`]s.
+    /// AND-NOT channels, sometimes a near miss); the rest are plain [`Scene::sample`](dnd_synth::Scene::sample)s.
     pub focus_fraction: f64,
     /// Fraction of training images rendered larger (up to `hires_max`) and downscaled
     /// with dnd's preprocessing, as dnd does with images of any size.
@@ -47,7 +47,7 @@ pub struct TargetTraining {
     pub bn_momentum: f64,
     /// Images of the final BatchNorm recalibration batch.
     pub calibration_images: usize,
-    /// Held-out scenes for the report (plain [`Scene::sample`]s).
+    /// Held-out scenes for the report (plain [`Scene::sample`](dnd_synth::Scene::sample)s).
     pub eval_images: usize,
     /// Size at which held-out scenes are rendered before dnd's preprocessing.
     pub eval_render_size: u32,

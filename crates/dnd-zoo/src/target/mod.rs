@@ -7,7 +7,7 @@
 //! `config.json` (`architecture: "resnet"` with an explicit shape and a timm-style
 //! `pretrained_cfg` that makes dnd feed it `size` x `size` images, normalised as in
 //! training), `planted.json` (what every planted channel and every fc unit means, see
-//! [`PlantedNeuron`](dnd_synth::planted::PlantedNeuron)) and `train.json` (the [`TrainingReport`]: config, seeds, losses,
+//! [`PlantedNeuron`]) and `train.json` (the [`TrainingReport`]: config, seeds, losses,
 //! accuracy and held-out quality of every planted channel).
 //!
 //! # Why this input size

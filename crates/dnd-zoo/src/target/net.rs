@@ -221,6 +221,7 @@ impl TrainNet {
         y.broadcast_sub(&m.reshape((1, c, 1, 1))?)?.broadcast_mul(&scale)?.broadcast_add(&beta)
     }
 
+    #[allow(clippy::too_many_arguments)] // a convolution and its BatchNorm, by name
     pub(crate) fn conv_bn(
         &self,
         x: &Tensor,
