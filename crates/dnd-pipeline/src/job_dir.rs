@@ -22,9 +22,9 @@ use dnd_store::tasks::check_name;
 use dnd_store::{Location, TaskStore, batches_rows, read_parquet};
 
 use crate::error::PipelineError;
-use crate::finish::DissectSummary;
 use crate::job::JobSpec;
 use crate::plan::JobPlan;
+use crate::summary::DissectSummary;
 
 pub const SPEC_FILE: &str = "job.json";
 pub const PLAN_FILE: &str = "plan.json";

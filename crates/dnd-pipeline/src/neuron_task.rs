@@ -14,9 +14,7 @@ use image::RgbImage;
 use dnd_core::{LayerName, NeuronId, Scored, Stage, TaskId};
 use dnd_models::Tap;
 use dnd_store::Location;
-use dnd_store::results::{
-    CandidateRow, CaptionRow, DescriptionRow, ExchangeRow, ImageRow, NeuronErrorRow, ScoreRow,
-};
+use dnd_store::results::NeuronErrorRow;
 
 use crate::error::PipelineError;
 use crate::images::{ImageLimits, ImageRef, load_batch};
@@ -27,6 +25,7 @@ use crate::stages::crop::{CropInputs, Evidence, neuron_crops};
 use crate::stages::generate::ImageRequests;
 use crate::stages::score::{measure, score_neuron};
 use crate::stages::summarize::label_neuron;
+pub use crate::task_rows::TaskTables;
 use crate::task_rows::{NeuronOutcome, RowMaker};
 use crate::workbench::{Workbench, image_hash};
 
@@ -38,18 +37,6 @@ pub struct NeuronTask {
     pub layer: LayerName,
     pub tap: Tap,
     pub neurons: Vec<NeuronId>,
-}
-
-/// Every row a task produces, one vector per results table.
-#[derive(Debug, Default)]
-pub struct TaskTables {
-    pub descriptions: Vec<DescriptionRow>,
-    pub candidates: Vec<CandidateRow>,
-    pub scores: Vec<ScoreRow>,
-    pub captions: Vec<CaptionRow>,
-    pub images: Vec<ImageRow>,
-    pub exchanges: Vec<ExchangeRow>,
-    pub errors: Vec<NeuronErrorRow>,
 }
 
 /// Reads every distinct top image of the task once. An image that cannot be read gets an

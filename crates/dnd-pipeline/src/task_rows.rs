@@ -9,12 +9,23 @@ use dnd_store::results::{
 use dnd_summarize::{Answer, Exchange};
 
 use crate::job::JobSpec;
-use crate::neuron_task::TaskTables;
 use crate::stages::caption::Captions;
 use crate::stages::crop::Evidence;
 use crate::stages::score::NeuronScores;
 use crate::stages::summarize::Labelling;
 use crate::workbench::{GeneratedEntry, Workbench};
+
+/// Every row a task produces, one vector per results table.
+#[derive(Debug, Default)]
+pub struct TaskTables {
+    pub descriptions: Vec<DescriptionRow>,
+    pub candidates: Vec<CandidateRow>,
+    pub scores: Vec<ScoreRow>,
+    pub captions: Vec<CaptionRow>,
+    pub images: Vec<ImageRow>,
+    pub exchanges: Vec<ExchangeRow>,
+    pub errors: Vec<NeuronErrorRow>,
+}
 
 /// Makes the rows of one task's neurons.
 pub(crate) struct RowMaker<'a> {

@@ -1,6 +1,6 @@
 //! The stages of a neuron task, one module each, over typed inputs and outputs:
 //! [`crop`] (stage 1), [`caption`] and [`summarize`] (stage 2), [`generate`] and
-//! [`score`] (stage 3). [`crate::neuron_task`] composes them; the probe (stage 0) is
+//! [`score`] (stage 3). The neuron task (`neuron_task.rs`) composes them; the probe (stage 0) is
 //! [`crate::probe`].
 
 pub mod caption;
