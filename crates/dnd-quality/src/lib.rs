@@ -25,6 +25,7 @@ use dnd_pipeline::{JobSpec, PipelineError};
 use dnd_store::results::{CandidateRow, DescriptionRow};
 use dnd_synth::planted::{PlantedKind, PlantedNeuron};
 use dnd_synth::quality::{IouCounts, best, recovered, top_quantile};
+use dnd_synth::render::Rendered;
 use dnd_synth::{
     Concept, ProbeSetSpec, Scene, SynthError, TextRenderer, all_concepts, read_scenes, render,
 };
@@ -116,6 +117,82 @@ fn activations(
     Ok(pooled_activations(model, &images, tap, dnd_core::Pooling::Mean, 32)?)
 }
 
+/// Side of the lattice Network Dissection's masks and maps are compared on.
+const GRID: usize = 32;
+
+/// `masks[image][concept]`: each concept's mask in each probe scene, sampled on a GRID x
+/// GRID lattice.
+fn grid_masks(
+    scenes: &[Scene],
+    renders: &[Rendered],
+    concepts: &[Concept],
+    size: u32,
+) -> Vec<Vec<Vec<bool>>> {
+    scenes
+        .iter()
+        .zip(renders)
+        .map(|(scene, rendered)| {
+            concepts
+                .iter()
+                .map(|c| {
+                    let mask = c.mask(scene, rendered).expect("the scene was rendered");
+                    (0..GRID * GRID)
+                        .map(|i| {
+                            let (gy, gx) = (i / GRID, i % GRID);
+                            let y = ((gy as f32 + 0.5) * size as f32 / GRID as f32) as u32;
+                            let x = ((gx as f32 + 0.5) * size as f32 / GRID as f32) as u32;
+                            mask.get(x.min(size - 1), y.min(size - 1))
+                        })
+                        .collect()
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// CLIP image-text similarity of every probe image (rows) to every phrase (columns).
+fn clip_similarity(
+    embedder: &ClipEmbedder,
+    renders: &[Rendered],
+    phrases: &[String],
+) -> Result<Vec<Vec<f32>>, QualityError> {
+    let mut rows = Vec::new();
+    for chunk in renders.chunks(64) {
+        let imgs: Vec<RgbImage> = chunk.iter().map(|r| r.image.clone()).collect();
+        rows.push(embedder.embed_images(&imgs)?);
+    }
+    let image_embeddings = Tensor::cat(&rows, 0)?;
+    let text_embeddings =
+        embedder.embed_texts(&phrases.iter().map(String::as_str).collect::<Vec<_>>())?;
+    Ok(image_embeddings.matmul(&text_embeddings.t()?)?.to_device(&Device::Cpu)?.to_vec2()?)
+}
+
+/// Network-Dissection-style label of `neuron`: the phrase of the concept whose masks best
+/// overlap (IoU) the neuron's maps over the probe set (`maps`: `(N, C, h, w)`), thresholded
+/// at their top 0.5% and upsampled to the lattice.
+fn netdissect_label(
+    maps: &Tensor,
+    neuron: usize,
+    masks: &[Vec<Vec<bool>>],
+    phrases: &[String],
+) -> Result<String, QualityError> {
+    let neuron_maps = maps.narrow(1, neuron, 1)?.squeeze(1)?; // (N, h, w)
+    let (_, h, w) = neuron_maps.dims3()?;
+    let values: Vec<f32> = neuron_maps.flatten_all()?.to_vec1()?;
+    let threshold = top_quantile(&values, 0.005);
+    let mut counts = vec![IouCounts::default(); phrases.len()];
+    for (i, image_masks) in masks.iter().enumerate() {
+        let map = Map2 { width: w, height: h, data: values[i * h * w..(i + 1) * h * w].to_vec() };
+        let active: Vec<bool> =
+            map.resize_bilinear(GRID, GRID).data.into_iter().map(|v| v > threshold).collect();
+        for (c, mask) in image_masks.iter().enumerate() {
+            counts[c].add(&active, mask);
+        }
+    }
+    let ious: Vec<f64> = counts.iter().map(IouCounts::iou).collect();
+    Ok(phrases[best(&ious).unwrap_or(0)].clone())
+}
+
 /// Scores every planted neuron the job described, per method.
 pub fn score_planted(input: &QualityInputs<'_>) -> Result<Vec<NeuronScore>, QualityError> {
     let spec = input.spec;
@@ -134,42 +211,10 @@ pub fn score_planted(input: &QualityInputs<'_>) -> Result<Vec<NeuronScore>, Qual
         .collect();
     let probe_renders: Vec<_> = scenes.iter().map(|s| render(s, size, size)).collect();
     let concepts = all_concepts();
-    const GRID: usize = 32;
-    // masks[image][concept]: the concept's mask sampled on a GRID x GRID lattice.
-    let masks: Vec<Vec<Vec<bool>>> = scenes
-        .iter()
-        .zip(&probe_renders)
-        .map(|(scene, rendered)| {
-            concepts
-                .iter()
-                .map(|c| {
-                    let mask = c.mask(scene, rendered).expect("the scene was rendered");
-                    (0..GRID * GRID)
-                        .map(|i| {
-                            let (gy, gx) = (i / GRID, i % GRID);
-                            let y = ((gy as f32 + 0.5) * size as f32 / GRID as f32) as u32;
-                            let x = ((gx as f32 + 0.5) * size as f32 / GRID as f32) as u32;
-                            mask.get(x.min(size - 1), y.min(size - 1))
-                        })
-                        .collect()
-                })
-                .collect()
-        })
-        .collect();
+    let masks = grid_masks(&scenes, &probe_renders, &concepts, size);
     // CLIP-Dissect: similarity of every probe image to every concept phrase.
     let phrases: Vec<String> = concepts.iter().map(Concept::phrase).collect();
-    let image_embeddings = {
-        let mut rows = Vec::new();
-        for chunk in probe_renders.chunks(64) {
-            let imgs: Vec<RgbImage> = chunk.iter().map(|r| r.image.clone()).collect();
-            rows.push(embedder.embed_images(&imgs)?);
-        }
-        Tensor::cat(&rows, 0)?
-    };
-    let text_embeddings =
-        embedder.embed_texts(&phrases.iter().map(String::as_str).collect::<Vec<_>>())?;
-    let similarity: Vec<Vec<f32>> =
-        image_embeddings.matmul(&text_embeddings.t()?)?.to_device(&Device::Cpu)?.to_vec2()?;
+    let similarity = clip_similarity(&embedder, &probe_renders, &phrases)?;
 
     // Controls for the AUC: plain scenes of the world, never seen by the dissection.
     let controls: Vec<RgbImage> = (0..input.control_images)
@@ -236,31 +281,7 @@ pub fn score_planted(input: &QualityInputs<'_>) -> Result<Vec<NeuronScore>, Qual
             labels.insert(
                 "netdissect".into(),
                 maps.as_ref()
-                    .map(|maps| -> Result<String, QualityError> {
-                        let neuron_maps = maps[0].narrow(1, p.neuron, 1)?.squeeze(1)?; // (N, h, w)
-                        let (_, h, w) = neuron_maps.dims3()?;
-                        let values: Vec<f32> = neuron_maps.flatten_all()?.to_vec1()?;
-                        let threshold = top_quantile(&values, 0.005);
-                        let mut counts = vec![IouCounts::default(); concepts.len()];
-                        for (i, image_masks) in masks.iter().enumerate() {
-                            let map = Map2 {
-                                width: w,
-                                height: h,
-                                data: values[i * h * w..(i + 1) * h * w].to_vec(),
-                            };
-                            let active: Vec<bool> = map
-                                .resize_bilinear(GRID, GRID)
-                                .data
-                                .into_iter()
-                                .map(|v| v > threshold)
-                                .collect();
-                            for (c, mask) in image_masks.iter().enumerate() {
-                                counts[c].add(&active, mask);
-                            }
-                        }
-                        let ious: Vec<f64> = counts.iter().map(IouCounts::iou).collect();
-                        Ok(phrases[best(&ious).unwrap_or(0)].clone())
-                    })
+                    .map(|maps| netdissect_label(&maps[0], p.neuron, &masks, &phrases))
                     .transpose()?,
             );
             let mut recovered_by = BTreeMap::new();
