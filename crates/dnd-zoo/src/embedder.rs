@@ -615,7 +615,7 @@ mod tests {
     /// The committed zoo model loads in dnd and still scores what its train.json says.
     #[test]
     fn the_committed_zoo_embedder_scores_what_its_train_json_records() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("zoo/embedder");
+        let dir = crate::committed_zoo().join("embedder");
         let report: EmbedderReport =
             serde_json::from_str(&std::fs::read_to_string(dir.join("train.json")).unwrap())
                 .unwrap();

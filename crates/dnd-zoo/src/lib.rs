@@ -10,3 +10,9 @@ pub mod pairs;
 pub mod target;
 pub mod tiny_transformer;
 pub mod tokenizer;
+
+/// Where the committed zoo lives: `crates/dnd-synth/zoo/`, beside the world it was
+/// trained on (the README's main job reads it from there).
+pub fn committed_zoo() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../dnd-synth/zoo")
+}

@@ -87,7 +87,7 @@ fn a_short_run_lowers_the_loss_and_the_saved_model_loads_in_dnd_with_the_same_ou
 /// The committed zoo model loads in dnd and still scores what its train.json says.
 #[test]
 fn the_committed_zoo_captioner_scores_what_its_train_json_records() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("zoo/captioner");
+    let dir = crate::committed_zoo().join("captioner");
     let report: CaptionerReport =
         serde_json::from_str(&std::fs::read_to_string(dir.join("train.json")).unwrap()).unwrap();
     let s = &report.settings;

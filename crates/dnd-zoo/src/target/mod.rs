@@ -571,7 +571,7 @@ mod tests {
     /// `same_seed_same_weights` checks determinism on a small config.)
     #[test]
     fn the_committed_zoo_model_matches_the_defaults() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("zoo/target");
+        let dir = crate::committed_zoo().join("target");
         let config = TargetTraining::default();
         let report: TrainingReport =
             serde_json::from_str(&fs::read_to_string(dir.join("train.json")).unwrap()).unwrap();
