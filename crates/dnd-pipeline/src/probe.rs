@@ -20,7 +20,7 @@ use crate::activations::pooled_rows;
 use crate::error::PipelineError;
 use crate::images::{ImageLimits, ProbeImages, load_batch};
 use crate::progress::Progress;
-use crate::stages::crop::{CropReport, write_probe_crops};
+use crate::stages::crop::{CropLayer, CropReport, write_probe_crops};
 
 /// What the probe stage computes; defaults are the method's.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -241,18 +241,23 @@ async fn probe_crops(
     progress: &dyn Progress,
 ) -> Result<CropReport, PipelineError> {
     let neurons = crop_stage.neurons.as_deref().map(str::parse::<NeuronSet>).transpose()?;
-    let spatial: Vec<(&LayerPlan, &LayerTopK)> =
-        plans.iter().zip(topk).filter(|(p, _)| p.tap.is_spatial()).collect();
+    let spatial: Vec<CropLayer<'_>> = plans
+        .iter()
+        .zip(topk)
+        .filter(|(p, _)| p.tap.is_spatial())
+        .map(|(p, topk)| CropLayer { name: &p.name, tap: p.tap, width: p.width, topk })
+        .collect();
     if spatial.is_empty() {
         return Ok(CropReport { crops: 0, errors: Vec::new(), outputs: Vec::new() });
     }
+    let batching = (config.batch_size, &config.limits);
     write_probe_crops(
         model,
         &images.images,
         &spatial,
         neurons.as_ref(),
         &crop_stage.crop,
-        config,
+        batching,
         out,
         progress,
     )

@@ -21,8 +21,7 @@ use dnd_store::{Location, ParquetSink};
 
 use crate::activations::pooled_activations_blocking;
 use crate::error::PipelineError;
-use crate::images::{ImageRef, load_batch};
-use crate::probe::{LayerPlan, ProbeConfig};
+use crate::images::{ImageLimits, ImageRef, load_batch};
 use crate::progress::Progress;
 use crate::workbench::{encode_png, image_hash};
 
@@ -210,6 +209,14 @@ pub(crate) struct CropReport {
     pub outputs: Vec<String>,
 }
 
+/// A layer `dnd probe --crops` crops for, with its probe top-K.
+pub(crate) struct CropLayer<'a> {
+    pub name: &'a str,
+    pub tap: Tap,
+    pub width: usize,
+    pub topk: &'a LayerTopK,
+}
+
 /// A neuron that wants crops of one image.
 #[derive(Debug, Clone, Copy)]
 struct Need {
@@ -254,12 +261,13 @@ fn crop_rows(
 
 /// Image index -> the neurons whose top-K holds it.
 fn needs_by_image(
-    layers: &[(&LayerPlan, &LayerTopK)],
+    layers: &[CropLayer<'_>],
     neurons: Option<&NeuronSet>,
 ) -> BTreeMap<u32, Vec<Need>> {
     let mut needs: BTreeMap<u32, Vec<Need>> = BTreeMap::new();
-    for (l, (plan, topk)) in layers.iter().enumerate() {
-        for neuron in 0..plan.width {
+    for (l, layer) in layers.iter().enumerate() {
+        let topk = layer.topk;
+        for neuron in 0..layer.width {
             if neurons.is_some_and(|s| !s.contains(neuron)) {
                 continue;
             }
@@ -308,25 +316,25 @@ fn batch_crop_rows(
 }
 
 /// `dnd probe --crops`: the crops of every (selected) neuron's top images, written as
-/// `crops/<layer>.parquet` under `out`.
+/// `crops/<layer>.parquet` under `out`; images are read `batch_size` at a time.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn write_probe_crops(
     model: &Arc<TargetModel>,
     images: &[ImageRef],
-    layers: &[(&LayerPlan, &LayerTopK)],
+    layers: &[CropLayer<'_>],
     neurons: Option<&NeuronSet>,
     crop: &CropConfig,
-    config: &ProbeConfig,
+    (batch_size, limits): (usize, &ImageLimits),
     out: &Location,
     progress: &dyn Progress,
 ) -> Result<CropReport, PipelineError> {
     let needs = needs_by_image(layers, neurons);
-    let taps: Vec<Tap> = layers.iter().map(|(p, _)| p.tap).collect();
-    let layer_names: Vec<String> = layers.iter().map(|(p, _)| p.name.clone()).collect();
+    let taps: Vec<Tap> = layers.iter().map(|l| l.tap).collect();
+    let layer_names: Vec<String> = layers.iter().map(|l| l.name.to_string()).collect();
     let mut sinks = Vec::new();
     let mut outputs = Vec::new();
-    for (plan, _) in layers {
-        let rel = format!("crops/{}.parquet", plan.name);
+    for layer in layers {
+        let rel = format!("crops/{}.parquet", layer.name);
         sinks.push(ParquetSink::create(out, &rel, tables::crops_schema())?);
         outputs.push(rel);
     }
@@ -334,12 +342,10 @@ pub(crate) async fn write_probe_crops(
     let mut crops = 0;
     let order: Vec<u32> = needs.keys().copied().collect();
     progress.begin("crops", order.len() as u64);
-    for chunk in order.chunks(config.batch_size) {
+    for chunk in order.chunks(batch_size) {
         let refs: Vec<ImageRef> = chunk.iter().map(|&i| images[i as usize].clone()).collect();
         let mut loaded = Vec::new();
-        for (pos, (_, r)) in
-            load_batch(&refs, 0, &config.limits, "crop").await.into_iter().enumerate()
-        {
+        for (pos, (_, r)) in load_batch(&refs, 0, limits, "crop").await.into_iter().enumerate() {
             match r {
                 Ok(img) => loaded.push((chunk[pos], img)),
                 Err(e) => errors.push(e),

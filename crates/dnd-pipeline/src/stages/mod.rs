@@ -1,7 +1,7 @@
 //! The stages of a neuron task, one module each, over typed inputs and outputs:
 //! [`crop`] (stage 1), [`caption`] and [`summarize`] (stage 2), [`generate`] and
 //! [`score`] (stage 3). The neuron task (`neuron_task.rs`) composes them; the probe (stage 0) is
-//! [`crate::probe`].
+//! `probe.rs`.
 
 pub mod caption;
 pub mod crop;
