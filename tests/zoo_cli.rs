@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use dnd_store::results::DescriptionRow;
 use dnd_store::{Location, batches_rows, read_parquet};
 use dnd_synth::quality::recovered;
-use dnd_synth::train::target::read_planted;
+use dnd_synth::read_planted;
 use dnd_tests::dnd_in;
 
 fn repo() -> PathBuf {

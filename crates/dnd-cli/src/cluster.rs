@@ -10,7 +10,9 @@ use tokio::sync::watch;
 use tonic::Code;
 
 use dnd_coordinator::{Coordinator, Settings};
-use dnd_pipeline::{DESCRIBE_STAGES, Progress};
+use dnd_core::Stage;
+use dnd_pipeline::Progress;
+use dnd_proto::convert::job_state_name;
 use dnd_proto::transport::{AuthedChannel, MAX_MESSAGE_BYTES};
 use dnd_proto::v1::job_service_client::JobServiceClient;
 use dnd_proto::v1::{self as pb};
@@ -164,7 +166,7 @@ async fn terminated() {
 pub async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     let token =
         BearerToken::load(args.auth.token_file.as_deref()).map_err(|e| BadInput(e.to_string()))?;
-    if !(args.lease_seconds > 0.0) {
+    if args.lease_seconds.is_nan() || args.lease_seconds <= 0.0 {
         return Err(BadInput("--lease-seconds must be positive".into()).into());
     }
     let store = Location::create(&args.store)?;
@@ -265,23 +267,11 @@ pub async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn state_name(state: i32) -> &'static str {
-    match pb::JobState::try_from(state).unwrap_or(pb::JobState::Unspecified) {
-        pb::JobState::Probing => "probing",
-        pb::JobState::Describing => "describing",
-        pb::JobState::Compacting => "compacting",
-        pb::JobState::Succeeded => "succeeded",
-        pb::JobState::Failed => "failed",
-        pb::JobState::Cancelled => "cancelled",
-        pb::JobState::Unspecified => "unknown",
-    }
-}
-
 fn print_status(s: &pb::JobStatus) {
     println!(
         "{}: {}; tasks {} total, {} queued, {} running, {} committed, {} failed, {} retried",
         s.job,
-        state_name(s.state),
+        job_state_name(s.state),
         s.tasks_total,
         s.tasks_queued,
         s.tasks_leased,
@@ -352,15 +342,19 @@ async fn follow(jobs: &mut JobServiceClient<AuthedChannel>, job: &str) -> anyhow
             continue;
         }
         if shown.is_empty() {
-            let totals: Vec<(&str, u64)> = std::iter::once("probe")
-                .chain(DESCRIBE_STAGES)
-                .filter_map(|s| status.stages.iter().find(|p| p.stage == s).map(|p| (s, p.total)))
+            let totals: Vec<(Stage, u64)> = Stage::ALL
+                .into_iter()
+                .filter_map(|s| {
+                    status.stages.iter().find(|p| p.stage == s.name()).map(|p| (s, p.total))
+                })
                 .collect();
             bars.begin_stages(&totals);
         }
         for p in &status.stages {
             let before = shown.get(&p.stage).copied().unwrap_or(0);
-            bars.advance_stage(&p.stage, p.done.saturating_sub(before));
+            if let Ok(stage) = p.stage.parse::<Stage>() {
+                bars.advance_stage(stage, p.done.saturating_sub(before));
+            }
             shown.insert(p.stage.clone(), p.done.max(before));
         }
         last = Some(status);
@@ -402,7 +396,7 @@ pub async fn list(args: ListArgs) -> anyhow::Result<()> {
         println!(
             "{}\t{}\t{}/{} tasks committed, {} failed",
             s.job,
-            state_name(s.state),
+            job_state_name(s.state),
             s.tasks_committed,
             s.tasks_total,
             s.tasks_failed

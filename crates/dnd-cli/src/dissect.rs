@@ -10,7 +10,7 @@ use clap::Args;
 use dnd_embedded::run_dissect;
 use dnd_pipeline::{JobSpec, NeuronSpec};
 use dnd_summarize::Backend;
-use dnd_synth::train::target::read_planted;
+use dnd_synth::read_planted;
 
 use crate::BadInput;
 use crate::progress::Bars;
@@ -170,7 +170,7 @@ pub async fn dissect(args: DissectArgs) -> anyhow::Result<()> {
             let label = match (&d.label, &d.error) {
                 (Some(l), _) => l.clone(),
                 (None, Some(e)) => format!("(failed: {})", e.chars().take(60).collect::<String>()),
-                (None, None) => format!("({})", d.status.replace('_', " ")),
+                (None, None) => format!("({})", d.status.as_str().replace('_', " ")),
             };
             let known =
                 truth.get(&(d.layer.clone(), d.neuron as usize)).cloned().unwrap_or_default();

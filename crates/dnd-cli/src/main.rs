@@ -1,5 +1,9 @@
 //! `dnd`: describe what each neuron of a vision network does.
 
+// The argument structs' doc comments are clap's --help text, not Markdown: `hf:<org>/<name>`
+// and `[openai]` are what a user types, not HTML tags or links.
+#![allow(rustdoc::invalid_html_tags, rustdoc::broken_intra_doc_links)]
+
 mod bench;
 mod bench_scheduler;
 mod cluster;
@@ -332,7 +336,7 @@ async fn probe(args: ProbeArgs) -> anyhow::Result<()> {
             .await?
             .map_err(PipelineError::from)?
     };
-    config.plan(&model)?;
+    config.plan(&model.shape())?;
     let images = ProbeImages::discover(&args.images).await?;
     let out = Location::create(&args.out)?;
     tracing::info!(

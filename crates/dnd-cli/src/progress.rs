@@ -5,6 +5,7 @@ use std::sync::Mutex;
 
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
+use dnd_core::Stage;
 use dnd_pipeline::Progress;
 
 fn bar(multi: &MultiProgress, stage: &str, total: u64) -> ProgressBar {
@@ -23,7 +24,7 @@ fn bar(multi: &MultiProgress, stage: &str, total: u64) -> ProgressBar {
 pub struct Bars {
     multi: MultiProgress,
     current: Mutex<Option<ProgressBar>>,
-    stages: Mutex<HashMap<String, ProgressBar>>,
+    stages: Mutex<HashMap<Stage, ProgressBar>>,
 }
 
 impl Bars {
@@ -58,15 +59,15 @@ impl Progress for Bars {
         }
     }
 
-    fn begin_stages(&self, stages: &[(&str, u64)]) {
+    fn begin_stages(&self, stages: &[(Stage, u64)]) {
         let mut bars = self.stages.lock().expect("no panics while holding the lock");
         for (stage, total) in stages {
-            bars.insert(stage.to_string(), bar(&self.multi, stage, *total));
+            bars.insert(*stage, bar(&self.multi, stage.name(), *total));
         }
     }
 
-    fn advance_stage(&self, stage: &str, done: u64) {
-        if let Some(bar) = self.stages.lock().expect("no panics while holding the lock").get(stage)
+    fn advance_stage(&self, stage: Stage, done: u64) {
+        if let Some(bar) = self.stages.lock().expect("no panics while holding the lock").get(&stage)
         {
             bar.inc(done);
         }

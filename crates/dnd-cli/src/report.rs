@@ -11,7 +11,7 @@ use clap::Args;
 use dnd_report::synthetic::{SyntheticSpec, write_job};
 use dnd_report::{Job, ReportOptions, ReportOutcome, find_job, open_job, write_report};
 use dnd_store::Location;
-use dnd_synth::train::target::read_planted;
+use dnd_synth::read_planted;
 
 #[derive(Args)]
 pub struct ReportArgs {

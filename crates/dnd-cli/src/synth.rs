@@ -5,12 +5,10 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
 
-use dnd_synth::train::captioner::{
-    CaptionerReport, CaptionerTraining, evaluate_captioner, train_captioner,
-};
-use dnd_synth::train::embedder::{EmbedderTraining, train_embedder};
-use dnd_synth::train::target::{TargetTraining, TrainingReport, train_target};
 use dnd_synth::{ProbeSetSpec, write_probe_set};
+use dnd_zoo::captioner::{CaptionerReport, CaptionerTraining, evaluate_captioner, train_captioner};
+use dnd_zoo::embedder::{EmbedderTraining, train_embedder};
+use dnd_zoo::target::{TargetTraining, TrainingReport, train_target};
 
 use crate::BadInput;
 
@@ -282,10 +280,11 @@ fn steps_bar(model: &str, steps: usize) -> indicatif::ProgressBar {
 /// terminal (a log file, CI) a log line every 100 steps says the same.
 fn loss_step(bar: &indicatif::ProgressBar, step: usize, loss: f32) {
     bar.set_position(step as u64 + 1);
-    if step % 50 == 0 {
+    if step.is_multiple_of(50) {
         bar.set_message(format!("loss {loss:.3}"));
     }
-    if bar.is_hidden() && (step % 100 == 0 || step as u64 + 1 == bar.length().unwrap_or(0)) {
+    if bar.is_hidden() && (step.is_multiple_of(100) || step as u64 + 1 == bar.length().unwrap_or(0))
+    {
         tracing::info!(step = step + 1, loss, "{}", bar.prefix());
     }
 }

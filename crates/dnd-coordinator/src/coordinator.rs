@@ -7,22 +7,19 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
 use tokio::sync::{Notify, broadcast};
 
-use dnd_models::{ModelRef, TargetModel};
-use dnd_pipeline::finish::{self, RunFacts, SUMMARY_FILE};
+use dnd_models::ModelRef;
+use dnd_models::target::TargetShape;
+use dnd_pipeline::finish::{self, RunFacts};
 use dnd_pipeline::plan::{self, JobPlan};
-use dnd_pipeline::{JobSpec, PipelineError, ProbeImages};
+use dnd_pipeline::{JobDir, JobSpec, PipelineError, ProbeImages};
 use dnd_store::tasks::check_name;
-use dnd_store::{Location, StoreError, TaskStore};
+use dnd_store::{Location, StoreError};
 
-use crate::scheduler::{
-    Event, JobView, Leased, Next, Phase, Refused, Scheduler, TaskDef, TaskWork,
-};
+use dnd_core::{JobName, LayerName, NeuronId, TaskId};
 
-const CANCELLED_MARKER: &str = "_CANCELLED";
-const EVENTS_DIR: &str = "events";
+use crate::scheduler::{Event, JobView, Leased, Next, Phase, Refused, Scheduler};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CoordinatorError {
@@ -88,7 +85,7 @@ pub struct Submitted {
 
 struct JobRun {
     plan: Arc<JobPlan>,
-    location: Location,
+    dir: JobDir,
     top_k: usize,
     started: Instant,
     resumed: usize,
@@ -104,7 +101,8 @@ pub struct Coordinator {
     runs: Mutex<HashMap<String, Arc<JobRun>>>,
     work_ready: Notify,
     events: broadcast::Sender<(String, Event)>,
-    targets: tokio::sync::Mutex<HashMap<String, Arc<TargetModel>>>,
+    /// Target models' shapes by reference: planning needs layer names and widths only.
+    targets: tokio::sync::Mutex<HashMap<String, Arc<TargetShape>>>,
     workers: Mutex<HashMap<String, String>>,
     submissions: tokio::sync::Mutex<()>,
     metrics: dnd_metrics::Metrics,
@@ -169,9 +167,8 @@ impl Coordinator {
         &self.settings
     }
 
-    fn job_dir(&self, job: &str) -> Result<Location, CoordinatorError> {
-        check_name("job", job).map_err(|e| CoordinatorError::BadRequest(e.to_string()))?;
-        Ok(self.store.join(&format!("jobs/{job}")))
+    fn job_dir(&self, job: &str) -> Result<JobDir, CoordinatorError> {
+        JobDir::under(&self.store, job).map_err(|e| CoordinatorError::BadRequest(e.to_string()))
     }
 
     /// Resumes the unfinished jobs in the store: those with a plan, no summary and no
@@ -181,42 +178,39 @@ impl Coordinator {
             if check_name("job", &job).is_err() {
                 continue;
             }
-            let dir = self.store.join(&format!("jobs/{job}"));
-            if !dir.exists(plan::PLAN_FILE).await?
-                || dir.exists(SUMMARY_FILE).await?
-                || dir.exists(CANCELLED_MARKER).await?
-            {
+            let dir = JobDir::under(&self.store, &job)?;
+            if !dir.has_plan().await? || dir.summary().await?.is_some() || dir.cancelled().await? {
                 continue;
             }
-            let (_, spec) = plan::read_job_spec(&dir).await?;
-            let stored = JobPlan::read(&dir).await?;
+            let (_, spec) = dir.spec().await?;
+            let stored = dir.plan().await?;
             tracing::info!(job, "resuming an unfinished job");
             self.start_job(&job, &spec, stored, dir, 0.0).await?;
         }
         Ok(())
     }
 
-    /// Loads (once) the target model of a spec, for planning.
-    async fn target(&self, spec: &JobSpec) -> Result<Arc<TargetModel>, CoordinatorError> {
+    /// Reads (once) the shape of a spec's target model, for planning: its config.json or
+    /// its safetensors header, never its weights.
+    async fn target(&self, spec: &JobSpec) -> Result<Arc<TargetShape>, CoordinatorError> {
         let mut targets = self.targets.lock().await;
         if let Some(t) = targets.get(&spec.target.model) {
             return Ok(t.clone());
         }
         let reference: ModelRef = spec.target.model.parse().map_err(PipelineError::from)?;
-        // Planning needs layer names and widths only: the CPU is enough.
-        let loaded =
-            tokio::task::spawn_blocking(move || TargetModel::load(&reference, &candle_cpu()))
-                .await
-                .map_err(PipelineError::from)?
-                .map_err(PipelineError::from)?;
-        let loaded = Arc::new(loaded);
-        targets.insert(spec.target.model.clone(), loaded.clone());
-        Ok(loaded)
+        let shape = tokio::task::spawn_blocking(move || TargetShape::read(&reference))
+            .await
+            .map_err(PipelineError::from)?
+            .map_err(PipelineError::from)?;
+        let shape = Arc::new(shape);
+        targets.insert(spec.target.model.clone(), shape.clone());
+        Ok(shape)
     }
 
-    /// Makes an already loaded target model available for planning (embedded runs).
-    pub async fn provide_target(&self, reference: &str, model: Arc<TargetModel>) {
-        self.targets.lock().await.insert(reference.to_string(), model);
+    /// Makes the shape of an already loaded target model available for planning
+    /// (embedded runs).
+    pub async fn provide_target(&self, reference: &str, shape: TargetShape) {
+        self.targets.lock().await.insert(reference.to_string(), Arc::new(shape));
     }
 
     /// Checks and plans a job, claims its directory and queues its tasks. A job already in
@@ -244,10 +238,10 @@ impl Coordinator {
         let source = plan::resolve_probe_images(&spec, &self.store).await?;
         let images = ProbeImages::discover(&source).await?;
         let fresh = JobPlan::make(&spec, &target, &images)?;
-        plan::claim_job_dir(&dir, &name, &spec).await?;
-        let stored = fresh.store(&dir).await?;
+        dir.claim(&name, &spec).await?;
+        let stored = dir.store_plan(&fresh).await?;
         // A resubmission re-runs what a cancel left undone.
-        dir.delete(CANCELLED_MARKER).await?;
+        dir.set_cancelled(false).await?;
         let submitted = self.start_job(&name, &spec, stored, dir, load_seconds).await?;
         Ok(submitted)
     }
@@ -257,24 +251,13 @@ impl Coordinator {
         name: &str,
         spec: &JobSpec,
         plan: JobPlan,
-        dir: Location,
+        dir: JobDir,
         load_seconds: f64,
     ) -> Result<Submitted, CoordinatorError> {
         let done = finish::committed_tasks(&dir, &plan).await?;
-        let merged = finish::probe_merged(&dir).await?;
+        let merged = dir.probe_merged().await?;
         let earlier = read_events(&dir).await?;
-        let tasks: Vec<TaskDef> = plan
-            .probe_tasks
-            .iter()
-            .map(|t| TaskDef {
-                id: t.id.clone(),
-                work: TaskWork::Probe { start: t.start, end: t.end },
-            })
-            .chain(plan.neuron_tasks.iter().map(|t| TaskDef {
-                id: t.id.clone(),
-                work: TaskWork::Neurons { layer: t.layer.clone(), neurons: t.neurons.clone() },
-            }))
-            .collect();
+        let tasks = plan.tasks();
         let submitted = Submitted {
             job: name.to_string(),
             tasks_total: tasks.len(),
@@ -282,7 +265,7 @@ impl Coordinator {
         };
         let run = JobRun {
             plan: Arc::new(plan),
-            location: dir,
+            dir,
             top_k: spec.probe.top_k,
             started: Instant::now(),
             resumed: done.len(),
@@ -305,30 +288,23 @@ impl Coordinator {
     ) -> Result<Submitted, CoordinatorError> {
         let dir = self.job_dir(name)?;
         let plan = JobPlan {
-            job: name.into(),
+            job: JobName::new(name),
             probe_images: String::new(),
             images: 0,
             layers: Vec::new(),
             probe_tasks: Vec::new(),
             neuron_tasks: (0..tasks)
                 .map(|i| dnd_pipeline::plan::NeuronBatch {
-                    id: format!("sim-{i:06}"),
-                    layer: "sim".into(),
-                    neurons: vec![i],
+                    id: TaskId::new(format!("sim-{i:06}")),
+                    layer: LayerName::new("sim"),
+                    neurons: vec![NeuronId::new(i as u32)],
                 })
                 .collect(),
         };
-        let defs = plan
-            .neuron_tasks
-            .iter()
-            .map(|t| TaskDef {
-                id: t.id.clone(),
-                work: TaskWork::Neurons { layer: t.layer.clone(), neurons: t.neurons.clone() },
-            })
-            .collect();
+        let defs = plan.tasks();
         let run = JobRun {
             plan: Arc::new(plan),
-            location: dir,
+            dir,
             top_k: 0,
             started: Instant::now(),
             resumed: 0,
@@ -363,14 +339,13 @@ impl Coordinator {
         let next = match next {
             Next::Nothing => return Ok(()),
             Next::MergeProbe => {
-                finish::merge_probe(&run.location, &run.plan, run.top_k).await?;
+                finish::merge_probe(&run.dir, &run.plan, run.top_k).await?;
                 let next = lock(&self.scheduler).probe_merged(job, now_ms());
                 self.work_ready.notify_waiters();
                 next
             }
             Next::RecordFailure { task, attempts, error } => {
-                finish::commit_failed_task(&run.location, &run.plan, &task, attempts, &error)
-                    .await?;
+                finish::commit_failed_task(&run.dir, &run.plan, &task, attempts, &error).await?;
                 lock(&self.scheduler).failure_recorded(job)
             }
             Next::Compact if run.simulated => {
@@ -383,7 +358,7 @@ impl Coordinator {
                     total_seconds: run.started.elapsed().as_secs_f64(),
                     load_seconds: run.load_seconds,
                 };
-                finish::finish_job(&run.location, &run.plan, &facts).await?;
+                finish::finish_job(&run.dir, &run.plan, &facts).await?;
                 lock(&self.scheduler).finish(job, now_ms());
                 Next::Nothing
             }
@@ -421,14 +396,7 @@ impl Coordinator {
         for (job, events) in batches {
             let Some(first) = events.first() else { continue };
             let Ok(dir) = self.job_dir(&job) else { continue };
-            let lines: String = events
-                .iter()
-                .filter_map(|e| serde_json::to_string(e).ok())
-                .map(|l| l + "\n")
-                .collect();
-            if let Err(e) =
-                dir.put(&format!("{EVENTS_DIR}/{:020}.jsonl", first.seq), Bytes::from(lines)).await
-            {
+            if let Err(e) = dir.append_events(first.seq, &events).await {
                 tracing::warn!(job, error = %e, "cannot persist the event log");
             }
             for event in events {
@@ -501,7 +469,7 @@ impl Coordinator {
     ) -> Result<(), CoordinatorError> {
         let dir = self.job_dir(job)?;
         check_name("task", task).map_err(|e| CoordinatorError::BadRequest(e.to_string()))?;
-        if TaskStore::new(dir).committed(task).await?.is_none() {
+        if dir.tasks().committed(task).await?.is_none() {
             return Err(CoordinatorError::NotCommitted { job: job.into(), task: task.into() });
         }
         let next = lock(&self.scheduler).committed(job, task, token, now_ms())?;
@@ -532,7 +500,7 @@ impl Coordinator {
         lock(&self.scheduler)
             .cancel(job, now_ms())
             .map_err(|_| CoordinatorError::NotFound(job.into()))?;
-        dir.put(CANCELLED_MARKER, Bytes::from_static(b"cancelled")).await?;
+        dir.set_cancelled(true).await?;
         self.view(job).ok_or_else(|| CoordinatorError::NotFound(job.into()))
     }
 
@@ -545,14 +513,13 @@ impl Coordinator {
     pub async fn status(&self, job: &str) -> Result<(JobView, String), CoordinatorError> {
         let dir = self.job_dir(job)?;
         if let Some(view) = self.view(job) {
-            return Ok((view, dir.to_string()));
+            return Ok((view, dir.location().to_string()));
         }
-        let Some(bytes) = dir.get_opt(SUMMARY_FILE).await? else {
+        let Some(summary) =
+            dir.summary().await.map_err(|e| CoordinatorError::BadRequest(e.to_string()))?
+        else {
             return Err(CoordinatorError::NotFound(job.into()));
         };
-        let summary: finish::DissectSummary = serde_json::from_slice(&bytes).map_err(|e| {
-            CoordinatorError::BadRequest(format!("{}: {e}", dir.display_path(SUMMARY_FILE)))
-        })?;
         let counts = crate::scheduler::JobCounts {
             total: summary.tasks as u32,
             committed: (summary.tasks - summary.tasks_failed) as u32,
@@ -567,7 +534,7 @@ impl Coordinator {
                 stages: Vec::new(),
                 error: String::new(),
             },
-            dir.to_string(),
+            dir.location().to_string(),
         ))
     }
 
@@ -614,25 +581,13 @@ impl Coordinator {
     }
 
     pub fn job_location(&self, job: &str) -> Option<Location> {
-        lock(&self.runs).get(job).map(|r| r.location.clone())
+        lock(&self.runs).get(job).map(|r| r.dir.location().clone())
     }
-}
-
-fn candle_cpu() -> candle_core::Device {
-    candle_core::Device::Cpu
 }
 
 /// A job's persisted event log, in order.
-pub async fn read_events(job: &Location) -> Result<Vec<Event>, StoreError> {
-    let mut events = Vec::new();
-    for file in job.list_files(EVENTS_DIR).await? {
-        let bytes = job.get(&format!("{EVENTS_DIR}/{file}")).await?;
-        for line in String::from_utf8_lossy(&bytes).lines() {
-            if let Ok(event) = serde_json::from_str::<Event>(line) {
-                events.push(event);
-            }
-        }
-    }
+pub async fn read_events(job: &JobDir) -> Result<Vec<Event>, PipelineError> {
+    let mut events: Vec<Event> = job.events().await?;
     events.sort_by_key(|e| e.seq);
     Ok(events)
 }

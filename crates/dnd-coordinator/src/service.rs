@@ -12,16 +12,18 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
 
+use dnd_core::JobName;
 use dnd_pipeline::JobSpec;
 use dnd_proto::auth::RequireToken;
+use dnd_proto::convert::stage_progress_from_proto;
 use dnd_proto::transport::MAX_MESSAGE_BYTES;
 use dnd_proto::v1::job_service_server::{JobService, JobServiceServer};
 use dnd_proto::v1::worker_service_server::{WorkerService, WorkerServiceServer};
 use dnd_proto::v1::{self as pb};
-use dnd_proto::{BearerToken, PROTOCOL_VERSION, ServerConfig, check_version};
+use dnd_proto::{BearerToken, LeasedTask, PROTOCOL_VERSION, ServerConfig, check_version};
 
 use crate::coordinator::{Coordinator, CoordinatorError};
-use crate::scheduler::{Event, JobView, Phase, TaskWork};
+use crate::scheduler::{Event, JobView, Phase};
 
 /// Longest a lease request may wait for work.
 const MAX_LEASE_WAIT: Duration = Duration::from_secs(30);
@@ -108,30 +110,18 @@ pub struct Services {
 }
 
 impl Services {
+    /// The lease as the worker gets it.
     fn task_to_pb(&self, leased: &crate::scheduler::Leased) -> pb::Task {
-        let mut task = pb::Task {
-            job: leased.job.clone(),
-            task_id: leased.task.id.clone(),
+        let task = LeasedTask {
+            job: JobName::new(leased.job.clone()),
+            task: leased.task.clone(),
             attempt: leased.lease.attempt,
             token: leased.lease.token,
             attempt_name: format!("attempt-{}-{:x}", leased.lease.attempt, leased.lease.token),
             lease_deadline_unix_ms: leased.lease.deadline_ms,
             store: self.coordinator.store().to_string(),
-            ..Default::default()
         };
-        match &leased.task.work {
-            TaskWork::Probe { start, end } => {
-                task.kind = pb::TaskKind::Probe as i32;
-                task.probe_start = *start as u32;
-                task.probe_end = *end as u32;
-            }
-            TaskWork::Neurons { layer, neurons } => {
-                task.kind = pb::TaskKind::Neurons as i32;
-                task.layer = layer.clone();
-                task.neurons = neurons.iter().map(|&n| n as u32).collect();
-            }
-        }
-        task
+        pb::Task::from(&task)
     }
 }
 
@@ -176,8 +166,10 @@ impl WorkerService for Services {
     ) -> Result<Response<pb::HeartbeatReply>, Status> {
         let r = request.into_inner();
         check_version(r.version)?;
-        let progress: Vec<(String, u64)> =
-            r.progress.iter().map(|p| (p.stage.clone(), p.done)).collect();
+        let progress: Vec<(String, u64)> = stage_progress_from_proto(&r.progress)
+            .into_iter()
+            .map(|(stage, done)| (stage.name().to_string(), done))
+            .collect();
         let reply = match self.coordinator.heartbeat(&r.job, &r.task_id, r.token, &progress) {
             Ok(deadline) => pb::HeartbeatReply {
                 version: PROTOCOL_VERSION,

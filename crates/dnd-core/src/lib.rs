@@ -5,16 +5,23 @@
 
 pub mod crop;
 pub mod error;
+pub mod ids;
 pub mod neurons;
 pub mod pooling;
 pub mod scoring;
 pub mod screening;
+pub mod stage;
+pub mod stats;
+pub mod task;
 pub mod topk;
 
 pub use crop::{BoundingBox, CropConfig, CropPlan, Map2, plan_crops};
 pub use error::CoreError;
+pub use ids::{JobName, LayerName, NeuronId, TaskId};
 pub use neurons::NeuronSet;
 pub use pooling::Pooling;
 pub use scoring::{CandidateScore, GeneratedImage, RankScore, ScoringConfig, score_candidates};
 pub use screening::Screening;
+pub use stage::Stage;
+pub use task::{TaskDef, TaskWork};
 pub use topk::{LayerTopK, Scored, TopK};

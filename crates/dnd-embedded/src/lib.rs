@@ -9,14 +9,15 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use dnd_coordinator::{Coordinator, CoordinatorError, Phase, Settings};
+use dnd_core::Stage;
 use dnd_models::device::parse_device;
 use dnd_models::{ModelRef, TargetModel};
-use dnd_pipeline::finish::{DissectSummary, SUMMARY_FILE};
+use dnd_pipeline::finish::DissectSummary;
 use dnd_pipeline::plan::{layer_plans, resolve_probe_images};
-use dnd_pipeline::{DESCRIBE_STAGES, JobSpec, PipelineError, ProbeImages, Progress, Workbench};
+use dnd_pipeline::{JobDir, JobSpec, PipelineError, ProbeImages, Progress, Workbench};
 use dnd_proto::{BearerToken, ClientConfig, ServerConfig};
 use dnd_store::results::DescriptionRow;
-use dnd_store::{ContentCache, Location, batches_rows, read_parquet};
+use dnd_store::{ContentCache, Location};
 use dnd_worker::{Worker, WorkerConfig};
 
 /// The run's summary and every neuron's description row.
@@ -74,7 +75,7 @@ impl Dissection {
                     .await??,
             )
         };
-        for layer in layer_plans(&spec, &target)? {
+        for layer in layer_plans(&spec, &target.shape())? {
             spec.target.neurons.resolve(&layer.name, layer.width)?;
         }
         let bench = Workbench::load(&spec, target, cache).await?;
@@ -87,7 +88,7 @@ impl Dissection {
         let settings = Settings { resume_unfinished: false, ..Settings::default() };
         let coordinator =
             Coordinator::open(store.clone(), settings).await.map_err(pipeline_error)?;
-        coordinator.provide_target(&spec.target.model, bench.target.clone()).await;
+        coordinator.provide_target(&spec.target.model, bench.target.shape()).await;
 
         let token = BearerToken::random();
         let listener = TcpListener::bind("127.0.0.1:0")
@@ -132,13 +133,11 @@ impl Dissection {
                 "submitted"
             );
             follow(&coordinator, &name, progress).await?;
-            let job = store.join(&format!("jobs/{name}"));
-            let summary: DissectSummary = serde_json::from_slice(&job.get(SUMMARY_FILE).await?)
-                .map_err(|e| PipelineError::Internal(e.to_string()))?;
-            let descriptions = batches_rows(
-                "descriptions",
-                &read_parquet(&job, "results/descriptions.parquet").await?,
-            )?;
+            let job = JobDir::under(&store, &name)?;
+            let summary = job.summary().await?.ok_or_else(|| {
+                PipelineError::Internal(format!("job {name} ended without a summary"))
+            })?;
+            let descriptions = job.descriptions().await?;
             Ok(DissectOutcome { summary, descriptions })
         }
         .await;
@@ -162,9 +161,10 @@ async fn follow(
         let Some(view) = coordinator.view(job) else {
             return Err(PipelineError::Internal(format!("job {job} vanished")));
         };
-        for (stage, done, total) in &view.stages {
-            let before = shown.get(stage).copied();
-            if stage == "probe" {
+        for (name, done, total) in &view.stages {
+            let Ok(stage) = name.parse::<Stage>() else { continue };
+            let before = shown.get(name).copied();
+            if stage == Stage::Probe {
                 if before.is_none() {
                     progress.begin("probe", *total);
                     probe_open = true;
@@ -179,16 +179,11 @@ async fn follow(
                     if view.phase == Phase::Probing || view.phase == Phase::Merging {
                         break;
                     }
-                    let totals: Vec<(&str, u64)> = DESCRIBE_STAGES
-                        .iter()
+                    let totals: Vec<(Stage, u64)> = Stage::DESCRIBE
+                        .into_iter()
                         .map(|s| {
-                            (
-                                *s,
-                                view.stages
-                                    .iter()
-                                    .find(|(n, _, _)| n == s)
-                                    .map_or(0, |(_, _, t)| *t),
-                            )
+                            let total = view.stages.iter().find(|(n, _, _)| n == s.name());
+                            (s, total.map_or(0, |(_, _, t)| *t))
                         })
                         .collect();
                     progress.begin_stages(&totals);
@@ -197,7 +192,7 @@ async fn follow(
                 progress.advance_stage(stage, done.saturating_sub(before.unwrap_or(0)));
             }
             // A retried task's progress starts over; bars never go back.
-            shown.insert(stage.clone(), (*done).max(before.unwrap_or(0)));
+            shown.insert(name.clone(), (*done).max(before.unwrap_or(0)));
         }
         match view.phase {
             Phase::Succeeded => break,

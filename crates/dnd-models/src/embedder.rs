@@ -12,6 +12,9 @@ use crate::error::ModelError;
 use crate::hf_files::{load_tokenizer, model_file, read_json, var_builder};
 use crate::preprocess::Preprocess;
 
+/// Token ids and attention masks of a batch of texts, one row per text.
+pub type TokenBatch = (Vec<Vec<u32>>, Vec<Vec<u32>>);
+
 /// Embeds images and texts into one space, L2-normalised, so a dot product is a cosine.
 pub trait Embedder: Send + Sync {
     /// `(B, D)` unit vectors for a batch of images.
@@ -66,7 +69,7 @@ impl ClipEmbedder {
 
     /// Token ids and attention masks, right-padded to the longest, truncated to the
     /// model's context.
-    pub fn tokenize(&self, texts: &[&str]) -> Result<(Vec<Vec<u32>>, Vec<Vec<u32>>), ModelError> {
+    pub fn tokenize(&self, texts: &[&str]) -> Result<TokenBatch, ModelError> {
         let max = self.text.max_len();
         let mut ids: Vec<Vec<u32>> = Vec::with_capacity(texts.len());
         for t in texts {

@@ -57,3 +57,35 @@ pub fn var_builder_as(
         }
     })
 }
+
+/// Tensor names and shapes from a safetensors header: an 8-byte little-endian length,
+/// then that many bytes of JSON (`{"name": {"dtype", "shape", "data_offsets"}, ...}`).
+pub fn safetensors_shapes(
+    path: &Path,
+) -> Result<std::collections::HashMap<String, Vec<usize>>, String> {
+    use std::io::Read;
+    /// Larger headers are not safetensors files (the format caps them at 100 MB).
+    const MAX_HEADER: u64 = 100 << 20;
+    #[derive(serde::Deserialize)]
+    struct Entry {
+        shape: Vec<usize>,
+    }
+    let mut file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len).map_err(|e| e.to_string())?;
+    let len = u64::from_le_bytes(len);
+    if len > MAX_HEADER {
+        return Err(format!("a header of {len} bytes"));
+    }
+    let mut header = vec![0u8; len as usize];
+    file.read_exact(&mut header).map_err(|e| e.to_string())?;
+    let raw: std::collections::HashMap<String, serde_json::Value> =
+        serde_json::from_slice(&header).map_err(|e| e.to_string())?;
+    raw.into_iter()
+        .filter(|(name, _)| name != "__metadata__")
+        .map(|(name, v)| {
+            let entry: Entry = serde_json::from_value(v).map_err(|e| format!("{name}: {e}"))?;
+            Ok((name, entry.shape))
+        })
+        .collect()
+}

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::conv::{ConvGeometry, conv2d_fused};
 use crate::error::ModelError;
-use crate::hf_files::read_json;
+use crate::hf_files::{read_json, safetensors_shapes};
 
 /// torchvision's BatchNorm2d default.
 const BN_EPS: f64 = 1e-5;
@@ -127,8 +127,23 @@ impl ResNetConfig {
     /// Reads the shape off a torchvision `state_dict`: what a user has after
     /// `safetensors.torch.save_file(model.state_dict(), ...)` without any config file.
     pub fn infer(tensors: &HashMap<String, Tensor>) -> Result<Self, String> {
+        let shapes: HashMap<String, Vec<usize>> =
+            tensors.iter().map(|(name, t)| (name.clone(), t.dims().to_vec())).collect();
+        Self::infer_from_shapes(&shapes)
+    }
+
+    /// Reads the shape off a `safetensors` file's header, without reading the weights.
+    pub fn from_safetensors_header(path: &Path) -> Result<Self, ModelError> {
+        let bad = |reason: String| ModelError::Checkpoint { path: path.into(), reason };
+        let shapes = safetensors_shapes(path)
+            .map_err(|e| bad(format!("it is not a readable safetensors file ({e})")))?;
+        Self::infer_from_shapes(&shapes).map_err(bad)
+    }
+
+    /// [`Self::infer`] from tensor names and shapes.
+    pub fn infer_from_shapes(tensors: &HashMap<String, Vec<usize>>) -> Result<Self, String> {
         let dims = |name: &str| -> Result<Vec<usize>, String> {
-            tensors.get(name).map(|t| t.dims().to_vec()).ok_or_else(|| {
+            tensors.get(name).cloned().ok_or_else(|| {
                 format!("it has no tensor `{name}`; is it a torchvision/timm ResNet state_dict?")
             })
         };
@@ -193,6 +208,16 @@ impl ResNetConfig {
     /// Output channels of a stage (0-based).
     pub fn stage_channels(&self, stage: usize) -> usize {
         self.widths[stage] * self.block.expansion()
+    }
+
+    /// Number of neurons (channels or units) at a tap.
+    pub fn tap_width(&self, tap: Tap) -> usize {
+        match tap {
+            Tap::Stem => self.stem_channels,
+            Tap::Layer(i) => self.stage_channels(i as usize - 1),
+            Tap::AvgPool => self.stage_channels(3),
+            Tap::Fc => self.num_classes,
+        }
     }
 
     fn bottleneck_inner(&self, stage: usize) -> usize {
@@ -474,12 +499,7 @@ impl ResNet {
 
     /// Number of neurons (channels or units) at a tap.
     pub fn tap_width(&self, tap: Tap) -> usize {
-        match tap {
-            Tap::Stem => self.config.stem_channels,
-            Tap::Layer(i) => self.config.stage_channels(i as usize - 1),
-            Tap::AvgPool => self.config.stage_channels(3),
-            Tap::Fc => self.config.num_classes,
-        }
+        self.config.tap_width(tap)
     }
 
     /// Runs a batch `(B, 3, H, W)` and returns the output of each requested tap, in the
@@ -617,6 +637,10 @@ mod tests {
         for block in [BlockKind::Basic, BlockKind::Bottleneck] {
             let config = tiny(block);
             assert_eq!(ResNetConfig::infer(&random_tensors(&config)).unwrap(), config);
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("model.safetensors");
+            candle_core::safetensors::save(&random_tensors(&config), &path).unwrap();
+            assert_eq!(ResNetConfig::from_safetensors_header(&path).unwrap(), config);
         }
         let r50 = ResNetConfig::standard("resnet50").unwrap();
         assert_eq!(r50.stage_channels(3), 2048);

@@ -53,7 +53,41 @@ fn preprocess_from_config(path: &Path) -> Result<Preprocess, ModelError> {
     Ok(p)
 }
 
+/// A target model's shape without its weights: its taps and their widths, read from
+/// `config.json` or else the safetensors header. What planning a job needs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TargetShape {
+    /// The reference it was read from, as given.
+    pub reference: String,
+    config: ResNetConfig,
+}
+
+impl TargetShape {
+    pub fn read(reference: &ModelRef) -> Result<Self, ModelError> {
+        let files = reference.resolve("model.safetensors")?;
+        let config = match &files.config {
+            Some(path) => ResNetConfig::from_json_file(path)?,
+            None => ResNetConfig::from_safetensors_header(&files.weights)?,
+        };
+        Ok(Self { reference: reference.to_string(), config })
+    }
+
+    /// Parses and checks a tap name against this model.
+    pub fn tap(&self, name: &str) -> Result<Tap, ModelError> {
+        name.parse()
+    }
+
+    pub fn tap_width(&self, tap: Tap) -> usize {
+        self.config.tap_width(tap)
+    }
+}
+
 impl TargetModel {
+    /// The shape of the loaded model.
+    pub fn shape(&self) -> TargetShape {
+        TargetShape { reference: self.reference.clone(), config: self.resnet.config().clone() }
+    }
+
     pub fn load(reference: &ModelRef, device: &Device) -> Result<Self, ModelError> {
         let files = reference.resolve("model.safetensors")?;
         let (config, preprocess) = match &files.config {

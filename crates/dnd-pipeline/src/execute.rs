@@ -1,6 +1,6 @@
-//! Running one task of a job, as a worker does: a probe slice (stage 0 on part of the
-//! probe set) or a neuron batch (stages 1-3). Outputs go to the attempt's own directory,
-//! with `stats.json` last; committing them is the caller's step.
+//! Running one task of a job, as a worker does: the task it leased, a probe slice (stage 0
+//! on part of the probe set) or a neuron batch (stages 1-3). Outputs go to the attempt's
+//! own directory, with `stats.json` last; committing them is the caller's step.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -10,23 +10,25 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
-use dnd_core::Scored;
+use dnd_core::{LayerName, NeuronId, Scored, TaskDef, TaskWork};
 use dnd_store::results::ResultTable;
 use dnd_store::tables::TopKRow;
-use dnd_store::{
-    CacheCounts, CacheKind, Location, TaskStore, batches_rows, read_parquet, write_parquet,
-};
+use dnd_store::{CacheCounts, CacheKind, Location, batches_rows, read_parquet, write_parquet};
 
-use crate::describe::{NeuronTask, TaskTables, run_neuron_task};
 use crate::error::PipelineError;
 use crate::images::ProbeImages;
 use crate::job::JobSpec;
-use crate::plan::{JobPlan, probe_config, read_job_spec};
+use crate::job_dir::JobDir;
+use crate::neuron_task::{NeuronTask, TaskTables, run_neuron_task};
+use crate::plan::{JobPlan, probe_config};
 use crate::probe::run_probe;
 use crate::progress::Progress;
 use crate::workbench::Workbench;
 
 pub const STATS_FILE: &str = "stats.json";
+
+/// Each neuron's merged probe top-K of a layer, as indices into the probe set.
+type NeuronTopK = HashMap<NeuronId, Vec<Scored>>;
 
 /// What one attempt of a task did, written as `stats.json` in its directory.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -54,17 +56,16 @@ pub struct JobContext {
     pub name: String,
     pub spec: JobSpec,
     pub plan: JobPlan,
-    /// The job directory.
-    pub job: Location,
+    pub dir: JobDir,
     pub images: ProbeImages,
-    topk: Mutex<HashMap<String, Arc<HashMap<usize, Vec<Scored>>>>>,
+    topk: Mutex<HashMap<LayerName, Arc<NeuronTopK>>>,
 }
 
 impl JobContext {
     /// Reads a job's spec and plan from its directory and lists its probe images.
-    pub async fn open(job: Location) -> Result<Self, PipelineError> {
-        let (name, spec) = read_job_spec(&job).await?;
-        let plan = JobPlan::read(&job).await?;
+    pub async fn open(dir: JobDir) -> Result<Self, PipelineError> {
+        let (name, spec) = dir.spec().await?;
+        let plan = dir.plan().await?;
         let images = ProbeImages::discover(&plan.probe_images).await?;
         if images.images.len() != plan.images {
             return Err(PipelineError::BadJob {
@@ -76,14 +77,11 @@ impl JobContext {
                 ),
             });
         }
-        Ok(Self { name, spec, plan, job, images, topk: Mutex::new(HashMap::new()) })
+        Ok(Self { name, spec, plan, dir, images, topk: Mutex::new(HashMap::new()) })
     }
 
     /// Each neuron's merged probe top-K of `layer`, as indices into the probe set.
-    async fn layer_topk(
-        &self,
-        layer: &str,
-    ) -> Result<Arc<HashMap<usize, Vec<Scored>>>, PipelineError> {
+    async fn layer_topk(&self, layer: &LayerName) -> Result<Arc<NeuronTopK>, PipelineError> {
         let mut cached = self.topk.lock().await;
         if let Some(t) = cached.get(layer) {
             return Ok(t.clone());
@@ -92,79 +90,86 @@ impl JobContext {
             self.images.images.iter().enumerate().map(|(i, r)| (r.id.as_str(), i as u32)).collect();
         let rows: Vec<TopKRow> = batches_rows(
             "topk",
-            &read_parquet(&self.job, &format!("probe/topk/{layer}.parquet")).await?,
+            &read_parquet(self.dir.location(), &format!("probe/topk/{layer}.parquet")).await?,
         )?;
-        let mut top: HashMap<usize, Vec<Scored>> = HashMap::new();
+        let mut top: HashMap<NeuronId, Vec<Scored>> = HashMap::new();
         for row in rows {
             if let Some(&image) = index.get(row.image_id.as_str()) {
-                top.entry(row.neuron as usize)
+                top.entry(NeuronId::new(row.neuron as u32))
                     .or_default()
                     .push(Scored { image, activation: row.activation });
             }
         }
         let top = Arc::new(top);
-        cached.insert(layer.to_string(), top.clone());
+        cached.insert(layer.clone(), top.clone());
         Ok(top)
     }
 
-    /// Runs task `task` of the plan with `bench`, writing under the attempt's directory.
+    /// Runs `task`, as leased, with `bench`, writing under the attempt's directory.
     pub async fn run_task(
         &self,
         bench: &Workbench,
-        task: &str,
+        task: &TaskDef,
         attempt: &str,
         progress: &dyn Progress,
     ) -> Result<TaskStats, PipelineError> {
-        let store = TaskStore::new(self.job.clone());
-        let dir = store.attempt_dir(task, attempt)?;
+        let dir = self.dir.tasks().attempt_dir(task.id.as_str(), attempt)?;
         let started = Instant::now();
         let before = cache_counts(bench);
         let mut stats =
-            TaskStats { task: task.into(), attempt: attempt.into(), ..Default::default() };
-        if let Some(slice) = self.plan.probe_tasks.iter().find(|t| t.id == task) {
-            let mut images = self.images.clone();
-            images.images = images.images[slice.start..slice.end].to_vec();
-            // Listing errors belong to the job once: to its first slice.
-            if slice.start > 0 {
-                images.errors.clear();
+            TaskStats { task: task.id.to_string(), attempt: attempt.into(), ..Default::default() };
+        match &task.work {
+            TaskWork::Probe { start, end } => {
+                let (start, end) = (*start, *end);
+                if start > end || end > self.images.images.len() {
+                    return Err(PipelineError::BadJob {
+                        origin: self.dir.location().to_string(),
+                        reason: format!(
+                            "probe task {} asks for images {start}..{end} of a probe set of {}",
+                            task.id,
+                            self.images.images.len()
+                        ),
+                    });
+                }
+                let mut images = self.images.clone();
+                images.images = images.images[start..end].to_vec();
+                // Listing errors belong to the job once: to its first slice.
+                if start > 0 {
+                    images.errors.clear();
+                }
+                let config = probe_config(&self.spec);
+                run_probe(bench.target.clone(), images, &dir, &config, progress).await?;
+                stats.kind = "probe".into();
+                stats.images = end - start;
+                stats.models.insert("target".into(), bench.target.reference.clone());
             }
-            run_probe(bench.target.clone(), images, &dir, &probe_config(&self.spec), progress)
+            TaskWork::Neurons { layer, neurons } => {
+                let neuron_task = NeuronTask {
+                    id: task.id.clone(),
+                    layer: layer.clone(),
+                    tap: bench.target.tap(layer.as_str())?,
+                    neurons: neurons.clone(),
+                };
+                let top_by_neuron = self.layer_topk(layer).await?;
+                let top: Vec<Vec<Scored>> = neurons
+                    .iter()
+                    .map(|n| top_by_neuron.get(n).cloned().unwrap_or_default())
+                    .collect();
+                let tables = run_neuron_task(
+                    bench,
+                    &self.spec,
+                    &neuron_task,
+                    &top,
+                    &self.images.images,
+                    self.dir.location(),
+                    progress,
+                )
                 .await?;
-            stats.kind = "probe".into();
-            stats.images = slice.end - slice.start;
-            stats.models.insert("target".into(), bench.target.reference.clone());
-        } else if let Some(batch) = self.plan.neuron_tasks.iter().find(|t| t.id == task) {
-            let neuron_task = NeuronTask {
-                id: batch.id.clone(),
-                layer: batch.layer.clone(),
-                tap: bench.target.tap(&batch.layer)?,
-                neurons: batch.neurons.clone(),
-            };
-            let top_by_neuron = self.layer_topk(&batch.layer).await?;
-            let top: Vec<Vec<Scored>> = batch
-                .neurons
-                .iter()
-                .map(|n| top_by_neuron.get(n).cloned().unwrap_or_default())
-                .collect();
-            let tables = run_neuron_task(
-                bench,
-                &self.spec,
-                &neuron_task,
-                &top,
-                &self.images.images,
-                &self.job,
-                progress,
-            )
-            .await?;
-            write_task(&dir, &tables).await?;
-            stats.kind = "neurons".into();
-            stats.neurons = batch.neurons.len();
-            stats.models = bench.identities();
-        } else {
-            return Err(PipelineError::BadJob {
-                origin: self.job.display_path("plan.json"),
-                reason: format!("the plan has no task `{task}`"),
-            });
+                write_task(&dir, &tables).await?;
+                stats.kind = "neurons".into();
+                stats.neurons = neurons.len();
+                stats.models = bench.identities();
+            }
         }
         stats.seconds = started.elapsed().as_secs_f64();
         let after = cache_counts(bench);

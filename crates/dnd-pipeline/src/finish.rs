@@ -1,91 +1,35 @@
 //! The coordinator's share of a job's data work: merging the probe slices' top-K lists,
 //! recording a task that failed for good, and, at the end, compacting the committed tasks
-//! into the results dataset with a summary.
-//!
-//! Layout under the job directory:
-//! ```text
-//! job.json, plan.json                      the spec (a resubmission must match it) and its tasks
-//! tasks/<task>/<attempt>/...               one attempt's outputs (+ stats.json), then
-//! tasks/<task>/_COMMITTED                  naming the attempt that counts
-//! probe/topk/<layer>.parquet, probe/errors.parquet, probe/_COMMITTED   merged stage 0
-//! images/crops/..../<hash>.png             attention crops
-//! results/<table>.parquet                  the compacted results
-//! events/*.jsonl                           the job's event log
-//! summary.json                             written last: the job is done
-//! ```
+//! into the results dataset with a summary. The layout is [`JobDir`]'s.
 
 use std::collections::{BTreeMap, HashMap};
 
-use bytes::Bytes;
-use serde::{Deserialize, Serialize};
-
-use dnd_store::results::{DescriptionRow, NeuronErrorRow, ResultTable};
+use dnd_store::results::{DescriptionRow, DescriptionStatus, NeuronErrorRow, ResultTable};
 use dnd_store::tables::{self, ErrorRow, TopKRow};
-use dnd_store::{CacheCounts, Location, TaskStore, batches_rows, read_parquet, write_parquet};
+use dnd_store::{CacheCounts, batches_rows, read_parquet, write_parquet};
 
 use crate::error::PipelineError;
 use crate::execute::{STATS_FILE, TaskStats};
+use crate::job_dir::JobDir;
 use crate::plan::JobPlan;
 use crate::probe::peak_rss_mib;
+pub use crate::summary::DissectSummary;
 
-pub const SUMMARY_FILE: &str = "summary.json";
-const PROBE_MARKER: &str = "probe/_COMMITTED";
 /// Attempt names the coordinator gives a task's failure record.
 pub const FAILED_ATTEMPT_PREFIX: &str = "failed-";
-
-/// What a dissection did, written as `summary.json` in the job directory.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct DissectSummary {
-    pub dnd_version: String,
-    pub job: String,
-    /// The job directory.
-    pub location: String,
-    pub results: Vec<String>,
-    pub models: BTreeMap<String, String>,
-    pub tasks: usize,
-    /// Tasks already committed when the job was (re)submitted.
-    pub tasks_resumed: usize,
-    /// Tasks that failed for good (their neurons have `status = failed`).
-    pub tasks_failed: usize,
-    pub neurons: usize,
-    pub neurons_ok: usize,
-    pub neurons_no_candidates: usize,
-    pub neurons_failed: usize,
-    /// Cache hits and misses over the committed attempts, by kind. A miss is one model call.
-    pub cache: BTreeMap<String, CacheCounts>,
-    /// Share of cacheable model calls (captions, images, replies) the caches answered.
-    pub cache_hit_rate: f64,
-    /// Model loading before the first task (embedded runs; 0 when workers loaded them).
-    pub load_seconds: f64,
-    /// Worker seconds in probe tasks and in neuron tasks, summed over committed attempts.
-    pub probe_seconds: f64,
-    pub describe_seconds: f64,
-    /// Worker seconds of stages 1-3 per neuron described.
-    pub seconds_per_neuron: f64,
-    /// Wall time from submission to the end.
-    pub total_seconds: f64,
-    pub peak_rss_mib: f64,
-}
-
-pub async fn probe_merged(job: &Location) -> Result<bool, PipelineError> {
-    Ok(job.exists(PROBE_MARKER).await?)
-}
 
 /// Merges the committed probe slices into each layer's top-K (the `top_k` most activating
 /// images per neuron; ties go to the earlier image id, as within a slice) and the probe
 /// errors, then marks stage 0 done.
-pub async fn merge_probe(
-    job: &Location,
-    plan: &JobPlan,
-    top_k: usize,
-) -> Result<(), PipelineError> {
-    let store = TaskStore::new(job.clone());
+pub async fn merge_probe(dir: &JobDir, plan: &JobPlan, top_k: usize) -> Result<(), PipelineError> {
+    let job = dir.location();
+    let store = dir.tasks();
     let mut slices = Vec::new();
     for slice in &plan.probe_tasks {
-        let attempt = store.committed(&slice.id).await?.ok_or_else(|| {
+        let attempt = store.committed(slice.id.as_str()).await?.ok_or_else(|| {
             PipelineError::Internal(format!("probe task {} is not committed", slice.id))
         })?;
-        slices.push(store.attempt_dir(&slice.id, &attempt)?);
+        slices.push(store.attempt_dir(slice.id.as_str(), &attempt)?);
     }
     for layer in &plan.layers {
         let mut by_neuron: BTreeMap<i32, Vec<TopKRow>> = BTreeMap::new();
@@ -124,15 +68,14 @@ pub async fn merge_probe(
         )?);
     }
     write_parquet(job, "probe/errors.parquet", &tables::errors_batch(&errors)?).await?;
-    job.put_if_absent(PROBE_MARKER, Bytes::from_static(b"merged")).await?;
-    Ok(())
+    dir.mark_probe_merged().await
 }
 
 /// Records that a neuron task failed for good: every neuron of it gets a `failed`
 /// description and an error row with the task's last error, committed as the task's
 /// output so that the job's results still hold every neuron exactly once.
 pub async fn commit_failed_task(
-    job: &Location,
+    job: &JobDir,
     plan: &JobPlan,
     task: &str,
     attempts: u32,
@@ -141,7 +84,7 @@ pub async fn commit_failed_task(
     let Some(batch) = plan.neuron_tasks.iter().find(|t| t.id == task) else {
         return Err(PipelineError::Internal(format!("no neuron task `{task}` in the plan")));
     };
-    let store = TaskStore::new(job.clone());
+    let store = job.tasks();
     let attempt = format!("{FAILED_ATTEMPT_PREFIX}{attempts}");
     let dir = store.attempt_dir(task, &attempt)?;
     let message = format!("the task failed {attempts} times; last error: {error}");
@@ -149,9 +92,9 @@ pub async fn commit_failed_task(
         .neurons
         .iter()
         .map(|&n| DescriptionRow {
-            layer: batch.layer.clone(),
-            neuron: n as i32,
-            status: "failed".into(),
+            layer: batch.layer.to_string(),
+            neuron: n.to_i32(),
+            status: DescriptionStatus::Failed,
             label: None,
             score: None,
             label_2: None,
@@ -174,8 +117,8 @@ pub async fn commit_failed_task(
         .neurons
         .iter()
         .map(|&n| NeuronErrorRow {
-            layer: batch.layer.clone(),
-            neuron: n as i32,
+            layer: batch.layer.to_string(),
+            neuron: n.to_i32(),
             stage: "task".into(),
             image_id: None,
             reason: "task_failed".into(),
@@ -206,27 +149,28 @@ pub struct RunFacts {
 /// Compacts the committed neuron tasks into `results/*.parquet`, then writes
 /// `summary.json` from the attempts' `stats.json`.
 pub async fn finish_job(
-    job: &Location,
+    dir: &JobDir,
     plan: &JobPlan,
     facts: &RunFacts,
 ) -> Result<DissectSummary, PipelineError> {
-    let store = TaskStore::new(job.clone());
-    let task_ids: Vec<String> = plan.neuron_tasks.iter().map(|t| t.id.clone()).collect();
+    let job = dir.location();
+    let store = dir.tasks();
+    let task_ids: Vec<String> = plan.neuron_tasks.iter().map(|t| t.id.to_string()).collect();
     let results = store.compact(&task_ids).await?;
-    let descriptions: Vec<DescriptionRow> =
-        batches_rows("descriptions", &read_parquet(job, "results/descriptions.parquet").await?)?;
+    let descriptions: Vec<DescriptionRow> = dir.descriptions().await?;
 
     let mut cache: BTreeMap<String, CacheCounts> = BTreeMap::new();
     let mut models = BTreeMap::new();
     let (mut probe_seconds, mut describe_seconds, mut described, mut tasks_failed) =
         (0.0, 0.0, 0usize, 0usize);
     for task in plan.task_ids() {
-        let Some(attempt) = store.committed(task).await? else { continue };
+        let Some(attempt) = store.committed(task.as_str()).await? else { continue };
         if attempt.starts_with(FAILED_ATTEMPT_PREFIX) {
             tasks_failed += 1;
             continue;
         }
-        let Some(bytes) = store.attempt_dir(task, &attempt)?.get_opt(STATS_FILE).await? else {
+        let dir = store.attempt_dir(task.as_str(), &attempt)?;
+        let Some(bytes) = dir.get_opt(STATS_FILE).await? else {
             continue;
         };
         let stats: TaskStats = serde_json::from_slice(&bytes)
@@ -246,10 +190,10 @@ pub async fn finish_job(
     }
     let (hits, lookups) =
         cache.values().fold((0, 0), |(h, t), c| (h + c.hits, t + c.hits + c.misses));
-    let count = |status: &str| descriptions.iter().filter(|d| d.status == status).count();
+    let count = |status| descriptions.iter().filter(|d| d.status == status).count();
     let summary = DissectSummary {
         dnd_version: env!("CARGO_PKG_VERSION").into(),
-        job: plan.job.clone(),
+        job: plan.job.to_string(),
         location: job.to_string(),
         results: results.iter().map(|r| job.display_path(r)).collect(),
         models,
@@ -257,9 +201,9 @@ pub async fn finish_job(
         tasks_resumed: facts.tasks_resumed,
         tasks_failed,
         neurons: plan.neurons(),
-        neurons_ok: count("ok"),
-        neurons_no_candidates: count("no_candidates"),
-        neurons_failed: count("failed"),
+        neurons_ok: count(DescriptionStatus::Ok),
+        neurons_no_candidates: count(DescriptionStatus::NoCandidates),
+        neurons_failed: count(DescriptionStatus::Failed),
         cache,
         cache_hit_rate: if lookups == 0 { 0.0 } else { hits as f64 / lookups as f64 },
         load_seconds: facts.load_seconds,
@@ -269,21 +213,19 @@ pub async fn finish_job(
         total_seconds: facts.total_seconds,
         peak_rss_mib: peak_rss_mib(),
     };
-    let json =
-        serde_json::to_vec_pretty(&summary).map_err(|e| PipelineError::Internal(e.to_string()))?;
-    job.put(SUMMARY_FILE, Bytes::from(json)).await?;
+    dir.write_summary(&summary).await?;
     Ok(summary)
 }
 
 /// Which tasks of the plan are committed, and which of those are failure records.
 pub async fn committed_tasks(
-    job: &Location,
+    job: &JobDir,
     plan: &JobPlan,
 ) -> Result<HashMap<String, bool>, PipelineError> {
-    let store = TaskStore::new(job.clone());
+    let store = job.tasks();
     let mut done = HashMap::new();
     for task in plan.task_ids() {
-        if let Some(attempt) = store.committed(task).await? {
+        if let Some(attempt) = store.committed(task.as_str()).await? {
             done.insert(task.to_string(), attempt.starts_with(FAILED_ATTEMPT_PREFIX));
         }
     }

@@ -11,6 +11,7 @@ use std::io::Cursor;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use image::{ImageError, ImageReader, RgbImage};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use dnd_store::Location;
@@ -335,6 +336,33 @@ pub async fn read_images(images: &[ImageRef], limits: &ImageLimits) -> Vec<Resul
         })
         .collect();
     futures::stream::iter(reads).buffered(16).collect().await
+}
+
+/// Reads and decodes `images` in parallel, numbering them from `first_index`; failures
+/// become error rows of `stage`.
+pub(crate) async fn load_batch(
+    images: &[ImageRef],
+    first_index: u32,
+    limits: &ImageLimits,
+    stage: &'static str,
+) -> Vec<(u32, Result<RgbImage, ErrorRow>)> {
+    let bytes: Vec<Result<Bytes, Skipped>> = read_images(images, limits).await;
+    let ids: Vec<String> = images.iter().map(|i| i.id.clone()).collect();
+    let limits = limits.clone();
+    tokio::task::spawn_blocking(move || {
+        bytes
+            .into_par_iter()
+            .zip(ids)
+            .enumerate()
+            .map(|(i, (b, id))| {
+                let decoded =
+                    b.and_then(|b| decode_rgb(&b, &limits)).map_err(|s| s.into_row(&id, stage));
+                (first_index + i as u32, decoded)
+            })
+            .collect()
+    })
+    .await
+    .expect("decoding does not panic")
 }
 
 #[cfg(test)]

@@ -5,12 +5,15 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use dnd_core::{CoreError, CropConfig, NeuronSet, Pooling, ScoringConfig};
+use dnd_core::{CoreError, CropConfig, NeuronId, NeuronSet, Pooling, ScoringConfig};
 use dnd_models::{CaptionConfig, GenerationConfig, ModelRef};
 use dnd_summarize::SummarizerConfig;
 
 use crate::error::PipelineError;
 use crate::images::ImageLimits;
+
+/// The generator reference of the synthetic world's text-conditioned renderer.
+pub const SYNTHETIC_GENERATOR: &str = "synth:world";
 
 /// The whole job. Unknown fields are rejected, so a typo cannot silently fall back to a
 /// default.
@@ -93,18 +96,21 @@ impl Default for NeuronSpec {
 }
 
 impl NeuronSpec {
-    /// The neurons of `layer` (width `width`), checked.
-    pub fn resolve(&self, layer: &str, width: usize) -> Result<Vec<usize>, CoreError> {
+    /// The neurons of `layer` (width `width`), checked: the one place a neuron selection
+    /// is parsed.
+    pub fn resolve(&self, layer: &str, width: usize) -> Result<Vec<NeuronId>, CoreError> {
         let spec = match self {
             NeuronSpec::Every(s) => s.as_str(),
             NeuronSpec::PerLayer(map) => map.get(layer).map_or("all", String::as_str),
         };
-        if spec.trim() == "all" {
-            return Ok((0..width).collect());
-        }
-        let set: NeuronSet = spec.parse()?;
-        set.check_within(layer, width)?;
-        Ok(set.ids().to_vec())
+        let ids: Vec<usize> = if spec.trim() == "all" {
+            (0..width).collect()
+        } else {
+            let set: NeuronSet = spec.parse()?;
+            set.check_within(layer, width)?;
+            set.ids().to_vec()
+        };
+        Ok(ids.into_iter().map(|i| NeuronId::new(i as u32)).collect())
     }
 
     fn check_layers(&self, layers: &[String]) -> Result<(), CoreError> {
@@ -243,7 +249,7 @@ impl JobSpec {
             if model.is_empty() {
                 return Err(invalid(field, "name a model: a local directory or hf:org/name"));
             }
-            if field == "generator.model" && model == crate::workbench::SYNTHETIC_GENERATOR {
+            if field == "generator.model" && model == SYNTHETIC_GENERATOR {
                 continue;
             }
             model.parse::<ModelRef>()?;
@@ -352,8 +358,11 @@ mod tests {
         assert_eq!(job.generator.sampling.guidance_scale, 7.5);
         assert_eq!(job.crops.canvas_size, 375);
         assert_eq!(job.scoring.beta, 5);
-        assert_eq!(job.target.neurons.resolve("layer4", 512).unwrap(), [0, 1, 2, 3, 9]);
-        assert_eq!(job.target.neurons.resolve("fc", 3).unwrap(), [0, 1, 2]);
+        let ids = |layer: &str, width: usize| -> Vec<usize> {
+            job.target.neurons.resolve(layer, width).unwrap().iter().map(|n| n.index()).collect()
+        };
+        assert_eq!(ids("layer4", 512), [0, 1, 2, 3, 9]);
+        assert_eq!(ids("fc", 3), [0, 1, 2]);
         assert!(job.job_name().starts_with("dissect-"));
         let mut other = job.clone();
         other.seed = 8;

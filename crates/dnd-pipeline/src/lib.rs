@@ -1,27 +1,34 @@
 //! dnd-pipeline: the stage code of Describe-and-Dissect, shared by the workers and the
 //! coordinator: probe images, the probe stage (pooled activations, streaming top-K),
-//! attention crops, stages 1-3 as neuron tasks behind content-addressed caches, a job's
+//! the stages of a neuron task (crop, caption, summarize, generate, score; one module each)
+//! composed into neuron tasks behind content-addressed caches, a job's
 //! plan of tasks, running one task, and merging and compacting their outputs.
 
-mod crops;
-pub mod describe;
+pub mod activations;
 pub mod error;
 pub mod execute;
 pub mod finish;
 pub mod images;
 pub mod job;
+pub mod job_dir;
+pub mod neuron_task;
 pub mod plan;
 pub mod probe;
 pub mod progress;
+pub mod stages;
+pub mod summary;
+mod task_rows;
 pub mod workbench;
 
-pub use describe::{DESCRIBE_STAGES, NeuronTask, TaskTables, run_neuron_task};
 pub use error::PipelineError;
 pub use execute::{JobContext, TaskStats};
-pub use finish::{DissectSummary, RunFacts};
+pub use finish::RunFacts;
 pub use images::{ImageLimits, ProbeImages};
 pub use job::{JobSpec, NeuronSpec};
+pub use job_dir::JobDir;
+pub use neuron_task::{NeuronTask, TaskTables, run_neuron_task};
 pub use plan::JobPlan;
 pub use probe::{CropStageConfig, ProbeConfig, ProbeSummary, run_probe};
 pub use progress::{NoProgress, Progress};
+pub use summary::DissectSummary;
 pub use workbench::{CachedSummarizer, Workbench};

@@ -6,7 +6,9 @@
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use dnd_models::TargetModel;
+use dnd_core::{JobName, LayerName, NeuronId, TaskDef, TaskId, TaskWork};
+
+use dnd_models::target::TargetShape;
 use dnd_store::Location;
 
 use crate::error::PipelineError;
@@ -14,13 +16,10 @@ use crate::images::ProbeImages;
 use crate::job::JobSpec;
 use crate::probe::{LayerPlan, ProbeConfig};
 
-pub const PLAN_FILE: &str = "plan.json";
-pub const SPEC_FILE: &str = "job.json";
-
 /// A slice `[start, end)` of the sorted probe set.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProbeSlice {
-    pub id: String,
+    pub id: TaskId,
     pub start: usize,
     pub end: usize,
 }
@@ -28,9 +27,9 @@ pub struct ProbeSlice {
 /// A batch of neurons of one layer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NeuronBatch {
-    pub id: String,
-    pub layer: String,
-    pub neurons: Vec<usize>,
+    pub id: TaskId,
+    pub layer: LayerName,
+    pub neurons: Vec<NeuronId>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -43,7 +42,7 @@ pub struct PlannedLayer {
 /// Everything a worker needs besides the spec to run any task of the job.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobPlan {
-    pub job: String,
+    pub job: JobName,
     /// The probe set as workers read it: for a synthetic set, the directory it was
     /// rendered into.
     pub probe_images: String,
@@ -54,18 +53,18 @@ pub struct JobPlan {
 }
 
 impl JobPlan {
-    /// Plans `spec` for a loaded target model and a listed probe set. Fails on layers the
+    /// Plans `spec` for a target model's shape and a listed probe set. Fails on layers the
     /// model lacks and neuron ids beyond a layer's width.
     pub fn make(
         spec: &JobSpec,
-        target: &TargetModel,
+        target: &TargetShape,
         images: &ProbeImages,
     ) -> Result<Self, PipelineError> {
         let layers = probe_config(spec).plan(target)?;
         let per_slice = spec.probe.images_per_task.max(1);
         let probe_tasks = (0..images.images.len().div_ceil(per_slice))
             .map(|i| ProbeSlice {
-                id: format!("probe-{i:05}"),
+                id: TaskId::new(format!("probe-{i:05}")),
                 start: i * per_slice,
                 end: ((i + 1) * per_slice).min(images.images.len()),
             })
@@ -75,14 +74,14 @@ impl JobPlan {
             let neurons = spec.target.neurons.resolve(&layer.name, layer.width)?;
             for (i, chunk) in neurons.chunks(spec.describe.neurons_per_task).enumerate() {
                 neuron_tasks.push(NeuronBatch {
-                    id: format!("{}-{i:05}", layer.name),
-                    layer: layer.name.clone(),
+                    id: TaskId::new(format!("{}-{i:05}", layer.name)),
+                    layer: LayerName::new(layer.name.clone()),
                     neurons: chunk.to_vec(),
                 });
             }
         }
         Ok(Self {
-            job: spec.job_name(),
+            job: JobName::new(spec.job_name()),
             probe_images: images.source.clone(),
             images: images.images.len(),
             layers: layers
@@ -98,34 +97,25 @@ impl JobPlan {
         })
     }
 
-    pub fn task_ids(&self) -> impl Iterator<Item = &str> {
-        self.probe_tasks
-            .iter()
-            .map(|t| t.id.as_str())
-            .chain(self.neuron_tasks.iter().map(|t| t.id.as_str()))
+    pub fn task_ids(&self) -> impl Iterator<Item = &TaskId> {
+        self.probe_tasks.iter().map(|t| &t.id).chain(self.neuron_tasks.iter().map(|t| &t.id))
+    }
+
+    /// Every task of the plan with its work: probe slices first, then neuron batches.
+    pub fn tasks(&self) -> Vec<TaskDef> {
+        let probes = self.probe_tasks.iter().map(|t| TaskDef {
+            id: t.id.clone(),
+            work: TaskWork::Probe { start: t.start, end: t.end },
+        });
+        let neurons = self.neuron_tasks.iter().map(|t| TaskDef {
+            id: t.id.clone(),
+            work: TaskWork::Neurons { layer: t.layer.clone(), neurons: t.neurons.clone() },
+        });
+        probes.chain(neurons).collect()
     }
 
     pub fn neurons(&self) -> usize {
         self.neuron_tasks.iter().map(|t| t.neurons.len()).sum()
-    }
-
-    /// Stores the plan unless one is there; returns the stored one (a resubmitted job keeps
-    /// its first plan).
-    pub async fn store(&self, job: &Location) -> Result<JobPlan, PipelineError> {
-        let json =
-            serde_json::to_vec_pretty(self).map_err(|e| PipelineError::Internal(e.to_string()))?;
-        if job.put_if_absent(PLAN_FILE, Bytes::from(json)).await? {
-            return Ok(self.clone());
-        }
-        Self::read(job).await
-    }
-
-    pub async fn read(job: &Location) -> Result<JobPlan, PipelineError> {
-        let bytes = job.get(PLAN_FILE).await?;
-        serde_json::from_slice(&bytes).map_err(|e| PipelineError::BadJob {
-            origin: job.display_path(PLAN_FILE),
-            reason: e.to_string(),
-        })
     }
 }
 
@@ -143,7 +133,7 @@ pub fn probe_config(spec: &JobSpec) -> ProbeConfig {
 }
 
 /// The layer plans of a job, checked against the model.
-pub fn layer_plans(spec: &JobSpec, target: &TargetModel) -> Result<Vec<LayerPlan>, PipelineError> {
+pub fn layer_plans(spec: &JobSpec, target: &TargetShape) -> Result<Vec<LayerPlan>, PipelineError> {
     probe_config(spec).plan(target)
 }
 
@@ -164,36 +154,4 @@ pub async fn resolve_probe_images(spec: &JobSpec, out: &Location) -> Result<Stri
         dir.put(dnd_synth::probe_set::SCENES_FILE, Bytes::from(scenes)).await?;
     }
     Ok(dir.to_string())
-}
-
-/// The spec as stored in `job.json`: the job's identity. A job directory holds one job
-/// only; `Ok(false)` when the same job was already there.
-pub async fn claim_job_dir(
-    job: &Location,
-    name: &str,
-    spec: &JobSpec,
-) -> Result<bool, PipelineError> {
-    let spec_json = serde_json::to_vec_pretty(&(name, spec))
-        .map_err(|e| PipelineError::Internal(e.to_string()))?;
-    if job.put_if_absent(SPEC_FILE, Bytes::from(spec_json.clone())).await? {
-        return Ok(true);
-    }
-    if job.get(SPEC_FILE).await? != spec_json {
-        return Err(PipelineError::BadJob {
-            origin: job.display_path(SPEC_FILE),
-            reason: format!(
-                "a different job named `{name}` is already there; give this one another name (--name) or another --out"
-            ),
-        });
-    }
-    Ok(false)
-}
-
-/// Reads the spec a job directory was claimed with.
-pub async fn read_job_spec(job: &Location) -> Result<(String, JobSpec), PipelineError> {
-    let bytes = job.get(SPEC_FILE).await?;
-    serde_json::from_slice(&bytes).map_err(|e| PipelineError::BadJob {
-        origin: job.display_path(SPEC_FILE),
-        reason: e.to_string(),
-    })
 }

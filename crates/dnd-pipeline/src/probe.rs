@@ -5,21 +5,22 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use candle_core::{D, Device, Tensor};
-use image::RgbImage;
+use candle_core::Tensor;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use dnd_core::{CropConfig, LayerTopK, NeuronSet, Pooling};
+use dnd_models::target::TargetShape;
 use dnd_models::{Tap, TargetModel};
 use dnd_store::tables::{self, ErrorRow, TopKRow};
 use dnd_store::{Location, ParquetSink, write_parquet};
 
-use crate::crops::run_crops;
+use crate::activations::pooled_rows;
 use crate::error::PipelineError;
-use crate::images::{ImageLimits, ImageRef, ProbeImages, Skipped, decode_rgb, read_images};
+use crate::images::{ImageLimits, ProbeImages, load_batch};
 use crate::progress::Progress;
+use crate::stages::crop::{CropLayer, CropReport, write_probe_crops};
 
 /// What the probe stage computes; defaults are the method's.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -98,8 +99,8 @@ pub struct LayerSummary {
 }
 
 impl ProbeConfig {
-    /// Checks the config against the model before any work starts.
-    pub fn plan(&self, model: &TargetModel) -> Result<Vec<LayerPlan>, PipelineError> {
+    /// Checks the config against the model's shape before any work starts.
+    pub fn plan(&self, model: &TargetShape) -> Result<Vec<LayerPlan>, PipelineError> {
         use dnd_core::CoreError;
         if self.layers.is_empty() {
             return Err(CoreError::invalid("layers", "name at least one layer, e.g. layer4").into());
@@ -140,53 +141,6 @@ struct InputBatch {
     errors: Vec<ErrorRow>,
 }
 
-/// Reads and decodes `images` in parallel; failures become error rows.
-pub(crate) async fn load_batch(
-    images: &[ImageRef],
-    first_index: u32,
-    limits: &ImageLimits,
-    stage: &'static str,
-) -> Vec<(u32, Result<RgbImage, ErrorRow>)> {
-    let bytes: Vec<Result<Bytes, Skipped>> = read_images(images, limits).await;
-    let ids: Vec<String> = images.iter().map(|i| i.id.clone()).collect();
-    let limits = limits.clone();
-    tokio::task::spawn_blocking(move || {
-        bytes
-            .into_par_iter()
-            .zip(ids)
-            .enumerate()
-            .map(|(i, (b, id))| {
-                let decoded =
-                    b.and_then(|b| decode_rgb(&b, &limits)).map_err(|s| s.into_row(&id, stage));
-                (first_index + i as u32, decoded)
-            })
-            .collect()
-    })
-    .await
-    .expect("decoding does not panic")
-}
-
-/// A tap's output pooled to `(B, C)` on its device: spatial maps by `pooling`, vectors as
-/// they are.
-pub(crate) fn pool(output: &Tensor, pooling: Pooling) -> Result<Tensor, PipelineError> {
-    if output.rank() != 4 {
-        return Ok(output.clone());
-    }
-    let flat = output.flatten_from(2)?;
-    Ok(match pooling {
-        Pooling::Mean => flat.mean(D::Minus1)?,
-        Pooling::Max => flat.max(D::Minus1)?,
-    })
-}
-
-/// Pools each tap's output and copies it to the host, row-major.
-fn pooled_rows(outputs: &[Tensor], pooling: Pooling) -> Result<Vec<Vec<f32>>, PipelineError> {
-    outputs
-        .iter()
-        .map(|t| Ok(pool(t, pooling)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?))
-        .collect()
-}
-
 /// Peak resident set size of this process in MiB (VmHWM), 0 where unknown.
 pub fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
@@ -196,6 +150,118 @@ pub fn peak_rss_mib() -> f64 {
             line.split_whitespace().nth(1)?.parse::<f64>().ok()
         })
         .map_or(0.0, |kib| kib / 1024.0)
+}
+
+/// Reads, decodes and preprocesses `images` in batches on a task of its own, sending
+/// each batch to `tx`.
+fn spawn_reader(
+    images: &ProbeImages,
+    config: &ProbeConfig,
+    model: &TargetModel,
+    tx: mpsc::Sender<InputBatch>,
+) -> tokio::task::JoinHandle<()> {
+    let images = images.images.clone();
+    let limits = config.limits.clone();
+    let preprocess = model.preprocess.clone();
+    let batch_size = config.batch_size;
+    tokio::spawn(async move {
+        for (n, chunk) in images.chunks(batch_size).enumerate() {
+            let loaded = load_batch(chunk, (n * batch_size) as u32, &limits, "decode").await;
+            let preprocess = preprocess.clone();
+            let batch = tokio::task::spawn_blocking(move || {
+                let mut batch =
+                    InputBatch { images: Vec::new(), pixels: Vec::new(), errors: Vec::new() };
+                let tensors: Vec<(u32, Result<Vec<f32>, ErrorRow>)> = loaded
+                    .into_par_iter()
+                    .map(|(i, r)| (i, r.map(|img| preprocess.apply(&img))))
+                    .collect();
+                for (i, r) in tensors {
+                    match r {
+                        Ok(px) => {
+                            batch.images.push(i);
+                            batch.pixels.extend(px);
+                        }
+                        Err(e) => batch.errors.push(e),
+                    }
+                }
+                batch
+            })
+            .await
+            .expect("preprocessing does not panic");
+            if tx.send(batch).await.is_err() {
+                break;
+            }
+        }
+    })
+}
+
+/// Writes each layer's top-K as `topk/<layer>.parquet`; the files written.
+async fn write_topk(
+    plans: &[LayerPlan],
+    topk: &[LayerTopK],
+    images: &ProbeImages,
+    out: &Location,
+) -> Result<Vec<String>, PipelineError> {
+    let mut outputs = Vec::new();
+    for (plan, layer_topk) in plans.iter().zip(topk) {
+        let rows: Vec<TopKRow> = (0..plan.width)
+            .flat_map(|neuron| {
+                layer_topk
+                    .neuron(neuron)
+                    .sorted()
+                    .into_iter()
+                    .enumerate()
+                    .map(move |(rank, s)| (neuron, rank, s))
+            })
+            .map(|(neuron, rank, s)| TopKRow {
+                layer: plan.name.clone(),
+                neuron: neuron as i32,
+                rank: rank as i32,
+                image_id: images.images[s.image as usize].id.clone(),
+                activation: s.activation,
+            })
+            .collect();
+        let rel = format!("topk/{}.parquet", plan.name);
+        write_parquet(out, &rel, &tables::topk_batch(&rows)?).await?;
+        outputs.push(rel);
+    }
+    Ok(outputs)
+}
+
+/// Stage 1 for the spatial layers of a probe run, when asked for.
+#[allow(clippy::too_many_arguments)]
+async fn probe_crops(
+    model: &Arc<TargetModel>,
+    images: &ProbeImages,
+    plans: &[LayerPlan],
+    topk: &[LayerTopK],
+    crop_stage: &CropStageConfig,
+    config: &ProbeConfig,
+    out: &Location,
+    progress: &dyn Progress,
+) -> Result<CropReport, PipelineError> {
+    let neurons = crop_stage.neurons.as_deref().map(str::parse::<NeuronSet>).transpose()?;
+    let spatial: Vec<CropLayer<'_>> = plans
+        .iter()
+        .zip(topk)
+        .filter(|(p, _)| p.tap.is_spatial())
+        .map(|(p, topk)| CropLayer { name: &p.name, tap: p.tap, width: p.width, topk })
+        .collect();
+    if spatial.is_empty() {
+        return Ok(CropReport { crops: 0, errors: Vec::new(), outputs: Vec::new() });
+    }
+    let batching = (config.batch_size, &config.limits);
+    write_probe_crops(
+        model,
+        &images.images,
+        &spatial,
+        neurons.as_ref(),
+        &crop_stage.crop,
+        batching,
+        out,
+        progress,
+    )
+    .await
 }
 
 /// Runs the probe stage over `images` and writes its tables under `out`:
@@ -208,7 +274,7 @@ pub async fn run_probe(
     config: &ProbeConfig,
     progress: &dyn Progress,
 ) -> Result<ProbeSummary, PipelineError> {
-    let plans = config.plan(&model)?;
+    let plans = config.plan(&model.shape())?;
     let taps: Vec<Tap> = plans.iter().map(|p| p.tap).collect();
     let started = Instant::now();
     let mut errors = images.errors.clone();
@@ -216,41 +282,7 @@ pub async fn run_probe(
 
     // Reading and decoding run ahead of the model by two batches.
     let (tx, mut rx) = mpsc::channel::<InputBatch>(2);
-    let reader = {
-        let images = images.images.clone();
-        let limits = config.limits.clone();
-        let preprocess = model.preprocess.clone();
-        let batch_size = config.batch_size;
-        tokio::spawn(async move {
-            for (n, chunk) in images.chunks(batch_size).enumerate() {
-                let loaded = load_batch(chunk, (n * batch_size) as u32, &limits, "decode").await;
-                let preprocess = preprocess.clone();
-                let batch = tokio::task::spawn_blocking(move || {
-                    let mut batch =
-                        InputBatch { images: Vec::new(), pixels: Vec::new(), errors: Vec::new() };
-                    let tensors: Vec<(u32, Result<Vec<f32>, ErrorRow>)> = loaded
-                        .into_par_iter()
-                        .map(|(i, r)| (i, r.map(|img| preprocess.apply(&img))))
-                        .collect();
-                    for (i, r) in tensors {
-                        match r {
-                            Ok(px) => {
-                                batch.images.push(i);
-                                batch.pixels.extend(px);
-                            }
-                            Err(e) => batch.errors.push(e),
-                        }
-                    }
-                    batch
-                })
-                .await
-                .expect("preprocessing does not panic");
-                if tx.send(batch).await.is_err() {
-                    break;
-                }
-            }
-        })
-    };
+    let reader = spawn_reader(&images, config, &model, tx);
 
     let mut topk: Vec<LayerTopK> =
         plans.iter().map(|p| LayerTopK::new(p.width, config.top_k)).collect();
@@ -308,52 +340,17 @@ pub async fn run_probe(
     progress.end();
     let probe_seconds = started.elapsed().as_secs_f64();
 
-    for (plan, layer_topk) in plans.iter().zip(&topk) {
-        let rows: Vec<TopKRow> = (0..plan.width)
-            .flat_map(|neuron| {
-                layer_topk
-                    .neuron(neuron)
-                    .sorted()
-                    .into_iter()
-                    .enumerate()
-                    .map(move |(rank, s)| (neuron, rank, s))
-            })
-            .map(|(neuron, rank, s)| TopKRow {
-                layer: plan.name.clone(),
-                neuron: neuron as i32,
-                rank: rank as i32,
-                image_id: images.images[s.image as usize].id.clone(),
-                activation: s.activation,
-            })
-            .collect();
-        let rel = format!("topk/{}.parquet", plan.name);
-        write_parquet(out, &rel, &tables::topk_batch(&rows)?).await?;
-        outputs.push(rel);
-    }
+    outputs.extend(write_topk(&plans, &topk, &images, out).await?);
 
     let images_failed = errors.len();
     let crop_started = Instant::now();
     let mut crops_written = 0;
     if let Some(crop_stage) = &config.crops {
-        let neurons = crop_stage.neurons.as_deref().map(str::parse::<NeuronSet>).transpose()?;
-        let spatial: Vec<(usize, &LayerPlan)> =
-            plans.iter().enumerate().filter(|(_, p)| p.tap.is_spatial()).collect();
-        if !spatial.is_empty() {
-            let report = run_crops(
-                &model,
-                &images.images,
-                &spatial.iter().map(|(i, p)| (*p, &topk[*i])).collect::<Vec<_>>(),
-                neurons.as_ref(),
-                &crop_stage.crop,
-                config,
-                out,
-                progress,
-            )
-            .await?;
-            crops_written = report.crops;
-            errors.extend(report.errors);
-            outputs.extend(report.outputs);
-        }
+        let report =
+            probe_crops(&model, &images, &plans, &topk, crop_stage, config, out, progress).await?;
+        crops_written = report.crops;
+        errors.extend(report.errors);
+        outputs.extend(report.outputs);
     }
     let crop_seconds = crop_started.elapsed().as_secs_f64();
 

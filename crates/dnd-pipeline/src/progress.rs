@@ -1,5 +1,7 @@
 //! Progress reporting for long stages, without tying the pipeline to a terminal.
 
+use dnd_core::Stage;
+
 /// Receives progress of the stages; the CLI draws bars, services export metrics.
 pub trait Progress: Send + Sync {
     /// A stage starts with `total` units of work.
@@ -9,10 +11,10 @@ pub trait Progress: Send + Sync {
 
     /// Several stages that advance side by side, one bar each, declared up front with
     /// their totals (the describe stages of a dissection, counted in neurons).
-    fn begin_stages(&self, stages: &[(&str, u64)]) {
+    fn begin_stages(&self, stages: &[(Stage, u64)]) {
         let _ = stages;
     }
-    fn advance_stage(&self, stage: &str, done: u64) {
+    fn advance_stage(&self, stage: Stage, done: u64) {
         let _ = (stage, done);
     }
     fn end_stages(&self) {}

@@ -23,10 +23,7 @@ use dnd_store::{CacheKey, CacheKind, ContentCache};
 use dnd_summarize::{Exchange, Step, SummarizeError, Summarizer};
 
 use crate::error::PipelineError;
-use crate::job::JobSpec;
-
-/// The generator reference of the synthetic world's text-conditioned renderer.
-pub const SYNTHETIC_GENERATOR: &str = "synth:world";
+use crate::job::{JobSpec, SYNTHETIC_GENERATOR};
 
 /// BLAKE3 of an image's size and RGB pixels: equal pictures, equal hashes, whatever file
 /// format they came in.
@@ -214,7 +211,7 @@ impl Workbench {
     {
         let mut out: Vec<Option<(O, bool)>> = vec![None; inputs.len()];
         let mut misses = Vec::new();
-        for i in 0..inputs.len() {
+        for (i, slot) in out.iter_mut().enumerate() {
             let key = key(i);
             match self.cache.get(&key).await? {
                 Some(bytes) => {
@@ -225,7 +222,7 @@ impl Workbench {
                             self.cache.display_path(&key)
                         ))
                     })?;
-                    out[i] = Some((value, true));
+                    *slot = Some((value, true));
                 }
                 None => misses.push(i),
             }
@@ -303,7 +300,7 @@ impl Workbench {
 
     /// Generated images for `requests`, from the cache where possible. Images are
     /// generated in fixed batches: one prompt's requested seeds, in order, `batch_size` at
-    /// a time; an image's cache key names its batch (see [`Self::through_cache`]). Returns
+    /// a time; an image's cache key names its batch (see `through_cache`). Returns
     /// each image, whether it came from the cache, and its key, in request order.
     pub async fn generated(
         &self,

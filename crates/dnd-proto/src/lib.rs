@@ -1,8 +1,10 @@
 //! dnd-proto: the gRPC contract between the coordinator, its workers and its clients
 //! (`proto/dnd.proto`), and the transport settings every dnd server and client shares:
-//! bearer-token auth, TLS and message limits.
+//! bearer-token auth, TLS and message limits; and the conversions between the messages and
+//! dnd's domain types ([`convert`]).
 
 pub mod auth;
+pub mod convert;
 pub mod transport;
 
 /// Generated from `proto/dnd.proto`.
@@ -11,6 +13,7 @@ pub mod v1 {
 }
 
 pub use auth::{BearerToken, TokenError};
+pub use convert::{InvalidMessage, LeasedTask};
 pub use transport::{ClientConfig, ServerConfig, TransportError};
 
 /// The protocol version this build speaks; every request carries it.

@@ -35,7 +35,7 @@ pub struct JobResults {
 }
 
 async fn table<T: DeserializeOwned>(job: &Job, table: ResultTable) -> Result<Vec<T>, ReportError> {
-    let relative = format!("results/{}", table.file());
+    let relative = dnd_pipeline::JobDir::results_path(table);
     let wrap = |source: StoreError| ReportError::Table {
         location: job.location.display_path(&relative),
         source,
@@ -60,12 +60,7 @@ pub async fn read_results(job: &Job) -> Result<JobResults, ReportError> {
     let exchanges: Vec<ExchangeRow> = table(job, ResultTable::Exchanges).await?;
     let errors: Vec<NeuronErrorRow> = table(job, ResultTable::Errors).await?;
 
-    let mut layers: Vec<String> = job
-        .spec
-        .pointer("/target/layers")
-        .and_then(|v| v.as_array())
-        .map(|a| a.iter().filter_map(|l| l.as_str().map(str::to_string)).collect())
-        .unwrap_or_default();
+    let mut layers: Vec<String> = job.spec.target.layers.clone();
     for d in &descriptions {
         if !layers.contains(&d.layer) {
             layers.push(d.layer.clone());

@@ -6,6 +6,8 @@ use std::fmt::Write;
 
 use serde_json::{Value, json};
 
+use dnd_pipeline::NeuronSpec;
+
 use dnd_store::results::{CaptionRow, DescriptionRow, ImageRow, ScoreRow};
 
 use crate::data::{JobResults, NeuronData};
@@ -59,19 +61,22 @@ fn page(title: &str, css: &str, body: &str) -> String {
     )
 }
 
-fn text_at<'a>(v: &'a Value, pointer: &str) -> Option<&'a str> {
-    v.pointer(pointer).and_then(Value::as_str)
+/// The neuron selection as the job file writes it: `all`, or `layer: ids; ...`.
+fn neurons_text(neurons: &NeuronSpec) -> String {
+    match neurons {
+        NeuronSpec::Every(ids) => ids.clone(),
+        NeuronSpec::PerLayer(map) => {
+            map.iter().map(|(layer, ids)| format!("{layer}: {ids}")).collect::<Vec<_>>().join("; ")
+        }
+    }
 }
 
-fn show(v: Option<&Value>) -> String {
-    match v {
-        None | Some(Value::Null) => "–".into(),
-        Some(Value::String(s)) => s.clone(),
-        Some(Value::Array(a)) => a.iter().map(|x| show(Some(x))).collect::<Vec<_>>().join(", "),
-        Some(Value::Object(o)) => {
-            o.iter().map(|(k, v)| format!("{k}: {}", show(Some(v)))).collect::<Vec<_>>().join("; ")
-        }
-        Some(other) => other.to_string(),
+/// A value's name as the job file and summary write it (serde's spelling).
+fn serde_name(value: &impl serde::Serialize) -> String {
+    match serde_json::to_value(value) {
+        Ok(Value::String(s)) => s,
+        Ok(other) => other.to_string(),
+        Err(_) => "–".into(),
     }
 }
 
@@ -126,22 +131,20 @@ pub fn index_html(
     let fact = |b: &mut String, k: &str, v: String| {
         let _ = write!(b, "<dt>{}</dt><dd>{}</dd>", esc(k), esc(&v));
     };
-    fact(&mut b, "Model", text_at(spec, "/target/model").unwrap_or("–").to_string());
-    fact(&mut b, "Layers", show(spec.pointer("/target/layers")));
-    fact(&mut b, "Neurons", show(spec.pointer("/target/neurons")));
-    fact(&mut b, "Probe set", text_at(spec, "/probe/images").unwrap_or("–").to_string());
-    fact(&mut b, "Top images per neuron", show(spec.pointer("/describe/top_images")));
-    fact(&mut b, "Summariser", show(spec.pointer("/summarizer/backend")));
-    fact(&mut b, "Images per concept", show(spec.pointer("/generator/images_per_concept")));
-    fact(&mut b, "Seed", show(spec.pointer("/seed")));
+    fact(&mut b, "Model", spec.target.model.clone());
+    fact(&mut b, "Layers", spec.target.layers.join(", "));
+    fact(&mut b, "Neurons", neurons_text(&spec.target.neurons));
+    fact(&mut b, "Probe set", spec.probe.images.clone());
+    fact(&mut b, "Top images per neuron", spec.describe.top_images.to_string());
+    fact(&mut b, "Summariser", serde_name(&spec.summarizer.backend));
+    fact(&mut b, "Images per concept", spec.generator.images_per_concept.to_string());
+    fact(&mut b, "Seed", spec.seed.to_string());
     b.push_str("</dl>\n");
 
     let summary = job.summary.as_ref();
-    let s = |k: &str| summary.and_then(|s| s.get(k));
-    let f = |k: &str| s(k).and_then(Value::as_f64);
     b.push_str("<dl>");
     match summary {
-        Some(_) => {
+        Some(s) => {
             let neurons = results.neurons.len();
             fact(&mut b, "Neurons described", neurons.to_string());
             fact(
@@ -149,20 +152,13 @@ pub fn index_html(
                 "Outcome",
                 format!(
                     "{} labelled, {} without candidates, {} failed",
-                    show(s("neurons_ok")),
-                    show(s("neurons_no_candidates")),
-                    show(s("neurons_failed"))
+                    s.neurons_ok, s.neurons_no_candidates, s.neurons_failed
                 ),
             );
             fact(
                 &mut b,
                 "Tasks",
-                format!(
-                    "{} ({} resumed, {} failed)",
-                    show(s("tasks")),
-                    show(s("tasks_resumed")),
-                    show(s("tasks_failed"))
-                ),
+                format!("{} ({} resumed, {} failed)", s.tasks, s.tasks_resumed, s.tasks_failed),
             );
             fact(&mut b, "Problems recorded", format!("{} rows in results/errors", results.errors));
             fact(
@@ -170,15 +166,15 @@ pub fn index_html(
                 "Time",
                 format!(
                     "{} s total (load {} s, probe {} s, describe {} s; {} s per neuron)",
-                    num(f("total_seconds"), 1),
-                    num(f("load_seconds"), 1),
-                    num(f("probe_seconds"), 1),
-                    num(f("describe_seconds"), 1),
-                    num(f("seconds_per_neuron"), 2)
+                    num(Some(s.total_seconds), 1),
+                    num(Some(s.load_seconds), 1),
+                    num(Some(s.probe_seconds), 1),
+                    num(Some(s.describe_seconds), 1),
+                    num(Some(s.seconds_per_neuron), 2)
                 ),
             );
-            fact(&mut b, "Peak memory", format!("{} MiB", num(f("peak_rss_mib"), 0)));
-            fact(&mut b, "dnd version", show(s("dnd_version")));
+            fact(&mut b, "Peak memory", format!("{} MiB", num(Some(s.peak_rss_mib), 0)));
+            fact(&mut b, "dnd version", s.dnd_version.clone());
         }
         None => {
             fact(&mut b, "Summary", "summary.json is missing: the job may not have finished".into())
@@ -193,23 +189,23 @@ pub fn index_html(
     }
     b.push_str("</dl></div>\n");
 
-    if let Some(Value::Object(models)) = s("models") {
+    if let Some(models) = summary.map(|s| &s.models) {
         b.push_str("<h3>Models</h3><table class=\"models\"><thead><tr><th scope=\"col\">role</th><th scope=\"col\">identity (reference and pinned weights)</th></tr></thead><tbody>");
         for (role, id) in models {
             let _ = write!(
                 b,
                 "<tr><th scope=\"row\">{}</th><td><code>{}</code></td></tr>",
                 esc(role),
-                esc(&show(Some(id)))
+                esc(id)
             );
         }
         b.push_str("</tbody></table>\n");
     }
-    if let Some(Value::Object(cache)) = s("cache") {
+    if let Some(s) = summary {
+        let cache = &s.cache;
         b.push_str("<h3>Cache</h3><table class=\"cache\"><thead><tr><th scope=\"col\">kind</th><th scope=\"col\">reused</th><th scope=\"col\">computed</th><th scope=\"col\">hit rate</th></tr></thead><tbody>");
         for (kind, c) in cache {
-            let hits = c.get("hits").and_then(Value::as_u64).unwrap_or(0);
-            let misses = c.get("misses").and_then(Value::as_u64).unwrap_or(0);
+            let (hits, misses) = (c.hits, c.misses);
             let rate = if hits + misses == 0 {
                 "–".to_string()
             } else {
@@ -221,10 +217,10 @@ pub fn index_html(
                 esc(kind)
             );
         }
-        let _ = write!(
+        let _ = writeln!(
             b,
-            "</tbody></table><p>All model calls: {} answered by the cache.</p>\n",
-            f("cache_hit_rate").map_or("–".into(), |r| format!("{:.0}%", 100.0 * r))
+            "</tbody></table><p>All model calls: {:.0}% answered by the cache.</p>",
+            100.0 * s.cache_hit_rate
         );
     }
     b.push_str("</section>\n");
@@ -259,9 +255,9 @@ pub fn index_html(
     }
     b.push_str("<th scope=\"col\">Other labels</th></tr></thead><tbody></tbody></table>\n");
     b.push_str("<nav class=\"pager\" aria-label=\"Pages of the table\"><button type=\"button\" id=\"prev\">← Previous</button> <span id=\"page\"></span> <button type=\"button\" id=\"next\">Next →</button></nav>\n");
-    let _ = write!(
+    let _ = writeln!(
         b,
-        "<noscript><p>The table needs JavaScript. Every neuron also has its own page: <code>neurons/&lt;layer&gt;-&lt;neuron&gt;.html</code>, e.g. <a href=\"neurons/{}\">the first one</a>.</p></noscript>\n",
+        "<noscript><p>The table needs JavaScript. Every neuron also has its own page: <code>neurons/&lt;layer&gt;-&lt;neuron&gt;.html</code>, e.g. <a href=\"neurons/{}\">the first one</a>.</p></noscript>",
         results
             .neurons
             .first()
@@ -398,8 +394,8 @@ pub fn neuron_html(
         esc(&d.layer),
         d.neuron,
         esc(&job.name),
-        esc(&d.status),
-        esc(&d.status.replace('_', " ")),
+        esc(d.status.as_str()),
+        esc(&d.status.as_str().replace('_', " ")),
         esc(&d.task)
     );
 
@@ -412,7 +408,7 @@ pub fn neuron_html(
             .filter_map(|(l, s)| l.as_ref().map(|l| (l, s)))
             .collect();
     if labels.is_empty() {
-        let _ = write!(b, "<p>No label ({}).</p>", esc(&d.status.replace('_', " ")));
+        let _ = write!(b, "<p>No label ({}).</p>", esc(&d.status.as_str().replace('_', " ")));
     } else {
         b.push_str("<ol class=\"labels\">");
         for (l, s) in labels {
@@ -432,9 +428,9 @@ pub fn neuron_html(
     if let Some(e) = &d.error {
         let _ = write!(b, "<p class=\"error\">Error: {}</p>", esc(e));
     }
-    let _ = write!(
+    let _ = writeln!(
         b,
-        "<p class=\"counts\">{} candidates · {} top images captioned · captions {}/{} from cache · replies {}/{} · generated images {}/{}</p></section>\n",
+        "<p class=\"counts\">{} candidates · {} top images captioned · captions {}/{} from cache · replies {}/{} · generated images {}/{}</p></section>",
         d.candidates,
         d.top_images,
         d.captions_cached,

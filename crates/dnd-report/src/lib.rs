@@ -1,8 +1,8 @@
 //! dnd-report: a static HTML report of a dissection.
 //!
 //! Reads a job directory's results (`results/*.parquet`, `summary.json`, `job.json`)
-//! through [`dnd_store::Location`], so the job can be a local directory or an object store
-//! URL, and writes a self-contained site to another location:
+//! through [`JobDir`], typed, so the job can be a local directory or an object store URL,
+//! and writes a self-contained site to another location:
 //!
 //! ```text
 //! index.html            the job (models, counts, cache use, time) and a table of every neuron
@@ -24,10 +24,11 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use bytes::Bytes;
-use futures::StreamExt;
-use serde_json::Value;
-
+use dnd_pipeline::finish::DissectSummary;
+use dnd_pipeline::job_dir::{SPEC_FILE as JOB_FILE, SUMMARY_FILE};
+use dnd_pipeline::{JobDir, JobSpec};
 use dnd_store::{Location, StoreError};
+use futures::StreamExt;
 
 pub use data::{JobResults, NeuronData};
 
@@ -96,15 +97,15 @@ pub struct Job {
     pub location: Location,
     pub name: String,
     /// The job spec as `job.json` holds it (see docs/job.md).
-    pub spec: Value,
+    pub spec: JobSpec,
     /// `summary.json`, when the job wrote one.
-    pub summary: Option<Value>,
+    pub summary: Option<DissectSummary>,
 }
 
 impl Job {
     /// The target model reference of the job (`target.model`).
     pub fn target_model(&self) -> Option<&str> {
-        self.spec.pointer("/target/model").and_then(Value::as_str)
+        Some(self.spec.target.model.as_str())
     }
 }
 
@@ -121,9 +122,6 @@ pub struct ReportOutcome {
     pub files: usize,
     pub seconds: f64,
 }
-
-pub const JOB_FILE: &str = "job.json";
-pub const SUMMARY_FILE: &str = "summary.json";
 
 /// Opens `spec` (a path or URL) as a job directory. A store root (`--out` of `dnd
 /// dissect`) holding exactly one job under `jobs/` is taken as that job.
@@ -163,23 +161,20 @@ pub async fn find_job(spec: &str) -> Result<Location, ReportError> {
 pub async fn open_job(location: &Location) -> Result<Job, ReportError> {
     let not_a_job =
         |reason: String| ReportError::NotAJob { location: location.to_string(), reason };
-    let Some(spec_bytes) = location.get_opt(JOB_FILE).await? else {
+    let dir = JobDir::new(location.clone());
+    let spec = dir.spec_opt().await.map_err(|e| match e {
+        dnd_pipeline::PipelineError::Store(e) => ReportError::Store(e),
+        other => not_a_job(format!("{JOB_FILE} is not a dnd job spec ({other})")),
+    })?;
+    let Some((name, spec)) = spec else {
         return Err(not_a_job(format!(
             "no {JOB_FILE} there (give the job directory `dnd dissect` wrote: <out>/jobs/<name>)"
         )));
     };
-    // job.json is `[name, spec]`.
-    let (name, spec): (String, Value) = serde_json::from_slice(&spec_bytes)
-        .map_err(|e| not_a_job(format!("{JOB_FILE} is not a dnd job spec ({e})")))?;
-    let summary = match location.get_opt(SUMMARY_FILE).await? {
-        Some(bytes) => {
-            Some(serde_json::from_slice::<Value>(&bytes).map_err(|e| ReportError::BadFile {
-                location: location.display_path(SUMMARY_FILE),
-                reason: format!("not JSON ({e})"),
-            })?)
-        }
-        None => None,
-    };
+    let summary = dir.summary().await.map_err(|e| ReportError::BadFile {
+        location: location.display_path(SUMMARY_FILE),
+        reason: format!("not a dnd summary ({e})"),
+    })?;
     Ok(Job { location: location.clone(), name, spec, summary })
 }
 
@@ -194,14 +189,15 @@ pub async fn write_report(
     let resolver = images::Resolver::new(job.location.clone());
     let imgs = images::copy_images(&resolver, &results, out, options).await?;
 
-    let mut files: Vec<(String, Bytes)> = Vec::new();
-    files.push(("style.css".into(), Bytes::from_static(html::STYLE_CSS.as_bytes())));
-    files.push(("index.js".into(), Bytes::from_static(html::INDEX_JS.as_bytes())));
-    files.push(("neurons.js".into(), Bytes::from(html::neurons_js(&results, options))));
-    files.push((
-        "index.html".into(),
-        Bytes::from(html::index_html(job, &results, options, imgs.missing.len())),
-    ));
+    let mut files: Vec<(String, Bytes)> = vec![
+        ("style.css".into(), Bytes::from_static(html::STYLE_CSS.as_bytes())),
+        ("index.js".into(), Bytes::from_static(html::INDEX_JS.as_bytes())),
+        ("neurons.js".into(), Bytes::from(html::neurons_js(&results, options))),
+        (
+            "index.html".into(),
+            Bytes::from(html::index_html(job, &results, options, imgs.missing.len())),
+        ),
+    ];
     let all = &results.neurons;
     for (i, n) in all.iter().enumerate() {
         let prev = i.checked_sub(1).map(|p| &all[p].description);

@@ -7,11 +7,12 @@ use bytes::Bytes;
 use image::{Rgb, RgbImage};
 use serde_json::json;
 
+use dnd_pipeline::{DissectSummary, JobDir};
 use dnd_store::results::{
-    CandidateRow, CaptionRow, DescriptionRow, ExchangeRow, ImageRow, NeuronErrorRow, ResultTable,
-    ScoreRow,
+    CandidateRow, CaptionRow, DescriptionRow, DescriptionStatus, ExchangeRow, ImageRow,
+    NeuronErrorRow, ResultTable, ScoreRow,
 };
-use dnd_store::{Location, write_parquet};
+use dnd_store::{CacheCounts, Location, write_parquet};
 
 use crate::ReportError;
 
@@ -129,7 +130,7 @@ pub async fn write_job(job: &Location, spec: &SyntheticSpec) -> Result<(), Repor
         descriptions.push(DescriptionRow {
             layer: layer.clone(),
             neuron,
-            status: "ok".into(),
+            status: DescriptionStatus::Ok,
             label: label(0),
             score: score(0),
             label_2: label(1),
@@ -313,17 +314,47 @@ pub async fn write_job(job: &Location, spec: &SyntheticSpec) -> Result<(), Repor
         "seed": spec.seed,
     }]);
     job.put("job.json", Bytes::from(job_json.to_string())).await?;
-    let summary = json!({
-        "dnd_version": "synthetic",
-        "job": spec.name,
-        "location": job.to_string(),
-        "models": { "target": "synthetic", "captioner": "synthetic#blake3:0", "embedder": "synthetic#blake3:0", "generator": "synthetic", "summarizer": "consensus" },
-        "tasks": spec.neurons.div_ceil(8), "tasks_resumed": 0, "tasks_failed": 0,
-        "neurons": spec.neurons, "neurons_ok": spec.neurons, "neurons_no_candidates": 0, "neurons_failed": 0,
-        "cache": { "captions": { "hits": 0, "misses": spec.neurons }, "images": { "hits": spec.neurons, "misses": 0 }, "replies": { "hits": 0, "misses": spec.neurons } },
-        "cache_hit_rate": 0.333,
-        "load_seconds": 0.0, "probe_seconds": 0.0, "describe_seconds": 0.0, "seconds_per_neuron": 0.0, "total_seconds": 0.0, "peak_rss_mib": 0.0
-    });
-    job.put("summary.json", Bytes::from(summary.to_string())).await?;
+    let counts =
+        |hits: usize, misses: usize| CacheCounts { hits: hits as u64, misses: misses as u64 };
+    let summary = DissectSummary {
+        dnd_version: "synthetic".into(),
+        job: spec.name.clone(),
+        location: job.to_string(),
+        results: ResultTable::ALL.iter().map(|t| job.display_path(&put(*t))).collect(),
+        models: [
+            ("target", "synthetic"),
+            ("captioner", "synthetic#blake3:0"),
+            ("embedder", "synthetic#blake3:0"),
+            ("generator", "synthetic"),
+            ("summarizer", "consensus"),
+        ]
+        .into_iter()
+        .map(|(role, id)| (role.to_string(), id.to_string()))
+        .collect(),
+        tasks: spec.neurons.div_ceil(8),
+        tasks_resumed: 0,
+        tasks_failed: 0,
+        neurons: spec.neurons,
+        neurons_ok: spec.neurons,
+        neurons_no_candidates: 0,
+        neurons_failed: 0,
+        cache: [
+            ("captions".to_string(), counts(0, spec.neurons)),
+            ("images".to_string(), counts(spec.neurons, 0)),
+            ("replies".to_string(), counts(0, spec.neurons)),
+        ]
+        .into(),
+        cache_hit_rate: 0.333,
+        load_seconds: 0.0,
+        probe_seconds: 0.0,
+        describe_seconds: 0.0,
+        seconds_per_neuron: 0.0,
+        total_seconds: 0.0,
+        peak_rss_mib: 0.0,
+    };
+    JobDir::new(job.clone())
+        .write_summary(&summary)
+        .await
+        .map_err(|e| ReportError::Internal(e.to_string()))?;
     Ok(())
 }

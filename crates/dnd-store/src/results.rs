@@ -154,13 +154,50 @@ impl ResultTable {
     }
 }
 
+/// A neuron's outcome, the `status` column of `descriptions`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DescriptionStatus {
+    /// Labelled: it has candidates, scored.
+    Ok,
+    /// Its captions gave no candidate concept.
+    NoCandidates,
+    /// Its summariser failed, or its whole task did.
+    Failed,
+}
+
+impl DescriptionStatus {
+    pub const ALL: [DescriptionStatus; 3] =
+        [DescriptionStatus::Ok, DescriptionStatus::NoCandidates, DescriptionStatus::Failed];
+
+    /// As the table stores it.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            DescriptionStatus::Ok => "ok",
+            DescriptionStatus::NoCandidates => "no_candidates",
+            DescriptionStatus::Failed => "failed",
+        }
+    }
+}
+
+impl std::fmt::Display for DescriptionStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq<&str> for DescriptionStatus {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
 /// One neuron's outcome: its top labels, or why it has none.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DescriptionRow {
     pub layer: String,
     pub neuron: i32,
-    /// `ok`, `no_candidates` or `failed`.
-    pub status: String,
+    pub status: DescriptionStatus,
     pub label: Option<String>,
     pub score: Option<f64>,
     pub label_2: Option<String>,
@@ -315,7 +352,7 @@ mod tests {
         let row = DescriptionRow {
             layer: "layer4".into(),
             neuron: 3,
-            status: "ok".into(),
+            status: DescriptionStatus::Ok,
             label: Some("red circles".into()),
             score: Some(2.5),
             label_2: None,
@@ -333,6 +370,18 @@ mod tests {
             error: None,
             task: "layer4-00000".into(),
         };
-        assert_eq!(ResultTable::Descriptions.batch(&[row]).unwrap().num_rows(), 1);
+        let batch = ResultTable::Descriptions.batch(std::slice::from_ref(&row)).unwrap();
+        assert_eq!(batch.num_rows(), 1);
+        let back: Vec<DescriptionRow> = crate::batches_rows("descriptions", &[batch]).unwrap();
+        assert_eq!(back, [row], "the status is stored as its name and read back");
+    }
+
+    #[test]
+    fn statuses_are_stored_by_name() {
+        for status in DescriptionStatus::ALL {
+            let json = serde_json::to_string(&status).unwrap();
+            assert_eq!(json, format!("\"{}\"", status.as_str()));
+            assert!(status == status.as_str());
+        }
     }
 }

@@ -15,6 +15,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Activation, Linear, VarBuilder};
 use candle_transformers::models::qwen2;
 use dnd_models::device::parse_device;
+use dnd_models::hf_files::read_json;
 use dnd_models::{ModelError, ModelRef};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -446,13 +447,6 @@ fn chat_template_source(
 fn special_token(tokenizer_config: &Value, key: &str) -> Option<String> {
     let token = tokenizer_config.get(key)?;
     token.as_str().or_else(|| token.get("content")?.as_str()).map(str::to_string)
-}
-
-fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T, ModelError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| ModelError::Io { path: path.into(), source })?;
-    serde_json::from_str(&text)
-        .map_err(|e| ModelError::Config { path: path.into(), reason: e.to_string() })
 }
 
 fn read_optional_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, ModelError> {

@@ -8,8 +8,8 @@
 //!
 //! `cargo run --release -p dnd-synth --example oracle_auc [MODEL_DIR]`
 
-use dnd_synth::quality::auc;
-use dnd_synth::train::target::{PlantedKind, PlantedSpec, read_planted};
+use dnd_core::stats::{auc, widen};
+use dnd_synth::planted::{PlantedKind, PlantedSpec, read_planted};
 use dnd_synth::{Scene, TextRenderer, render};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -45,7 +45,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .collect::<Result<_, _>>()?;
         let showing =
             negatives.iter().filter(|&&v| v > 0.0).count() as f64 / negatives.len() as f64;
-        let value = auc(&positives, &negatives);
+        let value = auc(&widen(&positives), &widen(&negatives));
         if p.kind == PlantedKind::Single {
             singles.push(value);
         }

@@ -55,8 +55,8 @@ impl Concept {
     }
 
     /// The concepts a phrase names, in order and without repeats: "green triangles" ->
-    /// [green triangle]; "a striped background" -> [striped background]; "dotted shapes" ->
-    /// [dotted]; "red striped circles" -> [red circle, striped]. Synonyms, plurals, articles
+    /// \[green triangle\]; "a striped background" -> \[striped background\]; "dotted
+    /// shapes" -> \[dotted\]; "red striped circles" -> \[red circle, striped\]. Synonyms, plurals, articles
     /// and unknown words are fine; a background colour names no concept; a phrase with no
     /// word of the world gives an empty list.
     pub fn parse(phrase: &str) -> Vec<Concept> {

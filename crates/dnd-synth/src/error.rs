@@ -1,6 +1,6 @@
 use thiserror::Error;
 
-use crate::mask::Rect;
+use crate::geometry::Rect;
 
 /// Errors of the synthetic world. All of them are about something the caller passed.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]

@@ -3,7 +3,10 @@
 //! so the triangle and the star point up at negative y.
 
 use std::f32::consts::{FRAC_PI_2, PI};
+use std::fmt;
 use std::sync::LazyLock;
+
+use serde::{Deserialize, Serialize};
 
 use crate::vocab::Shape;
 
@@ -72,6 +75,47 @@ pub fn area(shape: Shape) -> f32 {
         Shape::Star => 10.0 * 0.5 * STAR_OUTER * STAR_INNER * (PI / 5.0).sin(),
         Shape::Ring => PI * (1.0 - RING_INNER * RING_INNER),
         Shape::Cross => 2.0 * (2.0 * 2.0 * CROSS_HALF_WIDTH) - (2.0 * CROSS_HALF_WIDTH).powi(2),
+    }
+}
+
+/// A rectangle of pixels: columns `x..x + width`, rows `y..y + height`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Rect {
+    pub x: u32,
+    pub y: u32,
+    pub width: u32,
+    pub height: u32,
+}
+
+impl Rect {
+    pub fn new(x: u32, y: u32, width: u32, height: u32) -> Self {
+        Self { x, y, width, height }
+    }
+
+    /// The whole of a `width` x `height` image.
+    pub fn full(width: u32, height: u32) -> Self {
+        Self::new(0, 0, width, height)
+    }
+
+    pub fn area(&self) -> usize {
+        self.width as usize * self.height as usize
+    }
+
+    /// True when the rectangle is non-empty and lies inside a `width` x `height` image.
+    pub fn fits(&self, width: u32, height: u32) -> bool {
+        let right = u64::from(self.x) + u64::from(self.width);
+        let bottom = u64::from(self.y) + u64::from(self.height);
+        self.width > 0
+            && self.height > 0
+            && right <= u64::from(width)
+            && bottom <= u64::from(height)
+    }
+}
+
+impl fmt::Display for Rect {
+    /// `WxH+X+Y`, as ImageMagick writes geometries.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}x{}+{}+{}", self.width, self.height, self.x, self.y)
     }
 }
 

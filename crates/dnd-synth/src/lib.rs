@@ -8,17 +8,19 @@
 //!   checkerboard, noise) and one to three objects, each with a shape, a colour (one of a
 //!   dozen, far apart in RGB), a fill (solid, striped, dotted), a size, a position and a
 //!   rotation. [`Scene::sample`] draws one from a seeded generator.
-//! - [`render`] draws a scene at any size and returns exact masks: per object its visible
+//! - [`render()`] draws a scene at any size and returns exact masks: per object its visible
 //!   pixels, and the background's. [`Concept::mask`] gives the mask of every concept (a
 //!   colour, shape, fill, texture, or colour+shape pair); [`Mask`]'s union, intersection
 //!   and difference give the ground truth of OR, AND and AND-NOT neurons.
-//! - [`caption`] writes a caption from a small grammar with synonyms and word-order
+//! - [`caption()`] writes a caption from a small grammar with synonyms and word-order
 //!   variation; [`caption_visible`] captions a crop from what is visible in it.
 //! - [`Concept::parse`] and [`parse_mentions`] read phrases in the world's vocabulary
 //!   (synonyms, plurals, articles and unknown words are fine), and [`canonical_word`]
 //!   normalises a single word.
 //! - [`TextRenderer`] is the world's text-to-image model: a [`dnd_models::Generator`] that
 //!   renders varied scenes containing what the prompt names.
+//! - [`planted`] is the zoo's ground truth: what each planted neuron of the trained target
+//!   model detects (`planted.json`). Training the zoo is the `dnd-zoo` crate's.
 //!
 //! Everything is deterministic: same seed, same scene; same scene and size, same pixels.
 
@@ -33,13 +35,13 @@ pub mod geometry;
 pub mod mask;
 mod pattern;
 pub mod phrase;
+pub mod planted;
 pub mod probe_set;
 pub mod quality;
 pub mod render;
 pub mod scene;
 pub mod spec;
 pub mod text_render;
-pub mod train;
 pub mod vocab;
 
 pub use caption::{VisibilityRule, Visible, caption, caption_visible, visible_in};
@@ -47,6 +49,7 @@ pub use concept::{Concept, all_concepts};
 pub use error::SynthError;
 pub use mask::{Mask, Rect};
 pub use phrase::{BackgroundMention, Mention, ObjectMention, parse_mentions};
+pub use planted::{PlantedKind, PlantedNeuron, read_planted};
 pub use probe_set::{ProbeSetSpec, read_scenes, write_probe_set};
 pub use render::{Rendered, render};
 pub use scene::{Background, MAX_OBJECTS, MAX_SIZE, MIN_SIZE, Object, Point, Scene};

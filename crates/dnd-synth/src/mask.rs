@@ -1,58 +1,20 @@
 //! Pixel masks and rectangles: the exact ground truth of where things are.
 
-use std::fmt;
-
 use image::GrayImage;
-use serde::{Deserialize, Serialize};
 
 use crate::error::SynthError;
+pub use crate::geometry::Rect;
 
-/// A rectangle of pixels: columns `x..x + width`, rows `y..y + height`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct Rect {
-    pub x: u32,
-    pub y: u32,
-    pub width: u32,
-    pub height: u32,
-}
-
+// Here rather than beside `Rect` in `geometry`, so that `geometry` does not depend on
+// `error` (whose BadCrop names a Rect).
 impl Rect {
-    pub fn new(x: u32, y: u32, width: u32, height: u32) -> Self {
-        Self { x, y, width, height }
-    }
-
-    /// The whole of a `width` x `height` image.
-    pub fn full(width: u32, height: u32) -> Self {
-        Self::new(0, 0, width, height)
-    }
-
-    pub fn area(&self) -> usize {
-        self.width as usize * self.height as usize
-    }
-
-    /// True when the rectangle is non-empty and lies inside a `width` x `height` image.
-    pub fn fits(&self, width: u32, height: u32) -> bool {
-        let right = u64::from(self.x) + u64::from(self.width);
-        let bottom = u64::from(self.y) + u64::from(self.height);
-        self.width > 0
-            && self.height > 0
-            && right <= u64::from(width)
-            && bottom <= u64::from(height)
-    }
-
+    /// The rectangle, or why it does not fit a `width` x `height` image.
     pub(crate) fn check(&self, width: u32, height: u32) -> Result<(), SynthError> {
         if self.fits(width, height) {
             Ok(())
         } else {
             Err(SynthError::BadCrop { rect: *self, width, height })
         }
-    }
-}
-
-impl fmt::Display for Rect {
-    /// `WxH+X+Y`, as ImageMagick writes geometries.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}x{}+{}+{}", self.width, self.height, self.x, self.y)
     }
 }
 

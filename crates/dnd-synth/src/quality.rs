@@ -6,8 +6,9 @@
 //!   OR and AND neurons it must mention both parts; for AND-NOT the positive part and not
 //!   the excluded one. Fills and background textures share their pattern words ("striped",
 //!   "dots"), so a pattern counts whether the label puts it on objects or the background.
-//! - **CoSy-style AUC**: how well the neuron's activations separate images rendered from
-//!   the label from control images of the world (0.5 = not at all, 1 = perfectly).
+//! - **CoSy-style AUC** (`dnd_core::stats::auc`): how well the neuron's activations
+//!   separate images rendered from the label from control images of the world (0.5 = not
+//!   at all, 1 = perfectly).
 //! - **Network-Dissection-style** labels: the concept whose masks best overlap (IoU) the
 //!   neuron's thresholded, upsampled activation maps over the probe set (upsampling is
 //!   `dnd_core::Map2::resize_bilinear`, the one the attention crops use).
@@ -18,7 +19,7 @@ use std::collections::BTreeSet;
 
 use crate::concept::Concept;
 use crate::phrase::{Mention, parse_mentions};
-use crate::train::target::PlantedKind as Kind;
+use crate::planted::PlantedKind as Kind;
 use crate::vocab::{Colour, Shape, Texture};
 
 /// An attribute a label can name.
@@ -73,23 +74,6 @@ pub fn recovered(label: &str, kind: Kind, concepts: &[Concept]) -> bool {
     }
 }
 
-/// The probability that a positive scores above a negative (Mann-Whitney U / (n m); ties
-/// count one half). NaN when either side is empty.
-pub fn auc(positives: &[f32], negatives: &[f32]) -> f64 {
-    if positives.is_empty() || negatives.is_empty() {
-        return f64::NAN;
-    }
-    let mut sorted: Vec<f32> = negatives.to_vec();
-    sorted.sort_by(f32::total_cmp);
-    let mut wins = 0.0;
-    for &p in positives {
-        let below = sorted.partition_point(|&n| n < p);
-        let equal = sorted[below..].partition_point(|&n| n <= p);
-        wins += below as f64 + 0.5 * equal as f64;
-    }
-    wins / (positives.len() as f64 * negatives.len() as f64)
-}
-
 /// Network Dissection's statistic for one neuron and one concept, accumulated over images:
 /// intersection and union of the neuron's thresholded map with the concept's mask.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -124,24 +108,6 @@ pub fn top_quantile(values: &[f32], fraction: f64) -> f32 {
     sorted[sorted.len() - keep]
 }
 
-/// Pearson correlation; 0 when either side is constant.
-pub fn pearson(a: &[f32], b: &[f32]) -> f64 {
-    let n = a.len().min(b.len()) as f64;
-    if n < 2.0 {
-        return 0.0;
-    }
-    let mean = |v: &[f32]| v.iter().map(|&x| f64::from(x)).sum::<f64>() / n;
-    let (ma, mb) = (mean(a), mean(b));
-    let (mut cov, mut va, mut vb) = (0.0, 0.0, 0.0);
-    for (&x, &y) in a.iter().zip(b) {
-        let (dx, dy) = (f64::from(x) - ma, f64::from(y) - mb);
-        cov += dx * dy;
-        va += dx * dx;
-        vb += dy * dy;
-    }
-    if va == 0.0 || vb == 0.0 { 0.0 } else { cov / (va * vb).sqrt() }
-}
-
 /// The index of the largest score (the first on ties); `None` for no scores.
 pub fn best(scores: &[f64]) -> Option<usize> {
     scores
@@ -159,6 +125,7 @@ pub fn best(scores: &[f64]) -> Option<usize> {
 mod tests {
     use super::*;
     use crate::vocab::Fill;
+    use dnd_core::stats::pearson;
 
     #[test]
     fn recovery_ignores_plurals_synonyms_and_order() {
@@ -182,15 +149,6 @@ mod tests {
         assert!(recovered("green circles", Kind::AndNot, &and_not));
         assert!(!recovered("red circles", Kind::AndNot, &and_not));
         assert!(!recovered("", Kind::Single, &red));
-    }
-
-    #[test]
-    fn auc_counts_pairs_and_ties() {
-        assert_eq!(auc(&[3.0, 4.0], &[1.0, 2.0]), 1.0);
-        assert_eq!(auc(&[1.0], &[2.0]), 0.0);
-        assert_eq!(auc(&[1.0], &[1.0]), 0.5);
-        assert_eq!(auc(&[2.0, 0.0], &[1.0, 1.0]), 0.5);
-        assert!(auc(&[], &[1.0]).is_nan());
     }
 
     #[test]

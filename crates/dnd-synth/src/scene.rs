@@ -1,10 +1,8 @@
 //! Scenes: what an image of the world shows, as data. A scene is all the ground truth there
 //! is; the renderer turns it into pixels and masks.
 
-use rand::Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::spec::SceneSpec;
 use crate::vocab::{Colour, Fill, Shape, Texture};
 
 /// Scenes hold one to this many objects.
@@ -62,15 +60,6 @@ pub struct Object {
 pub struct Scene {
     pub background: Background,
     pub objects: Vec<Object>,
-}
-
-impl Scene {
-    /// A random scene: one to [`MAX_OBJECTS`] objects of random attributes, each in a colour
-    /// other than the background's, placed so that none hides another (they may overlap a
-    /// little).
-    pub fn sample<R: Rng + ?Sized>(rng: &mut R) -> Scene {
-        SceneSpec::default().sample(rng)
-    }
 }
 
 #[cfg(test)]

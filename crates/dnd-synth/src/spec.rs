@@ -169,6 +169,17 @@ fn place<R: Rng + ?Sized>(rng: &mut R, placed: &[Object], required: bool) -> Opt
     if required { last } else { None }
 }
 
+// A scene's own sampler is the unconstrained spec's; it lives here so that `scene` does
+// not depend on `spec`.
+impl Scene {
+    /// A random scene: one to [`MAX_OBJECTS`] objects of random attributes, each in a colour
+    /// other than the background's, placed so that none hides another (they may overlap a
+    /// little).
+    pub fn sample<R: Rng + ?Sized>(rng: &mut R) -> Scene {
+        SceneSpec::default().sample(rng)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use rand::SeedableRng;

@@ -14,14 +14,15 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tonic::Code;
 
+use dnd_core::Stage;
 use dnd_models::TargetModel;
 use dnd_models::device::parse_device;
-use dnd_pipeline::{JobContext, JobSpec, PipelineError, Progress, Workbench};
+use dnd_pipeline::{JobContext, JobDir, JobSpec, PipelineError, Progress, Workbench};
 use dnd_proto::transport::{AuthedChannel, ClientConfig, MAX_MESSAGE_BYTES};
 use dnd_proto::v1::worker_service_client::WorkerServiceClient;
 use dnd_proto::v1::{self as pb};
-use dnd_proto::{PROTOCOL_VERSION, TransportError};
-use dnd_store::{ContentCache, Location, TaskStore};
+use dnd_proto::{LeasedTask, PROTOCOL_VERSION, TransportError};
+use dnd_store::{ContentCache, Location};
 
 /// Tasks to fail on purpose, comma-separated task ids: a fault-injection hook for tests
 /// of the retry path (a task that always fails).
@@ -120,8 +121,8 @@ impl Progress for AttemptProgress {
         self.moved(&stage, done);
     }
     fn end(&self) {}
-    fn advance_stage(&self, stage: &str, done: u64) {
-        self.moved(stage, done);
+    fn advance_stage(&self, stage: Stage, done: u64) {
+        self.moved(stage.name(), done);
     }
 }
 
@@ -293,8 +294,7 @@ impl Worker {
         if let Some(c) = jobs.get(&key) {
             return Ok(c.clone());
         }
-        let context =
-            Arc::new(JobContext::open(self.store(store)?.join(&format!("jobs/{job}"))).await?);
+        let context = Arc::new(JobContext::open(JobDir::under(&self.store(store)?, job)?).await?);
         jobs.insert(key, context.clone());
         Ok(context)
     }
@@ -311,9 +311,12 @@ impl Worker {
                 task.task_id
             )));
         }
-        let context = self.context(&task.store, &task.job).await?;
+        // The task as leased: its work comes from the message, not from plan.json.
+        let leased = LeasedTask::try_from(task.clone())
+            .map_err(|e| PipelineError::Internal(e.to_string()))?;
+        let context = self.context(&leased.store, &leased.job).await?;
         let bench = self.bench(&context.spec).await?;
-        let stats = context.run_task(&bench, &task.task_id, &task.attempt_name, progress).await?;
+        let stats = context.run_task(&bench, &leased.task, &leased.attempt_name, progress).await?;
         self.metrics.observe("dnd_task_seconds", &[("kind", &stats.kind)], stats.seconds);
         for (stage, seconds) in progress.stage_seconds() {
             self.metrics.observe("dnd_stage_seconds", &[("stage", &stage)], seconds);
@@ -333,8 +336,7 @@ impl Worker {
                 self.metrics.inc("dnd_images_generated_total", &[], counts.misses as f64);
             }
         }
-        let committed =
-            TaskStore::new(context.job.clone()).commit(&task.task_id, &task.attempt_name).await?;
+        let committed = context.dir.tasks().commit(&task.task_id, &task.attempt_name).await?;
         if !committed {
             tracing::info!(
                 task = task.task_id,

@@ -308,6 +308,7 @@ pub(crate) struct VisionTower {
 
 impl VisionTower {
     /// `name` is the tower's prefix (`vision_model`).
+    #[allow(clippy::too_many_arguments)] // the tower's shape, field by field
     pub fn new(
         p: &mut Params,
         name: &str,

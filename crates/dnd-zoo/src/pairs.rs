@@ -14,12 +14,12 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::caption::{VisibilityRule, caption, caption_visible, visible_in};
-use crate::mask::Rect;
-use crate::phrase::{Mention, parse_mentions};
-use crate::render::{Rendered, render};
-use crate::scene::Scene;
-use crate::vocab::{Colour, Fill, Shape, Texture};
+use dnd_synth::caption::{VisibilityRule, caption, caption_visible, visible_in};
+use dnd_synth::mask::Rect;
+use dnd_synth::phrase::{Mention, parse_mentions};
+use dnd_synth::render::{Rendered, render};
+use dnd_synth::scene::Scene;
+use dnd_synth::vocab::{Colour, Fill, Shape, Texture};
 
 /// Errors of training the zoo's captioner and embedder.
 #[derive(Debug, Error)]
@@ -33,7 +33,7 @@ pub enum TrainError {
     #[error("bad training settings: {0}")]
     Settings(String),
     #[error(transparent)]
-    Synth(#[from] crate::error::SynthError),
+    Synth(#[from] dnd_synth::error::SynthError),
 }
 
 pub(crate) fn io_error(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
@@ -72,7 +72,7 @@ impl Default for PairSampling {
             min_crop_side: 0.3,
             object_crop_fraction: 0.0,
             mean: [0.481_454_66, 0.457_827_5, 0.408_210_73],
-            std: [0.268_629_54, 0.261_302_58, 0.275_777_1],
+            std: [0.268_629_54, 0.261_302_6, 0.275_777_1],
         }
     }
 }
@@ -381,11 +381,7 @@ pub(crate) fn write_json(
     value: &impl serde::Serialize,
 ) -> Result<(), TrainError> {
     let path = dir.join(name);
-    std::fs::write(
-        &path,
-        serde_json::to_string_pretty(value).expect("JSON values serialise") + "\n",
-    )
-    .map_err(io_error(&path))
+    crate::json::write_json(&path, value).map_err(io_error(&path))
 }
 
 /// Mean of `values` per window of `every` steps, for train.json's loss curve.

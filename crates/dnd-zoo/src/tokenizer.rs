@@ -12,7 +12,7 @@ use std::path::Path;
 
 use serde_json::json;
 
-use crate::vocab::{Colour, Fill, Shape, Texture};
+use dnd_synth::vocab::{Colour, Fill, Shape, Texture};
 
 pub const PAD: &str = "[PAD]";
 pub const UNK: &str = "[UNK]";
@@ -212,10 +212,10 @@ mod tests {
     use rand_chacha::ChaCha8Rng;
 
     use super::*;
-    use crate::caption::{caption, caption_visible};
-    use crate::mask::Rect;
-    use crate::render::render;
-    use crate::scene::Scene;
+    use dnd_synth::caption::{caption, caption_visible};
+    use dnd_synth::mask::Rect;
+    use dnd_synth::render::render;
+    use dnd_synth::scene::Scene;
 
     #[test]
     fn every_grammar_word_round_trips_through_the_hf_tokenizer() {

@@ -111,7 +111,7 @@ impl EmbedderTraining {
         self.sampling.check()?;
         let bad = |m: String| Err(TrainError::Settings(m));
         let s = self.sampling.image_size as usize;
-        if self.patch_size == 0 || s % self.patch_size != 0 {
+        if self.patch_size == 0 || !s.is_multiple_of(self.patch_size) {
             return bad(format!(
                 "image size {s} must be a multiple of the patch size {}",
                 self.patch_size
@@ -568,7 +568,7 @@ pub fn train_embedder(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::train::tokenizer::UNK_ID;
+    use crate::tokenizer::UNK_ID;
 
     #[test]
     fn every_variable_gets_a_gradient() {
@@ -615,7 +615,7 @@ mod tests {
     /// The committed zoo model loads in dnd and still scores what its train.json says.
     #[test]
     fn the_committed_zoo_embedder_scores_what_its_train_json_records() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("zoo/embedder");
+        let dir = crate::committed_zoo().join("embedder");
         let report: EmbedderReport =
             serde_json::from_str(&std::fs::read_to_string(dir.join("train.json")).unwrap())
                 .unwrap();

@@ -1,0 +1,78 @@
+//! The target model's forward passes that stages share: pooled activations of images
+//! through the model's own preprocessing, and pooling a tap's output. Compute only: no
+//! store, no cache.
+
+use std::sync::Arc;
+
+use candle_core::{D, Device, Tensor};
+use image::RgbImage;
+use rayon::prelude::*;
+
+use dnd_core::Pooling;
+use dnd_models::preprocess::normalized_batch;
+use dnd_models::{Tap, TargetModel};
+
+use crate::error::PipelineError;
+
+/// A tap's output pooled to `(B, C)` on its device: spatial maps by `pooling`, vectors as
+/// they are.
+pub fn pool(output: &Tensor, pooling: Pooling) -> Result<Tensor, PipelineError> {
+    if output.rank() != 4 {
+        return Ok(output.clone());
+    }
+    let flat = output.flatten_from(2)?;
+    Ok(match pooling {
+        Pooling::Mean => flat.mean(D::Minus1)?,
+        Pooling::Max => flat.max(D::Minus1)?,
+    })
+}
+
+/// Pools each tap's output and copies it to the host, row-major.
+pub(crate) fn pooled_rows(
+    outputs: &[Tensor],
+    pooling: Pooling,
+) -> Result<Vec<Vec<f32>>, PipelineError> {
+    outputs
+        .iter()
+        .map(|t| Ok(pool(t, pooling)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?))
+        .collect()
+}
+
+/// Pooled activations `(images, channels)` of `images` at `tap`, through the model's own
+/// preprocessing, in batches.
+pub fn pooled_activations(
+    model: &TargetModel,
+    images: &[Arc<RgbImage>],
+    tap: Tap,
+    pooling: Pooling,
+    batch_size: usize,
+) -> Result<Vec<Vec<f32>>, PipelineError> {
+    let mut rows = Vec::with_capacity(images.len());
+    for chunk in images.chunks(batch_size.max(1)) {
+        let transformed: Vec<RgbImage> =
+            chunk.par_iter().map(|i| model.preprocess.transform(i)).collect();
+        let x = normalized_batch(
+            &transformed,
+            model.preprocess.mean,
+            model.preprocess.std,
+            &model.device,
+        )?;
+        let out = model.forward_taps(&x, &[tap])?.remove(0);
+        rows.extend(pool(&out, pooling)?.to_device(&Device::Cpu)?.to_vec2::<f32>()?);
+    }
+    Ok(rows)
+}
+
+/// [`pooled_activations`] on a blocking thread.
+pub(crate) async fn pooled_activations_blocking(
+    model: Arc<TargetModel>,
+    images: Vec<Arc<RgbImage>>,
+    tap: Tap,
+    pooling: Pooling,
+    batch_size: usize,
+) -> Result<Vec<Vec<f32>>, PipelineError> {
+    tokio::task::spawn_blocking(move || {
+        pooled_activations(&model, &images, tap, pooling, batch_size)
+    })
+    .await?
+}

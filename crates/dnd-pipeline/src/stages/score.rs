@@ -1,0 +1,156 @@
+//! Stage 3, second half: the neuron's activation on every generated image and each
+//! image's similarity to the neuron's top images, then the candidates' rank scores,
+//! similarity weights and final scores (`dnd_core::scoring`).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use candle_core::Device;
+use image::RgbImage;
+
+use dnd_core::scoring::{GeneratedImage, image_positions, mean_cosine, score_candidates};
+use dnd_core::{CandidateScore, NeuronId, Pooling, ScoringConfig};
+use dnd_models::{Embedder, Tap, TargetModel};
+
+use crate::activations::pooled_activations_blocking;
+use crate::error::PipelineError;
+
+/// What the models measured on a task's images.
+pub struct Measurements {
+    /// Per generated image (request order), the pooled activation of every channel.
+    pub activations: Vec<Vec<f32>>,
+    dim: usize,
+    /// Embedding of each distinct top image, by hash.
+    top: HashMap<String, Vec<f32>>,
+    /// Embeddings of the generated images, row-major, `dim` wide.
+    generated: Vec<f32>,
+}
+
+impl Measurements {
+    /// The embeddings of a neuron's top images (by hash), concatenated.
+    pub fn references<'a>(&self, hashes: impl IntoIterator<Item = &'a str>) -> Vec<f32> {
+        hashes.into_iter().flat_map(|h| self.top[h].iter().copied()).collect()
+    }
+
+    /// Mean cosine of generated image `request` with the concatenated `references`.
+    fn similarity(&self, request: usize, references: &[f32]) -> f32 {
+        let d = self.dim;
+        mean_cosine(&self.generated[request * d..(request + 1) * d], references, d)[0]
+    }
+}
+
+/// Image embeddings of `images`, in batches, on a blocking thread: rows and width.
+async fn embed(
+    embedder: Arc<dyn Embedder>,
+    images: Vec<Arc<RgbImage>>,
+    batch: usize,
+) -> Result<(Vec<f32>, usize), PipelineError> {
+    tokio::task::spawn_blocking(move || -> Result<(Vec<f32>, usize), PipelineError> {
+        let mut rows = Vec::new();
+        let mut dim = 0;
+        for chunk in images.chunks(batch.max(1)) {
+            let owned: Vec<RgbImage> = chunk.iter().map(|i| (**i).clone()).collect();
+            let e = embedder.embed_images(&owned)?.to_device(&Device::Cpu)?;
+            dim = e.dim(1)?;
+            rows.extend(e.flatten_all()?.to_vec1::<f32>()?);
+        }
+        Ok((rows, dim))
+    })
+    .await?
+}
+
+/// Runs the target model on the generated images and the embedder on them and on the
+/// distinct top images.
+pub async fn measure(
+    target: &Arc<TargetModel>,
+    embedder: &Arc<dyn Embedder>,
+    tap: Tap,
+    pooling: Pooling,
+    batch: usize,
+    top_images: &[(String, Arc<RgbImage>)],
+    generated: &[Arc<RgbImage>],
+) -> Result<Measurements, PipelineError> {
+    let activations =
+        pooled_activations_blocking(target.clone(), generated.to_vec(), tap, pooling, batch)
+            .await?;
+    let (top_rows, dim) =
+        embed(embedder.clone(), top_images.iter().map(|(_, i)| i.clone()).collect(), batch).await?;
+    let (generated, _) = embed(embedder.clone(), generated.to_vec(), batch).await?;
+    let top = top_images
+        .iter()
+        .enumerate()
+        .map(|(i, (h, _))| (h.clone(), top_rows[i * dim..(i + 1) * dim].to_vec()))
+        .collect();
+    Ok(Measurements { activations, dim, top, generated })
+}
+
+/// One neuron's candidates, scored.
+pub struct NeuronScores {
+    /// Every generated image of every candidate, candidate by candidate, image `i` of a
+    /// concept at its position `i`.
+    pub images: Vec<GeneratedImage>,
+    /// The request (index into the task's generated images) of each of `images`.
+    pub requests: Vec<usize>,
+    /// Each image's position in the neuron's ranking of all of them.
+    pub positions: Vec<usize>,
+    pub candidates: Vec<CandidateScore>,
+}
+
+/// Scores a neuron's candidates from their images' activations and similarities.
+/// `requests[c]` are candidate `c`'s images; `references` the embeddings of the neuron's
+/// top images.
+pub fn score_neuron(
+    neuron: NeuronId,
+    requests: &[Vec<usize>],
+    measured: &Measurements,
+    references: &[f32],
+    scoring: &ScoringConfig,
+) -> NeuronScores {
+    let mut images = Vec::new();
+    let mut image_requests = Vec::new();
+    for (c, concept_requests) in requests.iter().enumerate() {
+        for &r in concept_requests {
+            images.push(GeneratedImage {
+                candidate: c,
+                activation: measured.activations[r][neuron.index()],
+                similarity: measured.similarity(r, references),
+            });
+            image_requests.push(r);
+        }
+    }
+    let candidates = score_candidates(requests.len(), &images, scoring);
+    let positions = image_positions(&images);
+    NeuronScores { images, requests: image_requests, positions, candidates }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_candidate_whose_images_excite_the_neuron_wins() {
+        // Two generated images per candidate; channel 1 fires on candidate 1's images.
+        let measured = Measurements {
+            activations: vec![vec![9.0, 0.1], vec![9.0, 0.2], vec![0.0, 5.0], vec![0.0, 4.0]],
+            dim: 2,
+            top: [("t".to_string(), vec![1.0, 0.0])].into(),
+            generated: vec![1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0],
+        };
+        let references = measured.references(["t"]);
+        assert_eq!(references, [1.0, 0.0]);
+        let scoring = ScoringConfig::default();
+        let scored = score_neuron(
+            NeuronId::new(1),
+            &[vec![0, 1], vec![2, 3]],
+            &measured,
+            &references,
+            &scoring,
+        );
+        assert_eq!(scored.requests, [0, 1, 2, 3]);
+        assert_eq!(scored.images[2].activation, 5.0);
+        assert!((scored.images[0].similarity - 1.0).abs() < 1e-6);
+        assert_eq!(scored.positions, [3, 2, 0, 1]);
+        let winner = scored.candidates.iter().find(|s| s.final_rank == 0).unwrap();
+        assert_eq!(winner.candidate, 1);
+    }
+}

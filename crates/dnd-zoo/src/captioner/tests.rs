@@ -1,0 +1,104 @@
+use super::*;
+
+#[test]
+fn every_variable_gets_a_gradient() {
+    let settings = CaptionerTraining::tiny();
+    let model = TrainingCaptioner::new(&settings).unwrap();
+    let pairs = sample_pairs(1, 0, 4, &settings.sampling).unwrap();
+    let loss = model.loss(&pairs).unwrap();
+    model.check_gradients(&loss).unwrap();
+    // Initial loss is about ln(vocab): nothing learnt yet.
+    let l = loss.to_scalar::<f32>().unwrap();
+    assert!((l - (model.tokenizer.vocab_size() as f32).ln()).abs() < 1.0, "{l}");
+}
+
+#[test]
+fn shape_words_weigh_as_set_and_nothing_else_does() {
+    let settings = CaptionerTraining::tiny();
+    let model = TrainingCaptioner::new(&settings).unwrap();
+    let word = |w: &str| model.tokenizer.id(w).unwrap();
+    for w in ["circle", "squares", "donut", "cross", "plus"] {
+        assert!(model.shape_words.contains(&word(w)), "{w}");
+    }
+    for id in [CLS_ID, SEP_ID, PAD_ID, word("red"), word("striped")] {
+        assert!(!model.shape_words.contains(&id), "{id}");
+    }
+    let pairs = sample_pairs(1, 0, 4, &settings.sampling).unwrap();
+    let plain = model.loss(&pairs).unwrap().to_scalar::<f32>().unwrap();
+    let heavy = TrainingCaptioner {
+        settings: CaptionerTraining { shape_word_weight: 4.0, ..settings.clone() },
+        ..model
+    };
+    assert_ne!(plain, heavy.loss(&pairs).unwrap().to_scalar::<f32>().unwrap());
+}
+
+#[test]
+fn a_short_run_lowers_the_loss_and_the_saved_model_loads_in_dnd_with_the_same_outputs() {
+    let settings = CaptionerTraining { steps: 40, ..CaptionerTraining::tiny() };
+    let mut model = TrainingCaptioner::new(&settings).unwrap();
+    let losses = model.train(|_, _| {}).unwrap();
+    let mean = |s: &[f32]| s.iter().sum::<f32>() / s.len() as f32;
+    let (first, last) = (mean(&losses[..5]), mean(&losses[losses.len() - 5..]));
+    assert!(last < 0.75 * first, "loss {first} -> {last}: {losses:?}");
+
+    let dir = tempfile::tempdir().unwrap();
+    model.save(dir.path()).unwrap();
+    let loaded = BlipCaptioner::load(
+        &ModelRef::Local(dir.path().into()),
+        &Device::Cpu,
+        CaptionConfig::default(),
+    )
+    .unwrap();
+    assert_eq!(loaded.preprocess, settings.sampling.preprocess());
+    let pairs = sample_pairs(99, 0, 3, &settings.sampling).unwrap();
+    let images: Vec<_> = pairs.iter().map(|p| p.source.clone()).collect();
+    let pixels = loaded.preprocess.batch(&images, &Device::Cpu).unwrap();
+    let ours = pairs::pixels(&pairs, &settings.sampling).unwrap();
+    let diff = |a: &Tensor, b: &Tensor| {
+        (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+    };
+    assert_eq!(diff(&pixels, &ours), 0.0, "training sees what dnd feeds");
+
+    let ids = Tensor::new(
+        &[
+            [CLS_ID, 5, 9, 17, 30, 40, 51],
+            [CLS_ID, 8, 7, 6, 44, 3, 0],
+            [CLS_ID, 60, 20, 11, 12, 13, 14],
+        ],
+        &Device::Cpu,
+    )
+    .unwrap();
+    let theirs_image = loaded.encode_images(&pixels).unwrap();
+    let ours_image = model.encode_images(&pixels).unwrap();
+    assert!(
+        diff(&theirs_image, &ours_image) < 1e-4,
+        "vision features differ by {}",
+        diff(&theirs_image, &ours_image)
+    );
+    let theirs = loaded.decoder_logits(&theirs_image, &ids).unwrap();
+    let ours = model.decoder_logits(&ours_image, &ids).unwrap();
+    assert_eq!(theirs.dims(), ours.dims());
+    assert!(diff(&theirs, &ours) < 1e-4, "logits differ by {}", diff(&theirs, &ours));
+    // Greedy decoding through dnd gives text in the world's vocabulary.
+    let captions = loaded.caption(&images).unwrap();
+    assert!(captions.iter().all(|c| !c.text.contains("[UNK]")), "{captions:?}");
+}
+
+/// The committed zoo model loads in dnd and still scores what its train.json says.
+#[test]
+fn the_committed_zoo_captioner_scores_what_its_train_json_records() {
+    let dir = crate::committed_zoo().join("captioner");
+    let report: CaptionerReport =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("train.json")).unwrap()).unwrap();
+    let s = &report.settings;
+    let eval = evaluate_captioner(&dir, &s.sampling, s.eval_seed, s.eval_pairs, 0).unwrap();
+    let recorded = &report.heldout;
+    for (name, now, then) in [
+        ("exact", eval.exact, recorded.exact),
+        ("object recall", eval.object_recall, recorded.object_recall),
+        ("background", eval.background_accuracy, recorded.background_accuracy),
+    ] {
+        assert!((now - then).abs() <= 0.02, "{name}: {now} now, {then} in train.json");
+    }
+    assert!(eval.background_accuracy > 0.9 && eval.single_object.colour > 0.8, "{eval:?}");
+}
