@@ -265,7 +265,7 @@ vectorized! {
     pub fn winograd_input_tiles(even: &[&[f32]; 4], odd: &[&[f32]; 4], tiles: usize, out: &mut [f32]) {
         let (out, _) = out.split_at_mut(16 * tiles);
         let mut rows = out.chunks_exact_mut(tiles);
-        let mut o: [&mut [f32]; 16] = std::array::from_fn(|_| rows.next().expect("16 rows"));
+        let o: [&mut [f32]; 16] = std::array::from_fn(|_| rows.next().expect("16 rows"));
         for x in 0..tiles {
             // (B^T d) row r, column s: d[s] is (even[x], odd[x], even[x+1], odd[x+1]).
             let col = |r: usize| [even[r][x], odd[r][x], even[r][x + 1], odd[r][x + 1]];
