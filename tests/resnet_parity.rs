@@ -74,6 +74,26 @@ fn resnet18_taps_match_torchvision() {
     check_taps("resnet18");
 }
 
+/// The vector cache keeps one value per (model, image): an image's activations must not
+/// depend on the other images of its batch, at any tap.
+#[test]
+fn every_tap_is_batch_invariant() {
+    for name in ["resnet18", "tiny_resnet"] {
+        let model = load(name);
+        let input = &reference(name).tensors["input"];
+        let batched = model.forward_taps(input, &Tap::ALL).unwrap();
+        for i in 0..input.dim(0).unwrap() {
+            let alone = model.forward_taps(&input.narrow(0, i, 1).unwrap(), &Tap::ALL).unwrap();
+            for ((tap, b), a) in Tap::ALL.iter().zip(&batched).zip(&alone) {
+                let b = b.narrow(0, i, 1).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let same = a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits());
+                assert!(same, "{name} {tap}: image {i} alone differs from image {i} in its batch");
+            }
+        }
+    }
+}
+
 #[test]
 fn custom_bottleneck_resnet_taps_match_pytorch() {
     check_taps("tiny_resnet");

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use dnd_store::results::DescriptionRow;
+use dnd_store::results::{CandidateRow, DescriptionRow};
 use dnd_store::{Location, batches_rows, read_parquet};
 use dnd_synth::quality::recovered;
 use dnd_synth::read_planted;
@@ -90,4 +90,59 @@ async fn planted_neurons_get_labels_that_name_their_concepts() {
     .unwrap();
     let labels = |rows: &[DescriptionRow]| rows.iter().map(|d| d.label.clone()).collect::<Vec<_>>();
     assert_eq!(labels(&descriptions), labels(&second));
+
+    // Screened, one label per neuron: every candidate gets 3 images, the better half the
+    // other 7; the label comes from a survivor, which still names the planted concept.
+    let config = out.path().join("screened.toml");
+    let zoo = std::fs::read_to_string(repo().join(args[2])).unwrap();
+    std::fs::write(
+        &config,
+        format!("{zoo}\n[generator.screening]\nfirst_images = 3\n[scoring]\nlabels = 1\n"),
+    )
+    .unwrap();
+    let screened_args = [&["dissect", "--config", config.to_str().unwrap()], &args[3..]].concat();
+    let screened_args = [&screened_args[..6], &["screened"], &screened_args[7..]].concat();
+    let run = dnd_in(&repo(), &screened_args);
+    assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
+    let job = Location::open(out.path().join("jobs/screened").to_str().unwrap()).unwrap();
+    let candidates: Vec<CandidateRow> = batches_rows(
+        "candidates",
+        &read_parquet(&job, "results/candidates.parquet").await.unwrap(),
+    )
+    .unwrap();
+    let screened_out: Vec<&CandidateRow> = candidates.iter().filter(|c| c.images == 3).collect();
+    assert!(!screened_out.is_empty(), "some candidate was screened out: {candidates:#?}");
+    for c in &candidates {
+        assert!(c.images == 3 || c.images == 10, "{c:?}");
+        if c.selected {
+            assert_eq!(c.images, 10, "labels come from candidates with all their images: {c:?}");
+        }
+    }
+    for dropped in &screened_out {
+        let survivors = candidates
+            .iter()
+            .filter(|c| (&c.layer, c.neuron) == (&dropped.layer, dropped.neuron) && c.images == 10);
+        for s in survivors {
+            assert!(s.final_rank < dropped.final_rank, "survivors rank first: {s:?} {dropped:?}");
+        }
+    }
+    let screened: Vec<DescriptionRow> = batches_rows(
+        "descriptions",
+        &read_parquet(&job, "results/descriptions.parquet").await.unwrap(),
+    )
+    .unwrap();
+    for d in &screened {
+        let truth = planted
+            .iter()
+            .find(|p| p.layer == d.layer && p.neuron == d.neuron as usize)
+            .expect("a planted neuron");
+        let label = d.label.clone().unwrap_or_default();
+        assert!(
+            recovered(&label, truth.kind, &truth.parsed_concepts()),
+            "screened: {} {} planted {:?}, labelled {label:?}",
+            d.layer,
+            d.neuron,
+            truth.description
+        );
+    }
 }

@@ -348,7 +348,7 @@ async fn probe(args: ProbeArgs) -> anyhow::Result<()> {
     );
 
     let bars = progress::Bars::new();
-    let summary = run_probe(Arc::new(model), images, &out, &config, &bars).await?;
+    let summary = run_probe(Arc::new(model), images, &out, &config, None, &bars).await?;
     drop(bars);
     if let Some(path) = &args.summary_json {
         let json = serde_json::to_string_pretty(&summary)?;

@@ -3,7 +3,7 @@
 //!
 //! Every candidate first gets its first `first_images` images (the same seeds the full
 //! method uses, so nothing is generated twice), and all candidates are scored on those.
-//! Only the best `keep` share of them (never fewer than the labels reported, plus one)
+//! Only the best `keep` share of them (never fewer than the labels reported)
 //! get the rest of their images; the others keep the images they have, still take part in
 //! the ranking of all images as the full method's would, and rank after every survivor.
 //!
@@ -38,6 +38,10 @@ impl Screening {
         self.first_images > 0
     }
 
+    pub fn is_off(&self) -> bool {
+        !self.enabled()
+    }
+
     pub fn validate(&self, images_per_concept: usize) -> Result<(), CoreError> {
         if self.enabled() && self.first_images >= images_per_concept {
             return Err(CoreError::invalid(
@@ -58,10 +62,10 @@ impl Screening {
     }
 
     /// The candidates (indices, in candidate order) that get the rest of their images:
-    /// the first `max(ceil(keep * N), labels + 1)` of the screening's final order.
+    /// the first `max(ceil(keep * N), labels)` of the screening's final order.
     pub fn survivors(&self, screened: &[CandidateScore], labels: usize) -> Vec<usize> {
         let n = screened.len();
-        let kept = ((self.keep * n as f64).ceil() as usize).max(labels + 1).min(n);
+        let kept = ((self.keep * n as f64).ceil() as usize).max(labels).min(n);
         let mut out: Vec<usize> =
             screened.iter().filter(|s| s.final_rank < kept).map(|s| s.candidate).collect();
         out.sort_unstable();
@@ -91,7 +95,7 @@ mod tests {
     }
 
     #[test]
-    fn keeps_the_better_share_and_at_least_one_more_than_the_labels() {
+    fn keeps_the_better_share_and_at_least_the_labels() {
         // Candidate c's images activate 10 - c: the order is 0, 1, 2, ...
         let images: Vec<GeneratedImage> = (0..6)
             .flat_map(|c| (0..2).map(move |i| image(c, 10.0 - c as f32 - 0.1 * i as f32)))
@@ -99,7 +103,7 @@ mod tests {
         let scores = score_candidates(6, &images, &ScoringConfig::default());
         let half = Screening { first_images: 2, keep: 0.5 };
         assert_eq!(half.survivors(&scores, 1), vec![0, 1, 2]);
-        assert_eq!(half.survivors(&scores, 3), vec![0, 1, 2, 3], "labels + 1 at least");
+        assert_eq!(half.survivors(&scores, 4), vec![0, 1, 2, 3], "the labels at least");
         let all = Screening { first_images: 2, keep: 1.0 };
         assert_eq!(all.survivors(&scores, 3).len(), 6);
     }

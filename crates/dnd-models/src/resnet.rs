@@ -537,7 +537,13 @@ impl ResNet {
             let pooled = h.mean(D::Minus1)?.mean(D::Minus1)?;
             keep(Tap::AvgPool, &pooled);
             if deepest == Tap::Fc {
-                let logits = pooled.matmul(&self.fc_weight.t()?)?.broadcast_add(&self.fc_bias)?;
+                // Image by image: a batched GEMM sums in an order that depends on the batch
+                // size, and an image's logits must not depend on its batch (caches).
+                let w = self.fc_weight.t()?;
+                let rows = (0..pooled.dim(0)?)
+                    .map(|i| pooled.narrow(0, i, 1)?.matmul(&w))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                let logits = Tensor::cat(&rows, 0)?.broadcast_add(&self.fc_bias)?;
                 keep(Tap::Fc, &logits);
             }
         }

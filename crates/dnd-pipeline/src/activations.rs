@@ -1,6 +1,6 @@
 //! The target model's forward passes that stages share: pooled activations of images
-//! through the model's own preprocessing, and pooling a tap's output. Compute only: no
-//! store, no cache.
+//! through the model's own preprocessing, and pooling a tap's output; and the same
+//! through the vector cache.
 
 use std::sync::Arc;
 
@@ -13,6 +13,8 @@ use dnd_models::preprocess::normalized_batch;
 use dnd_models::{Tap, TargetModel};
 
 use crate::error::PipelineError;
+use crate::vector_cache::VectorCache;
+use crate::workbench::image_hash;
 
 /// A tap's output pooled to `(B, C)` on its device: spatial maps by `pooling`, vectors as
 /// they are.
@@ -75,4 +77,27 @@ pub(crate) async fn pooled_activations_blocking(
         pooled_activations(&model, &images, tap, pooling, batch_size)
     })
     .await?
+}
+
+/// What the vector cache calls a tap's pooled activations.
+pub fn pooled_output(tap: Tap, pooling: Pooling) -> String {
+    format!("pooled/{tap}/{pooling}")
+}
+
+/// [`pooled_activations`] of the images the cache has not seen; the rest from it.
+pub(crate) async fn pooled_activations_cached(
+    vectors: VectorCache<'_>,
+    model: &Arc<TargetModel>,
+    images: &[Arc<RgbImage>],
+    tap: Tap,
+    pooling: Pooling,
+    batch_size: usize,
+) -> Result<Vec<Vec<f32>>, PipelineError> {
+    let hashes: Vec<String> = images.par_iter().map(|i| image_hash(i)).collect();
+    vectors
+        .rows(&pooled_output(tap, pooling), &hashes, |missing| {
+            let images: Vec<Arc<RgbImage>> = missing.iter().map(|&i| images[i].clone()).collect();
+            pooled_activations_blocking(model.clone(), images, tap, pooling, batch_size)
+        })
+        .await
 }

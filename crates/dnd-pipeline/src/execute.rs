@@ -46,7 +46,7 @@ pub struct TaskStats {
     pub models: BTreeMap<String, String>,
 }
 
-fn cache_counts(bench: &Workbench) -> [CacheCounts; 3] {
+fn cache_counts(bench: &Workbench) -> [CacheCounts; 4] {
     CacheKind::ALL.map(|k| bench.cache.counts(k))
 }
 
@@ -138,7 +138,15 @@ impl JobContext {
                     images.errors.clear();
                 }
                 let config = probe_config(&self.spec);
-                run_probe(bench.target.clone(), images, &dir, &config, progress).await?;
+                run_probe(
+                    bench.target.clone(),
+                    images,
+                    &dir,
+                    &config,
+                    Some(bench.target_vectors()),
+                    progress,
+                )
+                .await?;
                 stats.kind = "probe".into();
                 stats.images = end - start;
                 stats.models.insert("target".into(), bench.target.reference.clone());

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use dnd_core::{CoreError, CropConfig, NeuronId, NeuronSet, Pooling, ScoringConfig};
+use dnd_core::{CoreError, CropConfig, NeuronId, NeuronSet, Pooling, ScoringConfig, Screening};
 use dnd_models::{CaptionConfig, GenerationConfig, ModelRef};
 use dnd_summarize::SummarizerConfig;
 
@@ -202,6 +202,10 @@ pub struct GeneratorSection {
     pub images_per_concept: usize,
     pub batch_size: usize,
     pub sampling: GenerationConfig,
+    /// `[generator.screening]`: opt-in successive halving over the candidates. Left out
+    /// of the serialised spec while off, so that jobs named before it keep their names.
+    #[serde(skip_serializing_if = "Screening::is_off")]
+    pub screening: Screening,
 }
 
 impl Default for GeneratorSection {
@@ -211,6 +215,7 @@ impl Default for GeneratorSection {
             images_per_concept: 10,
             batch_size: 4,
             sampling: GenerationConfig::default(),
+            screening: Screening::default(),
         }
     }
 }
@@ -292,6 +297,7 @@ impl JobSpec {
                 "must contain {concept}, e.g. \"One realistic image of {concept}\"",
             ));
         }
+        self.generator.screening.validate(self.generator.images_per_concept)?;
         self.crops.validate()?;
         self.scoring.validate()?;
         self.summarizer.validate()?;
@@ -418,6 +424,7 @@ mod tests {
         );
         check(&|j| j.generator.images_per_concept = 0, "generator.images_per_concept");
         check(&|j| j.generator.sampling.prompt_template = "a photo".into(), "prompt_template");
+        check(&|j| j.generator.screening.first_images = 10, "generator.screening.first_images");
         check(&|j| j.captioner.model.clear(), "captioner.model");
         check(&|j| j.name = Some("../escape".into()), "../escape");
         check(&|j| j.scoring.beta = 0, "scoring.beta");

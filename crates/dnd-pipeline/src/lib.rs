@@ -18,6 +18,7 @@ pub mod progress;
 pub mod stages;
 pub mod summary;
 mod task_rows;
+pub mod vector_cache;
 pub mod workbench;
 
 pub use error::PipelineError;

@@ -11,8 +11,9 @@ use std::sync::Arc;
 
 use image::RgbImage;
 
-use dnd_core::{LayerName, NeuronId, Scored, Stage, TaskId};
-use dnd_models::Tap;
+use dnd_core::screening::rank_survivors_first;
+use dnd_core::{CandidateScore, LayerName, NeuronId, Scored, Stage, TaskId};
+use dnd_models::{ImageRequest, Tap};
 use dnd_store::Location;
 use dnd_store::results::NeuronErrorRow;
 
@@ -20,14 +21,15 @@ use crate::error::PipelineError;
 use crate::images::{ImageLimits, ImageRef, load_batch};
 use crate::job::JobSpec;
 use crate::progress::Progress;
+use crate::stages::caption::Captions;
 use crate::stages::caption::caption_top_images;
 use crate::stages::crop::{CropInputs, Evidence, neuron_crops};
-use crate::stages::generate::ImageRequests;
-use crate::stages::score::{measure, score_neuron};
-use crate::stages::summarize::label_neuron;
+use crate::stages::generate::{ImageCounts, ImageRequests, uniform_counts};
+use crate::stages::score::{Measurements, measure, score_neuron};
+use crate::stages::summarize::{Labelling, label_neuron};
 pub use crate::task_rows::TaskTables;
 use crate::task_rows::{NeuronOutcome, RowMaker};
-use crate::workbench::{Workbench, image_hash};
+use crate::workbench::{GeneratedEntry, Workbench, image_hash};
 
 /// A batch of neurons of one layer: the unit of work, of retries and of commits.
 #[derive(Debug, Clone, PartialEq)]
@@ -142,6 +144,7 @@ pub async fn run_neuron_task(
             pooling: spec.probe.pooling,
             batch_size: spec.describe.batch_size,
             job,
+            vectors: bench.target_vectors(),
         })
         .await?;
         for (list, crops) in evidence.iter_mut().zip(crops) {
@@ -166,31 +169,57 @@ pub async fn run_neuron_task(
     }
     progress.advance_stage(Stage::Summarize, n);
 
-    // Stage 3: generated images for every candidate of every neuron, then the scores.
+    // Stage 3: generated images for every candidate of every neuron, then the scores;
+    // with screening, a first round of images decides which candidates get the rest.
     let sampling = &spec.generator.sampling;
-    let requests =
-        ImageRequests::new(&labelling, sampling, spec.generator.images_per_concept, spec.seed);
-    let generated = bench.generated(&requests.requests, spec.generator.batch_size).await?;
+    let screening = spec.generator.screening;
+    let top_hashes: Vec<Vec<&str>> = evidence
+        .iter()
+        .map(|list| list.iter().take(top_n).map(|e| e.hash.as_str()).collect())
+        .collect();
+    let stage3 = Stage3 {
+        bench,
+        spec,
+        task,
+        captions: &captions,
+        labelling: &labelling,
+        top_hashes: &top_hashes,
+    };
+    let mut counts = uniform_counts(&labelling, spec.generator.images_per_concept);
+    let mut made = HashMap::new();
+    let mut survivors = None;
+    if screening.enabled() {
+        let first = uniform_counts(&labelling, screening.first_images);
+        let round = stage3.generate_and_measure(&first, &mut made).await?;
+        let kept = stage3
+            .survivors(&round, &first, |scores| screening.survivors(scores, spec.scoring.labels));
+        for (counts, kept) in counts.iter_mut().zip(&kept) {
+            for (c, count) in counts.iter_mut().enumerate() {
+                if !kept.contains(&c) {
+                    *count = screening.first_images;
+                }
+            }
+        }
+        survivors = Some(kept);
+    }
+    let Round { requests, generated, measured } =
+        stage3.generate_and_measure(&counts, &mut made).await?;
     progress.advance_stage(Stage::Generate, n);
-    let generated_images: Vec<Arc<RgbImage>> = generated.iter().map(|g| g.image.clone()).collect();
-    let measured = measure(
-        &bench.target,
-        &bench.embedder.model,
-        task.tap,
-        spec.probe.pooling,
-        spec.describe.batch_size,
-        &captions.distinct,
-        &generated_images,
-    )
-    .await?;
+    let concept_requests = requests.per_candidate(&labelling, &counts, sampling);
     let generated_hashes: Vec<String> = generated.iter().map(|g| image_hash(&g.image)).collect();
     let seeds: Vec<u64> = requests.requests.iter().map(|r| r.seed).collect();
     for (k, (list, l)) in evidence.iter().zip(&labelling).enumerate() {
-        let references = measured.references(list.iter().take(top_n).map(|e| e.hash.as_str()));
-        let concept_requests: Vec<Vec<usize>> =
-            l.candidates.iter().map(|c| requests.of_concept(sampling, c)).collect();
-        let scored =
-            score_neuron(task.neurons[k], &concept_requests, &measured, &references, &spec.scoring);
+        let references = measured.references(top_hashes[k].iter().copied());
+        let mut scored = score_neuron(
+            task.neurons[k],
+            &concept_requests[k],
+            &measured,
+            &references,
+            &spec.scoring,
+        );
+        if let Some(survivors) = &survivors {
+            rank_survivors_first(&mut scored.candidates, &survivors[k]);
+        }
         let outcome = NeuronOutcome {
             neuron: task.neurons[k],
             evidence: list,
@@ -205,4 +234,81 @@ pub async fn run_neuron_task(
     }
     progress.advance_stage(Stage::Score, n);
     Ok(tables)
+}
+
+/// A round of stage 3: the images it asked for and what the models measured on them.
+struct Round {
+    requests: ImageRequests,
+    generated: Vec<GeneratedEntry>,
+    measured: Measurements,
+}
+
+/// What stage 3 works from.
+struct Stage3<'a> {
+    bench: &'a Workbench,
+    spec: &'a JobSpec,
+    task: &'a NeuronTask,
+    captions: &'a Captions,
+    labelling: &'a [Labelling],
+    /// Each neuron's top images (hashes), the references of the similarity weights.
+    top_hashes: &'a [Vec<&'a str>],
+}
+
+impl Stage3<'_> {
+    /// Generates the images `counts` asks for that `made` lacks (adding them to it), then
+    /// measures all of them.
+    async fn generate_and_measure(
+        &self,
+        counts: &ImageCounts,
+        made: &mut HashMap<(String, u64), GeneratedEntry>,
+    ) -> Result<Round, PipelineError> {
+        let (spec, bench) = (self.spec, self.bench);
+        let requests =
+            ImageRequests::new(self.labelling, counts, &spec.generator.sampling, spec.seed);
+        let missing: Vec<ImageRequest> = requests
+            .requests
+            .iter()
+            .filter(|r| !made.contains_key(&(r.prompt.clone(), r.seed)))
+            .cloned()
+            .collect();
+        let fresh = bench.generated(&missing, spec.generator.batch_size).await?;
+        for (r, entry) in missing.into_iter().zip(fresh) {
+            made.insert((r.prompt, r.seed), entry);
+        }
+        let generated: Vec<GeneratedEntry> =
+            requests.requests.iter().map(|r| made[&(r.prompt.clone(), r.seed)].clone()).collect();
+        let images: Vec<Arc<RgbImage>> = generated.iter().map(|g| g.image.clone()).collect();
+        let measured = measure(
+            bench,
+            self.task.tap,
+            spec.probe.pooling,
+            spec.describe.batch_size,
+            &self.captions.distinct,
+            &images,
+        )
+        .await?;
+        Ok(Round { requests, generated, measured })
+    }
+
+    /// Each neuron's candidates that `keep` keeps from their scores on `round`'s images.
+    fn survivors(
+        &self,
+        round: &Round,
+        counts: &ImageCounts,
+        keep: impl Fn(&[CandidateScore]) -> Vec<usize>,
+    ) -> Vec<Vec<usize>> {
+        let sampling = &self.spec.generator.sampling;
+        let lists = round.requests.per_candidate(self.labelling, counts, sampling);
+        lists
+            .iter()
+            .zip(&self.task.neurons)
+            .zip(self.top_hashes)
+            .map(|((lists, &neuron), hashes)| {
+                let references = round.measured.references(hashes.iter().copied());
+                let scored =
+                    score_neuron(neuron, lists, &round.measured, &references, &self.spec.scoring);
+                keep(&scored.candidates)
+            })
+            .collect()
+    }
 }

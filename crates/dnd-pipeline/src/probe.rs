@@ -16,11 +16,13 @@ use dnd_models::{Tap, TargetModel};
 use dnd_store::tables::{self, ErrorRow, TopKRow};
 use dnd_store::{Location, ParquetSink, write_parquet};
 
-use crate::activations::pooled_rows;
+use crate::activations::{pooled_output, pooled_rows};
 use crate::error::PipelineError;
 use crate::images::{ImageLimits, ProbeImages, load_batch};
 use crate::progress::Progress;
 use crate::stages::crop::{CropLayer, CropReport, write_probe_crops};
+use crate::vector_cache::VectorCache;
+use crate::workbench::image_hash;
 
 /// What the probe stage computes; defaults are the method's.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -138,6 +140,8 @@ struct InputBatch {
     images: Vec<u32>,
     /// `images.len() x 3 x side x side`, channels first.
     pixels: Vec<f32>,
+    /// Each image's [`image_hash`], the vector cache's key.
+    hashes: Vec<String>,
     errors: Vec<ErrorRow>,
 }
 
@@ -169,17 +173,23 @@ fn spawn_reader(
             let loaded = load_batch(chunk, (n * batch_size) as u32, &limits, "decode").await;
             let preprocess = preprocess.clone();
             let batch = tokio::task::spawn_blocking(move || {
-                let mut batch =
-                    InputBatch { images: Vec::new(), pixels: Vec::new(), errors: Vec::new() };
-                let tensors: Vec<(u32, Result<Vec<f32>, ErrorRow>)> = loaded
+                let mut batch = InputBatch {
+                    images: Vec::new(),
+                    pixels: Vec::new(),
+                    hashes: Vec::new(),
+                    errors: Vec::new(),
+                };
+                type Prepared = Result<(Vec<f32>, String), ErrorRow>;
+                let tensors: Vec<(u32, Prepared)> = loaded
                     .into_par_iter()
-                    .map(|(i, r)| (i, r.map(|img| preprocess.apply(&img))))
+                    .map(|(i, r)| (i, r.map(|img| (preprocess.apply(&img), image_hash(&img)))))
                     .collect();
                 for (i, r) in tensors {
                     match r {
-                        Ok(px) => {
+                        Ok((px, hash)) => {
                             batch.images.push(i);
                             batch.pixels.extend(px);
+                            batch.hashes.push(hash);
                         }
                         Err(e) => batch.errors.push(e),
                     }
@@ -264,14 +274,75 @@ async fn probe_crops(
     .await
 }
 
+/// Pooled activations of a batch at every tap (`rows[tap][image]`): from `vectors` where
+/// it has every tap of an image, the rest through the model, then stored.
+async fn batch_rows(
+    model: &Arc<TargetModel>,
+    taps: &[Tap],
+    pooling: Pooling,
+    batch: InputBatch,
+    vectors: Option<VectorCache<'_>>,
+) -> Result<Vec<Vec<Vec<f32>>>, PipelineError> {
+    let n = batch.images.len();
+    let outputs: Vec<String> = taps.iter().map(|&t| pooled_output(t, pooling)).collect();
+    let mut rows: Vec<Vec<Option<Vec<f32>>>> = vec![vec![None; n]; taps.len()];
+    let mut missing = Vec::new();
+    for (i, hash) in batch.hashes.iter().enumerate() {
+        let mut found = true;
+        if let Some(vectors) = vectors {
+            for (l, output) in outputs.iter().enumerate() {
+                rows[l][i] = vectors.get(output, hash).await?;
+                found &= rows[l][i].is_some();
+            }
+        }
+        if !(found && vectors.is_some()) {
+            missing.push(i);
+        }
+    }
+    if !missing.is_empty() {
+        let plane = batch.pixels.len() / n.max(1);
+        let pixels: Vec<f32> = if missing.len() == n {
+            batch.pixels
+        } else {
+            missing
+                .iter()
+                .flat_map(|&i| batch.pixels[i * plane..(i + 1) * plane].to_vec())
+                .collect()
+        };
+        let (model, taps, m) = (model.clone(), taps.to_vec(), missing.len());
+        let computed = tokio::task::spawn_blocking(move || -> Result<_, PipelineError> {
+            let (width, height) = model.preprocess.output_size().ok_or_else(|| {
+                PipelineError::Internal("the target model's preprocessing has no fixed size".into())
+            })?;
+            let shape = (m, 3, height as usize, width as usize);
+            let x = Tensor::from_vec(pixels, shape, &model.device)?;
+            pooled_rows(&model.forward_taps(&x, &taps)?, pooling)
+        })
+        .await??;
+        for (l, flat) in computed.into_iter().enumerate() {
+            let width = flat.len() / m;
+            for (j, &i) in missing.iter().enumerate() {
+                let row = flat[j * width..(j + 1) * width].to_vec();
+                if let Some(vectors) = vectors {
+                    vectors.put(&outputs[l], &batch.hashes[i], &row).await?;
+                }
+                rows[l][i] = Some(row);
+            }
+        }
+    }
+    Ok(rows.into_iter().map(|l| l.into_iter().map(|r| r.expect("every row")).collect()).collect())
+}
+
 /// Runs the probe stage over `images` and writes its tables under `out`:
 /// `topk/<layer>.parquet`, `errors.parquet`, optionally `activations/<layer>/part-*.parquet`
-/// and `crops/<layer>.parquet`, and `probe.json`.
+/// and `crops/<layer>.parquet`, and `probe.json`. With `vectors`, each image's pooled
+/// activations come from the vector cache when it has them and go into it when not.
 pub async fn run_probe(
     model: Arc<TargetModel>,
     images: ProbeImages,
     out: &Location,
     config: &ProbeConfig,
+    vectors: Option<VectorCache<'_>>,
     progress: &dyn Progress,
 ) -> Result<ProbeSummary, PipelineError> {
     let plans = config.plan(&model.shape())?;
@@ -298,38 +369,24 @@ pub async fn run_probe(
             outputs.push(rel);
         }
     }
-    let (width, height) = model.preprocess.output_size().ok_or_else(|| {
-        PipelineError::Internal("the target model's preprocessing has no fixed output size".into())
-    })?;
-    let (width, height) = (width as usize, height as usize);
     progress.begin("probe", images.images.len() as u64);
     let mut images_ok = 0;
-    while let Some(batch) = rx.recv().await {
+    while let Some(mut batch) = rx.recv().await {
         progress.advance((batch.images.len() + batch.errors.len()) as u64);
-        errors.extend(batch.errors);
+        errors.extend(std::mem::take(&mut batch.errors));
         if batch.images.is_empty() {
             continue;
         }
         images_ok += batch.images.len();
-        let rows = {
-            let model = model.clone();
-            let taps = taps.clone();
-            let n = batch.images.len();
-            let pixels = batch.pixels;
-            let pooling = config.pooling;
-            tokio::task::spawn_blocking(move || -> Result<Vec<Vec<f32>>, PipelineError> {
-                let x = Tensor::from_vec(pixels, (n, 3, height, width), &model.device)?;
-                let outs = model.forward_taps(&x, &taps)?;
-                pooled_rows(&outs, pooling)
-            })
-            .await??
-        };
-        for (l, pooled) in rows.into_iter().enumerate() {
-            topk[l].push_batch(&batch.images, &pooled);
+        let ids = batch.images.clone();
+        let rows = batch_rows(&model, &taps, config.pooling, batch, vectors).await?;
+        for (l, layer_rows) in rows.into_iter().enumerate() {
+            let pooled = layer_rows.concat();
+            topk[l].push_batch(&ids, &pooled);
             if let Some(sink) = activation_sinks.get_mut(l) {
-                let ids: Vec<&str> =
-                    batch.images.iter().map(|&i| images.images[i as usize].id.as_str()).collect();
-                sink.write(&tables::activations_batch(&ids, plans[l].width, pooled)?).await?;
+                let names: Vec<&str> =
+                    ids.iter().map(|&i| images.images[i as usize].id.as_str()).collect();
+                sink.write(&tables::activations_batch(&names, plans[l].width, pooled)?).await?;
             }
         }
     }

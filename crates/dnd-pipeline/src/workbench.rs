@@ -5,6 +5,7 @@
 //! (reference plus the commit or weight hash that pins it), its settings, and the input.
 //! A cache miss is exactly one model call, so the cache counters also count model work.
 
+use std::collections::HashMap;
 use std::io::Cursor;
 use std::sync::Arc;
 
@@ -24,6 +25,7 @@ use dnd_summarize::{Exchange, Step, SummarizeError, Summarizer};
 
 use crate::error::PipelineError;
 use crate::job::{JobSpec, SYNTHETIC_GENERATOR};
+use crate::vector_cache::VectorCache;
 
 /// BLAKE3 of an image's size and RGB pixels: equal pictures, equal hashes, whatever file
 /// format they came in.
@@ -60,18 +62,14 @@ pub struct Workbench {
     pub embedder: Loaded<dyn Embedder>,
     pub summarizer: Loaded<dyn Summarizer>,
     pub cache: ContentCache,
+    /// The target's identity in cache keys: reference plus weight hash or commit.
+    pub target_identity: String,
+    /// `cpu` or `cuda`: where the models run, for the vector cache's keys.
+    pub device_kind: &'static str,
 }
 
 fn identity(reference: &ModelRef, anchor: &str) -> Result<String, PipelineError> {
     Ok(fingerprint(reference, &reference.resolve(anchor)?)?)
-}
-
-/// How [`Workbench::through_cache`] groups what it computes.
-enum Batching {
-    /// The misses, in input order, so many at a time.
-    Misses(usize),
-    /// These batches of input indices, each computed whole.
-    Fixed(Vec<Vec<usize>>),
 }
 
 /// A generated image, whether the cache had it, and its cache key.
@@ -185,21 +183,44 @@ impl Workbench {
             model.check().await?;
             Loaded { identity: model.describe(), model, settings: serde_json::Value::Null }
         };
-        Ok(Self { target, captioner, generator, embedder, summarizer, cache })
+        let target_identity = {
+            let reference = spec.target.model.parse::<ModelRef>()?;
+            blocking(move || identity(&reference, "model.safetensors")).await?
+        };
+        let device_kind = if device.is_cpu() { "cpu" } else { "cuda" };
+        Ok(Self {
+            target,
+            captioner,
+            generator,
+            embedder,
+            summarizer,
+            cache,
+            target_identity,
+            device_kind,
+        })
     }
 
-    /// Answers each input from the cache where possible and computes the rest on a
-    /// blocking thread (one model call per batch), storing what it computed. Returns each
-    /// output and whether the cache answered it, in input order.
+    /// The target model's vectors (pooled activations, channel maps) in the cache.
+    pub fn target_vectors(&self) -> VectorCache<'_> {
+        VectorCache { cache: &self.cache, model: &self.target_identity, device: self.device_kind }
+    }
+
+    /// The embedder's image embeddings in the cache.
+    pub fn embedder_vectors(&self) -> VectorCache<'_> {
+        VectorCache { cache: &self.cache, model: &self.embedder.identity, device: self.device_kind }
+    }
+
+    /// Answers each input from the cache where possible and computes the misses on a
+    /// blocking thread, `batch_size` distinct keys per model call, storing what it
+    /// computed. Returns each output and whether the cache answered it, in input order.
     ///
-    /// With [`Batching::Fixed`], a batch is computed whole whenever one of its members
-    /// misses, so that a value never depends on which other inputs happened to miss: a
-    /// model's batched numerics differ in the last bits with the batch's make-up, and a
-    /// cache must hold one value per key, whoever computes it first.
+    /// A value must not depend on which other inputs happen to miss with it (a cache holds
+    /// one value per key, whoever computes it first): `compute` must be batch-invariant,
+    /// as the captioner and the generator are (each image's numerics are its own).
     async fn through_cache<I, O>(
         &self,
         inputs: &[I],
-        batching: Batching,
+        batch_size: usize,
         key: impl Fn(usize) -> CacheKey,
         decode: impl Fn(&[u8]) -> Result<O, String>,
         encode: impl Fn(&O) -> Bytes,
@@ -211,8 +232,15 @@ impl Workbench {
     {
         let mut out: Vec<Option<(O, bool)>> = vec![None; inputs.len()];
         let mut misses = Vec::new();
+        // Inputs with the same key as an earlier miss: computed once, answered after.
+        let mut twins: Vec<(usize, usize)> = Vec::new();
+        let mut first_miss: HashMap<String, usize> = HashMap::new();
         for (i, slot) in out.iter_mut().enumerate() {
             let key = key(i);
+            if let Some(&first) = first_miss.get(&key.hash) {
+                twins.push((i, first));
+                continue;
+            }
             match self.cache.get(&key).await? {
                 Some(bytes) => {
                     let value = decode(&bytes).map_err(|e| {
@@ -224,25 +252,23 @@ impl Workbench {
                     })?;
                     *slot = Some((value, true));
                 }
-                None => misses.push(i),
+                None => {
+                    first_miss.insert(key.hash, i);
+                    misses.push(i);
+                }
             }
         }
-        let batches: Vec<Vec<usize>> = match batching {
-            Batching::Misses(size) => misses.chunks(size.max(1)).map(<[usize]>::to_vec).collect(),
-            Batching::Fixed(batches) => {
-                batches.into_iter().filter(|b| b.iter().any(|i| out[*i].is_none())).collect()
-            }
-        };
-        for chunk in batches {
+        for chunk in misses.chunks(batch_size.max(1)) {
             let batch: Vec<I> = chunk.iter().map(|&i| inputs[i].clone()).collect();
             let compute = compute.clone();
             let values = blocking(move || compute(batch)).await?;
             for (&i, value) in chunk.iter().zip(values) {
-                if out[i].is_none() {
-                    self.cache.put(&key(i), encode(&value)).await?;
-                    out[i] = Some((value, false));
-                }
+                self.cache.put(&key(i), encode(&value)).await?;
+                out[i] = Some((value, false));
             }
+        }
+        for (i, first) in twins {
+            out[i] = out[first].clone();
         }
         Ok(out.into_iter().map(|o| o.expect("every input is answered")).collect())
     }
@@ -270,7 +296,7 @@ impl Workbench {
         let entries = self
             .through_cache(
                 images,
-                Batching::Misses(batch_size),
+                batch_size,
                 |i| {
                     let image = images[i].0.as_str();
                     CacheKey::of(
@@ -298,9 +324,9 @@ impl Workbench {
         Ok(entries.into_iter().map(|(entry, cached)| (entry.caption, cached)).collect())
     }
 
-    /// Generated images for `requests`, from the cache where possible. Images are
-    /// generated in fixed batches: one prompt's requested seeds, in order, `batch_size` at
-    /// a time; an image's cache key names its batch (see `through_cache`). Returns
+    /// Generated images for `requests`, from the cache where possible; the misses,
+    /// whatever their prompts, go through the generator `batch_size` at a time (its
+    /// images do not depend on their batch, so a key is the prompt and the seed). Returns
     /// each image, whether it came from the cache, and its key, in request order.
     pub async fn generated(
         &self,
@@ -313,48 +339,15 @@ impl Workbench {
             settings: &'a serde_json::Value,
             prompt: &'a str,
             seed: u64,
-            /// The seeds generated together with this one.
-            batch: &'a [u64],
-        }
-        let mut by_prompt: Vec<(&str, Vec<usize>)> = Vec::new();
-        for (i, r) in requests.iter().enumerate() {
-            match by_prompt.iter_mut().find(|(p, _)| *p == r.prompt) {
-                Some((_, list)) => list.push(i),
-                None => by_prompt.push((&r.prompt, vec![i])),
-            }
-        }
-        let mut batches = Vec::new();
-        for (_, mut list) in by_prompt {
-            list.sort_by_key(|&i| requests[i].seed);
-            list.dedup_by_key(|i| requests[*i].seed);
-            batches.extend(list.chunks(batch_size.max(1)).map(<[usize]>::to_vec));
-        }
-        let mut batch_seeds: Vec<Vec<u64>> = vec![Vec::new(); requests.len()];
-        for batch in &batches {
-            let seeds: Vec<u64> = batch.iter().map(|&i| requests[i].seed).collect();
-            for &i in batch {
-                batch_seeds[i] = seeds.clone();
-            }
-        }
-        // A duplicate request shares its twin's batch.
-        for i in 0..requests.len() {
-            if batch_seeds[i].is_empty() {
-                let twin = (0..requests.len())
-                    .find(|&j| !batch_seeds[j].is_empty() && requests[j] == requests[i])
-                    .expect("a twin exists");
-                batch_seeds[i] = batch_seeds[twin].clone();
-            }
         }
         let keys: Vec<CacheKey> = requests
             .iter()
-            .zip(&batch_seeds)
-            .map(|(r, batch)| {
+            .map(|r| {
                 let inputs = Inputs {
                     generator: &self.generator.identity,
                     settings: &self.generator.settings,
                     prompt: &r.prompt,
                     seed: r.seed,
-                    batch,
                 };
                 CacheKey::of(CacheKind::Images, &inputs)
             })
@@ -363,7 +356,7 @@ impl Workbench {
         let images = self
             .through_cache(
                 requests,
-                Batching::Fixed(batches),
+                batch_size,
                 |i| keys[i].clone(),
                 |png| {
                     image::load_from_memory_with_format(png, image::ImageFormat::Png)

@@ -1,4 +1,5 @@
-//! Content-addressed caches in the object store: generated images, captions, LLM replies.
+//! Content-addressed caches in the object store: generated images, captions, LLM replies,
+//! and the vectors models compute from images (activations, embeddings).
 //!
 //! An entry's key is the BLAKE3 hash of everything its value depends on (model identity,
 //! inputs, settings), written as canonical JSON, so equal work has equal keys across
@@ -23,16 +24,21 @@ pub enum CacheKind {
     Captions,
     /// LLM replies (JSON).
     Replies,
+    /// A vector a model computed from an image: pooled activations, a channel's map, an
+    /// embedding (little-endian f32).
+    Vectors,
 }
 
 impl CacheKind {
-    pub const ALL: [CacheKind; 3] = [CacheKind::Images, CacheKind::Captions, CacheKind::Replies];
+    pub const ALL: [CacheKind; 4] =
+        [CacheKind::Images, CacheKind::Captions, CacheKind::Replies, CacheKind::Vectors];
 
     pub fn name(self) -> &'static str {
         match self {
             CacheKind::Images => "images",
             CacheKind::Captions => "captions",
             CacheKind::Replies => "replies",
+            CacheKind::Vectors => "vectors",
         }
     }
 
@@ -40,6 +46,7 @@ impl CacheKind {
         match self {
             CacheKind::Images => "png",
             CacheKind::Captions | CacheKind::Replies => "json",
+            CacheKind::Vectors => "f32",
         }
     }
 }
@@ -90,7 +97,7 @@ pub struct CacheCounts {
 #[derive(Debug)]
 pub struct ContentCache {
     root: Location,
-    counters: [Counters; 3],
+    counters: [Counters; 4],
 }
 
 impl ContentCache {

@@ -19,10 +19,11 @@ use dnd_models::{Tap, TargetModel};
 use dnd_store::tables::{self, CropRow, ErrorRow};
 use dnd_store::{Location, ParquetSink};
 
-use crate::activations::pooled_activations_blocking;
+use crate::activations::pooled_activations_cached;
 use crate::error::PipelineError;
 use crate::images::{ImageLimits, ImageRef, load_batch};
 use crate::progress::Progress;
+use crate::vector_cache::VectorCache;
 use crate::workbench::{encode_png, image_hash};
 
 /// An original probe image or an attention crop of one, in a neuron's evidence.
@@ -130,6 +131,75 @@ pub struct CropInputs<'a> {
     pub batch_size: usize,
     /// The job directory: crops are stored under `images/crops/`.
     pub job: &'a Location,
+    /// Where the target's channel maps and pooled activations are cached.
+    pub vectors: VectorCache<'a>,
+}
+
+/// What the vector cache calls a channel's map on the crop canvas: the map's width and
+/// height, then its values.
+fn map_output(tap: Tap, side: u32, channel: usize) -> String {
+    format!("map/{tap}/canvas-{side}/{channel}")
+}
+
+/// The map of every (canvas slot, channel) the task's neurons need, from the cache where
+/// it has them; the canvases with a missing map go through the model once, in batches.
+async fn neuron_maps(
+    input: &CropInputs<'_>,
+    order: &[u32],
+    slot: &HashMap<u32, usize>,
+    canvases: &[RgbImage],
+) -> Result<HashMap<(usize, usize), Map2>, PipelineError> {
+    let side = input.config.canvas_size;
+    let hashes: Vec<String> =
+        order.par_iter().map(|i| image_hash(input.originals[i].as_ref())).collect();
+    let mut needs: BTreeSet<(usize, usize)> = BTreeSet::new();
+    for (k, list) in input.top.iter().enumerate() {
+        for s in list {
+            if let Some(&i) = slot.get(&s.image) {
+                needs.insert((i, input.neurons[k].index()));
+            }
+        }
+    }
+    let mut maps = HashMap::new();
+    let mut missing: BTreeSet<usize> = BTreeSet::new();
+    for &(i, channel) in &needs {
+        match input.vectors.get(&map_output(input.tap, side, channel), &hashes[i]).await? {
+            Some(v) if v.len() >= 2 => {
+                let (width, height) = (v[0] as usize, v[1] as usize);
+                maps.insert((i, channel), Map2 { width, height, data: v[2..].to_vec() });
+            }
+            _ => {
+                missing.insert(i);
+            }
+        }
+    }
+    if missing.is_empty() {
+        return Ok(maps);
+    }
+    let missing: Vec<usize> = missing.into_iter().collect();
+    let computed: Vec<ChannelMaps> = {
+        let (model, tap, batch) = (input.model.clone(), input.tap, input.batch_size.max(1));
+        let chosen: Vec<RgbImage> = missing.iter().map(|&i| canvases[i].clone()).collect();
+        tokio::task::spawn_blocking(move || -> Result<_, PipelineError> {
+            let mut maps = Vec::new();
+            for chunk in chosen.chunks(batch) {
+                maps.extend(canvas_maps(&model, chunk, &[tap])?);
+            }
+            Ok(maps)
+        })
+        .await??
+    };
+    let batch = input.batch_size.max(1);
+    for (m, &i) in missing.iter().enumerate() {
+        for &(_, channel) in needs.range((i, 0)..(i + 1, 0)) {
+            let map = computed[m / batch].map(m % batch, channel);
+            let mut stored = vec![map.width as f32, map.height as f32];
+            stored.extend_from_slice(&map.data);
+            input.vectors.put(&map_output(input.tap, side, channel), &hashes[i], &stored).await?;
+            maps.insert((i, channel), map);
+        }
+    }
+    Ok(maps)
 }
 
 /// The crops of every neuron of the task (spatial layers only), each with its own
@@ -143,27 +213,15 @@ pub async fn neuron_crops(input: &CropInputs<'_>) -> Result<Vec<Vec<Evidence>>, 
         let refs: Vec<&RgbImage> = order.iter().map(|i| input.originals[i].as_ref()).collect();
         canvases(&refs, side)
     };
-    let maps: Vec<ChannelMaps> = {
-        let (model, tap, batch, canvases) =
-            (input.model.clone(), input.tap, input.batch_size, canvases.clone());
-        tokio::task::spawn_blocking(move || -> Result<_, PipelineError> {
-            let mut maps = Vec::new();
-            for chunk in canvases.chunks(batch.max(1)) {
-                maps.extend(canvas_maps(&model, chunk, &[tap])?);
-            }
-            Ok(maps)
-        })
-        .await??
-    };
-    let batch = input.batch_size.max(1);
     let slot: HashMap<u32, usize> = order.iter().enumerate().map(|(i, &img)| (img, i)).collect();
+    let maps = neuron_maps(input, &order, &slot, &canvases).await?;
     let mut crops: Vec<(usize, Evidence)> = Vec::new();
     for (k, list) in input.top.iter().enumerate() {
         let neuron = input.neurons[k].index();
         for s in list {
             let Some(&i) = slot.get(&s.image) else { continue };
-            let map = maps[i / batch].map(i % batch, neuron);
-            let (plan, cut) = crop_neuron(&canvases[i], &map, input.config);
+            let map = &maps[&(i, neuron)];
+            let (plan, cut) = crop_neuron(&canvases[i], map, input.config);
             for (c, (b, img)) in plan.crops.iter().zip(cut).enumerate() {
                 let hash = image_hash(&img);
                 let uri = input.job.display_path(&crop_path(&hash));
@@ -183,9 +241,10 @@ pub async fn neuron_crops(input: &CropInputs<'_>) -> Result<Vec<Vec<Evidence>>, 
     }
     // Their own activations, for re-ranking with the originals.
     let crop_images: Vec<Arc<RgbImage>> = crops.iter().map(|(_, e)| e.image.clone()).collect();
-    let pooled = pooled_activations_blocking(
-        input.model.clone(),
-        crop_images,
+    let pooled = pooled_activations_cached(
+        input.vectors,
+        input.model,
+        &crop_images,
         input.tap,
         input.pooling,
         input.batch_size,

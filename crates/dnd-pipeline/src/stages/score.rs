@@ -10,10 +10,12 @@ use image::RgbImage;
 
 use dnd_core::scoring::{GeneratedImage, image_positions, mean_cosine, score_candidates};
 use dnd_core::{CandidateScore, NeuronId, Pooling, ScoringConfig};
-use dnd_models::{Embedder, Tap, TargetModel};
+use dnd_models::Tap;
+use rayon::prelude::*;
 
-use crate::activations::pooled_activations_blocking;
+use crate::activations::pooled_activations_cached;
 use crate::error::PipelineError;
+use crate::workbench::{Workbench, image_hash};
 
 /// What the models measured on a task's images.
 pub struct Measurements {
@@ -39,49 +41,63 @@ impl Measurements {
     }
 }
 
-/// Image embeddings of `images`, in batches, on a blocking thread: rows and width.
+/// What the vector cache calls an image embedding.
+const EMBEDDING: &str = "image-embedding";
+
+/// Image embeddings of `images` (rows), from the cache where it has them; the rest on a
+/// blocking thread, one image per call: the CLIP tower's batched numerics change in the
+/// last bits with the batch's make-up, and the cache must hold one value per image,
+/// whichever task computes it first.
 async fn embed(
-    embedder: Arc<dyn Embedder>,
-    images: Vec<Arc<RgbImage>>,
-    batch: usize,
-) -> Result<(Vec<f32>, usize), PipelineError> {
-    tokio::task::spawn_blocking(move || -> Result<(Vec<f32>, usize), PipelineError> {
-        let mut rows = Vec::new();
-        let mut dim = 0;
-        for chunk in images.chunks(batch.max(1)) {
-            let owned: Vec<RgbImage> = chunk.iter().map(|i| (**i).clone()).collect();
-            let e = embedder.embed_images(&owned)?.to_device(&Device::Cpu)?;
-            dim = e.dim(1)?;
-            rows.extend(e.flatten_all()?.to_vec1::<f32>()?);
-        }
-        Ok((rows, dim))
-    })
-    .await?
+    bench: &Workbench,
+    images: &[Arc<RgbImage>],
+) -> Result<Vec<Vec<f32>>, PipelineError> {
+    let hashes: Vec<String> = images.par_iter().map(|i| image_hash(i)).collect();
+    let embedder = bench.embedder.model.clone();
+    bench
+        .embedder_vectors()
+        .rows(EMBEDDING, &hashes, |missing| {
+            let images: Vec<Arc<RgbImage>> = missing.iter().map(|&i| images[i].clone()).collect();
+            async move {
+                tokio::task::spawn_blocking(move || -> Result<Vec<Vec<f32>>, PipelineError> {
+                    let mut rows = Vec::with_capacity(images.len());
+                    for image in &images {
+                        let e = embedder.embed_images(std::slice::from_ref(&**image))?;
+                        rows.extend(e.to_device(&Device::Cpu)?.to_vec2::<f32>()?);
+                    }
+                    Ok(rows)
+                })
+                .await?
+            }
+        })
+        .await
 }
 
 /// Runs the target model on the generated images and the embedder on them and on the
-/// distinct top images.
+/// distinct top images, through the vector cache.
 pub async fn measure(
-    target: &Arc<TargetModel>,
-    embedder: &Arc<dyn Embedder>,
+    bench: &Workbench,
     tap: Tap,
     pooling: Pooling,
     batch: usize,
     top_images: &[(String, Arc<RgbImage>)],
     generated: &[Arc<RgbImage>],
 ) -> Result<Measurements, PipelineError> {
-    let activations =
-        pooled_activations_blocking(target.clone(), generated.to_vec(), tap, pooling, batch)
-            .await?;
-    let (top_rows, dim) =
-        embed(embedder.clone(), top_images.iter().map(|(_, i)| i.clone()).collect(), batch).await?;
-    let (generated, _) = embed(embedder.clone(), generated.to_vec(), batch).await?;
-    let top = top_images
-        .iter()
-        .enumerate()
-        .map(|(i, (h, _))| (h.clone(), top_rows[i * dim..(i + 1) * dim].to_vec()))
-        .collect();
-    Ok(Measurements { activations, dim, top, generated })
+    let activations = pooled_activations_cached(
+        bench.target_vectors(),
+        &bench.target,
+        generated,
+        tap,
+        pooling,
+        batch,
+    )
+    .await?;
+    let top_list: Vec<Arc<RgbImage>> = top_images.iter().map(|(_, i)| i.clone()).collect();
+    let top_rows = embed(bench, &top_list).await?;
+    let generated_rows = embed(bench, generated).await?;
+    let dim = top_rows.first().or(generated_rows.first()).map_or(0, Vec::len);
+    let top = top_images.iter().zip(top_rows).map(|((h, _), row)| (h.clone(), row)).collect();
+    Ok(Measurements { activations, dim, top, generated: generated_rows.concat() })
 }
 
 /// One neuron's candidates, scored.
