@@ -10,11 +10,12 @@ use tokenizers::Tokenizer;
 use crate::checkpoint::ModelRef;
 use crate::error::ModelError;
 
-/// Reads a JSON file of a Hugging Face model directory into `T`.
+/// Reads a JSON file of a Hugging Face model directory into `T`; Python's `NaN` and
+/// `Infinity` are accepted ([`crate::json`]).
 pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ModelError> {
     let text = std::fs::read_to_string(path)
         .map_err(|source| ModelError::Io { path: path.into(), source })?;
-    serde_json::from_str(&text)
+    crate::json::from_config_str(&text)
         .map_err(|e| ModelError::Config { path: path.into(), reason: e.to_string() })
 }
 
@@ -31,8 +32,12 @@ pub fn model_file(dir: &Path, name: &str, reference: &ModelRef) -> Result<PathBu
     }
 }
 
+/// Loads a `tokenizer.json`, with the same leniency as [`read_json`].
 pub fn load_tokenizer(path: &Path) -> Result<Tokenizer, ModelError> {
-    Tokenizer::from_file(path).map_err(|e| ModelError::Config {
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| ModelError::Io { path: path.into(), source })?;
+    let text = crate::json::python_tokens_to_json(&text);
+    Tokenizer::from_bytes(text.as_bytes()).map_err(|e| ModelError::Config {
         path: path.into(),
         reason: format!("not a tokenizer.json: {e}"),
     })

@@ -14,6 +14,7 @@ pub mod embedder;
 pub mod error;
 pub mod generator;
 pub mod hf_files;
+pub mod json;
 pub mod kernels;
 pub mod preprocess;
 pub mod resnet;
