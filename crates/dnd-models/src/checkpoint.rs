@@ -99,8 +99,12 @@ pub fn fingerprint(reference: &ModelRef, files: &ModelFiles) -> Result<String, M
     let mut paths = Vec::new();
     if matches!(reference, ModelRef::Local(p) if p.is_file()) {
         // A single weights file (or shard index, with its shards): its directory may hold
-        // anything else.
-        paths.extend(Checkpoint::open(&files.weights)?.files());
+        // anything else. A file that is no checkpoint (a diffusers model_index.json) is
+        // hashed as it is; loading it says what is wrong, not its identity.
+        match Checkpoint::open(&files.weights) {
+            Ok(checkpoint) => paths.extend(checkpoint.files()),
+            Err(_) => paths.push(files.weights.clone()),
+        }
         paths.extend(files.config.clone());
     } else {
         collect_model_files(dir, &mut paths)
