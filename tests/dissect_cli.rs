@@ -188,7 +188,10 @@ fn bad_input_is_rejected_before_any_work_starts() {
     let unreachable_job = unreachable.path().join("job.toml");
     std::fs::write(&unreachable_job, job).unwrap();
     let empty_dir = empty.path().display().to_string();
+    let legacy =
+        repo().join("tests/fixtures/models/tiny_resnet_pth/legacy.pth").display().to_string();
     let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--model", legacy.as_str()], "legacy.pth"),
         (vec!["--layers", "layer9"], "layer9"),
         (vec!["--neurons", "layer4=0..100000"], "neuron 99999"),
         (vec!["--neurons", "layer3=0"], "layer3"),

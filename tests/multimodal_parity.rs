@@ -220,3 +220,68 @@ fn stable_diffusion_unet_matches_diffusers() {
     let worst = image[0].as_raw().iter().zip(&want).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
     assert!(worst <= if f16 > 1.0 { 4 } else { 1 }, "pipeline image differs by {worst} levels");
 }
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let path = entry.unwrap().path();
+        let target = to.join(path.file_name().unwrap());
+        if path.is_dir() {
+            copy_dir(&path, &target);
+        } else {
+            std::fs::copy(&path, &target).unwrap();
+        }
+    }
+}
+
+/// A pipeline whose scheduler was saved as DPMSolverMultistepScheduler: diffusers writes
+/// Python's `-Infinity` and `NaN` into scheduler_config.json. It loads, and samples as the
+/// DDIM-scheduled fixture does (dnd samples with DDIM from the same noise schedule).
+#[test]
+fn stable_diffusion_loads_a_scheduler_config_with_python_infinities() {
+    use dnd_models::{Generator, ImageRequest};
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&fixtures().join("multimodal/sd"), dir.path());
+    std::fs::write(
+        dir.path().join("scheduler/scheduler_config.json"),
+        r#"{
+  "_class_name": "DPMSolverMultistepScheduler",
+  "_diffusers_version": "0.31.0",
+  "algorithm_type": "dpmsolver++",
+  "beta_end": 0.012,
+  "beta_schedule": "scaled_linear",
+  "beta_start": 0.00085,
+  "dynamic_thresholding_ratio": 0.995,
+  "euler_at_final": false,
+  "final_sigmas_type": "zero",
+  "lambda_min_clipped": -Infinity,
+  "lower_order_final": true,
+  "num_train_timesteps": 1000,
+  "prediction_type": "epsilon",
+  "sample_max_value": NaN,
+  "solver_order": 2,
+  "solver_type": "midpoint",
+  "steps_offset": 1,
+  "thresholding": false,
+  "timestep_spacing": "leading",
+  "trained_betas": null,
+  "use_karras_sigmas": false,
+  "variance_type": null
+}"#,
+    )
+    .unwrap();
+    let config = dnd_models::GenerationConfig {
+        steps: 3,
+        guidance_scale: 7.5,
+        width: 32,
+        height: 32,
+        ..Default::default()
+    };
+    let model: ModelRef = dir.path().to_str().unwrap().parse().unwrap();
+    let dpm = dnd_models::DiffusionGenerator::load(&model, &test_device(), config).unwrap();
+    let (ddim, _) = load_sd(&reference("sd"));
+    let request = [ImageRequest { prompt: "a red circle".into(), seed: 7 }];
+    let ours = dpm.generate(&request).unwrap();
+    let theirs = ddim.generate(&request).unwrap();
+    assert_eq!(ours[0].as_raw(), theirs[0].as_raw());
+}

@@ -273,8 +273,31 @@ fn bad_input_fails_early_with_exit_code_2_and_a_useful_message() {
     let out_dir = out.path().join("never");
     let o = out_dir.to_str().unwrap();
     let empty = tempfile::tempdir().unwrap();
+    // Checkpoints dnd cannot use: each message names the file, what it is and what to do.
+    let legacy = fixtures().join("models/tiny_resnet_pth/legacy.pth");
+    let legacy = legacy.to_str().unwrap();
+    let bad_models = tempfile::tempdir().unwrap();
+    let vgg = bad_models.path().join("vgg16.safetensors");
+    let zeros = candle_core::Tensor::zeros(
+        (4, 3, 3, 3),
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let tensors = std::collections::HashMap::from([("features.0.weight".to_string(), zeros)]);
+    candle_core::safetensors::save(&tensors, &vgg).unwrap();
+    let vgg = vgg.to_str().unwrap();
+    let html = bad_models.path().join("resnet18.pth");
+    std::fs::write(&html, "<html>404 Not Found</html>").unwrap();
+    let html = html.to_str().unwrap();
     let cases: Vec<(Vec<&str>, &[&str])> = vec![
         (vec!["--model", "/no/such/model", "--images", img], &["/no/such/model", "help:"]),
+        (vec!["--model", legacy, "--images", img], &["legacy.pth", "legacy", "torch.save"]),
+        (
+            vec!["--model", vgg, "--images", img],
+            &["vgg16.safetensors", "`features.0.weight`", "expected:", "help:"],
+        ),
+        (vec!["--model", html, "--images", img], &["resnet18.pth", "<html>", "help:"]),
         (
             vec!["--model", "hf:nobody/nothing", "--images", img],
             &["hf:nobody/nothing", "huggingface-cli download"],

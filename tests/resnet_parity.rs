@@ -1,12 +1,16 @@
 //! Parity with PyTorch: our ResNet taps, preprocessing and attention crops against the
 //! references that `tests/fixtures/make_resnet_fixtures.py` computed with torchvision,
-//! PIL and OpenCV on random-weight models.
+//! PIL and OpenCV on random-weight models; the same weights saved by PyTorch itself
+//! (`tests/fixtures/make_pth_fixtures.py`) give the same taps.
+
+use std::collections::HashMap;
 
 use candle_core::{D, Device, IndexOp, Tensor};
 
 use dnd_core::{CropConfig, Map2, plan_crops};
 use dnd_models::preprocess::resize_rgb;
-use dnd_models::{ModelRef, Tap, TargetModel};
+use dnd_models::target::TargetShape;
+use dnd_models::{Checkpoint, ModelRef, ResNet, Tap, TargetModel};
 use dnd_pipeline::ImageLimits;
 use dnd_pipeline::images::decode_rgb;
 use dnd_tests::{Reference, fixtures, max_abs_diff};
@@ -25,8 +29,12 @@ fn load(model: &str) -> TargetModel {
 }
 
 fn check_taps(model_name: &str) {
-    let model = load(model_name);
-    let r = reference(model_name);
+    check_model_taps(&load(model_name), model_name, model_name);
+}
+
+/// `model`'s taps against the reference `reference_name`; `model_name` for messages.
+fn check_model_taps(model: &TargetModel, reference_name: &str, model_name: &str) {
+    let r = reference(reference_name);
     let input = &r.tensors["input"];
     let outs = model.forward_taps(input, &Tap::ALL).unwrap();
     let mut report = Vec::new();
@@ -97,6 +105,58 @@ fn every_tap_is_batch_invariant() {
 #[test]
 fn custom_bottleneck_resnet_taps_match_pytorch() {
     check_taps("tiny_resnet");
+}
+
+/// tiny_resnet's weights as `torch.save(state_dict)` and in the Places365 layout
+/// (`{"state_dict": {"module.conv1.weight": ...}}`, a .pth.tar) load, shape read off the
+/// pickle, to the taps of PyTorch's reference and, bit for bit, of the safetensors file.
+#[test]
+fn pytorch_checkpoints_give_the_taps_of_the_safetensors_file() {
+    let safetensors = load("tiny_resnet");
+    let x = &reference("tiny_resnet").tensors["input"];
+    let expected = safetensors.forward_taps(x, &Tap::ALL).unwrap();
+    for file in ["plain.pth", "places365_layout.pth.tar"] {
+        let name = format!("tiny_resnet_pth/{file}");
+        let model = load(&name);
+        assert_eq!(model.resnet.config(), safetensors.resnet.config(), "{file}");
+        check_model_taps(&model, "tiny_resnet", &name);
+        let outs = model.forward_taps(x, &Tap::ALL).unwrap();
+        for ((tap, ours), theirs) in Tap::ALL.iter().zip(&outs).zip(&expected) {
+            assert_eq!(max_abs_diff(ours, theirs), 0.0, "{file} {tap}");
+        }
+        // Planning reads the taps' widths off the pickle without its weights.
+        let r: ModelRef = fixtures().join("models").join(&name).to_str().unwrap().parse().unwrap();
+        let shape = TargetShape::read(&r).unwrap();
+        for tap in Tap::ALL {
+            assert_eq!(shape.tap_width(tap), model.tap_width(tap), "{file} {tap}");
+        }
+    }
+}
+
+/// A float16 checkpoint (`{"model": state_dict.half()}`, a .pt) is upcast to f32: its taps
+/// are those of the safetensors weights rounded through f16, bit for bit.
+#[test]
+fn float16_pytorch_checkpoint_is_upcast() {
+    let weights = fixtures().join("models/tiny_resnet/model.safetensors");
+    let rounded: HashMap<String, Tensor> = Checkpoint::open(&weights)
+        .unwrap()
+        .load(&Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .map(|(name, t)| {
+            let t = t.to_dtype(candle_core::DType::F16).unwrap();
+            (name, t.to_dtype(candle_core::DType::F32).unwrap())
+        })
+        .collect();
+    let config = load("tiny_resnet").resnet.config().clone();
+    let expected = ResNet::from_tensors(&rounded, config, &weights, &Device::Cpu).unwrap();
+    let half = load("tiny_resnet_pth/half_model.pt");
+    let x = &reference("tiny_resnet").tensors["input"];
+    let outs = half.forward_taps(x, &Tap::ALL).unwrap();
+    let theirs = expected.forward_taps(x, &Tap::ALL).unwrap();
+    for ((tap, ours), theirs) in Tap::ALL.iter().zip(&outs).zip(&theirs) {
+        assert_eq!(max_abs_diff(ours, theirs), 0.0, "{tap}");
+    }
 }
 
 /// Our decode + Resize(256) + CenterCrop(224) + Normalize against torchvision's on PIL.

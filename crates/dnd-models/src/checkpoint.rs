@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use crate::error::ModelError;
+use crate::weights::Checkpoint;
 
 /// A model reference as users write it: a local directory or file, or
 /// `hf:<org>/<name>[@<revision>]` resolved through the Hugging Face hub cache.
@@ -71,9 +72,10 @@ pub struct ModelFiles {
 }
 
 impl ModelRef {
-    /// Finds the model's files. A local reference may name a `.safetensors` file or a
-    /// directory holding `model.safetensors`; a hub reference is looked up in the hub cache
-    /// (`$HF_HOME/hub`) and, unless `HF_HUB_OFFLINE=1`, downloaded there when missing.
+    /// Finds the model's files. A local reference may name a weights file or a directory
+    /// holding `weights_file` (or its other names, see [`find_weights`]); a hub reference is
+    /// looked up in the hub cache (`$HF_HOME/hub`) and, unless `HF_HUB_OFFLINE=1`,
+    /// downloaded there when missing. [`Checkpoint`] reads whatever file it finds.
     pub fn resolve(&self, weights_file: &str) -> Result<ModelFiles, ModelError> {
         match self {
             ModelRef::Local(path) => resolve_local(path, weights_file),
@@ -96,8 +98,13 @@ pub fn fingerprint(reference: &ModelRef, files: &ModelFiles) -> Result<String, M
     }
     let mut paths = Vec::new();
     if matches!(reference, ModelRef::Local(p) if p.is_file()) {
-        // A single weights file: its directory may hold anything else.
-        paths.push(files.weights.clone());
+        // A single weights file (or shard index, with its shards): its directory may hold
+        // anything else. A file that is no checkpoint (a diffusers model_index.json) is
+        // hashed as it is; loading it says what is wrong, not its identity.
+        match Checkpoint::open(&files.weights) {
+            Ok(checkpoint) => paths.extend(checkpoint.files()),
+            Err(_) => paths.push(files.weights.clone()),
+        }
         paths.extend(files.config.clone());
     } else {
         collect_model_files(dir, &mut paths)
@@ -128,7 +135,10 @@ fn collect_model_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()
         }
         if path.is_dir() {
             collect_model_files(&path, out)?;
-        } else if [".json", ".safetensors", ".txt", ".model"].iter().any(|ext| name.ends_with(ext))
+        } else if [".json", ".txt", ".model"]
+            .iter()
+            .chain(&WEIGHTS_EXTENSIONS)
+            .any(|ext| name.ends_with(ext))
         {
             out.push(path);
         }
@@ -136,17 +146,72 @@ fn collect_model_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()
     Ok(())
 }
 
+/// File names that hold weights, for the one-checkpoint-in-a-directory rule and messages.
+const WEIGHTS_EXTENSIONS: [&str; 5] = [".safetensors", ".pth", ".pt", ".pth.tar", ".bin"];
+
+/// The names the weights saved as `weights_file` also go by, in the order they are looked
+/// for: the file, its shard index, then PyTorch's name for the same weights
+/// (`pytorch_model.bin` for `model.safetensors`, `X.bin` for `X.safetensors`) and its index.
+fn weights_names(weights_file: &str) -> Vec<String> {
+    let Some(stem) = weights_file.strip_suffix(".safetensors") else {
+        return vec![weights_file.into()];
+    };
+    let bin = if stem == "model" { "pytorch_model.bin".to_string() } else { format!("{stem}.bin") };
+    vec![
+        weights_file.into(),
+        format!("{weights_file}.index.json"),
+        format!("{bin}.index.json"),
+        bin,
+    ]
+}
+
+/// The checkpoint files directly in `dir`, sorted.
+fn weights_files_in(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    let mut found: Vec<PathBuf> = entries
+        .filter_map(|e| Some(e.ok()?.path()))
+        .filter(|p| {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            p.is_file() && WEIGHTS_EXTENSIONS.iter().any(|ext| name.ends_with(ext))
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+/// The weights in a model directory saved as `weights_file` (e.g. `model.safetensors`):
+/// that file, its shard index, PyTorch's `.bin` of the same weights, or else, when the
+/// directory holds exactly one checkpoint file (`resnet18_places365.pth.tar`), that one.
+pub fn find_weights(dir: &Path, weights_file: &str) -> Result<PathBuf, ModelError> {
+    let names = weights_names(weights_file);
+    if let Some(found) = names.iter().map(|n| dir.join(n)).find(|p| p.is_file()) {
+        return Ok(found);
+    }
+    let present = weights_files_in(dir);
+    if weights_file.ends_with(".safetensors") && present.len() == 1 {
+        return Ok(present[0].clone());
+    }
+    let present = match present.len() {
+        0 => "no checkpoint file".to_string(),
+        _ => {
+            let names: Vec<String> = present
+                .iter()
+                .filter_map(|p| Some(p.file_name()?.to_string_lossy().into_owned()))
+                .collect();
+            format!("several checkpoint files ({})", names.join(", "))
+        }
+    };
+    Err(ModelError::NotFound {
+        what: format!("{} has no {} and {present}", dir.display(), names.join(" nor ")),
+        help: format!(
+            "pass the weights file itself (.safetensors, .pth, .pt, .pth.tar or .bin), or put it there as {weights_file}"
+        ),
+    })
+}
+
 fn resolve_local(path: &Path, weights_file: &str) -> Result<ModelFiles, ModelError> {
     if path.is_dir() {
-        let weights = path.join(weights_file);
-        if !weights.is_file() {
-            return Err(ModelError::NotFound {
-                what: format!("{} has no {weights_file}", path.display()),
-                help: format!(
-                    "put the weights there as {weights_file} (a PyTorch state_dict saved with safetensors.torch.save_file), or pass the .safetensors file itself"
-                ),
-            });
-        }
+        let weights = find_weights(path, weights_file)?;
         let config = Some(path.join("config.json")).filter(|c| c.is_file());
         return Ok(ModelFiles { weights, config });
     }
@@ -156,7 +221,7 @@ fn resolve_local(path: &Path, weights_file: &str) -> Result<ModelFiles, ModelErr
     }
     Err(ModelError::NotFound {
         what: format!("no file or directory at {}", path.display()),
-        help: "pass a directory holding model.safetensors (and optionally config.json), a .safetensors file, or hf:<org>/<name> for a Hugging Face model".into(),
+        help: "pass a directory holding model.safetensors (and optionally config.json), a weights file (.safetensors, .pth, .pt, .pth.tar, .bin, or a sharded checkpoint's .index.json), or hf:<org>/<name> for a Hugging Face model".into(),
     })
 }
 
@@ -185,7 +250,8 @@ fn resolve_hub(repo: &str, revision: &str, weights_file: &str) -> Result<ModelFi
         cache.repo(hub_repo.clone()).get(file)
     };
     let snapshot_dir = cache.path().join(hub_repo.folder_name());
-    if let Some(weights) = cached(weights_file) {
+    let names = weights_names(weights_file);
+    if let Some(weights) = names.iter().find_map(|name| cached(name)) {
         return Ok(ModelFiles { weights, config: cached("config.json") });
     }
     let offline =
@@ -204,21 +270,52 @@ fn resolve_hub(repo: &str, revision: &str, weights_file: &str) -> Result<ModelFi
         });
     }
     tracing::info!(repo, revision, "downloading {weights_file} from the Hugging Face hub");
-    let download = || -> Result<ModelFiles, hf_hub::api::sync::ApiError> {
-        let api = hf_hub::api::sync::ApiBuilder::from_env().with_progress(false).build()?;
-        let remote = api.repo(hub_repo.clone());
-        let weights = remote.get(weights_file)?;
-        // config.json is optional for target models (the architecture can be read off the weights).
-        let config = remote.get("config.json").ok();
-        Ok(ModelFiles { weights, config })
-    };
-    download().map_err(|e| ModelError::NotFound {
+    download(hub_repo, &names).map_err(|e| ModelError::NotFound {
         what: format!(
             "hf:{repo}@{revision} is not in the hub cache at {} and downloading it failed: {e}",
             snapshot_dir.display()
         ),
         help,
     })
+}
+
+/// Downloads the first of `names` the repository has (with its shards, for an index) and
+/// its config.json; the error is the first name's.
+fn download(hub_repo: hf_hub::Repo, names: &[String]) -> Result<ModelFiles, String> {
+    let api = hf_hub::api::sync::ApiBuilder::from_env()
+        .with_progress(false)
+        .build()
+        .map_err(|e| e.to_string())?;
+    let remote = api.repo(hub_repo);
+    let mut first_error = None;
+    for name in names {
+        let weights = match remote.get(name) {
+            Ok(weights) => weights,
+            Err(e) => {
+                first_error.get_or_insert(e.to_string());
+                continue;
+            }
+        };
+        if name.ends_with(".index.json") {
+            #[derive(serde::Deserialize)]
+            struct Index {
+                weight_map: std::collections::HashMap<String, String>,
+            }
+            let text = std::fs::read_to_string(&weights).map_err(|e| e.to_string())?;
+            let index: Index = crate::json::from_config_str(&text)
+                .map_err(|e| format!("{name} is not a shard index: {e}"))?;
+            let mut shards: Vec<&String> = index.weight_map.values().collect();
+            shards.sort();
+            shards.dedup();
+            for shard in shards {
+                remote.get(shard).map_err(|e| format!("shard {shard}: {e}"))?;
+            }
+        }
+        // config.json is optional for target models (the architecture can be read off the weights).
+        let config = remote.get("config.json").ok();
+        return Ok(ModelFiles { weights, config });
+    }
+    Err(first_error.unwrap_or_else(|| "no file to download".into()))
 }
 
 #[cfg(test)]
@@ -257,6 +354,39 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(msg.contains("has no model.safetensors"), "{msg}");
+    }
+
+    #[test]
+    fn a_directory_finds_its_weights_under_any_usual_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let touch = |name: &str| std::fs::write(d.join(name), b"x").unwrap();
+        // The only checkpoint file of a directory is its weights, whatever its name.
+        touch("resnet18_places365.pth.tar");
+        assert!(
+            find_weights(d, "model.safetensors").unwrap().ends_with("resnet18_places365.pth.tar")
+        );
+        // Several: the usual names decide; PyTorch's .bin is model.safetensors' other name.
+        touch("pytorch_model.bin");
+        assert!(find_weights(d, "model.safetensors").unwrap().ends_with("pytorch_model.bin"));
+        touch("model.safetensors.index.json");
+        assert!(
+            find_weights(d, "model.safetensors").unwrap().ends_with("model.safetensors.index.json")
+        );
+        touch("model.safetensors");
+        assert!(find_weights(d, "model.safetensors").unwrap().ends_with("model.safetensors"));
+        touch("diffusion_pytorch_model.bin");
+        let unet = find_weights(d, "diffusion_pytorch_model.safetensors").unwrap();
+        assert!(unet.ends_with("diffusion_pytorch_model.bin"));
+        // No usual name and several candidates: the message lists them.
+        let other = tempfile::tempdir().unwrap();
+        std::fs::write(other.path().join("a.pth"), b"x").unwrap();
+        std::fs::write(other.path().join("b.pt"), b"x").unwrap();
+        let msg = find_weights(other.path(), "model.safetensors").unwrap_err().to_string();
+        assert!(
+            msg.contains("a.pth, b.pt") && msg.contains("pass the weights file itself"),
+            "{msg}"
+        );
     }
 
     #[test]

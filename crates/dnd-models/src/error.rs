@@ -17,6 +17,10 @@ pub enum ModelError {
     #[error("checkpoint {path} does not fit: {reason}")]
     Checkpoint { path: PathBuf, reason: String },
 
+    /// A weights file dnd cannot use: what it holds, what dnd reads, what to do.
+    #[error("cannot use checkpoint {path}: it is {found}\n  expected: {expected}\n  help: {help}")]
+    BadCheckpoint { path: PathBuf, found: String, expected: String, help: String },
+
     #[error("invalid model config {path}: {reason}")]
     Config { path: PathBuf, reason: String },
 

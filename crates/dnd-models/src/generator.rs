@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
 use crate::checkpoint::ModelRef;
+use crate::checkpoint::find_weights;
 use crate::clip::{ClipText, ClipTextConfig};
 use crate::diffusion::{UNet, UNetConfig, VaeConfig, VaeDecoder};
 use crate::error::ModelError;
@@ -164,7 +165,9 @@ impl DiffusionGenerator {
         let unet_cfg_path = weights("unet", "config.json")?;
         let unet_config: UNetConfig = read_json(&unet_cfg_path)?;
         unet_config.validate().map_err(|reason| bad(&unet_cfg_path, reason))?;
-        let unet_w = weights("unet", "diffusion_pytorch_model.safetensors")?;
+        // Weights in any format Checkpoint reads (diffusers also saves `.bin` and shards).
+        let part_weights = |sub: &str, file: &str| find_weights(&dir.join(sub), file);
+        let unet_w = part_weights("unet", "diffusion_pytorch_model.safetensors")?;
         let unet = UNet::load(&var_builder_as(&unet_w, dtype, device)?, unet_config)
             .map_err(checkpoint_error(&unet_w))?;
 
@@ -173,12 +176,12 @@ impl DiffusionGenerator {
         vae_config.validate().map_err(|reason| bad(&vae_cfg_path, reason))?;
         let vae_dtype = if vae_config.force_upcast { DType::F32 } else { dtype };
         let (latent_channels, vae_scale) = (vae_config.latent_channels, vae_config.downscale());
-        let vae_w = weights("vae", "diffusion_pytorch_model.safetensors")?;
+        let vae_w = part_weights("vae", "diffusion_pytorch_model.safetensors")?;
         let vae = VaeDecoder::load(&var_builder_as(&vae_w, vae_dtype, device)?, vae_config)
             .map_err(checkpoint_error(&vae_w))?;
 
         let t: ClipTextConfig = read_json(&weights("text_encoder", "config.json")?)?;
-        let text_w = weights("text_encoder", "model.safetensors")?;
+        let text_w = part_weights("text_encoder", "model.safetensors")?;
         let text_vb = var_builder_as(&text_w, dtype, device)?;
         // `CLIPTextModel` checkpoints name tensors `text_model.*`; transformers 5 saves them bare.
         let text_vb = if text_vb.contains_tensor("text_model.embeddings.token_embedding.weight") {

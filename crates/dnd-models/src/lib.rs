@@ -1,7 +1,9 @@
 //! dnd-models: candle model code for dnd.
 //!
-//! Target vision models expose activation taps; checkpoints load from local safetensors or
-//! the Hugging Face hub cache in the layouts their authors publish.
+//! Target vision models expose activation taps; checkpoints load from local files
+//! (safetensors, sharded safetensors, PyTorch pickles: [`weights`]) or the Hugging Face hub
+//! cache in the layouts their authors publish. Config JSON is read as Python writes it
+//! ([`json`]).
 
 pub mod blip;
 pub mod captioner;
@@ -14,11 +16,13 @@ pub mod embedder;
 pub mod error;
 pub mod generator;
 pub mod hf_files;
+pub mod json;
 pub mod kernels;
 pub mod preprocess;
 pub mod resnet;
 pub mod target;
 pub mod transformer;
+pub mod weights;
 pub mod winograd;
 
 pub use captioner::{BlipCaptioner, Caption, CaptionConfig, Captioner};
@@ -29,3 +33,4 @@ pub use generator::{DiffusionGenerator, GenerationConfig, Generator, ImageReques
 pub use preprocess::Preprocess;
 pub use resnet::{ResNet, ResNetConfig, Tap};
 pub use target::TargetModel;
+pub use weights::Checkpoint;

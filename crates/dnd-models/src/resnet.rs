@@ -18,7 +18,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::conv::{ConvGeometry, conv2d_fused};
 use crate::error::ModelError;
-use crate::hf_files::{read_json, safetensors_shapes};
+use crate::hf_files::read_json;
+use crate::weights::Checkpoint;
 
 /// torchvision's BatchNorm2d default.
 const BN_EPS: f64 = 1e-5;
@@ -132,12 +133,11 @@ impl ResNetConfig {
         Self::infer_from_shapes(&shapes)
     }
 
-    /// Reads the shape off a `safetensors` file's header, without reading the weights.
-    pub fn from_safetensors_header(path: &Path) -> Result<Self, ModelError> {
-        let bad = |reason: String| ModelError::Checkpoint { path: path.into(), reason };
-        let shapes = safetensors_shapes(path)
-            .map_err(|e| bad(format!("it is not a readable safetensors file ({e})")))?;
-        Self::infer_from_shapes(&shapes).map_err(bad)
+    /// Reads the shape off a checkpoint's tensor shapes, without reading the weights.
+    pub fn from_checkpoint(checkpoint: &Checkpoint) -> Result<Self, ModelError> {
+        let shapes = checkpoint.shapes()?;
+        Self::infer_from_shapes(&shapes)
+            .map_err(|reason| not_a_resnet(checkpoint.path(), &reason, shapes.keys()))
     }
 
     /// [`Self::infer`] from tensor names and shapes.
@@ -353,6 +353,29 @@ pub struct ResNet {
     fc_bias: Tensor,
 }
 
+/// The error for tensors that are not a torchvision/timm ResNet's: what the file has
+/// (a few of its names), what dnd expected, what to do.
+fn not_a_resnet<'a>(
+    path: &Path,
+    reason: &str,
+    names: impl Iterator<Item = &'a String>,
+) -> ModelError {
+    let mut names: Vec<&String> = names.collect();
+    names.sort();
+    let count = names.len();
+    let sample: Vec<String> = names.iter().take(4).map(|n| format!("`{n}`")).collect();
+    let found = match count {
+        0 => "a checkpoint with no tensors".to_string(),
+        _ => format!("a checkpoint of {count} tensors ({}, ...): {reason}", sample.join(", ")),
+    };
+    ModelError::BadCheckpoint {
+        path: path.into(),
+        found,
+        expected: "a torchvision/timm ResNet state_dict: `conv1.weight`, `bn1.*`, `layer1.0.conv1.weight` ... `fc.weight`".into(),
+        help: "pass a ResNet checkpoint with torchvision's tensor names (Hugging Face `microsoft/resnet-*` checkpoints use another layout); if every name carries a prefix such as `backbone.`, re-save the state_dict without it".into(),
+    }
+}
+
 /// Builds the model from named tensors, checking every shape.
 struct Loader<'a> {
     tensors: &'a HashMap<String, Tensor>,
@@ -362,19 +385,15 @@ struct Loader<'a> {
 
 impl Loader<'_> {
     fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
-        let t = self.tensors.get(name).ok_or_else(|| ModelError::Checkpoint {
-            path: self.path.into(),
-            reason: format!(
-                "it has no tensor `{name}`; dnd reads torchvision/timm ResNet names (Hugging Face `microsoft/resnet-*` checkpoints use another layout)"
-            ),
+        let t = self.tensors.get(name).ok_or_else(|| {
+            not_a_resnet(self.path, &format!("it has no tensor `{name}`"), self.tensors.keys())
         })?;
         if t.dims() != shape {
-            return Err(ModelError::Checkpoint {
+            return Err(ModelError::BadCheckpoint {
                 path: self.path.into(),
-                reason: format!(
-                    "tensor `{name}` has shape {:?}, the architecture expects {shape:?}",
-                    t.dims()
-                ),
+                found: format!("a checkpoint whose tensor `{name}` has shape {:?}", t.dims()),
+                expected: format!("{shape:?} for `{name}` in the architecture config.json names"),
+                help: "make config.json match the weights, or remove it: without one the shape is read off the weights".into(),
             });
         }
         Ok(t.to_dtype(DType::F32)?.to_device(self.device)?)
@@ -409,23 +428,18 @@ impl Loader<'_> {
 }
 
 impl ResNet {
-    /// Loads a torchvision/timm ResNet from a safetensors file. The shape comes from
-    /// `config` when given (config.json), else it is read off the tensor shapes.
+    /// Loads a torchvision/timm ResNet from any checkpoint [`Checkpoint`] reads. The shape
+    /// comes from `config` when given (config.json), else it is read off the tensor shapes.
     pub fn load(
         weights: &Path,
         config: Option<ResNetConfig>,
         device: &Device,
     ) -> Result<Self, ModelError> {
-        let tensors = candle_core::safetensors::load(weights, &Device::Cpu).map_err(|e| {
-            ModelError::Checkpoint {
-                path: weights.into(),
-                reason: format!("it is not a readable safetensors file ({e})"),
-            }
-        })?;
+        let tensors = Checkpoint::open(weights)?.load(&Device::Cpu)?;
         let config = match config {
             Some(c) => c,
             None => ResNetConfig::infer(&tensors)
-                .map_err(|reason| ModelError::Checkpoint { path: weights.into(), reason })?,
+                .map_err(|reason| not_a_resnet(weights, &reason, tensors.keys()))?,
         };
         Self::from_tensors(&tensors, config, weights, device)
     }
@@ -561,151 +575,4 @@ impl Module for ResNet {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn random_tensors(config: &ResNetConfig) -> HashMap<String, Tensor> {
-        // Build a state_dict with the expected names by loading from zeros-shaped specs.
-        let dev = Device::Cpu;
-        let mut t = HashMap::new();
-        let mut add_conv_bn = |conv: &str, bn: &str, shape: [usize; 4]| {
-            t.insert(format!("{conv}.weight"), Tensor::randn(0f32, 0.1, &shape, &dev).unwrap());
-            t.insert(format!("{bn}.weight"), Tensor::ones(shape[0], DType::F32, &dev).unwrap());
-            t.insert(format!("{bn}.bias"), Tensor::zeros(shape[0], DType::F32, &dev).unwrap());
-            t.insert(
-                format!("{bn}.running_mean"),
-                Tensor::zeros(shape[0], DType::F32, &dev).unwrap(),
-            );
-            t.insert(
-                format!("{bn}.running_var"),
-                Tensor::ones(shape[0], DType::F32, &dev).unwrap(),
-            );
-        };
-        add_conv_bn("conv1", "bn1", [config.stem_channels, 3, 7, 7]);
-        let mut in_ch = config.stem_channels;
-        for s in 0..4 {
-            let out = config.stage_channels(s);
-            for b in 0..config.layers[s] {
-                let p = format!("layer{}.{b}", s + 1);
-                let stride = if s > 0 && b == 0 { 2 } else { 1 };
-                match config.block {
-                    BlockKind::Basic => {
-                        add_conv_bn(&format!("{p}.conv1"), &format!("{p}.bn1"), [out, in_ch, 3, 3]);
-                        add_conv_bn(&format!("{p}.conv2"), &format!("{p}.bn2"), [out, out, 3, 3]);
-                    }
-                    BlockKind::Bottleneck => {
-                        let inner = config.bottleneck_inner(s);
-                        add_conv_bn(
-                            &format!("{p}.conv1"),
-                            &format!("{p}.bn1"),
-                            [inner, in_ch, 1, 1],
-                        );
-                        add_conv_bn(
-                            &format!("{p}.conv2"),
-                            &format!("{p}.bn2"),
-                            [inner, inner, 3, 3],
-                        );
-                        add_conv_bn(&format!("{p}.conv3"), &format!("{p}.bn3"), [out, inner, 1, 1]);
-                    }
-                }
-                if stride != 1 || in_ch != out {
-                    add_conv_bn(
-                        &format!("{p}.downsample.0"),
-                        &format!("{p}.downsample.1"),
-                        [out, in_ch, 1, 1],
-                    );
-                }
-                in_ch = out;
-            }
-        }
-        t.insert(
-            "fc.weight".into(),
-            Tensor::randn(0f32, 0.1, (config.num_classes, in_ch), &dev).unwrap(),
-        );
-        t.insert("fc.bias".into(), Tensor::zeros(config.num_classes, DType::F32, &dev).unwrap());
-        t
-    }
-
-    fn tiny(block: BlockKind) -> ResNetConfig {
-        ResNetConfig {
-            block,
-            layers: [1, 2, 1, 1],
-            widths: [4, 8, 8, 16],
-            stem_channels: 4,
-            groups: 1,
-            width_per_group: 64,
-            num_classes: 5,
-        }
-    }
-
-    #[test]
-    fn infers_the_shape_of_a_state_dict() {
-        for block in [BlockKind::Basic, BlockKind::Bottleneck] {
-            let config = tiny(block);
-            assert_eq!(ResNetConfig::infer(&random_tensors(&config)).unwrap(), config);
-            let dir = tempfile::tempdir().unwrap();
-            let path = dir.path().join("model.safetensors");
-            candle_core::safetensors::save(&random_tensors(&config), &path).unwrap();
-            assert_eq!(ResNetConfig::from_safetensors_header(&path).unwrap(), config);
-        }
-        let r50 = ResNetConfig::standard("resnet50").unwrap();
-        assert_eq!(r50.stage_channels(3), 2048);
-    }
-
-    #[test]
-    fn taps_have_the_expected_shapes() {
-        let config = tiny(BlockKind::Bottleneck);
-        let model =
-            ResNet::from_tensors(&random_tensors(&config), config, Path::new("mem"), &Device::Cpu)
-                .unwrap();
-        let x = Tensor::randn(0f32, 1.0, (2, 3, 64, 64), &Device::Cpu).unwrap();
-        let outs = model.forward_taps(&x, &Tap::ALL).unwrap();
-        let shapes: Vec<Vec<usize>> = outs.iter().map(|t| t.dims().to_vec()).collect();
-        assert_eq!(
-            shapes,
-            vec![
-                vec![2, 4, 16, 16],
-                vec![2, 16, 16, 16],
-                vec![2, 32, 8, 8],
-                vec![2, 32, 4, 4],
-                vec![2, 64, 2, 2],
-                vec![2, 64],
-                vec![2, 5]
-            ]
-        );
-        for tap in Tap::ALL {
-            let w = model.tap_width(tap);
-            let out = model.forward_taps(&x, &[tap]).unwrap();
-            assert_eq!(out[0].dims()[1], w, "{tap}");
-        }
-    }
-
-    #[test]
-    fn wrong_shapes_and_missing_tensors_are_named() {
-        let config = tiny(BlockKind::Basic);
-        let mut t = random_tensors(&config);
-        t.remove("layer2.0.downsample.1.running_var");
-        let err =
-            ResNet::from_tensors(&t, config.clone(), Path::new("x.safetensors"), &Device::Cpu)
-                .unwrap_err();
-        assert!(err.to_string().contains("layer2.0.downsample.1.running_var"), "{err}");
-        let mut other = config.clone();
-        other.num_classes = 7;
-        let err =
-            ResNet::from_tensors(&random_tensors(&config), other, Path::new("x"), &Device::Cpu)
-                .unwrap_err();
-        assert!(
-            err.to_string().contains("fc.weight") && err.to_string().contains("[5, 16]"),
-            "{err}"
-        );
-    }
-
-    #[test]
-    fn tap_names_round_trip() {
-        for tap in Tap::ALL {
-            assert_eq!(tap.to_string().parse::<Tap>().unwrap(), tap);
-        }
-        let err = "layer5".parse::<Tap>().unwrap_err().to_string();
-        assert!(err.contains("layer5") && err.contains("layer4"), "{err}");
-    }
-}
+mod tests;

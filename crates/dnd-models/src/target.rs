@@ -10,6 +10,7 @@ use crate::error::ModelError;
 use crate::hf_files::read_json;
 use crate::preprocess::{Preprocess, Resize};
 use crate::resnet::{ResNet, ResNetConfig, Tap};
+use crate::weights::Checkpoint;
 
 /// A loaded target model. Only the ResNet family for now; the taps API is what the
 /// pipeline relies on, so more architectures slot in here.
@@ -54,7 +55,7 @@ fn preprocess_from_config(path: &Path) -> Result<Preprocess, ModelError> {
 }
 
 /// A target model's shape without its weights: its taps and their widths, read from
-/// `config.json` or else the safetensors header. What planning a job needs.
+/// `config.json` or else the checkpoint's tensor shapes. What planning a job needs.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TargetShape {
     /// The reference it was read from, as given.
@@ -67,7 +68,7 @@ impl TargetShape {
         let files = reference.resolve("model.safetensors")?;
         let config = match &files.config {
             Some(path) => ResNetConfig::from_json_file(path)?,
-            None => ResNetConfig::from_safetensors_header(&files.weights)?,
+            None => ResNetConfig::from_checkpoint(&Checkpoint::open(&files.weights)?)?,
         };
         Ok(Self { reference: reference.to_string(), config })
     }

@@ -1,7 +1,8 @@
 //! A local Qwen2-class instruct model (Qwen2, Qwen2.5) run with candle: no server, no
 //! network once the files are there.
 //!
-//! The files are those of a Hugging Face checkpoint: `model.safetensors`, `config.json`,
+//! The files are those of a Hugging Face checkpoint: `model.safetensors` (or its shards, or
+//! `pytorch_model.bin`: whatever [`Checkpoint`] reads), `config.json`,
 //! `tokenizer.json`, the chat template (`chat_template.jinja` or `tokenizer_config.json`'s
 //! `chat_template`) and optionally `generation_config.json` (its EOS ids end a reply).
 //! Decoding is greedy with a KV cache, so a reply depends only on the prompt.
@@ -16,7 +17,7 @@ use candle_nn::{Activation, Linear, VarBuilder};
 use candle_transformers::models::qwen2;
 use dnd_models::device::parse_device;
 use dnd_models::hf_files::read_json;
-use dnd_models::{ModelError, ModelRef};
+use dnd_models::{Checkpoint, ModelError, ModelRef};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -234,7 +235,10 @@ impl Qwen2Chat {
         let generation: Option<GenerationJson> =
             read_optional_json(&dir.join("generation_config.json"))?;
 
-        let tokenizer = Tokenizer::from_file(&tokenizer_path).map_err(|e| {
+        let tokenizer_text = std::fs::read_to_string(&tokenizer_path)
+            .map_err(|source| ModelError::Io { path: tokenizer_path.clone(), source })?;
+        let tokenizer_text = dnd_models::json::python_tokens_to_json(&tokenizer_text);
+        let tokenizer = Tokenizer::from_bytes(tokenizer_text.as_bytes()).map_err(|e| {
             SummarizeError::Tokenizer { path: tokenizer_path.clone(), reason: e.to_string() }
         })?;
         let name = reference.to_string();
@@ -376,8 +380,9 @@ fn load_weights(
     device: &Device,
 ) -> Result<(qwen2::Model, Linear), SummarizeError> {
     let checkpoint_error = |reason: String| ModelError::Checkpoint { path: weights.into(), reason };
-    let tensors: HashMap<String, Tensor> = candle_core::safetensors::load(weights, device)
-        .map_err(|e| checkpoint_error(format!("it is not a readable safetensors file ({e})")))?
+    // The one checkpoint reader of dnd-models: safetensors, shards, PyTorch's .bin.
+    let tensors: HashMap<String, Tensor> = Checkpoint::open(weights)?
+        .load(device)?
         .into_iter()
         .map(|(name, tensor)| Ok((name, tensor.to_dtype(DType::F32)?)))
         .collect::<Result<_, candle_core::Error>>()?;
