@@ -16,7 +16,8 @@ requests (bench/python_flow.py's imports; pyarrow too to print dnd's labels). It
 3. writes a dnd job file for the same setup: target tests/fixtures/models/resnet18, layer4,
    neurons 0..N, top_k 10, 4 crops per image, 10 top images, captioner/embedder/generator
    the BLIP/CLIP/SD fixtures, summariser `openai` at the stub with 5 rounds, 10 images per
-   concept, `--steps` steps, guidance `--guidance`, `--size` px, seed 0, one neuron task;
+   concept (10 per UNet call, as the reference's one pipeline call per candidate),
+   `--steps` steps, guidance `--guidance`, `--size` px, seed 0, one neuron task;
 4. alternates, --repeats times, each in a fresh process: the Python flow
    (bench/python_flow.py, cold: nothing cached), `dnd dissect` cold (a fresh --out, so no
    cache), `dnd dissect` warm (the same --out under another --name: every caption,
@@ -160,6 +161,8 @@ api_key_env = ""
 [generator]
 model = "{SD}"
 images_per_concept = 10
+# The reference makes a candidate's 10 images in one pipeline call.
+batch_size = 10
 [generator.sampling]
 prompt_template = "One realistic image of {{concept}}"
 steps = {args.steps}

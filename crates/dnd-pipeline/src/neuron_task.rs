@@ -172,7 +172,6 @@ pub async fn run_neuron_task(
     // Stage 3: generated images for every candidate of every neuron, then the scores;
     // with screening, a first round of images decides which candidates get the rest.
     let sampling = &spec.generator.sampling;
-    let screening = spec.generator.screening;
     let top_hashes: Vec<Vec<&str>> = evidence
         .iter()
         .map(|list| list.iter().take(top_n).map(|e| e.hash.as_str()).collect())
@@ -185,23 +184,8 @@ pub async fn run_neuron_task(
         labelling: &labelling,
         top_hashes: &top_hashes,
     };
-    let mut counts = uniform_counts(&labelling, spec.generator.images_per_concept);
     let mut made = HashMap::new();
-    let mut survivors = None;
-    if screening.enabled() {
-        let first = uniform_counts(&labelling, screening.first_images);
-        let round = stage3.generate_and_measure(&first, &mut made).await?;
-        let kept = stage3
-            .survivors(&round, &first, |scores| screening.survivors(scores, spec.scoring.labels));
-        for (counts, kept) in counts.iter_mut().zip(&kept) {
-            for (c, count) in counts.iter_mut().enumerate() {
-                if !kept.contains(&c) {
-                    *count = screening.first_images;
-                }
-            }
-        }
-        survivors = Some(kept);
-    }
+    let (counts, survivors) = stage3.image_counts(&mut made).await?;
     let Round { requests, generated, measured } =
         stage3.generate_and_measure(&counts, &mut made).await?;
     progress.advance_stage(Stage::Generate, n);
@@ -255,6 +239,32 @@ struct Stage3<'a> {
 }
 
 impl Stage3<'_> {
+    /// How many images each candidate gets: `images_per_concept`, or with screening, only
+    /// the first round's for the candidates it drops; and, with screening, each neuron's
+    /// survivors. The first round's images are kept in `made`.
+    async fn image_counts(
+        &self,
+        made: &mut HashMap<(String, u64), GeneratedEntry>,
+    ) -> Result<(ImageCounts, Option<Vec<Vec<usize>>>), PipelineError> {
+        let (spec, screening) = (self.spec, self.spec.generator.screening);
+        let mut counts = uniform_counts(self.labelling, spec.generator.images_per_concept);
+        if !screening.enabled() {
+            return Ok((counts, None));
+        }
+        let first = uniform_counts(self.labelling, screening.first_images);
+        let round = self.generate_and_measure(&first, made).await?;
+        let kept = self
+            .survivors(&round, &first, |scores| screening.survivors(scores, spec.scoring.labels));
+        for (counts, kept) in counts.iter_mut().zip(&kept) {
+            for (c, count) in counts.iter_mut().enumerate() {
+                if !kept.contains(&c) {
+                    *count = screening.first_images;
+                }
+            }
+        }
+        Ok((counts, Some(kept)))
+    }
+
     /// Generates the images `counts` asks for that `made` lacks (adding them to it), then
     /// measures all of them.
     async fn generate_and_measure(

@@ -141,7 +141,7 @@ fn worker_metrics() -> dnd_metrics::Metrics {
         "Wall time of committed task attempts, by kind (probe, neurons).",
     );
     m.describe("dnd_stage_seconds", Kind::Histogram, "Wall time of each stage within a task attempt (probe, crop, caption, summarize, generate, score).");
-    m.describe("dnd_cache_lookups_total", Kind::Counter, "Content-cache lookups by kind (images, captions, replies) and result (hit, miss); a miss is one model call.");
+    m.describe("dnd_cache_lookups_total", Kind::Counter, "Content-cache lookups by kind (images, captions, replies, vectors) and result (hit, miss); a miss is one model call.");
     m.describe(
         "dnd_images_generated_total",
         Kind::Counter,
