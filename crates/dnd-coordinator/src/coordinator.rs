@@ -358,8 +358,12 @@ impl Coordinator {
                     total_seconds: run.started.elapsed().as_secs_f64(),
                     load_seconds: run.load_seconds,
                 };
+                // The summary is written last: the event log must be whole before it
+                // appears (watchers and tests read the log once they see the summary).
+                self.flush_events().await;
                 finish::finish_job(&run.dir, &run.plan, &facts).await?;
                 lock(&self.scheduler).finish(job, now_ms());
+                self.flush_events().await;
                 Next::Nothing
             }
         };

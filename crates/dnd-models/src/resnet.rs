@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use candle_core::{D, DType, Device, Module, Tensor};
 use serde::{Deserialize, Serialize};
@@ -20,6 +21,7 @@ use crate::conv::{ConvGeometry, conv2d_fused};
 use crate::error::ModelError;
 use crate::hf_files::read_json;
 use crate::weights::Checkpoint;
+use crate::winograd::{self, WinogradKernel};
 
 /// torchvision's BatchNorm2d default.
 const BN_EPS: f64 = 1e-5;
@@ -301,7 +303,15 @@ struct ConvBn {
     stride: usize,
     padding: usize,
     groups: usize,
+    /// The Winograd form of the kernel, for 3x3/1 convolutions on the CPU in f32.
+    winograd: Option<Arc<WinogradKernel>>,
 }
+
+/// Fewest input and output channels for which a 3x3/1 convolution uses Winograd
+/// F(2x2, 3x3). Measured with `dnd probe` on ResNet-18 (200 images, 2 threads): from 64
+/// channels (all 3x3/1 convolutions) the probe ran 12% faster than direct; from 128 (not
+/// layer1) no faster than direct.
+const WINOGRAD_MIN_CHANNELS: usize = 64;
 
 impl ConvBn {
     /// `conv(x) + bias [+ residual]`, then ReLU when `relu`.
@@ -317,7 +327,10 @@ impl ConvBn {
             groups: self.groups,
             upsample: false,
         };
-        conv2d_fused(x, &self.weight, &self.bias, residual, relu, g)
+        match &self.winograd {
+            Some(kernel) => winograd::conv3x3(x, kernel, &self.bias, residual, false, relu),
+            None => conv2d_fused(x, &self.weight, &self.bias, residual, relu, g),
+        }
     }
 }
 
@@ -423,7 +436,15 @@ impl Loader<'_> {
             .to_dtype(DType::F32)?;
         let bias = (beta.to_dtype(DType::F64)? - (mean.to_dtype(DType::F64)? * &scale)?)?
             .to_dtype(DType::F32)?;
-        Ok(ConvBn { weight, bias, stride, padding, groups })
+        let winograd = if (shape[2], shape[3], stride, padding, groups) == (3, 3, 1, 1, 1)
+            && shape[0].min(shape[1]) >= WINOGRAD_MIN_CHANNELS
+            && matches!(weight.device(), Device::Cpu)
+        {
+            Some(Arc::new(WinogradKernel::new(&weight)?))
+        } else {
+            None
+        };
+        Ok(ConvBn { weight, bias, stride, padding, groups, winograd })
     }
 }
 

@@ -65,14 +65,15 @@ impl WinogradKernel {
     }
 }
 
-/// `conv3x3(x, kernel, padding 1) + bias [+ residual]` for `x: (B, C, H, W)` on the CPU
-/// in f32, optionally on `x` upsampled 2x (nearest) first.
+/// `conv3x3(x, kernel, padding 1) + bias [+ residual]`, then ReLU when `relu`, for
+/// `x: (B, C, H, W)` on the CPU in f32, optionally on `x` upsampled 2x (nearest) first.
 pub fn conv3x3(
     x: &Tensor,
     kernel: &WinogradKernel,
     bias: &Tensor,
     residual: Option<&Tensor>,
     upsample: bool,
+    relu: bool,
 ) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
     let (o, up) = (kernel.out_channels, if upsample { 2 } else { 1 });
@@ -112,7 +113,7 @@ pub fn conv3x3(
     let threads = rayon::current_num_threads();
     let parallelism =
         if tasks >= threads { Parallelism::None } else { Parallelism::Rayon(threads) };
-    let geometry = Geometry { c, h, w, up, oh, ow, tiles_x };
+    let geometry = Geometry { c, h, w, up, oh, ow, tiles_x, relu };
 
     let mut out = output_buffer(b * o * oh * ow);
     let out_ptr = SendPtr(out.as_mut_ptr());
@@ -176,6 +177,8 @@ struct Geometry {
     oh: usize,
     ow: usize,
     tiles_x: usize,
+    /// ReLU on the outputs, after the bias and the residual.
+    relu: bool,
 }
 
 impl Geometry {
@@ -281,6 +284,11 @@ fn transform_output(
                         }
                     }
                 }
+                if g.relu {
+                    for d in out.iter_mut() {
+                        *d = d.max(0.0);
+                    }
+                }
             }
         }
     }
@@ -310,13 +318,17 @@ mod tests {
             let g = ConvGeometry { upsample, ..ConvGeometry::new(1, 1) };
             let want = conv2d_fused(&x, &weight, &bias, Some(&res), false, g).unwrap();
             let kernel = WinogradKernel::new(&weight).unwrap();
-            let got = conv3x3(&x, &kernel, &bias, Some(&res), upsample).unwrap();
+            let got = conv3x3(&x, &kernel, &bias, Some(&res), upsample, false).unwrap();
             let max = |t: Tensor| -> f32 {
                 t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
             };
             // Relative to the outputs' scale: 9 * 1024 terms round in another order.
-            let diff = max((&got - &want).unwrap()) / max(want).max(1.0);
+            let diff = max((&got - &want).unwrap()) / max(want.clone()).max(1.0);
             assert!(diff < 1e-5, "b={b} c={c} o={o} {h}x{w} up={upsample}: {diff}");
+            // With the ReLU fused (ResNet's convolutions).
+            let got = conv3x3(&x, &kernel, &bias, Some(&res), upsample, true).unwrap();
+            let diff = max((&got - &want.relu().unwrap()).unwrap()) / max(want).max(1.0);
+            assert!(diff < 1e-5, "relu, b={b} c={c} o={o} {h}x{w} up={upsample}: {diff}");
         }
     }
 }

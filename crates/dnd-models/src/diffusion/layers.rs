@@ -104,7 +104,9 @@ impl Conv2d {
     ) -> Result<Tensor> {
         let bias = bias.unwrap_or(&self.bias);
         match &self.kernel {
-            Kernel::Winograd(k) => winograd::conv3x3(x, k, bias, residual, self.geometry.upsample),
+            Kernel::Winograd(k) => {
+                winograd::conv3x3(x, k, bias, residual, self.geometry.upsample, false)
+            }
             Kernel::Direct(w) => conv2d_fused(x, w, bias, residual, false, self.geometry),
         }
     }
