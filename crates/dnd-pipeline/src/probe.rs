@@ -286,19 +286,14 @@ async fn batch_rows(
     let n = batch.images.len();
     let outputs: Vec<String> = taps.iter().map(|&t| pooled_output(t, pooling)).collect();
     let mut rows: Vec<Vec<Option<Vec<f32>>>> = vec![vec![None; n]; taps.len()];
-    let mut missing = Vec::new();
-    for (i, hash) in batch.hashes.iter().enumerate() {
-        let mut found = true;
-        if let Some(vectors) = vectors {
-            for (l, output) in outputs.iter().enumerate() {
-                rows[l][i] = vectors.get(output, hash).await?;
-                found &= rows[l][i].is_some();
-            }
-        }
-        if !(found && vectors.is_some()) {
-            missing.push(i);
+    if let Some(vectors) = vectors {
+        for (l, output) in outputs.iter().enumerate() {
+            let keys: Vec<(&str, &str)> =
+                batch.hashes.iter().map(|h| (output.as_str(), h.as_str())).collect();
+            rows[l] = vectors.get_all(&keys).await?;
         }
     }
+    let missing: Vec<usize> = (0..n).filter(|&i| rows.iter().any(|l| l[i].is_none())).collect();
     if !missing.is_empty() {
         let plane = batch.pixels.len() / n.max(1);
         let pixels: Vec<f32> = if missing.len() == n {
@@ -322,11 +317,17 @@ async fn batch_rows(
         for (l, flat) in computed.into_iter().enumerate() {
             let width = flat.len() / m;
             for (j, &i) in missing.iter().enumerate() {
-                let row = flat[j * width..(j + 1) * width].to_vec();
-                if let Some(vectors) = vectors {
-                    vectors.put(&outputs[l], &batch.hashes[i], &row).await?;
-                }
-                rows[l][i] = Some(row);
+                rows[l][i] = Some(flat[j * width..(j + 1) * width].to_vec());
+            }
+            if let Some(vectors) = vectors {
+                let items: Vec<(&str, &str, &[f32])> = missing
+                    .iter()
+                    .map(|&i| {
+                        let row = rows[l][i].as_deref().expect("just computed");
+                        (outputs[l].as_str(), batch.hashes[i].as_str(), row)
+                    })
+                    .collect();
+                vectors.put_all(&items).await?;
             }
         }
     }

@@ -10,11 +10,15 @@
 use std::future::Future;
 
 use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt, stream};
 use serde::Serialize;
 
 use dnd_store::{CacheKey, CacheKind, ContentCache};
 
 use crate::error::PipelineError;
+
+/// Lookups and stores in flight at once: on an object store each one is a round trip.
+const IN_FLIGHT: usize = 32;
 
 /// One model's vectors in the cache.
 #[derive(Clone, Copy)]
@@ -89,22 +93,26 @@ impl VectorCache<'_> {
         F: FnOnce(Vec<usize>) -> Fut,
         Fut: Future<Output = Result<Vec<Vec<f32>>, PipelineError>>,
     {
-        let mut out: Vec<Option<Vec<f32>>> = Vec::with_capacity(images.len());
-        let mut missing = Vec::new();
         let mut first_of: std::collections::HashMap<&str, usize> = Default::default();
         let mut twins = Vec::new();
+        let mut distinct = Vec::new();
         for (i, image) in images.iter().enumerate() {
-            if let Some(&first) = first_of.get(image.as_str()) {
-                twins.push((i, first));
-                out.push(None);
-                continue;
+            match first_of.get(image.as_str()) {
+                Some(&first) => twins.push((i, first)),
+                None => {
+                    first_of.insert(image, i);
+                    distinct.push(i);
+                }
             }
-            first_of.insert(image, i);
-            let found = self.get(output, image).await?;
+        }
+        let keys: Vec<(&str, &str)> = distinct.iter().map(|&i| (output, images[i].as_str())).collect();
+        let mut out: Vec<Option<Vec<f32>>> = vec![None; images.len()];
+        let mut missing = Vec::new();
+        for (&i, found) in distinct.iter().zip(self.get_all(&keys).await?) {
             if found.is_none() {
                 missing.push(i);
             }
-            out.push(found);
+            out[i] = found;
         }
         if !missing.is_empty() {
             let computed = compute(missing.clone()).await?;
@@ -115,8 +123,13 @@ impl VectorCache<'_> {
                     missing.len()
                 )));
             }
+            let items: Vec<(&str, &str, &[f32])> = missing
+                .iter()
+                .zip(&computed)
+                .map(|(&i, v)| (output, images[i].as_str(), v.as_slice()))
+                .collect();
+            self.put_all(&items).await?;
             for (i, vector) in missing.into_iter().zip(computed) {
-                self.put(output, &images[i], &vector).await?;
                 out[i] = Some(vector);
             }
         }

@@ -160,10 +160,14 @@ async fn neuron_maps(
             }
         }
     }
+    let outputs: Vec<String> =
+        needs.iter().map(|&(_, channel)| map_output(input.tap, side, channel)).collect();
+    let keys: Vec<(&str, &str)> =
+        needs.iter().zip(&outputs).map(|(&(i, _), o)| (o.as_str(), hashes[i].as_str())).collect();
     let mut maps = HashMap::new();
     let mut missing: BTreeSet<usize> = BTreeSet::new();
-    for &(i, channel) in &needs {
-        match input.vectors.get(&map_output(input.tap, side, channel), &hashes[i]).await? {
+    for (&(i, channel), found) in needs.iter().zip(input.vectors.get_all(&keys).await?) {
+        match found {
             Some(v) if v.len() >= 2 => {
                 let (width, height) = (v[0] as usize, v[1] as usize);
                 maps.insert((i, channel), Map2 { width, height, data: v[2..].to_vec() });
@@ -190,15 +194,19 @@ async fn neuron_maps(
         .await??
     };
     let batch = input.batch_size.max(1);
+    let mut stored: Vec<(String, usize, Vec<f32>)> = Vec::new();
     for (m, &i) in missing.iter().enumerate() {
         for &(_, channel) in needs.range((i, 0)..(i + 1, 0)) {
             let map = computed[m / batch].map(m % batch, channel);
-            let mut stored = vec![map.width as f32, map.height as f32];
-            stored.extend_from_slice(&map.data);
-            input.vectors.put(&map_output(input.tap, side, channel), &hashes[i], &stored).await?;
+            let mut vector = vec![map.width as f32, map.height as f32];
+            vector.extend_from_slice(&map.data);
+            stored.push((map_output(input.tap, side, channel), i, vector));
             maps.insert((i, channel), map);
         }
     }
+    let items: Vec<(&str, &str, &[f32])> =
+        stored.iter().map(|(o, i, v)| (o.as_str(), hashes[*i].as_str(), v.as_slice())).collect();
+    input.vectors.put_all(&items).await?;
     Ok(maps)
 }
 
