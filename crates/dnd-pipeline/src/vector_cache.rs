@@ -10,7 +10,7 @@
 use std::future::Future;
 
 use bytes::Bytes;
-use futures::{StreamExt, TryStreamExt, stream};
+use futures::future::try_join_all;
 use serde::Serialize;
 
 use dnd_store::{CacheKey, CacheKind, ContentCache};
@@ -80,6 +80,29 @@ impl VectorCache<'_> {
         Ok(self.cache.put(&self.key(output, image), encode(vector)).await?)
     }
 
+    /// The cached vector of each `(output, image)`, if any, in order; looked up
+    /// [`IN_FLIGHT`] at a time.
+    pub async fn get_all(
+        &self,
+        keys: &[(&str, &str)],
+    ) -> Result<Vec<Option<Vec<f32>>>, PipelineError> {
+        let mut out = Vec::with_capacity(keys.len());
+        for chunk in keys.chunks(IN_FLIGHT) {
+            let lookups: Vec<_> = chunk.iter().map(|&(o, image)| self.get(o, image)).collect();
+            out.extend(try_join_all(lookups).await?);
+        }
+        Ok(out)
+    }
+
+    /// Stores each `(output, image, vector)`, [`IN_FLIGHT`] at a time.
+    pub async fn put_all(&self, items: &[(&str, &str, &[f32])]) -> Result<(), PipelineError> {
+        for chunk in items.chunks(IN_FLIGHT) {
+            let stores: Vec<_> = chunk.iter().map(|&(o, image, v)| self.put(o, image, v)).collect();
+            try_join_all(stores).await?;
+        }
+        Ok(())
+    }
+
     /// The vector of every image (by hash), from the cache where it has it; `compute`
     /// gets the indices of the rest (in input order, each once) and returns their
     /// vectors in that order, which are stored.
@@ -105,7 +128,8 @@ impl VectorCache<'_> {
                 }
             }
         }
-        let keys: Vec<(&str, &str)> = distinct.iter().map(|&i| (output, images[i].as_str())).collect();
+        let keys: Vec<(&str, &str)> =
+            distinct.iter().map(|&i| (output, images[i].as_str())).collect();
         let mut out: Vec<Option<Vec<f32>>> = vec![None; images.len()];
         let mut missing = Vec::new();
         for (&i, found) in distinct.iter().zip(self.get_all(&keys).await?) {
