@@ -81,7 +81,7 @@ impl VectorCache<'_> {
     }
 
     /// The cached vector of each `(output, image)`, if any, in order; looked up
-    /// [`IN_FLIGHT`] at a time.
+    /// `IN_FLIGHT` (32) at a time.
     pub async fn get_all(
         &self,
         keys: &[(&str, &str)],
@@ -94,7 +94,7 @@ impl VectorCache<'_> {
         Ok(out)
     }
 
-    /// Stores each `(output, image, vector)`, [`IN_FLIGHT`] at a time.
+    /// Stores each `(output, image, vector)`, `IN_FLIGHT` (32) at a time.
     pub async fn put_all(&self, items: &[(&str, &str, &[f32])]) -> Result<(), PipelineError> {
         for chunk in items.chunks(IN_FLIGHT) {
             let stores: Vec<_> = chunk.iter().map(|&(o, image, v)| self.put(o, image, v)).collect();
