@@ -14,7 +14,6 @@ use dnd_models::{Tap, TargetModel};
 
 use crate::error::PipelineError;
 use crate::vector_cache::VectorCache;
-use crate::workbench::image_hash;
 
 /// A tap's output pooled to `(B, C)` on its device: spatial maps by `pooling`, vectors as
 /// they are.
@@ -85,17 +84,17 @@ pub fn pooled_output(tap: Tap, pooling: Pooling) -> String {
 }
 
 /// [`pooled_activations`] of the images the cache has not seen; the rest from it.
+/// `hashes` are the images' [`crate::workbench::image_hash`]es.
 pub(crate) async fn pooled_activations_cached(
     vectors: VectorCache<'_>,
     model: &Arc<TargetModel>,
-    images: &[Arc<RgbImage>],
+    (images, hashes): (&[Arc<RgbImage>], &[String]),
     tap: Tap,
     pooling: Pooling,
     batch_size: usize,
 ) -> Result<Vec<Vec<f32>>, PipelineError> {
-    let hashes: Vec<String> = images.par_iter().map(|i| image_hash(i)).collect();
     vectors
-        .rows(&pooled_output(tap, pooling), &hashes, |missing| {
+        .rows(&pooled_output(tap, pooling), hashes, |missing| {
             let images: Vec<Arc<RgbImage>> = missing.iter().map(|&i| images[i].clone()).collect();
             pooled_activations_blocking(model.clone(), images, tap, pooling, batch_size)
         })

@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use image::RgbImage;
+use rayon::prelude::*;
 
 use dnd_core::screening::rank_survivors_first;
 use dnd_core::{CandidateScore, LayerName, NeuronId, Scored, Stage, TaskId};
@@ -186,11 +187,10 @@ pub async fn run_neuron_task(
     };
     let mut made = HashMap::new();
     let (counts, survivors) = stage3.image_counts(&mut made).await?;
-    let Round { requests, generated, measured } =
+    let Round { requests, generated, hashes, measured } =
         stage3.generate_and_measure(&counts, &mut made).await?;
     progress.advance_stage(Stage::Generate, n);
     let concept_requests = requests.per_candidate(&labelling, &counts, sampling);
-    let generated_hashes: Vec<String> = generated.iter().map(|g| image_hash(&g.image)).collect();
     let seeds: Vec<u64> = requests.requests.iter().map(|r| r.seed).collect();
     for (k, (list, l)) in evidence.iter().zip(&labelling).enumerate() {
         let references = measured.references(top_hashes[k].iter().copied());
@@ -211,7 +211,7 @@ pub async fn run_neuron_task(
             labelling: l,
             scored: &scored,
             generated: &generated,
-            generated_hashes: &generated_hashes,
+            generated_hashes: &hashes,
             seeds: &seeds,
         };
         rows.neuron(&mut tables, &outcome);
@@ -224,6 +224,8 @@ pub async fn run_neuron_task(
 struct Round {
     requests: ImageRequests,
     generated: Vec<GeneratedEntry>,
+    /// Each generated image's [`image_hash`].
+    hashes: Vec<String>,
     measured: Measurements,
 }
 
@@ -288,16 +290,17 @@ impl Stage3<'_> {
         let generated: Vec<GeneratedEntry> =
             requests.requests.iter().map(|r| made[&(r.prompt.clone(), r.seed)].clone()).collect();
         let images: Vec<Arc<RgbImage>> = generated.iter().map(|g| g.image.clone()).collect();
+        let hashes: Vec<String> = images.par_iter().map(|i| image_hash(i)).collect();
         let measured = measure(
             bench,
             self.task.tap,
             spec.probe.pooling,
             spec.describe.batch_size,
             &self.captions.distinct,
-            &images,
+            (&images, &hashes),
         )
         .await?;
-        Ok(Round { requests, generated, measured })
+        Ok(Round { requests, generated, hashes, measured })
     }
 
     /// Each neuron's candidates that `keep` keeps from their scores on `round`'s images.

@@ -249,10 +249,11 @@ pub async fn neuron_crops(input: &CropInputs<'_>) -> Result<Vec<Vec<Evidence>>, 
     }
     // Their own activations, for re-ranking with the originals.
     let crop_images: Vec<Arc<RgbImage>> = crops.iter().map(|(_, e)| e.image.clone()).collect();
+    let crop_hashes: Vec<String> = crops.iter().map(|(_, e)| e.hash.clone()).collect();
     let pooled = pooled_activations_cached(
         input.vectors,
         input.model,
-        &crop_images,
+        (&crop_images, &crop_hashes),
         input.tap,
         input.pooling,
         input.batch_size,

@@ -11,11 +11,10 @@ use image::RgbImage;
 use dnd_core::scoring::{GeneratedImage, image_positions, mean_cosine, score_candidates};
 use dnd_core::{CandidateScore, NeuronId, Pooling, ScoringConfig};
 use dnd_models::Tap;
-use rayon::prelude::*;
 
 use crate::activations::pooled_activations_cached;
 use crate::error::PipelineError;
-use crate::workbench::{Workbench, image_hash};
+use crate::workbench::Workbench;
 
 /// What the models measured on a task's images.
 pub struct Measurements {
@@ -50,13 +49,12 @@ const EMBEDDING: &str = "image-embedding";
 /// whichever task computes it first.
 async fn embed(
     bench: &Workbench,
-    images: &[Arc<RgbImage>],
+    (images, hashes): (&[Arc<RgbImage>], &[String]),
 ) -> Result<Vec<Vec<f32>>, PipelineError> {
-    let hashes: Vec<String> = images.par_iter().map(|i| image_hash(i)).collect();
     let embedder = bench.embedder.model.clone();
     bench
         .embedder_vectors()
-        .rows(EMBEDDING, &hashes, |missing| {
+        .rows(EMBEDDING, hashes, |missing| {
             let images: Vec<Arc<RgbImage>> = missing.iter().map(|&i| images[i].clone()).collect();
             async move {
                 tokio::task::spawn_blocking(move || -> Result<Vec<Vec<f32>>, PipelineError> {
@@ -74,14 +72,14 @@ async fn embed(
 }
 
 /// Runs the target model on the generated images and the embedder on them and on the
-/// distinct top images, through the vector cache.
+/// distinct top images (each with its hash), through the vector cache.
 pub async fn measure(
     bench: &Workbench,
     tap: Tap,
     pooling: Pooling,
     batch: usize,
     top_images: &[(String, Arc<RgbImage>)],
-    generated: &[Arc<RgbImage>],
+    generated: (&[Arc<RgbImage>], &[String]),
 ) -> Result<Measurements, PipelineError> {
     let activations = pooled_activations_cached(
         bench.target_vectors(),
@@ -93,7 +91,8 @@ pub async fn measure(
     )
     .await?;
     let top_list: Vec<Arc<RgbImage>> = top_images.iter().map(|(_, i)| i.clone()).collect();
-    let top_rows = embed(bench, &top_list).await?;
+    let top_hashes: Vec<String> = top_images.iter().map(|(h, _)| h.clone()).collect();
+    let top_rows = embed(bench, (&top_list, &top_hashes)).await?;
     let generated_rows = embed(bench, generated).await?;
     let dim = top_rows.first().or(generated_rows.first()).map_or(0, Vec::len);
     let top = top_images.iter().zip(top_rows).map(|((h, _), row)| (h.clone(), row)).collect();
