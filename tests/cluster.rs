@@ -135,7 +135,7 @@ async fn descriptions(store: &Path, job: &str) -> Vec<DescriptionRow> {
 fn assert_every_neuron_once(rows: &[DescriptionRow]) {
     let mut seen = BTreeMap::new();
     for r in rows {
-        *seen.entry((r.layer.clone(), r.neuron)).or_insert(0) += 1;
+        *seen.entry((r.layer.to_string(), r.neuron.to_i32())).or_insert(0) += 1;
     }
     let expected: BTreeMap<(String, i32), i32> =
         [("layer4", 0), ("layer4", 1), ("layer4", 2), ("fc", 0), ("fc", 1)]
@@ -331,7 +331,7 @@ async fn tokens_bad_specs_and_a_task_that_always_fails() {
     let rows = descriptions(&store, "failing").await;
     assert_every_neuron_once(&rows);
     for r in &rows {
-        if (r.layer.as_str(), r.neuron) == ("layer4", 1) {
+        if (r.layer.as_str(), r.neuron.index()) == ("layer4", 1) {
             assert_eq!(r.status, "failed");
             assert!(r.error.as_deref().unwrap().contains("injected failure"), "{r:?}");
         } else {

@@ -280,7 +280,7 @@ async fn a_neuron_whose_summariser_fails_gets_an_error_row_and_the_job_completes
     let failed: Vec<&DescriptionRow> =
         outcome.descriptions.iter().filter(|d| d.status == "failed").collect();
     assert_eq!(failed.len(), 1, "{:?}", outcome.descriptions);
-    assert_eq!((failed[0].layer.as_str(), failed[0].neuron), ("layer4", 0));
+    assert_eq!((failed[0].layer.as_str(), failed[0].neuron.index()), ("layer4", 0));
     assert!(failed[0].error.as_deref().unwrap().contains("keeps failing"));
     assert!(failed[0].label.is_none());
     assert_eq!(
@@ -297,5 +297,5 @@ async fn a_neuron_whose_summariser_fails_gets_an_error_row_and_the_job_completes
         batches_rows("errors", &read_parquet(&job, "results/errors.parquet").await.unwrap())
             .unwrap();
     assert_eq!(errors.len(), 1, "{errors:?}");
-    assert_eq!((errors[0].stage.as_str(), errors[0].neuron), ("summarize", 0));
+    assert_eq!((errors[0].stage.as_str(), errors[0].neuron.index()), ("summarize", 0));
 }

@@ -62,7 +62,7 @@ async fn planted_neurons_get_labels_that_name_their_concepts() {
     for d in &descriptions {
         let truth = planted
             .iter()
-            .find(|p| p.layer == d.layer && p.neuron == d.neuron as usize)
+            .find(|p| p.layer == d.layer.as_str() && p.neuron == d.neuron.index())
             .expect("a planted neuron");
         let label = d.label.clone().unwrap_or_default();
         if !recovered(&label, truth.kind, &truth.parsed_concepts()) {
@@ -134,7 +134,7 @@ async fn planted_neurons_get_labels_that_name_their_concepts() {
     for d in &screened {
         let truth = planted
             .iter()
-            .find(|p| p.layer == d.layer && p.neuron == d.neuron as usize)
+            .find(|p| p.layer == d.layer.as_str() && p.neuron == d.neuron.index())
             .expect("a planted neuron");
         let label = d.label.clone().unwrap_or_default();
         assert!(

@@ -2,7 +2,7 @@
 //! flags, ending with a table of every neuron's label.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
@@ -10,7 +10,6 @@ use clap::Args;
 use dnd_embedded::run_dissect;
 use dnd_pipeline::{JobSpec, NeuronSpec};
 use dnd_summarize::Backend;
-use dnd_synth::read_planted;
 
 use crate::BadInput;
 use crate::progress::Bars;
@@ -160,9 +159,7 @@ pub async fn dissect(args: DissectArgs) -> anyhow::Result<()> {
 
     // A model that knows what its neurons mean (the synthetic zoo's planted.json) gets a
     // ground-truth column.
-    let truth: BTreeMap<(String, usize), String> = read_planted(Path::new(&spec.target.model))
-        .map(|rows| rows.into_iter().map(|p| ((p.layer, p.neuron), p.description)).collect())
-        .unwrap_or_default();
+    let truth = crate::report::ground_truth(Some(&spec.target.model));
     let rows: Vec<[String; 5]> = outcome
         .descriptions
         .iter()
@@ -172,10 +169,9 @@ pub async fn dissect(args: DissectArgs) -> anyhow::Result<()> {
                 (None, Some(e)) => format!("(failed: {})", e.chars().take(60).collect::<String>()),
                 (None, None) => format!("({})", d.status.as_str().replace('_', " ")),
             };
-            let known =
-                truth.get(&(d.layer.clone(), d.neuron as usize)).cloned().unwrap_or_default();
+            let known = truth.get(&(d.layer.clone(), d.neuron)).cloned().unwrap_or_default();
             [
-                d.layer.clone(),
+                d.layer.to_string(),
                 d.neuron.to_string(),
                 label,
                 d.score.map_or("-".into(), |v| format!("{v:.3}")),

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
-use dnd_core::{CropConfig, Pooling};
+use dnd_core::{CropConfig, NeuronSet, Pooling};
 use dnd_models::device::parse_device;
 use dnd_models::{ModelRef, TargetModel};
 use dnd_pipeline::{
@@ -162,7 +162,7 @@ struct ProbeArgs {
 
     /// Only crop for these neurons, e.g. 0..64,100 (ranges are end-exclusive).
     #[arg(long, value_name = "IDS", requires = "crops")]
-    crop_neurons: Option<String>,
+    crop_neurons: Option<NeuronSet>,
 
     /// Also write every pooled activation (images x neurons floats per layer).
     #[arg(long)]

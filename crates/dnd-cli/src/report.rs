@@ -8,6 +8,7 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::Args;
 
+use dnd_core::{LayerName, NeuronId};
 use dnd_report::synthetic::{SyntheticSpec, write_job};
 use dnd_report::{Job, ReportOptions, ReportOutcome, find_job, open_job, write_report};
 use dnd_store::Location;
@@ -35,10 +36,14 @@ pub struct ReportArgs {
 
 /// What each neuron is known to mean, when the target model says (the synthetic zoo's
 /// planted.json beside its weights); empty otherwise.
-pub fn ground_truth(model: Option<&str>) -> BTreeMap<(String, i32), String> {
+pub fn ground_truth(model: Option<&str>) -> BTreeMap<(LayerName, NeuronId), String> {
     let Some(model) = model else { return BTreeMap::new() };
     read_planted(Path::new(model))
-        .map(|rows| rows.into_iter().map(|p| ((p.layer, p.neuron as i32), p.description)).collect())
+        .map(|rows| {
+            rows.into_iter()
+                .map(|p| ((LayerName::new(p.layer), NeuronId::new(p.neuron as u32)), p.description))
+                .collect()
+        })
         .unwrap_or_default()
 }
 

@@ -17,7 +17,7 @@ use dnd_pipeline::{JobDir, JobSpec, PipelineError, ProbeImages};
 use dnd_store::tasks::check_name;
 use dnd_store::{Location, StoreError};
 
-use dnd_core::{JobName, LayerName, NeuronId, TaskId};
+use dnd_core::{JobName, LayerName, NeuronId, Stage, TaskId};
 
 use crate::scheduler::{Event, JobView, Leased, Next, Phase, Refused, Scheduler};
 
@@ -98,9 +98,9 @@ pub struct Coordinator {
     store: Location,
     settings: Settings,
     scheduler: Mutex<Scheduler>,
-    runs: Mutex<HashMap<String, Arc<JobRun>>>,
+    runs: Mutex<HashMap<JobName, Arc<JobRun>>>,
     work_ready: Notify,
-    events: broadcast::Sender<(String, Event)>,
+    events: broadcast::Sender<(JobName, Event)>,
     /// Target models' shapes by reference: planning needs layer names and widths only.
     targets: tokio::sync::Mutex<HashMap<String, Arc<TargetShape>>>,
     workers: Mutex<HashMap<String, String>>,
@@ -272,7 +272,7 @@ impl Coordinator {
             load_seconds,
             simulated: false,
         };
-        lock(&self.runs).insert(name.to_string(), Arc::new(run));
+        lock(&self.runs).insert(JobName::new(name), Arc::new(run));
         let next = lock(&self.scheduler).add_job(name, tasks, &done, merged, earlier, now_ms());
         self.after(name, next);
         self.work_ready.notify_waiters();
@@ -311,7 +311,7 @@ impl Coordinator {
             load_seconds: 0.0,
             simulated: true,
         };
-        lock(&self.runs).insert(name.to_string(), Arc::new(run));
+        lock(&self.runs).insert(JobName::new(name), Arc::new(run));
         let next =
             lock(&self.scheduler).add_job(name, defs, &HashMap::new(), true, Vec::new(), now_ms());
         self.after(name, next);
@@ -401,7 +401,7 @@ impl Coordinator {
             let Some(first) = events.first() else { continue };
             let Ok(dir) = self.job_dir(&job) else { continue };
             if let Err(e) = dir.append_events(first.seq, &events).await {
-                tracing::warn!(job, error = %e, "cannot persist the event log");
+                tracing::warn!(job = %job, error = %e, "cannot persist the event log");
             }
             for event in events {
                 self.metrics.inc("dnd_task_events_total", &[("kind", &event.kind)], 1.0);
@@ -452,7 +452,7 @@ impl Coordinator {
         job: &str,
         task: &str,
         token: u64,
-        progress: &[(String, u64)],
+        progress: &[(Stage, u64)],
     ) -> Result<i64, Refused> {
         lock(&self.scheduler).heartbeat(
             job,
@@ -580,7 +580,7 @@ impl Coordinator {
         }
     }
 
-    pub fn subscribe(&self) -> broadcast::Receiver<(String, Event)> {
+    pub fn subscribe(&self) -> broadcast::Receiver<(JobName, Event)> {
         self.events.subscribe()
     }
 

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
-use dnd_core::Stage;
+use dnd_core::{JobName, Stage, TaskId};
 
 pub use dnd_core::{TaskDef, TaskWork};
 
@@ -85,7 +85,7 @@ struct TaskEntry {
     failures: u32,
     last_error: String,
     /// Units done per stage by the current attempt, as last reported.
-    progress: BTreeMap<String, u64>,
+    progress: BTreeMap<Stage, u64>,
 }
 
 /// One line of a job's event log.
@@ -112,20 +112,20 @@ fn is_zero(v: &u32) -> bool {
 struct JobEntry {
     phase: Phase,
     tasks: Vec<TaskEntry>,
-    index: HashMap<String, usize>,
+    index: HashMap<TaskId, usize>,
     queue: VecDeque<usize>,
     error: String,
     retried: u32,
     events: Vec<Event>,
     /// Events not yet handed to [`Scheduler::drain_new_events`].
     unflushed: usize,
-    stage_totals: BTreeMap<String, u64>,
+    stage_totals: BTreeMap<Stage, u64>,
 }
 
 /// A leased task, as handed to a worker.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Leased {
-    pub job: String,
+    pub job: JobName,
     pub task: TaskDef,
     pub lease: Lease,
 }
@@ -175,14 +175,14 @@ pub struct JobView {
     pub phase: Phase,
     pub counts: JobCounts,
     /// (stage, done, total), in stage order.
-    pub stages: Vec<(String, u64, u64)>,
+    pub stages: Vec<(Stage, u64, u64)>,
     pub error: String,
 }
 
 pub struct Scheduler {
-    jobs: HashMap<String, JobEntry>,
+    jobs: HashMap<JobName, JobEntry>,
     /// Submission order: earlier jobs' tasks lease first.
-    order: Vec<String>,
+    order: Vec<JobName>,
     next_token: u64,
     max_attempts: u32,
 }
@@ -220,7 +220,7 @@ impl Scheduler {
             .into_iter()
             .map(|def| {
                 for stage in def.work.stages() {
-                    *stage_totals.entry(stage.name().to_string()).or_insert(0) += def.work.units();
+                    *stage_totals.entry(*stage).or_insert(0) += def.work.units();
                 }
                 let state = match (done.get(def.id.as_str()), &def.work) {
                     (Some(false), _) => State::Committed,
@@ -241,7 +241,7 @@ impl Scheduler {
                 }
             })
             .collect();
-        let index = entries.iter().enumerate().map(|(i, t)| (t.def.id.to_string(), i)).collect();
+        let index = entries.iter().enumerate().map(|(i, t)| (t.def.id.clone(), i)).collect();
         let queue = entries
             .iter()
             .enumerate()
@@ -263,12 +263,12 @@ impl Scheduler {
         let committed = done.len();
         debug_assert!(entry.events.last().is_none_or(|e| e.seq + 1 == seq));
         if !self.jobs.contains_key(job) {
-            self.order.push(job.to_string());
+            self.order.push(JobName::new(job));
         }
         let mut added = entry;
         let message = format!("{} tasks, {committed} already committed", added.tasks.len());
         push_event(&mut added, now, "submitted", "", 0, "", &message);
-        self.jobs.insert(job.to_string(), added);
+        self.jobs.insert(JobName::new(job), added);
         self.advance(job)
     }
 
@@ -318,7 +318,7 @@ impl Scheduler {
         job: &str,
         task: &str,
         token: u64,
-        progress: &[(String, u64)],
+        progress: &[(Stage, u64)],
         now: i64,
         lease_ms: i64,
     ) -> Result<i64, Refused> {
@@ -329,7 +329,7 @@ impl Scheduler {
             State::Leased(lease) if lease.token == token && !final_phase => {
                 lease.deadline_ms = now + lease_ms;
                 for (stage, done) in progress {
-                    t.progress.insert(stage.clone(), *done);
+                    t.progress.insert(*stage, *done);
                 }
                 Ok(lease.deadline_ms)
             }
@@ -460,7 +460,7 @@ impl Scheduler {
     }
 
     /// Returns expired leases to the queue (or fails their tasks); what to do next, per job.
-    pub fn reap(&mut self, now: i64) -> Vec<(String, Next)> {
+    pub fn reap(&mut self, now: i64) -> Vec<(JobName, Next)> {
         let mut expired = Vec::new();
         for (name, job) in &self.jobs {
             for (i, t) in job.tasks.iter().enumerate() {
@@ -564,8 +564,7 @@ impl Scheduler {
             retried: entry.retried,
             ..Default::default()
         };
-        let mut done: BTreeMap<String, u64> =
-            entry.stage_totals.keys().map(|k| (k.clone(), 0)).collect();
+        let mut done: BTreeMap<Stage, u64> = entry.stage_totals.keys().map(|&k| (k, 0)).collect();
         for t in &entry.tasks {
             match &t.state {
                 State::Waiting | State::Queued => counts.queued += 1,
@@ -584,17 +583,14 @@ impl Scheduler {
                         counts.failed += 1;
                     }
                     for stage in t.def.work.stages() {
-                        *done.entry(stage.name().to_string()).or_default() += t.def.work.units();
+                        *done.entry(*stage).or_default() += t.def.work.units();
                     }
                 }
             }
         }
         let stages = Stage::ALL
-            .map(Stage::name)
             .into_iter()
-            .filter_map(|s| {
-                Some((s.to_string(), done.get(s).copied()?, *entry.stage_totals.get(s)?))
-            })
+            .filter_map(|s| Some((s, done.get(&s).copied()?, *entry.stage_totals.get(&s)?)))
             .collect();
         Some(JobView {
             job: job.to_string(),
@@ -607,7 +603,7 @@ impl Scheduler {
 
     /// Jobs in submission order.
     pub fn jobs(&self) -> impl Iterator<Item = &str> {
-        self.order.iter().map(String::as_str)
+        self.order.iter().map(JobName::as_str)
     }
 
     pub fn events(&self, job: &str) -> &[Event] {
@@ -615,7 +611,7 @@ impl Scheduler {
     }
 
     /// Events added since the last call, per job (to persist and to broadcast).
-    pub fn drain_new_events(&mut self) -> Vec<(String, Vec<Event>)> {
+    pub fn drain_new_events(&mut self) -> Vec<(JobName, Vec<Event>)> {
         let mut out = Vec::new();
         for (name, job) in &mut self.jobs {
             if job.unflushed > 0 {

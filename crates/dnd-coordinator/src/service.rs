@@ -80,7 +80,7 @@ pub fn status_to_pb(view: &JobView, location: &str) -> pb::JobStatus {
             .stages
             .iter()
             .map(|(stage, done, total)| pb::StageProgress {
-                stage: stage.clone(),
+                stage: stage.name().to_string(),
                 done: *done,
                 total: *total,
             })
@@ -166,10 +166,7 @@ impl WorkerService for Services {
     ) -> Result<Response<pb::HeartbeatReply>, Status> {
         let r = request.into_inner();
         check_version(r.version)?;
-        let progress: Vec<(String, u64)> = stage_progress_from_proto(&r.progress)
-            .into_iter()
-            .map(|(stage, done)| (stage.name().to_string(), done))
-            .collect();
+        let progress = stage_progress_from_proto(&r.progress);
         let reply = match self.coordinator.heartbeat(&r.job, &r.task_id, r.token, &progress) {
             Ok(deadline) => pb::HeartbeatReply {
                 version: PROTOCOL_VERSION,
@@ -275,7 +272,7 @@ impl JobService for Services {
             loop {
                 tokio::select! {
                     received = events.recv() => match received {
-                        Ok((j, e)) if j == job => {
+                        Ok((j, e)) if j.as_str() == job => {
                             if last_seq.is_some_and(|s| e.seq <= s) { continue; }
                             last_seq = Some(e.seq);
                             let now = status(&coordinator);

@@ -6,7 +6,9 @@ use std::str::FromStr;
 use crate::error::CoreError;
 
 /// A sorted set of neuron (channel) ids; `..` ranges are end-exclusive, as in Rust.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Serialises as its range form, the way users write it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct NeuronSet {
     ids: Vec<usize>,
 }
@@ -67,6 +69,19 @@ impl FromStr for NeuronSet {
     }
 }
 
+impl TryFrom<String> for NeuronSet {
+    type Error = CoreError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<NeuronSet> for String {
+    fn from(set: NeuronSet) -> Self {
+        set.to_string()
+    }
+}
+
 impl fmt::Display for NeuronSet {
     /// The shortest range form, e.g. `0..64,100`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -104,6 +119,10 @@ mod tests {
         assert_eq!(s.ids(), &[0, 1, 2, 5, 10, 11]);
         assert_eq!(s.to_string(), "0..3,5,10..12");
         assert!(s.contains(10) && !s.contains(3));
+        let json = serde_json::to_string(&s).unwrap();
+        assert_eq!(json, "\"0..3,5,10..12\"");
+        assert_eq!(serde_json::from_str::<NeuronSet>(&json).unwrap(), s);
+        assert!(serde_json::from_str::<NeuronSet>("\"3..1\"").is_err());
     }
 
     #[test]

@@ -154,19 +154,18 @@ async fn follow(
     job: &str,
     progress: &dyn Progress,
 ) -> Result<(), PipelineError> {
-    let mut shown: std::collections::BTreeMap<String, u64> = Default::default();
+    let mut shown: std::collections::BTreeMap<Stage, u64> = Default::default();
     let mut probe_open = false;
     let mut describe_open = false;
     loop {
         let Some(view) = coordinator.view(job) else {
             return Err(PipelineError::Internal(format!("job {job} vanished")));
         };
-        for (name, done, total) in &view.stages {
-            let Ok(stage) = name.parse::<Stage>() else { continue };
-            let before = shown.get(name).copied();
+        for &(stage, done, total) in &view.stages {
+            let before = shown.get(&stage).copied();
             if stage == Stage::Probe {
                 if before.is_none() {
-                    progress.begin("probe", *total);
+                    progress.begin("probe", total);
                     probe_open = true;
                 }
                 progress.advance(done.saturating_sub(before.unwrap_or(0)));
@@ -182,7 +181,7 @@ async fn follow(
                     let totals: Vec<(Stage, u64)> = Stage::DESCRIBE
                         .into_iter()
                         .map(|s| {
-                            let total = view.stages.iter().find(|(n, _, _)| n == s.name());
+                            let total = view.stages.iter().find(|(n, _, _)| *n == s);
                             (s, total.map_or(0, |(_, _, t)| *t))
                         })
                         .collect();
@@ -192,7 +191,7 @@ async fn follow(
                 progress.advance_stage(stage, done.saturating_sub(before.unwrap_or(0)));
             }
             // A retried task's progress starts over; bars never go back.
-            shown.insert(name.clone(), (*done).max(before.unwrap_or(0)));
+            shown.insert(stage, done.max(before.unwrap_or(0)));
         }
         match view.phase {
             Phase::Succeeded => break,

@@ -95,7 +95,7 @@ impl JobContext {
         let mut top: HashMap<NeuronId, Vec<Scored>> = HashMap::new();
         for row in rows {
             if let Some(&image) = index.get(row.image_id.as_str()) {
-                top.entry(NeuronId::new(row.neuron as u32))
+                top.entry(row.neuron)
                     .or_default()
                     .push(Scored { image, activation: row.activation });
             }

@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use dnd_core::NeuronId;
 use dnd_store::results::{DescriptionRow, DescriptionStatus, NeuronErrorRow, ResultTable};
 use dnd_store::tables::{self, ErrorRow, TopKRow};
 use dnd_store::{CacheCounts, batches_rows, read_parquet, write_parquet};
@@ -32,7 +33,7 @@ pub async fn merge_probe(dir: &JobDir, plan: &JobPlan, top_k: usize) -> Result<(
         slices.push(store.attempt_dir(slice.id.as_str(), &attempt)?);
     }
     for layer in &plan.layers {
-        let mut by_neuron: BTreeMap<i32, Vec<TopKRow>> = BTreeMap::new();
+        let mut by_neuron: BTreeMap<NeuronId, Vec<TopKRow>> = BTreeMap::new();
         for dir in &slices {
             let rows: Vec<TopKRow> = batches_rows(
                 "topk",
@@ -92,8 +93,8 @@ pub async fn commit_failed_task(
         .neurons
         .iter()
         .map(|&n| DescriptionRow {
-            layer: batch.layer.to_string(),
-            neuron: n.to_i32(),
+            layer: batch.layer.clone(),
+            neuron: n,
             status: DescriptionStatus::Failed,
             label: None,
             score: None,
@@ -117,8 +118,8 @@ pub async fn commit_failed_task(
         .neurons
         .iter()
         .map(|&n| NeuronErrorRow {
-            layer: batch.layer.to_string(),
-            neuron: n.to_i32(),
+            layer: batch.layer.clone(),
+            neuron: n,
             stage: "task".into(),
             image_id: None,
             reason: "task_failed".into(),

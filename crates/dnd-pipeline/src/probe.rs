@@ -10,7 +10,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use dnd_core::{CropConfig, LayerTopK, NeuronSet, Pooling};
+use dnd_core::{CropConfig, LayerName, LayerTopK, NeuronId, NeuronSet, Pooling};
 use dnd_models::target::TargetShape;
 use dnd_models::{Tap, TargetModel};
 use dnd_store::tables::{self, ErrorRow, TopKRow};
@@ -58,8 +58,8 @@ impl Default for ProbeConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CropStageConfig {
     pub crop: CropConfig,
-    /// Neurons to crop for (all neurons of each layer when `None`), as `0..64,100`.
-    pub neurons: Option<String>,
+    /// Neurons to crop for (all neurons of each layer when `None`).
+    pub neurons: Option<NeuronSet>,
 }
 
 /// A requested layer, checked against the model.
@@ -123,8 +123,7 @@ impl ProbeConfig {
         }
         if let Some(crops) = &self.crops {
             crops.crop.validate()?;
-            if let Some(spec) = &crops.neurons {
-                let set: NeuronSet = spec.parse()?;
+            if let Some(set) = &crops.neurons {
                 for p in plans.iter().filter(|p| p.tap.is_spatial()) {
                     set.check_within(&p.name, p.width)?;
                 }
@@ -224,8 +223,8 @@ async fn write_topk(
                     .map(move |(rank, s)| (neuron, rank, s))
             })
             .map(|(neuron, rank, s)| TopKRow {
-                layer: plan.name.clone(),
-                neuron: neuron as i32,
+                layer: LayerName::new(plan.name.as_str()),
+                neuron: NeuronId::new(neuron as u32),
                 rank: rank as i32,
                 image_id: images.images[s.image as usize].id.clone(),
                 activation: s.activation,
@@ -250,7 +249,6 @@ async fn probe_crops(
     out: &Location,
     progress: &dyn Progress,
 ) -> Result<CropReport, PipelineError> {
-    let neurons = crop_stage.neurons.as_deref().map(str::parse::<NeuronSet>).transpose()?;
     let spatial: Vec<CropLayer<'_>> = plans
         .iter()
         .zip(topk)
@@ -265,7 +263,7 @@ async fn probe_crops(
         model,
         &images.images,
         &spatial,
-        neurons.as_ref(),
+        crop_stage.neurons.as_ref(),
         &crop_stage.crop,
         batching,
         out,

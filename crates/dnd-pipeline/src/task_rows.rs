@@ -61,8 +61,8 @@ fn exchange_row(layer: &str, neuron: NeuronId, seq: usize, e: &Exchange) -> Exch
         Err(err) => (None, Some(err.to_string())),
     };
     ExchangeRow {
-        layer: layer.into(),
-        neuron: neuron.to_i32(),
+        layer: LayerName::new(layer),
+        neuron,
         seq: seq as i32,
         step: serde_json::to_value(e.step)
             .ok()
@@ -90,8 +90,8 @@ impl RowMaker<'_> {
         message: String,
     ) -> NeuronErrorRow {
         NeuronErrorRow {
-            layer: self.layer.to_string(),
-            neuron: neuron.to_i32(),
+            layer: self.layer.clone(),
+            neuron,
             stage: stage.into(),
             image_id,
             reason: reason.into(),
@@ -108,8 +108,8 @@ impl RowMaker<'_> {
         for (rank, e) in top.iter().enumerate() {
             let (caption, cached) = o.captions.of(&e.hash);
             tables.captions.push(CaptionRow {
-                layer: self.layer.to_string(),
-                neuron: o.neuron.to_i32(),
+                layer: self.layer.clone(),
+                neuron: o.neuron,
                 image_rank: rank as i32,
                 image_hash: e.hash.clone(),
                 caption: caption.clone(),
@@ -138,8 +138,8 @@ impl RowMaker<'_> {
                 None => (None, None),
             };
             tables.images.push(ImageRow {
-                layer: self.layer.to_string(),
-                neuron: o.neuron.to_i32(),
+                layer: self.layer.clone(),
+                neuron: o.neuron,
                 kind: if e.crop.is_some() { "crop" } else { "original" }.into(),
                 rank: rank as i32,
                 activation: e.activation,
@@ -166,8 +166,8 @@ impl RowMaker<'_> {
         let s = o.scored;
         for (j, (img, &r)) in s.images.iter().zip(&s.requests).enumerate() {
             tables.images.push(ImageRow {
-                layer: self.layer.to_string(),
-                neuron: o.neuron.to_i32(),
+                layer: self.layer.clone(),
+                neuron: o.neuron,
                 kind: "generated".into(),
                 rank: s.positions[j] as i32,
                 activation: img.activation,
@@ -199,8 +199,8 @@ impl RowMaker<'_> {
         for s in &o.scored.candidates {
             let concept = o.labelling.candidates[s.candidate].clone();
             tables.candidates.push(CandidateRow {
-                layer: self.layer.to_string(),
-                neuron: o.neuron.to_i32(),
+                layer: self.layer.clone(),
+                neuron: o.neuron,
                 candidate: s.candidate as i32,
                 prompt: self.spec.generator.sampling.prompt(&concept),
                 concept: concept.clone(),
@@ -209,8 +209,8 @@ impl RowMaker<'_> {
                 selected: s.final_rank < scoring.labels,
             });
             tables.scores.push(ScoreRow {
-                layer: self.layer.to_string(),
-                neuron: o.neuron.to_i32(),
+                layer: self.layer.clone(),
+                neuron: o.neuron,
                 candidate: s.candidate as i32,
                 concept,
                 topk_sq_mean: s.topk_sq_mean,
@@ -248,8 +248,8 @@ impl RowMaker<'_> {
         let (images_cached, images_total) =
             count(o.scored.requests.iter().map(|&r| o.generated[r].cached));
         DescriptionRow {
-            layer: self.layer.to_string(),
-            neuron: o.neuron.to_i32(),
+            layer: self.layer.clone(),
+            neuron: o.neuron,
             status,
             label: label(0).map(|x| x.0),
             score: label(0).map(|x| x.1),

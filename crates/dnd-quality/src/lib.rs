@@ -227,7 +227,8 @@ pub fn score_planted(input: &QualityInputs<'_>) -> Result<Vec<NeuronScore>, Qual
     let mut scores = Vec::new();
     let mut by_layer: BTreeMap<String, Vec<&PlantedNeuron>> = BTreeMap::new();
     for p in planted {
-        if descriptions.iter().any(|d| d.layer == p.layer && d.neuron as usize == p.neuron) {
+        if descriptions.iter().any(|d| d.layer.as_str() == p.layer && d.neuron.index() == p.neuron)
+        {
             by_layer.entry(p.layer.clone()).or_default().push(p);
         }
     }
@@ -254,8 +255,9 @@ pub fn score_planted(input: &QualityInputs<'_>) -> Result<Vec<NeuronScore>, Qual
         };
         for p in neurons {
             let truth_concepts = p.parsed_concepts();
-            let description =
-                descriptions.iter().find(|d| d.layer == p.layer && d.neuron as usize == p.neuron);
+            let description = descriptions
+                .iter()
+                .find(|d| d.layer.as_str() == p.layer && d.neuron.index() == p.neuron);
             let mut labels: BTreeMap<String, Option<String>> = BTreeMap::new();
             labels.insert("dnd".into(), description.and_then(|d| d.label.clone()));
             labels.insert(
@@ -263,7 +265,9 @@ pub fn score_planted(input: &QualityInputs<'_>) -> Result<Vec<NeuronScore>, Qual
                 candidates
                     .iter()
                     .find(|c| {
-                        c.layer == p.layer && c.neuron as usize == p.neuron && c.candidate == 0
+                        c.layer.as_str() == p.layer
+                            && c.neuron.index() == p.neuron
+                            && c.candidate == 0
                     })
                     .map(|c| c.concept.clone()),
             );

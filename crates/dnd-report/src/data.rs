@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::de::DeserializeOwned;
 
+use dnd_core::{LayerName, NeuronId};
 use dnd_store::results::{
     CandidateRow, CaptionRow, DescriptionRow, ExchangeRow, ImageRow, NeuronErrorRow, ResultTable,
     ScoreRow,
@@ -62,14 +63,14 @@ pub async fn read_results(job: &Job) -> Result<JobResults, ReportError> {
 
     let mut layers: Vec<String> = job.spec.target.layers.clone();
     for d in &descriptions {
-        if !layers.contains(&d.layer) {
-            layers.push(d.layer.clone());
+        if !layers.iter().any(|l| *l == *d.layer) {
+            layers.push(d.layer.to_string());
         }
     }
     let layer_index = |l: &str| layers.iter().position(|x| x == l).unwrap_or(usize::MAX);
     // Keys sort by layer order: prefix the layer's position so the BTreeMap keeps it.
-    let mut neurons: BTreeMap<(String, i32), NeuronData> = BTreeMap::new();
-    let mut order: BTreeMap<(usize, i32), (String, i32)> = BTreeMap::new();
+    let mut neurons: BTreeMap<(LayerName, NeuronId), NeuronData> = BTreeMap::new();
+    let mut order: BTreeMap<(usize, NeuronId), (LayerName, NeuronId)> = BTreeMap::new();
     for d in descriptions {
         let key = (d.layer.clone(), d.neuron);
         order.insert((layer_index(&d.layer), d.neuron), key.clone());

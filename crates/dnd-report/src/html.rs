@@ -6,6 +6,7 @@ use std::fmt::Write;
 
 use serde_json::{Value, json};
 
+use dnd_core::NeuronId;
 use dnd_pipeline::NeuronSpec;
 
 use dnd_store::results::{CaptionRow, DescriptionRow, ImageRow, ScoreRow};
@@ -41,7 +42,7 @@ fn slug(s: &str) -> String {
 }
 
 /// The page of a neuron, relative to `neurons/`.
-pub fn neuron_file(layer: &str, neuron: i32) -> String {
+pub fn neuron_file(layer: &str, neuron: NeuronId) -> String {
     format!("{}-{neuron}.html", slug(layer))
 }
 

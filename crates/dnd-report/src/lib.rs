@@ -24,6 +24,7 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use bytes::Bytes;
+use dnd_core::{LayerName, NeuronId};
 use dnd_pipeline::finish::DissectSummary;
 use dnd_pipeline::job_dir::{SPEC_FILE as JOB_FILE, SUMMARY_FILE};
 use dnd_pipeline::{JobDir, JobSpec};
@@ -80,7 +81,7 @@ pub struct ReportOptions {
     pub page_size: usize,
     /// What each neuron is known to mean, when it is known (the synthetic zoo's planted
     /// neurons), by (layer, neuron).
-    pub ground_truth: BTreeMap<(String, i32), String>,
+    pub ground_truth: BTreeMap<(LayerName, NeuronId), String>,
     /// Images read and thumbnailed at once.
     pub parallel: usize,
 }
@@ -245,7 +246,9 @@ mod tests {
         let job = open_job(&loc).await.unwrap();
         let out = Location::create(dir.path().join("report").to_str().unwrap()).unwrap();
         let mut options = ReportOptions::default();
-        options.ground_truth.insert(("layer4".into(), 0), "red circles".into());
+        options
+            .ground_truth
+            .insert((LayerName::new("layer4"), NeuronId::new(0)), "red circles".into());
         let outcome = write_report(&job, &out, &options).await.unwrap();
         assert_eq!(outcome.neurons, 12);
         assert!(outcome.images_missing.is_empty(), "{:?}", outcome.images_missing);

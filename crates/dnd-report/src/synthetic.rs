@@ -1,6 +1,7 @@
 //! A synthetic job directory: the results of a dissection of many neurons, made up, with
 //! real image files. For the report's tests and its benchmark (`dnd bench report`).
 
+use dnd_core::{LayerName, NeuronId};
 use std::io::Cursor;
 
 use bytes::Bytes;
@@ -115,9 +116,9 @@ pub async fn write_job(job: &Location, spec: &SyntheticSpec) -> Result<(), Repor
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let errors: Vec<NeuronErrorRow> = Vec::new();
     for k in 0..spec.neurons {
-        let layer = spec.layers[k % spec.layers.len()].clone();
-        let neuron = (k / spec.layers.len()) as i32;
-        let task = format!("{layer}-{:05}", neuron / 8);
+        let layer = LayerName::new(spec.layers[k % spec.layers.len()].as_str());
+        let neuron = NeuronId::new((k / spec.layers.len()) as u32);
+        let task = format!("{layer}-{:05}", neuron.index() / 8);
         let concepts: Vec<usize> =
             (0..spec.candidates).map(|_| rng.below(COLOURS.len() * SHAPES.len())).collect();
         let finals: Vec<f64> =

@@ -5,6 +5,7 @@
 //! Each neuron task writes every table for its neurons; compaction concatenates the
 //! committed tasks' tables into `results/<table>.parquet`.
 
+use dnd_core::{LayerName, NeuronId};
 use std::sync::Arc;
 
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
@@ -195,8 +196,8 @@ impl PartialEq<&str> for DescriptionStatus {
 /// One neuron's outcome: its top labels, or why it has none.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DescriptionRow {
-    pub layer: String,
-    pub neuron: i32,
+    pub layer: LayerName,
+    pub neuron: NeuronId,
     pub status: DescriptionStatus,
     pub label: Option<String>,
     pub score: Option<f64>,
@@ -219,8 +220,8 @@ pub struct DescriptionRow {
 /// A candidate concept of a neuron.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CandidateRow {
-    pub layer: String,
-    pub neuron: i32,
+    pub layer: LayerName,
+    pub neuron: NeuronId,
     /// Index in the order the summary rounds produced the candidates.
     pub candidate: i32,
     pub concept: String,
@@ -236,8 +237,8 @@ pub struct CandidateRow {
 /// Every stage-3 number of a candidate.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ScoreRow {
-    pub layer: String,
-    pub neuron: i32,
+    pub layer: LayerName,
+    pub neuron: NeuronId,
     pub candidate: i32,
     pub concept: String,
     pub topk_sq_mean: Option<f64>,
@@ -255,8 +256,8 @@ pub struct ScoreRow {
 /// The caption of one of a neuron's top images.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CaptionRow {
-    pub layer: String,
-    pub neuron: i32,
+    pub layer: LayerName,
+    pub neuron: NeuronId,
     /// The image's rank among the neuron's top images.
     pub image_rank: i32,
     pub image_hash: String,
@@ -271,8 +272,8 @@ pub struct CaptionRow {
 /// an image generated for a candidate.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ImageRow {
-    pub layer: String,
-    pub neuron: i32,
+    pub layer: LayerName,
+    pub neuron: NeuronId,
     /// `original`, `crop` or `generated`.
     pub kind: String,
     /// Originals and crops: position among them by activation. Generated: position among
@@ -307,8 +308,8 @@ pub struct ImageRow {
 /// One summariser request and reply, verbatim.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ExchangeRow {
-    pub layer: String,
-    pub neuron: i32,
+    pub layer: LayerName,
+    pub neuron: NeuronId,
     /// Order of the exchange within the neuron.
     pub seq: i32,
     /// `simplify`, `summarize` or `merge`.
@@ -328,8 +329,8 @@ pub struct ExchangeRow {
 /// A problem met while describing a neuron; the rest of the job goes on.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NeuronErrorRow {
-    pub layer: String,
-    pub neuron: i32,
+    pub layer: LayerName,
+    pub neuron: NeuronId,
     /// The stage: `read`, `crop`, `caption`, `summarize`, `generate`, `score`.
     pub stage: String,
     pub image_id: Option<String>,
@@ -351,7 +352,7 @@ mod tests {
         }
         let row = DescriptionRow {
             layer: "layer4".into(),
-            neuron: 3,
+            neuron: NeuronId::new(3),
             status: DescriptionStatus::Ok,
             label: Some("red circles".into()),
             score: Some(2.5),

@@ -3,6 +3,7 @@
 //! `docs/schema.md` documents every column; these functions are the one place the
 //! schemas are defined, so readers in any language see the same columns.
 
+use dnd_core::{LayerName, NeuronId};
 use std::sync::Arc;
 
 use arrow::array::{
@@ -33,8 +34,8 @@ fn ints(values: impl Iterator<Item = i32>) -> ArrayRef {
 /// One entry of a neuron's top-K list.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TopKRow {
-    pub layer: String,
-    pub neuron: i32,
+    pub layer: LayerName,
+    pub neuron: NeuronId,
     /// 0 = the most activating image.
     pub rank: i32,
     pub image_id: String,
@@ -57,7 +58,7 @@ pub fn topk_batch(rows: &[TopKRow]) -> Result<RecordBatch, StoreError> {
         topk_schema(),
         vec![
             strings(rows.iter().map(|r| r.layer.as_str())),
-            ints(rows.iter().map(|r| r.neuron)),
+            ints(rows.iter().map(|r| r.neuron.to_i32())),
             ints(rows.iter().map(|r| r.rank)),
             strings(rows.iter().map(|r| r.image_id.as_str())),
             Arc::new(Float32Array::from_iter_values(rows.iter().map(|r| r.activation))),
@@ -136,8 +137,8 @@ pub fn errors_batch(rows: &[ErrorRow]) -> Result<RecordBatch, StoreError> {
 /// One attention crop of one of a neuron's top images.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CropRow {
-    pub layer: String,
-    pub neuron: i32,
+    pub layer: LayerName,
+    pub neuron: NeuronId,
     /// Rank of the source image in the neuron's top-K list.
     pub rank: i32,
     pub image_id: String,
@@ -182,7 +183,7 @@ pub fn crops_batch(rows: &[CropRow]) -> Result<RecordBatch, StoreError> {
         crops_schema(),
         vec![
             strings(rows.iter().map(|r| r.layer.as_str())),
-            ints(rows.iter().map(|r| r.neuron)),
+            ints(rows.iter().map(|r| r.neuron.to_i32())),
             ints(rows.iter().map(|r| r.rank)),
             strings(rows.iter().map(|r| r.image_id.as_str())),
             Arc::new(Float32Array::from_iter_values(rows.iter().map(|r| r.image_activation))),

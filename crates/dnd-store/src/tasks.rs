@@ -109,10 +109,10 @@ mod tests {
     use crate::results::NeuronErrorRow;
     use crate::write_parquet;
 
-    fn error_row(neuron: i32, task: &str) -> NeuronErrorRow {
+    fn error_row(neuron: u32, task: &str) -> NeuronErrorRow {
         NeuronErrorRow {
             layer: "fc".into(),
-            neuron,
+            neuron: dnd_core::NeuronId::new(neuron),
             stage: "caption".into(),
             image_id: None,
             reason: "test".into(),
@@ -121,7 +121,7 @@ mod tests {
         }
     }
 
-    async fn write_attempt(store: &TaskStore, task: &str, attempt: &str, neuron: i32) {
+    async fn write_attempt(store: &TaskStore, task: &str, attempt: &str, neuron: u32) {
         let dir = store.attempt_dir(task, attempt).unwrap();
         for table in ResultTable::ALL {
             let batch = if table == ResultTable::Errors {

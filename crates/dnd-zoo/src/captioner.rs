@@ -17,12 +17,13 @@ use dnd_models::{BlipCaptioner, CaptionConfig, Captioner, ModelRef};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::pairs::{self, Pair, PairKind, PairSampling, TrainError, Truth, io_error, sample_pairs};
+use super::pairs::{self, Pair, PairKind, PairSampling, Truth, sample_pairs};
 use super::tiny_transformer::{
     Act, INIT_STD, Init, Lin, Norm, Params, TowerSize, VisionStyle, VisionTower, attention,
     causal_mask, check_all_gradients, masked_cross_entropy, named_tensors, repeat_rows,
 };
 use super::tokenizer::{CLS_ID, PAD_ID, SEP_ID, WorldTokenizer, write_tokenizer};
+use crate::error::{TrainError, io_error};
 use dnd_synth::vocab::{Fill, Shape};
 
 const VISION_EPS: f64 = 1e-5;
@@ -109,7 +110,7 @@ impl CaptionerTraining {
 
     fn check(&self, tokenizer: &WorldTokenizer) -> Result<(), TrainError> {
         self.sampling.check()?;
-        let bad = |m: String| Err(TrainError::Settings(m));
+        let bad = |m: String| Err(TrainError::Config(m));
         let s = self.sampling.image_size as usize;
         if self.patch_size == 0 || !s.is_multiple_of(self.patch_size) {
             return bad(format!(

@@ -17,12 +17,13 @@ use dnd_models::{ClipEmbedder, Embedder, ModelRef};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::pairs::{self, Pair, PairKind, PairSampling, TrainError, io_error, sample_pairs};
+use super::pairs::{self, Pair, PairKind, PairSampling, sample_pairs};
 use super::tiny_transformer::{
     Act, EncoderLayer, INIT_STD, Init, Lin, Norm, Params, TowerSize, VisionStyle, VisionTower,
     causal_mask, check_all_gradients, gather_rows, named_tensors, repeat_rows,
 };
 use super::tokenizer::{CLS_ID, PAD_ID, SEP_ID, WorldTokenizer, write_tokenizer};
+use crate::error::{TrainError, io_error};
 
 const EPS: f64 = 1e-5;
 /// CLIP's initial logit scale, ln(1 / 0.07).
@@ -109,7 +110,7 @@ impl EmbedderTraining {
 
     fn check(&self) -> Result<(), TrainError> {
         self.sampling.check()?;
-        let bad = |m: String| Err(TrainError::Settings(m));
+        let bad = |m: String| Err(TrainError::Config(m));
         let s = self.sampling.image_size as usize;
         if self.patch_size == 0 || !s.is_multiple_of(self.patch_size) {
             return bad(format!(

@@ -5,6 +5,7 @@
 
 pub mod captioner;
 pub mod embedder;
+pub mod error;
 pub mod json;
 pub mod pairs;
 pub mod target;

@@ -12,7 +12,6 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
-use thiserror::Error;
 
 use dnd_synth::caption::{VisibilityRule, caption, caption_visible, visible_in};
 use dnd_synth::mask::Rect;
@@ -21,24 +20,8 @@ use dnd_synth::render::{Rendered, render};
 use dnd_synth::scene::Scene;
 use dnd_synth::vocab::{Colour, Fill, Shape, Texture};
 
-/// Errors of training the zoo's captioner and embedder.
-#[derive(Debug, Error)]
-pub enum TrainError {
-    #[error("tensor computation failed: {0}")]
-    Candle(#[from] candle_core::Error),
-    #[error(transparent)]
-    Model(#[from] dnd_models::ModelError),
-    #[error("cannot write {path}: {source}")]
-    Io { path: std::path::PathBuf, source: std::io::Error },
-    #[error("bad training settings: {0}")]
-    Settings(String),
-    #[error(transparent)]
-    Synth(#[from] dnd_synth::error::SynthError),
-}
-
-pub(crate) fn io_error(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
-    move |source| TrainError::Io { path: path.to_path_buf(), source }
-}
+pub use crate::error::TrainError;
+use crate::error::io_error;
 
 /// How pairs are drawn.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -79,7 +62,7 @@ impl Default for PairSampling {
 
 impl PairSampling {
     pub(crate) fn check(&self) -> Result<(), TrainError> {
-        let bad = |m: &str| Err(TrainError::Settings(m.into()));
+        let bad = |m: &str| Err(TrainError::Config(m.into()));
         if self.image_size < 8
             || self.render_sizes.is_empty()
             || self.render_sizes.iter().any(|&s| s < 8)
@@ -364,7 +347,7 @@ pub(crate) fn train_on_pairs(
         after_step()?;
         let value = loss.to_scalar::<f32>()?;
         if !value.is_finite() {
-            return Err(TrainError::Settings(format!(
+            return Err(TrainError::Config(format!(
                 "the loss diverged at step {step}: lower the learning rate"
             )));
         }

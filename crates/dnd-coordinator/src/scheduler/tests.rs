@@ -53,11 +53,11 @@ fn a_job_runs_probe_tasks_then_neuron_tasks_then_compacts() {
     assert_eq!(s.probe_merged("j", 2), Next::Nothing);
     let c = s.lease("w1", 2, LEASE).unwrap();
     let d = s.lease("w2", 2, LEASE).unwrap();
-    s.heartbeat("j", &c.task.id, c.lease.token, &[("caption".into(), 1)], 3, LEASE).unwrap();
+    s.heartbeat("j", &c.task.id, c.lease.token, &[(Stage::Caption, 1)], 3, LEASE).unwrap();
     let view = s.view("j").unwrap();
     assert_eq!(view.phase, Phase::Describing);
-    assert_eq!(view.stages[0], ("probe".to_string(), 15, 15));
-    assert!(view.stages.contains(&("caption".to_string(), 1, 3)), "{:?}", view.stages);
+    assert_eq!(view.stages[0], (Stage::Probe, 15, 15));
+    assert!(view.stages.contains(&(Stage::Caption, 1, 3)), "{:?}", view.stages);
     assert_eq!(s.committed("j", &c.task.id, c.lease.token, 4).unwrap(), Next::Nothing);
     assert_eq!(s.committed("j", &d.task.id, d.lease.token, 4).unwrap(), Next::Compact);
     s.finish("j", 5);

@@ -12,7 +12,7 @@ use image::RgbImage;
 use rayon::prelude::*;
 
 use dnd_core::{
-    BoundingBox, CropConfig, CropPlan, LayerTopK, Map2, NeuronId, NeuronSet, plan_crops,
+    BoundingBox, CropConfig, CropPlan, LayerName, LayerTopK, Map2, NeuronId, NeuronSet, plan_crops,
 };
 use dnd_models::preprocess::{normalized_batch, resize_rgb};
 use dnd_models::{Tap, TargetModel};
@@ -310,8 +310,8 @@ fn crop_rows(
         .zip(cut)
         .enumerate()
         .map(|(i, (b, resized))| CropRow {
-            layer: layer.to_string(),
-            neuron: need.neuron as i32,
+            layer: LayerName::new(layer),
+            neuron: NeuronId::new(need.neuron as u32),
             rank: need.rank as i32,
             image_id: image_id.to_string(),
             image_activation: need.activation,

@@ -56,23 +56,22 @@
 //! blocks; 1 and 2 threads were checked to give identical files.
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::mpsc::sync_channel;
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
-use dnd_models::{ModelError, ModelRef, Tap, TargetModel};
+use dnd_models::{ModelRef, Tap, TargetModel};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
-use thiserror::Error;
 
 use dnd_synth::concept::Concept;
-use dnd_synth::error::SynthError;
 use dnd_synth::planted::{NUM_CLASSES, PLANTED_FILE, PlantedNeuron, PlantedSpec, class_neurons};
 use dnd_synth::vocab::{Colour, Fill, Shape, Texture};
 
+pub use crate::error::TrainError;
 use crate::json::write_json;
 
 mod config;
@@ -91,35 +90,6 @@ use net::{TrainNet, plant_loss};
 
 /// The command that regenerates the committed zoo model, recorded in `train.json`.
 pub const REGENERATE_COMMAND: &str = "dnd synth train --model target";
-
-/// Errors of training or of reading a trained model's tables.
-#[derive(Debug, Error)]
-pub enum TrainError {
-    #[error("invalid training config: {0}")]
-    Config(String),
-    #[error("training diverged at step {step} (loss {loss}); lower lr")]
-    Diverged { step: usize, loss: f32 },
-    #[error("the data thread stopped")]
-    DataThread,
-    #[error("tensor operation failed: {0}")]
-    Candle(#[from] candle_core::Error),
-    #[error(transparent)]
-    Synth(#[from] SynthError),
-    #[error(transparent)]
-    Model(#[from] ModelError),
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{path}: {source}")]
-    Json {
-        path: PathBuf,
-        #[source]
-        source: serde_json::Error,
-    },
-}
 
 /// The planted channels of the committed zoo model: in layer4 six single concepts (one of
 /// each family: colour, shape, fill, background texture, colour+shape, and another
