@@ -232,7 +232,7 @@ pub async fn dissect(args: DissectArgs) -> anyhow::Result<()> {
         s.peak_rss_mib
     );
     println!(
-        "results: {}/results/ (descriptions, candidates, scores, captions, images, exchanges, errors .parquet)",
+        "results: {}/results/ (descriptions, candidates, scores, captions, images, exchanges, errors, evaluation .parquet)",
         s.location
     );
     crate::report::after_dissect(&s.location).await;

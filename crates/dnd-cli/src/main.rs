@@ -8,6 +8,7 @@ mod bench;
 mod bench_scheduler;
 mod cluster;
 mod dissect;
+mod evaluate;
 mod progress;
 mod report;
 mod stages;
@@ -92,6 +93,14 @@ enum Command {
     /// filterable) and a page per neuron with its top images, crop boxes, captions,
     /// candidates and generated images. Opens from a local directory, no server needed.
     Report(report::ReportArgs),
+
+    /// Score each label of a finished job against the neuron it describes: simulation
+    /// correlation over the whole probe set, AUPRC, F1 and IoU at top shares, CoSy's AUC
+    /// and MAD on images generated from the label, each with a bootstrap interval.
+    ///
+    /// Writes <job>/results/evaluation.parquet (docs/schema.md); --labels scores another
+    /// method's labels. Resumable; every model call goes through the job's caches.
+    Evaluate(evaluate::EvaluateArgs),
 
     /// Serve jobs to workers over gRPC (the distributed mode): plans submitted jobs into
     /// tasks, leases them, retries failures, merges and compacts results in --store, and
@@ -214,6 +223,7 @@ fn main() -> ExitCode {
         Command::Worker(a) => a.threads,
         Command::Synth(_)
         | Command::Report(_)
+        | Command::Evaluate(_)
         | Command::Bench(_)
         | Command::Coordinator(_)
         | Command::Submit(_)
@@ -246,6 +256,7 @@ fn main() -> ExitCode {
             Command::Summarize(args) => stages::summarize(args).await,
             Command::Dissect(args) => dissect::dissect(args).await,
             Command::Report(args) => report::report(args).await,
+            Command::Evaluate(args) => evaluate::evaluate(args).await,
             Command::Coordinator(args) => cluster::coordinator(args).await,
             Command::Worker(args) => cluster::worker(args).await,
             Command::Submit(args) => cluster::submit(args).await,

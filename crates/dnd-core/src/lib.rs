@@ -5,6 +5,7 @@
 
 pub mod crop;
 pub mod error;
+pub mod evaluation;
 pub mod ids;
 pub mod neurons;
 pub mod pooling;

@@ -22,6 +22,9 @@ pub enum PipelineError {
     /// A job file that cannot be used.
     #[error("invalid job {origin}: {reason}")]
     BadJob { origin: String, reason: String },
+    /// A labels file (`dnd evaluate --labels`) that cannot be used.
+    #[error("invalid labels file {origin}: {reason}")]
+    BadLabels { origin: String, reason: String },
     #[error(transparent)]
     Summarize(#[from] dnd_summarize::SummarizeError),
     #[error("internal error: {0}")]
@@ -35,7 +38,8 @@ impl PipelineError {
             PipelineError::Core(_)
             | PipelineError::NoImages { .. }
             | PipelineError::BadImageList { .. }
-            | PipelineError::BadJob { .. } => true,
+            | PipelineError::BadJob { .. }
+            | PipelineError::BadLabels { .. } => true,
             PipelineError::Summarize(e) => e.is_user_error(),
             PipelineError::Model(e) => e.is_user_error(),
             PipelineError::Store(e) => e.is_user_error(),

@@ -23,6 +23,9 @@ use crate::neuron_task::{NeuronTask, TaskTables, run_neuron_task};
 use crate::plan::{JobPlan, probe_config};
 use crate::probe::run_probe;
 use crate::progress::Progress;
+use crate::stages::evaluate::{
+    DND_LABELS, LabelToScore, ProbeMeasurements, evaluate_labels, reported_labels,
+};
 use crate::workbench::Workbench;
 
 pub const STATS_FILE: &str = "stats.json";
@@ -59,6 +62,7 @@ pub struct JobContext {
     pub dir: JobDir,
     pub images: ProbeImages,
     topk: Mutex<HashMap<LayerName, Arc<NeuronTopK>>>,
+    probe_measurements: Mutex<HashMap<LayerName, Arc<ProbeMeasurements>>>,
 }
 
 impl JobContext {
@@ -77,7 +81,41 @@ impl JobContext {
                 ),
             });
         }
-        Ok(Self { name, spec, plan, dir, images, topk: Mutex::new(HashMap::new()) })
+        Ok(Self {
+            name,
+            spec,
+            plan,
+            dir,
+            images,
+            topk: Mutex::new(HashMap::new()),
+            probe_measurements: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// What the models measure on the whole probe set at `layer` (for evaluation), once
+    /// per layer on this worker.
+    pub async fn probe_measurements(
+        &self,
+        bench: &Workbench,
+        layer: &LayerName,
+    ) -> Result<Arc<ProbeMeasurements>, PipelineError> {
+        let mut cached = self.probe_measurements.lock().await;
+        if let Some(m) = cached.get(layer) {
+            return Ok(m.clone());
+        }
+        let measured = Arc::new(
+            ProbeMeasurements::measure(
+                bench,
+                &self.images.images,
+                &self.spec.probe.limits,
+                bench.target.tap(layer.as_str())?,
+                self.spec.probe.pooling,
+                self.spec.describe.batch_size,
+            )
+            .await?,
+        );
+        cached.insert(layer.clone(), measured.clone());
+        Ok(measured)
     }
 
     /// Each neuron's merged probe top-K of `layer`, as indices into the probe set.
@@ -163,7 +201,7 @@ impl JobContext {
                     .iter()
                     .map(|n| top_by_neuron.get(n).cloned().unwrap_or_default())
                     .collect();
-                let tables = run_neuron_task(
+                let mut tables = run_neuron_task(
                     bench,
                     &self.spec,
                     &neuron_task,
@@ -173,6 +211,25 @@ impl JobContext {
                     progress,
                 )
                 .await?;
+                if let Some(config) = &self.spec.evaluate {
+                    let labels: Vec<LabelToScore> = tables
+                        .descriptions
+                        .iter()
+                        .flat_map(|d| reported_labels(d, config.labels))
+                        .collect();
+                    let probe = self.probe_measurements(bench, layer).await?;
+                    tables.evaluation = evaluate_labels(
+                        bench,
+                        &self.spec,
+                        config,
+                        layer,
+                        neuron_task.tap,
+                        &probe,
+                        &labels,
+                        DND_LABELS,
+                    )
+                    .await?;
+                }
                 write_task(&dir, &tables).await?;
                 stats.kind = "neurons".into();
                 stats.neurons = neurons.len();
@@ -209,6 +266,7 @@ pub async fn write_task(dir: &Location, tables: &TaskTables) -> Result<(), Pipel
             ResultTable::Images => table.batch(&tables.images)?,
             ResultTable::Exchanges => table.batch(&tables.exchanges)?,
             ResultTable::Errors => table.batch(&tables.errors)?,
+            ResultTable::Evaluation => table.batch(&tables.evaluation)?,
         };
         write_parquet(dir, &table.file(), &batch).await?;
     }

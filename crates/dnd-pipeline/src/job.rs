@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use dnd_core::evaluation::EvaluationConfig;
 use dnd_core::{CoreError, CropConfig, NeuronId, NeuronSet, Pooling, ScoringConfig, Screening};
 use dnd_models::{CaptionConfig, GenerationConfig, ModelRef};
 use dnd_summarize::SummarizerConfig;
@@ -40,6 +41,10 @@ pub struct JobSpec {
     pub generator: GeneratorSection,
     pub embedder: EmbedderSection,
     pub scoring: ScoringConfig,
+    /// Scores each reported label against its neuron after stage 3 (`[evaluate]`); off
+    /// when absent. Not part of the job's name: it adds a table, it changes no label.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub evaluate: Option<EvaluationConfig>,
 }
 
 impl Default for JobSpec {
@@ -59,6 +64,7 @@ impl Default for JobSpec {
             generator: GeneratorSection::default(),
             embedder: EmbedderSection::default(),
             scoring: ScoringConfig::default(),
+            evaluate: None,
         }
     }
 }
@@ -300,6 +306,9 @@ impl JobSpec {
         self.generator.screening.validate(self.generator.images_per_concept)?;
         self.crops.validate()?;
         self.scoring.validate()?;
+        if let Some(evaluate) = &self.evaluate {
+            evaluate.validate()?;
+        }
         self.summarizer.validate()?;
         Ok(())
     }

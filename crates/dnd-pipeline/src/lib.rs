@@ -6,6 +6,7 @@
 
 pub mod activations;
 pub mod error;
+pub mod evaluate;
 pub mod execute;
 pub mod finish;
 pub mod images;
@@ -22,6 +23,7 @@ pub mod vector_cache;
 pub mod workbench;
 
 pub use error::PipelineError;
+pub use evaluate::{EvaluationOutcome, LabelSource, evaluate_job};
 pub use execute::{JobContext, TaskStats};
 pub use finish::RunFacts;
 pub use images::{ImageLimits, ProbeImages};

@@ -3,8 +3,8 @@
 
 use dnd_core::{LayerName, NeuronId, TaskId};
 use dnd_store::results::{
-    CandidateRow, CaptionRow, DescriptionRow, DescriptionStatus, ExchangeRow, ImageRow,
-    NeuronErrorRow, ScoreRow,
+    CandidateRow, CaptionRow, DescriptionRow, DescriptionStatus, EvaluationRow, ExchangeRow,
+    ImageRow, NeuronErrorRow, ScoreRow,
 };
 use dnd_summarize::{Answer, Exchange};
 
@@ -25,6 +25,7 @@ pub struct TaskTables {
     pub images: Vec<ImageRow>,
     pub exchanges: Vec<ExchangeRow>,
     pub errors: Vec<NeuronErrorRow>,
+    pub evaluation: Vec<EvaluationRow>,
 }
 
 /// Makes the rows of one task's neurons.

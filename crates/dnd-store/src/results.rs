@@ -25,10 +25,12 @@ pub enum ResultTable {
     Images,
     Exchanges,
     Errors,
+    /// Each reported label scored against its neuron (`[evaluate]`, `dnd evaluate`).
+    Evaluation,
 }
 
 impl ResultTable {
-    pub const ALL: [ResultTable; 7] = [
+    pub const ALL: [ResultTable; 8] = [
         ResultTable::Descriptions,
         ResultTable::Candidates,
         ResultTable::Scores,
@@ -36,6 +38,7 @@ impl ResultTable {
         ResultTable::Images,
         ResultTable::Exchanges,
         ResultTable::Errors,
+        ResultTable::Evaluation,
     ];
 
     pub fn name(self) -> &'static str {
@@ -47,6 +50,7 @@ impl ResultTable {
             ResultTable::Images => "images",
             ResultTable::Exchanges => "exchanges",
             ResultTable::Errors => "errors",
+            ResultTable::Evaluation => "evaluation",
         }
     }
 
@@ -145,6 +149,17 @@ impl ResultTable {
                 f("reason", Utf8, false),
                 f("message", Utf8, false),
                 f("task", Utf8, false),
+            ],
+            ResultTable::Evaluation => vec![
+                f("source", Utf8, false),
+                f("label_rank", Int32, false),
+                f("label", Utf8, false),
+                f("metric", Utf8, false),
+                f("quantile", Float64, true),
+                f("value", Float64, true),
+                f("ci_low", Float64, true),
+                f("ci_high", Float64, true),
+                f("images", Int32, false),
             ],
         };
         Arc::new(Schema::new(key.into_iter().chain(rest).collect::<Vec<_>>()))
@@ -324,6 +339,29 @@ pub struct ExchangeRow {
     /// Why the reply gave no label.
     pub error: Option<String>,
     pub cached: bool,
+}
+
+/// One metric of one of a neuron's labels (`dnd_core::evaluation`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvaluationRow {
+    pub layer: LayerName,
+    pub neuron: NeuronId,
+    /// Whose labels: `dnd` for the job's own, else the labels file's name.
+    pub source: String,
+    /// 1 for the neuron's best label, 2 and 3 for the next.
+    pub label_rank: i32,
+    pub label: String,
+    /// `correlation`, `auprc`, `f1`, `iou`, `cosy_auc` or `cosy_mad`.
+    pub metric: String,
+    /// The top share of probe images that counts as firing (AUPRC, F1, IoU).
+    pub quantile: Option<f64>,
+    /// Missing when the inputs cannot define it (a constant prediction's correlation).
+    pub value: Option<f64>,
+    /// The 95% bootstrap interval over images.
+    pub ci_low: Option<f64>,
+    pub ci_high: Option<f64>,
+    /// Images the value is computed on.
+    pub images: i32,
 }
 
 /// A problem met while describing a neuron; the rest of the job goes on.

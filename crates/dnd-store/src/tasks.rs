@@ -92,6 +92,10 @@ impl TaskStore {
             let relative = format!("results/{}", table.file());
             let mut sink = ParquetSink::create(&self.job, &relative, table.schema())?;
             for dir in &attempts {
+                // Attempts committed before the evaluation table existed have none.
+                if table == ResultTable::Evaluation && !dir.exists(&table.file()).await? {
+                    continue;
+                }
                 for batch in read_parquet(dir, &table.file()).await? {
                     sink.write(&batch).await?;
                 }

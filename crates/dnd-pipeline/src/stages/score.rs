@@ -47,7 +47,7 @@ const EMBEDDING: &str = "image-embedding";
 /// blocking thread, one image per call: the CLIP tower's batched numerics change in the
 /// last bits with the batch's make-up, and the cache must hold one value per image,
 /// whichever task computes it first.
-async fn embed(
+pub(crate) async fn embed(
     bench: &Workbench,
     (images, hashes): (&[Arc<RgbImage>], &[String]),
 ) -> Result<Vec<Vec<f32>>, PipelineError> {
