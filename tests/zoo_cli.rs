@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use dnd_store::results::{CandidateRow, DescriptionRow};
+use dnd_store::results::{CandidateRow, DescriptionRow, EvaluationRow};
 use dnd_store::{Location, batches_rows, read_parquet};
 use dnd_synth::quality::recovered;
 use dnd_synth::read_planted;
@@ -78,6 +78,56 @@ async fn planted_neurons_get_labels_that_name_their_concepts() {
         missed.join("\n"),
         run.stdout
     );
+
+    // `dnd evaluate` on the zoo: the planted truth against a random concept and dnd's own
+    // labels, by CoSy's AUC (the metric that passes `dnd bench evaluate`'s checks here).
+    let labels = out.path().join("truth-and-random.csv");
+    let mut csv = String::from("layer,neuron,label\n");
+    for d in &descriptions {
+        let p = planted
+            .iter()
+            .find(|p| p.layer == d.layer.as_str() && p.neuron == d.neuron.index())
+            .unwrap();
+        let random = dnd_quality::sanity::perturb(p, 7).unwrap().random;
+        csv.push_str(&format!(
+            "{},{},{}\n{},{},{}\n",
+            p.layer, p.neuron, p.description, p.layer, p.neuron, random
+        ));
+    }
+    std::fs::write(&labels, csv).unwrap();
+    let job_dir = out.path().join("jobs/planted").display().to_string();
+    for extra in [&[][..], &["--labels", labels.to_str().unwrap(), "--labels-per-neuron", "2"][..]]
+    {
+        let run = dnd_in(
+            &repo(),
+            &[&["evaluate", job_dir.as_str(), "--bootstrap", "20"][..], extra].concat(),
+        );
+        assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
+    }
+    let rows: Vec<EvaluationRow> = batches_rows(
+        "evaluation",
+        &read_parquet(&job, "results/evaluation.parquet").await.unwrap(),
+    )
+    .unwrap();
+    let auc = |source: &str, rank: i32, d: &DescriptionRow| {
+        rows.iter()
+            .find(|r| {
+                r.source == source
+                    && r.label_rank == rank
+                    && r.metric == "cosy_auc"
+                    && (r.layer.as_str(), r.neuron) == (d.layer.as_str(), d.neuron)
+            })
+            .and_then(|r| r.value)
+            .unwrap_or_else(|| {
+                panic!("no cosy_auc of {source} {rank} for {} {}", d.layer, d.neuron)
+            })
+    };
+    for d in &descriptions {
+        let (truth, random, dnd) =
+            (auc("truth-and-random", 1, d), auc("truth-and-random", 2, d), auc("dnd", 1, d));
+        assert!(truth > random, "{} {}: truth {truth} <= random {random}", d.layer, d.neuron);
+        assert!(dnd > 0.8, "{} {}: dnd's label scores only {dnd}", d.layer, d.neuron);
+    }
 
     // Deterministic: the same job again (from the cache) gives the same labels.
     let again = dnd_in(&repo(), &[&args[..6], &["again"], &args[7..]].concat());

@@ -32,6 +32,10 @@ pub enum BenchCommand {
     /// The HTML report at scale: writes a synthetic job of thousands of neurons, renders
     /// its report and times its index's load in headless Chromium (bench/report_load.py).
     Report(crate::report::BenchReportArgs),
+    /// NeuronEval's sanity checks of `dnd evaluate`'s metrics on the zoo: how often each
+    /// scores a planted concept above a narrower, a broader and a random one, and above
+    /// each method's labels; and what evaluation costs beside the dissection.
+    Evaluate(crate::bench_evaluate::EvaluateBenchArgs),
 }
 
 #[derive(Args)]
@@ -61,6 +65,7 @@ pub async fn bench(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Quality(args) => quality(args).await,
         BenchCommand::Scheduler(args) => crate::bench_scheduler::scheduler(args).await,
         BenchCommand::Report(args) => crate::report::bench(args).await,
+        BenchCommand::Evaluate(args) => crate::bench_evaluate::evaluate_bench(args).await,
     }
 }
 

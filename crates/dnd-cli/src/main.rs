@@ -5,6 +5,7 @@
 #![allow(rustdoc::invalid_html_tags, rustdoc::broken_intra_doc_links)]
 
 mod bench;
+mod bench_evaluate;
 mod bench_scheduler;
 mod cluster;
 mod dissect;

@@ -7,6 +7,8 @@
 //! [`dnd_synth::quality::recovered`]) and a CoSy-style AUC (how well the neuron's
 //! activations separate images rendered from the label from control scenes).
 
+pub mod sanity;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;

@@ -193,7 +193,9 @@ fn conjunction(a: Concept, b: Concept) -> String {
     words.join(" ")
 }
 
-fn describe(kind: PlantedKind, concepts: &[Concept]) -> String {
+/// The world's phrase for a neuron of `kind` planted with `concepts` (the `description` of
+/// planted.json).
+pub fn describe(kind: PlantedKind, concepts: &[Concept]) -> String {
     match (kind, concepts) {
         (PlantedKind::Single, [a]) => noun_phrase(*a),
         (PlantedKind::Class, [a]) => {
