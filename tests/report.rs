@@ -48,6 +48,10 @@ async fn a_dissection_report_lists_every_neuron_and_shows_its_evidence_in_a_brow
     assert!(job_dir.join("report/index.html").is_file());
     assert!(job_dir.join("report/neurons/layer4-0.html").is_file());
 
+    // The labels' evaluation shows in the report: two sortable columns, a section per page.
+    let run = dnd_in(&repo(), &["evaluate", job_dir.to_str().unwrap(), "--bootstrap", "10"]);
+    assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
+
     // dnd report, to another directory, from where the dissection ran (the probe images'
     // paths in the results are relative to it).
     let site = out.path().join("site");
@@ -79,6 +83,11 @@ async fn a_dissection_report_lists_every_neuron_and_shows_its_evidence_in_a_brow
         page.contains("image missing") && page.contains("../thumbs/"),
         "crops and generated images are there"
     );
+
+    let index = std::fs::read_to_string(site.join("index.html")).unwrap();
+    assert!(index.contains("data-key=\"correlation\"") && index.contains("id=\"f-rmax\""));
+    let neuron = std::fs::read_to_string(site.join("neurons/layer4-0.html")).unwrap();
+    assert!(neuron.contains("id=\"evaluation\"") && neuron.contains("cosy_auc"), "no evaluation");
 
     // Thumbnails are small; each links to the full image, both named by content.
     for entry in std::fs::read_dir(site.join("thumbs")).unwrap() {

@@ -2,15 +2,17 @@
 // neurons.js) in the browser; nothing is fetched.
 (function () {
   "use strict";
-  var data = window.DND_REPORT || { rows: [], layers: [], truth: false, pageSize: 100 };
-  // Row layout in neurons.js: [layer, neuron, label, score, status, page, other labels, truth].
+  var data = window.DND_REPORT || { rows: [], layers: [], truth: false, evaluated: false, pageSize: 100 };
+  // Row layout in neurons.js: [layer, neuron, label, score, status, page, other labels, truth,
+  // simulation correlation of the top label, its CoSy AUC].
+  var cell = function (v) { return v === null || v === undefined ? "–" : v.toFixed(3); };
   var rows = data.rows.map(function (r, i) {
     return { layer: r[0], neuron: r[1], label: r[2], score: r[3], status: r[4], href: r[5], others: r[6] || "",
-             truth: r[7], order: i, text: ((r[2] || "") + " | " + (r[6] || "")).toLowerCase() };
+             truth: r[7], correlation: r[8], cosy: r[9], order: i, text: ((r[2] || "") + " | " + (r[6] || "")).toLowerCase() };
   });
   var layerOrder = {};
   data.layers.forEach(function (l, i) { layerOrder[l] = i; });
-  var state = { layer: "", text: "", min: null, max: null, key: null, dir: 1, page: 0 };
+  var state = { layer: "", text: "", min: null, max: null, rmax: null, key: null, dir: 1, page: 0 };
   var el = function (id) { return document.getElementById(id); };
   var tbody = document.querySelector("#neurons tbody");
   var esc = function (s) {
@@ -36,6 +38,7 @@
       for (var i = 0; i < words.length; i++) if (r.text.indexOf(words[i]) < 0) return false;
       if (state.min !== null && !(r.score !== null && r.score >= state.min)) return false;
       if (state.max !== null && !(r.score !== null && r.score <= state.max)) return false;
+      if (state.rmax !== null && !(r.correlation !== null && r.correlation !== undefined && r.correlation <= state.rmax)) return false;
       return true;
     });
     if (state.key) shown = shown.slice().sort(compare);
@@ -52,6 +55,7 @@
         (r.label === null ? "<em>(" + esc(r.status.replace("_", " ")) + ")</em>" : esc(r.label)) + "</a></td><td>" +
         (r.score === null ? "–" : r.score.toFixed(3)) + "</td><td><span class=\"status status-" + esc(r.status) + "\">" +
         esc(r.status.replace("_", " ")) + "</span></td>" + (data.truth ? "<td>" + esc(r.truth || "") + "</td>" : "") +
+        (data.evaluated ? "<td>" + cell(r.correlation) + "</td><td>" + cell(r.cosy) + "</td>" : "") +
         "<td>" + esc(r.others) + "</td></tr>");
     }
     tbody.innerHTML = html.join("");
@@ -71,8 +75,9 @@
   el("f-text").addEventListener("input", function (e) { state.text = e.target.value; state.page = 0; apply(); });
   el("f-min").addEventListener("input", function (e) { state.min = number(e.target.value); state.page = 0; apply(); });
   el("f-max").addEventListener("input", function (e) { state.max = number(e.target.value); state.page = 0; apply(); });
+  if (el("f-rmax")) el("f-rmax").addEventListener("input", function (e) { state.rmax = number(e.target.value); state.page = 0; apply(); });
   el("filters").addEventListener("reset", function () {
-    state.layer = ""; state.text = ""; state.min = null; state.max = null; state.page = 0;
+    state.layer = ""; state.text = ""; state.min = null; state.max = null; state.rmax = null; state.page = 0;
     setTimeout(apply, 0);
   });
   el("prev").addEventListener("click", function () { if (state.page > 0) { state.page--; apply(); } });

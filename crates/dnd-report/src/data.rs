@@ -6,8 +6,8 @@ use serde::de::DeserializeOwned;
 
 use dnd_core::{LayerName, NeuronId};
 use dnd_store::results::{
-    CandidateRow, CaptionRow, DescriptionRow, ExchangeRow, ImageRow, NeuronErrorRow, ResultTable,
-    ScoreRow,
+    CandidateRow, CaptionRow, DescriptionRow, EvaluationRow, ExchangeRow, ImageRow, NeuronErrorRow,
+    ResultTable, ScoreRow,
 };
 use dnd_store::{StoreError, batches_rows, read_parquet};
 
@@ -23,6 +23,8 @@ pub struct NeuronData {
     pub images: Vec<ImageRow>,
     pub exchanges: Vec<ExchangeRow>,
     pub errors: Vec<NeuronErrorRow>,
+    /// Its labels' evaluation (empty when the job was not evaluated).
+    pub evaluation: Vec<EvaluationRow>,
 }
 
 /// A job's results, neurons in the job's layer order, then by neuron.
@@ -60,6 +62,13 @@ pub async fn read_results(job: &Job) -> Result<JobResults, ReportError> {
     let images: Vec<ImageRow> = table(job, ResultTable::Images).await?;
     let exchanges: Vec<ExchangeRow> = table(job, ResultTable::Exchanges).await?;
     let errors: Vec<NeuronErrorRow> = table(job, ResultTable::Errors).await?;
+    // Jobs written before the evaluation table existed have none.
+    let evaluated = dnd_pipeline::JobDir::results_path(ResultTable::Evaluation);
+    let evaluation: Vec<EvaluationRow> = if job.location.exists(&evaluated).await? {
+        table(job, ResultTable::Evaluation).await?
+    } else {
+        Vec::new()
+    };
 
     let mut layers: Vec<String> = job.spec.target.layers.clone();
     for d in &descriptions {
@@ -84,6 +93,7 @@ pub async fn read_results(job: &Job) -> Result<JobResults, ReportError> {
                 images: Vec::new(),
                 exchanges: Vec::new(),
                 errors: Vec::new(),
+                evaluation: Vec::new(),
             },
         );
     }
@@ -103,6 +113,7 @@ pub async fn read_results(job: &Job) -> Result<JobResults, ReportError> {
     attach!(images, images);
     attach!(exchanges, exchanges);
     attach!(errors, errors);
+    attach!(evaluation, evaluation);
     for n in neurons.values_mut() {
         n.candidates.sort_by_key(|c| (c.final_rank, c.candidate));
         n.scores.sort_by_key(|s| (s.final_rank, s.candidate));

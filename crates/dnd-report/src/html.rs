@@ -12,6 +12,7 @@ use dnd_pipeline::NeuronSpec;
 use dnd_store::results::{CaptionRow, DescriptionRow, ImageRow, ScoreRow};
 
 use crate::data::{JobResults, NeuronData};
+use crate::evaluation;
 use crate::images::Images;
 use crate::{Job, ReportOptions};
 
@@ -46,7 +47,7 @@ pub fn neuron_file(layer: &str, neuron: NeuronId) -> String {
     format!("{}-{neuron}.html", slug(layer))
 }
 
-fn num(v: Option<f64>, digits: usize) -> String {
+pub(crate) fn num(v: Option<f64>, digits: usize) -> String {
     match v {
         Some(x) if x.is_finite() => format!("{x:.digits$}"),
         Some(x) => x.to_string(),
@@ -100,13 +101,16 @@ pub fn neurons_js(results: &JobResults, options: &ReportOptions) -> String {
                 d.status,
                 neuron_file(&d.layer, d.neuron),
                 others.join("; "),
-                truth
+                truth,
+                evaluation::best_label(&n.evaluation, "correlation"),
+                evaluation::best_label(&n.evaluation, "cosy_auc"),
             ])
         })
         .collect();
     let data = json!({
         "layers": results.layers,
         "truth": !options.ground_truth.is_empty(),
+        "evaluated": results.neurons.iter().any(|n| !n.evaluation.is_empty()),
         "pageSize": options.page_size.max(1),
         "rows": rows,
     });
@@ -235,6 +239,10 @@ pub fn index_html(
     b.push_str("</select>\n<label for=\"f-text\">Label contains</label> <input id=\"f-text\" name=\"text\" type=\"search\" placeholder=\"e.g. red\" autocomplete=\"off\">\n");
     b.push_str("<label for=\"f-min\">Score at least</label> <input id=\"f-min\" name=\"min\" type=\"number\" step=\"any\" inputmode=\"decimal\">\n");
     b.push_str("<label for=\"f-max\">at most</label> <input id=\"f-max\" name=\"max\" type=\"number\" step=\"any\" inputmode=\"decimal\">\n");
+    let evaluated = results.neurons.iter().any(|n| !n.evaluation.is_empty());
+    if evaluated {
+        b.push_str("<label for=\"f-rmax\">Simulation r at most</label> <input id=\"f-rmax\" name=\"rmax\" type=\"number\" step=\"any\" inputmode=\"decimal\">\n");
+    }
     b.push_str("<button type=\"reset\" id=\"f-reset\">Clear</button>\n</form>\n");
     b.push_str("<p id=\"count\" role=\"status\" aria-live=\"polite\"></p>\n");
     b.push_str("<table id=\"neurons\" class=\"neurons\"><thead><tr>");
@@ -247,6 +255,10 @@ pub fn index_html(
     ];
     if truth {
         cols.push(("truth", "Ground truth"));
+    }
+    if evaluated {
+        cols.push(("correlation", "Simulation r"));
+        cols.push(("cosy", "CoSy AUC"));
     }
     for (key, name) in cols {
         let _ = write!(
@@ -448,6 +460,7 @@ pub fn neuron_html(
     let crops: Vec<&ImageRow> = n.images.iter().filter(|i| i.kind == "crop").collect();
     let generated: Vec<&ImageRow> = n.images.iter().filter(|i| i.kind == "generated").collect();
 
+    b.push_str(&evaluation::section(&n.evaluation));
     b.push_str("<section id=\"top-images\" aria-labelledby=\"top-h\"><h2 id=\"top-h\">Top images</h2><p class=\"note\">The probe images that excite the neuron most, by activation; boxes are its attention crops. Marked ★: captioned.</p><div class=\"grid\">");
     for img in &originals {
         let boxes: Vec<&ImageRow> =

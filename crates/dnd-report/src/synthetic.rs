@@ -10,8 +10,8 @@ use serde_json::json;
 
 use dnd_pipeline::{DissectSummary, JobDir};
 use dnd_store::results::{
-    CandidateRow, CaptionRow, DescriptionRow, DescriptionStatus, ExchangeRow, ImageRow,
-    NeuronErrorRow, ResultTable, ScoreRow,
+    CandidateRow, CaptionRow, DescriptionRow, DescriptionStatus, EvaluationRow, ExchangeRow,
+    ImageRow, NeuronErrorRow, ResultTable, ScoreRow,
 };
 use dnd_store::{CacheCounts, Location, write_parquet};
 
@@ -288,6 +288,28 @@ pub async fn write_job(job: &Location, spec: &SyntheticSpec) -> Result<(), Repor
             cached: false,
         });
     }
+    // The best label's evaluation, as `dnd evaluate` writes it (two of its metrics).
+    let evaluation: Vec<EvaluationRow> = descriptions
+        .iter()
+        .filter_map(|d| Some((d, d.label.clone()?)))
+        .flat_map(|(d, label)| {
+            [("correlation", rng.unit() * 2.0 - 1.0, 1000), ("cosy_auc", rng.unit(), 110)].map(
+                |(metric, value, images)| EvaluationRow {
+                    layer: d.layer.clone(),
+                    neuron: d.neuron,
+                    source: "dnd".into(),
+                    label_rank: 1,
+                    label: label.clone(),
+                    metric: metric.into(),
+                    quantile: None,
+                    value: Some(value),
+                    ci_low: Some(value - 0.05),
+                    ci_high: Some(value + 0.05),
+                    images,
+                },
+            )
+        })
+        .collect();
     let put = |table: ResultTable| format!("results/{}", table.file());
     write_parquet(
         job,
@@ -304,6 +326,8 @@ pub async fn write_job(job: &Location, spec: &SyntheticSpec) -> Result<(), Repor
     write_parquet(job, &put(ResultTable::Exchanges), &ResultTable::Exchanges.batch(&exchanges)?)
         .await?;
     write_parquet(job, &put(ResultTable::Errors), &ResultTable::Errors.batch(&errors)?).await?;
+    write_parquet(job, &put(ResultTable::Evaluation), &ResultTable::Evaluation.batch(&evaluation)?)
+        .await?;
 
     let job_json = json!([spec.name, {
         "name": spec.name,
