@@ -115,6 +115,16 @@ async fn a_job_with_evaluate_scores_its_labels_as_dnd_evaluate_does() {
     let later: Vec<EvaluationRow> = rows(&after, ResultTable::Evaluation).await;
     assert!(!inline.is_empty());
     assert_eq!(inline, later, "same labels, models and seeds: the same rows");
+
+    // Evaluating the inline job again recomputes nothing: every generated image and every
+    // activation and embedding comes from the cache.
+    let run = evaluate(&out.path().join("jobs/inline"), &[]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(
+        run.stdout.contains("model calls: 0 images generated, 0 activations and embeddings"),
+        "{}",
+        run.stdout
+    );
 }
 
 #[test]

@@ -83,6 +83,10 @@ pub async fn evaluate(args: EvaluateArgs) -> anyhow::Result<()> {
             String::new()
         }
     );
+    println!(
+        "model calls: {} images generated, {} activations and embeddings computed (the rest from the cache)",
+        outcome.images_generated, outcome.vectors_computed
+    );
     println!("results: {}", outcome.table);
     Ok(())
 }

@@ -18,7 +18,7 @@ use dnd_core::{LayerName, NeuronId};
 use dnd_models::device::parse_device;
 use dnd_models::{ModelRef, TargetModel};
 use dnd_store::results::{EvaluationRow, ResultTable};
-use dnd_store::{ContentCache, Location, batches_rows, read_parquet, write_parquet};
+use dnd_store::{CacheKind, ContentCache, Location, batches_rows, read_parquet, write_parquet};
 
 use crate::error::PipelineError;
 use crate::execute::JobContext;
@@ -47,6 +47,9 @@ pub struct EvaluationOutcome {
     pub rows: usize,
     /// Batches already written by an earlier, interrupted run.
     pub batches_resumed: usize,
+    /// Images generated and vectors (activations, embeddings) computed: the cache misses.
+    pub images_generated: u64,
+    pub vectors_computed: u64,
     pub seconds: f64,
     /// Where the table is.
     pub table: String,
@@ -82,6 +85,8 @@ pub async fn evaluate_job(
     progress.begin("evaluate", neurons as u64);
     let parts = dir.location().join(&format!("evaluation/{source_name}"));
     let mut resumed = 0;
+    let misses = |kind| bench.cache.counts(kind).misses;
+    let before = (misses(CacheKind::Images), misses(CacheKind::Vectors));
     for (task, layer, labels) in &batches {
         let part = format!("{task}.parquet");
         if parts.exists(&part).await? {
@@ -112,6 +117,8 @@ pub async fn evaluate_job(
         neurons,
         rows,
         batches_resumed: resumed,
+        images_generated: misses(CacheKind::Images) - before.0,
+        vectors_computed: misses(CacheKind::Vectors) - before.1,
         seconds: started.elapsed().as_secs_f64(),
         table: dir.location().display_path(&JobDir::results_path(ResultTable::Evaluation)),
     })
