@@ -171,8 +171,10 @@ pub struct MetricCheck {
 /// Counts, per metric, how often the truth (source `truth`) beats every other source on
 /// the same neuron, from the best label (`label_rank` 1) of each.
 pub fn sanity_checks(rows: &[EvaluationRow], sources: &[&str]) -> Vec<MetricCheck> {
-    type Key = (String, Option<u64>);
-    let mut values: BTreeMap<Key, BTreeMap<(String, u32), BTreeMap<String, f64>>> = BTreeMap::new();
+    // (metric, quantile bits) -> (layer, neuron) -> source -> value.
+    type BySource = BTreeMap<String, f64>;
+    type ByNeuron = BTreeMap<(String, u32), BySource>;
+    let mut values: BTreeMap<(String, Option<u64>), ByNeuron> = BTreeMap::new();
     for r in rows.iter().filter(|r| r.label_rank == 1) {
         let Some(v) = r.value else { continue };
         let key = (r.metric.clone(), r.quantile.map(f64::to_bits));
