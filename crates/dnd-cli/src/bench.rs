@@ -36,6 +36,10 @@ pub enum BenchCommand {
     /// scores a planted concept above a narrower, a broader and a random one, and above
     /// each method's labels; and what evaluation costs beside the dissection.
     Evaluate(crate::bench_evaluate::EvaluateBenchArgs),
+    /// What a restarted coordinator pays to find a job's committed tasks: N committed
+    /// tasks written to a store, then found with one listing (and, with --compare, one
+    /// marker read per task, as before).
+    Restart(crate::bench_restart::RestartArgs),
 }
 
 #[derive(Args)]
@@ -66,6 +70,7 @@ pub async fn bench(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Scheduler(args) => crate::bench_scheduler::scheduler(args).await,
         BenchCommand::Report(args) => crate::report::bench(args).await,
         BenchCommand::Evaluate(args) => crate::bench_evaluate::evaluate_bench(args).await,
+        BenchCommand::Restart(args) => crate::bench_restart::restart(args).await,
     }
 }
 

@@ -6,6 +6,7 @@
 
 mod bench;
 mod bench_evaluate;
+mod bench_restart;
 mod bench_scheduler;
 mod cluster;
 mod dissect;

@@ -223,10 +223,10 @@ pub async fn committed_tasks(
     job: &JobDir,
     plan: &JobPlan,
 ) -> Result<HashMap<String, bool>, PipelineError> {
-    let store = job.tasks();
+    let mut committed = job.tasks().committed_all().await?;
     let mut done = HashMap::new();
     for task in plan.task_ids() {
-        if let Some(attempt) = store.committed(task.as_str()).await? {
+        if let Some(attempt) = committed.remove(task.as_str()) {
             done.insert(task.to_string(), attempt.starts_with(FAILED_ATTEMPT_PREFIX));
         }
     }

@@ -263,6 +263,31 @@ impl Location {
         Ok(names)
     }
 
+    /// Every object under `relative`, at any depth, by path relative to it: one listing
+    /// (paged by the store), however many objects.
+    pub async fn list_all(&self, relative: &str) -> Result<Vec<String>, StoreError> {
+        let prefix = self.path(relative);
+        let mut listing = self.store.list(Some(&prefix));
+        let mut names = Vec::new();
+        while let Some(meta) = listing.next().await {
+            let meta = match meta {
+                Ok(m) => m,
+                Err(object_store::Error::NotFound { .. }) => return Ok(Vec::new()),
+                Err(source) => {
+                    return Err(StoreError::ObjectStore {
+                        location: self.display_path(relative),
+                        source,
+                    });
+                }
+            };
+            if let Some(rest) = meta.location.prefix_match(&prefix) {
+                names.push(rest.map(|p| p.as_ref().to_string()).collect::<Vec<_>>().join("/"));
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
     /// The objects directly in `relative` (not in sub-directories), by path relative to it.
     pub async fn list_files(&self, relative: &str) -> Result<Vec<String>, StoreError> {
         let prefix = self.path(relative);

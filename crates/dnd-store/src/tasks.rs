@@ -5,6 +5,8 @@
 //! create-only put. Only the first commit wins: a late duplicate attempt finds the marker
 //! taken and its files are never read. Compaction reads committed attempts only.
 
+use std::collections::{BTreeSet, HashMap};
+
 use bytes::Bytes;
 
 use crate::error::StoreError;
@@ -65,6 +67,39 @@ impl TaskStore {
                 Bytes::from(attempt.to_string()),
             )
             .await
+    }
+
+    /// The committed attempt of every committed task, read with one listing of `tasks/`:
+    /// a task whose directory holds a single attempt committed that one (an attempt
+    /// writes its files before it commits); only tasks with several attempts have their
+    /// marker read. What a restarted coordinator needs, at any number of tasks.
+    pub async fn committed_all(&self) -> Result<HashMap<String, String>, StoreError> {
+        let mut attempts: HashMap<&str, BTreeSet<&str>> = HashMap::new();
+        let mut marked = Vec::new();
+        let listing = self.job.list_all("tasks").await?;
+        for path in &listing {
+            let mut parts = path.splitn(3, '/');
+            let (Some(task), Some(second)) = (parts.next(), parts.next()) else { continue };
+            match parts.next() {
+                None if second == COMMIT_MARKER => marked.push(task),
+                Some(_) => {
+                    attempts.entry(task).or_default().insert(second);
+                }
+                None => {}
+            }
+        }
+        let mut committed = HashMap::with_capacity(marked.len());
+        for task in marked {
+            let attempt = match attempts.get(task).map(|a| a.iter().collect::<Vec<_>>()) {
+                Some(only) if only.len() == 1 => only[0].to_string(),
+                _ => match self.committed(task).await? {
+                    Some(attempt) => attempt,
+                    None => continue,
+                },
+            };
+            committed.insert(task.to_string(), attempt);
+        }
+        Ok(committed)
     }
 
     /// The committed attempt of a task, if any.
@@ -162,6 +197,29 @@ mod tests {
             .collect();
         assert_eq!(neurons, [0, 1], "the uncommitted attempt's rows are not in the results");
         assert!(dir.path().join("results/descriptions.parquet").is_file());
+    }
+
+    #[tokio::test]
+    async fn one_listing_finds_every_commit_as_reading_each_marker_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = TaskStore::new(Location::create(dir.path().to_str().unwrap()).unwrap());
+        assert!(store.committed_all().await.unwrap().is_empty(), "no tasks/ yet");
+        // One attempt, committed; two attempts, the second committed (its marker is read);
+        // a failure record beside a failed attempt; an attempt never committed.
+        write_attempt(&store, "single", "attempt-1", 0).await;
+        store.commit("single", "attempt-1").await.unwrap();
+        write_attempt(&store, "retried", "attempt-1", 1).await;
+        write_attempt(&store, "retried", "attempt-2", 1).await;
+        store.commit("retried", "attempt-2").await.unwrap();
+        write_attempt(&store, "gave-up", "attempt-1", 2).await;
+        write_attempt(&store, "gave-up", "failed-1", 2).await;
+        store.commit("gave-up", "failed-1").await.unwrap();
+        write_attempt(&store, "running", "attempt-1", 3).await;
+        let all = store.committed_all().await.unwrap();
+        for task in ["single", "retried", "gave-up", "running"] {
+            assert_eq!(all.get(task).cloned(), store.committed(task).await.unwrap(), "{task}");
+        }
+        assert_eq!(all.len(), 3);
     }
 
     #[test]
