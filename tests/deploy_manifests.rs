@@ -623,8 +623,24 @@ fn every_overlay_renders_alike_and_validates_strictly() {
     let Some(unknown) = validate(&[vec![cpu.clone(), gpu.clone()], examples].concat()) else {
         return;
     };
-    // Only the Prometheus Operator's CRD has no schema in kubernetes-validate.
-    assert_eq!(unknown, ["PodMonitor"]);
+    // Only the Prometheus Operator's and KEDA's CRDs have no schema in kubernetes-validate.
+    let mut unknown = unknown;
+    unknown.sort();
+    assert_eq!(unknown, ["PodMonitor", "ScaledObject"]);
+
+    // Both autoscalers scale the worker Deployment the overlays render, on the
+    // coordinator's gauge of tasks not yet done; KEDA from zero.
+    let examples = repo().join("deploy/k8s/examples");
+    let keda = read_documents(&examples.join("autoscaling-keda.yaml")).remove(0);
+    let hpa = read_documents(&examples.join("autoscaling-hpa.yaml")).remove(0);
+    let rendered = read_documents(&cpu);
+    for target in [&keda["spec"]["scaleTargetRef"]["name"], &hpa["spec"]["scaleTargetRef"]["name"]]
+    {
+        assert!(named(&rendered, "Deployment", str_of(target)).is_some(), "{target}");
+    }
+    assert_eq!(keda["spec"]["minReplicaCount"], 0);
+    let query = str_of(&keda["spec"]["triggers"][0]["metadata"]["query"]);
+    assert!(query.contains("dnd_tasks{state=~\"queued|leased\"}"), "{query}");
 
     // The image runs dnd as the user the pods demand.
     let dockerfile = std::fs::read_to_string(repo().join("deploy/docker/Dockerfile.cpu")).unwrap();
@@ -750,6 +766,10 @@ fn the_cpu_overlay_runs_a_job_on_loopback_as_rendered() {
             .unwrap_or_else(|| panic!("{} serves no metrics\n{}", pod.name, pod.logs()));
         assert_eq!(code, 200);
         assert!(body.contains("# TYPE dnd_"), "{}: {body}", pod.name);
+        if pod.name.starts_with("dnd-coordinator") {
+            // What the autoscaling examples query.
+            assert!(body.contains("dnd_tasks{state=\"queued\"}"), "{}: {body}", pod.name);
+        }
     }
 
     // The example Job submits the job and watches it to the end.
