@@ -73,7 +73,7 @@ def documented_results():
 def results(job: str) -> None:
     con = duckdb.connect()
     tables = documented_results()
-    assert len(tables) == 7, sorted(tables)
+    assert len(tables) == 8, sorted(tables)
     for name, columns in tables.items():
         path = os.path.join(job, "results", f"{name}.parquet")
         assert con.sql(f"SELECT * FROM read_parquet('{path}')").columns == columns, (name, columns)
