@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
-use dnd_summarize::local::{LocalConfig, Qwen2Chat};
+use dnd_summarize::local::{LocalConfig, LocalModel};
 use dnd_summarize::{Backend, ChatMessage, PromptTemplates, Step, SummarizerConfig, build};
 use serde_json::Value;
 
@@ -36,7 +36,7 @@ fn matches_transformers_on_the_fixture_qwen2() {
             .unwrap();
     let tensors =
         candle_core::safetensors::load(fixture("reference/lm.safetensors"), &Device::Cpu).unwrap();
-    let chat = Qwen2Chat::load(&local_config()).unwrap();
+    let chat = LocalModel::load(&local_config()).unwrap();
 
     let messages: Vec<ChatMessage> =
         serde_json::from_value(reference["chat"]["messages"].clone()).unwrap();
@@ -74,7 +74,7 @@ fn matches_transformers_on_the_fixture_qwen2() {
 
 #[test]
 fn the_template_inserts_qwens_default_system_prompt() {
-    let chat = Qwen2Chat::load(&local_config()).unwrap();
+    let chat = LocalModel::load(&local_config()).unwrap();
     let rendered = chat.render(&[ChatMessage::new("user", "hi")]).unwrap();
     assert_eq!(
         rendered,
@@ -108,7 +108,7 @@ async fn the_local_summarizer_records_the_rendered_prompt_and_the_decoded_reply(
 
     let caption = "a red circle on a blue background";
     let ex = summarizer.simplify(caption).await.unwrap();
-    let chat = Qwen2Chat::load(&config.local).unwrap();
+    let chat = LocalModel::load(&config.local).unwrap();
     let expected_request = chat.render(&config.prompts.simplify_messages(caption)).unwrap();
     assert_eq!(ex.request, expected_request);
     assert!(
