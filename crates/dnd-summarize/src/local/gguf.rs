@@ -247,6 +247,14 @@ fn check(path: &Path, content: &Content) -> Result<Arch, SummarizeError> {
             "re-convert the model with a current llama.cpp",
         ));
     }
+    let epsilon = format!("{a}.attention.layer_norm_rms_epsilon");
+    if metadata.get(&epsilon).and_then(|v| v.to_f32().ok()).is_none() {
+        return Err(bad(
+            path,
+            format!("a {a} GGUF without {epsilon} (a float)"),
+            "re-convert the model with a current llama.cpp",
+        ));
+    }
     let (heads, kv_heads, hidden) = (
         number("attention.head_count").unwrap_or(1),
         number("attention.head_count_kv").unwrap_or(1),

@@ -90,10 +90,14 @@ pub(super) fn from_metadata(metadata: &HashMap<String, Value>) -> Result<Tokeniz
                 .ok_or_else(|| format!("its merge `{merge}` is not two tokens"))
         })
         .collect::<Result<Vec<_>, _>>()?;
+    // Without the types, control tokens such as <|im_end|> would be cut into bytes.
     let types = match metadata.get("tokenizer.ggml.token_type") {
         Some(value) => integers(value, "tokenizer.ggml.token_type")?,
-        None => Vec::new(),
+        None => return Err("it has no tokenizer.ggml.token_type array".into()),
     };
+    if types.len() != tokens.len() {
+        return Err(format!("it has {} tokens but {} token types", tokens.len(), types.len()));
+    }
 
     // A name listed twice keeps its first id, as llama.cpp's lookup does.
     let mut vocab = Vocab::default();
@@ -247,6 +251,10 @@ mod tests {
         let mut none = metadata("qwen2");
         none.retain(|k, _| !k.starts_with("tokenizer."));
         assert!(from_metadata(&none).unwrap_err().contains("no tokenizer"));
+
+        let mut untyped = metadata("qwen2");
+        untyped.remove("tokenizer.ggml.token_type");
+        assert!(from_metadata(&untyped).unwrap_err().contains("token_type"));
 
         let mut bad_merge = metadata("qwen2");
         bad_merge
