@@ -2,11 +2,11 @@
 //!
 //! Two kinds of model files (see docs/job.md, `[summarizer.local]`):
 //! * a Hugging Face Qwen2-class checkpoint directory (Qwen2, Qwen2.5 instruct), single or
-//!   sharded safetensors, run in f32 ([`hf`]);
+//!   sharded safetensors, run in f32 (module `hf`);
 //! * a GGUF file as llama.cpp, Ollama and LM Studio use (architectures `qwen2` and `llama`:
 //!   Qwen2.5, Llama 3 instruct; Q4_K_M, Q8_0 and the other quantizations candle reads), run
 //!   with candle's quantized models, tokenizer and chat template from the file's metadata
-//!   ([`gguf`]).
+//!   (module `gguf`).
 //!
 //! Decoding is greedy with a KV cache, so a reply depends only on the prompt.
 
