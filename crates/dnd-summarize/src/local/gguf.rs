@@ -156,8 +156,9 @@ pub(super) fn load(path: &Path, name: &str, device: &Device) -> Result<Parts, Su
             (tokenizer, path.to_path_buf())
         }
     };
-    let rows = content.tensor_infos["token_embd.weight"].shape.dims()[0];
-    if tokenizer.get_vocab_size(true) > rows {
+    // check() found token_embd.weight; its first dimension is the vocabulary.
+    let rows = content.tensor_infos.get("token_embd.weight").and_then(|t| t.shape.dims().first());
+    if let Some(&rows) = rows.filter(|&&rows| tokenizer.get_vocab_size(true) > rows) {
         return Err(SummarizeError::Tokenizer {
             path: tokenizer_path,
             reason: format!(
