@@ -163,3 +163,63 @@ fn summarize_turns_captions_into_candidates() {
     assert_ne!(run.code, 0);
     assert!(run.stderr.contains("127.0.0.1:9"), "{}", run.stderr);
 }
+
+#[test]
+fn summarize_runs_a_gguf_model_given_with_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let captions = dir.path().join("captions.txt");
+    std::fs::write(&captions, "a red circle on a blue background\na small red circle\n").unwrap();
+    let c = captions.to_str().unwrap();
+    // The fixture models take 512 positions: shorter prompts than the defaults.
+    let config = dir.path().join("llm.toml");
+    std::fs::write(
+        &config,
+        "rounds = 1\n[local]\nmax_new_tokens = 4\n[prompts]\nversion = \"test-short-1\"\nsystem = \"Name the concept.\"\nsimplify = \"Caption: {caption}\\nLabel:\"\nsummarize = \"{labels}\\nLabel:\"\nmerge = \"{labels}\\nOne label:\"\n",
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    let gguf = fixtures().join("gguf").join("qwen2-q4_k_m.gguf");
+    let gguf = gguf.to_str().unwrap();
+    let exchanges = dir.path().join("exchanges.jsonl");
+    let args = [
+        "summarize",
+        "--captions",
+        c,
+        "--config",
+        config,
+        "--backend",
+        "local",
+        "--model",
+        gguf,
+        "--exchanges",
+        exchanges.to_str().unwrap(),
+    ];
+    let run = dnd(&args);
+    // The model loads and answers; whether a random-weight model's replies hold a usable
+    // label depends on its tokens, so "no usable label" (exit 1) is the one other outcome.
+    match run.code {
+        0 => {
+            let lines = std::fs::read_to_string(&exchanges).unwrap();
+            assert!(
+                lines.contains("<|im_start|>user\\nCaption: a small red circle\\nLabel:<|im_end|>"),
+                "{lines}"
+            );
+            assert!(lines.contains(r#""backend":"local""#), "{lines}");
+            assert!(run.stderr.contains(&format!("local:{gguf}@cpu")), "{}", run.stderr);
+        }
+        1 => assert!(run.stderr.contains("no caption gave a usable label"), "{}", run.stderr),
+        code => panic!("exit {code}: {}", run.stderr),
+    }
+
+    // Bad input: a file that is not GGUF, and --model with the consensus rule.
+    let fake = dir.path().join("model.gguf");
+    std::fs::write(&fake, "<html>not found</html>").unwrap();
+    let fake = fake.to_str().unwrap();
+    let run = dnd(&["summarize", "--captions", c, "--backend", "local", "--model", fake]);
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    assert!(run.stderr.contains(fake) && run.stderr.contains("not a GGUF file"), "{}", run.stderr);
+    assert!(run.stderr.contains("expected: a GGUF file"), "{}", run.stderr);
+    let run = dnd(&["summarize", "--captions", c, "--model", gguf]);
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    assert!(run.stderr.contains("--backend local"), "{}", run.stderr);
+}

@@ -340,6 +340,12 @@ pub struct SummarizeArgs {
     #[arg(long)]
     pub backend: Option<String>,
 
+    /// Overrides the backend's model: for `local`, a GGUF file (qwen2 or llama, e.g. a
+    /// Q4_K_M from llama.cpp or Ollama), a Qwen2 checkpoint directory or hf:<org>/<name>;
+    /// for `openai`, the model name the server knows.
+    #[arg(long, value_name = "MODEL")]
+    pub model: Option<String>,
+
     /// Seed of the label shuffles between summary rounds.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -376,6 +382,18 @@ pub async fn summarize(args: SummarizeArgs) -> anyhow::Result<()> {
             serde_json::from_value(serde_json::Value::String(b.clone())).map_err(|_| {
                 BadInput(format!("--backend `{b}` is not one of: openai, local, consensus"))
             })?;
+    }
+    if let Some(model) = &args.model {
+        match config.backend {
+            dnd_summarize::Backend::Local => config.local.model = model.clone(),
+            dnd_summarize::Backend::OpenAi => config.openai.model = model.clone(),
+            dnd_summarize::Backend::Consensus => {
+                return Err(BadInput(
+                    "--model names the language model of the local or openai backend; add --backend local (or openai)".into(),
+                )
+                .into());
+            }
+        }
     }
     let summarizer = tokio::task::spawn_blocking(move || {
         dnd_summarize::build(&config).map(|s| (s, config.rounds))

@@ -1,11 +1,13 @@
 //! The local backend against transformers 5.24 on the fixture Qwen2 (random weights, tied
 //! embeddings, `rope_parameters` config): chat template, token ids, logits at every
-//! position and greedy decoding with the KV cache. See tests/fixtures/README.md.
+//! position and greedy decoding with the KV cache; the same checkpoint cut into shards.
+//! See tests/fixtures/README.md.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
-use dnd_summarize::local::{LocalConfig, Qwen2Chat};
+use dnd_summarize::local::{LocalConfig, LocalModel};
 use dnd_summarize::{Backend, ChatMessage, PromptTemplates, Step, SummarizerConfig, build};
 use serde_json::Value;
 
@@ -36,7 +38,7 @@ fn matches_transformers_on_the_fixture_qwen2() {
             .unwrap();
     let tensors =
         candle_core::safetensors::load(fixture("reference/lm.safetensors"), &Device::Cpu).unwrap();
-    let chat = Qwen2Chat::load(&local_config()).unwrap();
+    let chat = LocalModel::load(&local_config()).unwrap();
 
     let messages: Vec<ChatMessage> =
         serde_json::from_value(reference["chat"]["messages"].clone()).unwrap();
@@ -74,7 +76,7 @@ fn matches_transformers_on_the_fixture_qwen2() {
 
 #[test]
 fn the_template_inserts_qwens_default_system_prompt() {
-    let chat = Qwen2Chat::load(&local_config()).unwrap();
+    let chat = LocalModel::load(&local_config()).unwrap();
     let rendered = chat.render(&[ChatMessage::new("user", "hi")]).unwrap();
     assert_eq!(
         rendered,
@@ -108,7 +110,7 @@ async fn the_local_summarizer_records_the_rendered_prompt_and_the_decoded_reply(
 
     let caption = "a red circle on a blue background";
     let ex = summarizer.simplify(caption).await.unwrap();
-    let chat = Qwen2Chat::load(&config.local).unwrap();
+    let chat = LocalModel::load(&config.local).unwrap();
     let expected_request = chat.render(&config.prompts.simplify_messages(caption)).unwrap();
     assert_eq!(ex.request, expected_request);
     assert!(
@@ -138,4 +140,64 @@ async fn a_prompt_longer_than_the_models_context_is_a_user_error() {
         SummarizerConfig { backend: Backend::Local, local: local_config(), ..Default::default() };
     let err = build(&config).unwrap().simplify("a red circle").await.unwrap_err();
     assert!(err.is_user_error() && err.to_string().contains("tokens"), "{err}");
+}
+
+/// The fixture checkpoint cut into two shards with a `model.safetensors.index.json`, as
+/// `save_pretrained(max_shard_size=...)` writes every 3B+ model: in `dir`, with the other files.
+fn write_sharded_copy(dir: &std::path::Path) {
+    let lm = fixture("lm");
+    for file in ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"]
+    {
+        std::fs::copy(lm.join(file), dir.join(file)).unwrap();
+    }
+    let tensors =
+        candle_core::safetensors::load(lm.join("model.safetensors"), &Device::Cpu).unwrap();
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let (first, second) = names.split_at(names.len() / 2);
+    let mut weight_map = serde_json::Map::new();
+    let mut total_size = 0;
+    for (shard, part) in
+        [("model-00001-of-00002.safetensors", first), ("model-00002-of-00002.safetensors", second)]
+    {
+        let part: HashMap<String, Tensor> =
+            part.iter().map(|n| ((*n).clone(), tensors[*n].clone())).collect();
+        for (name, tensor) in &part {
+            weight_map.insert(name.clone(), shard.into());
+            total_size += tensor.elem_count() * tensor.dtype().size_in_bytes();
+        }
+        candle_core::safetensors::save(&part, dir.join(shard)).unwrap();
+    }
+    let index =
+        serde_json::json!({"metadata": {"total_size": total_size}, "weight_map": weight_map});
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+}
+
+#[test]
+fn a_sharded_checkpoint_is_the_same_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_sharded_copy(tmp.path());
+    let whole = LocalModel::load(&local_config()).unwrap();
+    let prompt =
+        whole.encode(&whole.render(&[ChatMessage::new("user", "red ring")]).unwrap()).unwrap();
+    let expected_logits = whole.logits(&prompt).unwrap();
+    let expected_ids = whole.generate(&prompt, 8).unwrap();
+    // The directory, and the index file itself.
+    let index = tmp.path().join("model.safetensors.index.json");
+    for model in [tmp.path().to_path_buf(), index] {
+        let config =
+            LocalConfig { model: model.to_string_lossy().into_owned(), ..Default::default() };
+        let sharded = LocalModel::load(&config).unwrap();
+        let logits = sharded.logits(&prompt).unwrap();
+        let diff = (logits - &expected_logits).unwrap().abs().unwrap().max_all().unwrap();
+        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{}", model.display());
+        assert_eq!(sharded.generate(&prompt, 8).unwrap(), expected_ids);
+    }
+    // A shard gone is named, with what to do.
+    std::fs::remove_file(tmp.path().join("model-00002-of-00002.safetensors")).unwrap();
+    let config =
+        LocalConfig { model: tmp.path().to_string_lossy().into_owned(), ..Default::default() };
+    let err = LocalModel::load(&config).err().unwrap();
+    assert!(err.is_user_error(), "{err}");
+    assert!(err.to_string().contains("model-00002-of-00002.safetensors"), "{err}");
 }
