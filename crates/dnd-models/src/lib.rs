@@ -22,6 +22,7 @@ pub mod preprocess;
 pub mod resnet;
 pub mod target;
 pub mod transformer;
+pub mod vit;
 pub mod weights;
 pub mod winograd;
 
@@ -31,6 +32,7 @@ pub use embedder::{ClipEmbedder, Embedder};
 pub use error::ModelError;
 pub use generator::{DiffusionGenerator, GenerationConfig, Generator, ImageRequest};
 pub use preprocess::Preprocess;
-pub use resnet::{ResNet, ResNetConfig, Tap};
-pub use target::TargetModel;
+pub use resnet::{ResNet, ResNetConfig};
+pub use target::{Tap, TargetModel};
+pub use vit::{Vit, VitConfig};
 pub use weights::Checkpoint;

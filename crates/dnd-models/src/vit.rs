@@ -1,0 +1,495 @@
+//! Vision transformers (Dosovitskiy et al. 2021) as targets, in the checkpoint layouts
+//! people have: torchvision (`vit_b_16`, `vit_l_16`, ...), timm (`vit_*_patch16_*`, its
+//! CLIP towers and DINOv2 ports, register tokens), the Hugging Face CLIP image tower
+//! (`CLIPModel`, `CLIPVisionModel[WithProjection]`, OpenCLIP models in that format) and
+//! Hugging Face DINOv2 (with or without registers). [`layout`] maps each layout's tensor
+//! names onto one pre-norm transformer; the architecture is read off the tensor shapes,
+//! with config.json for what shapes cannot say (heads, activation).
+//!
+//! Taps: `blocks.N` (the residual stream after block N), `blocks.N.mlp` (the MLP's hidden
+//! layer after its activation), `norm` (the final norm over every token) and `head`. A
+//! token tap's map is its patch tokens as a `(C, H/p, W/p)` grid, the class and register
+//! tokens left out, so pooling and attention crops treat it like a convolution's map;
+//! [`Vit::forward_class_tokens`] reads the class token instead (pooling `cls`).
+//!
+//! Images of another size than the checkpoint's get their position table resampled to
+//! the new grid, bicubically, as transformers' `interpolate_pos_encoding` does.
+
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::{D, DType, Device, Module, Tensor};
+use candle_nn::{LayerNorm, Linear};
+use serde::{Deserialize, Serialize};
+
+use crate::error::ModelError;
+use crate::preprocess::Preprocess;
+use crate::target::Tap;
+use crate::transformer::{Activation, SelfAttention};
+use crate::weights::Checkpoint;
+
+mod cpu;
+mod layout;
+mod params;
+mod shape;
+#[cfg(test)]
+mod tests;
+
+pub use layout::{EXPECTED_LAYOUTS, VitLayout};
+use params::{HostTensor, Params};
+
+/// What the classifier head reads from the final tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HeadInput {
+    /// The class token (torchvision, timm `global_pool="token"`, CLIP).
+    ClassToken,
+    /// The mean of the patch tokens (timm `global_pool="avg"`).
+    PatchMean,
+    /// Both, concatenated (transformers' `Dinov2ForImageClassification`).
+    ClassTokenAndPatchMean,
+}
+
+/// The classifier or projection head.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeadConfig {
+    pub outputs: usize,
+    pub input: HeadInput,
+    /// A norm between the pooling and the linear layer (timm's `fc_norm`).
+    pub norm: bool,
+}
+
+/// A ViT's shape, whatever the layout: what config.json and the tensor shapes say.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VitConfig {
+    pub layout: VitLayout,
+    /// A prefix every tensor name carries (`dinov2.` in `Dinov2ForImageClassification`).
+    pub prefix: String,
+    pub hidden_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub mlp_size: usize,
+    pub patch_size: usize,
+    /// The patch grid (rows, columns) the position table is for.
+    pub grid: (usize, usize),
+    pub class_token: bool,
+    pub register_tokens: usize,
+    /// How many of the leading (class, register) tokens have a row in the position table.
+    pub positioned_prefix: usize,
+    /// A norm before the first block (CLIP's `pre_layrnorm`, timm's `norm_pre`).
+    pub pre_norm: bool,
+    /// A norm over every token after the last block.
+    pub final_norm: bool,
+    pub layer_scale: bool,
+    pub activation: Activation,
+    pub layer_norm_eps: f64,
+    pub head: Option<HeadConfig>,
+}
+
+impl VitConfig {
+    /// Reads a ViT's shape off a checkpoint's tensor shapes (and config.json, when
+    /// given); `None` when the tensors are in no ViT layout.
+    pub fn from_shapes(
+        shapes: &std::collections::HashMap<String, Vec<usize>>,
+        config: Option<&Path>,
+        weights: &Path,
+    ) -> Result<Option<Self>, ModelError> {
+        shape::infer(shapes, config, weights)
+    }
+
+    /// Tokens before the patches: the class token, then the registers.
+    pub fn prefix_tokens(&self) -> usize {
+        usize::from(self.class_token) + self.register_tokens
+    }
+
+    /// Every tap, in network order.
+    pub fn taps(&self) -> Vec<Tap> {
+        let mut taps = Vec::with_capacity(2 * self.num_layers + 2);
+        for i in 0..self.num_layers as u16 {
+            taps.push(Tap::Block(i));
+            taps.push(Tap::BlockMlp(i));
+        }
+        if self.final_norm {
+            taps.push(Tap::Norm);
+        }
+        if self.head.is_some() {
+            taps.push(Tap::Head);
+        }
+        taps
+    }
+
+    /// The taps as a message lists them.
+    pub fn tap_list(&self) -> String {
+        let last = self.num_layers.saturating_sub(1);
+        let mut list = format!(
+            "blocks.0 .. blocks.{last}, blocks.0.mlp .. blocks.{last}.mlp (also spelled encoder.layers.N)"
+        );
+        if self.final_norm {
+            list.push_str(", norm");
+        }
+        if self.head.is_some() {
+            list.push_str(", head");
+        }
+        list
+    }
+
+    /// Neurons at a tap this model has.
+    pub fn tap_width(&self, tap: Tap) -> usize {
+        match tap {
+            Tap::BlockMlp(_) => self.mlp_size,
+            Tap::Head => self.head.as_ref().map_or(0, |h| h.outputs),
+            _ => self.hidden_size,
+        }
+    }
+
+    /// Blocks to run for `taps`: up to the deepest block asked for, all of them for
+    /// `norm` and `head`.
+    fn depth(&self, taps: &[Tap]) -> usize {
+        taps.iter()
+            .map(|t| match t {
+                Tap::Block(i) | Tap::BlockMlp(i) => *i as usize + 1,
+                _ => self.num_layers,
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// The preprocessing of a checkpoint whose config.json has no timm `pretrained_cfg`:
+    /// a `preprocessor_config.json` beside the weights, else the layout's usual one.
+    pub fn default_preprocess(&self, weights: &Path) -> Result<Preprocess, ModelError> {
+        let hf = weights.parent().map(|d| d.join("preprocessor_config.json"));
+        if let Some(path) = hf.filter(|p| p.is_file()) {
+            return Preprocess::from_hf_config(&path);
+        }
+        let p = shape::usual_preprocess(self);
+        tracing::warn!(
+            weights = %weights.display(),
+            ?p,
+            "no preprocessing config beside the ViT checkpoint (config.json `pretrained_cfg` or preprocessor_config.json); using the {} default",
+            self.layout
+        );
+        Ok(p)
+    }
+}
+
+/// Where a token tap's value is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Readout {
+    /// The patch tokens as a `(C, rows, cols)` grid.
+    Grid,
+    /// The class token, `(C)`.
+    ClassToken,
+}
+
+/// The weights, where they live: on the host for the CPU path, else as device tensors.
+#[derive(Clone)]
+enum Weights {
+    Host(Arc<Params<HostTensor>>),
+    Device(Arc<Params<Tensor>>),
+}
+
+/// A loaded vision transformer, ready for inference with taps.
+#[derive(Clone)]
+pub struct Vit {
+    config: VitConfig,
+    weights: Weights,
+    /// The patch rows of the position table, kept on the host for resampling.
+    positions: Arc<HostTensor>,
+    device: Device,
+}
+
+impl fmt::Debug for Vit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Vit").field("config", &self.config).field("device", &self.device).finish()
+    }
+}
+
+impl Vit {
+    /// Loads a ViT of shape `config` (see [`VitConfig::from_shapes`]) from any
+    /// checkpoint [`Checkpoint`] reads, checking every tensor's shape.
+    pub fn load(weights: &Path, config: VitConfig, device: &Device) -> Result<Self, ModelError> {
+        let tensors = Checkpoint::open(weights)?.load(&Device::Cpu)?;
+        let host = layout::load(&tensors, &config, weights)?;
+        Self::from_params(config, host, device)
+    }
+
+    fn from_params(
+        config: VitConfig,
+        host: Params<HostTensor>,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        let positions = Arc::new(host.pos_grid.clone());
+        let weights = match device {
+            Device::Cpu => Weights::Host(Arc::new(host)),
+            _ => Weights::Device(Arc::new(host.to_tensors(device)?)),
+        };
+        Ok(Self { config, weights, positions, device: device.clone() })
+    }
+
+    pub fn config(&self) -> &VitConfig {
+        &self.config
+    }
+
+    /// Runs a batch `(B, 3, H, W)` and returns each tap's output, in the order asked:
+    /// `(B, C, H/p, W/p)` patch grids for token taps, `(B, K)` for `head`. Stops after
+    /// the deepest block needed.
+    pub fn forward_taps(&self, x: &Tensor, taps: &[Tap]) -> Result<Vec<Tensor>, ModelError> {
+        self.forward(x, taps, Readout::Grid)
+    }
+
+    /// Like [`Self::forward_taps`], with each token tap's class token `(B, C)` instead of
+    /// its patch grid.
+    pub fn forward_class_tokens(
+        &self,
+        x: &Tensor,
+        taps: &[Tap],
+    ) -> Result<Vec<Tensor>, ModelError> {
+        if !self.config.class_token {
+            return Err(ModelError::NoClassToken {
+                model: format!("this {} ViT", self.config.layout),
+            });
+        }
+        self.forward(x, taps, Readout::ClassToken)
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        taps: &[Tap],
+        readout: Readout,
+    ) -> Result<Vec<Tensor>, ModelError> {
+        self.check(x, taps)?;
+        match &self.weights {
+            Weights::Host(host) if x.dtype() == DType::F32 && matches!(x.device(), Device::Cpu) => {
+                let (_, _, h, w) = x.dims4()?;
+                let positions =
+                    self.grid_positions(h / self.config.patch_size, w / self.config.patch_size);
+                cpu::forward(&self.config, host, &positions, x, taps, readout)
+            }
+            Weights::Host(host) => {
+                self.forward_portable_with(&host.to_tensors(x.device())?, x, taps, readout)
+            }
+            Weights::Device(params) => self.forward_portable_with(params, x, taps, readout),
+        }
+    }
+
+    /// The device-generic forward pass (candle's ops; what CUDA runs), on whatever device
+    /// `x` is. Public so that tests can hold it to PyTorch on the CPU too.
+    pub fn forward_taps_portable(
+        &self,
+        x: &Tensor,
+        taps: &[Tap],
+    ) -> Result<Vec<Tensor>, ModelError> {
+        self.check(x, taps)?;
+        match &self.weights {
+            Weights::Host(host) => {
+                self.forward_portable_with(&host.to_tensors(x.device())?, x, taps, Readout::Grid)
+            }
+            Weights::Device(params) => self.forward_portable_with(params, x, taps, Readout::Grid),
+        }
+    }
+
+    fn check(&self, x: &Tensor, taps: &[Tap]) -> Result<(), ModelError> {
+        let have = self.config.taps();
+        if let Some(bad) = taps.iter().find(|t| !have.contains(t)) {
+            return Err(ModelError::UnknownTap {
+                name: bad.to_string(),
+                available: self.config.tap_list(),
+            });
+        }
+        if taps.is_empty() {
+            return Err(ModelError::UnknownTap {
+                name: String::new(),
+                available: self.config.tap_list(),
+            });
+        }
+        let (_, c, h, w) = x.dims4()?;
+        let p = self.config.patch_size;
+        if c != 3 || h < p || w < p {
+            return Err(candle_core::Error::Msg(format!(
+                "a ViT with {p}x{p} patches needs (B, 3, H, W) images of at least {p}x{p} pixels, got {:?}",
+                x.dims()
+            ))
+            .into());
+        }
+        Ok(())
+    }
+
+    /// The patch rows of the position table for a `rows x cols` grid `(rows*cols, C)`:
+    /// the checkpoint's own, or resampled.
+    fn grid_positions(&self, rows: usize, cols: usize) -> Vec<f32> {
+        let (r0, c0) = self.config.grid;
+        if (rows, cols) == (r0, c0) {
+            return self.positions.data.clone();
+        }
+        resample_positions(&self.positions.data, self.config.hidden_size, (r0, c0), (rows, cols))
+    }
+
+    fn forward_portable_with(
+        &self,
+        p: &Params<Tensor>,
+        x: &Tensor,
+        taps: &[Tap],
+        readout: Readout,
+    ) -> Result<Vec<Tensor>, ModelError> {
+        let c = &self.config;
+        let (b, _, h, w) = x.dims4()?;
+        let (rows, cols) = (h / c.patch_size, w / c.patch_size);
+        let dim = c.hidden_size;
+        let grid =
+            Tensor::from_vec(self.grid_positions(rows, cols), (rows * cols, dim), x.device())?;
+        let patches = x
+            .conv2d(&p.patch_weight, 0, c.patch_size, 1, 1)?
+            .broadcast_add(&p.patch_bias.reshape((1, dim, 1, 1))?)?
+            .flatten_from(2)?
+            .transpose(1, 2)?
+            .broadcast_add(&grid)?;
+        let mut prefix: Vec<Tensor> = Vec::new();
+        if let Some(t) = &p.class_token {
+            prefix.push(t.reshape((1, dim))?);
+        }
+        if let Some(t) = &p.registers {
+            prefix.push(t.clone());
+        }
+        let mut tokens = if prefix.is_empty() {
+            patches
+        } else {
+            let mut prefix = Tensor::cat(&prefix, 0)?;
+            if let Some(pos) = &p.pos_prefix {
+                let n = pos.dim(0)?;
+                let rest = prefix.narrow(0, n, prefix.dim(0)? - n)?;
+                prefix = Tensor::cat(&[(prefix.narrow(0, 0, n)? + pos)?, rest], 0)?;
+            }
+            let prefix = prefix.unsqueeze(0)?.broadcast_as((b, c.prefix_tokens(), dim))?;
+            Tensor::cat(&[&prefix.contiguous()?, &patches], 1)?
+        };
+        let norm = |n: &params::Norm<Tensor>, t: &Tensor| {
+            LayerNorm::new(n.weight.clone(), n.bias.clone(), c.layer_norm_eps).forward(t)
+        };
+        if let Some(n) = &p.pre_norm {
+            tokens = norm(n, &tokens)?;
+        }
+        let mut kept: Vec<(Tap, Tensor)> = Vec::new();
+        let linear = |w: &Tensor, b: &Tensor| Linear::new(w.clone(), Some(b.clone()));
+        for (i, block) in p.blocks.iter().take(c.depth(taps)).enumerate() {
+            let part = |k: usize| -> candle_core::Result<Linear> {
+                Ok(linear(
+                    &block.qkv_weight.narrow(0, k * dim, dim)?,
+                    &block.qkv_bias.narrow(0, k * dim, dim)?,
+                ))
+            };
+            let attn = SelfAttention::from_parts(
+                part(0)?,
+                part(1)?,
+                part(2)?,
+                linear(&block.proj_weight, &block.proj_bias),
+                c.num_heads,
+            );
+            tokens = (&tokens + attn.forward(&norm(&block.ln1, &tokens)?, None)?)?;
+            let hidden = c.activation.apply(
+                &linear(&block.fc1_weight, &block.fc1_bias).forward(&norm(&block.ln2, &tokens)?)?,
+            )?;
+            tokens = (&tokens + linear(&block.fc2_weight, &block.fc2_bias).forward(&hidden)?)?;
+            kept.push((Tap::BlockMlp(i as u16), hidden));
+            kept.push((Tap::Block(i as u16), tokens.clone()));
+        }
+        let needs_end = taps.iter().any(|t| matches!(t, Tap::Norm | Tap::Head));
+        if needs_end {
+            if let Some(n) = &p.norm {
+                tokens = norm(n, &tokens)?;
+                kept.push((Tap::Norm, tokens.clone()));
+            }
+            if let Some(head) = &p.head {
+                let pre = c.prefix_tokens();
+                let cls = || tokens.narrow(1, 0, 1)?.squeeze(1);
+                let mean = || tokens.narrow(1, pre, rows * cols)?.mean(1);
+                let pooled = match c.head.as_ref().map(|h| h.input) {
+                    Some(HeadInput::PatchMean) => mean()?,
+                    Some(HeadInput::ClassTokenAndPatchMean) => {
+                        Tensor::cat(&[cls()?, mean()?], D::Minus1)?
+                    }
+                    _ => cls()?,
+                };
+                let pooled = match &head.norm {
+                    Some(n) => norm(n, &pooled)?,
+                    None => pooled,
+                };
+                kept.push((Tap::Head, linear(&head.weight, &head.bias).forward(&pooled)?));
+            }
+        }
+        let pre = c.prefix_tokens();
+        taps.iter()
+            .map(|tap| {
+                let t = &kept
+                    .iter()
+                    .find(|(k, _)| k == tap)
+                    .expect("every tap asked for was computed")
+                    .1;
+                if *tap == Tap::Head {
+                    return Ok(t.clone());
+                }
+                let width = t.dim(D::Minus1)?;
+                Ok(match readout {
+                    Readout::ClassToken => t.narrow(1, 0, 1)?.squeeze(1)?.contiguous()?,
+                    Readout::Grid => t
+                        .narrow(1, pre, rows * cols)?
+                        .transpose(1, 2)?
+                        .reshape((b, width, rows, cols))?,
+                })
+            })
+            .collect()
+    }
+}
+
+/// PyTorch's `interpolate(mode="bicubic", align_corners=False)` (no antialiasing) of a
+/// position table `(r0*c0, C)`, row-major over the grid, to `(r1*c1, C)`: cubic
+/// convolution with a = -0.75, source coordinate `(i + 0.5) * in / out - 0.5`, neighbours
+/// clamped to the edge. Rows first, then the column pass over the four rows, as PyTorch.
+pub(crate) fn resample_positions(
+    table: &[f32],
+    dim: usize,
+    (r0, c0): (usize, usize),
+    (r1, c1): (usize, usize),
+) -> Vec<f32> {
+    // Source index and the four weights of each output coordinate along one axis.
+    let taps = |n_in: usize, n_out: usize| -> Vec<([usize; 4], [f32; 4])> {
+        let scale = n_in as f32 / n_out as f32;
+        (0..n_out)
+            .map(|i| {
+                let real = scale * (i as f32 + 0.5) - 0.5;
+                let floor = real.floor();
+                let t = real - floor;
+                let at = |k: isize| (floor as isize + k).clamp(0, n_in as isize - 1) as usize;
+                ([at(-1), at(0), at(1), at(2)], cubic_weights(t))
+            })
+            .collect()
+    };
+    let (ys, xs) = (taps(r0, r1), taps(c0, c1));
+    let mut out = vec![0f32; r1 * c1 * dim];
+    for (oy, (iy, wy)) in ys.iter().enumerate() {
+        for (ox, (ix, wx)) in xs.iter().enumerate() {
+            let dst = &mut out[(oy * c1 + ox) * dim..][..dim];
+            for (ch, o) in dst.iter_mut().enumerate() {
+                let row = |y: usize| {
+                    let v = |x: usize| table[(y * c0 + x) * dim + ch];
+                    v(ix[0]) * wx[0] + v(ix[1]) * wx[1] + v(ix[2]) * wx[2] + v(ix[3]) * wx[3]
+                };
+                *o = row(iy[0]) * wy[0]
+                    + row(iy[1]) * wy[1]
+                    + row(iy[2]) * wy[2]
+                    + row(iy[3]) * wy[3];
+            }
+        }
+    }
+    out
+}
+
+/// Keys' cubic convolution weights (a = -0.75, PyTorch's) at offsets `1 + t, t, 1 - t,
+/// 2 - t` from the four neighbours.
+fn cubic_weights(t: f32) -> [f32; 4] {
+    const A: f32 = -0.75;
+    let near = |x: f32| ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0;
+    let far = |x: f32| ((A * x - 5.0 * A) * x + 8.0 * A) * x - 4.0 * A;
+    [far(t + 1.0), near(t), near(1.0 - t), far(2.0 - t)]
+}
