@@ -32,6 +32,7 @@ use crate::weights::Checkpoint;
 mod cpu;
 mod layout;
 mod params;
+mod positions;
 mod shape;
 #[cfg(test)]
 mod tests;
@@ -77,6 +78,10 @@ pub struct VitConfig {
     pub register_tokens: usize,
     /// How many of the leading (class, register) tokens have a row in the position table.
     pub positioned_prefix: usize,
+    /// Whether the position table is resampled with antialiasing for another input size
+    /// (timm's `resample_abs_pos_embed` and transformers' DINOv2 with registers do; its
+    /// CLIP and plain DINOv2 do not).
+    pub antialias_positions: bool,
     /// A norm before the first block (CLIP's `pre_layrnorm`, timm's `norm_pre`).
     pub pre_norm: bool,
     /// A norm over every token after the last block.
@@ -323,7 +328,13 @@ impl Vit {
         if (rows, cols) == (r0, c0) {
             return self.positions.data.clone();
         }
-        resample_positions(&self.positions.data, self.config.hidden_size, (r0, c0), (rows, cols))
+        positions::resample(
+            &self.positions.data,
+            self.config.hidden_size,
+            (r0, c0),
+            (rows, cols),
+            self.config.antialias_positions,
+        )
     }
 
     fn forward_portable_with(
@@ -440,56 +451,4 @@ impl Vit {
             })
             .collect()
     }
-}
-
-/// PyTorch's `interpolate(mode="bicubic", align_corners=False)` (no antialiasing) of a
-/// position table `(r0*c0, C)`, row-major over the grid, to `(r1*c1, C)`: cubic
-/// convolution with a = -0.75, source coordinate `(i + 0.5) * in / out - 0.5`, neighbours
-/// clamped to the edge. Rows first, then the column pass over the four rows, as PyTorch.
-pub(crate) fn resample_positions(
-    table: &[f32],
-    dim: usize,
-    (r0, c0): (usize, usize),
-    (r1, c1): (usize, usize),
-) -> Vec<f32> {
-    // Source index and the four weights of each output coordinate along one axis.
-    let taps = |n_in: usize, n_out: usize| -> Vec<([usize; 4], [f32; 4])> {
-        let scale = n_in as f32 / n_out as f32;
-        (0..n_out)
-            .map(|i| {
-                let real = scale * (i as f32 + 0.5) - 0.5;
-                let floor = real.floor();
-                let t = real - floor;
-                let at = |k: isize| (floor as isize + k).clamp(0, n_in as isize - 1) as usize;
-                ([at(-1), at(0), at(1), at(2)], cubic_weights(t))
-            })
-            .collect()
-    };
-    let (ys, xs) = (taps(r0, r1), taps(c0, c1));
-    let mut out = vec![0f32; r1 * c1 * dim];
-    for (oy, (iy, wy)) in ys.iter().enumerate() {
-        for (ox, (ix, wx)) in xs.iter().enumerate() {
-            let dst = &mut out[(oy * c1 + ox) * dim..][..dim];
-            for (ch, o) in dst.iter_mut().enumerate() {
-                let row = |y: usize| {
-                    let v = |x: usize| table[(y * c0 + x) * dim + ch];
-                    v(ix[0]) * wx[0] + v(ix[1]) * wx[1] + v(ix[2]) * wx[2] + v(ix[3]) * wx[3]
-                };
-                *o = row(iy[0]) * wy[0]
-                    + row(iy[1]) * wy[1]
-                    + row(iy[2]) * wy[2]
-                    + row(iy[3]) * wy[3];
-            }
-        }
-    }
-    out
-}
-
-/// Keys' cubic convolution weights (a = -0.75, PyTorch's) at offsets `1 + t, t, 1 - t,
-/// 2 - t` from the four neighbours.
-fn cubic_weights(t: f32) -> [f32; 4] {
-    const A: f32 = -0.75;
-    let near = |x: f32| ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0;
-    let far = |x: f32| ((A * x - 5.0 * A) * x + 8.0 * A) * x - 4.0 * A;
-    [far(t + 1.0), near(t), near(1.0 - t), far(2.0 - t)]
 }

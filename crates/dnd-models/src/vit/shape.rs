@@ -92,6 +92,10 @@ pub(super) fn infer(
         return Err(r.missing(&format!("{}.weight", r.names.block(0).ln1)));
     }
     let mlp_size = r.dims(&format!("{}.weight", r.names.block(0).fc1))?[0];
+    // A packed gated MLP (timm's SwiGLUPacked) has an fc1 twice as tall as fc2 is wide.
+    if r.dims(&format!("{}.weight", r.names.block(0).fc2))?.get(1) != Some(&mlp_size) {
+        return Err(r.unsupported("a gated MLP (fc1 twice the width fc2 reads)"));
+    }
     let class_token = r.has(&r.names.class_token());
     let register_tokens = match r.names.registers() {
         Some(name) if r.has(&name) => *r.dims(&name)?.get(1).unwrap_or(&0),
@@ -155,6 +159,10 @@ pub(super) fn infer(
         class_token,
         register_tokens,
         positioned_prefix,
+        // timm's resample_abs_pos_embed antialiases, as transformers' DINOv2 with
+        // registers does; its CLIP and plain DINOv2 (and, here, torchvision) do not.
+        antialias_positions: layout == VitLayout::Timm
+            || layout == VitLayout::HfDinov2 && register_tokens > 0,
         pre_norm: r.names.pre_norm().is_some_and(|n| r.has(&format!("{n}.weight"))),
         final_norm: r.has(&format!("{}.weight", r.names.norm())),
         layer_scale: ls.is_some_and(|(a, _)| r.has(&a)),
@@ -178,9 +186,12 @@ fn reject_variants(r: &Reader<'_>, vision: &RawConfig) -> Result<(), ModelError>
             format!("{}.norm.weight", b.fc1.rsplit_once('.').map_or("", |(m, _)| m)),
             "a norm inside the MLP (scale_mlp_norm)",
         ),
-        (format!("{}.weight", b.fc1.replace("fc1", "fc1_g")), "a SwiGLU MLP"),
-        (format!("{}.weight", b.fc1.replace("fc1", "weights_in")), "a SwiGLU MLP (DINOv2 giant)"),
     ];
+    let mlp = b.fc1.rsplit_once('.').map_or("", |(m, _)| m);
+    let gated = [format!("{mlp}.fc1_g.weight"), format!("{mlp}.weights_in.weight")];
+    if gated.iter().any(|name| r.has(name)) {
+        return Err(r.unsupported("a SwiGLU MLP (as DINOv2 giant)"));
+    }
     if let Some((_, what)) = checks.iter().find(|(name, _)| r.has(name)) {
         return Err(r.unsupported(what));
     }

@@ -1,9 +1,6 @@
 //! Unit tests of the ViT: tap names, position resampling against PyTorch's numbers, and
 //! the CPU path against the portable one on random models of every variant.
 
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
-
 use super::params::{BlockParams, HeadParams, Norm};
 use super::*;
 
@@ -34,40 +31,32 @@ fn tap_names_and_their_aliases() {
     assert!(Tap::Block(2).is_spatial() && Tap::Norm.is_spatial() && !Tap::Head.is_spatial());
 }
 
-/// `torch.nn.functional.interpolate(x, size=(5, 2), mode="bicubic", align_corners=False)`
-/// of `x = arange(1, 13).reshape(1, 1, 3, 4) ** 1.5`: downsampling, upsampling, edges.
-#[test]
-fn position_resampling_is_pytorch_bicubic() {
-    let table: Vec<f32> = (1..=12).map(|v| (v as f32).powf(1.5)).collect();
-    let got = resample_positions(&table, 1, (3, 4), (5, 2));
-    let want = [
-        0.646_996, 5.465_279, 4.744_936, 10.960_043, 12.580_202, 20.932_274, 23.324_774,
-        33.300_591, 30.418_213, 41.262_424,
-    ];
-    for (g, w) in got.iter().zip(want) {
-        assert!((g - w).abs() < 2e-5, "{got:?}");
-    }
-    // Channels are resampled independently.
-    let two: Vec<f32> = table.iter().flat_map(|&v| [v, -v]).collect();
-    let got2 = resample_positions(&two, 2, (3, 4), (5, 2));
-    for (i, pair) in got2.chunks(2).enumerate() {
-        assert_eq!((pair[0], pair[1]), (got[i], -got[i]));
+/// xorshift64*: uniform floats, fast enough in a debug build to fill a ViT-B.
+struct Rng(u64);
+
+impl Rng {
+    fn uniform(&mut self, lo: f32, hi: f32) -> f32 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        let bits = self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 40;
+        lo + (hi - lo) * bits as f32 / (1u64 << 24) as f32
     }
 }
 
-fn random(rng: &mut ChaCha8Rng, shape: &[usize], scale: f32) -> HostTensor {
+fn random(rng: &mut Rng, shape: &[usize], scale: f32) -> HostTensor {
     let n = shape.iter().product();
-    HostTensor::new((0..n).map(|_| rng.random_range(-1.0..1.0) * scale).collect(), shape)
+    HostTensor::new((0..n).map(|_| rng.uniform(-1.0, 1.0) * scale).collect(), shape)
 }
 
-fn norm(rng: &mut ChaCha8Rng, c: usize) -> Norm<HostTensor> {
-    let weight = HostTensor::new((0..c).map(|_| rng.random_range(0.5..1.5)).collect(), &[c]);
+fn norm(rng: &mut Rng, c: usize) -> Norm<HostTensor> {
+    let weight = HostTensor::new((0..c).map(|_| rng.uniform(0.5, 1.5)).collect(), &[c]);
     Norm { weight, bias: random(rng, &[c], 0.2) }
 }
 
 /// A random model of `config`'s shape.
 fn random_vit(config: &VitConfig, seed: u64) -> Vit {
-    let rng = &mut ChaCha8Rng::seed_from_u64(seed);
+    let rng = &mut Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
     let (c, m, p) = (config.hidden_size, config.mlp_size, config.patch_size);
     let s = |fan_in: usize| 1.7 / (fan_in as f32).sqrt();
     let blocks = (0..config.num_layers)
@@ -122,6 +111,7 @@ fn config(layout: VitLayout) -> VitConfig {
         class_token: true,
         register_tokens: 0,
         positioned_prefix: 1,
+        antialias_positions: false,
         pre_norm: false,
         final_norm: true,
         layer_scale: false,
@@ -149,6 +139,7 @@ fn variants() -> Vec<VitConfig> {
         VitConfig {
             register_tokens: 3,
             positioned_prefix: 1,
+            antialias_positions: true,
             pre_norm: true,
             activation: Activation::GeluTanh,
             head: Some(HeadConfig {
@@ -235,4 +226,37 @@ fn taps_are_checked_and_listed() {
     assert!(vit.forward_taps(&x, &[Tap::Layer(4)]).is_err());
     let small = Tensor::zeros((1, 3, 3, 3), DType::F32, &Device::Cpu).unwrap();
     assert!(vit.forward_taps(&small, &[Tap::Block(0)]).is_err());
+}
+
+/// Throughput of a full-size ViT-B/16 (random weights) up to its last block, for
+/// comparing with PyTorch by hand (docs/benchmarks.md has the end-to-end comparison):
+/// `cargo test -p dnd-models --lib vit_b16_throughput -- --ignored --nocapture`.
+#[test]
+#[ignore = "a timing, not a test"]
+fn vit_b16_throughput() {
+    let config = VitConfig {
+        hidden_size: 768,
+        num_layers: 12,
+        num_heads: 12,
+        mlp_size: 3072,
+        patch_size: 16,
+        grid: (14, 14),
+        head: Some(HeadConfig { outputs: 1000, input: HeadInput::ClassToken, norm: false }),
+        ..config(VitLayout::Torchvision)
+    };
+    let vit = random_vit(&config, 0);
+    let batch: usize = std::env::var("VIT_BATCH").ok().and_then(|b| b.parse().ok()).unwrap_or(8);
+    let x = Tensor::randn(0f32, 1.0, (batch, 3, 224, 224), &Device::Cpu).unwrap();
+    vit.forward_taps(&x, &[Tap::Block(11)]).unwrap();
+    let start = std::time::Instant::now();
+    let rounds = 3;
+    for _ in 0..rounds {
+        vit.forward_taps(&x, &[Tap::Block(11)]).unwrap();
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    eprintln!(
+        "ViT-B/16 to blocks.11, batch {batch}, {} threads: {:.2} images/s",
+        rayon::current_num_threads(),
+        (rounds * batch) as f64 / seconds
+    );
 }
