@@ -18,6 +18,7 @@ pub mod generator;
 pub mod hf_files;
 pub mod json;
 pub mod kernels;
+pub mod linear;
 pub mod preprocess;
 pub mod resnet;
 pub mod target;

@@ -38,7 +38,7 @@ mod shape;
 mod tests;
 
 pub use layout::{EXPECTED_LAYOUTS, VitLayout};
-use params::{HostTensor, Params};
+use params::{CpuParams, HostTensor, Params};
 
 /// What the classifier head reads from the final tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -190,7 +190,7 @@ pub(crate) enum Readout {
 /// The weights, where they live: on the host for the CPU path, else as device tensors.
 #[derive(Clone)]
 enum Weights {
-    Host(Arc<Params<HostTensor>>),
+    Host(Arc<CpuParams>),
     Device(Arc<Params<Tensor>>),
 }
 
@@ -226,7 +226,7 @@ impl Vit {
     ) -> Result<Self, ModelError> {
         let positions = Arc::new(host.pos_grid.clone());
         let weights = match device {
-            Device::Cpu => Weights::Host(Arc::new(host)),
+            Device::Cpu => Weights::Host(Arc::new(CpuParams::new(host))),
             _ => Weights::Device(Arc::new(host.to_tensors(device)?)),
         };
         Ok(Self { config, weights, positions, device: device.clone() })

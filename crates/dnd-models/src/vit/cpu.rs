@@ -1,9 +1,10 @@
-//! The ViT forward pass on the CPU in f32, on plain slices: every matrix product is one
-//! `gemm` call on strided views. Each head's query, key and value are read in place from
-//! the fused projection's output and its attention output is written in place into the
-//! heads' concatenation, so no per-head or transposed copy is ever made; biases and the
-//! residual ride in the GEMMs' output (accumulated into a destination that already holds
-//! them).
+//! The ViT forward pass on the CPU in f32, on plain slices. The linear layers are
+//! [`crate::linear::PackedLinear`]s (weights packed at load time, an AVX-512
+//! micro-kernel); attention is `gemm` calls on strided views: each head's query, key and
+//! value are read in place from the fused projection's output and its output written in
+//! place into the heads' concatenation, so no per-head or transposed copy is made. Biases
+//! and the residual ride in the products' output (accumulated into a destination that
+//! already holds them).
 //!
 //! Images are independent: a batch of at least as many images as threads runs one image
 //! per task, single-threaded GEMMs inside; a smaller batch runs its images one after the
@@ -14,7 +15,7 @@ use candle_core::{Device, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::params::{HostTensor, Norm, Params};
+use super::params::{CpuParams, HostTensor, Norm, Params};
 use super::{HeadInput, Readout, VitConfig};
 use crate::conv::{SendPtr, cpu_f32, with_scratch};
 use crate::error::ModelError;
@@ -26,6 +27,7 @@ use crate::transformer::Activation;
 struct Pass<'a> {
     config: &'a VitConfig,
     params: &'a Params<HostTensor>,
+    packed: &'a CpuParams,
     /// The patch rows of the position table for this input size.
     positions: &'a [f32],
     taps: &'a [Tap],
@@ -71,15 +73,24 @@ impl Pass<'_> {
 /// Runs `x: (B, 3, H, W)` and returns each tap's output as [`super::Vit::forward`] does.
 pub(super) fn forward(
     config: &VitConfig,
-    params: &Params<HostTensor>,
+    packed: &CpuParams,
     positions: &[f32],
     x: &Tensor,
     taps: &[Tap],
     readout: Readout,
 ) -> Result<Vec<Tensor>, ModelError> {
     let (batch, _, height, width) = x.dims4()?;
-    let pass =
-        Pass { config, params, positions, taps, readout, height, width, depth: config.depth(taps) };
+    let pass = Pass {
+        config,
+        params: &packed.params,
+        packed,
+        positions,
+        taps,
+        readout,
+        height,
+        width,
+        depth: config.depth(taps),
+    };
     let x = x.contiguous()?;
     let (storage, layout) = x.storage_and_layout();
     let pixels = cpu_f32(&storage, layout.start_offset())?;
@@ -97,11 +108,11 @@ pub(super) fn forward(
     let threads = rayon::current_num_threads();
     if batch >= threads {
         slots.into_par_iter().enumerate().for_each(|(i, mut slot)| {
-            run_image(&pass, &pixels[i * plane..][..plane], &mut slot, Parallelism::None);
+            run_image(&pass, &pixels[i * plane..][..plane], &mut slot, false);
         });
     } else {
         for (i, mut slot) in slots.into_iter().enumerate() {
-            run_image(&pass, &pixels[i * plane..][..plane], &mut slot, Parallelism::Rayon(threads));
+            run_image(&pass, &pixels[i * plane..][..plane], &mut slot, true);
         }
     }
     drop(storage);
@@ -111,13 +122,14 @@ pub(super) fn forward(
         .collect()
 }
 
-/// One image through the network, writing each tap's output into its slot.
-fn run_image(pass: &Pass<'_>, image: &[f32], slots: &mut [&mut [f32]], par: Parallelism) {
+/// One image through the network, writing each tap's output into its slot; with
+/// `parallel`, each product is split over the threads.
+fn run_image(pass: &Pass<'_>, image: &[f32], slots: &mut [&mut [f32]], parallel: bool) {
     let c = pass.config;
     let p = pass.params;
     let (t, dim, mlp) = (pass.tokens(), c.hidden_size, c.mlp_size);
     let eps = c.layer_norm_eps as f32;
-    let mut x = embed(pass, image, par);
+    let mut x = embed(pass, image, parallel);
     let mut normed = vec![0f32; t * dim];
     if let Some(n) = &p.pre_norm {
         layer_norm(&x, n, eps, &mut normed);
@@ -126,21 +138,22 @@ fn run_image(pass: &Pass<'_>, image: &[f32], slots: &mut [&mut [f32]], par: Para
     let mut qkv = vec![0f32; t * 3 * dim];
     let mut heads = vec![0f32; t * dim];
     let mut hidden = vec![0f32; t * mlp];
-    for (i, block) in p.blocks.iter().take(pass.depth).enumerate() {
+    let blocks = p.blocks.iter().zip(&pass.packed.blocks);
+    for (i, (block, [w_qkv, w_proj, w_fc1, w_fc2])) in blocks.take(pass.depth).enumerate() {
         layer_norm(&x, &block.ln1, eps, &mut normed);
         fill_rows(&mut qkv, &block.qkv_bias.data);
-        linear(&normed, t, dim, &block.qkv_weight.data, &mut qkv, par);
-        attention(&qkv, t, dim, c.num_heads, &mut heads, par);
+        w_qkv.apply(&normed, t, &mut qkv, parallel);
+        attention(&qkv, t, dim, c.num_heads, &mut heads, parallel);
         add_rows(&mut x, &block.proj_bias.data);
-        linear(&heads, t, dim, &block.proj_weight.data, &mut x, par);
+        w_proj.apply(&heads, t, &mut x, parallel);
 
         layer_norm(&x, &block.ln2, eps, &mut normed);
         fill_rows(&mut hidden, &block.fc1_bias.data);
-        linear(&normed, t, dim, &block.fc1_weight.data, &mut hidden, par);
+        w_fc1.apply(&normed, t, &mut hidden, parallel);
         activate(c.activation, &mut hidden);
         write_tap(pass, Tap::BlockMlp(i as u16), &hidden, mlp, slots);
         add_rows(&mut x, &block.fc2_bias.data);
-        linear(&hidden, t, mlp, &block.fc2_weight.data, &mut x, par);
+        w_fc2.apply(&hidden, t, &mut x, parallel);
         write_tap(pass, Tap::Block(i as u16), &x, dim, slots);
     }
     if !pass.taps.iter().any(|t| matches!(t, Tap::Norm | Tap::Head)) {
@@ -174,7 +187,7 @@ fn run_image(pass: &Pass<'_>, image: &[f32], slots: &mut [&mut [f32]], par: Para
 
 /// The token matrix `(T, C)` before the first block: the class and register tokens, then
 /// each patch's projection, with their positions.
-fn embed(pass: &Pass<'_>, image: &[f32], par: Parallelism) -> Vec<f32> {
+fn embed(pass: &Pass<'_>, image: &[f32], parallel: bool) -> Vec<f32> {
     let (c, p) = (pass.config, pass.params);
     let (dim, ps, pre) = (c.hidden_size, c.patch_size, c.prefix_tokens());
     let (rows, cols) = pass.rows_cols();
@@ -208,47 +221,14 @@ fn embed(pass: &Pass<'_>, image: &[f32], par: Parallelism) -> Vec<f32> {
             }
         }
     }
-    linear(&col, rows * cols, k, &p.patch_weight.data, patch_rows, par);
+    pass.packed.patch.apply(&col, rows * cols, patch_rows, parallel);
     x
-}
-
-/// `out += input · weightᵀ` for `input: (rows, k)` and `weight: (n, k)`, both row-major;
-/// `out: (rows, n)`.
-fn linear(input: &[f32], rows: usize, k: usize, weight: &[f32], out: &mut [f32], par: Parallelism) {
-    let n = weight.len() / k;
-    debug_assert!(input.len() >= rows * k && out.len() >= rows * n);
-    // SAFETY: dst is rows x n with row stride n inside `out`; lhs rows x k with row stride
-    // k inside `input`; rhs is weightᵀ, k x n, read with row stride 1 and column stride k
-    // inside `weight` (n x k): every index is within its slice by the asserted lengths.
-    unsafe {
-        gemm::gemm(
-            rows,
-            n,
-            k,
-            out.as_mut_ptr(),
-            1,
-            n as isize,
-            true,
-            input.as_ptr(),
-            1,
-            k as isize,
-            weight.as_ptr(),
-            k as isize,
-            1,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            par,
-        );
-    }
 }
 
 /// Multi-head self-attention of `t` tokens: `qkv: (t, 3C)` (queries, keys, values side by
 /// side, head `h` at columns `h*D..(h+1)*D` of each third); writes `out: (t, C)`, head `h`
 /// at its columns.
-fn attention(qkv: &[f32], t: usize, dim: usize, heads: usize, out: &mut [f32], par: Parallelism) {
+fn attention(qkv: &[f32], t: usize, dim: usize, heads: usize, out: &mut [f32], parallel: bool) {
     let d = dim / heads;
     let scale = (d as f32).powf(-0.5);
     let stride = 3 * dim;
@@ -311,9 +291,10 @@ fn attention(qkv: &[f32], t: usize, dim: usize, heads: usize, out: &mut [f32], p
             }
         });
     };
-    match par {
-        Parallelism::None => (0..heads).for_each(head),
-        _ => (0..heads).into_par_iter().for_each(head),
+    if parallel {
+        (0..heads).into_par_iter().for_each(head);
+    } else {
+        (0..heads).for_each(head);
     }
 }
 

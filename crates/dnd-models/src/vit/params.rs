@@ -6,6 +6,7 @@
 use candle_core::{Device, Tensor};
 
 use crate::error::ModelError;
+use crate::linear::PackedLinear;
 
 /// A row-major f32 tensor on the host.
 #[derive(Debug, Clone, PartialEq)]
@@ -136,5 +137,53 @@ impl Params<HostTensor> {
     /// The weights as tensors on `device`.
     pub fn to_tensors(&self, device: &Device) -> Result<Params<Tensor>, ModelError> {
         self.map(&mut |t: &HostTensor| Ok(Tensor::from_slice(&t.data, t.shape.as_slice(), device)?))
+    }
+}
+
+/// The CPU path's weights: the five kinds of matrices (patch projection; per block the
+/// fused q/k/v, the attention output, the MLP's two layers) packed for
+/// [`PackedLinear::apply`] (their row-major copies dropped, so the weights are held
+/// once), everything else as it is.
+pub(crate) struct CpuParams {
+    /// The weights; the packed matrices' `data` are empty (their shapes kept).
+    pub params: Params<HostTensor>,
+    pub patch: PackedLinear,
+    /// Per block: qkv, proj, fc1, fc2.
+    pub blocks: Vec<[PackedLinear; 4]>,
+}
+
+impl CpuParams {
+    pub fn new(mut params: Params<HostTensor>) -> Self {
+        let pack = |t: &mut HostTensor| {
+            let (n, k) = (t.shape[0], t.shape[1..].iter().product());
+            PackedLinear::new(&std::mem::take(&mut t.data), n, k)
+        };
+        let patch = pack(&mut params.patch_weight);
+        let blocks = params
+            .blocks
+            .iter_mut()
+            .map(|b| {
+                [
+                    pack(&mut b.qkv_weight),
+                    pack(&mut b.proj_weight),
+                    pack(&mut b.fc1_weight),
+                    pack(&mut b.fc2_weight),
+                ]
+            })
+            .collect();
+        Self { params, patch, blocks }
+    }
+
+    /// All the weights, row-major, as tensors on `device`.
+    pub fn to_tensors(&self, device: &Device) -> Result<Params<Tensor>, ModelError> {
+        let mut full = self.params.clone();
+        full.patch_weight.data = self.patch.to_row_major();
+        for (b, packed) in full.blocks.iter_mut().zip(&self.blocks) {
+            b.qkv_weight.data = packed[0].to_row_major();
+            b.proj_weight.data = packed[1].to_row_major();
+            b.fc1_weight.data = packed[2].to_row_major();
+            b.fc2_weight.data = packed[3].to_row_major();
+        }
+        full.to_tensors(device)
     }
 }
