@@ -241,13 +241,16 @@ fn fixture_tensors(dir: &str) -> HashMap<String, Tensor> {
         .unwrap()
 }
 
+/// A change made to a fixture's tensors.
+type Edit = dyn Fn(&mut HashMap<String, Tensor>);
+
 /// A broken checkpoint is refused with what it is, what was expected and what to do,
 /// naming the file: a tensor missing, a tensor of the wrong shape, a variant this build
 /// does not compute, and tensors of no known architecture.
 #[test]
 fn bad_checkpoints_say_what_is_wrong() {
     let config = fixtures().join("models/tiny_vit_timm/config.json");
-    let cases: Vec<(&str, Box<dyn Fn(&mut HashMap<String, Tensor>)>, Vec<&str>)> = vec![
+    let cases: Vec<(&str, Box<Edit>, Vec<&str>)> = vec![
         (
             "missing",
             Box::new(|t| {
