@@ -207,6 +207,23 @@ fn preprocessing_follows_each_checkpoint_config() {
     }
 }
 
+/// torchvision publishes its ViT weights as pickled state_dicts with the MLP names of
+/// torchvision before 0.13 (`mlp.linear_1`); that file gives the safetensors one's taps,
+/// bit for bit.
+#[test]
+fn a_torchvision_pickle_with_old_mlp_names_gives_the_same_taps() {
+    let safetensors = load("tiny_vit_tv");
+    let pickle = load("tiny_vit_tv_pth");
+    assert_eq!(pickle.shape().architecture, safetensors.shape().architecture);
+    let x = &reference("tv").tensors["input"];
+    let taps = safetensors.shape().architecture.taps();
+    let ours = pickle.forward_taps(x, &taps).unwrap();
+    let theirs = safetensors.forward_taps(x, &taps).unwrap();
+    for ((tap, a), b) in taps.iter().zip(&ours).zip(&theirs) {
+        assert_eq!(max_abs_diff(a, b), 0.0, "{tap}");
+    }
+}
+
 /// The multimodal fixture's whole `CLIPModel` (text tower included) is a target too: its
 /// head is CLIP's image features, its final norm's class token the pooled output.
 #[test]

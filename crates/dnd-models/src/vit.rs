@@ -19,19 +19,19 @@ use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
 
-use candle_core::{D, DType, Device, Module, Tensor};
-use candle_nn::{LayerNorm, Linear};
+use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::ModelError;
 use crate::preprocess::Preprocess;
 use crate::target::Tap;
-use crate::transformer::{Activation, SelfAttention};
+use crate::transformer::Activation;
 use crate::weights::Checkpoint;
 
 mod cpu;
 mod layout;
 mod params;
+mod portable;
 mod positions;
 mod shape;
 #[cfg(test)]
@@ -273,9 +273,9 @@ impl Vit {
                 cpu::forward(&self.config, host, &positions, x, taps, readout)
             }
             Weights::Host(host) => {
-                self.forward_portable_with(&host.to_tensors(x.device())?, x, taps, readout)
+                portable::forward(self, &host.to_tensors(x.device())?, x, taps, readout)
             }
-            Weights::Device(params) => self.forward_portable_with(params, x, taps, readout),
+            Weights::Device(params) => portable::forward(self, params, x, taps, readout),
         }
     }
 
@@ -289,9 +289,9 @@ impl Vit {
         self.check(x, taps)?;
         match &self.weights {
             Weights::Host(host) => {
-                self.forward_portable_with(&host.to_tensors(x.device())?, x, taps, Readout::Grid)
+                portable::forward(self, &host.to_tensors(x.device())?, x, taps, Readout::Grid)
             }
-            Weights::Device(params) => self.forward_portable_with(params, x, taps, Readout::Grid),
+            Weights::Device(params) => portable::forward(self, params, x, taps, Readout::Grid),
         }
     }
 
@@ -323,7 +323,7 @@ impl Vit {
 
     /// The patch rows of the position table for a `rows x cols` grid `(rows*cols, C)`:
     /// the checkpoint's own, or resampled.
-    fn grid_positions(&self, rows: usize, cols: usize) -> Vec<f32> {
+    pub(crate) fn grid_positions(&self, rows: usize, cols: usize) -> Vec<f32> {
         let (r0, c0) = self.config.grid;
         if (rows, cols) == (r0, c0) {
             return self.positions.data.clone();
@@ -335,120 +335,5 @@ impl Vit {
             (rows, cols),
             self.config.antialias_positions,
         )
-    }
-
-    fn forward_portable_with(
-        &self,
-        p: &Params<Tensor>,
-        x: &Tensor,
-        taps: &[Tap],
-        readout: Readout,
-    ) -> Result<Vec<Tensor>, ModelError> {
-        let c = &self.config;
-        let (b, _, h, w) = x.dims4()?;
-        let (rows, cols) = (h / c.patch_size, w / c.patch_size);
-        let dim = c.hidden_size;
-        let grid =
-            Tensor::from_vec(self.grid_positions(rows, cols), (rows * cols, dim), x.device())?;
-        let patches = x
-            .conv2d(&p.patch_weight, 0, c.patch_size, 1, 1)?
-            .broadcast_add(&p.patch_bias.reshape((1, dim, 1, 1))?)?
-            .flatten_from(2)?
-            .transpose(1, 2)?
-            .broadcast_add(&grid)?;
-        let mut prefix: Vec<Tensor> = Vec::new();
-        if let Some(t) = &p.class_token {
-            prefix.push(t.reshape((1, dim))?);
-        }
-        if let Some(t) = &p.registers {
-            prefix.push(t.clone());
-        }
-        let mut tokens = if prefix.is_empty() {
-            patches
-        } else {
-            let mut prefix = Tensor::cat(&prefix, 0)?;
-            if let Some(pos) = &p.pos_prefix {
-                let n = pos.dim(0)?;
-                let rest = prefix.narrow(0, n, prefix.dim(0)? - n)?;
-                prefix = Tensor::cat(&[(prefix.narrow(0, 0, n)? + pos)?, rest], 0)?;
-            }
-            let prefix = prefix.unsqueeze(0)?.broadcast_as((b, c.prefix_tokens(), dim))?;
-            Tensor::cat(&[&prefix.contiguous()?, &patches], 1)?
-        };
-        let norm = |n: &params::Norm<Tensor>, t: &Tensor| {
-            LayerNorm::new(n.weight.clone(), n.bias.clone(), c.layer_norm_eps).forward(t)
-        };
-        if let Some(n) = &p.pre_norm {
-            tokens = norm(n, &tokens)?;
-        }
-        let mut kept: Vec<(Tap, Tensor)> = Vec::new();
-        let linear = |w: &Tensor, b: &Tensor| Linear::new(w.clone(), Some(b.clone()));
-        for (i, block) in p.blocks.iter().take(c.depth(taps)).enumerate() {
-            let part = |k: usize| -> candle_core::Result<Linear> {
-                Ok(linear(
-                    &block.qkv_weight.narrow(0, k * dim, dim)?,
-                    &block.qkv_bias.narrow(0, k * dim, dim)?,
-                ))
-            };
-            let attn = SelfAttention::from_parts(
-                part(0)?,
-                part(1)?,
-                part(2)?,
-                linear(&block.proj_weight, &block.proj_bias),
-                c.num_heads,
-            );
-            tokens = (&tokens + attn.forward(&norm(&block.ln1, &tokens)?, None)?)?;
-            let hidden = c.activation.apply(
-                &linear(&block.fc1_weight, &block.fc1_bias).forward(&norm(&block.ln2, &tokens)?)?,
-            )?;
-            tokens = (&tokens + linear(&block.fc2_weight, &block.fc2_bias).forward(&hidden)?)?;
-            kept.push((Tap::BlockMlp(i as u16), hidden));
-            kept.push((Tap::Block(i as u16), tokens.clone()));
-        }
-        let needs_end = taps.iter().any(|t| matches!(t, Tap::Norm | Tap::Head));
-        if needs_end {
-            if let Some(n) = &p.norm {
-                tokens = norm(n, &tokens)?;
-                kept.push((Tap::Norm, tokens.clone()));
-            }
-            if let Some(head) = &p.head {
-                let pre = c.prefix_tokens();
-                let cls = || tokens.narrow(1, 0, 1)?.squeeze(1);
-                let mean = || tokens.narrow(1, pre, rows * cols)?.mean(1);
-                let pooled = match c.head.as_ref().map(|h| h.input) {
-                    Some(HeadInput::PatchMean) => mean()?,
-                    Some(HeadInput::ClassTokenAndPatchMean) => {
-                        Tensor::cat(&[cls()?, mean()?], D::Minus1)?
-                    }
-                    _ => cls()?,
-                };
-                let pooled = match &head.norm {
-                    Some(n) => norm(n, &pooled)?,
-                    None => pooled,
-                };
-                kept.push((Tap::Head, linear(&head.weight, &head.bias).forward(&pooled)?));
-            }
-        }
-        let pre = c.prefix_tokens();
-        taps.iter()
-            .map(|tap| {
-                let t = &kept
-                    .iter()
-                    .find(|(k, _)| k == tap)
-                    .expect("every tap asked for was computed")
-                    .1;
-                if *tap == Tap::Head {
-                    return Ok(t.clone());
-                }
-                let width = t.dim(D::Minus1)?;
-                Ok(match readout {
-                    Readout::ClassToken => t.narrow(1, 0, 1)?.squeeze(1)?.contiguous()?,
-                    Readout::Grid => t
-                        .narrow(1, pre, rows * cols)?
-                        .transpose(1, 2)?
-                        .reshape((b, width, rows, cols))?,
-                })
-            })
-            .collect()
     }
 }

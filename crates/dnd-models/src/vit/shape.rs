@@ -125,20 +125,7 @@ pub(super) fn infer(
     )
     .map_err(|reason| r.bad_config(config, reason))?;
 
-    let num_heads = vision
-        .num_attention_heads
-        .or(args.and_then(|a| a.num_heads))
-        .or(raw.num_heads)
-        .or_else(|| raw.architecture.as_deref().and_then(torchvision_heads))
-        .or_else(|| heads_of_width(hidden))
-        .ok_or_else(|| {
-            r.bad_config(config, format!("the number of attention heads of a width-{hidden} ViT: config.json needs `num_heads` (dnd), `model_args.num_heads` (timm) or `num_attention_heads` (transformers)"))
-        })?;
-    if hidden % num_heads != 0 {
-        return Err(
-            r.bad_config(config, format!("{num_heads} heads do not divide the width {hidden}"))
-        );
-    }
+    let num_heads = num_heads(&r, &raw, hidden).map_err(|reason| r.bad_config(config, reason))?;
     let activation =
         activation(layout, vision, &raw).map_err(|reason| r.bad_config(config, reason))?;
     let layer_norm_eps = match layout {
@@ -174,6 +161,28 @@ pub(super) fn infer(
     Ok(Some(config))
 }
 
+/// The attention heads: from config.json (transformers', timm's `model_args`, dnd's),
+/// a torchvision architecture name, or the standard widths.
+fn num_heads(r: &Reader<'_>, raw: &RawConfig, hidden: usize) -> Result<usize, String> {
+    let vision = raw.vision_config.as_deref().unwrap_or(raw);
+    let heads = vision
+        .num_attention_heads
+        .or(raw.model_args.as_ref().and_then(|a| a.num_heads))
+        .or(raw.num_heads)
+        .or_else(|| raw.architecture.as_deref().and_then(torchvision_heads))
+        .or_else(|| heads_of_width(hidden))
+        .ok_or_else(|| {
+            format!(
+                "the number of attention heads of a width-{hidden} {} ViT: config.json needs `num_heads` (dnd), `model_args.num_heads` (timm) or `num_attention_heads` (transformers)",
+                r.names.layout
+            )
+        })?;
+    if heads == 0 || hidden % heads != 0 {
+        return Err(format!("a number of heads that divides the width {hidden}, not {heads}"));
+    }
+    Ok(heads)
+}
+
 /// Refuses the variants whose arithmetic this file does not do, naming them.
 fn reject_variants(r: &Reader<'_>, vision: &RawConfig) -> Result<(), ModelError> {
     let b = r.names.block(0);
@@ -197,6 +206,9 @@ fn reject_variants(r: &Reader<'_>, vision: &RawConfig) -> Result<(), ModelError>
     }
     if vision.use_swiglu_ffn == Some(true) {
         return Err(r.unsupported("a SwiGLU MLP (DINOv2 giant)"));
+    }
+    if r.names.layout == VitLayout::Timm && r.has("dist_token") {
+        return Err(r.unsupported("a distillation token (DeiT distilled)"));
     }
     if r.names.layout == VitLayout::Torchvision && r.has("heads.pre_logits.weight") {
         return Err(r.unsupported("a pre-logits layer in the head (representation_size)"));
