@@ -177,7 +177,7 @@ fn num_heads(r: &Reader<'_>, raw: &RawConfig, hidden: usize) -> Result<usize, St
                 r.names.layout
             )
         })?;
-    if heads == 0 || hidden % heads != 0 {
+    if heads == 0 || !hidden.is_multiple_of(heads) {
         return Err(format!("a number of heads that divides the width {hidden}, not {heads}"));
     }
     Ok(heads)
