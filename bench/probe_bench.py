@@ -547,9 +547,12 @@ from safetensors.numpy import load_file
 workdir, images = sys.argv[1], sys.argv[2]
 t = load_file(os.path.join(workdir, "torch-top10.safetensors"))
 files = np.array(sorted(os.listdir(images)))
-d = pq.read_table(os.path.join(workdir, "out", "topk", sys.argv[3] + ".parquet")).to_pandas()
-vals = d.pivot(index="rank", columns="neuron", values="activation").values
-ids = d.pivot(index="rank", columns="neuron", values="image_id").values
+d = pq.read_table(os.path.join(workdir, "out", "topk", sys.argv[3] + ".parquet"))
+rank, neuron = d.column("rank").to_numpy(), d.column("neuron").to_numpy()
+vals = np.zeros((rank.max() + 1, neuron.max() + 1), dtype=np.float32)
+ids = np.empty(vals.shape, dtype=object)
+vals[rank, neuron] = d.column("activation").to_numpy()
+ids[rank, neuron] = d.column("image_id").to_pylist()
 tid = files[t["indices"]]
 print(json.dumps({
     "max_abs_diff_top10_values": float(np.abs(vals - t["values"]).max()),
