@@ -136,7 +136,7 @@ fn shapes_are_read_off_the_checkpoints() {
         let config = model.vit().unwrap().config();
         assert_eq!(
             (config.hidden_size, config.num_layers, config.num_heads, config.mlp_size),
-            (24, 2, 2, 48),
+            (16, 2, 2, 32),
             "{dir}"
         );
         assert_eq!(
@@ -149,14 +149,14 @@ fn shapes_are_read_off_the_checkpoints() {
         assert_eq!(shape, model.shape(), "{dir}");
         for name in ["blocks.1", "encoder.layers.1", "blocks.0.mlp", "encoder.layer.0.mlp"] {
             let tap = shape.tap(name).unwrap();
-            let width = if name.ends_with("mlp") { 48 } else { 24 };
+            let width = if name.ends_with("mlp") { 32 } else { 16 };
             assert_eq!(shape.tap_width(tap), width, "{dir} {name}");
         }
         let err = shape.tap("blocks.2").unwrap_err().to_string();
         assert!(err.contains("blocks.2") && err.contains("blocks.0 .. blocks.1"), "{err}");
         assert!(shape.tap("layer4").is_err(), "{dir}: a ViT has no layer4");
     }
-    // The OpenAI-style quick GELU and DINOv2's positions for a 48x48 image.
+    // The OpenAI-style quick GELU and DINOv2's positions for a 24x24 image.
     let timm_reg = load("tiny_vit_timm_reg");
     let c = timm_reg.vit().unwrap().config();
     assert_eq!((c.positioned_prefix, c.layer_scale, c.grid), (0, true, (4, 4)));
@@ -172,7 +172,7 @@ fn shapes_are_read_off_the_checkpoints() {
 /// PNG images (JPEG decoders differ; resnet_parity.rs covers that).
 #[test]
 fn preprocessing_follows_each_checkpoint_config() {
-    for (dir, name, _) in MODELS {
+    for (dir, name, layout) in MODELS {
         let model = load(dir);
         let r = reference(name);
         let images: Vec<String> = r.json["images"]
@@ -185,22 +185,25 @@ fn preprocessing_follows_each_checkpoint_config() {
             let bytes = std::fs::read(fixtures().join("images").join(image)).unwrap();
             let rgb = decode_rgb(&bytes, &ImageLimits::default()).unwrap();
             let ours =
-                Tensor::from_vec(model.preprocess.apply(&rgb), (3, 32, 32), &Device::Cpu).unwrap();
+                Tensor::from_vec(model.preprocess.apply(&rgb), (3, 16, 16), &Device::Cpu).unwrap();
             let theirs = r.tensors["input"].i(i).unwrap();
             // In 8-bit levels (over the smallest std): the resizes (Pillow's fixed-point
             // one for torchvision and timm, torchvision's uint8 kernel for transformers)
-            // round differently from dnd's by up to two levels at these 7-8x downscales.
+            // round differently from dnd's: by up to two levels from Pillow's, three from
+            // torchvision's, at these 14-16x downscales.
             let std = model.preprocess.std.iter().copied().fold(f32::INFINITY, f32::min);
             let levels = |t: &Tensor| max_abs_diff(t, &theirs) * 255.0 * std;
             let d = levels(&ours);
-            assert!(d <= 2.0 + 1e-3, "{dir} {image}: max |diff| {d} levels");
+            let bound =
+                if matches!(layout, VitLayout::HfClip | VitLayout::HfDinov2) { 3.0 } else { 2.0 };
+            assert!(d <= bound + 1e-3, "{dir} {image}: max |diff| {d} levels");
             // The other filter is told apart: the check sees which one the config names.
             let mut other = model.preprocess.clone();
             other.filter = match other.filter {
                 Filter::Bilinear => Filter::Bicubic,
                 Filter::Bicubic => Filter::Bilinear,
             };
-            let wrong = Tensor::from_vec(other.apply(&rgb), (3, 32, 32), &Device::Cpu).unwrap();
+            let wrong = Tensor::from_vec(other.apply(&rgb), (3, 16, 16), &Device::Cpu).unwrap();
             assert!(levels(&wrong) > 4.0, "{dir} {image}: the filter makes no difference");
             eprintln!("{dir} {image}: {d:.1} levels ({:.1} with the other filter)", levels(&wrong));
         }
@@ -280,17 +283,17 @@ fn bad_checkpoints_say_what_is_wrong() {
             Box::new(|t| {
                 t.insert(
                     "blocks.0.attn.proj.weight".into(),
-                    Tensor::zeros((24, 12), candle_core::DType::F32, &Device::Cpu).unwrap(),
+                    Tensor::zeros((16, 8), candle_core::DType::F32, &Device::Cpu).unwrap(),
                 );
             }),
-            vec!["`blocks.0.attn.proj.weight` has shape [24, 12]", "[24, 24]", "help:"],
+            vec!["`blocks.0.attn.proj.weight` has shape [16, 8]", "[16, 16]", "help:"],
         ),
         (
             "variant",
             Box::new(|t| {
                 t.insert(
                     "blocks.0.attn.q_norm.weight".into(),
-                    Tensor::ones(12, candle_core::DType::F32, &Device::Cpu).unwrap(),
+                    Tensor::ones(8, candle_core::DType::F32, &Device::Cpu).unwrap(),
                 );
             }),
             vec!["qk_norm", "not supported"],
