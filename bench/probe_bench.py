@@ -2,24 +2,26 @@
 """Side-by-side benchmark of the probe stage: PyTorch/torchvision vs `dnd probe`.
 
     python bench/probe_bench.py --dnd target/release/dnd [--images 64] [--batch-size 8]
-        [--threads 2] [--arch resnet50] [--workdir /tmp/dnd-bench] [--only torch|dnd|both]
+        [--threads 2] [--arch resnet50|vit_b_16] [--workdir /tmp/dnd-bench] [--only torch|dnd|both]
 
 What it does:
 
 1. Creates a random-weight torchvision ``<arch>(weights=None)`` (torch.manual_seed(0)),
    eval mode, and saves its state_dict (float32, torchvision names, no
    ``num_batches_tracked``) as ``<workdir>/<arch>/model.safetensors`` plus
-   ``config.json`` ``{"architecture": "<arch>", "num_classes": 1000}``.
+   ``config.json`` ``{"architecture": "<arch>", "num_classes": 1000}``. A ResNet is
+   tapped at ``layer4`` (spatial mean), a ViT (``vit_b_16``, ``vit_l_16``, ...) after its
+   last encoder block (``blocks.N``: the mean of the patch tokens, class token left out).
 2. Generates ``--images`` procedural 500x375 JPEG scenes (seeded) in ``<workdir>/images/``.
 3. PyTorch side, in a fresh subprocess (its own peak RSS): threads = --threads,
    interop threads = 1; for every image in sorted order: PIL open + convert RGB,
    Resize(256), CenterCrop(224), ToTensor, Normalize; batches of --batch-size;
-   forward under inference_mode up to layer4 (a forward hook stops the network
-   there); spatial mean of layer4 -> (B, C); running top-10 per neuron. One batch
+   forward under inference_mode up to the tap (a forward hook stops the network
+   there); spatial mean of the tap -> (B, C); running top-10 per neuron. One batch
    of warm-up (excluded), then the whole loop over all images, decode included,
    is timed with time.perf_counter.
 4. dnd side, a subprocess:
-   ``<dnd> probe --model <workdir>/<arch> --images <workdir>/images --layers layer4
+   ``<dnd> probe --model <workdir>/<arch> --images <workdir>/images --layers <tap>
    --top-k 10 --batch-size B --threads T --out <workdir>/out --summary-json
    <workdir>/dnd-summary.json``, then reads that summary.
 5. Prints a markdown table and writes the same data to ``<workdir>/probe_bench.json``.
@@ -48,10 +50,17 @@ TOP_K = 10
 IMAGE_W, IMAGE_H = 500, 375
 IMAGE_SEED = 12345
 JPEG_QUALITY = 90
-TAP_LAYER = "layer4"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SUMMARY_KEYS = ("images_per_second", "peak_rss_mib", "images_ok", "probe_seconds")
+
+
+def tap_name(arch: str) -> str:
+    """The tap dnd records for `arch`: a ResNet's last stage, a ViT's last block."""
+    if arch.startswith("vit_"):
+        layers = {"vit_b_16": 12, "vit_b_32": 12, "vit_l_16": 24, "vit_l_32": 24, "vit_h_14": 32}[arch]
+        return f"blocks.{layers - 1}"
+    return "layer4"
 
 
 def log(msg: str) -> None:
@@ -219,12 +228,14 @@ def torch_worker(args: argparse.Namespace) -> int:
     model.eval()
 
     captured = {}
+    vit = cfg["architecture"].startswith("vit_")
 
     def hook(_m, _i, out):
-        captured["out"] = out
-        raise _StopForward  # everything after layer4 is skipped
+        # A ViT's patch tokens (the class token, first, left out), as dnd's patch grid.
+        captured["out"] = out[:, 1:, :].mean(dim=1) if vit else out.mean(dim=(2, 3))
+        raise _StopForward  # everything after the tap is skipped
 
-    getattr(model, TAP_LAYER).register_forward_hook(hook)
+    (model.encoder.layers[-1] if vit else model.layer4).register_forward_hook(hook)
     pre = transforms.Compose(
         [
             transforms.Resize(256, interpolation=transforms.InterpolationMode.BILINEAR, antialias=True),
@@ -246,7 +257,7 @@ def torch_worker(args: argparse.Namespace) -> int:
             model(x)
         except _StopForward:
             pass
-        return captured.pop("out").mean(dim=(2, 3))
+        return captured.pop("out")
 
     def run_all():
         top_v = top_i = None
@@ -417,7 +428,7 @@ def run_dnd_side(args, model_dir: Path, img_dir: Path, workdir: Path) -> dict:
         "--images",
         str(img_dir),
         "--layers",
-        TAP_LAYER,
+        tap_name(args.arch),
         "--top-k",
         str(TOP_K),
         "--batch-size",
@@ -536,9 +547,12 @@ from safetensors.numpy import load_file
 workdir, images = sys.argv[1], sys.argv[2]
 t = load_file(os.path.join(workdir, "torch-top10.safetensors"))
 files = np.array(sorted(os.listdir(images)))
-d = pq.read_table(os.path.join(workdir, "out", "topk", "layer4.parquet")).to_pandas()
-vals = d.pivot(index="rank", columns="neuron", values="activation").values
-ids = d.pivot(index="rank", columns="neuron", values="image_id").values
+d = pq.read_table(os.path.join(workdir, "out", "topk", sys.argv[3] + ".parquet"))
+rank, neuron = d.column("rank").to_numpy(), d.column("neuron").to_numpy()
+vals = np.zeros((rank.max() + 1, neuron.max() + 1), dtype=np.float32)
+ids = np.empty(vals.shape, dtype=object)
+vals[rank, neuron] = d.column("activation").to_numpy()
+ids[rank, neuron] = d.column("image_id").to_pylist()
 tid = files[t["indices"]]
 print(json.dumps({
     "max_abs_diff_top10_values": float(np.abs(vals - t["values"]).max()),
@@ -549,9 +563,9 @@ print(json.dumps({
 """
 
 
-def compare_topk(workdir: Path, img_dir: Path) -> dict | None:
+def compare_topk(workdir: Path, img_dir: Path, layer: str) -> dict | None:
     """How far dnd's top-10 lists are from PyTorch's (JPEG decoders differ slightly)."""
-    r = subprocess.run([sys.executable, "-c", AGREEMENT_SCRIPT, str(workdir), str(img_dir)],
+    r = subprocess.run([sys.executable, "-c", AGREEMENT_SCRIPT, str(workdir), str(img_dir), layer],
                        capture_output=True, text=True, stdin=subprocess.DEVNULL)
     if r.returncode != 0:
         log(f"top-K comparison skipped: {r.stderr.strip().splitlines()[-1:]}")
@@ -567,7 +581,7 @@ def main(argv=None) -> int:
     ap.add_argument("--images", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--arch", default="resnet50", help="torchvision ResNet constructor name")
+    ap.add_argument("--arch", default="resnet50", help="torchvision constructor name: resnet18..resnet152, vit_b_16, vit_l_16, ...")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/dnd-bench"))
     ap.add_argument("--only", choices=["torch", "dnd", "both"], default="both")
     ap.add_argument("--force-setup", action="store_true", help="regenerate the model and images even if present")
@@ -622,12 +636,12 @@ def main(argv=None) -> int:
     if args.only in ("dnd", "both"):
         results.append(run_dnd_side(args, model_dir, img_dir, workdir))
 
-    agreement = compare_topk(workdir, img_dir) if args.only == "both" else None
+    agreement = compare_topk(workdir, img_dir, tap_name(args.arch)) if args.only == "both" else None
 
     report = {
         "agreement": agreement,
         "arch": args.arch,
-        "layer": TAP_LAYER,
+        "layer": tap_name(args.arch),
         "top_k": TOP_K,
         "images": args.images,
         "batch_size": args.batch_size,

@@ -36,9 +36,9 @@ fn check_taps(model_name: &str) {
 fn check_model_taps(model: &TargetModel, reference_name: &str, model_name: &str) {
     let r = reference(reference_name);
     let input = &r.tensors["input"];
-    let outs = model.forward_taps(input, &Tap::ALL).unwrap();
+    let outs = model.forward_taps(input, &Tap::RESNET).unwrap();
     let mut report = Vec::new();
-    for (tap, out) in Tap::ALL.iter().zip(&outs) {
+    for (tap, out) in Tap::RESNET.iter().zip(&outs) {
         let name = tap.to_string();
         let diffs: Vec<(&str, f32)> = if tap.is_spatial() {
             let channel = r.json["map_channel"][&name].as_u64().unwrap() as usize;
@@ -89,10 +89,10 @@ fn every_tap_is_batch_invariant() {
     for name in ["resnet18", "tiny_resnet"] {
         let model = load(name);
         let input = &reference(name).tensors["input"];
-        let batched = model.forward_taps(input, &Tap::ALL).unwrap();
+        let batched = model.forward_taps(input, &Tap::RESNET).unwrap();
         for i in 0..input.dim(0).unwrap() {
-            let alone = model.forward_taps(&input.narrow(0, i, 1).unwrap(), &Tap::ALL).unwrap();
-            for ((tap, b), a) in Tap::ALL.iter().zip(&batched).zip(&alone) {
+            let alone = model.forward_taps(&input.narrow(0, i, 1).unwrap(), &Tap::RESNET).unwrap();
+            for ((tap, b), a) in Tap::RESNET.iter().zip(&batched).zip(&alone) {
                 let b = b.narrow(0, i, 1).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
                 let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
                 let same = a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits());
@@ -114,20 +114,24 @@ fn custom_bottleneck_resnet_taps_match_pytorch() {
 fn pytorch_checkpoints_give_the_taps_of_the_safetensors_file() {
     let safetensors = load("tiny_resnet");
     let x = &reference("tiny_resnet").tensors["input"];
-    let expected = safetensors.forward_taps(x, &Tap::ALL).unwrap();
+    let expected = safetensors.forward_taps(x, &Tap::RESNET).unwrap();
     for file in ["plain.pth", "places365_layout.pth.tar"] {
         let name = format!("tiny_resnet_pth/{file}");
         let model = load(&name);
-        assert_eq!(model.resnet.config(), safetensors.resnet.config(), "{file}");
+        assert_eq!(
+            model.resnet().unwrap().config(),
+            safetensors.resnet().unwrap().config(),
+            "{file}"
+        );
         check_model_taps(&model, "tiny_resnet", &name);
-        let outs = model.forward_taps(x, &Tap::ALL).unwrap();
-        for ((tap, ours), theirs) in Tap::ALL.iter().zip(&outs).zip(&expected) {
+        let outs = model.forward_taps(x, &Tap::RESNET).unwrap();
+        for ((tap, ours), theirs) in Tap::RESNET.iter().zip(&outs).zip(&expected) {
             assert_eq!(max_abs_diff(ours, theirs), 0.0, "{file} {tap}");
         }
         // Planning reads the taps' widths off the pickle without its weights.
         let r: ModelRef = fixtures().join("models").join(&name).to_str().unwrap().parse().unwrap();
         let shape = TargetShape::read(&r).unwrap();
-        for tap in Tap::ALL {
+        for tap in Tap::RESNET {
             assert_eq!(shape.tap_width(tap), model.tap_width(tap), "{file} {tap}");
         }
     }
@@ -148,13 +152,13 @@ fn float16_pytorch_checkpoint_is_upcast() {
             (name, t.to_dtype(candle_core::DType::F32).unwrap())
         })
         .collect();
-    let config = load("tiny_resnet").resnet.config().clone();
+    let config = load("tiny_resnet").resnet().unwrap().config().clone();
     let expected = ResNet::from_tensors(&rounded, config, &weights, &Device::Cpu).unwrap();
     let half = load("tiny_resnet_pth/half_model.pt");
     let x = &reference("tiny_resnet").tensors["input"];
-    let outs = half.forward_taps(x, &Tap::ALL).unwrap();
-    let theirs = expected.forward_taps(x, &Tap::ALL).unwrap();
-    for ((tap, ours), theirs) in Tap::ALL.iter().zip(&outs).zip(&theirs) {
+    let outs = half.forward_taps(x, &Tap::RESNET).unwrap();
+    let theirs = expected.forward_taps(x, &Tap::RESNET).unwrap();
+    for ((tap, ours), theirs) in Tap::RESNET.iter().zip(&outs).zip(&theirs) {
         assert_eq!(max_abs_diff(ours, theirs), 0.0, "{tap}");
     }
 }

@@ -139,9 +139,10 @@ enum Command {
 
 #[derive(Args)]
 struct ProbeArgs {
-    /// The target model: a directory with model.safetensors (torchvision/timm ResNet
-    /// names) and optionally config.json, a .safetensors file, or hf:<org>/<name>[@rev]
-    /// from the Hugging Face hub cache (e.g. hf:timm/resnet50.tv_in1k).
+    /// The target model: a directory with model.safetensors (a torchvision/timm ResNet,
+    /// or a ViT: torchvision, timm, Hugging Face CLIP or DINOv2) and optionally
+    /// config.json, a .safetensors file, or hf:<org>/<name>[@rev] from the Hugging Face
+    /// hub cache (e.g. hf:timm/resnet50.tv_in1k).
     #[arg(long, value_name = "PATH|hf:REPO")]
     model: String,
 
@@ -151,7 +152,8 @@ struct ProbeArgs {
     #[arg(long, value_name = "DIR|URL|LIST")]
     images: String,
 
-    /// Layers to record, comma-separated: stem, layer1, layer2, layer3, layer4, avgpool, fc.
+    /// Layers to record, comma-separated: stem, layer1, layer2, layer3, layer4, avgpool, fc
+    /// (ResNet); blocks.N, blocks.N.mlp, norm, head (ViT).
     #[arg(long, value_delimiter = ',', default_value = "layer4")]
     layers: Vec<String>,
 
@@ -159,7 +161,8 @@ struct ProbeArgs {
     #[arg(long, default_value_t = 10)]
     top_k: usize,
 
-    /// How a channel's spatial map becomes one number per image: mean or max.
+    /// How a channel's spatial map becomes one number per image: mean or max, or cls
+    /// (a ViT's class token instead of its patch grid).
     #[arg(long, default_value = "mean")]
     pooling: Pooling,
 

@@ -313,6 +313,8 @@ fn download(hub_repo: hf_hub::Repo, names: &[String]) -> Result<ModelFiles, Stri
         }
         // config.json is optional for target models (the architecture can be read off the weights).
         let config = remote.get("config.json").ok();
+        // So is a transformers image processor config: a ViT target's preprocessing.
+        let _ = remote.get("preprocessor_config.json");
         return Ok(ModelFiles { weights, config });
     }
     Err(first_error.unwrap_or_else(|| "no file to download".into()))

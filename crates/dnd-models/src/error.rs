@@ -27,6 +27,12 @@ pub enum ModelError {
     #[error("unknown tap `{name}`; this model has: {available}")]
     UnknownTap { name: String, available: String },
 
+    /// Pooling `cls` asked of a model without a class token.
+    #[error(
+        "pooling `cls` reads the class token, and {model} has none\n  help: use pooling mean or max"
+    )]
+    NoClassToken { model: String },
+
     #[error("cannot read {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
 

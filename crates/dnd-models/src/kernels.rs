@@ -249,6 +249,65 @@ vectorized! {
 }
 
 vectorized! {
+    /// Layer normalisation of every row of a row-major `(rows, channels)` matrix: each
+    /// row (a token) is normalised over its `channels = gamma.len()` values, then scaled
+    /// by `gamma` and shifted by `beta` per channel.
+    pub fn layer_norm_rows(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32, out: &mut [f32]) {
+        let channels = gamma.len();
+        let inv_c = 1.0 / channels as f32;
+        for (src, dst) in x.chunks_exact(channels).zip(out.chunks_exact_mut(channels)) {
+            let mean = sum(src) * inv_c;
+            // Two passes, as PyTorch: the variance of the centred values, not E[x^2] - m^2.
+            let mut lanes = [0f32; 8];
+            let chunks = src.chunks_exact(8);
+            let tail: f32 = chunks.remainder().iter().map(|&v| (v - mean) * (v - mean)).sum();
+            for c in chunks {
+                for (l, &v) in lanes.iter_mut().zip(c) {
+                    let d = v - mean;
+                    *l = d.mul_add(d, *l);
+                }
+            }
+            let var = (lanes.iter().sum::<f32>() + tail) * inv_c;
+            let rstd = 1.0 / (var + eps).sqrt();
+            for (((o, &v), &g), &b) in dst.iter_mut().zip(src).zip(gamma).zip(beta) {
+                *o = ((v - mean) * rstd).mul_add(g, b);
+            }
+        }
+    }
+}
+
+vectorized! {
+    /// `x = gelu(x)` (the exact, erf form), element by element.
+    pub fn gelu_in_place(x: &mut [f32]) {
+        for v in x {
+            *v = gelu(*v);
+        }
+    }
+}
+
+vectorized! {
+    /// `x = x * sigmoid(1.702 x)` (OpenAI CLIP's "quick" GELU), element by element.
+    pub fn quick_gelu_in_place(x: &mut [f32]) {
+        for v in x {
+            *v /= 1.0 + exp(-1.702 * *v);
+        }
+    }
+}
+
+vectorized! {
+    /// `x = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`, PyTorch's
+    /// `gelu(approximate="tanh")`, element by element; `tanh(u) = 1 - 2 / (1 + e^{2u})`.
+    pub fn gelu_tanh_in_place(x: &mut [f32]) {
+        const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+        for v in x {
+            let u = SQRT_2_OVER_PI * (0.044_715 * *v * *v).mul_add(*v, *v);
+            let tanh = 1.0 - 2.0 / (1.0 + exp(2.0 * u));
+            *v *= 0.5 * (1.0 + tanh);
+        }
+    }
+}
+
+vectorized! {
     /// `dst += src`, element by element.
     pub fn add_in_place(dst: &mut [f32], src: &[f32]) {
         for (d, &s) in dst.iter_mut().zip(src) {
@@ -362,6 +421,41 @@ mod tests {
         assert!(row[4] > 0.99 && row[5] == 0.0 && row[1] == row[3] && row[1] > row[0]);
         let want = 1.0 / (1.0 + (-7f64).exp() * 2.0 + (-9f64).exp() + (-12f64).exp());
         assert!((f64::from(row[4]) - want).abs() < 1e-6);
+    }
+
+    #[test]
+    fn row_layer_norm_and_activations_match_their_definitions() {
+        let (rows, c) = (3, 13);
+        let x: Vec<f32> = (0..rows * c).map(|i| (i as f32 * 0.37).cos() * 4.0 + 1.5).collect();
+        let gamma: Vec<f32> = (0..c).map(|i| 0.5 + i as f32 * 0.1).collect();
+        let beta: Vec<f32> = (0..c).map(|i| i as f32 * -0.05).collect();
+        let mut out = vec![0.0; rows * c];
+        layer_norm_rows(&x, &gamma, &beta, 1e-6, &mut out);
+        for (src, dst) in x.chunks(c).zip(out.chunks(c)) {
+            let m = src.iter().map(|&v| f64::from(v)).sum::<f64>() / c as f64;
+            let var = src.iter().map(|&v| (f64::from(v) - m).powi(2)).sum::<f64>() / c as f64;
+            for i in 0..c {
+                let want = (f64::from(src[i]) - m) / (var + 1e-6).sqrt() * f64::from(gamma[i])
+                    + f64::from(beta[i]);
+                assert!((f64::from(dst[i]) - want).abs() < 1e-5, "{} vs {want}", dst[i]);
+            }
+        }
+        let xs: Vec<f32> = (0..200).map(|i| (i as f32 - 100.0) * 0.07).collect();
+        let (mut g, mut q, mut t) = (xs.clone(), xs.clone(), xs.clone());
+        gelu_in_place(&mut g);
+        quick_gelu_in_place(&mut q);
+        gelu_tanh_in_place(&mut t);
+        for (i, &v) in xs.iter().enumerate() {
+            let v64 = f64::from(v);
+            let quick = v64 / (1.0 + (-1.702 * v64).exp());
+            let u = (2.0 / std::f64::consts::PI).sqrt() * (v64 + 0.044715 * v64.powi(3));
+            let tanh = 0.5 * v64 * (1.0 + u.tanh());
+            assert!(
+                (f64::from(g[i]) - 0.5 * v64 * (1.0 + erf_f64(v64 / 2f64.sqrt()))).abs() < 1e-6
+            );
+            assert!((f64::from(q[i]) - quick).abs() < 1e-6, "quick_gelu({v})");
+            assert!((f64::from(t[i]) - tanh).abs() < 1e-6, "gelu_tanh({v})");
+        }
     }
 
     #[test]

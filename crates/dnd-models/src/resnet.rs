@@ -9,9 +9,7 @@
 //! load time: one fewer pass over every activation map.
 
 use std::collections::HashMap;
-use std::fmt;
 use std::path::Path;
-use std::str::FromStr;
 use std::sync::Arc;
 
 use candle_core::{D, DType, Device, Module, Tensor};
@@ -20,8 +18,12 @@ use serde::{Deserialize, Serialize};
 use crate::conv::{ConvGeometry, conv2d_fused};
 use crate::error::ModelError;
 use crate::hf_files::read_json;
+pub use crate::target::Tap;
 use crate::weights::Checkpoint;
 use crate::winograd::{self, WinogradKernel};
+
+/// A ResNet's tensor names, for messages.
+pub const EXPECTED_NAMES: &str = "`conv1.weight`, `bn1.*`, `layer1.0.conv1.weight` ... `fc.weight`";
 
 /// torchvision's BatchNorm2d default.
 const BN_EPS: f64 = 1e-5;
@@ -219,6 +221,8 @@ impl ResNetConfig {
             Tap::Layer(i) => self.stage_channels(i as usize - 1),
             Tap::AvgPool => self.stage_channels(3),
             Tap::Fc => self.num_classes,
+            // Not a ResNet tap: [`crate::target::Architecture::tap`] never lets one through.
+            Tap::Block(_) | Tap::BlockMlp(_) | Tap::Norm | Tap::Head => 0,
         }
     }
 
@@ -237,61 +241,6 @@ struct RawConfig {
     groups: Option<usize>,
     width_per_group: Option<usize>,
     num_classes: Option<usize>,
-}
-
-/// A place in the network whose output can be observed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Tap {
-    /// Output of the stem (conv1, bn1, relu, maxpool): the input of `layer1`.
-    Stem,
-    /// Output of stage 1..=4 (`layer1`..`layer4`), after its last block's ReLU.
-    Layer(u8),
-    /// The global average pool, flattened: a vector per image.
-    AvgPool,
-    /// The classifier logits.
-    Fc,
-}
-
-impl Tap {
-    pub const ALL: [Tap; 7] = [
-        Tap::Stem,
-        Tap::Layer(1),
-        Tap::Layer(2),
-        Tap::Layer(3),
-        Tap::Layer(4),
-        Tap::AvgPool,
-        Tap::Fc,
-    ];
-
-    /// Spatial taps give (C, H, W) maps; the others one value per channel.
-    pub fn is_spatial(self) -> bool {
-        matches!(self, Tap::Stem | Tap::Layer(_))
-    }
-
-    fn names() -> String {
-        Tap::ALL.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(", ")
-    }
-}
-
-impl fmt::Display for Tap {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Tap::Stem => f.write_str("stem"),
-            Tap::Layer(i) => write!(f, "layer{i}"),
-            Tap::AvgPool => f.write_str("avgpool"),
-            Tap::Fc => f.write_str("fc"),
-        }
-    }
-}
-
-impl FromStr for Tap {
-    type Err = ModelError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Tap::ALL
-            .into_iter()
-            .find(|t| t.to_string() == s)
-            .ok_or_else(|| ModelError::UnknownTap { name: s.into(), available: Tap::names() })
-    }
 }
 
 /// A convolution with its BatchNorm folded in: `conv(x, w * s) + (beta - mean * s)`,
@@ -384,7 +333,7 @@ fn not_a_resnet<'a>(
     ModelError::BadCheckpoint {
         path: path.into(),
         found,
-        expected: "a torchvision/timm ResNet state_dict: `conv1.weight`, `bn1.*`, `layer1.0.conv1.weight` ... `fc.weight`".into(),
+        expected: format!("a torchvision/timm ResNet state_dict: {EXPECTED_NAMES}"),
         help: "pass a ResNet checkpoint with torchvision's tensor names (Hugging Face `microsoft/resnet-*` checkpoints use another layout); if every name carries a prefix such as `backbone.`, re-save the state_dict without it".into(),
     }
 }
@@ -541,9 +490,13 @@ impl ResNet {
     /// order asked: `(B, C, h, w)` for spatial taps, `(B, C)` for `avgpool` and `fc`.
     /// Stops after the deepest tap asked for.
     pub fn forward_taps(&self, x: &Tensor, taps: &[Tap]) -> Result<Vec<Tensor>, ModelError> {
+        let available = || Tap::RESNET.iter().map(Tap::to_string).collect::<Vec<_>>().join(", ");
+        if let Some(bad) = taps.iter().find(|t| !Tap::RESNET.contains(t)) {
+            return Err(ModelError::UnknownTap { name: bad.to_string(), available: available() });
+        }
         let deepest = taps.iter().copied().max().ok_or_else(|| ModelError::UnknownTap {
             name: String::new(),
-            available: Tap::names(),
+            available: available(),
         })?;
         let mut seen: HashMap<Tap, Tensor> = HashMap::new();
         let mut keep = |tap: Tap, t: &Tensor| {

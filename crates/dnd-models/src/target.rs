@@ -1,6 +1,12 @@
-//! The target model: the network being dissected, with its preprocessing.
+//! The target model: the network being dissected, with its preprocessing, and the taps
+//! where its activations are read. ResNets ([`crate::resnet`]) and vision transformers
+//! ([`crate::vit`]) are the architectures; the pipeline only sees [`TargetModel`] and
+//! [`Tap`].
 
+use std::collections::HashMap;
+use std::fmt;
 use std::path::Path;
+use std::str::FromStr;
 
 use candle_core::{Device, Tensor};
 use serde::Deserialize;
@@ -8,19 +14,216 @@ use serde::Deserialize;
 use crate::checkpoint::ModelRef;
 use crate::error::ModelError;
 use crate::hf_files::read_json;
-use crate::preprocess::{Preprocess, Resize};
-use crate::resnet::{ResNet, ResNetConfig, Tap};
+use crate::preprocess::{Filter, Preprocess, Resize};
+use crate::resnet::{ResNet, ResNetConfig};
+use crate::vit::{Vit, VitConfig};
 use crate::weights::Checkpoint;
 
-/// A loaded target model. Only the ResNet family for now; the taps API is what the
-/// pipeline relies on, so more architectures slot in here.
-#[derive(Debug, Clone)]
-pub struct TargetModel {
-    /// The reference it was loaded from, as given (recorded with results).
-    pub reference: String,
-    pub resnet: ResNet,
-    pub preprocess: Preprocess,
-    pub device: Device,
+/// A place in the network whose output can be observed. One type for every architecture,
+/// so that the pipeline needs to know none; each model says which taps it has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Tap {
+    /// ResNet: output of the stem (conv1, bn1, relu, maxpool): the input of `layer1`.
+    Stem,
+    /// ResNet: output of stage 1..=4 (`layer1`..`layer4`), after its last block's ReLU.
+    Layer(u8),
+    /// ResNet: the global average pool, flattened: a vector per image.
+    AvgPool,
+    /// ResNet: the classifier logits.
+    Fc,
+    /// ViT: the residual stream after block N (0-based), `blocks.N`.
+    Block(u16),
+    /// ViT: the hidden layer of block N's MLP after its activation, `blocks.N.mlp`.
+    BlockMlp(u16),
+    /// ViT: the final norm, applied to every token, `norm`.
+    Norm,
+    /// ViT: the classifier or projection head, a vector per image, `head`.
+    Head,
+}
+
+/// Other spellings of the ViT block taps, as the checkpoints name their blocks
+/// (torchvision, Hugging Face CLIP, Hugging Face DINOv2, OpenCLIP). The torchvision one
+/// comes before its own prefix `encoder.layers.`.
+const BLOCK_PREFIXES: [&str; 5] = [
+    "blocks.",
+    "encoder.layers.encoder_layer_",
+    "encoder.layers.",
+    "encoder.layer.",
+    "transformer.resblocks.",
+];
+const NORM_NAMES: [&str; 5] = ["norm", "encoder.ln", "layernorm", "post_layernorm", "ln_post"];
+const HEAD_NAMES: [&str; 5] = ["head", "heads.head", "heads", "classifier", "visual_projection"];
+
+impl Tap {
+    /// Every tap of a ResNet, in network order.
+    pub const RESNET: [Tap; 7] = [
+        Tap::Stem,
+        Tap::Layer(1),
+        Tap::Layer(2),
+        Tap::Layer(3),
+        Tap::Layer(4),
+        Tap::AvgPool,
+        Tap::Fc,
+    ];
+
+    /// Spatial taps give `(C, H, W)` maps (a ViT's patch-token grid); the others one value
+    /// per channel.
+    pub fn is_spatial(self) -> bool {
+        !matches!(self, Tap::AvgPool | Tap::Fc | Tap::Head)
+    }
+
+    /// The forms tap names take, for messages about a name that is none of them.
+    pub fn forms() -> &'static str {
+        "ResNet: stem, layer1..layer4, avgpool, fc; ViT: blocks.N, blocks.N.mlp, norm, head (also encoder.layers.N, encoder.layer.N, encoder.layers.encoder_layer_N)"
+    }
+
+    fn parse_block(s: &str) -> Option<Tap> {
+        let rest = BLOCK_PREFIXES.iter().find_map(|p| s.strip_prefix(p))?;
+        let (index, mlp) = match rest.strip_suffix(".mlp") {
+            Some(index) => (index, true),
+            None => (rest, false),
+        };
+        // Plain digits only: `+1` or `01` would name the same block twice.
+        if index.is_empty()
+            || !index.bytes().all(|b| b.is_ascii_digit())
+            || index.len() > 1 && index.starts_with('0')
+        {
+            return None;
+        }
+        let n: u16 = index.parse().ok()?;
+        Some(if mlp { Tap::BlockMlp(n) } else { Tap::Block(n) })
+    }
+}
+
+impl fmt::Display for Tap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Tap::Stem => f.write_str("stem"),
+            Tap::Layer(i) => write!(f, "layer{i}"),
+            Tap::AvgPool => f.write_str("avgpool"),
+            Tap::Fc => f.write_str("fc"),
+            Tap::Block(i) => write!(f, "blocks.{i}"),
+            Tap::BlockMlp(i) => write!(f, "blocks.{i}.mlp"),
+            Tap::Norm => f.write_str("norm"),
+            Tap::Head => f.write_str("head"),
+        }
+    }
+}
+
+impl FromStr for Tap {
+    type Err = ModelError;
+    /// Any architecture's tap names and their aliases; whether a model has the tap is
+    /// checked by [`TargetShape::tap`].
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let unknown = || ModelError::UnknownTap { name: s.into(), available: Tap::forms().into() };
+        if let Some(t) = Tap::RESNET.into_iter().find(|t| t.to_string() == s) {
+            return Ok(t);
+        }
+        if NORM_NAMES.contains(&s) {
+            return Ok(Tap::Norm);
+        }
+        if HEAD_NAMES.contains(&s) {
+            return Ok(Tap::Head);
+        }
+        Tap::parse_block(s).ok_or_else(unknown)
+    }
+}
+
+/// The architecture of a target model, without its weights.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Architecture {
+    ResNet(ResNetConfig),
+    Vit(VitConfig),
+}
+
+impl Architecture {
+    /// Reads the architecture of the model at `files`: a ViT when its tensors are in a
+    /// layout [`crate::vit`] knows, else a ResNet (from config.json, else the tensors).
+    fn read(weights: &Path, config: Option<&Path>) -> Result<Self, ModelError> {
+        let checkpoint = Checkpoint::open(weights)?;
+        let shapes = checkpoint.shapes()?;
+        if let Some(vit) = VitConfig::from_shapes(&shapes, config, weights)? {
+            return Ok(Architecture::Vit(vit));
+        }
+        if !looks_like_a_resnet(&shapes) {
+            return Err(unknown_architecture(weights, &shapes));
+        }
+        Ok(Architecture::ResNet(match config {
+            Some(path) => ResNetConfig::from_json_file(path)?,
+            None => ResNetConfig::from_checkpoint(&checkpoint)?,
+        }))
+    }
+
+    /// Every tap the model has, in network order.
+    pub fn taps(&self) -> Vec<Tap> {
+        match self {
+            Architecture::ResNet(_) => Tap::RESNET.to_vec(),
+            Architecture::Vit(c) => c.taps(),
+        }
+    }
+
+    /// Number of neurons (channels or units) at a tap the model has.
+    pub fn tap_width(&self, tap: Tap) -> usize {
+        match self {
+            Architecture::ResNet(c) => c.tap_width(tap),
+            Architecture::Vit(c) => c.tap_width(tap),
+        }
+    }
+
+    /// Whether the model has a class token whose value can stand for a whole map
+    /// (pooling `cls`).
+    pub fn has_class_token(&self) -> bool {
+        matches!(self, Architecture::Vit(c) if c.class_token)
+    }
+
+    /// Parses a tap name and checks that the model has it.
+    pub fn tap(&self, name: &str) -> Result<Tap, ModelError> {
+        let taps = self.taps();
+        match name.parse::<Tap>() {
+            Ok(tap) if taps.contains(&tap) => Ok(tap),
+            _ => Err(ModelError::UnknownTap { name: name.into(), available: self.tap_list() }),
+        }
+    }
+
+    /// The taps, as a message lists them (ranges of blocks shortened).
+    fn tap_list(&self) -> String {
+        match self {
+            Architecture::ResNet(_) => {
+                Tap::RESNET.iter().map(Tap::to_string).collect::<Vec<_>>().join(", ")
+            }
+            Architecture::Vit(c) => c.tap_list(),
+        }
+    }
+}
+
+/// Whether a checkpoint's tensors look like a ResNet at all (a broken one gets the
+/// ResNet loader's own message about what it lacks).
+fn looks_like_a_resnet(shapes: &HashMap<String, Vec<usize>>) -> bool {
+    shapes.keys().any(|k| k == "conv1.weight" || k == "fc.weight" || k.starts_with("layer1."))
+}
+
+/// The error for a checkpoint of no architecture dnd knows.
+fn unknown_architecture(path: &Path, shapes: &HashMap<String, Vec<usize>>) -> ModelError {
+    let mut names: Vec<&String> = shapes.keys().collect();
+    names.sort();
+    let sample: Vec<String> = names.iter().take(4).map(|n| format!("`{n}`")).collect();
+    let found = match names.len() {
+        0 => "a checkpoint with no tensors".to_string(),
+        n => format!(
+            "a checkpoint of {n} tensors ({}, ...) of no architecture dnd knows",
+            sample.join(", ")
+        ),
+    };
+    ModelError::BadCheckpoint {
+        path: path.into(),
+        found,
+        expected: format!(
+            "a torchvision/timm ResNet ({}) or a vision transformer ({})",
+            crate::resnet::EXPECTED_NAMES,
+            crate::vit::EXPECTED_LAYOUTS
+        ),
+        help: "pass a ResNet or ViT checkpoint in one of those layouts; if every name carries a prefix such as `backbone.` or `model.`, re-save the state_dict without it".into(),
+    }
 }
 
 /// The parts of timm's `pretrained_cfg` that decide preprocessing.
@@ -28,6 +231,8 @@ pub struct TargetModel {
 struct PretrainedCfg {
     input_size: Option<[u32; 3]>,
     crop_pct: Option<f64>,
+    crop_mode: Option<String>,
+    interpolation: Option<String>,
     mean: Option<[f32; 3]>,
     std: Option<[f32; 3]>,
 }
@@ -37,21 +242,44 @@ struct ConfigWithPreprocess {
     pretrained_cfg: Option<PretrainedCfg>,
 }
 
-fn preprocess_from_config(path: &Path) -> Result<Preprocess, ModelError> {
+/// The preprocessing a config.json gives in timm's `pretrained_cfg` (timm checkpoints,
+/// and dnd's own config.json for torchvision ones), or `None` when it has none.
+fn preprocess_from_config(path: &Path) -> Result<Option<Preprocess>, ModelError> {
+    let bad = |reason: String| ModelError::Config { path: path.into(), reason };
     let raw: ConfigWithPreprocess = read_json(path)?;
+    let Some(cfg) = raw.pretrained_cfg else { return Ok(None) };
     let mut p = Preprocess::imagenet();
-    if let Some(cfg) = raw.pretrained_cfg {
-        if let Some([_, _, side]) = cfg.input_size {
-            p.crop = Some(side);
-            // timm: scale_size = floor(img_size / crop_pct)
-            p.resize = Resize::ShorterSide(
-                (f64::from(side) / cfg.crop_pct.unwrap_or(0.875)).floor() as u32,
-            );
+    if let Some([_, height, width]) = cfg.input_size {
+        if height != width {
+            return Err(bad(format!(
+                "`pretrained_cfg.input_size` {height}x{width}: only square inputs are supported"
+            )));
         }
-        p.mean = cfg.mean.unwrap_or(p.mean);
-        p.std = cfg.std.unwrap_or(p.std);
+        p.crop = Some(width);
+        // timm: scale_size = floor(img_size / crop_pct)
+        let scale = (f64::from(width) / cfg.crop_pct.unwrap_or(0.875)).floor() as u32;
+        p.resize = match cfg.crop_mode.as_deref().unwrap_or("center") {
+            "center" => Resize::ShorterSide(scale),
+            "squash" => Resize::Exact { width: scale, height: scale },
+            other => {
+                return Err(bad(format!(
+                    "`pretrained_cfg.crop_mode` `{other}` is not supported (center, squash)"
+                )));
+            }
+        };
     }
-    Ok(p)
+    p.filter = match cfg.interpolation.as_deref() {
+        None | Some("bilinear") => Filter::Bilinear,
+        Some("bicubic") => Filter::Bicubic,
+        Some(other) => {
+            return Err(bad(format!(
+                "`pretrained_cfg.interpolation` `{other}` is not supported (bilinear, bicubic)"
+            )));
+        }
+    };
+    p.mean = cfg.mean.unwrap_or(p.mean);
+    p.std = cfg.std.unwrap_or(p.std);
+    Ok(Some(p))
 }
 
 /// A target model's shape without its weights: its taps and their widths, read from
@@ -60,58 +288,138 @@ fn preprocess_from_config(path: &Path) -> Result<Preprocess, ModelError> {
 pub struct TargetShape {
     /// The reference it was read from, as given.
     pub reference: String,
-    config: ResNetConfig,
+    pub architecture: Architecture,
 }
 
 impl TargetShape {
     pub fn read(reference: &ModelRef) -> Result<Self, ModelError> {
         let files = reference.resolve("model.safetensors")?;
-        let config = match &files.config {
-            Some(path) => ResNetConfig::from_json_file(path)?,
-            None => ResNetConfig::from_checkpoint(&Checkpoint::open(&files.weights)?)?,
-        };
-        Ok(Self { reference: reference.to_string(), config })
+        let architecture = Architecture::read(&files.weights, files.config.as_deref())?;
+        Ok(Self { reference: reference.to_string(), architecture })
     }
 
-    /// Parses and checks a tap name against this model.
+    /// Parses a tap name and checks that this model has it.
     pub fn tap(&self, name: &str) -> Result<Tap, ModelError> {
-        name.parse()
+        self.architecture.tap(name)
     }
 
     pub fn tap_width(&self, tap: Tap) -> usize {
-        self.config.tap_width(tap)
+        self.architecture.tap_width(tap)
     }
+
+    /// Whether pooling `cls` is possible (a ViT with a class token).
+    pub fn has_class_token(&self) -> bool {
+        self.architecture.has_class_token()
+    }
+}
+
+/// The network of a target model, loaded.
+#[derive(Debug, Clone)]
+pub enum Network {
+    ResNet(ResNet),
+    Vit(Vit),
+}
+
+/// A loaded target model.
+#[derive(Debug, Clone)]
+pub struct TargetModel {
+    /// The reference it was loaded from, as given (recorded with results).
+    pub reference: String,
+    pub network: Network,
+    pub preprocess: Preprocess,
+    pub device: Device,
 }
 
 impl TargetModel {
     /// The shape of the loaded model.
     pub fn shape(&self) -> TargetShape {
-        TargetShape { reference: self.reference.clone(), config: self.resnet.config().clone() }
+        TargetShape { reference: self.reference.clone(), architecture: self.architecture() }
+    }
+
+    fn architecture(&self) -> Architecture {
+        match &self.network {
+            Network::ResNet(r) => Architecture::ResNet(r.config().clone()),
+            Network::Vit(v) => Architecture::Vit(v.config().clone()),
+        }
+    }
+
+    /// The ResNet, when the target is one.
+    pub fn resnet(&self) -> Option<&ResNet> {
+        match &self.network {
+            Network::ResNet(r) => Some(r),
+            Network::Vit(_) => None,
+        }
+    }
+
+    /// The vision transformer, when the target is one.
+    pub fn vit(&self) -> Option<&Vit> {
+        match &self.network {
+            Network::Vit(v) => Some(v),
+            Network::ResNet(_) => None,
+        }
     }
 
     pub fn load(reference: &ModelRef, device: &Device) -> Result<Self, ModelError> {
         let files = reference.resolve("model.safetensors")?;
-        let (config, preprocess) = match &files.config {
-            Some(path) => {
-                (Some(ResNetConfig::from_json_file(path)?), preprocess_from_config(path)?)
+        let config = files.config.as_deref();
+        let from_config = config.map(preprocess_from_config).transpose()?.flatten();
+        let (network, preprocess) = match Architecture::read(&files.weights, config)? {
+            Architecture::ResNet(c) => (
+                Network::ResNet(ResNet::load(&files.weights, Some(c), device)?),
+                from_config.unwrap_or_else(Preprocess::imagenet),
+            ),
+            Architecture::Vit(c) => {
+                let preprocess = match from_config {
+                    Some(p) => p,
+                    None => c.default_preprocess(&files.weights)?,
+                };
+                (Network::Vit(Vit::load(&files.weights, c, device)?), preprocess)
             }
-            None => (None, Preprocess::imagenet()),
         };
-        let resnet = ResNet::load(&files.weights, config, device)?;
-        tracing::debug!(model = %reference, config = ?resnet.config(), "loaded target model");
-        Ok(Self { reference: reference.to_string(), resnet, preprocess, device: device.clone() })
+        tracing::debug!(model = %reference, architecture = ?network_kind(&network), ?preprocess, "loaded target model");
+        Ok(Self { reference: reference.to_string(), network, preprocess, device: device.clone() })
     }
 
-    /// Parses and checks a tap name against this model.
+    /// Parses a tap name and checks that this model has it.
     pub fn tap(&self, name: &str) -> Result<Tap, ModelError> {
-        name.parse()
+        self.architecture().tap(name)
     }
 
     pub fn tap_width(&self, tap: Tap) -> usize {
-        self.resnet.tap_width(tap)
+        match &self.network {
+            Network::ResNet(r) => r.tap_width(tap),
+            Network::Vit(v) => v.config().tap_width(tap),
+        }
     }
 
+    /// Runs a batch `(B, 3, H, W)` and returns each tap's output, in the order asked:
+    /// `(B, C, h, w)` maps for spatial taps (a ViT's patch-token grid), `(B, C)` vectors
+    /// for the others.
     pub fn forward_taps(&self, batch: &Tensor, taps: &[Tap]) -> Result<Vec<Tensor>, ModelError> {
-        self.resnet.forward_taps(batch, taps)
+        match &self.network {
+            Network::ResNet(r) => r.forward_taps(batch, taps),
+            Network::Vit(v) => v.forward_taps(batch, taps),
+        }
+    }
+
+    /// Like [`Self::forward_taps`], but every spatial tap gives the class token's value
+    /// `(B, C)` instead of the patch grid (pooling `cls`). Only a ViT with a class token
+    /// has one.
+    pub fn forward_class_tokens(
+        &self,
+        batch: &Tensor,
+        taps: &[Tap],
+    ) -> Result<Vec<Tensor>, ModelError> {
+        match &self.network {
+            Network::Vit(v) if v.config().class_token => v.forward_class_tokens(batch, taps),
+            _ => Err(ModelError::NoClassToken { model: self.reference.clone() }),
+        }
+    }
+}
+
+fn network_kind(network: &Network) -> &'static str {
+    match network {
+        Network::ResNet(_) => "resnet",
+        Network::Vit(_) => "vit",
     }
 }

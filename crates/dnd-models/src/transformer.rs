@@ -5,13 +5,16 @@ use candle_core::{D, DType, Module, Result, Tensor};
 use candle_nn::{LayerNorm, Linear, VarBuilder};
 
 /// Activation functions named as in Hugging Face configs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Activation {
     /// `x * sigmoid(1.702 x)` (OpenAI CLIP).
     QuickGelu,
     /// The exact (erf) GELU.
     Gelu,
+    /// The tanh approximation of GELU (`gelu_pytorch_tanh`, `gelu_new`; timm's `gelu_tanh`).
+    #[serde(alias = "gelu_pytorch_tanh", alias = "gelu_new")]
+    GeluTanh,
 }
 
 impl Activation {
@@ -19,6 +22,7 @@ impl Activation {
         match self {
             Activation::QuickGelu => x * candle_nn::ops::sigmoid(&(x * 1.702)?)?,
             Activation::Gelu => x.gelu_erf(),
+            Activation::GeluTanh => x.gelu(),
         }
     }
 }
@@ -59,6 +63,11 @@ impl SelfAttention {
             )
         };
         Ok(Self { q, k, v, out, heads })
+    }
+
+    /// From its four projections, e.g. the parts of a fused `qkv` of another layout.
+    pub fn from_parts(q: Linear, k: Linear, v: Linear, out: Linear, heads: usize) -> Self {
+        Self { q, k, v, out, heads }
     }
 
     /// `x: (B, T, D)`; `mask`: additive, broadcastable to `(B, heads, T, T)`.

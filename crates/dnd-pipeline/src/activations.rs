@@ -16,7 +16,7 @@ use crate::error::PipelineError;
 use crate::vector_cache::VectorCache;
 
 /// A tap's output pooled to `(B, C)` on its device: spatial maps by `pooling`, vectors as
-/// they are.
+/// they are. Pooling `cls` is no function of a map: [`forward_pooled`] asks the model.
 pub fn pool(output: &Tensor, pooling: Pooling) -> Result<Tensor, PipelineError> {
     if output.rank() != 4 {
         return Ok(output.clone());
@@ -25,17 +25,38 @@ pub fn pool(output: &Tensor, pooling: Pooling) -> Result<Tensor, PipelineError> 
     Ok(match pooling {
         Pooling::Mean => flat.mean(D::Minus1)?,
         Pooling::Max => flat.max(D::Minus1)?,
+        Pooling::Cls => {
+            return Err(PipelineError::Internal(
+                "pooling `cls` reads the class token, which a map does not hold".into(),
+            ));
+        }
     })
 }
 
-/// Pools each tap's output and copies it to the host, row-major.
+/// Each tap's output for the batch `x`, pooled to `(B, C)` on the model's device: the
+/// maps by mean or max, or the class token's value at the tap (`cls`, ViT targets).
+pub fn forward_pooled(
+    model: &TargetModel,
+    x: &Tensor,
+    taps: &[Tap],
+    pooling: Pooling,
+) -> Result<Vec<Tensor>, PipelineError> {
+    if pooling == Pooling::Cls {
+        return Ok(model.forward_class_tokens(x, taps)?);
+    }
+    model.forward_taps(x, taps)?.iter().map(|t| pool(t, pooling)).collect()
+}
+
+/// Each tap's pooled outputs (see [`forward_pooled`]) copied to the host, row-major.
 pub(crate) fn pooled_rows(
-    outputs: &[Tensor],
+    model: &TargetModel,
+    x: &Tensor,
+    taps: &[Tap],
     pooling: Pooling,
 ) -> Result<Vec<Vec<f32>>, PipelineError> {
-    outputs
+    forward_pooled(model, x, taps, pooling)?
         .iter()
-        .map(|t| Ok(pool(t, pooling)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?))
+        .map(|t| Ok(t.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?))
         .collect()
 }
 
@@ -58,8 +79,8 @@ pub fn pooled_activations(
             model.preprocess.std,
             &model.device,
         )?;
-        let out = model.forward_taps(&x, &[tap])?.remove(0);
-        rows.extend(pool(&out, pooling)?.to_device(&Device::Cpu)?.to_vec2::<f32>()?);
+        let out = forward_pooled(model, &x, &[tap], pooling)?.remove(0);
+        rows.extend(out.to_device(&Device::Cpu)?.to_vec2::<f32>()?);
     }
     Ok(rows)
 }

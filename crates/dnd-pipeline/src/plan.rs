@@ -71,7 +71,15 @@ impl JobPlan {
             .collect();
         let mut neuron_tasks = Vec::new();
         for layer in &layers {
-            let neurons = spec.target.neurons.resolve(&layer.name, layer.width)?;
+            // The selection is keyed by the layer as the job spells it: `encoder.layers.11`
+            // and `blocks.11` are one tap, planned under the second name.
+            let key = spec
+                .target
+                .layers
+                .iter()
+                .find(|n| target.tap(n).is_ok_and(|t| t == layer.tap))
+                .map_or(layer.name.as_str(), String::as_str);
+            let neurons = spec.target.neurons.resolve(key, layer.width)?;
             for (i, chunk) in neurons.chunks(spec.describe.neurons_per_task).enumerate() {
                 neuron_tasks.push(NeuronBatch {
                     id: TaskId::new(format!("{}-{i:05}", layer.name)),

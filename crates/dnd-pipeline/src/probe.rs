@@ -27,7 +27,8 @@ use crate::workbench::image_hash;
 /// What the probe stage computes; defaults are the method's.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ProbeConfig {
-    /// Taps to record, e.g. `layer3`, `layer4`, `fc`.
+    /// Taps to record, e.g. `layer3`, `layer4`, `fc` (ResNet) or `blocks.11`,
+    /// `blocks.11.mlp`, `norm`, `head` (ViT).
     pub layers: Vec<String>,
     /// Images kept per neuron.
     pub top_k: usize,
@@ -112,6 +113,16 @@ impl ProbeConfig {
         }
         if self.batch_size == 0 {
             return Err(CoreError::invalid("batch_size", "must be at least 1").into());
+        }
+        if self.pooling == Pooling::Cls && !model.has_class_token() {
+            return Err(CoreError::invalid(
+                "pooling",
+                format!(
+                    "`cls` reads a vision transformer's class token, and {} has none; use mean or max",
+                    model.reference
+                ),
+            )
+            .into());
         }
         let mut plans: Vec<LayerPlan> = Vec::new();
         for name in &self.layers {
@@ -309,7 +320,7 @@ async fn batch_rows(
             })?;
             let shape = (m, 3, height as usize, width as usize);
             let x = Tensor::from_vec(pixels, shape, &model.device)?;
-            pooled_rows(&model.forward_taps(&x, &taps)?, pooling)
+            pooled_rows(&model, &x, &taps, pooling)
         })
         .await??;
         for (l, flat) in computed.into_iter().enumerate() {
