@@ -251,7 +251,7 @@ async fn a_vit_dissection_runs_every_stage() {
     let descriptions: Vec<DescriptionRow> =
         batches_rows("d", &[table(out.path(), "vit", ResultTable::Descriptions).await]).unwrap();
     let mut described: Vec<(String, u32)> =
-        descriptions.iter().map(|d| (d.layer.clone(), d.neuron as u32)).collect();
+        descriptions.iter().map(|d| (d.layer.to_string(), d.neuron.to_u32())).collect();
     described.sort();
     let want: Vec<(String, u32)> =
         [("blocks.1", 0), ("blocks.1", 1), ("blocks.1", 2), ("head", 0), ("head", 1)]
