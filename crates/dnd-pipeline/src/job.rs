@@ -412,6 +412,39 @@ mod tests {
     }
 
     #[test]
+    fn the_presets_parse_and_validate() {
+        let presets = [
+            (
+                "resnet50-imagenet.toml",
+                include_str!("../../../docs/presets/resnet50-imagenet.toml"),
+            ),
+            (
+                "resnet18-places365.toml",
+                include_str!("../../../docs/presets/resnet18-places365.toml"),
+            ),
+            ("vit-b16-imagenet.toml", include_str!("../../../docs/presets/vit-b16-imagenet.toml")),
+        ];
+        for (name, toml) in presets {
+            let job = JobSpec::from_toml(toml, name).unwrap_or_else(|e| panic!("{name}: {e}"));
+            job.validate().unwrap_or_else(|e| panic!("{name}: {e}"));
+            for model in
+                [&job.target.model, &job.captioner.model, &job.generator.model, &job.embedder.model]
+            {
+                let pinned = model.rsplit_once('@').is_some_and(|(_, rev)| rev.len() == 40)
+                    || !model.starts_with("hf:");
+                assert!(pinned, "{name}: {model} is not pinned to a commit");
+            }
+        }
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/presets");
+        let on_disk = std::fs::read_dir(dir).unwrap().count();
+        assert_eq!(on_disk, presets.len(), "every file in docs/presets is checked here");
+        let docs = include_str!("../../../docs/job.md");
+        for (name, _) in presets {
+            assert!(docs.contains(name), "docs/job.md does not describe {name}");
+        }
+    }
+
+    #[test]
     fn errors_name_the_field() {
         let typo =
             JobSpec::from_toml(&JOB.replace("images_per_concept", "images_per_concpt"), "job.toml")
