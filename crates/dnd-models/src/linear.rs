@@ -5,7 +5,7 @@
 //! half of what MKL does on the same core (45 against 85 GFLOP per CPU-second, measured
 //! on the AMD EPYC of docs/benchmarks.md, 197x768 by 768x3072: a ViT-B/16 image's
 //! `fc1`). A vision transformer is almost nothing but such products, so this file has
-//! its own: the weight `W (n, k)` is stored as panels of [`NR`] output columns, each
+//! its own: the weight `W (n, k)` is stored as panels of `NR` output columns, each
 //! `(k, NR)` row-major (zero-padded past `n`), and a 12x32 tile of the output is held in
 //! 24 registers while the input's rows are broadcast against a panel, `k` times.
 //!

@@ -2,7 +2,7 @@
 //! people have: torchvision (`vit_b_16`, `vit_l_16`, ...), timm (`vit_*_patch16_*`, its
 //! CLIP towers and DINOv2 ports, register tokens), the Hugging Face CLIP image tower
 //! (`CLIPModel`, `CLIPVisionModel[WithProjection]`, OpenCLIP models in that format) and
-//! Hugging Face DINOv2 (with or without registers). [`layout`] maps each layout's tensor
+//! Hugging Face DINOv2 (with or without registers). `layout` maps each layout's tensor
 //! names onto one pre-norm transformer; the architecture is read off the tensor shapes,
 //! with config.json for what shapes cannot say (heads, activation).
 //!
