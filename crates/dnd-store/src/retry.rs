@@ -34,6 +34,11 @@ use object_store::{
 
 /// The message of the log line each retry writes; `dnd bench chaos` counts these lines.
 pub const RETRY_LOG: &str = "store call failed; retrying";
+/// The message of the log line of a call that failed on every attempt.
+pub const GAVE_UP_LOG: &str = "store call failed on every attempt; giving up";
+/// The message of the log line of a create-only put found, on retry, to be ours.
+pub const SETTLED_LOG: &str =
+    "a create-only write whose response was lost had been applied: the object is ours";
 
 /// How a failing store call is retried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,7 +138,7 @@ where
             Err(error) => {
                 if is_transient(&error) {
                     GAVE_UP.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(op, path = %path, attempts = attempt, %error, "store call failed on every attempt; giving up");
+                    tracing::warn!(op, path = %path, attempts = attempt, %error, "{GAVE_UP_LOG}");
                 }
                 return Err(error);
             }
@@ -152,7 +157,7 @@ pub async fn settle_create(
     let found = store.get(location).await?.bytes().await?;
     if found == expected {
         SETTLED.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(path = %location, "a create-only write whose response was lost had been applied: the object is ours");
+        tracing::info!(path = %location, "{SETTLED_LOG}");
         Ok(())
     } else {
         Err(Error::AlreadyExists {
@@ -363,6 +368,7 @@ fn retrying_list(
                     Some(Err(error)) => {
                         if is_transient(&error) {
                             GAVE_UP.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(op = "list", path = %prefix, attempts = s.failures + 1, %error, "{GAVE_UP_LOG}");
                         }
                         s.done = true;
                         return Some((Err(error), s));
