@@ -175,17 +175,10 @@ pub fn without_paths(batch: &arrow::record_batch::RecordBatch) -> arrow::record_
     batch.project(&keep).unwrap()
 }
 
-/// A table without what depends on how the run went rather than on the job: where files
-/// are (`uri`) and whether a value came from the cache (`cached`, `*_cached`: two workers
-/// may compute the same caption at once where one worker would reuse it).
+/// A table without what depends on how the run went rather than on the job
+/// ([`dnd_store::results::run_independent`]).
 pub fn results_only(batch: &arrow::record_batch::RecordBatch) -> arrow::record_batch::RecordBatch {
-    let keep: Vec<usize> = (0..batch.num_columns())
-        .filter(|&i| {
-            let name = batch.schema().field(i).name().clone();
-            name != "uri" && name != "cached" && !name.ends_with("_cached")
-        })
-        .collect();
-    batch.project(&keep).unwrap()
+    dnd_store::results::run_independent(batch)
 }
 
 /// A child process, killed when dropped so a failing test leaves nothing running.

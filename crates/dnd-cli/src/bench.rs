@@ -40,6 +40,12 @@ pub enum BenchCommand {
     /// tasks written to a store, then found with one listing (and, with --compare, one
     /// marker read per task, as before).
     Restart(crate::bench_restart::RestartArgs),
+    /// A real job under continuous failure: a coordinator and N worker processes on
+    /// loopback, one of them SIGKILLed and restarted every T seconds, every store call
+    /// failing at set rates. Checks every neuron is described once and every results
+    /// table equals a clean run's row for row; reports kills, faults, retries, wasted
+    /// task time and the makespan against the clean run.
+    Chaos(crate::bench_chaos::ChaosArgs),
 }
 
 #[derive(Args)]
@@ -71,6 +77,7 @@ pub async fn bench(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Report(args) => crate::report::bench(args).await,
         BenchCommand::Evaluate(args) => crate::bench_evaluate::evaluate_bench(args).await,
         BenchCommand::Restart(args) => crate::bench_restart::restart(args).await,
+        BenchCommand::Chaos(args) => crate::bench_chaos::chaos(args).await,
     }
 }
 

@@ -163,6 +163,43 @@ async fn terminated() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
+/// Declares the store's counters on `metrics` (docs/metrics.md); what brings them up to
+/// date before a scrape. They count this process's calls, whichever component made them.
+fn store_metrics(metrics: &dnd_metrics::Metrics) -> impl Fn() + Send + Sync + 'static {
+    use dnd_metrics::Kind;
+    metrics.describe(
+        "dnd_store_retries_total",
+        Kind::Counter,
+        "Store calls retried after a transient failure (one per retry).",
+    );
+    metrics.describe(
+        "dnd_store_gave_up_total",
+        Kind::Counter,
+        "Store calls that still failed after their last retry.",
+    );
+    metrics.describe(
+        "dnd_store_faults_injected_total",
+        Kind::Counter,
+        "Faults injected into store calls by kind (chaos tests with DND_STORE_FAULTS only).",
+    );
+    let metrics = metrics.clone();
+    move || {
+        let retries = dnd_store::retry::retry_counts();
+        metrics.set("dnd_store_retries_total", &[], retries.retries as f64);
+        metrics.set("dnd_store_gave_up_total", &[], retries.gave_up as f64);
+        if let Some(f) = dnd_store::faults::installed_counts() {
+            for (kind, n) in [
+                ("error", f.error),
+                ("timeout", f.timeout),
+                ("throttle", f.throttle),
+                ("after_apply", f.after_apply),
+            ] {
+                metrics.set("dnd_store_faults_injected_total", &[("kind", kind)], n as f64);
+            }
+        }
+    }
+}
+
 pub async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     let token =
         BearerToken::load(args.auth.token_file.as_deref()).map_err(|e| BadInput(e.to_string()))?;
@@ -185,7 +222,11 @@ pub async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     let metrics_addr = match &args.metrics_listen {
         Some(addr) => {
             let live = coordinator.clone();
-            let refresh = move || live.refresh_metrics();
+            let store_counts = store_metrics(coordinator.metrics());
+            let refresh = move || {
+                live.refresh_metrics();
+                store_counts();
+            };
             Some(
                 dnd_metrics::serve(coordinator.metrics().clone(), addr, refresh)
                     .await
@@ -219,10 +260,14 @@ pub async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     let worker = std::sync::Arc::new(Worker::new(config));
     if let Some(addr) = &args.metrics_listen {
         let live = worker.clone();
-        let bound =
-            dnd_metrics::serve(worker.metrics().clone(), addr, move || live.refresh_metrics())
-                .await
-                .map_err(|e| BadInput(format!("cannot serve metrics on {addr}: {e}")))?;
+        let store_counts = store_metrics(worker.metrics());
+        let refresh = move || {
+            live.refresh_metrics();
+            store_counts();
+        };
+        let bound = dnd_metrics::serve(worker.metrics().clone(), addr, refresh)
+            .await
+            .map_err(|e| BadInput(format!("cannot serve metrics on {addr}: {e}")))?;
         // Scripts and tests read the bound address from this line (ADDR may end in :0);
         // Rust's stdout is line-buffered, so it goes out at once.
         println!("metrics on http://{bound}/metrics");

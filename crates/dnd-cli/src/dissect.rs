@@ -83,7 +83,7 @@ pub struct DissectArgs {
     pub summary_json: Option<PathBuf>,
 }
 
-fn neuron_spec(flags: &[String]) -> Result<NeuronSpec, BadInput> {
+pub(crate) fn neuron_spec(flags: &[String]) -> Result<NeuronSpec, BadInput> {
     if let [single] = flags
         && !single.contains('=')
     {

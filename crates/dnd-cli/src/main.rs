@@ -5,9 +5,12 @@
 #![allow(rustdoc::invalid_html_tags, rustdoc::broken_intra_doc_links)]
 
 mod bench;
+mod bench_chaos;
 mod bench_evaluate;
 mod bench_restart;
 mod bench_scheduler;
+mod chaos_check;
+mod chaos_cluster;
 mod cluster;
 mod dissect;
 mod evaluate;
@@ -237,6 +240,10 @@ fn main() -> ExitCode {
         | Command::Cancel(_)
         | Command::List(_) => None,
     };
+    if let Err(e) = install_store_faults() {
+        eprintln!("error: {e}");
+        return ExitCode::from(EXIT_BAD_INPUT);
+    }
     if let Command::Synth(synth::SynthCommand::Train(args)) = &cli.command {
         synth::prepare_training_process(args);
     }
@@ -284,6 +291,18 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// Chaos testing only (`dnd bench chaos` sets it for its coordinator and workers): with
+/// `DND_STORE_FAULTS` set, every store this process opens fails a share of its calls.
+fn install_store_faults() -> Result<(), String> {
+    use dnd_store::faults::{FAULTS_ENV, FaultConfig, install};
+    let Some(text) = std::env::var_os(FAULTS_ENV) else { return Ok(()) };
+    let text = text.to_str().ok_or_else(|| format!("{FAULTS_ENV} is not UTF-8"))?;
+    if !text.trim().is_empty() {
+        install(text.parse::<FaultConfig>().map_err(|e| format!("{FAULTS_ENV}: {e}"))?);
+    }
+    Ok(())
 }
 
 /// A problem with something the user gave on the command line (a file, a value).

@@ -4,10 +4,12 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use dnd_core::NeuronId;
+use dnd_core::{NeuronId, TaskId};
 use dnd_store::results::{DescriptionRow, DescriptionStatus, NeuronErrorRow, ResultTable};
 use dnd_store::tables::{self, ErrorRow, TopKRow};
+use dnd_store::tasks::READS_IN_FLIGHT;
 use dnd_store::{CacheCounts, batches_rows, read_parquet, write_parquet};
+use futures::StreamExt;
 
 use crate::error::PipelineError;
 use crate::execute::{STATS_FILE, TaskStats};
@@ -164,14 +166,28 @@ pub async fn finish_job(
     let mut models = BTreeMap::new();
     let (mut probe_seconds, mut describe_seconds, mut described, mut tasks_failed) =
         (0.0, 0.0, 0usize, 0usize);
-    for task in plan.task_ids() {
-        let Some(attempt) = store.committed(task.as_str()).await? else { continue };
+    // Each task's marker and stats, read several at a time (as compaction reads).
+    let tasks: Vec<TaskId> = plan.task_ids().cloned().collect();
+    let store = &store;
+    let mut reads = futures::stream::iter(tasks)
+        .map(move |task| async move {
+            let Some(attempt) = store.committed(task.as_str()).await? else {
+                return Ok::<_, PipelineError>(None);
+            };
+            if attempt.starts_with(FAILED_ATTEMPT_PREFIX) {
+                return Ok(Some((task, attempt, None)));
+            }
+            let bytes = store.attempt_dir(task.as_str(), &attempt)?.get_opt(STATS_FILE).await?;
+            Ok(Some((task, attempt, bytes)))
+        })
+        .buffered(READS_IN_FLIGHT);
+    while let Some(read) = reads.next().await {
+        let Some((task, attempt, bytes)) = read? else { continue };
         if attempt.starts_with(FAILED_ATTEMPT_PREFIX) {
             tasks_failed += 1;
             continue;
         }
-        let dir = store.attempt_dir(task.as_str(), &attempt)?;
-        let Some(bytes) = dir.get_opt(STATS_FILE).await? else {
+        let Some(bytes) = bytes else {
             continue;
         };
         let stats: TaskStats = serde_json::from_slice(&bytes)

@@ -15,6 +15,8 @@ use object_store::{
 use url::Url;
 
 use crate::error::StoreError;
+use crate::faults;
+use crate::retry::{RetryPolicy, RetryStore};
 
 /// A directory-like place in an object store: the store and a prefix inside it.
 ///
@@ -22,6 +24,9 @@ use crate::error::StoreError;
 /// `memory:///`, `s3://bucket/prefix`, `gs://bucket/prefix`, `az://container/prefix`.
 /// Cloud credentials come from the environment, as each cloud's own tools read them
 /// (`AWS_*`, `GOOGLE_*`, `AZURE_*`).
+///
+/// Every call goes through a [`RetryStore`]: transient failures are retried with backoff
+/// (see [`crate::retry`]).
 #[derive(Clone)]
 pub struct Location {
     store: Arc<dyn ObjectStore>,
@@ -104,7 +109,12 @@ impl Location {
                 )));
             }
         };
-        Ok(Self { store, prefix, display: spec.trim_end_matches('/').to_string() })
+        Ok(Self::opened(store, prefix, spec.trim_end_matches('/')))
+    }
+
+    /// A store opened by name: with the process's injected faults, if any (chaos tests).
+    fn opened(store: Arc<dyn ObjectStore>, prefix: Path, display: &str) -> Self {
+        Self::from_store(faults::wrap_installed(store), prefix, display)
     }
 
     fn local_dir(path: &std::path::Path, create: bool) -> Result<Self, String> {
@@ -118,22 +128,31 @@ impl Location {
             });
         }
         let store = LocalFileSystem::new_with_prefix(path).map_err(|e| e.to_string())?;
-        Ok(Self {
-            store: Arc::new(store),
-            prefix: Path::default(),
-            display: path.display().to_string(),
-        })
+        Ok(Self::opened(Arc::new(store), Path::default(), &path.display().to_string()))
     }
 
-    /// A location over an existing store (tests, in-memory pipelines).
+    /// A location over an existing store (tests, in-memory pipelines), retried with the
+    /// default [`RetryPolicy`].
     pub fn from_store(
         store: Arc<dyn ObjectStore>,
         prefix: Path,
         display: impl Into<String>,
     ) -> Self {
+        Self::from_store_with_policy(store, prefix, display, RetryPolicy::default())
+    }
+
+    /// A location over an existing store, retried with `policy`.
+    pub fn from_store_with_policy(
+        store: Arc<dyn ObjectStore>,
+        prefix: Path,
+        display: impl Into<String>,
+        policy: RetryPolicy,
+    ) -> Self {
+        let store = Arc::new(RetryStore::new(store, policy));
         Self { store, prefix, display: display.into() }
     }
 
+    /// The store, with retries: what every call of this location goes through.
     pub fn store(&self) -> &Arc<dyn ObjectStore> {
         &self.store
     }
@@ -180,6 +199,8 @@ impl Location {
     }
 
     /// Writes only if nothing is there yet; `Ok(false)` when the object already exists.
+    /// A retry that finds the object this call wrote (its first response lost) counts as
+    /// written; one that finds another writer's is `Ok(false)`.
     pub async fn put_if_absent(&self, relative: &str, bytes: Bytes) -> Result<bool, StoreError> {
         let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
         match self.store.put_opts(&self.path(relative), PutPayload::from(bytes), opts).await {
@@ -214,8 +235,11 @@ impl Location {
     }
 
     pub async fn get_path(&self, path: &Path) -> Result<Bytes, StoreError> {
-        let err =
-            |e| StoreError::ObjectStore { location: format!("{}/{path}", self.display), source: e };
+        let shown = match self.relative(path) {
+            Some(relative) => self.display_path(&relative),
+            None => format!("{}/{path}", self.display),
+        };
+        let err = |e| StoreError::ObjectStore { location: shown.clone(), source: e };
         self.store.get(path).await.map_err(err)?.bytes().await.map_err(err)
     }
 

@@ -170,6 +170,21 @@ impl ResultTable {
     }
 }
 
+/// A results table without what depends on how the run went rather than on the job:
+/// where files are (`uri`, which names the store) and whether a value came from the cache
+/// (`cached`, `*_cached`: two workers may compute the same caption at once where one
+/// worker would reuse it). Two runs of one job, however they were scheduled, retried or
+/// interrupted, give equal tables once these columns are left out.
+pub fn run_independent(batch: &RecordBatch) -> RecordBatch {
+    let keep: Vec<usize> = (0..batch.num_columns())
+        .filter(|&i| {
+            let name = batch.schema_ref().field(i).name();
+            name != "uri" && name != "cached" && !name.ends_with("_cached")
+        })
+        .collect();
+    batch.project(&keep).expect("the kept columns are the batch's own")
+}
+
 /// A neuron's outcome, the `status` column of `descriptions`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -8,6 +8,7 @@
 use std::collections::{BTreeSet, HashMap};
 
 use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt, stream};
 
 use crate::error::StoreError;
 use crate::location::Location;
@@ -16,6 +17,12 @@ use crate::results::ResultTable;
 use crate::rows::read_parquet;
 
 const COMMIT_MARKER: &str = "_COMMITTED";
+
+/// Store reads in flight at once when a job reads every task's outputs (compaction, the
+/// summary). One after another, a store's latency (and, under failure, its timeouts and
+/// retries' backoff) adds up over thousands of tasks: a compaction a restarted
+/// coordinator cannot finish between two failures never finishes.
+pub const READS_IN_FLIGHT: usize = 32;
 
 /// Task and attempt names become object paths, so they are restricted to a safe alphabet.
 pub fn check_name(what: &str, name: &str) -> Result<(), StoreError> {
@@ -111,27 +118,42 @@ impl TaskStore {
 
     /// Concatenates the committed outputs of `tasks`, in that order, into
     /// `results/<table>.parquet` for every table. Fails if a task is not committed.
+    /// Reads go [`READS_IN_FLIGHT`] at a time; rows are written in task order.
     pub async fn compact(&self, tasks: &[String]) -> Result<Vec<String>, StoreError> {
-        let mut attempts = Vec::with_capacity(tasks.len());
-        for task in tasks {
-            let attempt = self.committed(task).await?.ok_or_else(|| StoreError::BadLocation {
-                location: self.job.display_path(&format!("tasks/{task}")),
-                reason:
-                    "the task has no committed output; run the job to completion before compacting"
-                        .into(),
-            })?;
-            attempts.push(self.attempt_dir(task, &attempt)?);
-        }
+        // Owned items: futures over borrowed ones are not `Send` for every lifetime, which
+        // a caller that spawns them needs.
+        let attempts: Vec<Location> = stream::iter(tasks.to_vec())
+            .map(|task| async move {
+                let attempt = self.committed(&task).await?.ok_or_else(|| StoreError::BadLocation {
+                    location: self.job.display_path(&format!("tasks/{task}")),
+                    reason:
+                        "the task has no committed output; run the job to completion before compacting"
+                            .into(),
+                })?;
+                self.attempt_dir(&task, &attempt)
+            })
+            .buffered(READS_IN_FLIGHT)
+            .try_collect()
+            .await?;
         let mut written = Vec::new();
         for table in ResultTable::ALL {
             let relative = format!("results/{}", table.file());
             let mut sink = ParquetSink::create(&self.job, &relative, table.schema())?;
-            for dir in &attempts {
-                // Attempts committed before the evaluation table existed have none.
-                if table == ResultTable::Evaluation && !dir.exists(&table.file()).await? {
-                    continue;
-                }
-                for batch in read_parquet(dir, &table.file()).await? {
+            let file = table.file();
+            let mut reads = stream::iter(attempts.clone())
+                .map(|dir| {
+                    let file = file.clone();
+                    async move {
+                        // Attempts committed before the evaluation table existed have none.
+                        if table == ResultTable::Evaluation && !dir.exists(&file).await? {
+                            return Ok(Vec::new());
+                        }
+                        read_parquet(&dir, &file).await
+                    }
+                })
+                .buffered(READS_IN_FLIGHT);
+            while let Some(batches) = reads.next().await {
+                for batch in batches? {
                     sink.write(&batch).await?;
                 }
             }
