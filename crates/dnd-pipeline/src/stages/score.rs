@@ -8,17 +8,16 @@ use std::sync::Arc;
 use candle_core::Device;
 use image::RgbImage;
 
-use dnd_core::scoring::{GeneratedImage, image_positions, mean_cosine, score_candidates};
-use dnd_core::{CandidateScore, NeuronId, Pooling, ScoringConfig};
-use dnd_models::Tap;
-
 use crate::activations::pooled_activations_cached;
 use crate::error::PipelineError;
+use crate::units::Readout;
 use crate::workbench::Workbench;
+use dnd_core::scoring::{GeneratedImage, image_positions, mean_cosine, score_candidates};
+use dnd_core::{CandidateScore, NeuronId, Pooling, ScoringConfig};
 
 /// What the models measured on a task's images.
 pub struct Measurements {
-    /// Per generated image (request order), the pooled activation of every channel.
+    /// Per generated image (request order), the pooled activation of every unit.
     pub activations: Vec<Vec<f32>>,
     dim: usize,
     /// Embedding of each distinct top image, by hash.
@@ -71,11 +70,12 @@ pub(crate) async fn embed(
         .await
 }
 
-/// Runs the target model on the generated images and the embedder on them and on the
-/// distinct top images (each with its hash), through the vector cache.
+/// Runs the target model on the generated images (the units of `readout`) and the
+/// embedder on them and on the distinct top images (each with its hash), through the
+/// vector cache.
 pub async fn measure(
     bench: &Workbench,
-    tap: Tap,
+    readout: &Readout,
     pooling: Pooling,
     batch: usize,
     top_images: &[(String, Arc<RgbImage>)],
@@ -85,7 +85,7 @@ pub async fn measure(
         bench.target_vectors(),
         &bench.target,
         generated,
-        tap,
+        readout,
         pooling,
         batch,
     )
