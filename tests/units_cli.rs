@@ -98,6 +98,15 @@ async fn sae_latents_are_described_and_dead_and_dense_ones_skipped() {
         evaluation.iter().filter(|e| e.layer == "layer4").all(|e| e.unit_kind == UnitKind::Sae)
     );
 
+    // The report shows what the neurons are.
+    let page = |name: &str| std::fs::read_to_string(dir.join("report/neurons").join(name)).unwrap();
+    let latent = page("layer4-0.html");
+    assert!(latent.contains("SAE latent 0") && latent.contains(&source), "{latent}");
+    assert!(page("layer4-1.html").contains("status-dead"));
+    assert!(page("fc-0.html").contains("neuron 0"));
+    let index = std::fs::read_to_string(dir.join("report/neurons.js")).unwrap();
+    assert!(index.contains("\"sae\"") && index.contains("\"channel\""), "{index}");
+
     let summary = dnd_tests::summary(out.path(), "sae");
     assert_eq!(
         (summary["neurons_dead"].as_u64(), summary["neurons_dense"].as_u64()),

@@ -40,6 +40,11 @@ pub enum BenchCommand {
     /// tasks written to a store, then found with one listing (and, with --compare, one
     /// marker read per task, as before).
     Restart(crate::bench_restart::RestartArgs),
+    /// What a whole dictionary costs the coordinator: a synthetic SAE of N latents (default
+    /// 100k) planned as a real job, scheduled on simulated workers, its tasks' tables
+    /// written with made-up rows and compacted. Reports plan time and size, coordinator
+    /// memory, compaction time and results size.
+    Units(crate::bench_units::UnitsArgs),
 }
 
 #[derive(Args)]
@@ -71,6 +76,7 @@ pub async fn bench(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Report(args) => crate::report::bench(args).await,
         BenchCommand::Evaluate(args) => crate::bench_evaluate::evaluate_bench(args).await,
         BenchCommand::Restart(args) => crate::bench_restart::restart(args).await,
+        BenchCommand::Units(args) => crate::bench_units::units(args).await,
     }
 }
 

@@ -8,6 +8,7 @@ mod bench;
 mod bench_evaluate;
 mod bench_restart;
 mod bench_scheduler;
+mod bench_units;
 mod cluster;
 mod dissect;
 mod evaluate;

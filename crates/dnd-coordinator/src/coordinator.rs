@@ -296,7 +296,6 @@ impl Coordinator {
         name: &str,
         tasks: usize,
     ) -> Result<Submitted, CoordinatorError> {
-        let dir = self.job_dir(name)?;
         let plan = JobPlan {
             job: JobName::new(name),
             probe_images: String::new(),
@@ -311,7 +310,21 @@ impl Coordinator {
                 })
                 .collect(),
         };
+        self.submit_simulated_plan(name, plan)
+    }
+
+    /// A planned job whose neuron tasks only commit markers (its probe tasks are dropped
+    /// and its probe taken as merged), for `dnd bench units`: what the coordinator holds
+    /// and does for a plan of that size, and nothing else.
+    pub fn submit_simulated_plan(
+        self: &Arc<Self>,
+        name: &str,
+        mut plan: JobPlan,
+    ) -> Result<Submitted, CoordinatorError> {
+        let dir = self.job_dir(name)?;
+        plan.probe_tasks.clear();
         let defs = plan.tasks();
+        let tasks = defs.len();
         let run = JobRun {
             plan: Arc::new(plan),
             dir,

@@ -1,0 +1,385 @@
+//! `dnd bench units`: what a whole dictionary costs the coordinator. A synthetic SAE of N
+//! latents on a layer of the target is planned as a real job is (`JobPlan::make`), the
+//! plan is submitted to a coordinator whose simulated workers (gRPC clients on loopback,
+//! as `dnd bench scheduler`'s) commit every task's marker, and then every task's results
+//! tables are written with made-up rows of the method's default sizes and compacted as
+//! `finish_job` does. Reports the plan's time and size, the coordinator's memory for the
+//! job, the scheduling makespan, the compaction's time and the results' size.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use serde::Serialize;
+use tokio::net::TcpListener;
+
+use dnd_coordinator::{Coordinator, Phase, Settings};
+use dnd_core::{Activation, NeuronId, UnitKind};
+use dnd_models::ModelRef;
+use dnd_models::dictionary::DictionaryInfo;
+use dnd_models::target::TargetShape;
+use dnd_pipeline::execute::write_task;
+use dnd_pipeline::job::UnitSource;
+use dnd_pipeline::plan::{JobPlan, NeuronBatch};
+use dnd_pipeline::{JobSpec, ProbeImages, TaskTables};
+use dnd_proto::{BearerToken, ClientConfig, ServerConfig};
+use dnd_store::results::{
+    CandidateRow, CaptionRow, DescriptionRow, DescriptionStatus, ExchangeRow, ImageRow, ScoreRow,
+};
+use dnd_store::{Location, TaskStore};
+
+use crate::bench_scheduler::simulated_worker;
+
+#[derive(Args)]
+pub struct UnitsArgs {
+    /// Units of the synthetic dictionary.
+    #[arg(long, default_value_t = 100_000)]
+    units: usize,
+    /// Units per neuron task (the job file's describe.neurons_per_task).
+    #[arg(long, default_value_t = 8)]
+    neurons_per_task: usize,
+    /// The target model whose layer the dictionary reads.
+    #[arg(long, default_value = "tests/fixtures/models/tiny_resnet")]
+    model: String,
+    #[arg(long, default_value = "layer4")]
+    layer: String,
+    /// Probe images listed for the plan (empty files in a temporary directory).
+    #[arg(long, default_value_t = 1000)]
+    images: usize,
+    /// Simulated workers.
+    #[arg(long, default_value_t = 16)]
+    workers: usize,
+    /// Share of units described in full; the rest are dead or dense (a description row
+    /// each), as an SAE's are.
+    #[arg(long, default_value_t = 0.7)]
+    described: f64,
+    /// Also write the numbers as JSON.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+}
+
+#[derive(Debug, Serialize)]
+struct UnitsReport {
+    units: usize,
+    neuron_tasks: usize,
+    plan_seconds: f64,
+    plan_json_bytes: usize,
+    /// Resident memory the process gained from before planning to after the coordinator
+    /// took the job (the plan, the scheduler's task table, the job's run state).
+    coordinator_rss_mib: f64,
+    /// Leasing, committing and completing every task on `workers` simulated workers.
+    schedule_seconds: f64,
+    rows_written: usize,
+    /// Writing every task's tables (the workers' share, serial here).
+    write_tasks_seconds: f64,
+    /// `TaskStore::compact`: every task's tables into results/*.parquet.
+    compact_seconds: f64,
+    results_bytes: u64,
+    results_bytes_per_unit: f64,
+}
+
+/// Resident set size of this process in MiB (VmRSS), 0 where unknown.
+fn rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+            line.split_whitespace().nth(1)?.parse::<f64>().ok()
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+/// A dictionary that exists only in the plan: its header facts, no file.
+fn synthetic_dictionary(units: usize, d_in: usize) -> DictionaryInfo {
+    DictionaryInfo {
+        kind: UnitKind::Sae,
+        weights: PathBuf::from("synthetic/sae_weights.safetensors"),
+        config: None,
+        d_in,
+        units,
+        activation: Activation::TopK { k: 32 },
+        centre: true,
+        identity: "blake3:5e5e5e5e5e5e5e5e".into(),
+        names: Vec::new(),
+    }
+}
+
+/// Made-up rows for a task's units, of the default method's sizes: 10 top images (5
+/// originals, 5 crops) captioned, 16 summariser exchanges, 5 candidates of 10 generated
+/// images each; a skipped unit has its description row only.
+fn task_tables(task: &NeuronBatch, described: f64, source: &str) -> TaskTables {
+    let mut t = TaskTables::default();
+    let key = |n: NeuronId| (task.layer.clone(), n, UnitKind::Sae, Some(source.to_string()));
+    for &n in &task.neurons {
+        let (layer, neuron, unit_kind, unit_source) = key(n);
+        let full = (n.index() % 1000) as f64 / 1000.0 < described;
+        let label = |c: usize| format!("concept {} of unit {}", c, n.index());
+        t.descriptions.push(DescriptionRow {
+            layer: layer.clone(),
+            neuron,
+            unit_kind,
+            unit_source: unit_source.clone(),
+            status: if full { DescriptionStatus::Ok } else { DescriptionStatus::Dead },
+            label: full.then(|| label(0)),
+            score: full.then_some(4.2),
+            label_2: full.then(|| label(1)),
+            score_2: full.then_some(3.1),
+            label_3: full.then(|| label(2)),
+            score_3: full.then_some(2.0),
+            candidates: if full { 5 } else { 0 },
+            top_images: if full { 10 } else { 0 },
+            captions_cached: 0,
+            captions_total: if full { 10 } else { 0 },
+            replies_cached: 0,
+            replies_total: if full { 16 } else { 0 },
+            images_cached: 0,
+            images_total: if full { 50 } else { 0 },
+            error: None,
+            task: task.id.to_string(),
+        });
+        if !full {
+            continue;
+        }
+        let hash = |i: usize| format!("{:064x}", (n.index() as u128) << 16 | i as u128);
+        for c in 0..5 {
+            t.candidates.push(CandidateRow {
+                layer: layer.clone(),
+                neuron,
+                unit_kind,
+                unit_source: unit_source.clone(),
+                candidate: c as i32,
+                concept: label(c),
+                prompt: format!("One realistic image of {}", label(c)),
+                images: 10,
+                final_rank: c as i32,
+                selected: c < 3,
+            });
+            t.scores.push(ScoreRow {
+                layer: layer.clone(),
+                neuron,
+                unit_kind,
+                unit_source: unit_source.clone(),
+                candidate: c as i32,
+                concept: label(c),
+                topk_sq_mean: Some(1.5),
+                mean: Some(1.0),
+                median: Some(0.9),
+                sq_mean: Some(1.2),
+                rank_score: "topk-sq-mean".into(),
+                rank_order: c as i32,
+                similarity: 0.8,
+                final_score: 5.0 - c as f64,
+                final_rank: c as i32,
+            });
+        }
+        for i in 0..10 {
+            t.captions.push(CaptionRow {
+                layer: layer.clone(),
+                neuron,
+                unit_kind,
+                unit_source: unit_source.clone(),
+                image_rank: i as i32,
+                image_hash: hash(i),
+                caption: format!("a photo of something number {i}"),
+                simplified: Some(format!("thing {i}")),
+                captioner: "blip#blake3:0123456789abcdef".into(),
+                cached: false,
+            });
+        }
+        for i in 0..60 {
+            let generated = i >= 10;
+            t.images.push(ImageRow {
+                layer: layer.clone(),
+                neuron,
+                unit_kind,
+                unit_source: unit_source.clone(),
+                kind: if generated {
+                    "generated"
+                } else if i < 5 {
+                    "original"
+                } else {
+                    "crop"
+                }
+                .into(),
+                rank: i as i32,
+                activation: 1.0 / (1 + i) as f32,
+                top: i < 10,
+                image_id: (!generated).then(|| format!("images/{:07}.jpg", i * 7919 % 1_000_000)),
+                crop_index: (5..10).contains(&i).then_some(0),
+                canvas_size: (5..10).contains(&i).then_some(375),
+                x0: None,
+                y0: None,
+                x1: None,
+                y1: None,
+                candidate: generated.then_some(((i - 10) / 10) as i32),
+                concept: generated.then(|| label((i - 10) / 10)),
+                seed: generated.then_some(((i - 10) % 10) as i64),
+                similarity: generated.then_some(0.7),
+                uri: format!("cache/images/{}.png", hash(i)),
+                image_hash: hash(i),
+                cached: false,
+            });
+        }
+        for seq in 0..16 {
+            t.exchanges.push(ExchangeRow {
+                layer: layer.clone(),
+                neuron,
+                unit_kind,
+                unit_source: unit_source.clone(),
+                seq,
+                step: if seq < 10 { "simplify" } else { "summarize" }.into(),
+                backend: "consensus".into(),
+                model: "consensus".into(),
+                prompt_version: "1".into(),
+                request: format!("Simplify: a photo of something number {seq}"),
+                reply: format!("thing {seq}"),
+                answer: Some(format!("thing {seq}")),
+                error: None,
+                cached: false,
+            });
+        }
+    }
+    t
+}
+
+fn rows(t: &TaskTables) -> usize {
+    t.descriptions.len()
+        + t.candidates.len()
+        + t.scores.len()
+        + t.captions.len()
+        + t.images.len()
+        + t.exchanges.len()
+}
+
+/// Plans the synthetic dictionary's job: the spec and the probe listing a real one has.
+async fn plan(args: &UnitsArgs) -> anyhow::Result<(JobPlan, tempfile::TempDir)> {
+    let reference: ModelRef = args.model.parse()?;
+    let shape = TargetShape::read(&reference)?;
+    let tap = shape.tap(&args.layer)?;
+    let mut spec = JobSpec::default();
+    spec.target.model = args.model.clone();
+    spec.target.layers = vec![args.layer.clone()];
+    spec.target
+        .units
+        .insert(args.layer.clone(), UnitSource { kind: UnitKind::Sae, source: "synthetic".into() });
+    spec.describe.neurons_per_task = args.neurons_per_task;
+    let probe = tempfile::tempdir()?;
+    for i in 0..args.images {
+        std::fs::write(probe.path().join(format!("{i:07}.jpg")), b"")?;
+    }
+    let images = ProbeImages::discover(&probe.path().display().to_string()).await?;
+    let units = BTreeMap::from([(tap, synthetic_dictionary(args.units, shape.tap_width(tap)))]);
+    Ok((JobPlan::make(&spec, &shape, &units, &images)?, probe))
+}
+
+pub async fn units(args: UnitsArgs) -> anyhow::Result<()> {
+    let before = rss_mib();
+    let started = Instant::now();
+    let (plan, _probe) = plan(&args).await?;
+    let plan_seconds = started.elapsed().as_secs_f64();
+    let plan_json_bytes = serde_json::to_vec(&plan)?.len();
+    let neuron_tasks = plan.neuron_tasks.clone();
+
+    let store = Location::create("memory:///")?;
+    let settings = Settings {
+        lease: Duration::from_secs(60),
+        heartbeat: Duration::from_secs(20),
+        max_attempts: 3,
+        resume_unfinished: false,
+    };
+    let coordinator = Coordinator::open(store.clone(), settings).await?;
+    let job = "bench-units";
+    coordinator.submit_simulated_plan(job, plan)?;
+    let coordinator_rss_mib = rss_mib() - before;
+
+    let token = BearerToken::random();
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let served = dnd_coordinator::serve(
+        coordinator.clone(),
+        listener,
+        token.clone(),
+        &ServerConfig::default(),
+        async move {
+            let _ = stopped.await;
+        },
+    )
+    .await?;
+    let client = ClientConfig { url: format!("http://{}", served.addr), token, tls_ca: None };
+    let scheduling = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..args.workers {
+        let channel = client.connect().await?;
+        workers.push(tokio::spawn(simulated_worker(channel, store.clone(), Duration::ZERO)));
+    }
+    loop {
+        match coordinator.view(job).map(|v| v.phase) {
+            Some(Phase::Succeeded) => break,
+            Some(Phase::Failed | Phase::Cancelled) | None => {
+                anyhow::bail!("the benchmark job did not succeed")
+            }
+            _ => tokio::time::sleep(Duration::from_millis(2)).await,
+        }
+    }
+    let schedule_seconds = scheduling.elapsed().as_secs_f64();
+    for w in workers {
+        w.await??;
+    }
+    let _ = stop.send(());
+
+    // Every task's tables, committed as a worker's attempt, then compacted.
+    let tasks = TaskStore::new(store.join("jobs/bench-units-results"));
+    let source = synthetic_dictionary(0, 0).identity;
+    let writing = Instant::now();
+    let mut rows_written = 0;
+    for task in &neuron_tasks {
+        let tables = task_tables(task, args.described, &source);
+        rows_written += rows(&tables);
+        let dir = tasks.attempt_dir(task.id.as_str(), "a1")?;
+        write_task(&dir, &tables).await?;
+        tasks.commit(task.id.as_str(), "a1").await?;
+    }
+    let write_tasks_seconds = writing.elapsed().as_secs_f64();
+    let compacting = Instant::now();
+    let ids: Vec<String> = neuron_tasks.iter().map(|t| t.id.to_string()).collect();
+    let written = tasks.compact(&ids).await?;
+    let compact_seconds = compacting.elapsed().as_secs_f64();
+    let job_dir = store.join("jobs/bench-units-results");
+    let mut results_bytes = 0;
+    for relative in &written {
+        results_bytes += job_dir.get(relative).await?.len() as u64;
+    }
+    let report = UnitsReport {
+        units: args.units,
+        neuron_tasks: neuron_tasks.len(),
+        plan_seconds,
+        plan_json_bytes,
+        coordinator_rss_mib,
+        schedule_seconds,
+        rows_written,
+        write_tasks_seconds,
+        compact_seconds,
+        results_bytes,
+        results_bytes_per_unit: results_bytes as f64 / args.units.max(1) as f64,
+    };
+    println!(
+        "{} units in {} tasks: plan {:.2} s ({:.1} MB as plan.json); coordinator +{:.1} MiB resident; scheduled on {} workers in {:.1} s; {} rows written in {:.1} s, compacted in {:.1} s to {:.1} MB of results ({:.0} bytes per unit)",
+        report.units,
+        report.neuron_tasks,
+        report.plan_seconds,
+        report.plan_json_bytes as f64 / 1e6,
+        report.coordinator_rss_mib,
+        args.workers,
+        report.schedule_seconds,
+        report.rows_written,
+        report.write_tasks_seconds,
+        report.compact_seconds,
+        report.results_bytes as f64 / 1e6,
+        report.results_bytes_per_unit
+    );
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
+    }
+    Ok(())
+}
