@@ -107,6 +107,8 @@ async fn sae_latents_are_described_and_dead_and_dense_ones_skipped() {
     let index = std::fs::read_to_string(dir.join("report/neurons.js")).unwrap();
     assert!(index.contains("\"sae\"") && index.contains("\"channel\""), "{index}");
 
+    dnd_tests::python_readers(&[std::ffi::OsStr::new("--results"), dir.as_os_str()]);
+
     let summary = dnd_tests::summary(out.path(), "sae");
     assert_eq!(
         (summary["neurons_dead"].as_u64(), summary["neurons_dense"].as_u64()),

@@ -65,8 +65,9 @@ struct UnitsReport {
     neuron_tasks: usize,
     plan_seconds: f64,
     plan_json_bytes: usize,
-    /// Resident memory the process gained from before planning to after the coordinator
-    /// took the job (the plan, the scheduler's task table, the job's run state).
+    /// Resident memory a running coordinator gained from planning the job and taking it
+    /// (the plan, the scheduler's task table, the job's run state; a copy of the task list
+    /// the bench keeps for later is included, so this is an upper bound).
     coordinator_rss_mib: f64,
     /// Leasing, committing and completing every task on `workers` simulated workers.
     schedule_seconds: f64,
@@ -105,6 +106,31 @@ fn synthetic_dictionary(units: usize, d_in: usize) -> DictionaryInfo {
     }
 }
 
+/// A well-mixed 64-bit value of `x` (SplitMix64's finaliser): made-up hashes and word
+/// choices that compress as real ones do.
+fn mix(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+const WORDS: [&str; 48] = [
+    "a", "photo", "of", "red", "blue", "green", "dog", "cat", "car", "tree", "house", "sky",
+    "striped", "dotted", "round", "square", "small", "large", "on", "the", "grass", "road",
+    "water", "building", "person", "holding", "yellow", "white", "black", "bird", "flower",
+    "window", "wooden", "metal", "table", "with", "and", "near", "bright", "dark", "pattern",
+    "texture", "fur", "leaves", "wheel", "face", "boat", "cloud",
+];
+
+/// `n` words chosen by `seed`.
+fn words(seed: u64, n: usize) -> String {
+    (0..n)
+        .map(|i| WORDS[(mix(seed ^ (i as u64) << 40) % 48) as usize])
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// Made-up rows for a task's units, of the default method's sizes: 10 top images (5
 /// originals, 5 crops) captioned, 16 summariser exchanges, 5 candidates of 10 generated
 /// images each; a skipped unit has its description row only.
@@ -114,7 +140,9 @@ fn task_tables(task: &NeuronBatch, described: f64, source: &str) -> TaskTables {
     for &n in &task.neurons {
         let (layer, neuron, unit_kind, unit_source) = key(n);
         let full = (n.index() % 1000) as f64 / 1000.0 < described;
-        let label = |c: usize| format!("concept {} of unit {}", c, n.index());
+        let unit = n.index() as u64;
+        let real = |x: u64| (mix(unit << 24 ^ x) % 1_000_000) as f64 / 1e6;
+        let label = |c: usize| words(unit << 8 | c as u64, 2);
         t.descriptions.push(DescriptionRow {
             layer: layer.clone(),
             neuron,
@@ -122,11 +150,11 @@ fn task_tables(task: &NeuronBatch, described: f64, source: &str) -> TaskTables {
             unit_source: unit_source.clone(),
             status: if full { DescriptionStatus::Ok } else { DescriptionStatus::Dead },
             label: full.then(|| label(0)),
-            score: full.then_some(4.2),
+            score: full.then(|| 5.0 + real(0)),
             label_2: full.then(|| label(1)),
-            score_2: full.then_some(3.1),
+            score_2: full.then(|| 4.0 + real(1)),
             label_3: full.then(|| label(2)),
-            score_3: full.then_some(2.0),
+            score_3: full.then(|| 3.0 + real(2)),
             candidates: if full { 5 } else { 0 },
             top_images: if full { 10 } else { 0 },
             captions_cached: 0,
@@ -141,7 +169,10 @@ fn task_tables(task: &NeuronBatch, described: f64, source: &str) -> TaskTables {
         if !full {
             continue;
         }
-        let hash = |i: usize| format!("{:064x}", (n.index() as u128) << 16 | i as u128);
+        let hash = |i: usize| {
+            let x = unit << 16 | i as u64;
+            format!("{:016x}{:016x}{:016x}{:016x}", mix(x), mix(x + 1), mix(x + 2), mix(x + 3))
+        };
         for c in 0..5 {
             t.candidates.push(CandidateRow {
                 layer: layer.clone(),
@@ -162,14 +193,14 @@ fn task_tables(task: &NeuronBatch, described: f64, source: &str) -> TaskTables {
                 unit_source: unit_source.clone(),
                 candidate: c as i32,
                 concept: label(c),
-                topk_sq_mean: Some(1.5),
-                mean: Some(1.0),
-                median: Some(0.9),
-                sq_mean: Some(1.2),
+                topk_sq_mean: Some(real(c as u64 * 8)),
+                mean: Some(real(c as u64 * 8 + 1)),
+                median: Some(real(c as u64 * 8 + 2)),
+                sq_mean: Some(real(c as u64 * 8 + 3)),
                 rank_score: "topk-sq-mean".into(),
                 rank_order: c as i32,
-                similarity: 0.8,
-                final_score: 5.0 - c as f64,
+                similarity: real(c as u64 * 8 + 4),
+                final_score: 5.0 - c as f64 + real(c as u64 * 8 + 5),
                 final_rank: c as i32,
             });
         }
@@ -181,8 +212,8 @@ fn task_tables(task: &NeuronBatch, described: f64, source: &str) -> TaskTables {
                 unit_source: unit_source.clone(),
                 image_rank: i as i32,
                 image_hash: hash(i),
-                caption: format!("a photo of something number {i}"),
-                simplified: Some(format!("thing {i}")),
+                caption: words(unit << 20 | i as u64, 9),
+                simplified: Some(words(unit << 20 | i as u64, 2)),
                 captioner: "blip#blake3:0123456789abcdef".into(),
                 cached: false,
             });
@@ -203,20 +234,21 @@ fn task_tables(task: &NeuronBatch, described: f64, source: &str) -> TaskTables {
                 }
                 .into(),
                 rank: i as i32,
-                activation: 1.0 / (1 + i) as f32,
+                activation: (mix(unit << 8 | i as u64) % 10_000) as f32 / 1000.0,
                 top: i < 10,
-                image_id: (!generated).then(|| format!("images/{:07}.jpg", i * 7919 % 1_000_000)),
+                image_id: (!generated)
+                    .then(|| format!("images/{:07}.jpg", mix(unit << 8 | i as u64) % 1_000_000)),
                 crop_index: (5..10).contains(&i).then_some(0),
                 canvas_size: (5..10).contains(&i).then_some(375),
                 x0: None,
                 y0: None,
                 x1: None,
                 y1: None,
-                candidate: generated.then_some(((i - 10) / 10) as i32),
+                candidate: generated.then(|| ((i - 10) / 10) as i32),
                 concept: generated.then(|| label((i - 10) / 10)),
-                seed: generated.then_some(((i - 10) % 10) as i64),
-                similarity: generated.then_some(0.7),
-                uri: format!("cache/images/{}.png", hash(i)),
+                seed: generated.then(|| ((i - 10) % 10) as i64),
+                similarity: generated.then(|| real(1000 + i as u64) as f32),
+                uri: format!("out/cache/images/{}/{}.png", &hash(i)[..2], hash(i)),
                 image_hash: hash(i),
                 cached: false,
             });
@@ -232,9 +264,9 @@ fn task_tables(task: &NeuronBatch, described: f64, source: &str) -> TaskTables {
                 backend: "consensus".into(),
                 model: "consensus".into(),
                 prompt_version: "1".into(),
-                request: format!("Simplify: a photo of something number {seq}"),
-                reply: format!("thing {seq}"),
-                answer: Some(format!("thing {seq}")),
+                request: format!("Simplify: {}", words(unit << 20 | seq as u64, 9)),
+                reply: words(unit << 20 | seq as u64, 2),
+                answer: Some(words(unit << 20 | seq as u64, 2)),
                 error: None,
                 cached: false,
             });
@@ -274,13 +306,6 @@ async fn plan(args: &UnitsArgs) -> anyhow::Result<(JobPlan, tempfile::TempDir)> 
 }
 
 pub async fn units(args: UnitsArgs) -> anyhow::Result<()> {
-    let before = rss_mib();
-    let started = Instant::now();
-    let (plan, _probe) = plan(&args).await?;
-    let plan_seconds = started.elapsed().as_secs_f64();
-    let plan_json_bytes = serde_json::to_vec(&plan)?.len();
-    let neuron_tasks = plan.neuron_tasks.clone();
-
     let store = Location::create("memory:///")?;
     let settings = Settings {
         lease: Duration::from_secs(60),
@@ -289,6 +314,13 @@ pub async fn units(args: UnitsArgs) -> anyhow::Result<()> {
         resume_unfinished: false,
     };
     let coordinator = Coordinator::open(store.clone(), settings).await?;
+    // What the job adds to a running coordinator: its plan and its scheduling state.
+    let before = rss_mib();
+    let started = Instant::now();
+    let (plan, _probe) = plan(&args).await?;
+    let plan_seconds = started.elapsed().as_secs_f64();
+    let plan_json_bytes = serde_json::to_vec(&plan)?.len();
+    let neuron_tasks = plan.neuron_tasks.clone();
     let job = "bench-units";
     coordinator.submit_simulated_plan(job, plan)?;
     let coordinator_rss_mib = rss_mib() - before;
@@ -364,7 +396,7 @@ pub async fn units(args: UnitsArgs) -> anyhow::Result<()> {
         results_bytes_per_unit: results_bytes as f64 / args.units.max(1) as f64,
     };
     println!(
-        "{} units in {} tasks: plan {:.2} s ({:.1} MB as plan.json); coordinator +{:.1} MiB resident; scheduled on {} workers in {:.1} s; {} rows written in {:.1} s, compacted in {:.1} s to {:.1} MB of results ({:.0} bytes per unit)",
+        "{} units in {} tasks: plan {:.2} s ({:.2} MB as plan.json); coordinator +{:.1} MiB resident; scheduled on {} workers in {:.1} s; {} rows written in {:.1} s, compacted in {:.1} s to {:.2} MB of results ({:.0} bytes per unit)",
         report.units,
         report.neuron_tasks,
         report.plan_seconds,

@@ -159,7 +159,7 @@ pub async fn dissect(args: DissectArgs) -> anyhow::Result<()> {
 
     // A model that knows what its neurons mean (the synthetic zoo's planted.json) gets a
     // ground-truth column.
-    let truth = crate::report::ground_truth(Some(&spec.target.model));
+    let truth = crate::report::ground_truth(&spec);
     let rows: Vec<[String; 5]> = outcome
         .descriptions
         .iter()

@@ -247,7 +247,7 @@ impl JobContext {
                 let neuron_task = NeuronTask {
                     id: task.id.clone(),
                     layer: layer.clone(),
-                    readout,
+                    readout: readout.select(&described),
                     neurons: described,
                 };
                 let mut tables = if neuron_task.neurons.is_empty() {

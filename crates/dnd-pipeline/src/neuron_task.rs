@@ -204,7 +204,7 @@ pub async fn run_neuron_task(
     for (k, (list, l)) in evidence.iter().zip(&labelling).enumerate() {
         let references = measured.references(top_hashes[k].iter().copied());
         let mut scored = score_neuron(
-            task.neurons[k],
+            task.readout.column(task.neurons[k]),
             &concept_requests[k],
             &measured,
             &references,
@@ -327,8 +327,9 @@ impl Stage3<'_> {
             .zip(self.top_hashes)
             .map(|((lists, &neuron), hashes)| {
                 let references = round.measured.references(hashes.iter().copied());
+                let column = self.task.readout.column(neuron);
                 let scored =
-                    score_neuron(neuron, lists, &round.measured, &references, &self.spec.scoring);
+                    score_neuron(column, lists, &round.measured, &references, &self.spec.scoring);
                 keep(&scored.candidates)
             })
             .collect()

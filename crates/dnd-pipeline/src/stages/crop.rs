@@ -161,7 +161,7 @@ async fn neuron_maps(
     for (k, list) in input.top.iter().enumerate() {
         for s in list {
             if let Some(&i) = slot.get(&s.image) {
-                needs.insert((i, input.neurons[k].index()));
+                needs.insert((i, input.readout.column(input.neurons[k])));
             }
         }
     }
@@ -231,7 +231,7 @@ pub async fn neuron_crops(input: &CropInputs<'_>) -> Result<Vec<Vec<Evidence>>, 
     let maps = neuron_maps(input, &order, &slot, &canvases).await?;
     let mut crops: Vec<(usize, Evidence)> = Vec::new();
     for (k, list) in input.top.iter().enumerate() {
-        let neuron = input.neurons[k].index();
+        let neuron = input.readout.column(input.neurons[k]);
         for s in list {
             let Some(&i) = slot.get(&s.image) else { continue };
             let map = &maps[&(i, neuron)];
@@ -266,7 +266,7 @@ pub async fn neuron_crops(input: &CropInputs<'_>) -> Result<Vec<Vec<Evidence>>, 
     )
     .await?;
     for ((k, mut e), row) in crops.into_iter().zip(pooled) {
-        e.activation = row[input.neurons[k].index()];
+        e.activation = row[input.readout.column(input.neurons[k])];
         input.job.put_if_absent(&crop_path(&e.hash), encode_png(&e.image)).await?;
         per_neuron[k].push(e);
     }

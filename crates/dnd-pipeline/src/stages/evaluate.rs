@@ -144,7 +144,7 @@ pub async fn evaluate_labels(
         let activations = probe.neuron(l.neuron);
         let predicted = probe.predicted(&texts[k]);
         let on_generated: Vec<f64> =
-            generated[k].iter().map(|a| f64::from(a[l.neuron.index()])).collect();
+            generated[k].iter().map(|a| f64::from(a[readout.column(l.neuron)])).collect();
         let evidence = LabelEvidence {
             activations: &activations,
             predicted: &predicted,

@@ -13,7 +13,7 @@ use crate::error::PipelineError;
 use crate::units::Readout;
 use crate::workbench::Workbench;
 use dnd_core::scoring::{GeneratedImage, image_positions, mean_cosine, score_candidates};
-use dnd_core::{CandidateScore, NeuronId, Pooling, ScoringConfig};
+use dnd_core::{CandidateScore, Pooling, ScoringConfig};
 
 /// What the models measured on a task's images.
 pub struct Measurements {
@@ -112,10 +112,11 @@ pub struct NeuronScores {
 }
 
 /// Scores a neuron's candidates from their images' activations and similarities.
-/// `requests[c]` are candidate `c`'s images; `references` the embeddings of the neuron's
-/// top images.
+/// `column` is where the neuron is in the measured activations (its index, or its place in
+/// the task's [`crate::units::Readout`]); `requests[c]` are candidate `c`'s images;
+/// `references` the embeddings of the neuron's top images.
 pub fn score_neuron(
-    neuron: NeuronId,
+    column: usize,
     requests: &[Vec<usize>],
     measured: &Measurements,
     references: &[f32],
@@ -127,7 +128,7 @@ pub fn score_neuron(
         for &r in concept_requests {
             images.push(GeneratedImage {
                 candidate: c,
-                activation: measured.activations[r][neuron.index()],
+                activation: measured.activations[r][column],
                 similarity: measured.similarity(r, references),
             });
             image_requests.push(r);
@@ -154,13 +155,7 @@ mod tests {
         let references = measured.references(["t"]);
         assert_eq!(references, [1.0, 0.0]);
         let scoring = ScoringConfig::default();
-        let scored = score_neuron(
-            NeuronId::new(1),
-            &[vec![0, 1], vec![2, 3]],
-            &measured,
-            &references,
-            &scoring,
-        );
+        let scored = score_neuron(1, &[vec![0, 1], vec![2, 3]], &measured, &references, &scoring);
         assert_eq!(scored.requests, [0, 1, 2, 3]);
         assert_eq!(scored.images[2].activation, 5.0);
         assert!((scored.images[0].similarity - 1.0).abs() < 1e-6);
