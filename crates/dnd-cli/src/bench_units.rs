@@ -54,6 +54,14 @@ pub struct UnitsArgs {
     /// each), as an SAE's are.
     #[arg(long, default_value_t = 0.7)]
     described: f64,
+    /// The probe's encoder cost: latents of a random TopK(32) SAE run on a batch of
+    /// `encode_batch` maps of `encode_channels` x 7 x 7 (ResNet-50's layer4), on the CPU.
+    #[arg(long, default_value_t = 16_384)]
+    encode_latents: usize,
+    #[arg(long, default_value_t = 2048)]
+    encode_channels: usize,
+    #[arg(long, default_value_t = 16)]
+    encode_batch: usize,
     /// Also write the numbers as JSON.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
@@ -78,6 +86,40 @@ struct UnitsReport {
     compact_seconds: f64,
     results_bytes: u64,
     results_bytes_per_unit: f64,
+    /// One batch through the encoder (one matrix product of positions x channels by
+    /// channels x latents, then the activation) and mean pooling, by activation.
+    encode_ms_per_batch: BTreeMap<String, f64>,
+}
+
+/// Milliseconds per batch of the probe's unit maps and pooling, by activation (median of 5).
+fn encoder_cost(args: &UnitsArgs) -> anyhow::Result<BTreeMap<String, f64>> {
+    use candle_core::{D, Device, Tensor};
+    let (c, l) = (args.encode_channels, args.encode_latents);
+    let device = Device::Cpu;
+    let x = Tensor::randn(0f32, 1.0, (args.encode_batch, c, 7, 7), &device)?.relu()?;
+    let w = Tensor::randn(0f32, 1.0 / (c as f32).sqrt(), (c, l), &device)?;
+    let w = w.flatten_all()?.to_vec1::<f32>()?;
+    let mut out = BTreeMap::new();
+    for activation in [Activation::Relu, Activation::TopK { k: 32 }] {
+        let encoder = dnd_core::Encoder::new(
+            c,
+            l,
+            (w.clone(), vec![0.0; l], vec![0.1; c]),
+            Vec::new(),
+            activation,
+        )?;
+        let encoder = dnd_models::dictionary::DeviceEncoder::new(&encoder, &device)?;
+        let mut times = Vec::new();
+        for _ in 0..5 {
+            let started = Instant::now();
+            let pooled = encoder.maps(&x)?.flatten_from(2)?.mean(D::Minus1)?;
+            pooled.to_vec2::<f32>()?;
+            times.push(started.elapsed().as_secs_f64() * 1000.0);
+        }
+        times.sort_by(f64::total_cmp);
+        out.insert(activation.to_string(), times[2]);
+    }
+    Ok(out)
 }
 
 /// Resident set size of this process in MiB (VmRSS), 0 where unknown.
@@ -382,6 +424,7 @@ pub async fn units(args: UnitsArgs) -> anyhow::Result<()> {
     for relative in &written {
         results_bytes += job_dir.get(relative).await?.len() as u64;
     }
+    let encode_ms_per_batch = encoder_cost(&args)?;
     let report = UnitsReport {
         units: args.units,
         neuron_tasks: neuron_tasks.len(),
@@ -394,6 +437,7 @@ pub async fn units(args: UnitsArgs) -> anyhow::Result<()> {
         compact_seconds,
         results_bytes,
         results_bytes_per_unit: results_bytes as f64 / args.units.max(1) as f64,
+        encode_ms_per_batch,
     };
     println!(
         "{} units in {} tasks: plan {:.2} s ({:.2} MB as plan.json); coordinator +{:.1} MiB resident; scheduled on {} workers in {:.1} s; {} rows written in {:.1} s, compacted in {:.1} s to {:.2} MB of results ({:.0} bytes per unit)",
@@ -409,6 +453,18 @@ pub async fn units(args: UnitsArgs) -> anyhow::Result<()> {
         report.compact_seconds,
         report.results_bytes as f64 / 1e6,
         report.results_bytes_per_unit
+    );
+    println!(
+        "probe encoder, {} maps of {} x 7 x 7 into {} latents, then pooled: {}",
+        args.encode_batch,
+        args.encode_channels,
+        args.encode_latents,
+        report
+            .encode_ms_per_batch
+            .iter()
+            .map(|(a, ms)| format!("{a} {ms:.0} ms"))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)?;

@@ -179,7 +179,8 @@ pub async fn dissect(args: DissectArgs) -> anyhow::Result<()> {
             ]
         })
         .collect();
-    let columns = if truth.is_empty() { 4 } else { 5 };
+    // The column only when some described neuron has a known meaning.
+    let columns = if rows.iter().all(|r| r[4].is_empty()) { 4 } else { 5 };
     let header = ["layer", "neuron", "label", "score", "ground truth"];
     let width = |c: usize| {
         rows.iter().map(|r| r[c].chars().count()).chain([header[c].len()]).max().unwrap_or(0)
