@@ -178,13 +178,13 @@ fn words(seed: u64, n: usize) -> String {
 /// images each; a skipped unit has its description row only.
 fn task_tables(task: &NeuronBatch, described: f64, source: &str) -> TaskTables {
     let mut t = TaskTables::default();
-    let key = |n: NeuronId| (task.layer.clone(), n, UnitKind::Sae, Some(source.to_string()));
     for &n in &task.neurons {
-        let (layer, neuron, unit_kind, unit_source) = key(n);
         let full = (n.index() % 1000) as f64 / 1000.0 < described;
         let unit = n.index() as u64;
         let real = |x: u64| (mix(unit << 24 ^ x) % 1_000_000) as f64 / 1e6;
         let label = |c: usize| words(unit << 8 | c as u64, 2);
+        let (layer, neuron, unit_kind, unit_source) =
+            (task.layer.clone(), n, UnitKind::Sae, Some(source.to_string()));
         t.descriptions.push(DescriptionRow {
             layer: layer.clone(),
             neuron,
@@ -208,113 +208,122 @@ fn task_tables(task: &NeuronBatch, described: f64, source: &str) -> TaskTables {
             error: None,
             task: task.id.to_string(),
         });
-        if !full {
-            continue;
-        }
-        let hash = |i: usize| {
-            let x = unit << 16 | i as u64;
-            format!("{:016x}{:016x}{:016x}{:016x}", mix(x), mix(x + 1), mix(x + 2), mix(x + 3))
-        };
-        for c in 0..5 {
-            t.candidates.push(CandidateRow {
-                layer: layer.clone(),
-                neuron,
-                unit_kind,
-                unit_source: unit_source.clone(),
-                candidate: c as i32,
-                concept: label(c),
-                prompt: format!("One realistic image of {}", label(c)),
-                images: 10,
-                final_rank: c as i32,
-                selected: c < 3,
-            });
-            t.scores.push(ScoreRow {
-                layer: layer.clone(),
-                neuron,
-                unit_kind,
-                unit_source: unit_source.clone(),
-                candidate: c as i32,
-                concept: label(c),
-                topk_sq_mean: Some(real(c as u64 * 8)),
-                mean: Some(real(c as u64 * 8 + 1)),
-                median: Some(real(c as u64 * 8 + 2)),
-                sq_mean: Some(real(c as u64 * 8 + 3)),
-                rank_score: "topk-sq-mean".into(),
-                rank_order: c as i32,
-                similarity: real(c as u64 * 8 + 4),
-                final_score: 5.0 - c as f64 + real(c as u64 * 8 + 5),
-                final_rank: c as i32,
-            });
-        }
-        for i in 0..10 {
-            t.captions.push(CaptionRow {
-                layer: layer.clone(),
-                neuron,
-                unit_kind,
-                unit_source: unit_source.clone(),
-                image_rank: i as i32,
-                image_hash: hash(i),
-                caption: words(unit << 20 | i as u64, 9),
-                simplified: Some(words(unit << 20 | i as u64, 2)),
-                captioner: "blip#blake3:0123456789abcdef".into(),
-                cached: false,
-            });
-        }
-        for i in 0..60 {
-            let generated = i >= 10;
-            t.images.push(ImageRow {
-                layer: layer.clone(),
-                neuron,
-                unit_kind,
-                unit_source: unit_source.clone(),
-                kind: if generated {
-                    "generated"
-                } else if i < 5 {
-                    "original"
-                } else {
-                    "crop"
-                }
-                .into(),
-                rank: i as i32,
-                activation: (mix(unit << 8 | i as u64) % 10_000) as f32 / 1000.0,
-                top: i < 10,
-                image_id: (!generated)
-                    .then(|| format!("images/{:07}.jpg", mix(unit << 8 | i as u64) % 1_000_000)),
-                crop_index: (5..10).contains(&i).then_some(0),
-                canvas_size: (5..10).contains(&i).then_some(375),
-                x0: None,
-                y0: None,
-                x1: None,
-                y1: None,
-                candidate: generated.then(|| ((i - 10) / 10) as i32),
-                concept: generated.then(|| label((i - 10) / 10)),
-                seed: generated.then(|| ((i - 10) % 10) as i64),
-                similarity: generated.then(|| real(1000 + i as u64) as f32),
-                uri: format!("out/cache/images/{}/{}.png", &hash(i)[..2], hash(i)),
-                image_hash: hash(i),
-                cached: false,
-            });
-        }
-        for seq in 0..16 {
-            t.exchanges.push(ExchangeRow {
-                layer: layer.clone(),
-                neuron,
-                unit_kind,
-                unit_source: unit_source.clone(),
-                seq,
-                step: if seq < 10 { "simplify" } else { "summarize" }.into(),
-                backend: "consensus".into(),
-                model: "consensus".into(),
-                prompt_version: "1".into(),
-                request: format!("Simplify: {}", words(unit << 20 | seq as u64, 9)),
-                reply: words(unit << 20 | seq as u64, 2),
-                answer: Some(words(unit << 20 | seq as u64, 2)),
-                error: None,
-                cached: false,
-            });
+        if full {
+            evidence_rows(&mut t, task, n, source);
         }
     }
     t
+}
+
+/// The rows of a unit described in full, but its description.
+fn evidence_rows(t: &mut TaskTables, task: &NeuronBatch, n: NeuronId, source: &str) {
+    let unit = n.index() as u64;
+    let real = |x: u64| (mix(unit << 24 ^ x) % 1_000_000) as f64 / 1e6;
+    let label = |c: usize| words(unit << 8 | c as u64, 2);
+    let (layer, neuron, unit_kind, unit_source) =
+        (task.layer.clone(), n, UnitKind::Sae, Some(source.to_string()));
+    let hash = |i: usize| {
+        let x = unit << 16 | i as u64;
+        format!("{:016x}{:016x}{:016x}{:016x}", mix(x), mix(x + 1), mix(x + 2), mix(x + 3))
+    };
+    for c in 0..5 {
+        t.candidates.push(CandidateRow {
+            layer: layer.clone(),
+            neuron,
+            unit_kind,
+            unit_source: unit_source.clone(),
+            candidate: c as i32,
+            concept: label(c),
+            prompt: format!("One realistic image of {}", label(c)),
+            images: 10,
+            final_rank: c as i32,
+            selected: c < 3,
+        });
+        t.scores.push(ScoreRow {
+            layer: layer.clone(),
+            neuron,
+            unit_kind,
+            unit_source: unit_source.clone(),
+            candidate: c as i32,
+            concept: label(c),
+            topk_sq_mean: Some(real(c as u64 * 8)),
+            mean: Some(real(c as u64 * 8 + 1)),
+            median: Some(real(c as u64 * 8 + 2)),
+            sq_mean: Some(real(c as u64 * 8 + 3)),
+            rank_score: "topk-sq-mean".into(),
+            rank_order: c as i32,
+            similarity: real(c as u64 * 8 + 4),
+            final_score: 5.0 - c as f64 + real(c as u64 * 8 + 5),
+            final_rank: c as i32,
+        });
+    }
+    for i in 0..10 {
+        t.captions.push(CaptionRow {
+            layer: layer.clone(),
+            neuron,
+            unit_kind,
+            unit_source: unit_source.clone(),
+            image_rank: i as i32,
+            image_hash: hash(i),
+            caption: words(unit << 20 | i as u64, 9),
+            simplified: Some(words(unit << 20 | i as u64, 2)),
+            captioner: "blip#blake3:0123456789abcdef".into(),
+            cached: false,
+        });
+    }
+    for i in 0..60 {
+        let generated = i >= 10;
+        t.images.push(ImageRow {
+            layer: layer.clone(),
+            neuron,
+            unit_kind,
+            unit_source: unit_source.clone(),
+            kind: if generated {
+                "generated"
+            } else if i < 5 {
+                "original"
+            } else {
+                "crop"
+            }
+            .into(),
+            rank: i as i32,
+            activation: (mix(unit << 8 | i as u64) % 10_000) as f32 / 1000.0,
+            top: i < 10,
+            image_id: (!generated)
+                .then(|| format!("images/{:07}.jpg", mix(unit << 8 | i as u64) % 1_000_000)),
+            crop_index: (5..10).contains(&i).then_some(0),
+            canvas_size: (5..10).contains(&i).then_some(375),
+            x0: None,
+            y0: None,
+            x1: None,
+            y1: None,
+            candidate: generated.then(|| ((i - 10) / 10) as i32),
+            concept: generated.then(|| label((i - 10) / 10)),
+            seed: generated.then(|| ((i - 10) % 10) as i64),
+            similarity: generated.then(|| real(1000 + i as u64) as f32),
+            uri: format!("out/cache/images/{}/{}.png", &hash(i)[..2], hash(i)),
+            image_hash: hash(i),
+            cached: false,
+        });
+    }
+    for seq in 0..16 {
+        t.exchanges.push(ExchangeRow {
+            layer: layer.clone(),
+            neuron,
+            unit_kind,
+            unit_source: unit_source.clone(),
+            seq,
+            step: if seq < 10 { "simplify" } else { "summarize" }.into(),
+            backend: "consensus".into(),
+            model: "consensus".into(),
+            prompt_version: "1".into(),
+            request: format!("Simplify: {}", words(unit << 20 | seq as u64, 9)),
+            reply: words(unit << 20 | seq as u64, 2),
+            answer: Some(words(unit << 20 | seq as u64, 2)),
+            error: None,
+            cached: false,
+        });
+    }
 }
 
 fn rows(t: &TaskTables) -> usize {

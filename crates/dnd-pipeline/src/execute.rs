@@ -187,6 +187,78 @@ impl JobContext {
         Ok(top)
     }
 
+    /// Stages 1-3 (and `[evaluate]`) for a neuron batch of `layer`: its units that the
+    /// probe found dead or dense, and `[units] skip` names, get their status only.
+    async fn describe(
+        &self,
+        bench: &Workbench,
+        task: &TaskDef,
+        layer: &LayerName,
+        neurons: &[NeuronId],
+        progress: &dyn Progress,
+    ) -> Result<TaskTables, PipelineError> {
+        let readout = self.readout(bench, layer.as_str())?;
+        let statuses = self.unit_statuses(layer).await?;
+        let skipped = |n: &NeuronId| statuses.get(n).copied().filter(|s| self.spec.units.skips(*s));
+        let described: Vec<NeuronId> =
+            neurons.iter().filter(|n| skipped(n).is_none()).copied().collect();
+        let neuron_task = NeuronTask {
+            id: task.id.clone(),
+            layer: layer.clone(),
+            readout: readout.select(&described),
+            neurons: described,
+        };
+        let mut tables = if neuron_task.neurons.is_empty() {
+            TaskTables::default()
+        } else {
+            let top_by_neuron = self.layer_topk(layer).await?;
+            let top: Vec<Vec<Scored>> = neuron_task
+                .neurons
+                .iter()
+                .map(|n| top_by_neuron.get(n).cloned().unwrap_or_default())
+                .collect();
+            run_neuron_task(
+                bench,
+                &self.spec,
+                &neuron_task,
+                &top,
+                &self.images.images,
+                self.dir.location(),
+                progress,
+            )
+            .await?
+        };
+        let skipped: Vec<(NeuronId, UnitStatus)> =
+            neurons.iter().filter_map(|n| Some((*n, skipped(n)?))).collect();
+        for stage in Stage::DESCRIBE {
+            progress.advance_stage(stage, skipped.len() as u64);
+        }
+        tables
+            .descriptions
+            .extend(skipped.iter().map(|&(n, status)| skipped_row(&neuron_task, n, status)));
+        tables.descriptions.sort_by_key(|d| d.neuron);
+        if let Some(config) = &self.spec.evaluate {
+            let labels: Vec<LabelToScore> = tables
+                .descriptions
+                .iter()
+                .flat_map(|d| reported_labels(d, config.labels))
+                .collect();
+            let probe = self.probe_measurements(bench, layer).await?;
+            tables.evaluation = evaluate_labels(
+                bench,
+                &self.spec,
+                config,
+                layer,
+                &neuron_task.readout,
+                &probe,
+                &labels,
+                DND_LABELS,
+            )
+            .await?;
+        }
+        Ok(tables)
+    }
+
     /// Runs `task`, as leased, with `bench`, writing under the attempt's directory.
     pub async fn run_task(
         &self,
@@ -238,66 +310,7 @@ impl JobContext {
                 stats.models.insert("target".into(), bench.target.reference.clone());
             }
             TaskWork::Neurons { layer, neurons } => {
-                let readout = self.readout(bench, layer.as_str())?;
-                let statuses = self.unit_statuses(layer).await?;
-                let skipped =
-                    |n: &NeuronId| statuses.get(n).copied().filter(|s| self.spec.units.skips(*s));
-                let described: Vec<NeuronId> =
-                    neurons.iter().filter(|n| skipped(n).is_none()).copied().collect();
-                let neuron_task = NeuronTask {
-                    id: task.id.clone(),
-                    layer: layer.clone(),
-                    readout: readout.select(&described),
-                    neurons: described,
-                };
-                let mut tables = if neuron_task.neurons.is_empty() {
-                    TaskTables::default()
-                } else {
-                    let top_by_neuron = self.layer_topk(layer).await?;
-                    let top: Vec<Vec<Scored>> = neuron_task
-                        .neurons
-                        .iter()
-                        .map(|n| top_by_neuron.get(n).cloned().unwrap_or_default())
-                        .collect();
-                    run_neuron_task(
-                        bench,
-                        &self.spec,
-                        &neuron_task,
-                        &top,
-                        &self.images.images,
-                        self.dir.location(),
-                        progress,
-                    )
-                    .await?
-                };
-                let skipped: Vec<(NeuronId, UnitStatus)> =
-                    neurons.iter().filter_map(|n| Some((*n, skipped(n)?))).collect();
-                for stage in Stage::DESCRIBE {
-                    progress.advance_stage(stage, skipped.len() as u64);
-                }
-                tables.descriptions.extend(
-                    skipped.iter().map(|&(n, status)| skipped_row(&neuron_task, n, status)),
-                );
-                tables.descriptions.sort_by_key(|d| d.neuron);
-                if let Some(config) = &self.spec.evaluate {
-                    let labels: Vec<LabelToScore> = tables
-                        .descriptions
-                        .iter()
-                        .flat_map(|d| reported_labels(d, config.labels))
-                        .collect();
-                    let probe = self.probe_measurements(bench, layer).await?;
-                    tables.evaluation = evaluate_labels(
-                        bench,
-                        &self.spec,
-                        config,
-                        layer,
-                        &neuron_task.readout,
-                        &probe,
-                        &labels,
-                        DND_LABELS,
-                    )
-                    .await?;
-                }
+                let tables = self.describe(bench, task, layer, neurons, progress).await?;
                 write_task(&dir, &tables).await?;
                 stats.kind = "neurons".into();
                 stats.neurons = neurons.len();

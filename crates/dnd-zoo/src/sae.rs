@@ -302,4 +302,14 @@ mod tests {
         assert_eq!((info.d_in, info.units), (192, 64));
         assert_eq!(info.activation, dnd_core::Activation::TopK { k: 4 });
     }
+
+    #[test]
+    fn the_committed_zoo_sae_is_the_defaults_and_reads_as_saelens() {
+        let dir = crate::committed_zoo().join("sae");
+        let report: SaeReport =
+            serde_json::from_str(&fs::read_to_string(dir.join("train.json")).unwrap()).unwrap();
+        assert_eq!(report.settings, SaeTraining::default(), "retrain: dnd synth train --model sae");
+        let info = dnd_models::dictionary::inspect(dnd_core::UnitKind::Sae, &dir).unwrap();
+        assert_eq!((info.d_in, info.units), (192, report.settings.latents));
+    }
 }
