@@ -88,6 +88,21 @@ def results(job: str) -> None:
         f"JOIN read_parquet('{job}/results/scores.parquet') s USING (layer, neuron) "
         "WHERE s.final_rank = 0 ORDER BY d.layer, d.neuron").fetchall()
     assert rows and all(r[2] for r in rows), rows
+    # A job over a dictionary's units: what each unit is, and the descriptions joined to it.
+    units = os.path.join(job, "probe", "units")
+    if os.path.isdir(units):
+        columns = ["layer", "neuron", "unit_kind", "unit_source", "name", "images",
+                   "fired_images", "position_share", "firing_rate", "status"]
+        for file in sorted(os.listdir(units)):
+            path = os.path.join(units, file)
+            assert con.sql(f"SELECT * FROM read_parquet('{path}')").columns == columns, path
+            assert pl.read_parquet(path).columns == columns, path
+            joined = con.sql(
+                f"SELECT u.status, d.status FROM read_parquet('{path}') u "
+                f"JOIN read_parquet('{job}/results/descriptions.parquet') d "
+                "USING (layer, neuron, unit_kind, unit_source)").fetchall()
+            assert joined and all(u == d for u, d in joined if u != "active"), joined
+            print(f"probe/units/{file}: columns ok, {len(joined)} units joined to their descriptions")
 
 
 if __name__ == "__main__":

@@ -196,3 +196,110 @@ async fn planted_neurons_get_labels_that_name_their_concepts() {
         );
     }
 }
+
+/// The zoo's dissection job with `target` in place of its `[target]` section (up to
+/// `[probe]`), written into `dir`.
+fn zoo_job_with_target(dir: &Path, name: &str, target: &str) -> PathBuf {
+    let zoo = std::fs::read_to_string(repo().join("crates/dnd-synth/zoo/dissect.toml")).unwrap();
+    let (head, rest) = zoo.split_once("[target]").expect("the zoo job has a [target]");
+    let probe = rest.find("[probe]").expect("the zoo job has a [probe]");
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, format!("{head}[target]\n{target}\n{}", &rest[probe..])).unwrap();
+    path
+}
+
+fn dissect_zoo(out: &Path, name: &str, config: &Path) -> Vec<DescriptionRow> {
+    let (out_s, config_s) = (out.display().to_string(), config.display().to_string());
+    let run = dnd_in(&repo(), &["dissect", "--config", &config_s, "--out", &out_s, "--name", name]);
+    assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
+    assert!(!run.stdout.contains("ground truth"), "channels' truth is no unit's:\n{}", run.stdout);
+    let job = out.join(format!("jobs/{name}/results/descriptions.parquet"));
+    let file = std::fs::File::open(job).unwrap();
+    let reader =
+        parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file).unwrap();
+    let batches: Vec<_> = reader.build().unwrap().map(|b| b.unwrap()).collect();
+    batches_rows("descriptions", &batches).unwrap()
+}
+
+/// Directions along planted layer4 channels are those channels: their labels name the
+/// channels' planted concepts. And the zoo's SAE (`dnd synth train --model sae`) runs end
+/// to end: its latents that write most to those channels get labels.
+#[tokio::test(flavor = "multi_thread")]
+async fn directions_and_sae_latents_of_the_zoo_are_described() {
+    use candle_core::{Device, Tensor};
+    const CHANNELS: [usize; 3] = [3, 39, 48];
+    let out = tempfile::tempdir().unwrap();
+    let planted = read_planted(&repo().join("crates/dnd-synth/zoo/target")).unwrap();
+
+    // One-hot directions: unit i reads channel CHANNELS[i].
+    let mut rows = vec![0.0f32; CHANNELS.len() * 192];
+    for (i, &c) in CHANNELS.iter().enumerate() {
+        rows[i * 192 + c] = 1.0;
+    }
+    let directions = out.path().join("directions.safetensors");
+    let tensor = Tensor::from_vec(rows, (CHANNELS.len(), 192), &Device::Cpu).unwrap();
+    candle_core::safetensors::save(&[("directions", tensor)].into_iter().collect(), &directions)
+        .unwrap();
+    let target = format!(
+        "model = \"crates/dnd-synth/zoo/target\"\nlayers = [\"layer4\"]\nneurons = \"all\"\n\
+         [target.units.layer4]\nkind = \"direction\"\nsource = \"{}\"\n",
+        directions.display()
+    );
+    let config = zoo_job_with_target(out.path(), "directions", &target);
+    let described = dissect_zoo(out.path(), "directions", &config);
+    assert_eq!(described.len(), CHANNELS.len());
+    for d in &described {
+        let channel = CHANNELS[d.neuron.index()];
+        let truth = planted.iter().find(|p| p.layer == "layer4" && p.neuron == channel).unwrap();
+        let label = d.label.clone().unwrap_or_default();
+        assert!(
+            recovered(&label, truth.kind, &truth.parsed_concepts()),
+            "direction along channel {channel} ({}) labelled {label:?}",
+            truth.description
+        );
+    }
+
+    // The SAE: per planted channel, the 4 latents whose decoder rows write most to it
+    // (some are dead: a dead latent's decoder row is still its random start).
+    let sae = repo().join("crates/dnd-synth/zoo/sae");
+    let weights =
+        candle_core::safetensors::load(sae.join("sae_weights.safetensors"), &Device::Cpu).unwrap();
+    let w_dec = weights["W_dec"].to_vec2::<f32>().unwrap();
+    let mut latents: Vec<(usize, usize)> = Vec::new();
+    for &c in &CHANNELS {
+        let mut order: Vec<usize> = (0..w_dec.len()).collect();
+        order.sort_by(|&a, &b| w_dec[b][c].total_cmp(&w_dec[a][c]));
+        latents.extend(order[..4].iter().map(|&l| (l, c)));
+    }
+    let mut ids: Vec<usize> = latents.iter().map(|&(l, _)| l).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let ids: Vec<String> = ids.iter().map(usize::to_string).collect();
+    let target = format!(
+        "model = \"crates/dnd-synth/zoo/target\"\nlayers = [\"layer4\"]\nneurons = \"{}\"\n\
+         [target.units.layer4]\nkind = \"sae\"\nsource = \"crates/dnd-synth/zoo/sae\"\n",
+        ids.join(",")
+    );
+    let config = zoo_job_with_target(out.path(), "sae", &target);
+    let described = dissect_zoo(out.path(), "sae", &config);
+    assert_eq!(described.len(), ids.len());
+    let mut named = Vec::new();
+    for d in &described {
+        assert_eq!(d.unit_kind, dnd_core::UnitKind::Sae);
+        match d.status.as_str() {
+            "ok" => assert!(d.label.is_some(), "{d:?}"),
+            "dead" | "dense" => continue,
+            other => panic!("latent {}: {other}: {d:?}", d.neuron),
+        }
+        let label = d.label.clone().unwrap_or_default();
+        for &(latent, channel) in latents.iter().filter(|(l, _)| *l == d.neuron.index()) {
+            let truth =
+                planted.iter().find(|p| p.layer == "layer4" && p.neuron == channel).unwrap();
+            if recovered(&label, truth.kind, &truth.parsed_concepts()) {
+                named.push(format!("latent {latent}: {label:?} names {}", truth.description));
+            }
+        }
+    }
+    eprintln!("{}", named.join("\n"));
+    assert!(!named.is_empty(), "no latent's label names its channel's concept: {described:#?}");
+}

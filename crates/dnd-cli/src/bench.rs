@@ -46,6 +46,11 @@ pub enum BenchCommand {
     /// table equals a clean run's row for row; reports kills, faults, retries, wasted
     /// task time and the makespan against the clean run.
     Chaos(crate::bench_chaos::ChaosArgs),
+    /// What a whole dictionary costs the coordinator: a synthetic SAE of N latents (default
+    /// 100k) planned as a real job, scheduled on simulated workers, its tasks' tables
+    /// written with made-up rows and compacted. Reports plan time and size, coordinator
+    /// memory, compaction time and results size.
+    Units(crate::bench_units::UnitsArgs),
 }
 
 #[derive(Args)]
@@ -78,6 +83,7 @@ pub async fn bench(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Evaluate(args) => crate::bench_evaluate::evaluate_bench(args).await,
         BenchCommand::Restart(args) => crate::bench_restart::restart(args).await,
         BenchCommand::Chaos(args) => crate::bench_chaos::chaos(args).await,
+        BenchCommand::Units(args) => crate::bench_units::units(args).await,
     }
 }
 

@@ -56,7 +56,7 @@ struct SchedulerReport {
     complete_ms_mean: f64,
 }
 
-async fn simulated_worker(
+pub(crate) async fn simulated_worker(
     channel: AuthedChannel,
     store: Location,
     task_time: Duration,

@@ -159,7 +159,7 @@ pub async fn dissect(args: DissectArgs) -> anyhow::Result<()> {
 
     // A model that knows what its neurons mean (the synthetic zoo's planted.json) gets a
     // ground-truth column.
-    let truth = crate::report::ground_truth(Some(&spec.target.model));
+    let truth = crate::report::ground_truth(&spec);
     let rows: Vec<[String; 5]> = outcome
         .descriptions
         .iter()
@@ -179,7 +179,8 @@ pub async fn dissect(args: DissectArgs) -> anyhow::Result<()> {
             ]
         })
         .collect();
-    let columns = if truth.is_empty() { 4 } else { 5 };
+    // The column only when some described neuron has a known meaning.
+    let columns = if rows.iter().all(|r| r[4].is_empty()) { 4 } else { 5 };
     let header = ["layer", "neuron", "label", "score", "ground truth"];
     let width = |c: usize| {
         rows.iter().map(|r| r[c].chars().count()).chain([header[c].len()]).max().unwrap_or(0)

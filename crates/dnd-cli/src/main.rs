@@ -9,6 +9,7 @@ mod bench_chaos;
 mod bench_evaluate;
 mod bench_restart;
 mod bench_scheduler;
+mod bench_units;
 mod chaos_check;
 mod chaos_cluster;
 mod cluster;
@@ -360,6 +361,7 @@ async fn probe(args: ProbeArgs) -> anyhow::Result<()> {
             .crops
             .then(|| CropStageConfig { crop: CropConfig::default(), neurons: args.crop_neurons }),
         limits: ImageLimits { max_pixels: args.max_pixels, ..ImageLimits::default() },
+        liveness: Default::default(),
     };
     // Everything a user gave is checked before any work starts.
     let device = parse_device(&args.device)?;
@@ -383,7 +385,8 @@ async fn probe(args: ProbeArgs) -> anyhow::Result<()> {
     );
 
     let bars = progress::Bars::new();
-    let summary = run_probe(Arc::new(model), images, &out, &config, None, &bars).await?;
+    let summary =
+        run_probe(Arc::new(model), images, &out, &config, &Default::default(), None, &bars).await?;
     drop(bars);
     if let Some(path) = &args.summary_json {
         let json = serde_json::to_string_pretty(&summary)?;

@@ -34,13 +34,14 @@ pub struct ReportArgs {
     pub page_size: usize,
 }
 
-/// What each neuron is known to mean, when the target model says (the synthetic zoo's
-/// planted.json beside its weights); empty otherwise.
-pub fn ground_truth(model: Option<&str>) -> BTreeMap<(LayerName, NeuronId), String> {
-    let Some(model) = model else { return BTreeMap::new() };
-    read_planted(Path::new(model))
+/// What each neuron of the job is known to mean, when the target model says (the
+/// synthetic zoo's planted.json beside its weights); empty otherwise. The planted meanings
+/// are channels': layers the job describes by a dictionary's units get none.
+pub fn ground_truth(spec: &dnd_pipeline::JobSpec) -> BTreeMap<(LayerName, NeuronId), String> {
+    read_planted(Path::new(&spec.target.model))
         .map(|rows| {
             rows.into_iter()
+                .filter(|p| !spec.target.units.contains_key(&p.layer))
                 .map(|p| ((LayerName::new(p.layer), NeuronId::new(p.neuron as u32)), p.description))
                 .collect()
         })
@@ -58,7 +59,7 @@ pub async fn render(
         None => job.location.join("report"),
     };
     if options.ground_truth.is_empty() {
-        options.ground_truth = ground_truth(job.target_model());
+        options.ground_truth = ground_truth(&job.spec);
     }
     let outcome = write_report(job, &out, &options).await?;
     Ok(outcome)

@@ -8,6 +8,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use dnd_synth::{ProbeSetSpec, write_probe_set};
 use dnd_zoo::captioner::{CaptionerReport, CaptionerTraining, evaluate_captioner, train_captioner};
 use dnd_zoo::embedder::{EmbedderTraining, train_embedder};
+use dnd_zoo::sae::{SaeTraining, train_sae};
 use dnd_zoo::target::{TargetTraining, TrainingReport, train_target};
 
 use crate::BadInput;
@@ -47,6 +48,8 @@ pub enum ZooModel {
     Target,
     Captioner,
     Embedder,
+    /// A TopK sparse autoencoder on the target's layer4 (reads OUT/target).
+    Sae,
     All,
 }
 
@@ -56,6 +59,7 @@ impl ZooModel {
             ZooModel::Target => "target",
             ZooModel::Captioner => "captioner",
             ZooModel::Embedder => "embedder",
+            ZooModel::Sae => "sae",
             ZooModel::All => "all",
         }
     }
@@ -66,7 +70,7 @@ pub struct TrainArgs {
     /// Which model to train; `all` trains each in turn, each in its own process.
     #[arg(long, value_enum, default_value = "all")]
     model: ZooModel,
-    /// The zoo directory: models go to OUT/target, OUT/captioner, OUT/embedder.
+    /// The zoo directory: models go to OUT/target, OUT/captioner, OUT/embedder, OUT/sae.
     #[arg(long, value_name = "DIR", default_value = "crates/dnd-synth/zoo")]
     out: PathBuf,
     /// Override the number of training steps (for experiments; the result is then not the zoo).
@@ -92,7 +96,7 @@ pub fn prepare_training_process(args: &TrainArgs) {
     let variable = match args.model {
         ZooModel::Target => "RAYON_NUM_THREADS",
         ZooModel::Captioner | ZooModel::Embedder => "CANDLE_NUM_THREADS",
-        ZooModel::All => return,
+        ZooModel::Sae | ZooModel::All => return,
     };
     if std::env::var_os(variable).is_none() {
         // SAFETY: called from main before the runtime or any other thread starts.
@@ -143,7 +147,7 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
         }
         // Each model in its own process, set up for it by `prepare_training_process`.
         let exe = std::env::current_exe().context("finding the dnd executable")?;
-        for model in [ZooModel::Target, ZooModel::Captioner, ZooModel::Embedder] {
+        for model in [ZooModel::Target, ZooModel::Sae, ZooModel::Captioner, ZooModel::Embedder] {
             let mut child = std::process::Command::new(&exe);
             child.args(["synth", "train", "--model", model.name(), "--out"]).arg(&args.out);
             if let Some(steps) = args.steps {
@@ -184,6 +188,28 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
             .context("training the target network")?;
             bar.finish_and_clear();
             print_target_report(&report, &dir);
+        }
+        ZooModel::Sae => {
+            let mut settings: SaeTraining = settings_or_default(args.settings.as_deref())?;
+            settings.steps = args.steps.unwrap_or(settings.steps);
+            let bar = steps_bar("sae", settings.steps);
+            let target = args.out.join(ZooModel::Target.name());
+            let report =
+                train_sae(&target, &dir, &settings, |step, loss| loss_step(&bar, step, loss))
+                    .context("training the SAE")?;
+            bar.finish_and_clear();
+            println!(
+                "sae: {} in {:.0} s, {} latents (top {}) over {} channels of {} from {} positions; fraction of variance unexplained {:.3}, {} latents never fired",
+                dir.display(),
+                report.seconds,
+                settings.latents,
+                settings.k,
+                report.d_in,
+                settings.layer,
+                report.positions,
+                report.fraction_variance_unexplained,
+                report.dead_latents
+            );
         }
         ZooModel::Captioner if args.evaluate => {
             let path = dir.join("train.json");

@@ -13,6 +13,7 @@ use dnd_models::ModelRef;
 use dnd_models::target::TargetShape;
 use dnd_pipeline::finish::{self, RunFacts};
 use dnd_pipeline::plan::{self, JobPlan};
+use dnd_pipeline::units;
 use dnd_pipeline::{JobDir, JobSpec, PipelineError, ProbeImages};
 use dnd_store::tasks::check_name;
 use dnd_store::{Location, StoreError};
@@ -87,6 +88,8 @@ struct JobRun {
     plan: Arc<JobPlan>,
     dir: JobDir,
     top_k: usize,
+    /// `[units]`: the statuses the probe merge gives dictionary units.
+    liveness: dnd_core::Liveness,
     started: Instant,
     resumed: usize,
     load_seconds: f64,
@@ -234,10 +237,16 @@ impl Coordinator {
         }
         let target = self.target(&spec).await?;
         plan::layer_plans(&spec, &target)?;
+        let units = {
+            let (spec, target) = (spec.clone(), target.clone());
+            tokio::task::spawn_blocking(move || units::inspect_units(&spec, &target))
+                .await
+                .map_err(PipelineError::from)??
+        };
         // Every check passed: from here on, the store is written.
         let source = plan::resolve_probe_images(&spec, &self.store).await?;
         let images = ProbeImages::discover(&source).await?;
-        let fresh = JobPlan::make(&spec, &target, &images)?;
+        let fresh = JobPlan::make(&spec, &target, &units, &images)?;
         dir.claim(&name, &spec).await?;
         let stored = dir.store_plan(&fresh).await?;
         // A resubmission re-runs what a cancel left undone.
@@ -267,6 +276,7 @@ impl Coordinator {
             plan: Arc::new(plan),
             dir,
             top_k: spec.probe.top_k,
+            liveness: spec.units.clone(),
             started: Instant::now(),
             resumed: done.len(),
             load_seconds,
@@ -286,7 +296,6 @@ impl Coordinator {
         name: &str,
         tasks: usize,
     ) -> Result<Submitted, CoordinatorError> {
-        let dir = self.job_dir(name)?;
         let plan = JobPlan {
             job: JobName::new(name),
             probe_images: String::new(),
@@ -301,11 +310,26 @@ impl Coordinator {
                 })
                 .collect(),
         };
+        self.submit_simulated_plan(name, plan)
+    }
+
+    /// A planned job whose neuron tasks only commit markers (its probe tasks are dropped
+    /// and its probe taken as merged), for `dnd bench units`: what the coordinator holds
+    /// and does for a plan of that size, and nothing else.
+    pub fn submit_simulated_plan(
+        self: &Arc<Self>,
+        name: &str,
+        mut plan: JobPlan,
+    ) -> Result<Submitted, CoordinatorError> {
+        let dir = self.job_dir(name)?;
+        plan.probe_tasks.clear();
         let defs = plan.tasks();
+        let tasks = defs.len();
         let run = JobRun {
             plan: Arc::new(plan),
             dir,
             top_k: 0,
+            liveness: dnd_core::Liveness::default(),
             started: Instant::now(),
             resumed: 0,
             load_seconds: 0.0,
@@ -339,7 +363,7 @@ impl Coordinator {
         let next = match next {
             Next::Nothing => return Ok(()),
             Next::MergeProbe => {
-                finish::merge_probe(&run.dir, &run.plan, run.top_k).await?;
+                finish::merge_probe(&run.dir, &run.plan, run.top_k, &run.liveness).await?;
                 let next = lock(&self.scheduler).probe_merged(job, now_ms());
                 self.work_ready.notify_waiters();
                 next

@@ -75,8 +75,10 @@ impl Dissection {
                     .await??,
             )
         };
+        let units = dnd_pipeline::units::inspect_units(&spec, &target.shape())?;
         for layer in layer_plans(&spec, &target.shape())? {
-            spec.target.neurons.resolve(&layer.name, layer.width)?;
+            let width = units.get(&layer.tap).map_or(layer.width, |u| u.units);
+            spec.target.neurons.resolve(&layer.name, width)?;
         }
         let bench = Workbench::load(&spec, target, cache).await?;
         ProbeImages::discover(&resolve_probe_images(&spec, &store).await?).await?;

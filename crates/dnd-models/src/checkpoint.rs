@@ -110,9 +110,15 @@ pub fn fingerprint(reference: &ModelRef, files: &ModelFiles) -> Result<String, M
         collect_model_files(dir, &mut paths)
             .map_err(|e| ModelError::Io { path: dir.to_path_buf(), source: e })?;
     }
+    Ok(format!("{reference}#{}", hash_files(dir, &mut paths)?))
+}
+
+/// `blake3:<16 hex digits>` of files: each one's path relative to `dir` and its bytes,
+/// in path order, so the same files hash the same wherever they are.
+pub fn hash_files(dir: &Path, paths: &mut [PathBuf]) -> Result<String, ModelError> {
     paths.sort();
     let mut hasher = blake3::Hasher::new();
-    for path in &paths {
+    for path in paths.iter() {
         let relative = path.strip_prefix(dir).unwrap_or(path);
         hasher.update(relative.to_string_lossy().as_bytes());
         hasher.update(&[0]);
@@ -122,7 +128,7 @@ pub fn fingerprint(reference: &ModelRef, files: &ModelFiles) -> Result<String, M
             .update_reader(&mut file)
             .map_err(|e| ModelError::Io { path: path.clone(), source: e })?;
     }
-    Ok(format!("{reference}#blake3:{}", &hasher.finalize().to_hex()[..16]))
+    Ok(format!("blake3:{}", &hasher.finalize().to_hex()[..16]))
 }
 
 /// Files that define a model, recursively (diffusers keeps parts in subdirectories).

@@ -24,6 +24,10 @@ pub enum ModelError {
     #[error("invalid model config {path}: {reason}")]
     Config { path: PathBuf, reason: String },
 
+    /// A dictionary of units (SAE, directions) dnd cannot use on the layer it is given for.
+    #[error("cannot use dictionary {path}: {reason}")]
+    Dictionary { path: PathBuf, reason: String },
+
     #[error("unknown tap `{name}`; this model has: {available}")]
     UnknownTap { name: String, available: String },
 

@@ -11,6 +11,7 @@ pub mod checkpoint;
 pub mod clip;
 pub mod conv;
 pub mod device;
+pub mod dictionary;
 pub mod diffusion;
 pub mod embedder;
 pub mod error;

@@ -1,6 +1,7 @@
 //! The target model's forward passes that stages share: pooled activations of images
 //! through the model's own preprocessing, and pooling a tap's output; and the same
-//! through the vector cache.
+//! through the vector cache. What is pooled is a [`Readout`]'s maps: the tap's channels,
+//! or a dictionary's units over them.
 
 use std::sync::Arc;
 
@@ -9,10 +10,11 @@ use image::RgbImage;
 use rayon::prelude::*;
 
 use dnd_core::Pooling;
+use dnd_models::TargetModel;
 use dnd_models::preprocess::normalized_batch;
-use dnd_models::{Tap, TargetModel};
 
 use crate::error::PipelineError;
+use crate::units::{Readout, firing_shares};
 use crate::vector_cache::VectorCache;
 
 /// A tap's output pooled to `(B, C)` on its device: spatial maps by `pooling`, vectors as
@@ -33,39 +35,59 @@ pub fn pool(output: &Tensor, pooling: Pooling) -> Result<Tensor, PipelineError> 
     })
 }
 
-/// Each tap's output for the batch `x`, pooled to `(B, C)` on the model's device: the
+/// Each readout's maps for the batch `x`, pooled to `(B, U)` on the model's device: the
 /// maps by mean or max, or the class token's value at the tap (`cls`, ViT targets).
+/// With `shares`, a unit readout's rows also get, after the pooled values, each unit's
+/// share of positions above 0 ([`firing_shares`]): `(B, 2U)`.
 pub fn forward_pooled(
     model: &TargetModel,
     x: &Tensor,
-    taps: &[Tap],
+    readouts: &[Readout],
     pooling: Pooling,
+    shares: bool,
 ) -> Result<Vec<Tensor>, PipelineError> {
-    if pooling == Pooling::Cls {
-        return Ok(model.forward_class_tokens(x, taps)?);
-    }
-    model.forward_taps(x, taps)?.iter().map(|t| pool(t, pooling)).collect()
+    let taps: Vec<_> = readouts.iter().map(|r| r.tap).collect();
+    let outputs = if pooling == Pooling::Cls {
+        model.forward_class_tokens(x, &taps)?
+    } else {
+        model.forward_taps(x, &taps)?
+    };
+    outputs
+        .into_iter()
+        .zip(readouts)
+        .map(|(output, readout)| {
+            let maps = readout.apply(output)?;
+            // The class token's values are vectors already: pooling leaves them as they are.
+            let pooled = pool(&maps, pooling)?;
+            if shares && readout.units.is_some() {
+                Ok(Tensor::cat(&[pooled, firing_shares(&maps)?], 1)?)
+            } else {
+                Ok(pooled)
+            }
+        })
+        .collect()
 }
 
-/// Each tap's pooled outputs (see [`forward_pooled`]) copied to the host, row-major.
+/// Each readout's pooled outputs (see [`forward_pooled`]) copied to the host, row-major.
 pub(crate) fn pooled_rows(
     model: &TargetModel,
     x: &Tensor,
-    taps: &[Tap],
+    readouts: &[Readout],
     pooling: Pooling,
+    shares: bool,
 ) -> Result<Vec<Vec<f32>>, PipelineError> {
-    forward_pooled(model, x, taps, pooling)?
+    forward_pooled(model, x, readouts, pooling, shares)?
         .iter()
         .map(|t| Ok(t.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?))
         .collect()
 }
 
-/// Pooled activations `(images, channels)` of `images` at `tap`, through the model's own
+/// Pooled activations `(images, units)` of `images` at `readout`, through the model's own
 /// preprocessing, in batches.
 pub fn pooled_activations(
     model: &TargetModel,
     images: &[Arc<RgbImage>],
-    tap: Tap,
+    readout: &Readout,
     pooling: Pooling,
     batch_size: usize,
 ) -> Result<Vec<Vec<f32>>, PipelineError> {
@@ -79,7 +101,8 @@ pub fn pooled_activations(
             model.preprocess.std,
             &model.device,
         )?;
-        let out = forward_pooled(model, &x, &[tap], pooling)?.remove(0);
+        let out =
+            forward_pooled(model, &x, std::slice::from_ref(readout), pooling, false)?.remove(0);
         rows.extend(out.to_device(&Device::Cpu)?.to_vec2::<f32>()?);
     }
     Ok(rows)
@@ -89,19 +112,20 @@ pub fn pooled_activations(
 pub(crate) async fn pooled_activations_blocking(
     model: Arc<TargetModel>,
     images: Vec<Arc<RgbImage>>,
-    tap: Tap,
+    readout: Readout,
     pooling: Pooling,
     batch_size: usize,
 ) -> Result<Vec<Vec<f32>>, PipelineError> {
     tokio::task::spawn_blocking(move || {
-        pooled_activations(&model, &images, tap, pooling, batch_size)
+        pooled_activations(&model, &images, &readout, pooling, batch_size)
     })
     .await?
 }
 
-/// What the vector cache calls a tap's pooled activations.
-pub fn pooled_output(tap: Tap, pooling: Pooling) -> String {
-    format!("pooled/{tap}/{pooling}")
+/// What the vector cache calls a readout's pooled activations (`pooled/<tap>/<pooling>`
+/// for channels, as before units existed).
+pub fn pooled_output(readout: &Readout, pooling: Pooling) -> String {
+    format!("{}/{pooling}", readout.output("pooled"))
 }
 
 /// [`pooled_activations`] of the images the cache has not seen; the rest from it.
@@ -110,14 +134,14 @@ pub(crate) async fn pooled_activations_cached(
     vectors: VectorCache<'_>,
     model: &Arc<TargetModel>,
     (images, hashes): (&[Arc<RgbImage>], &[String]),
-    tap: Tap,
+    readout: &Readout,
     pooling: Pooling,
     batch_size: usize,
 ) -> Result<Vec<Vec<f32>>, PipelineError> {
     vectors
-        .rows(&pooled_output(tap, pooling), hashes, |missing| {
+        .rows(&pooled_output(readout, pooling), hashes, |missing| {
             let images: Vec<Arc<RgbImage>> = missing.iter().map(|&i| images[i].clone()).collect();
-            pooled_activations_blocking(model.clone(), images, tap, pooling, batch_size)
+            pooled_activations_blocking(model.clone(), images, readout.clone(), pooling, batch_size)
         })
         .await
 }

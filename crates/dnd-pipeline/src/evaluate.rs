@@ -92,14 +92,14 @@ pub async fn evaluate_job(
         if parts.exists(&part).await? {
             resumed += 1;
         } else {
-            let tap = bench.target.tap(layer.as_str())?;
+            let readout = context.readout(&bench, layer.as_str())?;
             let probe = context.probe_measurements(&bench, layer).await?;
             let rows = evaluate_labels(
                 &bench,
                 &context.spec,
                 config,
                 layer,
-                tap,
+                &readout,
                 &probe,
                 labels,
                 &source_name,

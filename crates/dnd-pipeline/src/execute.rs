@@ -10,9 +10,9 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
-use dnd_core::{LayerName, NeuronId, Scored, TaskDef, TaskWork};
-use dnd_store::results::ResultTable;
-use dnd_store::tables::TopKRow;
+use dnd_core::{LayerName, NeuronId, Scored, Stage, TaskDef, TaskWork, UnitStatus};
+use dnd_store::results::{DescriptionRow, DescriptionStatus, ResultTable};
+use dnd_store::tables::{TopKRow, UnitRow};
 use dnd_store::{CacheCounts, CacheKind, Location, batches_rows, read_parquet, write_parquet};
 
 use crate::error::PipelineError;
@@ -26,6 +26,7 @@ use crate::progress::Progress;
 use crate::stages::evaluate::{
     DND_LABELS, LabelToScore, ProbeMeasurements, evaluate_labels, reported_labels,
 };
+use crate::units::Readout;
 use crate::workbench::Workbench;
 
 pub const STATS_FILE: &str = "stats.json";
@@ -62,6 +63,8 @@ pub struct JobContext {
     pub dir: JobDir,
     pub images: ProbeImages,
     topk: Mutex<HashMap<LayerName, Arc<NeuronTopK>>>,
+    /// Each dictionary layer's unit statuses from the merged probe (dead, dense).
+    statuses: Mutex<HashMap<LayerName, Arc<HashMap<NeuronId, UnitStatus>>>>,
     probe_measurements: Mutex<HashMap<LayerName, Arc<ProbeMeasurements>>>,
 }
 
@@ -88,6 +91,7 @@ impl JobContext {
             dir,
             images,
             topk: Mutex::new(HashMap::new()),
+            statuses: Mutex::new(HashMap::new()),
             probe_measurements: Mutex::new(HashMap::new()),
         })
     }
@@ -108,7 +112,7 @@ impl JobContext {
                 bench,
                 &self.images.images,
                 &self.spec.probe.limits,
-                bench.target.tap(layer.as_str())?,
+                &self.readout(bench, layer.as_str())?,
                 self.spec.probe.pooling,
                 self.spec.describe.batch_size,
             )
@@ -116,6 +120,46 @@ impl JobContext {
         );
         cached.insert(layer.clone(), measured.clone());
         Ok(measured)
+    }
+
+    /// What `layer`'s neuron ids index on this worker, checked against the plan: a worker
+    /// whose dictionary is not the one the job was planned with must not describe it.
+    pub fn readout(&self, bench: &Workbench, layer: &str) -> Result<Readout, PipelineError> {
+        let readout = bench.readout(layer)?;
+        let planned = self.plan.layer(layer).and_then(|l| l.units.as_ref());
+        let planned = planned.map(|u| u.source.as_str());
+        if readout.source() != planned {
+            return Err(PipelineError::BadJob {
+                origin: self.dir.location().to_string(),
+                reason: format!(
+                    "layer {layer} was planned with dictionary {}, and this worker loaded {}: give it the job's [target.units]",
+                    planned.unwrap_or("none (channels)"),
+                    readout.source().unwrap_or("none (channels)"),
+                ),
+            });
+        }
+        Ok(readout)
+    }
+
+    /// The statuses of `layer`'s units from the merged probe (none for channels).
+    async fn unit_statuses(
+        &self,
+        layer: &LayerName,
+    ) -> Result<Arc<HashMap<NeuronId, UnitStatus>>, PipelineError> {
+        let mut cached = self.statuses.lock().await;
+        if let Some(s) = cached.get(layer) {
+            return Ok(s.clone());
+        }
+        let mut statuses = HashMap::new();
+        if self.plan.layer(layer.as_str()).is_some_and(|l| l.units.is_some()) {
+            let rel = format!("probe/units/{layer}.parquet");
+            let rows: Vec<UnitRow> =
+                batches_rows("units", &read_parquet(self.dir.location(), &rel).await?)?;
+            statuses.extend(rows.into_iter().map(|r| (r.neuron, r.status)));
+        }
+        let statuses = Arc::new(statuses);
+        cached.insert(layer.clone(), statuses.clone());
+        Ok(statuses)
     }
 
     /// Each neuron's merged probe top-K of `layer`, as indices into the probe set.
@@ -141,6 +185,78 @@ impl JobContext {
         let top = Arc::new(top);
         cached.insert(layer.clone(), top.clone());
         Ok(top)
+    }
+
+    /// Stages 1-3 (and `[evaluate]`) for a neuron batch of `layer`: its units that the
+    /// probe found dead or dense, and `[units] skip` names, get their status only.
+    async fn describe(
+        &self,
+        bench: &Workbench,
+        task: &TaskDef,
+        layer: &LayerName,
+        neurons: &[NeuronId],
+        progress: &dyn Progress,
+    ) -> Result<TaskTables, PipelineError> {
+        let readout = self.readout(bench, layer.as_str())?;
+        let statuses = self.unit_statuses(layer).await?;
+        let skipped = |n: &NeuronId| statuses.get(n).copied().filter(|s| self.spec.units.skips(*s));
+        let described: Vec<NeuronId> =
+            neurons.iter().filter(|n| skipped(n).is_none()).copied().collect();
+        let neuron_task = NeuronTask {
+            id: task.id.clone(),
+            layer: layer.clone(),
+            readout: readout.select(&described),
+            neurons: described,
+        };
+        let mut tables = if neuron_task.neurons.is_empty() {
+            TaskTables::default()
+        } else {
+            let top_by_neuron = self.layer_topk(layer).await?;
+            let top: Vec<Vec<Scored>> = neuron_task
+                .neurons
+                .iter()
+                .map(|n| top_by_neuron.get(n).cloned().unwrap_or_default())
+                .collect();
+            run_neuron_task(
+                bench,
+                &self.spec,
+                &neuron_task,
+                &top,
+                &self.images.images,
+                self.dir.location(),
+                progress,
+            )
+            .await?
+        };
+        let skipped: Vec<(NeuronId, UnitStatus)> =
+            neurons.iter().filter_map(|n| Some((*n, skipped(n)?))).collect();
+        for stage in Stage::DESCRIBE {
+            progress.advance_stage(stage, skipped.len() as u64);
+        }
+        tables
+            .descriptions
+            .extend(skipped.iter().map(|&(n, status)| skipped_row(&neuron_task, n, status)));
+        tables.descriptions.sort_by_key(|d| d.neuron);
+        if let Some(config) = &self.spec.evaluate {
+            let labels: Vec<LabelToScore> = tables
+                .descriptions
+                .iter()
+                .flat_map(|d| reported_labels(d, config.labels))
+                .collect();
+            let probe = self.probe_measurements(bench, layer).await?;
+            tables.evaluation = evaluate_labels(
+                bench,
+                &self.spec,
+                config,
+                layer,
+                &neuron_task.readout,
+                &probe,
+                &labels,
+                DND_LABELS,
+            )
+            .await?;
+        }
+        Ok(tables)
     }
 
     /// Runs `task`, as leased, with `bench`, writing under the attempt's directory.
@@ -176,11 +292,15 @@ impl JobContext {
                     images.errors.clear();
                 }
                 let config = probe_config(&self.spec);
+                for layer in &self.plan.layers {
+                    self.readout(bench, &layer.name)?;
+                }
                 run_probe(
                     bench.target.clone(),
                     images,
                     &dir,
                     &config,
+                    &bench.units,
                     Some(bench.target_vectors()),
                     progress,
                 )
@@ -190,46 +310,7 @@ impl JobContext {
                 stats.models.insert("target".into(), bench.target.reference.clone());
             }
             TaskWork::Neurons { layer, neurons } => {
-                let neuron_task = NeuronTask {
-                    id: task.id.clone(),
-                    layer: layer.clone(),
-                    tap: bench.target.tap(layer.as_str())?,
-                    neurons: neurons.clone(),
-                };
-                let top_by_neuron = self.layer_topk(layer).await?;
-                let top: Vec<Vec<Scored>> = neurons
-                    .iter()
-                    .map(|n| top_by_neuron.get(n).cloned().unwrap_or_default())
-                    .collect();
-                let mut tables = run_neuron_task(
-                    bench,
-                    &self.spec,
-                    &neuron_task,
-                    &top,
-                    &self.images.images,
-                    self.dir.location(),
-                    progress,
-                )
-                .await?;
-                if let Some(config) = &self.spec.evaluate {
-                    let labels: Vec<LabelToScore> = tables
-                        .descriptions
-                        .iter()
-                        .flat_map(|d| reported_labels(d, config.labels))
-                        .collect();
-                    let probe = self.probe_measurements(bench, layer).await?;
-                    tables.evaluation = evaluate_labels(
-                        bench,
-                        &self.spec,
-                        config,
-                        layer,
-                        neuron_task.tap,
-                        &probe,
-                        &labels,
-                        DND_LABELS,
-                    )
-                    .await?;
-                }
+                let tables = self.describe(bench, task, layer, neurons, progress).await?;
                 write_task(&dir, &tables).await?;
                 stats.kind = "neurons".into();
                 stats.neurons = neurons.len();
@@ -271,4 +352,35 @@ pub async fn write_task(dir: &Location, tables: &TaskTables) -> Result<(), Pipel
         write_parquet(dir, &table.file(), &batch).await?;
     }
     Ok(())
+}
+
+/// The description of a unit stages 1-3 skipped for its status: no label, the status says
+/// why.
+fn skipped_row(task: &NeuronTask, neuron: NeuronId, status: UnitStatus) -> DescriptionRow {
+    DescriptionRow {
+        layer: task.layer.clone(),
+        neuron,
+        unit_kind: task.readout.kind(),
+        unit_source: task.readout.source().map(String::from),
+        status: match status {
+            UnitStatus::Dense => DescriptionStatus::Dense,
+            _ => DescriptionStatus::Dead,
+        },
+        label: None,
+        score: None,
+        label_2: None,
+        score_2: None,
+        label_3: None,
+        score_3: None,
+        candidates: 0,
+        top_images: 0,
+        captions_cached: 0,
+        captions_total: 0,
+        replies_cached: 0,
+        replies_total: 0,
+        images_cached: 0,
+        images_total: 0,
+        error: None,
+        task: task.id.to_string(),
+    }
 }

@@ -4,9 +4,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use dnd_core::{NeuronId, TaskId};
+use dnd_core::{Firing, Liveness, NeuronId, TaskId};
 use dnd_store::results::{DescriptionRow, DescriptionStatus, NeuronErrorRow, ResultTable};
-use dnd_store::tables::{self, ErrorRow, TopKRow};
+use dnd_store::tables::{self, ErrorRow, TopKRow, UnitRow};
 use dnd_store::tasks::READS_IN_FLIGHT;
 use dnd_store::{CacheCounts, batches_rows, read_parquet, write_parquet};
 use futures::StreamExt;
@@ -14,17 +14,23 @@ use futures::StreamExt;
 use crate::error::PipelineError;
 use crate::execute::{STATS_FILE, TaskStats};
 use crate::job_dir::JobDir;
-use crate::plan::JobPlan;
-use crate::probe::peak_rss_mib;
+use crate::plan::{JobPlan, PlannedLayer};
+use crate::probe::{peak_rss_mib, unit_status};
 pub use crate::summary::DissectSummary;
 
 /// Attempt names the coordinator gives a task's failure record.
 pub const FAILED_ATTEMPT_PREFIX: &str = "failed-";
 
 /// Merges the committed probe slices into each layer's top-K (the `top_k` most activating
-/// images per neuron; ties go to the earlier image id, as within a slice) and the probe
-/// errors, then marks stage 0 done.
-pub async fn merge_probe(dir: &JobDir, plan: &JobPlan, top_k: usize) -> Result<(), PipelineError> {
+/// images per neuron; ties go to the earlier image id, as within a slice), the firing
+/// counts of each dictionary's units (their statuses by `liveness`) and the probe errors,
+/// then marks stage 0 done.
+pub async fn merge_probe(
+    dir: &JobDir,
+    plan: &JobPlan,
+    top_k: usize,
+    liveness: &Liveness,
+) -> Result<(), PipelineError> {
     let job = dir.location();
     let store = dir.tasks();
     let mut slices = Vec::new();
@@ -62,6 +68,11 @@ pub async fn merge_probe(dir: &JobDir, plan: &JobPlan, top_k: usize) -> Result<(
             &tables::topk_batch(&merged)?,
         )
         .await?;
+        if layer.units.is_some() {
+            let units = merge_units(layer, &slices, liveness).await?;
+            let rel = format!("probe/units/{}.parquet", layer.name);
+            write_parquet(job, &rel, &tables::units_batch(&units)?).await?;
+        }
     }
     let mut errors: Vec<ErrorRow> = Vec::new();
     for dir in &slices {
@@ -72,6 +83,50 @@ pub async fn merge_probe(dir: &JobDir, plan: &JobPlan, top_k: usize) -> Result<(
     }
     write_parquet(job, "probe/errors.parquet", &tables::errors_batch(&errors)?).await?;
     dir.mark_probe_merged().await
+}
+
+/// The units table of a layer summed over the probe slices, statuses by `liveness`.
+async fn merge_units(
+    layer: &PlannedLayer,
+    slices: &[dnd_store::Location],
+    liveness: &Liveness,
+) -> Result<Vec<UnitRow>, PipelineError> {
+    let mut rows: Vec<Option<UnitRow>> = vec![None; layer.width];
+    let mut firing = Firing::new(layer.width);
+    for dir in slices {
+        let slice: Vec<UnitRow> = batches_rows(
+            "units",
+            &read_parquet(dir, &format!("units/{}.parquet", layer.name)).await?,
+        )?;
+        let mut counts = Firing::new(layer.width);
+        for row in slice {
+            let u = row.neuron.index();
+            if u >= layer.width {
+                return Err(PipelineError::Internal(format!(
+                    "unit {u} of {} is beyond its {} units",
+                    layer.name, layer.width
+                )));
+            }
+            counts.images = row.images as u64;
+            counts.fired_images[u] = row.fired_images as u64;
+            counts.position_share[u] = row.position_share;
+            rows[u].get_or_insert(row);
+        }
+        firing.merge(&counts);
+    }
+    Ok(rows
+        .into_iter()
+        .enumerate()
+        .filter_map(|(u, row)| {
+            let mut row = row?;
+            row.images = firing.images as i64;
+            row.fired_images = firing.fired_images[u] as i64;
+            row.position_share = firing.position_share[u];
+            row.firing_rate = firing.rate(u);
+            row.status = unit_status(row.unit_kind, &firing, u, liveness);
+            Some(row)
+        })
+        .collect())
 }
 
 /// Records that a neuron task failed for good: every neuron of it gets a `failed`
@@ -87,6 +142,12 @@ pub async fn commit_failed_task(
     let Some(batch) = plan.neuron_tasks.iter().find(|t| t.id == task) else {
         return Err(PipelineError::Internal(format!("no neuron task `{task}` in the plan")));
     };
+    let unit = plan.layer(batch.layer.as_str()).cloned().unwrap_or_else(|| PlannedLayer {
+        name: batch.layer.to_string(),
+        width: 0,
+        spatial: false,
+        units: None,
+    });
     let store = job.tasks();
     let attempt = format!("{FAILED_ATTEMPT_PREFIX}{attempts}");
     let dir = store.attempt_dir(task, &attempt)?;
@@ -97,6 +158,8 @@ pub async fn commit_failed_task(
         .map(|&n| DescriptionRow {
             layer: batch.layer.clone(),
             neuron: n,
+            unit_kind: unit.unit_kind(),
+            unit_source: unit.unit_source(),
             status: DescriptionStatus::Failed,
             label: None,
             score: None,
@@ -122,6 +185,8 @@ pub async fn commit_failed_task(
         .map(|&n| NeuronErrorRow {
             layer: batch.layer.clone(),
             neuron: n,
+            unit_kind: unit.unit_kind(),
+            unit_source: unit.unit_source(),
             stage: "task".into(),
             image_id: None,
             reason: "task_failed".into(),
@@ -221,6 +286,8 @@ pub async fn finish_job(
         neurons_ok: count(DescriptionStatus::Ok),
         neurons_no_candidates: count(DescriptionStatus::NoCandidates),
         neurons_failed: count(DescriptionStatus::Failed),
+        neurons_dead: count(DescriptionStatus::Dead),
+        neurons_dense: count(DescriptionStatus::Dense),
         cache,
         cache_hit_rate: if lookups == 0 { 0.0 } else { hits as f64 / lookups as f64 },
         load_seconds: facts.load_seconds,

@@ -6,7 +6,10 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use dnd_core::evaluation::EvaluationConfig;
-use dnd_core::{CoreError, CropConfig, NeuronId, NeuronSet, Pooling, ScoringConfig, Screening};
+use dnd_core::{
+    CoreError, CropConfig, Liveness, NeuronId, NeuronSet, Pooling, ScoringConfig, Screening,
+    UnitKind,
+};
 use dnd_models::{CaptionConfig, GenerationConfig, ModelRef};
 use dnd_summarize::SummarizerConfig;
 
@@ -41,6 +44,10 @@ pub struct JobSpec {
     pub generator: GeneratorSection,
     pub embedder: EmbedderSection,
     pub scoring: ScoringConfig,
+    /// `[units]`: which dead and dense SAE latents stages 1-3 skip. Left out of the
+    /// serialised spec while default, so that jobs named before it keep their names.
+    #[serde(skip_serializing_if = "Liveness::is_default")]
+    pub units: Liveness,
     /// Scores each reported label against its neuron after stage 3 (`[evaluate]`); off
     /// when absent. Not part of the job's name: it adds a table, it changes no label.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -64,6 +71,7 @@ impl Default for JobSpec {
             generator: GeneratorSection::default(),
             embedder: EmbedderSection::default(),
             scoring: ScoringConfig::default(),
+            units: Liveness::default(),
             evaluate: None,
         }
     }
@@ -78,13 +86,70 @@ pub struct TargetSection {
     /// Taps, e.g. `layer4`, `fc`.
     pub layers: Vec<String>,
     /// Which neurons: one set for every layer (`"0..64,100"`, `"all"`), or one per layer
-    /// (`{ layer4 = "0..8", fc = "all" }`; layers not named get all their neurons).
+    /// (`{ layer4 = "0..8", fc = "all" }`; layers not named get all their neurons). For a
+    /// layer described by a dictionary, the ids are its units'.
     pub neurons: NeuronSpec,
+    /// `[target.units.<layer>]`: the layers described by a dictionary's units (SAE latents,
+    /// directions) instead of their channels. Left out of the serialised spec while empty.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub units: BTreeMap<String, UnitSource>,
 }
 
 impl Default for TargetSection {
     fn default() -> Self {
-        Self { model: String::new(), layers: vec!["layer4".into()], neurons: NeuronSpec::default() }
+        Self {
+            model: String::new(),
+            layers: vec!["layer4".into()],
+            neurons: NeuronSpec::default(),
+            units: BTreeMap::new(),
+        }
+    }
+}
+
+/// What a layer's units are: `kind = "sae"` with an SAE (SAELens' directory, or a weights
+/// file beside its `cfg.json`), `kind = "direction"` with a `directions.safetensors`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnitSource {
+    pub kind: UnitKind,
+    /// A local directory or file (docs/job.md lists the layouts).
+    #[serde(default)]
+    pub source: String,
+}
+
+impl TargetSection {
+    fn check_units(&self) -> Result<(), CoreError> {
+        for (layer, entry) in &self.units {
+            let field = format!("target.units.{layer}");
+            if !self.layers.contains(layer) {
+                return Err(CoreError::invalid(
+                    field,
+                    format!(
+                        "names a layer that is not in target.layers ({})",
+                        self.layers.join(", ")
+                    ),
+                ));
+            }
+            match (entry.kind, entry.source.is_empty()) {
+                (UnitKind::Channel, false) => {
+                    return Err(CoreError::invalid(
+                        field,
+                        "channels need no source; leave it out, or say kind = \"sae\" or \"direction\"",
+                    ));
+                }
+                (UnitKind::Direction | UnitKind::Sae, true) => {
+                    return Err(CoreError::invalid(
+                        field,
+                        format!(
+                            "{} units need a source: the dictionary's directory or file",
+                            entry.kind
+                        ),
+                    ));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
     }
 }
 
@@ -272,6 +337,8 @@ impl JobSpec {
             ));
         }
         self.target.neurons.check_layers(&self.target.layers)?;
+        self.target.check_units()?;
+        self.units.validate()?;
         if self.probe.images.is_empty() {
             return Err(invalid(
                 "probe.images",
@@ -318,7 +385,7 @@ impl JobSpec {
         if let Some(name) = &self.name {
             return name.clone();
         }
-        let json = serde_json::to_vec(&(
+        let shaping = (
             &self.target,
             &self.probe,
             &self.crops,
@@ -329,7 +396,13 @@ impl JobSpec {
             &self.embedder,
             &self.scoring,
             self.seed,
-        ))
+        );
+        // `[units]` only when set, so that jobs named before it keep their names.
+        let json = if self.units.is_default() {
+            serde_json::to_vec(&shaping)
+        } else {
+            serde_json::to_vec(&(shaping, &self.units))
+        }
         .expect("a job spec serialises");
         format!("dissect-{}", &blake3::hash(&json).to_hex()[..12])
     }

@@ -19,6 +19,7 @@ pub mod progress;
 pub mod stages;
 pub mod summary;
 mod task_rows;
+pub mod units;
 pub mod vector_cache;
 pub mod workbench;
 
@@ -34,4 +35,5 @@ pub use plan::JobPlan;
 pub use probe::{CropStageConfig, ProbeConfig, ProbeSummary, run_probe};
 pub use progress::{NoProgress, Progress};
 pub use summary::DissectSummary;
+pub use units::{Readout, UnitLayers};
 pub use workbench::{CachedSummarizer, Workbench};

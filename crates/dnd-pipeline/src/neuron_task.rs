@@ -14,7 +14,7 @@ use rayon::prelude::*;
 
 use dnd_core::screening::rank_survivors_first;
 use dnd_core::{CandidateScore, LayerName, NeuronId, Scored, Stage, TaskId};
-use dnd_models::{ImageRequest, Tap};
+use dnd_models::ImageRequest;
 use dnd_store::Location;
 use dnd_store::results::NeuronErrorRow;
 
@@ -30,15 +30,17 @@ use crate::stages::score::{Measurements, measure, score_neuron};
 use crate::stages::summarize::{Labelling, label_neuron};
 pub use crate::task_rows::TaskTables;
 use crate::task_rows::{NeuronOutcome, RowMaker};
+use crate::units::Readout;
 use crate::workbench::{GeneratedEntry, Workbench, image_hash};
 
-/// A batch of neurons of one layer: the unit of work, of retries and of commits.
+/// A batch of neurons (units) of one layer: the unit of work, of retries and of commits.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NeuronTask {
     /// `<layer>-<5-digit index>`, unique in the job.
     pub id: TaskId,
     pub layer: LayerName,
-    pub tap: Tap,
+    /// What the neuron ids index: the layer's channels or its dictionary's units.
+    pub readout: Readout,
     pub neurons: Vec<NeuronId>,
 }
 
@@ -126,17 +128,24 @@ pub async fn run_neuron_task(
 ) -> Result<TaskTables, PipelineError> {
     let mut tables = TaskTables::default();
     let n = task.neurons.len() as u64;
-    let rows = RowMaker { layer: &task.layer, task: &task.id, spec, bench };
+    let rows = RowMaker {
+        layer: &task.layer,
+        unit_kind: task.readout.kind(),
+        unit_source: task.readout.source(),
+        task: &task.id,
+        spec,
+        bench,
+    };
 
     // Stage 1: the originals, and attention crops of them (spatial layers only).
     let originals =
         read_originals(top, images, &spec.probe.limits, &task.neurons, &rows, &mut tables.errors)
             .await;
     let mut evidence = original_evidence(top, images, &originals);
-    if task.tap.is_spatial() {
+    if task.readout.tap.is_spatial() {
         let crops = neuron_crops(&CropInputs {
             model: &bench.target,
-            tap: task.tap,
+            readout: &task.readout,
             neurons: &task.neurons,
             top,
             images,
@@ -195,7 +204,7 @@ pub async fn run_neuron_task(
     for (k, (list, l)) in evidence.iter().zip(&labelling).enumerate() {
         let references = measured.references(top_hashes[k].iter().copied());
         let mut scored = score_neuron(
-            task.neurons[k],
+            task.readout.column(task.neurons[k]),
             &concept_requests[k],
             &measured,
             &references,
@@ -293,7 +302,7 @@ impl Stage3<'_> {
         let hashes: Vec<String> = images.par_iter().map(|i| image_hash(i)).collect();
         let measured = measure(
             bench,
-            self.task.tap,
+            &self.task.readout,
             spec.probe.pooling,
             spec.describe.batch_size,
             &self.captions.distinct,
@@ -318,8 +327,9 @@ impl Stage3<'_> {
             .zip(self.top_hashes)
             .map(|((lists, &neuron), hashes)| {
                 let references = round.measured.references(hashes.iter().copied());
+                let column = self.task.readout.column(neuron);
                 let scored =
-                    score_neuron(neuron, lists, &round.measured, &references, &self.spec.scoring);
+                    score_neuron(column, lists, &round.measured, &references, &self.spec.scoring);
                 keep(&scored.candidates)
             })
             .collect()

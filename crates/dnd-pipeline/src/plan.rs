@@ -3,11 +3,15 @@
 //! directory, so that every worker, a restarted coordinator and a resubmission all see the
 //! same tasks.
 
+use std::collections::BTreeMap;
+
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use dnd_core::{JobName, LayerName, NeuronId, TaskDef, TaskId, TaskWork};
+use dnd_core::{JobName, LayerName, NeuronId, TaskDef, TaskId, TaskWork, UnitKind};
 
+use dnd_models::Tap;
+use dnd_models::dictionary::DictionaryInfo;
 use dnd_models::target::TargetShape;
 use dnd_store::Location;
 
@@ -35,8 +39,32 @@ pub struct NeuronBatch {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PlannedLayer {
     pub name: String,
+    /// Units described: the channels, or the dictionary's units.
     pub width: usize,
     pub spatial: bool,
+    /// The dictionary the layer's units come from; none for channels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub units: Option<PlannedUnits>,
+}
+
+/// A layer's dictionary as planned: workers check that theirs is the same.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlannedUnits {
+    pub kind: UnitKind,
+    /// The dictionary's identity, `blake3:...`.
+    pub source: String,
+    /// The channels it reads.
+    pub channels: usize,
+}
+
+impl PlannedLayer {
+    pub fn unit_kind(&self) -> UnitKind {
+        self.units.as_ref().map_or(UnitKind::Channel, |u| u.kind)
+    }
+
+    pub fn unit_source(&self) -> Option<String> {
+        self.units.as_ref().map(|u| u.source.clone())
+    }
 }
 
 /// Everything a worker needs besides the spec to run any task of the job.
@@ -53,14 +81,21 @@ pub struct JobPlan {
 }
 
 impl JobPlan {
-    /// Plans `spec` for a target model's shape and a listed probe set. Fails on layers the
-    /// model lacks and neuron ids beyond a layer's width.
+    /// Plans `spec` for a target model's shape, its dictionaries (checked by
+    /// [`crate::units::inspect_units`]) and a listed probe set. Fails on layers the model
+    /// lacks and neuron ids beyond a layer's width (its units' count for a dictionary).
     pub fn make(
         spec: &JobSpec,
         target: &TargetShape,
+        units: &BTreeMap<Tap, DictionaryInfo>,
         images: &ProbeImages,
     ) -> Result<Self, PipelineError> {
-        let layers = probe_config(spec).plan(target)?;
+        let mut layers = probe_config(spec).plan(target)?;
+        for layer in &mut layers {
+            if let Some(info) = units.get(&layer.tap) {
+                layer.width = info.units;
+            }
+        }
         let per_slice = spec.probe.images_per_task.max(1);
         let probe_tasks = (0..images.images.len().div_ceil(per_slice))
             .map(|i| ProbeSlice {
@@ -98,6 +133,11 @@ impl JobPlan {
                     name: l.name.clone(),
                     width: l.width,
                     spatial: l.tap.is_spatial(),
+                    units: units.get(&l.tap).map(|info| PlannedUnits {
+                        kind: info.kind,
+                        source: info.identity.clone(),
+                        channels: info.d_in,
+                    }),
                 })
                 .collect(),
             probe_tasks,
@@ -125,6 +165,11 @@ impl JobPlan {
     pub fn neurons(&self) -> usize {
         self.neuron_tasks.iter().map(|t| t.neurons.len()).sum()
     }
+
+    /// The planned layer named `name`.
+    pub fn layer(&self, name: &str) -> Option<&PlannedLayer> {
+        self.layers.iter().find(|l| l.name == name)
+    }
 }
 
 /// The probe stage's settings for a job.
@@ -137,6 +182,7 @@ pub fn probe_config(spec: &JobSpec) -> ProbeConfig {
         write_activations: false,
         crops: None,
         limits: spec.probe.limits.clone(),
+        liveness: spec.units.clone(),
     }
 }
 

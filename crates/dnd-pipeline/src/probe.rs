@@ -1,5 +1,7 @@
 //! Stage 0: pooled activations of every probe image, streamed into per-neuron top-K lists;
-//! then, optionally, stage 1 (attention crops) for the top images.
+//! then, optionally, stage 1 (attention crops) for the top images. A layer described by a
+//! dictionary gets its units' top-K lists (all units of the layer from one matrix product
+//! per batch) and, per unit, how often it fired (`units/<layer>.parquet`).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -10,10 +12,10 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use dnd_core::{CropConfig, LayerName, LayerTopK, NeuronId, NeuronSet, Pooling};
+use dnd_core::{CropConfig, Firing, LayerName, LayerTopK, Liveness, NeuronId, NeuronSet, Pooling};
 use dnd_models::target::TargetShape;
 use dnd_models::{Tap, TargetModel};
-use dnd_store::tables::{self, ErrorRow, TopKRow};
+use dnd_store::tables::{self, ErrorRow, TopKRow, UnitRow};
 use dnd_store::{Location, ParquetSink, write_parquet};
 
 use crate::activations::{pooled_output, pooled_rows};
@@ -21,6 +23,7 @@ use crate::error::PipelineError;
 use crate::images::{ImageLimits, ProbeImages, load_batch};
 use crate::progress::Progress;
 use crate::stages::crop::{CropLayer, CropReport, write_probe_crops};
+use crate::units::{Readout, UnitLayers};
 use crate::vector_cache::VectorCache;
 use crate::workbench::image_hash;
 
@@ -40,6 +43,9 @@ pub struct ProbeConfig {
     /// Attention crops of the top images (spatial layers only), when set.
     pub crops: Option<CropStageConfig>,
     pub limits: ImageLimits,
+    /// Dead and dense SAE latents: the statuses of `units/<layer>.parquet`.
+    #[serde(default, skip_serializing_if = "Liveness::is_default")]
+    pub liveness: Liveness,
 }
 
 impl Default for ProbeConfig {
@@ -52,6 +58,7 @@ impl Default for ProbeConfig {
             write_activations: false,
             crops: None,
             limits: ImageLimits::default(),
+            liveness: Liveness::default(),
         }
     }
 }
@@ -68,6 +75,7 @@ pub struct CropStageConfig {
 pub struct LayerPlan {
     pub name: String,
     pub tap: Tap,
+    /// Its channels; in a probe run, the units read (a dictionary's, where it has one).
     pub width: usize,
 }
 
@@ -253,7 +261,7 @@ async fn write_topk(
 async fn probe_crops(
     model: &Arc<TargetModel>,
     images: &ProbeImages,
-    plans: &[LayerPlan],
+    (plans, readouts): (&[LayerPlan], &[Readout]),
     topk: &[LayerTopK],
     crop_stage: &CropStageConfig,
     config: &ProbeConfig,
@@ -262,9 +270,15 @@ async fn probe_crops(
 ) -> Result<CropReport, PipelineError> {
     let spatial: Vec<CropLayer<'_>> = plans
         .iter()
+        .zip(readouts)
         .zip(topk)
-        .filter(|(p, _)| p.tap.is_spatial())
-        .map(|(p, topk)| CropLayer { name: &p.name, tap: p.tap, width: p.width, topk })
+        .filter(|((p, _), _)| p.tap.is_spatial())
+        .map(|((p, readout), topk)| CropLayer {
+            name: &p.name,
+            readout: readout.clone(),
+            width: p.width,
+            topk,
+        })
         .collect();
     if spatial.is_empty() {
         return Ok(CropReport { crops: 0, errors: Vec::new(), outputs: Vec::new() });
@@ -283,18 +297,28 @@ async fn probe_crops(
     .await
 }
 
-/// Pooled activations of a batch at every tap (`rows[tap][image]`): from `vectors` where
-/// it has every tap of an image, the rest through the model, then stored.
+/// What the vector cache calls a probe row of `readout`: the pooled activations, plus, for
+/// a dictionary's units, each unit's share of positions above 0 (`2 x units` values).
+fn probe_output(readout: &Readout, pooling: Pooling) -> String {
+    match readout.units {
+        None => pooled_output(readout, pooling),
+        Some(_) => format!("{}/{pooling}", readout.output("probe")),
+    }
+}
+
+/// Probe rows of a batch at every readout (`rows[readout][image]`, see [`probe_output`]):
+/// from `vectors` where it has every readout of an image, the rest through the model, then
+/// stored.
 async fn batch_rows(
     model: &Arc<TargetModel>,
-    taps: &[Tap],
+    readouts: &[Readout],
     pooling: Pooling,
     batch: InputBatch,
     vectors: Option<VectorCache<'_>>,
 ) -> Result<Vec<Vec<Vec<f32>>>, PipelineError> {
     let n = batch.images.len();
-    let outputs: Vec<String> = taps.iter().map(|&t| pooled_output(t, pooling)).collect();
-    let mut rows: Vec<Vec<Option<Vec<f32>>>> = vec![vec![None; n]; taps.len()];
+    let outputs: Vec<String> = readouts.iter().map(|r| probe_output(r, pooling)).collect();
+    let mut rows: Vec<Vec<Option<Vec<f32>>>> = vec![vec![None; n]; readouts.len()];
     if let Some(vectors) = vectors {
         for (l, output) in outputs.iter().enumerate() {
             let keys: Vec<(&str, &str)> =
@@ -313,14 +337,14 @@ async fn batch_rows(
                 .flat_map(|&i| batch.pixels[i * plane..(i + 1) * plane].to_vec())
                 .collect()
         };
-        let (model, taps, m) = (model.clone(), taps.to_vec(), missing.len());
+        let (model, readouts, m) = (model.clone(), readouts.to_vec(), missing.len());
         let computed = tokio::task::spawn_blocking(move || -> Result<_, PipelineError> {
             let (width, height) = model.preprocess.output_size().ok_or_else(|| {
                 PipelineError::Internal("the target model's preprocessing has no fixed size".into())
             })?;
             let shape = (m, 3, height as usize, width as usize);
             let x = Tensor::from_vec(pixels, shape, &model.device)?;
-            pooled_rows(&model, &x, &taps, pooling)
+            pooled_rows(&model, &x, &readouts, pooling, true)
         })
         .await??;
         for (l, flat) in computed.into_iter().enumerate() {
@@ -352,11 +376,20 @@ pub async fn run_probe(
     images: ProbeImages,
     out: &Location,
     config: &ProbeConfig,
+    units: &UnitLayers,
     vectors: Option<VectorCache<'_>>,
     progress: &dyn Progress,
 ) -> Result<ProbeSummary, PipelineError> {
-    let plans = config.plan(&model.shape())?;
-    let taps: Vec<Tap> = plans.iter().map(|p| p.tap).collect();
+    let mut plans = config.plan(&model.shape())?;
+    let readouts: Vec<Readout> = plans.iter().map(|p| Readout::of(p.tap, units)).collect();
+    for (plan, readout) in plans.iter_mut().zip(&readouts) {
+        plan.width = readout.width(&model);
+    }
+    let mut firing: Vec<Option<Firing>> = readouts
+        .iter()
+        .zip(&plans)
+        .map(|(r, p)| r.units.as_ref().map(|_| Firing::new(p.width)))
+        .collect();
     let started = Instant::now();
     let mut errors = images.errors.clone();
     let mut outputs = Vec::new();
@@ -389,9 +422,18 @@ pub async fn run_probe(
         }
         images_ok += batch.images.len();
         let ids = batch.images.clone();
-        let rows = batch_rows(&model, &taps, config.pooling, batch, vectors).await?;
+        let rows = batch_rows(&model, &readouts, config.pooling, batch, vectors).await?;
         for (l, layer_rows) in rows.into_iter().enumerate() {
-            let pooled = layer_rows.concat();
+            let width = plans[l].width;
+            let pooled: Vec<f32> = match &mut firing[l] {
+                None => layer_rows.concat(),
+                Some(firing) => {
+                    let shares: Vec<f32> =
+                        layer_rows.iter().flat_map(|r| r[width..].iter().copied()).collect();
+                    firing.push_shares(&shares);
+                    layer_rows.iter().flat_map(|r| r[..width].iter().copied()).collect()
+                }
+            };
             topk[l].push_batch(&ids, &pooled);
             if let Some(sink) = activation_sinks.get_mut(l) {
                 let names: Vec<&str> =
@@ -408,13 +450,30 @@ pub async fn run_probe(
     let probe_seconds = started.elapsed().as_secs_f64();
 
     outputs.extend(write_topk(&plans, &topk, &images, out).await?);
+    for ((plan, readout), firing) in plans.iter().zip(&readouts).zip(&firing) {
+        if let Some(firing) = firing {
+            let rel = format!("units/{}.parquet", plan.name);
+            let rows = unit_rows(&plan.name, readout, firing, &config.liveness);
+            write_parquet(out, &rel, &tables::units_batch(&rows)?).await?;
+            outputs.push(rel);
+        }
+    }
 
     let images_failed = errors.len();
     let crop_started = Instant::now();
     let mut crops_written = 0;
     if let Some(crop_stage) = &config.crops {
-        let report =
-            probe_crops(&model, &images, &plans, &topk, crop_stage, config, out, progress).await?;
+        let report = probe_crops(
+            &model,
+            &images,
+            (&plans, &readouts),
+            &topk,
+            crop_stage,
+            config,
+            out,
+            progress,
+        )
+        .await?;
         crops_written = report.crops;
         errors.extend(report.errors);
         outputs.extend(report.outputs);
@@ -453,4 +512,42 @@ pub async fn run_probe(
         serde_json::to_vec_pretty(&summary).map_err(|e| PipelineError::Internal(e.to_string()))?;
     out.put("probe.json", Bytes::from(json)).await?;
     Ok(summary)
+}
+
+/// The units table of a layer read through a dictionary: each unit's firing counts and
+/// status. `firing` holds a probe slice's counts, or the sum of all slices'.
+pub fn unit_rows(
+    layer: &str,
+    readout: &Readout,
+    firing: &Firing,
+    liveness: &Liveness,
+) -> Vec<UnitRow> {
+    let names = readout.units.as_ref().map(|u| u.info.names.as_slice()).unwrap_or_default();
+    (0..firing.units())
+        .map(|u| UnitRow {
+            layer: LayerName::new(layer),
+            neuron: NeuronId::new(u as u32),
+            unit_kind: readout.kind(),
+            unit_source: readout.source().map(String::from),
+            name: names.get(u).cloned(),
+            images: firing.images as i64,
+            fired_images: firing.fired_images[u] as i64,
+            position_share: firing.position_share[u],
+            firing_rate: firing.rate(u),
+            status: unit_status(readout.kind(), firing, u, liveness),
+        })
+        .collect()
+}
+
+/// SAE latents are classified; directions, signed, are always active.
+pub fn unit_status(
+    kind: dnd_core::UnitKind,
+    firing: &Firing,
+    u: usize,
+    liveness: &Liveness,
+) -> dnd_core::UnitStatus {
+    match kind {
+        dnd_core::UnitKind::Sae => firing.status(u, liveness),
+        _ => dnd_core::UnitStatus::Active,
+    }
 }

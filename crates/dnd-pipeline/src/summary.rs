@@ -24,6 +24,11 @@ pub struct DissectSummary {
     pub neurons_ok: usize,
     pub neurons_no_candidates: usize,
     pub neurons_failed: usize,
+    /// SAE latents skipped as `dead` and `dense` (`[units] skip`).
+    #[serde(default)]
+    pub neurons_dead: usize,
+    #[serde(default)]
+    pub neurons_dense: usize,
     /// Cache hits and misses over the committed attempts, by kind. A miss is one model call.
     pub cache: BTreeMap<String, CacheCounts>,
     /// Share of cacheable model calls (captions, images, replies) the caches answered.

@@ -1,7 +1,7 @@
 //! The results rows of one neuron of a neuron task: its evidence images, captions,
 //! summariser exchanges, generated images, candidates, scores and description.
 
-use dnd_core::{LayerName, NeuronId, TaskId};
+use dnd_core::{LayerName, NeuronId, TaskId, UnitKind};
 use dnd_store::results::{
     CandidateRow, CaptionRow, DescriptionRow, DescriptionStatus, EvaluationRow, ExchangeRow,
     ImageRow, NeuronErrorRow, ScoreRow,
@@ -28,9 +28,11 @@ pub struct TaskTables {
     pub evaluation: Vec<EvaluationRow>,
 }
 
-/// Makes the rows of one task's neurons.
+/// Makes the rows of one task's neurons (units).
 pub(crate) struct RowMaker<'a> {
     pub layer: &'a LayerName,
+    pub unit_kind: UnitKind,
+    pub unit_source: Option<&'a str>,
     pub task: &'a TaskId,
     pub spec: &'a JobSpec,
     pub bench: &'a Workbench,
@@ -55,15 +57,17 @@ fn count(flags: impl Iterator<Item = bool>) -> (i32, i32) {
     flags.fold((0, 0), |(c, t), cached| (c + i32::from(cached), t + 1))
 }
 
-fn exchange_row(layer: &str, neuron: NeuronId, seq: usize, e: &Exchange) -> ExchangeRow {
+fn exchange_row(rows: &RowMaker<'_>, neuron: NeuronId, seq: usize, e: &Exchange) -> ExchangeRow {
     let (answer, error) = match &e.answer {
         Ok(Answer::Label(l)) => (Some(l.clone()), None),
         Ok(Answer::Several(items)) => (Some(items.join("; ")), None),
         Err(err) => (None, Some(err.to_string())),
     };
     ExchangeRow {
-        layer: LayerName::new(layer),
+        layer: rows.layer.clone(),
         neuron,
+        unit_kind: rows.unit_kind,
+        unit_source: rows.source(),
         seq: seq as i32,
         step: serde_json::to_value(e.step)
             .ok()
@@ -81,6 +85,10 @@ fn exchange_row(layer: &str, neuron: NeuronId, seq: usize, e: &Exchange) -> Exch
 }
 
 impl RowMaker<'_> {
+    fn source(&self) -> Option<String> {
+        self.unit_source.map(String::from)
+    }
+
     /// An error row of `neuron` at `stage`.
     pub fn error(
         &self,
@@ -93,6 +101,8 @@ impl RowMaker<'_> {
         NeuronErrorRow {
             layer: self.layer.clone(),
             neuron,
+            unit_kind: self.unit_kind,
+            unit_source: self.source(),
             stage: stage.into(),
             image_id,
             reason: reason.into(),
@@ -111,6 +121,8 @@ impl RowMaker<'_> {
             tables.captions.push(CaptionRow {
                 layer: self.layer.clone(),
                 neuron: o.neuron,
+                unit_kind: self.unit_kind,
+                unit_source: self.source(),
                 image_rank: rank as i32,
                 image_hash: e.hash.clone(),
                 caption: caption.clone(),
@@ -120,7 +132,7 @@ impl RowMaker<'_> {
             });
         }
         for (seq, e) in o.labelling.exchanges.iter().enumerate() {
-            tables.exchanges.push(exchange_row(self.layer.as_str(), o.neuron, seq, e));
+            tables.exchanges.push(exchange_row(self, o.neuron, seq, e));
         }
         if let Some(failure) = &o.labelling.failure {
             let row = self.error(o.neuron, "summarize", None, "summarizer_failed", failure.clone());
@@ -141,6 +153,8 @@ impl RowMaker<'_> {
             tables.images.push(ImageRow {
                 layer: self.layer.clone(),
                 neuron: o.neuron,
+                unit_kind: self.unit_kind,
+                unit_source: self.source(),
                 kind: if e.crop.is_some() { "crop" } else { "original" }.into(),
                 rank: rank as i32,
                 activation: e.activation,
@@ -169,6 +183,8 @@ impl RowMaker<'_> {
             tables.images.push(ImageRow {
                 layer: self.layer.clone(),
                 neuron: o.neuron,
+                unit_kind: self.unit_kind,
+                unit_source: self.source(),
                 kind: "generated".into(),
                 rank: s.positions[j] as i32,
                 activation: img.activation,
@@ -202,6 +218,8 @@ impl RowMaker<'_> {
             tables.candidates.push(CandidateRow {
                 layer: self.layer.clone(),
                 neuron: o.neuron,
+                unit_kind: self.unit_kind,
+                unit_source: self.source(),
                 candidate: s.candidate as i32,
                 prompt: self.spec.generator.sampling.prompt(&concept),
                 concept: concept.clone(),
@@ -212,6 +230,8 @@ impl RowMaker<'_> {
             tables.scores.push(ScoreRow {
                 layer: self.layer.clone(),
                 neuron: o.neuron,
+                unit_kind: self.unit_kind,
+                unit_source: self.source(),
                 candidate: s.candidate as i32,
                 concept,
                 topk_sq_mean: s.topk_sq_mean,
@@ -251,6 +271,8 @@ impl RowMaker<'_> {
         DescriptionRow {
             layer: self.layer.clone(),
             neuron: o.neuron,
+            unit_kind: self.unit_kind,
+            unit_source: self.source(),
             status,
             label: label(0).map(|x| x.0),
             score: label(0).map(|x| x.1),

@@ -25,6 +25,7 @@ use dnd_summarize::{Exchange, Step, SummarizeError, Summarizer};
 
 use crate::error::PipelineError;
 use crate::job::{JobSpec, SYNTHETIC_GENERATOR};
+use crate::units::{Readout, UnitLayers, load_units};
 use crate::vector_cache::VectorCache;
 
 /// BLAKE3 of an image's size and RGB pixels: equal pictures, equal hashes, whatever file
@@ -57,6 +58,8 @@ pub struct Loaded<M: ?Sized> {
 /// Every model of a job, resident, and the cache in front of them.
 pub struct Workbench {
     pub target: Arc<TargetModel>,
+    /// The job's dictionaries (`[target.units]`), on the target's device.
+    pub units: UnitLayers,
     pub captioner: Loaded<dyn Captioner>,
     pub generator: Loaded<dyn Generator>,
     pub embedder: Loaded<dyn Embedder>,
@@ -110,6 +113,10 @@ impl Workbench {
         cache: ContentCache,
     ) -> Result<Self, PipelineError> {
         let device = parse_device(&spec.device)?;
+        let units = {
+            let (spec, target) = (spec.clone(), target.clone());
+            blocking(move || load_units(&spec, &target)).await?
+        };
         let captioner = {
             let (reference, device, decoding) = (
                 spec.captioner.model.parse::<ModelRef>()?,
@@ -190,6 +197,7 @@ impl Workbench {
         let device_kind = if device.is_cpu() { "cpu" } else { "cuda" };
         Ok(Self {
             target,
+            units,
             captioner,
             generator,
             embedder,
@@ -198,6 +206,11 @@ impl Workbench {
             target_identity,
             device_kind,
         })
+    }
+
+    /// What stages read at `layer`: its channels, or the units of its dictionary.
+    pub fn readout(&self, layer: &str) -> Result<Readout, PipelineError> {
+        Ok(Readout::of(self.target.tap(layer)?, &self.units))
     }
 
     /// The target model's vectors (pooled activations, channel maps) in the cache.

@@ -116,7 +116,8 @@ fn activations(
     tap: Tap,
 ) -> Result<Vec<Vec<f32>>, QualityError> {
     let images: Vec<Arc<RgbImage>> = images.into_iter().map(Arc::new).collect();
-    Ok(pooled_activations(model, &images, tap, dnd_core::Pooling::Mean, 32)?)
+    let readout = dnd_pipeline::Readout::channels(tap);
+    Ok(pooled_activations(model, &images, &readout, dnd_core::Pooling::Mean, 32)?)
 }
 
 /// Side of the lattice Network Dissection's masks and maps are compared on.

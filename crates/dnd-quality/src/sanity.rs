@@ -266,6 +266,8 @@ mod tests {
         EvaluationRow {
             layer: "layer4".into(),
             neuron: dnd_core::NeuronId::new(neuron),
+            unit_kind: dnd_core::UnitKind::Channel,
+            unit_source: None,
             source: source.into(),
             label_rank: 1,
             label: source.into(),

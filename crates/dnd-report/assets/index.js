@@ -4,11 +4,11 @@
   "use strict";
   var data = window.DND_REPORT || { rows: [], layers: [], truth: false, evaluated: false, pageSize: 100 };
   // Row layout in neurons.js: [layer, neuron, label, score, status, page, other labels, truth,
-  // simulation correlation of the top label, its CoSy AUC].
+  // simulation correlation of the top label, its CoSy AUC, unit kind (channel, direction, sae)].
   var cell = function (v) { return v === null || v === undefined ? "–" : v.toFixed(3); };
   var rows = data.rows.map(function (r, i) {
     return { layer: r[0], neuron: r[1], label: r[2], score: r[3], status: r[4], href: r[5], others: r[6] || "",
-             truth: r[7], correlation: r[8], cosy: r[9], order: i, text: ((r[2] || "") + " | " + (r[6] || "")).toLowerCase() };
+             truth: r[7], correlation: r[8], cosy: r[9], unit: r[10] || "channel", order: i, text: ((r[2] || "") + " | " + (r[6] || "")).toLowerCase() };
   });
   var layerOrder = {};
   data.layers.forEach(function (l, i) { layerOrder[l] = i; });
@@ -51,7 +51,9 @@
     var start = state.page * data.pageSize, part = shown.slice(start, start + data.pageSize), html = [];
     for (var i = 0; i < part.length; i++) {
       var r = part[i];
-      html.push("<tr><td>" + esc(r.layer) + "</td><td>" + r.neuron + "</td><td><a href=\"neurons/" + esc(r.href) + "\">" +
+      html.push("<tr><td>" + esc(r.layer) + "</td><td>" + r.neuron +
+        (r.unit === "channel" ? "" : " <span class=\"unit unit-" + esc(r.unit) + "\">" + esc(r.unit === "sae" ? "SAE latent" : r.unit) + "</span>") +
+        "</td><td><a href=\"neurons/" + esc(r.href) + "\">" +
         (r.label === null ? "<em>(" + esc(r.status.replace("_", " ")) + ")</em>" : esc(r.label)) + "</a></td><td>" +
         (r.score === null ? "–" : r.score.toFixed(3)) + "</td><td><span class=\"status status-" + esc(r.status) + "\">" +
         esc(r.status.replace("_", " ")) + "</span></td>" + (data.truth ? "<td>" + esc(r.truth || "") + "</td>" : "") +

@@ -6,7 +6,7 @@ use std::fmt::Write;
 
 use serde_json::{Value, json};
 
-use dnd_core::NeuronId;
+use dnd_core::{NeuronId, UnitKind};
 use dnd_pipeline::NeuronSpec;
 
 use dnd_store::results::{CaptionRow, DescriptionRow, ImageRow, ScoreRow};
@@ -82,6 +82,15 @@ fn serde_name(value: &impl serde::Serialize) -> String {
     }
 }
 
+/// What a neuron of this kind is called on its page.
+fn unit_word(kind: UnitKind) -> &'static str {
+    match kind {
+        UnitKind::Channel => "neuron",
+        UnitKind::Direction => "direction",
+        UnitKind::Sae => "SAE latent",
+    }
+}
+
 /// The index's data: one row per neuron, as a script (pages opened from file:// cannot
 /// fetch JSON).
 pub fn neurons_js(results: &JobResults, options: &ReportOptions) -> String {
@@ -104,6 +113,7 @@ pub fn neurons_js(results: &JobResults, options: &ReportOptions) -> String {
                 truth,
                 evaluation::best_label(&n.evaluation, "correlation"),
                 evaluation::best_label(&n.evaluation, "cosy_auc"),
+                d.unit_kind,
             ])
         })
         .collect();
@@ -156,8 +166,18 @@ pub fn index_html(
                 &mut b,
                 "Outcome",
                 format!(
-                    "{} labelled, {} without candidates, {} failed",
-                    s.neurons_ok, s.neurons_no_candidates, s.neurons_failed
+                    "{} labelled, {} without candidates, {} failed{}",
+                    s.neurons_ok,
+                    s.neurons_no_candidates,
+                    s.neurons_failed,
+                    if s.neurons_dead + s.neurons_dense > 0 {
+                        format!(
+                            ", {} dead and {} dense SAE latents skipped",
+                            s.neurons_dead, s.neurons_dense
+                        )
+                    } else {
+                        String::new()
+                    }
                 ),
             );
             fact(
@@ -403,10 +423,15 @@ pub fn neuron_html(
     b.push_str("</nav>\n");
     let _ = write!(
         b,
-        "<header><h1>{} · neuron {}</h1><p>Job <code>{}</code> · status <span class=\"status status-{}\">{}</span> · task <code>{}</code></p></header>\n<main>\n",
+        "<header><h1>{} · {} {}</h1><p>Job <code>{}</code>{} · status <span class=\"status status-{}\">{}</span> · task <code>{}</code></p></header>\n<main>\n",
         esc(&d.layer),
+        unit_word(d.unit_kind),
         d.neuron,
         esc(&job.name),
+        d.unit_source
+            .as_deref()
+            .map(|s| format!(" · dictionary <code>{}</code>", esc(s)))
+            .unwrap_or_default(),
         esc(d.status.as_str()),
         esc(&d.status.as_str().replace('_', " ")),
         esc(&d.task)

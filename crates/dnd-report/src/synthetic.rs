@@ -131,6 +131,8 @@ pub async fn write_job(job: &Location, spec: &SyntheticSpec) -> Result<(), Repor
         descriptions.push(DescriptionRow {
             layer: layer.clone(),
             neuron,
+            unit_kind: dnd_core::UnitKind::Channel,
+            unit_source: None,
             status: DescriptionStatus::Ok,
             label: label(0),
             score: score(0),
@@ -152,6 +154,8 @@ pub async fn write_job(job: &Location, spec: &SyntheticSpec) -> Result<(), Repor
         let base = ImageRow {
             layer: layer.clone(),
             neuron,
+            unit_kind: dnd_core::UnitKind::Channel,
+            unit_source: None,
             kind: String::new(),
             rank: 0,
             activation: 0.0,
@@ -188,6 +192,8 @@ pub async fn write_job(job: &Location, spec: &SyntheticSpec) -> Result<(), Repor
             captions.push(CaptionRow {
                 layer: layer.clone(),
                 neuron,
+                unit_kind: dnd_core::UnitKind::Channel,
+                unit_source: None,
                 image_rank: rank,
                 image_hash: hash(p),
                 caption: format!("a picture of a {}", concept(p)),
@@ -218,6 +224,8 @@ pub async fn write_job(job: &Location, spec: &SyntheticSpec) -> Result<(), Repor
                 captions.push(CaptionRow {
                     layer: layer.clone(),
                     neuron,
+                    unit_kind: dnd_core::UnitKind::Channel,
+                    unit_source: None,
                     image_rank: rank,
                     image_hash: hash(q),
                     caption: format!("a close-up of a {}", concept(q)),
@@ -233,6 +241,8 @@ pub async fn write_job(job: &Location, spec: &SyntheticSpec) -> Result<(), Repor
             candidates.push(CandidateRow {
                 layer: layer.clone(),
                 neuron,
+                unit_kind: dnd_core::UnitKind::Channel,
+                unit_source: None,
                 candidate: c as i32,
                 concept: name.clone(),
                 prompt: format!("a photo of a {name}"),
@@ -243,6 +253,8 @@ pub async fn write_job(job: &Location, spec: &SyntheticSpec) -> Result<(), Repor
             scores.push(ScoreRow {
                 layer: layer.clone(),
                 neuron,
+                unit_kind: dnd_core::UnitKind::Channel,
+                unit_source: None,
                 candidate: c as i32,
                 concept: name.clone(),
                 topk_sq_mean: Some(10.0 * rng.unit()),
@@ -276,6 +288,8 @@ pub async fn write_job(job: &Location, spec: &SyntheticSpec) -> Result<(), Repor
         exchanges.push(ExchangeRow {
             layer: layer.clone(),
             neuron,
+            unit_kind: dnd_core::UnitKind::Channel,
+            unit_source: None,
             seq: 0,
             step: "summarize".into(),
             backend: "consensus".into(),
@@ -297,6 +311,8 @@ pub async fn write_job(job: &Location, spec: &SyntheticSpec) -> Result<(), Repor
                 |(metric, value, images)| EvaluationRow {
                     layer: d.layer.clone(),
                     neuron: d.neuron,
+                    unit_kind: dnd_core::UnitKind::Channel,
+                    unit_source: None,
                     source: "dnd".into(),
                     label_rank: 1,
                     label: label.clone(),
@@ -363,6 +379,8 @@ pub async fn write_job(job: &Location, spec: &SyntheticSpec) -> Result<(), Repor
         neurons_ok: spec.neurons,
         neurons_no_candidates: 0,
         neurons_failed: 0,
+        neurons_dead: 0,
+        neurons_dense: 0,
         cache: [
             ("captions".to_string(), counts(0, spec.neurons)),
             ("images".to_string(), counts(spec.neurons, 0)),

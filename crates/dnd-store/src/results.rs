@@ -1,11 +1,12 @@
 //! The results dataset of a dissection: one table per kind of evidence, keyed by
-//! `(layer, neuron)`. `docs/schema.md` documents every column; the schemas below are the
+//! `(layer, neuron)`, where a neuron is a unit of the layer: a channel, a direction or an
+//! SAE latent (`unit_kind`, with the dictionary's identity in `unit_source`). `docs/schema.md` documents every column; the schemas below are the
 //! one place they are defined.
 //!
 //! Each neuron task writes every table for its neurons; compaction concatenates the
 //! committed tasks' tables into `results/<table>.parquet`.
 
-use dnd_core::{LayerName, NeuronId};
+use dnd_core::{LayerName, NeuronId, UnitKind};
 use std::sync::Arc;
 
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
@@ -60,7 +61,12 @@ impl ResultTable {
 
     pub fn schema(self) -> SchemaRef {
         use DataType::{Boolean, Float32, Float64, Int32, Int64, Utf8};
-        let key = [Field::new("layer", Utf8, false), Field::new("neuron", Int32, false)];
+        let key = [
+            Field::new("layer", Utf8, false),
+            Field::new("neuron", Int32, false),
+            Field::new("unit_kind", Utf8, false),
+            Field::new("unit_source", Utf8, true),
+        ];
         let f = |name: &str, t: DataType, nullable: bool| Field::new(name, t, nullable);
         let rest: Vec<Field> = match self {
             ResultTable::Descriptions => vec![
@@ -195,11 +201,20 @@ pub enum DescriptionStatus {
     NoCandidates,
     /// Its summariser failed, or its whole task did.
     Failed,
+    /// An SAE latent that never fired on the probe set: not described (`[units] skip`).
+    Dead,
+    /// An SAE latent that fired nearly everywhere on the probe set: not described.
+    Dense,
 }
 
 impl DescriptionStatus {
-    pub const ALL: [DescriptionStatus; 3] =
-        [DescriptionStatus::Ok, DescriptionStatus::NoCandidates, DescriptionStatus::Failed];
+    pub const ALL: [DescriptionStatus; 5] = [
+        DescriptionStatus::Ok,
+        DescriptionStatus::NoCandidates,
+        DescriptionStatus::Failed,
+        DescriptionStatus::Dead,
+        DescriptionStatus::Dense,
+    ];
 
     /// As the table stores it.
     pub const fn as_str(self) -> &'static str {
@@ -207,6 +222,8 @@ impl DescriptionStatus {
             DescriptionStatus::Ok => "ok",
             DescriptionStatus::NoCandidates => "no_candidates",
             DescriptionStatus::Failed => "failed",
+            DescriptionStatus::Dead => "dead",
+            DescriptionStatus::Dense => "dense",
         }
     }
 }
@@ -228,6 +245,12 @@ impl PartialEq<&str> for DescriptionStatus {
 pub struct DescriptionRow {
     pub layer: LayerName,
     pub neuron: NeuronId,
+    /// `channel`, `direction` or `sae`.
+    #[serde(default)]
+    pub unit_kind: UnitKind,
+    /// The dictionary's identity (`blake3:...`); none for channels.
+    #[serde(default)]
+    pub unit_source: Option<String>,
     pub status: DescriptionStatus,
     pub label: Option<String>,
     pub score: Option<f64>,
@@ -252,6 +275,12 @@ pub struct DescriptionRow {
 pub struct CandidateRow {
     pub layer: LayerName,
     pub neuron: NeuronId,
+    /// `channel`, `direction` or `sae`.
+    #[serde(default)]
+    pub unit_kind: UnitKind,
+    /// The dictionary's identity (`blake3:...`); none for channels.
+    #[serde(default)]
+    pub unit_source: Option<String>,
     /// Index in the order the summary rounds produced the candidates.
     pub candidate: i32,
     pub concept: String,
@@ -269,6 +298,12 @@ pub struct CandidateRow {
 pub struct ScoreRow {
     pub layer: LayerName,
     pub neuron: NeuronId,
+    /// `channel`, `direction` or `sae`.
+    #[serde(default)]
+    pub unit_kind: UnitKind,
+    /// The dictionary's identity (`blake3:...`); none for channels.
+    #[serde(default)]
+    pub unit_source: Option<String>,
     pub candidate: i32,
     pub concept: String,
     pub topk_sq_mean: Option<f64>,
@@ -288,6 +323,12 @@ pub struct ScoreRow {
 pub struct CaptionRow {
     pub layer: LayerName,
     pub neuron: NeuronId,
+    /// `channel`, `direction` or `sae`.
+    #[serde(default)]
+    pub unit_kind: UnitKind,
+    /// The dictionary's identity (`blake3:...`); none for channels.
+    #[serde(default)]
+    pub unit_source: Option<String>,
     /// The image's rank among the neuron's top images.
     pub image_rank: i32,
     pub image_hash: String,
@@ -304,6 +345,12 @@ pub struct CaptionRow {
 pub struct ImageRow {
     pub layer: LayerName,
     pub neuron: NeuronId,
+    /// `channel`, `direction` or `sae`.
+    #[serde(default)]
+    pub unit_kind: UnitKind,
+    /// The dictionary's identity (`blake3:...`); none for channels.
+    #[serde(default)]
+    pub unit_source: Option<String>,
     /// `original`, `crop` or `generated`.
     pub kind: String,
     /// Originals and crops: position among them by activation. Generated: position among
@@ -340,6 +387,12 @@ pub struct ImageRow {
 pub struct ExchangeRow {
     pub layer: LayerName,
     pub neuron: NeuronId,
+    /// `channel`, `direction` or `sae`.
+    #[serde(default)]
+    pub unit_kind: UnitKind,
+    /// The dictionary's identity (`blake3:...`); none for channels.
+    #[serde(default)]
+    pub unit_source: Option<String>,
     /// Order of the exchange within the neuron.
     pub seq: i32,
     /// `simplify`, `summarize` or `merge`.
@@ -361,6 +414,12 @@ pub struct ExchangeRow {
 pub struct EvaluationRow {
     pub layer: LayerName,
     pub neuron: NeuronId,
+    /// `channel`, `direction` or `sae`.
+    #[serde(default)]
+    pub unit_kind: UnitKind,
+    /// The dictionary's identity (`blake3:...`); none for channels.
+    #[serde(default)]
+    pub unit_source: Option<String>,
     /// Whose labels: `dnd` for the job's own, else the labels file's name.
     pub source: String,
     /// 1 for the neuron's best label, 2 and 3 for the next.
@@ -384,6 +443,12 @@ pub struct EvaluationRow {
 pub struct NeuronErrorRow {
     pub layer: LayerName,
     pub neuron: NeuronId,
+    /// `channel`, `direction` or `sae`.
+    #[serde(default)]
+    pub unit_kind: UnitKind,
+    /// The dictionary's identity (`blake3:...`); none for channels.
+    #[serde(default)]
+    pub unit_source: Option<String>,
     /// The stage: `read`, `crop`, `caption`, `summarize`, `generate`, `score`.
     pub stage: String,
     pub image_id: Option<String>,
@@ -402,10 +467,14 @@ mod tests {
             let schema = table.schema();
             assert_eq!(schema.field(0).name(), "layer");
             assert_eq!(schema.field(1).name(), "neuron");
+            assert_eq!(schema.field(2).name(), "unit_kind");
+            assert_eq!(schema.field(3).name(), "unit_source");
         }
         let row = DescriptionRow {
             layer: "layer4".into(),
             neuron: NeuronId::new(3),
+            unit_kind: UnitKind::Sae,
+            unit_source: Some("blake3:0123456789abcdef".into()),
             status: DescriptionStatus::Ok,
             label: Some("red circles".into()),
             score: Some(2.5),

@@ -3,7 +3,7 @@
 //! `docs/schema.md` documents every column; these functions are the one place the
 //! schemas are defined, so readers in any language see the same columns.
 
-use dnd_core::{LayerName, NeuronId};
+use dnd_core::{LayerName, NeuronId, UnitKind, UnitStatus};
 use std::sync::Arc;
 
 use arrow::array::{
@@ -64,6 +64,50 @@ pub fn topk_batch(rows: &[TopKRow]) -> Result<RecordBatch, StoreError> {
             Arc::new(Float32Array::from_iter_values(rows.iter().map(|r| r.activation))),
         ],
     )
+}
+
+/// One unit of a layer described by a dictionary (an SAE latent, a direction): what it
+/// is and how often it fired on the probe set. A probe slice writes `units/<layer>.parquet`
+/// with its own counts; the job's `probe/units/<layer>.parquet` sums them over slices.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct UnitRow {
+    pub layer: LayerName,
+    pub neuron: NeuronId,
+    pub unit_kind: UnitKind,
+    /// The dictionary's identity, `blake3:...`.
+    pub unit_source: Option<String>,
+    /// Its name, where the dictionary gives one (directions).
+    pub name: Option<String>,
+    /// Probe images counted.
+    pub images: i64,
+    /// Images on which it was above 0 somewhere.
+    pub fired_images: i64,
+    /// Sum over images of the share of positions where it was above 0.
+    pub position_share: f64,
+    /// `position_share / images`: its share of all probe positions above 0.
+    pub firing_rate: f64,
+    /// `active`, `dead` or `dense` (SAE latents; directions are always `active`).
+    pub status: UnitStatus,
+}
+
+pub fn units_schema() -> SchemaRef {
+    use DataType::{Float64, Int32, Int64, Utf8};
+    Arc::new(Schema::new(vec![
+        Field::new("layer", Utf8, false),
+        Field::new("neuron", Int32, false),
+        Field::new("unit_kind", Utf8, false),
+        Field::new("unit_source", Utf8, true),
+        Field::new("name", Utf8, true),
+        Field::new("images", Int64, false),
+        Field::new("fired_images", Int64, false),
+        Field::new("position_share", Float64, false),
+        Field::new("firing_rate", Float64, false),
+        Field::new("status", Utf8, false),
+    ]))
+}
+
+pub fn units_batch(rows: &[UnitRow]) -> Result<RecordBatch, StoreError> {
+    crate::rows::rows_batch("units", units_schema(), rows)
 }
 
 /// Pooled activations of every neuron of one layer: one row per image, the neurons as a

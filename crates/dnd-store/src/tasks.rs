@@ -174,6 +174,8 @@ mod tests {
         NeuronErrorRow {
             layer: "fc".into(),
             neuron: dnd_core::NeuronId::new(neuron),
+            unit_kind: dnd_core::UnitKind::Channel,
+            unit_source: None,
             stage: "caption".into(),
             image_id: None,
             reason: "test".into(),

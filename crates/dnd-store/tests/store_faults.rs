@@ -47,6 +47,8 @@ fn error_rows(task: &str) -> arrow::record_batch::RecordBatch {
         .batch(&[dnd_store::results::NeuronErrorRow {
             layer: "fc".into(),
             neuron: dnd_core::NeuronId::new(1),
+            unit_kind: dnd_core::UnitKind::Channel,
+            unit_source: None,
             stage: "caption".into(),
             image_id: None,
             reason: "test".into(),

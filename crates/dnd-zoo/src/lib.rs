@@ -8,6 +8,7 @@ pub mod embedder;
 pub mod error;
 pub mod json;
 pub mod pairs;
+pub mod sae;
 pub mod target;
 pub mod tiny_transformer;
 pub mod tokenizer;

@@ -2,7 +2,8 @@
 //! (crops of every requested neuron, as a table) and for a neuron task of `dnd dissect`
 //! (crops joining the neuron's evidence): both resize each distinct top image to the
 //! crop canvas, run the model on the canvases once for all their neurons, and cut each
-//! neuron's crops from its own channel of that pass with [`crop_neuron`].
+//! neuron's crops from its own map of that pass with [`crop_neuron`]: a channel's, or a
+//! dictionary unit's (see [`Readout`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -14,8 +15,8 @@ use rayon::prelude::*;
 use dnd_core::{
     BoundingBox, CropConfig, CropPlan, LayerName, LayerTopK, Map2, NeuronId, NeuronSet, plan_crops,
 };
+use dnd_models::TargetModel;
 use dnd_models::preprocess::{normalized_batch, resize_rgb};
-use dnd_models::{Tap, TargetModel};
 use dnd_store::tables::{self, CropRow, ErrorRow};
 use dnd_store::{Location, ParquetSink};
 
@@ -23,6 +24,7 @@ use crate::activations::pooled_activations_cached;
 use crate::error::PipelineError;
 use crate::images::{ImageLimits, ImageRef, load_batch};
 use crate::progress::Progress;
+use crate::units::Readout;
 use crate::vector_cache::VectorCache;
 use crate::workbench::{encode_png, image_hash};
 
@@ -60,18 +62,21 @@ pub fn canvases(images: &[&RgbImage], side: u32) -> Vec<RgbImage> {
     images.par_iter().map(|img| resize_rgb(img, side, side)).collect()
 }
 
-/// One forward pass of `canvases` (normalised, not resized again) at `taps`: the maps of
-/// every channel, per tap.
+/// One forward pass of `canvases` (normalised, not resized again) at each readout's tap:
+/// the maps of every unit, per readout.
 pub fn canvas_maps(
     model: &TargetModel,
     canvases: &[RgbImage],
-    taps: &[Tap],
+    readouts: &[Readout],
 ) -> Result<Vec<ChannelMaps>, PipelineError> {
     let x = normalized_batch(canvases, model.preprocess.mean, model.preprocess.std, &model.device)?;
+    let taps: Vec<_> = readouts.iter().map(|r| r.tap).collect();
     model
-        .forward_taps(&x, taps)?
-        .iter()
-        .map(|t| {
+        .forward_taps(&x, &taps)?
+        .into_iter()
+        .zip(readouts)
+        .map(|(t, readout)| {
+            let t = readout.apply(t)?;
             let (_, channels, height, width) = t.dims4()?;
             let data = t.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
             Ok(ChannelMaps { channels, height, width, data })
@@ -118,7 +123,7 @@ pub fn crop_path(hash: &str) -> String {
 /// What stage 1 of a neuron task starts from.
 pub struct CropInputs<'a> {
     pub model: &'a Arc<TargetModel>,
-    pub tap: Tap,
+    pub readout: &'a Readout,
     pub neurons: &'a [NeuronId],
     /// Each neuron's probe top-K, as indices into `images`.
     pub top: &'a [Vec<dnd_core::Scored>],
@@ -135,10 +140,10 @@ pub struct CropInputs<'a> {
     pub vectors: VectorCache<'a>,
 }
 
-/// What the vector cache calls a channel's map on the crop canvas: the map's width and
+/// What the vector cache calls a unit's map on the crop canvas: the map's width and
 /// height, then its values.
-fn map_output(tap: Tap, side: u32, channel: usize) -> String {
-    format!("map/{tap}/canvas-{side}/{channel}")
+fn map_output(readout: &Readout, side: u32, unit: usize) -> String {
+    format!("{}/canvas-{side}/{unit}", readout.output("map"))
 }
 
 /// The map of every (canvas slot, channel) the task's neurons need, from the cache where
@@ -156,12 +161,12 @@ async fn neuron_maps(
     for (k, list) in input.top.iter().enumerate() {
         for s in list {
             if let Some(&i) = slot.get(&s.image) {
-                needs.insert((i, input.neurons[k].index()));
+                needs.insert((i, input.readout.column(input.neurons[k])));
             }
         }
     }
     let outputs: Vec<String> =
-        needs.iter().map(|&(_, channel)| map_output(input.tap, side, channel)).collect();
+        needs.iter().map(|&(_, channel)| map_output(input.readout, side, channel)).collect();
     let keys: Vec<(&str, &str)> =
         needs.iter().zip(&outputs).map(|(&(i, _), o)| (o.as_str(), hashes[i].as_str())).collect();
     let mut maps = HashMap::new();
@@ -182,12 +187,13 @@ async fn neuron_maps(
     }
     let missing: Vec<usize> = missing.into_iter().collect();
     let computed: Vec<ChannelMaps> = {
-        let (model, tap, batch) = (input.model.clone(), input.tap, input.batch_size.max(1));
+        let (model, readout, batch) =
+            (input.model.clone(), input.readout.clone(), input.batch_size.max(1));
         let chosen: Vec<RgbImage> = missing.iter().map(|&i| canvases[i].clone()).collect();
         tokio::task::spawn_blocking(move || -> Result<_, PipelineError> {
             let mut maps = Vec::new();
             for chunk in chosen.chunks(batch) {
-                maps.extend(canvas_maps(&model, chunk, &[tap])?);
+                maps.extend(canvas_maps(&model, chunk, std::slice::from_ref(&readout))?);
             }
             Ok(maps)
         })
@@ -200,7 +206,7 @@ async fn neuron_maps(
             let map = computed[m / batch].map(m % batch, channel);
             let mut vector = vec![map.width as f32, map.height as f32];
             vector.extend_from_slice(&map.data);
-            stored.push((map_output(input.tap, side, channel), i, vector));
+            stored.push((map_output(input.readout, side, channel), i, vector));
             maps.insert((i, channel), map);
         }
     }
@@ -225,7 +231,7 @@ pub async fn neuron_crops(input: &CropInputs<'_>) -> Result<Vec<Vec<Evidence>>, 
     let maps = neuron_maps(input, &order, &slot, &canvases).await?;
     let mut crops: Vec<(usize, Evidence)> = Vec::new();
     for (k, list) in input.top.iter().enumerate() {
-        let neuron = input.neurons[k].index();
+        let neuron = input.readout.column(input.neurons[k]);
         for s in list {
             let Some(&i) = slot.get(&s.image) else { continue };
             let map = &maps[&(i, neuron)];
@@ -254,13 +260,13 @@ pub async fn neuron_crops(input: &CropInputs<'_>) -> Result<Vec<Vec<Evidence>>, 
         input.vectors,
         input.model,
         (&crop_images, &crop_hashes),
-        input.tap,
+        input.readout,
         input.pooling,
         input.batch_size,
     )
     .await?;
     for ((k, mut e), row) in crops.into_iter().zip(pooled) {
-        e.activation = row[input.neurons[k].index()];
+        e.activation = row[input.readout.column(input.neurons[k])];
         input.job.put_if_absent(&crop_path(&e.hash), encode_png(&e.image)).await?;
         per_neuron[k].push(e);
     }
@@ -280,7 +286,7 @@ pub(crate) struct CropReport {
 /// A layer `dnd probe --crops` crops for, with its probe top-K.
 pub(crate) struct CropLayer<'a> {
     pub name: &'a str,
-    pub tap: Tap,
+    pub readout: Readout,
     pub width: usize,
     pub topk: &'a LayerTopK,
 }
@@ -358,13 +364,13 @@ fn batch_crop_rows(
     loaded: &[(u32, RgbImage)],
     needs: &[Vec<Need>],
     ids: &[String],
-    taps: &[Tap],
+    readouts: &[Readout],
     layer_names: &[String],
     crop: &CropConfig,
 ) -> Result<Vec<Vec<CropRow>>, PipelineError> {
     let refs: Vec<&RgbImage> = loaded.iter().map(|(_, img)| img).collect();
     let canvases = canvases(&refs, crop.canvas_size);
-    let maps = canvas_maps(model, &canvases, taps)?;
+    let maps = canvas_maps(model, &canvases, readouts)?;
     let jobs: Vec<(usize, Need)> =
         needs.iter().enumerate().flat_map(|(b, ns)| ns.iter().map(move |n| (b, *n))).collect();
     let made: Vec<(usize, Vec<CropRow>)> = jobs
@@ -376,7 +382,7 @@ fn batch_crop_rows(
             (need.layer, rows)
         })
         .collect();
-    let mut per_layer = vec![Vec::new(); taps.len()];
+    let mut per_layer = vec![Vec::new(); readouts.len()];
     for (layer, rows) in made {
         per_layer[layer].extend(rows);
     }
@@ -397,7 +403,7 @@ pub(crate) async fn write_probe_crops(
     progress: &dyn Progress,
 ) -> Result<CropReport, PipelineError> {
     let needs = needs_by_image(layers, neurons);
-    let taps: Vec<Tap> = layers.iter().map(|l| l.tap).collect();
+    let readouts: Vec<Readout> = layers.iter().map(|l| l.readout.clone()).collect();
     let layer_names: Vec<String> = layers.iter().map(|l| l.name.to_string()).collect();
     let mut sinks = Vec::new();
     let mut outputs = Vec::new();
@@ -425,10 +431,10 @@ pub(crate) async fn write_probe_crops(
         }
         let batch_needs: Vec<Vec<Need>> = loaded.iter().map(|(i, _)| needs[i].clone()).collect();
         let ids: Vec<String> = loaded.iter().map(|(i, _)| images[*i as usize].id.clone()).collect();
-        let (model, taps, names, crop) =
-            (model.clone(), taps.clone(), layer_names.clone(), crop.clone());
+        let (model, readouts, names, crop) =
+            (model.clone(), readouts.clone(), layer_names.clone(), crop.clone());
         let rows = tokio::task::spawn_blocking(move || {
-            batch_crop_rows(&model, &loaded, &batch_needs, &ids, &taps, &names, &crop)
+            batch_crop_rows(&model, &loaded, &batch_needs, &ids, &readouts, &names, &crop)
         })
         .await??;
         for (sink, rows) in sinks.iter_mut().zip(rows) {

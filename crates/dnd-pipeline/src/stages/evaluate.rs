@@ -14,7 +14,6 @@ use image::RgbImage;
 use dnd_core::evaluation::{EvaluationConfig, LabelEvidence, evaluate_label, sample_indices};
 use dnd_core::scoring::mean_cosine;
 use dnd_core::{LayerName, NeuronId, Pooling};
-use dnd_models::Tap;
 use dnd_store::results::{DescriptionRow, EvaluationRow};
 
 use crate::activations::pooled_activations_cached;
@@ -24,6 +23,7 @@ use crate::job::JobSpec;
 use crate::stages::generate::{ImageRequests, uniform_counts};
 use crate::stages::score::embed;
 use crate::stages::summarize::Labelling;
+use crate::units::Readout;
 use crate::workbench::{Workbench, image_hash};
 
 /// Probe images read per round: bounds memory whatever the probe set's size.
@@ -33,7 +33,7 @@ const PROBE_CHUNK: usize = 64;
 /// pooled activations and its embedding. Computed once per layer and job on a worker.
 #[derive(Debug, Clone)]
 pub struct ProbeMeasurements {
-    /// Per readable probe image (probe order), the pooled activation of every channel.
+    /// Per readable probe image (probe order), the pooled activation of every unit.
     pub activations: Vec<Vec<f32>>,
     /// Embeddings of the same images, row-major, `dim` wide.
     pub embeddings: Vec<f32>,
@@ -41,13 +41,13 @@ pub struct ProbeMeasurements {
 }
 
 impl ProbeMeasurements {
-    /// Measures `images` at `tap`, through the vector cache. Unreadable images are left
+    /// Measures `images` at `readout`, through the vector cache. Unreadable images are left
     /// out (the probe stage recorded them).
     pub async fn measure(
         bench: &Workbench,
         images: &[ImageRef],
         limits: &ImageLimits,
-        tap: Tap,
+        readout: &Readout,
         pooling: Pooling,
         batch_size: usize,
     ) -> Result<Self, PipelineError> {
@@ -63,7 +63,7 @@ impl ProbeMeasurements {
                 bench.target_vectors(),
                 &bench.target,
                 (&decoded, &hashes),
-                tap,
+                readout,
                 pooling,
                 batch_size,
             )
@@ -128,7 +128,7 @@ pub async fn evaluate_labels(
     spec: &JobSpec,
     config: &EvaluationConfig,
     layer: &LayerName,
-    tap: Tap,
+    readout: &Readout,
     probe: &ProbeMeasurements,
     labels: &[LabelToScore],
     source: &str,
@@ -137,14 +137,14 @@ pub async fn evaluate_labels(
         return Ok(Vec::new());
     }
     let texts = embed_texts(bench, labels).await?;
-    let generated = cosy_activations(bench, spec, config, tap, labels).await?;
+    let generated = cosy_activations(bench, spec, config, readout, labels).await?;
     let controls = sample_indices(probe.images(), config.control_images, spec.seed);
     let mut rows = Vec::new();
     for (k, l) in labels.iter().enumerate() {
         let activations = probe.neuron(l.neuron);
         let predicted = probe.predicted(&texts[k]);
         let on_generated: Vec<f64> =
-            generated[k].iter().map(|a| f64::from(a[l.neuron.index()])).collect();
+            generated[k].iter().map(|a| f64::from(a[readout.column(l.neuron)])).collect();
         let evidence = LabelEvidence {
             activations: &activations,
             predicted: &predicted,
@@ -157,6 +157,8 @@ pub async fn evaluate_labels(
             rows.push(EvaluationRow {
                 layer: layer.clone(),
                 neuron: l.neuron,
+                unit_kind: readout.kind(),
+                unit_source: readout.source().map(String::from),
                 source: source.to_string(),
                 label_rank: l.rank as i32,
                 label: l.label.clone(),
@@ -193,7 +195,7 @@ async fn cosy_activations(
     bench: &Workbench,
     spec: &JobSpec,
     config: &EvaluationConfig,
-    tap: Tap,
+    readout: &Readout,
     labels: &[LabelToScore],
 ) -> Result<Vec<Vec<Vec<f32>>>, PipelineError> {
     if config.generated_images == 0 {
@@ -213,7 +215,7 @@ async fn cosy_activations(
         bench.target_vectors(),
         &bench.target,
         (&images, &hashes),
-        tap,
+        readout,
         spec.probe.pooling,
         spec.describe.batch_size,
     )

@@ -8,17 +8,16 @@ use std::sync::Arc;
 use candle_core::Device;
 use image::RgbImage;
 
-use dnd_core::scoring::{GeneratedImage, image_positions, mean_cosine, score_candidates};
-use dnd_core::{CandidateScore, NeuronId, Pooling, ScoringConfig};
-use dnd_models::Tap;
-
 use crate::activations::pooled_activations_cached;
 use crate::error::PipelineError;
+use crate::units::Readout;
 use crate::workbench::Workbench;
+use dnd_core::scoring::{GeneratedImage, image_positions, mean_cosine, score_candidates};
+use dnd_core::{CandidateScore, Pooling, ScoringConfig};
 
 /// What the models measured on a task's images.
 pub struct Measurements {
-    /// Per generated image (request order), the pooled activation of every channel.
+    /// Per generated image (request order), the pooled activation of every unit.
     pub activations: Vec<Vec<f32>>,
     dim: usize,
     /// Embedding of each distinct top image, by hash.
@@ -71,11 +70,12 @@ pub(crate) async fn embed(
         .await
 }
 
-/// Runs the target model on the generated images and the embedder on them and on the
-/// distinct top images (each with its hash), through the vector cache.
+/// Runs the target model on the generated images (the units of `readout`) and the
+/// embedder on them and on the distinct top images (each with its hash), through the
+/// vector cache.
 pub async fn measure(
     bench: &Workbench,
-    tap: Tap,
+    readout: &Readout,
     pooling: Pooling,
     batch: usize,
     top_images: &[(String, Arc<RgbImage>)],
@@ -85,7 +85,7 @@ pub async fn measure(
         bench.target_vectors(),
         &bench.target,
         generated,
-        tap,
+        readout,
         pooling,
         batch,
     )
@@ -112,10 +112,11 @@ pub struct NeuronScores {
 }
 
 /// Scores a neuron's candidates from their images' activations and similarities.
-/// `requests[c]` are candidate `c`'s images; `references` the embeddings of the neuron's
-/// top images.
+/// `column` is where the neuron is in the measured activations (its index, or its place in
+/// the task's [`crate::units::Readout`]); `requests[c]` are candidate `c`'s images;
+/// `references` the embeddings of the neuron's top images.
 pub fn score_neuron(
-    neuron: NeuronId,
+    column: usize,
     requests: &[Vec<usize>],
     measured: &Measurements,
     references: &[f32],
@@ -127,7 +128,7 @@ pub fn score_neuron(
         for &r in concept_requests {
             images.push(GeneratedImage {
                 candidate: c,
-                activation: measured.activations[r][neuron.index()],
+                activation: measured.activations[r][column],
                 similarity: measured.similarity(r, references),
             });
             image_requests.push(r);
@@ -154,13 +155,7 @@ mod tests {
         let references = measured.references(["t"]);
         assert_eq!(references, [1.0, 0.0]);
         let scoring = ScoringConfig::default();
-        let scored = score_neuron(
-            NeuronId::new(1),
-            &[vec![0, 1], vec![2, 3]],
-            &measured,
-            &references,
-            &scoring,
-        );
+        let scored = score_neuron(1, &[vec![0, 1], vec![2, 3]], &measured, &references, &scoring);
         assert_eq!(scored.requests, [0, 1, 2, 3]);
         assert_eq!(scored.images[2].activation, 5.0);
         assert!((scored.images[0].similarity - 1.0).abs() < 1e-6);
