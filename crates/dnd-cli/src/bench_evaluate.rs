@@ -5,7 +5,7 @@
 //! passes when the truth wins its comparisons.
 
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context;
@@ -14,14 +14,13 @@ use serde::Serialize;
 
 use dnd_core::evaluation::EvaluationConfig;
 use dnd_embedded::run_dissect;
-use dnd_pipeline::{JobDir, JobSpec, LabelSource, NoProgress, evaluate_job};
+use dnd_pipeline::{JobDir, LabelSource, NoProgress, evaluate_job};
 use dnd_quality::sanity::{CONTROLS, MetricCheck, perturb, sanity_checks};
 use dnd_quality::{QualityInputs, score_planted};
 use dnd_store::Location;
 use dnd_store::results::{CandidateRow, DescriptionRow, EvaluationRow, ResultTable};
-use dnd_synth::{ProbeSetSpec, read_planted};
 
-use crate::BadInput;
+use crate::bench::ZooBenchJob;
 use crate::progress::Bars;
 
 /// The methods whose labels are scored beside the truth and its controls.
@@ -57,26 +56,8 @@ struct EvaluateBenchReport {
 }
 
 pub async fn evaluate_bench(args: EvaluateBenchArgs) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(&args.config).map_err(|e| {
-        BadInput(format!("cannot read the job file {}: {e}", args.config.display()))
-    })?;
-    let mut spec = JobSpec::from_toml(&text, &args.config.display().to_string())?;
-    let Some(Ok(probe_set)) = ProbeSetSpec::parse(&spec.probe.images) else {
-        return Err(BadInput(format!(
-            "{}: the benchmark needs the zoo's synthetic probe set (probe.images = \"synth:world?...\")",
-            args.config.display()
-        ))
-        .into());
-    };
-    let planted = read_planted(Path::new(&spec.target.model)).with_context(|| {
-        format!("the target model {} has no readable planted.json", spec.target.model)
-    })?;
-    let nonce = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    spec.out = args.out.display().to_string();
-    spec.cache = Some(args.out.join(format!("cache-{nonce}")).display().to_string());
-    spec.name = Some(format!("evaluate-{nonce}"));
+    let ZooBenchJob { mut spec, probe_set, planted, nonce } =
+        ZooBenchJob::open(&args.config, &args.out, "evaluate")?;
     spec.evaluate = None;
 
     let started = Instant::now();
