@@ -6,8 +6,13 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use clap::{Args, Subcommand};
 
+use dnd_core::UnitKind;
 use dnd_embedded::run_dissect;
-use dnd_pipeline::JobSpec;
+use dnd_pipeline::job::UnitSource;
+use dnd_pipeline::{JobSpec, NeuronSpec};
+use dnd_quality::latents::{
+    LatentScore, LatentSelection, chosen_latents, latent_groups, score_latents, select_latents,
+};
 use dnd_quality::{
     GroupScore, NeuronScore, QualityInputs, QualityReport, Speed, group_scores, score_planted,
 };
@@ -73,6 +78,16 @@ pub struct QualityArgs {
     /// Probe images the baselines see (the first ones of the job's probe set).
     #[arg(long, default_value_t = 500)]
     baseline_images: usize,
+    /// An SAE (SAELens layout) on the target: per planted concept, its most selective
+    /// latents are dissected too, and the report says which concepts a latent's label names.
+    #[arg(long, value_name = "DIR", default_value = "crates/dnd-synth/zoo/sae")]
+    sae: PathBuf,
+    /// The layer the SAE reads.
+    #[arg(long, default_value = "layer4")]
+    sae_layer: String,
+    /// Latents described per planted concept (0: no latents).
+    #[arg(long, default_value_t = 3)]
+    latents_per_concept: usize,
 }
 
 pub async fn bench(command: BenchCommand) -> anyhow::Result<()> {
@@ -163,14 +178,90 @@ async fn quality(args: QualityArgs) -> anyhow::Result<()> {
         warm_cache_hit_rate: warm.summary.cache_hit_rate,
     };
     print_report(&scores, &groups, &speed);
+    let latents = if args.latents_per_concept > 0 {
+        Some(latent_quality(&args, &spec, &probe_set, &planted, nonce).await?)
+    } else {
+        None
+    };
     if let Some(path) = &args.json {
-        let report =
-            QualityReport { job: cold.summary.job.clone(), neurons: scores, groups, speed };
+        let report = QualityReport {
+            job: cold.summary.job.clone(),
+            neurons: scores,
+            groups,
+            speed,
+            latents,
+        };
         std::fs::write(path, serde_json::to_string_pretty(&report)?)
             .with_context(|| format!("writing {}", path.display()))?;
         println!("\nwritten: {}", path.display());
     }
     Ok(())
+}
+
+/// The SAE's side of the benchmark: per planted concept the latents most selective for
+/// it, dissected in a job of their own (the same cache as the channels'), then scored.
+async fn latent_quality(
+    args: &QualityArgs,
+    spec: &JobSpec,
+    probe_set: &ProbeSetSpec,
+    planted: &[PlantedNeuron],
+    nonce: u64,
+) -> anyhow::Result<Vec<LatentScore>> {
+    let sae = args.sae.to_str().context("the SAE's path is not UTF-8")?;
+    let concepts = select_latents(
+        &LatentSelection {
+            target: &spec.target.model,
+            sae: &args.sae,
+            layer: &args.sae_layer,
+            per_concept: args.latents_per_concept,
+            concept_images: args.label_images,
+            control_images: args.control_images,
+            size: probe_set.size,
+            device: &spec.device,
+        },
+        planted,
+    )?;
+    let ids: Vec<String> = chosen_latents(&concepts).iter().map(ToString::to_string).collect();
+    let mut job = spec.clone();
+    job.name = Some(format!("quality-latents-{nonce}"));
+    job.target.layers = vec![args.sae_layer.clone()];
+    job.target.neurons = NeuronSpec::Every(ids.join(","));
+    job.target.units =
+        [(args.sae_layer.clone(), UnitSource { kind: UnitKind::Sae, source: sae.to_string() })]
+            .into();
+    let dissection = run_dissect(&job, &Bars::new()).await?;
+    let descriptions: Vec<DescriptionRow> =
+        results(&args.out.join(format!("jobs/{}", dissection.summary.job)), "descriptions").await?;
+    let scores = score_latents(&concepts, planted, &descriptions);
+    print_latents(&scores, &args.sae);
+    Ok(scores)
+}
+
+fn print_latents(scores: &[LatentScore], sae: &Path) {
+    println!(
+        "
+the SAE {}: its latents most selective for each planted concept (AUC), as dnd labels them",
+        sae.display()
+    );
+    for s in scores {
+        let latents: Vec<String> = s
+            .latents
+            .iter()
+            .map(|l| {
+                let label = l.label.clone().unwrap_or_else(|| l.status.clone());
+                format!(
+                    "{}{} {label:?} ({:.2})",
+                    if l.names_it { "+" } else { "" },
+                    l.latent,
+                    l.auc
+                )
+            })
+            .collect();
+        println!("{:<7} {:>6}  {:<44} {}", s.layer, s.neuron, s.truth, latents.join(", "));
+    }
+    let groups: Vec<String> =
+        latent_groups(scores).iter().map(|(k, n, of)| format!("{k} {n} of {of}")).collect();
+    println!("planted concepts a latent's label names: {}", groups.join(", "));
 }
 
 fn print_report(scores: &[NeuronScore], groups: &[GroupScore], speed: &Speed) {

@@ -7,6 +7,7 @@
 //! [`dnd_synth::quality::recovered`]) and a CoSy-style AUC (how well the neuron's
 //! activations separate images rendered from the label from control scenes).
 
+pub mod latents;
 pub mod sanity;
 
 use std::collections::BTreeMap;
@@ -89,6 +90,9 @@ pub struct QualityReport {
     pub neurons: Vec<NeuronScore>,
     pub groups: Vec<GroupScore>,
     pub speed: Speed,
+    /// The SAE's latents chosen per planted concept, and whether one is labelled with it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latents: Option<Vec<latents::LatentScore>>,
 }
 
 /// What the scoring needs: the job that was dissected, its results, and the benchmark's
@@ -196,6 +200,17 @@ fn netdissect_label(
     Ok(phrases[best(&ious).unwrap_or(0)].clone())
 }
 
+/// `count` plain scenes of the world at `size` px, never seen by a dissection: the
+/// negatives of every AUC here.
+fn control_scenes(count: usize, size: u32) -> Vec<RgbImage> {
+    (0..count)
+        .map(|i| {
+            render(&Scene::sample(&mut ChaCha8Rng::seed_from_u64(2_000_000 + i as u64)), size, size)
+                .image
+        })
+        .collect()
+}
+
 /// Scores every planted neuron the job described, per method.
 pub fn score_planted(input: &QualityInputs<'_>) -> Result<Vec<NeuronScore>, QualityError> {
     let spec = input.spec;
@@ -220,12 +235,7 @@ pub fn score_planted(input: &QualityInputs<'_>) -> Result<Vec<NeuronScore>, Qual
     let similarity = clip_similarity(&embedder, &probe_renders, &phrases)?;
 
     // Controls for the AUC: plain scenes of the world, never seen by the dissection.
-    let controls: Vec<RgbImage> = (0..input.control_images)
-        .map(|i| {
-            render(&Scene::sample(&mut ChaCha8Rng::seed_from_u64(2_000_000 + i as u64)), size, size)
-                .image
-        })
-        .collect();
+    let controls = control_scenes(input.control_images, size);
 
     let mut scores = Vec::new();
     let mut by_layer: BTreeMap<String, Vec<&PlantedNeuron>> = BTreeMap::new();
