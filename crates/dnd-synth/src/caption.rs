@@ -26,6 +26,11 @@ pub struct VisibilityRule {
     pub min_object_pixels: usize,
     /// The background is described if it covers this fraction of the crop.
     pub min_background_fraction: f32,
+    /// A visible object's shape is named only if this fraction of its pixels lies in the
+    /// crop; otherwise it is "a red striped shape". A crop inside an object shows its
+    /// colour and fill but not its outline, and a caption naming the outline there teaches
+    /// a captioner to guess it. 0 names every visible object's shape.
+    pub min_shape_fraction: f32,
 }
 
 impl Default for VisibilityRule {
@@ -35,6 +40,7 @@ impl Default for VisibilityRule {
             min_crop_fraction: 0.1,
             min_object_pixels: 12,
             min_background_fraction: 0.2,
+            min_shape_fraction: 0.0,
         }
     }
 }
@@ -45,6 +51,16 @@ pub struct Visible {
     /// Indices into the scene's objects, in scene order.
     pub objects: Vec<usize>,
     pub background: bool,
+    /// Those of `objects` too cut by the crop for their shape to show (see
+    /// [`VisibilityRule::min_shape_fraction`]).
+    pub shapeless: Vec<usize>,
+}
+
+impl Visible {
+    /// Whether object `i`'s shape shows in the crop.
+    pub fn shows_shape(&self, i: usize) -> bool {
+        !self.shapeless.contains(&i)
+    }
 }
 
 /// What of `scene` is visible in `rect` of its rendering. If nothing passes the rule, the
@@ -85,17 +101,33 @@ pub fn visible_in(
             .enumerate()
             .max_by_key(|&(_, &n)| n)
             .filter(|&(_, &n)| n > background_pixels);
-        return Ok(match largest {
-            Some((i, _)) => Visible { objects: vec![i], background: false },
-            None => Visible { objects: vec![], background: true },
-        });
+        let objects: Vec<usize> = largest.map(|(i, _)| i).into_iter().collect();
+        let shapeless = shapeless(&objects, rendered, &in_crop, rule);
+        return Ok(Visible { background: objects.is_empty(), objects, shapeless });
     }
-    Ok(Visible { objects, background })
+    let shapeless = shapeless(&objects, rendered, &in_crop, rule);
+    Ok(Visible { objects, background, shapeless })
+}
+
+/// Of `objects`, those with less than `rule.min_shape_fraction` of their pixels in the crop.
+fn shapeless(
+    objects: &[usize],
+    rendered: &Rendered,
+    in_crop: &[usize],
+    rule: &VisibilityRule,
+) -> Vec<usize> {
+    objects
+        .iter()
+        .copied()
+        .filter(|&i| {
+            (in_crop[i] as f32) < rule.min_shape_fraction * rendered.object_masks[i].count() as f32
+        })
+        .collect()
 }
 
 /// A caption of the whole scene.
 pub fn caption<R: Rng + ?Sized>(scene: &Scene, rng: &mut R) -> String {
-    let objects: Vec<&Object> = scene.objects.iter().collect();
+    let objects: Vec<(&Object, bool)> = scene.objects.iter().map(|o| (o, true)).collect();
     describe(&objects, Some(&scene.background), rng)
 }
 
@@ -108,32 +140,36 @@ pub fn caption_visible<R: Rng + ?Sized>(
     rng: &mut R,
 ) -> Result<String, SynthError> {
     let visible = visible_in(scene, rendered, rect, &VisibilityRule::default())?;
-    let objects: Vec<&Object> = visible.objects.iter().map(|&i| &scene.objects[i]).collect();
-    Ok(describe(&objects, visible.background.then_some(&scene.background), rng))
+    Ok(caption_of(scene, &visible, rng))
 }
 
-/// Objects of equal attributes, described together ("two red circles").
+/// A caption naming what `visible` says a crop of `scene` shows: its objects (their
+/// shapes where they show) and the background.
+pub fn caption_of<R: Rng + ?Sized>(scene: &Scene, visible: &Visible, rng: &mut R) -> String {
+    let objects: Vec<(&Object, bool)> =
+        visible.objects.iter().map(|&i| (&scene.objects[i], visible.shows_shape(i))).collect();
+    describe(&objects, visible.background.then_some(&scene.background), rng)
+}
+
+/// Objects of equal attributes, described together ("two red circles"); `shape` is `None`
+/// for objects whose shape does not show.
 struct Group {
     colour: Colour,
-    shape: Shape,
+    shape: Option<Shape>,
     fill: Fill,
     count: usize,
     size: f32,
 }
 
-fn groups(objects: &[&Object]) -> Vec<Group> {
+fn groups(objects: &[(&Object, bool)]) -> Vec<Group> {
     let mut groups: Vec<Group> = Vec::new();
-    for o in objects {
-        match groups.iter_mut().find(|g| (g.colour, g.shape, g.fill) == (o.colour, o.shape, o.fill))
-        {
+    for &(o, shows_shape) in objects {
+        let shape = shows_shape.then_some(o.shape);
+        match groups.iter_mut().find(|g| (g.colour, g.shape, g.fill) == (o.colour, shape, o.fill)) {
             Some(g) => g.count += 1,
-            None => groups.push(Group {
-                colour: o.colour,
-                shape: o.shape,
-                fill: o.fill,
-                count: 1,
-                size: o.size,
-            }),
+            None => {
+                groups.push(Group { colour: o.colour, shape, fill: o.fill, count: 1, size: o.size })
+            }
         }
     }
     groups
@@ -203,7 +239,11 @@ fn object_phrase<R: Rng + ?Sized>(group: &Group, rng: &mut R) -> String {
         words.push(size);
     }
     let colour = colour_word(rng, group.colour);
-    let shape = shape_word(rng, group.shape, plural);
+    let shape = match group.shape {
+        Some(shape) => shape_word(rng, shape, plural),
+        None if plural => "shapes",
+        None => "shape",
+    };
     match group.fill {
         Fill::Solid => {
             if rng.random_bool(0.25) {
@@ -273,7 +313,7 @@ fn background_after_objects<R: Rng + ?Sized>(background: &Background, rng: &mut 
 
 /// A caption of some objects and, if given, the background.
 fn describe<R: Rng + ?Sized>(
-    objects: &[&Object],
+    objects: &[(&Object, bool)],
     background: Option<&Background>,
     rng: &mut R,
 ) -> String {
@@ -423,6 +463,55 @@ mod tests {
             );
         }
         assert!(caption_visible(&scene, &rendered, Rect::new(90, 0, 20, 10), &mut rng).is_err());
+    }
+
+    #[test]
+    fn an_object_cut_by_the_crop_is_named_without_its_shape() {
+        let scene = Scene {
+            background: Background::new(Colour::Green, Texture::Plain),
+            objects: vec![Object {
+                shape: Shape::Star,
+                colour: Colour::Red,
+                fill: Fill::Striped,
+                centre: Point { x: 0.5, y: 0.5 },
+                size: 0.2,
+                rotation: 0.0,
+            }],
+        };
+        let rendered = render(&scene, 100, 100);
+        let rule = VisibilityRule { min_shape_fraction: 0.95, ..VisibilityRule::default() };
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let object = |caption: &str| {
+            let objects: Vec<_> = parse_mentions(caption)
+                .into_iter()
+                .filter_map(|m| match m {
+                    Mention::Object(o) => Some((o.colour, o.shape, o.fill)),
+                    Mention::Background(_) => None,
+                })
+                .collect();
+            assert_eq!(objects.len(), 1, "`{caption}`");
+            objects[0]
+        };
+        for _ in 0..20 {
+            // The whole star: named with its shape.
+            let whole = visible_in(&scene, &rendered, Rect::new(20, 20, 60, 60), &rule).unwrap();
+            assert!(whole.shows_shape(0));
+            let text = caption_of(&scene, &whole, &mut rng);
+            assert_eq!(object(&text), (Some(Colour::Red), Some(Shape::Star), Some(Fill::Striped)));
+            // Its middle: colour and fill, no shape.
+            let inside = visible_in(&scene, &rendered, Rect::new(40, 40, 20, 20), &rule).unwrap();
+            assert_eq!(inside.shapeless, [0]);
+            let text = caption_of(&scene, &inside, &mut rng);
+            assert_eq!(object(&text), (Some(Colour::Red), None, Some(Fill::Striped)), "{text}");
+            // By the default rule, as before: the shape is named anyway.
+            let named = visible_in(
+                &scene,
+                &rendered,
+                Rect::new(40, 40, 20, 20),
+                &VisibilityRule::default(),
+            );
+            assert!(named.unwrap().shapeless.is_empty());
+        }
     }
 
     #[test]

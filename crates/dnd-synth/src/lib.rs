@@ -44,7 +44,7 @@ pub mod spec;
 pub mod text_render;
 pub mod vocab;
 
-pub use caption::{VisibilityRule, Visible, caption, caption_visible, visible_in};
+pub use caption::{VisibilityRule, Visible, caption, caption_of, caption_visible, visible_in};
 pub use concept::{Concept, all_concepts};
 pub use error::SynthError;
 pub use mask::{Mask, Rect};

@@ -18,6 +18,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::pairs::{self, Pair, PairKind, PairSampling, Truth, sample_pairs};
+pub use pretrain::{PretrainReport, VisionPretraining};
+
+mod pretrain;
 use super::tiny_transformer::{
     Act, INIT_STD, Init, Lin, Norm, Params, TowerSize, VisionStyle, VisionTower, attention,
     causal_mask, check_all_gradients, masked_cross_entropy, named_tensors, repeat_rows,
@@ -27,6 +30,8 @@ use crate::error::{TrainError, io_error};
 use dnd_synth::vocab::{Fill, Shape};
 
 const VISION_EPS: f64 = 1e-5;
+/// The vision tower's variables: `vision_model.*`.
+const VISION_PREFIX: &str = "vision_model.";
 const TEXT_EPS: f64 = 1e-12;
 
 /// Everything that decides a trained captioner. The default is the committed zoo model's.
@@ -58,6 +63,18 @@ pub struct CaptionerTraining {
     /// Weight of shape words (and their synonyms and plurals) in the caption loss, against
     /// 1 for every other token: shapes are what the captioner learns last.
     pub shape_word_weight: f32,
+    /// Teach the vision tower what objects look like before it learns to caption (see
+    /// [`pretrain`]), as BLIP's comes pretrained. `None` (the zoo's) trains it on captions
+    /// alone.
+    #[serde(default)]
+    pub vision_pretraining: Option<VisionPretraining>,
+    /// While captioning, the vision tower learns at this fraction of `learning_rate`.
+    #[serde(default = "full_rate")]
+    pub vision_learning_rate_scale: f64,
+}
+
+fn full_rate() -> f64 {
+    1.0
 }
 
 impl Default for CaptionerTraining {
@@ -82,6 +99,10 @@ impl Default for CaptionerTraining {
             weight_decay: 0.01,
             max_grad_norm: 1.0,
             shape_word_weight: 1.0,
+            // Neither pretraining the tower nor keeping it frozen made the captioner name
+            // shapes (docs/benchmarks.md); both stay experiments (`--settings`).
+            vision_pretraining: None,
+            vision_learning_rate_scale: 1.0,
         }
     }
 }
@@ -352,7 +373,7 @@ struct TextBatch {
 impl TrainingCaptioner {
     /// A freshly initialised model (weights from `settings.seed`).
     pub fn new(settings: &CaptionerTraining) -> Result<Self, TrainError> {
-        let tokenizer = WorldTokenizer::new();
+        let tokenizer = WorldTokenizer::for_sampling(&settings.sampling);
         settings.check(&tokenizer)?;
         let mut p = Params::new(settings.seed);
         let s = settings;
@@ -447,6 +468,8 @@ impl TrainingCaptioner {
         let optimisation = pairs::Optimisation {
             seed: s.seed,
             sampling: &s.sampling,
+            scaled: (s.vision_learning_rate_scale != 1.0)
+                .then_some((VISION_PREFIX, s.vision_learning_rate_scale)),
             steps: s.steps,
             batch_size: s.batch_size,
             learning_rate: s.learning_rate,
@@ -479,7 +502,8 @@ impl TrainingCaptioner {
             "preprocessor_config.json",
             &self.settings.sampling.preprocessor_config("BlipImageProcessor"),
         )?;
-        write_tokenizer(dir, self.settings.max_positions).map_err(io_error(dir))?;
+        write_tokenizer(&self.tokenizer, dir, self.settings.max_positions)
+            .map_err(io_error(dir))?;
         let weights = named_tensors(&self.params.varmap);
         candle_core::safetensors::save(&weights, dir.join("model.safetensors"))?;
         Ok(())
@@ -527,7 +551,13 @@ pub struct CaptionEval {
 pub struct AttributeAccuracy {
     pub pairs: usize,
     pub colour: f32,
+    /// Over the pairs whose object's shape shows (`shape_pairs`): with
+    /// `min_shape_fraction` above 0, a crop inside an object names no shape.
     pub shape: f32,
+    /// Pairs whose object's shape shows; absent (all pairs) in train.json files written
+    /// before crops could hide a shape.
+    #[serde(default)]
+    pub shape_pairs: Option<usize>,
     pub fill: f32,
     /// All three right on one named object.
     pub all: f32,
@@ -570,6 +600,7 @@ pub fn evaluate_captioner(
     let (mut backgrounds, mut backgrounds_right) = (0, 0);
     let mut shown = Vec::new();
     let (mut single, mut colour_ok, mut shape_ok, mut fill_ok, mut all_ok) = (0, 0, 0, 0, 0);
+    let mut shape_pairs = 0;
     for (pair, text) in pairs.iter().zip(&generated) {
         let read = Truth::read(text);
         let ok = read.as_ref() == Some(&pair.truth);
@@ -595,9 +626,12 @@ pub fn evaluate_captioner(
                 .collect();
             single += 1;
             colour_ok += usize::from(named.iter().any(|o| o.0 == Some(colour)));
-            shape_ok += usize::from(named.iter().any(|o| o.1 == Some(shape)));
+            if shape.is_some() {
+                shape_pairs += 1;
+                shape_ok += usize::from(named.iter().any(|o| o.1 == shape));
+            }
             fill_ok += usize::from(named.iter().any(|o| o.2 == fill));
-            all_ok += usize::from(named.contains(&(Some(colour), Some(shape), fill)));
+            all_ok += usize::from(named.contains(&(Some(colour), shape, fill)));
         }
         if pair.truth.background.is_some() {
             backgrounds += 1;
@@ -626,7 +660,8 @@ pub fn evaluate_captioner(
         single_object: AttributeAccuracy {
             pairs: single,
             colour: ratio(colour_ok, single),
-            shape: ratio(shape_ok, single),
+            shape: ratio(shape_ok, shape_pairs),
+            shape_pairs: Some(shape_pairs),
             fill: ratio(fill_ok, single),
             all: ratio(all_ok, single),
         },
@@ -648,6 +683,10 @@ pub struct CaptionerReport {
     pub train_seconds: f64,
     pub eval_seconds: f64,
     pub heldout: CaptionEval,
+    /// The vision tower's pretraining, when the settings ask for it (its time is part of
+    /// `train_seconds`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vision_pretraining: Option<PretrainReport>,
     /// How the weights were made.
     pub command: String,
     pub threads: usize,
@@ -658,11 +697,15 @@ pub struct CaptionerReport {
 pub fn train_captioner(
     settings: &CaptionerTraining,
     out_dir: &Path,
-    progress: impl FnMut(usize, f32),
+    mut progress: impl FnMut(usize, f32),
 ) -> Result<CaptionerReport, TrainError> {
     let started = Instant::now();
     let mut model = TrainingCaptioner::new(settings)?;
-    let losses = model.train(progress)?;
+    let vision_pretraining = match &settings.vision_pretraining {
+        Some(p) => Some(pretrain::pretrain(&model, p, &mut progress)?),
+        None => None,
+    };
+    let losses = model.train(&mut progress)?;
     let train_seconds = started.elapsed().as_secs_f64();
     model.save(out_dir)?;
     let started = Instant::now();
@@ -684,6 +727,7 @@ pub fn train_captioner(
         train_seconds,
         eval_seconds: started.elapsed().as_secs_f64(),
         heldout,
+        vision_pretraining,
         command: "dnd synth train --model captioner".into(),
         threads: rayon::current_num_threads(),
     };

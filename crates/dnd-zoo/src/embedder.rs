@@ -208,7 +208,7 @@ impl TrainingEmbedder {
     /// A freshly initialised model (weights from `settings.seed`).
     pub fn new(settings: &EmbedderTraining) -> Result<Self, TrainError> {
         settings.check()?;
-        let tokenizer = WorldTokenizer::new();
+        let tokenizer = WorldTokenizer::for_sampling(&settings.sampling);
         let s = settings;
         let mut p = Params::new(s.seed);
         let vision = VisionTower::new(
@@ -374,6 +374,7 @@ impl TrainingEmbedder {
         let optimisation = pairs::Optimisation {
             seed: s.seed,
             sampling: &s.sampling,
+            scaled: None,
             steps: s.steps,
             batch_size: s.batch_size,
             learning_rate: s.learning_rate,
@@ -402,7 +403,8 @@ impl TrainingEmbedder {
             "preprocessor_config.json",
             &self.settings.sampling.preprocessor_config("CLIPImageProcessor"),
         )?;
-        write_tokenizer(dir, self.settings.max_positions).map_err(io_error(dir))?;
+        write_tokenizer(&self.tokenizer, dir, self.settings.max_positions)
+            .map_err(io_error(dir))?;
         candle_core::safetensors::save(
             &named_tensors(&self.params.varmap),
             dir.join("model.safetensors"),

@@ -1,6 +1,6 @@
 //! (image, caption) pairs of the world for the zoo's captioner and embedder: whole scenes
 //! captioned by [`caption`], and random crops (stretched back to the model's square input,
-//! as dnd's attention crops are) captioned by [`caption_visible`]. Each pair is a pure
+//! as dnd's attention crops are) captioned by what is visible in them ([`caption_of`]). Each pair is a pure
 //! function of `(seed, index)`, so a training run is reproducible and the held-out pairs
 //! (another seed) are scenes the model never saw.
 
@@ -13,7 +13,7 @@ use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use dnd_synth::caption::{VisibilityRule, caption, caption_visible, visible_in};
+use dnd_synth::caption::{VisibilityRule, Visible, caption, caption_of, visible_in};
 use dnd_synth::mask::Rect;
 use dnd_synth::phrase::{Mention, parse_mentions};
 use dnd_synth::render::{Rendered, render};
@@ -42,6 +42,12 @@ pub struct PairSampling {
     /// object interiors alone, which random crops rarely do.
     #[serde(default)]
     pub object_crop_fraction: f32,
+    /// A crop's caption names an object's shape only if this fraction of the object's
+    /// pixels lies in the crop ([`VisibilityRule::min_shape_fraction`]); a crop cutting it
+    /// more says "a red striped shape". 0 (the default, and what the first zoo models were
+    /// trained with) names every visible object's shape.
+    #[serde(default)]
+    pub min_shape_fraction: f32,
     pub mean: [f32; 3],
     pub std: [f32; 3],
 }
@@ -54,6 +60,7 @@ impl Default for PairSampling {
             crop_fraction: 0.5,
             min_crop_side: 0.3,
             object_crop_fraction: 0.0,
+            min_shape_fraction: 0.0,
             mean: [0.481_454_66, 0.457_827_5, 0.408_210_73],
             std: [0.268_629_54, 0.261_302_6, 0.275_777_1],
         }
@@ -78,10 +85,18 @@ impl PairSampling {
         if !(0.0..=1.0).contains(&self.object_crop_fraction) {
             return bad("object_crop_fraction must be in 0..=1");
         }
+        if !(0.0..=1.0).contains(&self.min_shape_fraction) {
+            return bad("min_shape_fraction must be in 0..=1");
+        }
         if self.std.iter().any(|&s| s <= 0.0) {
             return bad("std must be positive");
         }
         Ok(())
+    }
+
+    /// When an object of a crop is named, and with its shape.
+    pub fn visibility(&self) -> VisibilityRule {
+        VisibilityRule { min_shape_fraction: self.min_shape_fraction, ..VisibilityRule::default() }
     }
 
     /// What dnd's loaders build from the written `preprocessor_config.json`: an exact
@@ -115,26 +130,30 @@ impl PairSampling {
     }
 }
 
+/// One object as a caption names it: its shape only where the shape shows.
+pub type NamedObject = (Colour, Option<Shape>, Fill);
+
 /// What a pair's caption must say, with the grammar's defaults filled in: the objects as
 /// sorted (colour, shape, fill) triples and the background, if described.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Truth {
-    pub objects: Vec<(Colour, Shape, Fill)>,
+    pub objects: Vec<NamedObject>,
     pub background: Option<(Colour, Texture)>,
 }
 
 impl Truth {
-    /// What a caption says, read with [`parse_mentions`]; `None` if it names an incomplete
-    /// object (no colour or no shape) or more than one background.
+    /// What a caption says, read with [`parse_mentions`]; `None` if it names an object
+    /// without a colour, or more than one background. An object named without a shape
+    /// ("a red shape") has none.
     pub fn read(text: &str) -> Option<Truth> {
         let mut objects = Vec::new();
         let mut backgrounds = Vec::new();
         for mention in parse_mentions(text) {
             match mention {
                 Mention::Object(o) => {
-                    let (Some(colour), Some(shape)) = (o.colour, o.shape) else { return None };
+                    let colour = o.colour?;
                     objects.extend(std::iter::repeat_n(
-                        (colour, shape, o.fill.unwrap_or(Fill::Solid)),
+                        (colour, o.shape, o.fill.unwrap_or(Fill::Solid)),
                         o.count,
                     ));
                 }
@@ -170,26 +189,40 @@ pub struct Pair {
     pub kind: PairKind,
 }
 
-fn truth_of(scene: &Scene, objects: &[usize], background: bool) -> Truth {
-    let mut o: Vec<_> =
-        objects.iter().map(|&i| &scene.objects[i]).map(|o| (o.colour, o.shape, o.fill)).collect();
+fn truth_of(scene: &Scene, visible: &Visible) -> Truth {
+    let mut o: Vec<NamedObject> = visible
+        .objects
+        .iter()
+        .map(|&i| {
+            let object = &scene.objects[i];
+            (object.colour, visible.shows_shape(i).then_some(object.shape), object.fill)
+        })
+        .collect();
     o.sort();
     Truth {
         objects: o,
-        background: background.then_some((scene.background.colour, scene.background.texture)),
+        background: visible
+            .background
+            .then_some((scene.background.colour, scene.background.texture)),
     }
 }
 
 /// A crop around a random object of a `side` x `side` rendering: its bounding box scaled
-/// by 0.5 to 1.5 about its centre, at least 4 pixels, inside the image. `None` when the
-/// scene shows no object.
-fn object_crop<R: Rng + ?Sized>(rng: &mut R, rendered: &Rendered, side: u32) -> Option<Rect> {
+/// by a factor drawn from `scales` about its centre, at least 4 pixels, inside the image;
+/// with the object's index. `None` when the scene shows no object.
+fn object_crop<R: Rng + ?Sized>(
+    rng: &mut R,
+    rendered: &Rendered,
+    side: u32,
+    scales: std::ops::RangeInclusive<f32>,
+) -> Option<(usize, Rect)> {
     let masks = &rendered.object_masks;
     if masks.is_empty() {
         return None;
     }
-    let bounds = masks[rng.random_range(0..masks.len())].bounds()?;
-    let scale = rng.random_range(0.5f32..=1.5);
+    let object = rng.random_range(0..masks.len());
+    let bounds = masks[object].bounds()?;
+    let scale = rng.random_range(scales);
     let side = side as f32;
     let (w, h) = (
         (bounds.width as f32 * scale).round().clamp(4.0, side),
@@ -199,7 +232,64 @@ fn object_crop<R: Rng + ?Sized>(rng: &mut R, rendered: &Rendered, side: u32) -> 
         (bounds.x as f32 + bounds.width as f32 / 2.0, bounds.y as f32 + bounds.height as f32 / 2.0);
     let x = (centre.0 - w / 2.0).round().clamp(0.0, side - w);
     let y = (centre.1 - h / 2.0).round().clamp(0.0, side - h);
-    Some(Rect::new(x as u32, y as u32, w as u32, h as u32))
+    Some((object, Rect::new(x as u32, y as u32, w as u32, h as u32)))
+}
+
+/// Scale of the object crops of pairs: from inside the object to some room around it, as
+/// attention crops of a neuron that follows objects come out.
+const PAIR_CROP_SCALES: std::ops::RangeInclusive<f32> = 0.5..=1.5;
+
+/// Scale of object views: the whole object with a margin.
+const VIEW_CROP_SCALES: std::ops::RangeInclusive<f32> = 1.1..=1.6;
+
+/// One object seen whole, for teaching a vision tower what objects look like.
+#[derive(Debug, Clone)]
+pub struct ObjectView {
+    /// The crop after the model's geometric preprocessing (`image_size` square).
+    pub image: RgbImage,
+    pub colour: Colour,
+    pub shape: Shape,
+    pub fill: Fill,
+}
+
+/// View `index` of the stream `seed`: a scene drawn and rendered as pairs are, cropped
+/// around one of its objects, whole; `None` if the drawn object is hidden entirely.
+pub fn sample_object_view(
+    seed: u64,
+    index: u64,
+    sampling: &PairSampling,
+    preprocess: &Preprocess,
+) -> Option<ObjectView> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(index);
+    let scene = Scene::sample(&mut rng);
+    let side = sampling.render_sizes[rng.random_range(0..sampling.render_sizes.len())];
+    let rendered = render(&scene, side, side);
+    let (i, rect) = object_crop(&mut rng, &rendered, side, VIEW_CROP_SCALES)?;
+    let cut = image::imageops::crop_imm(&rendered.image, rect.x, rect.y, rect.width, rect.height)
+        .to_image();
+    let object = &scene.objects[i];
+    Some(ObjectView {
+        image: preprocess.transform(&cut),
+        colour: object.colour,
+        shape: object.shape,
+        fill: object.fill,
+    })
+}
+
+/// The views of indices `start..start + count` of the stream `seed`, rendered in parallel,
+/// those of hidden objects left out (rare: an object drawn under the others).
+pub fn sample_object_views(
+    seed: u64,
+    start: u64,
+    count: usize,
+    sampling: &PairSampling,
+) -> Vec<ObjectView> {
+    let preprocess = sampling.preprocess();
+    (start..start + count as u64)
+        .into_par_iter()
+        .filter_map(|i| sample_object_view(seed, i, sampling, &preprocess))
+        .collect()
 }
 
 /// Pair `index` of the stream `seed`.
@@ -219,8 +309,10 @@ pub fn sample_pair(
         // Drawn only when asked for, so that pairs without object crops stay as they were.
         let around_object = sampling.object_crop_fraction > 0.0
             && rng.random::<f32>() < sampling.object_crop_fraction;
-        let rect = match around_object.then(|| object_crop(&mut rng, &rendered, side)).flatten() {
-            Some(rect) => rect,
+        let around =
+            around_object.then(|| object_crop(&mut rng, &rendered, side, PAIR_CROP_SCALES));
+        let rect = match around.flatten() {
+            Some((_, rect)) => rect,
             None => {
                 let min = ((sampling.min_crop_side * side as f32).round() as u32).clamp(1, side);
                 let (w, h) = (rng.random_range(min..=side), rng.random_range(min..=side));
@@ -228,14 +320,18 @@ pub fn sample_pair(
             }
         };
         let (w, h) = (rect.width, rect.height);
-        let visible = visible_in(&scene, &rendered, rect, &VisibilityRule::default())?;
-        let text = caption_visible(&scene, &rendered, rect, &mut rng)?;
+        let visible = visible_in(&scene, &rendered, rect, &sampling.visibility())?;
+        let text = caption_of(&scene, &visible, &mut rng);
         let cut = image::imageops::crop_imm(&rendered.image, rect.x, rect.y, w, h).to_image();
-        (cut, text, truth_of(&scene, &visible.objects, visible.background), PairKind::Crop)
+        (cut, text, truth_of(&scene, &visible), PairKind::Crop)
     } else {
         let text = caption(&scene, &mut rng);
-        let all: Vec<usize> = (0..scene.objects.len()).collect();
-        (rendered.image, text, truth_of(&scene, &all, true), PairKind::Scene)
+        let all = Visible {
+            objects: (0..scene.objects.len()).collect(),
+            background: true,
+            shapeless: Vec::new(),
+        };
+        (rendered.image, text, truth_of(&scene, &all), PairKind::Scene)
     };
     let image = preprocess.transform(&source);
     Ok(Pair { source, image, caption, truth, kind })
@@ -290,6 +386,9 @@ pub(crate) fn summarize_losses(losses: &[f32]) -> LossSummary {
 pub(crate) struct Optimisation<'a> {
     pub seed: u64,
     pub sampling: &'a PairSampling,
+    /// Variables whose names start with `.0` learn at `.1` times the learning rate (a
+    /// pretrained tower fine-tuned gently); `None`: all at the same rate.
+    pub scaled: Option<(&'a str, f64)>,
     pub steps: usize,
     pub batch_size: usize,
     pub learning_rate: f64,
@@ -299,18 +398,25 @@ pub(crate) struct Optimisation<'a> {
     pub max_grad_norm: f64,
 }
 
-/// The training loop of the captioner and the embedder: AdamW (betas 0.9 and 0.98), linear
-/// warm-up then cosine decay, global gradient clipping, and the next batch of pairs
-/// rendered while the current step computes. `after_step` runs after each update (the
-/// embedder clamps its temperature there); `progress` gets each step's loss. The losses.
+/// The training loop of the captioner and the embedder on pairs (see [`train_steps`]).
 pub(crate) fn train_on_pairs(
     varmap: &candle_nn::VarMap,
     o: &Optimisation,
     loss_of: impl Fn(&[Pair]) -> Result<candle_core::Tensor, TrainError> + Sync,
-    mut after_step: impl FnMut() -> Result<(), TrainError>,
-    mut progress: impl FnMut(usize, f32),
+    after_step: impl FnMut() -> Result<(), TrainError>,
+    progress: impl FnMut(usize, f32),
 ) -> Result<Vec<f32>, TrainError> {
-    use super::tiny_transformer::{clip_gradients, learning_rate};
+    let fetch =
+        |step: usize| sample_pairs(o.seed, (step * o.batch_size) as u64, o.batch_size, o.sampling);
+    train_steps(varmap, o, fetch, |pairs: &Vec<Pair>| loss_of(pairs), after_step, progress)
+}
+
+/// The optimisers of `varmap`'s variables: one AdamW (betas 0.9 and 0.98) per learning
+/// rate scale, with its scale.
+fn optimisers(
+    varmap: &candle_nn::VarMap,
+    o: &Optimisation,
+) -> Result<Vec<(candle_nn::AdamW, f64)>, TrainError> {
     use candle_nn::Optimizer;
     let params = candle_nn::ParamsAdamW {
         lr: o.learning_rate,
@@ -319,31 +425,61 @@ pub(crate) fn train_on_pairs(
         eps: 1e-8,
         weight_decay: o.weight_decay,
     };
-    let mut opt = candle_nn::AdamW::new(varmap.all_vars(), params)?;
+    let Some((prefix, scale)) = o.scaled else {
+        return Ok(vec![(candle_nn::AdamW::new(varmap.all_vars(), params)?, 1.0)]);
+    };
+    let data = varmap.data().lock().expect("the var map lock is never poisoned");
+    let (mut scaled, mut rest) = (Vec::new(), Vec::new());
+    for (name, var) in data.iter() {
+        if name.starts_with(prefix) { &mut scaled } else { &mut rest }.push(var.clone());
+    }
+    let mut out = Vec::new();
+    for (vars, scale) in [(rest, 1.0), (scaled, scale)] {
+        if !vars.is_empty() {
+            out.push((candle_nn::AdamW::new(vars, params.clone())?, scale));
+        }
+    }
+    Ok(out)
+}
+
+/// A training loop: AdamW, linear warm-up then cosine decay, global gradient clipping,
+/// and the next batch (`fetch(step)`) made while the current step computes. `after_step`
+/// runs after each update (the embedder clamps its temperature there); `progress` gets
+/// each step's loss. The losses.
+pub(crate) fn train_steps<B: Send + Sync>(
+    varmap: &candle_nn::VarMap,
+    o: &Optimisation,
+    fetch: impl Fn(usize) -> Result<B, TrainError> + Sync,
+    loss_of: impl Fn(&B) -> Result<candle_core::Tensor, TrainError> + Sync,
+    mut after_step: impl FnMut() -> Result<(), TrainError>,
+    mut progress: impl FnMut(usize, f32),
+) -> Result<Vec<f32>, TrainError> {
+    use super::tiny_transformer::{clip_gradients, learning_rate};
+    use candle_nn::Optimizer;
+    let mut optimisers = optimisers(varmap, o)?;
     let mut losses = Vec::with_capacity(o.steps);
-    let fetch =
-        |step: usize| sample_pairs(o.seed, (step * o.batch_size) as u64, o.batch_size, o.sampling);
-    let mut next = fetch(0)?;
+    let mut next = Some(fetch(0)?);
     for step in 0..o.steps {
-        let pairs = std::mem::take(&mut next);
+        let batch = next.take().expect("a batch is fetched ahead of every step");
         let (loss, fetched) = rayon::join(
-            || loss_of(&pairs),
+            || loss_of(&batch),
             || if step + 1 < o.steps { fetch(step + 1).map(Some) } else { Ok(None) },
         );
         let loss = loss?;
-        if let Some(f) = fetched? {
-            next = f;
-        }
-        opt.set_learning_rate(learning_rate(
+        next = fetched?;
+        let rate = learning_rate(
             step,
             o.steps,
             o.warmup_steps,
             o.learning_rate,
             o.final_learning_rate_fraction,
-        ));
+        );
         let mut grads = loss.backward()?;
         clip_gradients(varmap, &mut grads, o.max_grad_norm)?;
-        opt.step(&grads)?;
+        for (opt, scale) in &mut optimisers {
+            opt.set_learning_rate(rate * *scale);
+            opt.step(&grads)?;
+        }
         after_step()?;
         let value = loss.to_scalar::<f32>()?;
         if !value.is_finite() {
@@ -423,5 +559,31 @@ mod tests {
         );
         // Off by default: the committed models' pairs are drawn as before.
         assert_eq!(PairSampling::default().object_crop_fraction, 0.0);
+    }
+
+    #[test]
+    fn crops_that_cut_an_object_name_it_without_its_shape() {
+        let around = PairSampling {
+            crop_fraction: 1.0,
+            object_crop_fraction: 1.0,
+            min_shape_fraction: 0.95,
+            ..PairSampling::default()
+        };
+        let pairs = sample_pairs(5, 0, 80, &around).unwrap();
+        let (mut shaped, mut shapeless) = (0, 0);
+        for p in &pairs {
+            assert_eq!(Truth::read(&p.caption).as_ref(), Some(&p.truth), "{}", p.caption);
+            let hidden = p.truth.objects.iter().filter(|o| o.1.is_none()).count();
+            (shaped, shapeless) = (shaped + p.truth.objects.len() - hidden, shapeless + hidden);
+            assert_eq!(p.caption.contains(" shape"), hidden > 0, "{}", p.caption);
+        }
+        // Boxes scaled by 0.5-1.5: about half cut their object.
+        assert!(shaped > 20 && shapeless > 20, "{shaped} shaped, {shapeless} shapeless");
+        // The same pairs with every shape named, as the first zoo models were trained.
+        let named = PairSampling { min_shape_fraction: 0.0, ..around };
+        for (p, q) in pairs.iter().zip(sample_pairs(5, 0, 80, &named).unwrap()) {
+            assert_eq!(p.image, q.image);
+            assert!(q.truth.objects.iter().all(|o| o.1.is_some()), "{}", q.caption);
+        }
     }
 }

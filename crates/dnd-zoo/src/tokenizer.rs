@@ -50,6 +50,11 @@ const FUNCTION_WORDS: [&str; 17] = [
     ",",
 ];
 
+/// The noun of an object whose outline a crop cuts off ("a red striped shape"): in the
+/// vocabulary of models trained on such captions only, so that the zoo's first models,
+/// trained without them, are made again word for word.
+const GENERIC_SHAPE_WORDS: [&str; 2] = ["shape", "shapes"];
+
 /// Splits text as the tokenizer does: lowercase, whitespace, each punctuation mark its own
 /// piece (BERT's pre-tokenizer).
 pub fn split_words(text: &str) -> Vec<String> {
@@ -74,9 +79,13 @@ pub fn split_words(text: &str) -> Vec<String> {
 }
 
 /// Every word the caption grammar can write, and the captioner prefix's words: the
-/// vocabulary without the special tokens, sorted.
-fn grammar_words() -> BTreeSet<String> {
+/// vocabulary without the special tokens, sorted. `generic_shapes`: captions may name an
+/// object without its shape.
+fn grammar_words(generic_shapes: bool) -> BTreeSet<String> {
     let mut forms: Vec<&str> = FUNCTION_WORDS.iter().chain(&PREFIX_WORDS).copied().collect();
+    if generic_shapes {
+        forms.extend(GENERIC_SHAPE_WORDS);
+    }
     for c in Colour::ALL {
         forms.push(c.name());
         forms.extend(c.synonyms());
@@ -96,8 +105,8 @@ fn grammar_words() -> BTreeSet<String> {
 
 /// The vocabulary in id order: `[PAD]`, `[UNK]`, `[CLS]`, `[SEP]`, then every word of the
 /// grammar (and of the captioner prefix) in alphabetical order.
-pub fn world_vocabulary() -> Vec<String> {
-    SPECIALS.iter().map(|s| s.to_string()).chain(grammar_words()).collect()
+pub fn world_vocabulary(generic_shapes: bool) -> Vec<String> {
+    SPECIALS.iter().map(|s| s.to_string()).chain(grammar_words(generic_shapes)).collect()
 }
 
 /// The tokenizer in plain Rust: exactly what the written `tokenizer.json` does.
@@ -107,15 +116,15 @@ pub struct WorldTokenizer {
     ids: HashMap<String, u32>,
 }
 
-impl Default for WorldTokenizer {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl WorldTokenizer {
-    pub fn new() -> Self {
-        let words = world_vocabulary();
+    /// The tokenizer of the captions `sampling` draws.
+    pub fn for_sampling(sampling: &crate::pairs::PairSampling) -> Self {
+        Self::new(sampling.min_shape_fraction > 0.0)
+    }
+
+    /// The world's vocabulary, with the generic shape nouns or without.
+    pub fn new(generic_shapes: bool) -> Self {
+        let words = world_vocabulary(generic_shapes);
         let ids = words.iter().enumerate().map(|(i, w)| (w.clone(), i as u32)).collect();
         Self { words, ids }
     }
@@ -150,11 +159,10 @@ fn added_token(id: u32, content: &str) -> serde_json::Value {
     json!({"id": id, "content": content, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true})
 }
 
-/// The Hugging Face `tokenizer.json` of the world's vocabulary.
-pub fn tokenizer_json() -> serde_json::Value {
-    let vocabulary = world_vocabulary();
+/// The Hugging Face `tokenizer.json` of `tokenizer`'s vocabulary.
+pub fn tokenizer_json(tokenizer: &WorldTokenizer) -> serde_json::Value {
     let vocab: serde_json::Map<String, serde_json::Value> =
-        vocabulary.iter().enumerate().map(|(i, w)| (w.clone(), json!(i))).collect();
+        tokenizer.words.iter().enumerate().map(|(i, w)| (w.clone(), json!(i))).collect();
     let special = |name: &str, id: u32| json!({"id": name, "ids": [id], "tokens": [name]});
     json!({
         "version": "1.0",
@@ -186,12 +194,16 @@ pub fn tokenizer_json() -> serde_json::Value {
 
 /// Writes `tokenizer.json` and `tokenizer_config.json` into `dir` (created if missing).
 /// `model_max_length` is the context the model was trained for.
-pub fn write_tokenizer(dir: &Path, model_max_length: usize) -> std::io::Result<()> {
+pub fn write_tokenizer(
+    tokenizer: &WorldTokenizer,
+    dir: &Path,
+    model_max_length: usize,
+) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     let pretty = |v: &serde_json::Value| {
         serde_json::to_string_pretty(v).expect("JSON values serialise") + "\n"
     };
-    std::fs::write(dir.join("tokenizer.json"), pretty(&tokenizer_json()))?;
+    std::fs::write(dir.join("tokenizer.json"), pretty(&tokenizer_json(tokenizer)))?;
     let config = json!({
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": CLS,
@@ -219,12 +231,19 @@ mod tests {
 
     #[test]
     fn every_grammar_word_round_trips_through_the_hf_tokenizer() {
+        for generic_shapes in [false, true] {
+            round_trip(generic_shapes);
+        }
+        assert_eq!(world_vocabulary(true).len(), world_vocabulary(false).len() + 2);
+    }
+
+    fn round_trip(generic_shapes: bool) {
         let dir = tempfile::tempdir().unwrap();
-        write_tokenizer(dir.path(), 48).unwrap();
+        let ours = WorldTokenizer::new(generic_shapes);
+        write_tokenizer(&ours, dir.path(), 48).unwrap();
         let hf = dnd_models::hf_files::load_tokenizer(&dir.path().join("tokenizer.json")).unwrap();
-        let ours = WorldTokenizer::new();
         assert_eq!(hf.get_vocab_size(true), ours.vocab_size());
-        for (id, word) in world_vocabulary().iter().enumerate() {
+        for (id, word) in world_vocabulary(generic_shapes).iter().enumerate() {
             assert_eq!(hf.token_to_id(word), Some(id as u32), "{word}");
             if id < SPECIALS.len() {
                 continue;
@@ -242,9 +261,9 @@ mod tests {
     #[test]
     fn captions_of_scenes_and_crops_encode_without_unknowns_and_decode_back() {
         let dir = tempfile::tempdir().unwrap();
-        write_tokenizer(dir.path(), 48).unwrap();
+        let ours = WorldTokenizer::new(false);
+        write_tokenizer(&ours, dir.path(), 48).unwrap();
         let hf = dnd_models::hf_files::load_tokenizer(&dir.path().join("tokenizer.json")).unwrap();
-        let ours = WorldTokenizer::new();
         let mut rng = ChaCha8Rng::seed_from_u64(21);
         let mut longest = 0;
         for i in 0..600 {

@@ -102,3 +102,16 @@ fn the_committed_zoo_captioner_scores_what_its_train_json_records() {
     }
     assert!(eval.background_accuracy > 0.9 && eval.single_object.colour > 0.8, "{eval:?}");
 }
+
+/// `dnd synth train --model captioner` with the default settings makes the committed model.
+#[test]
+fn the_committed_zoo_captioner_was_trained_with_the_defaults() {
+    let dir = crate::committed_zoo().join("captioner");
+    let report: CaptionerReport =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("train.json")).unwrap()).unwrap();
+    assert_eq!(
+        report.settings,
+        CaptionerTraining::default(),
+        "retrain: dnd synth train --model captioner"
+    );
+}
