@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::pairs::{self, Pair, PairKind, PairSampling, Truth, sample_pairs};
-pub use pretrain::{PretrainReport, VisionPretraining};
+pub use pretrain::{PretrainReport, ViewAccuracy, VisionPretraining};
 
 mod pretrain;
 use super::tiny_transformer::{
@@ -64,7 +64,7 @@ pub struct CaptionerTraining {
     /// 1 for every other token: shapes are what the captioner learns last.
     pub shape_word_weight: f32,
     /// Teach the vision tower what objects look like before it learns to caption (see
-    /// [`pretrain`]), as BLIP's comes pretrained. `None` (the zoo's) trains it on captions
+    /// `pretrain.rs`), as BLIP's comes pretrained. `None` (the zoo's) trains it on captions
     /// alone.
     #[serde(default)]
     pub vision_pretraining: Option<VisionPretraining>,
