@@ -209,6 +209,7 @@ pub fn latent_groups(scores: &[LatentScore]) -> Vec<(String, usize, usize)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use dnd_store::results::DescriptionStatus;
 
     #[test]
     fn the_most_selective_units_come_first_and_silent_ones_never() {
@@ -220,6 +221,96 @@ mod tests {
         assert_eq!(ids, [0, 3, 1]);
         assert!((chosen[0].1 - 1.0).abs() < 1e-12);
         assert!(most_selective(&positives, &negatives, 9).iter().all(|c| c.0 != 2));
+    }
+
+    fn description(latent: u32, status: DescriptionStatus, label: Option<&str>) -> DescriptionRow {
+        DescriptionRow {
+            layer: "layer4".into(),
+            neuron: dnd_core::NeuronId::new(latent),
+            unit_kind: UnitKind::Sae,
+            unit_source: Some("blake3:0".into()),
+            status,
+            label: label.map(String::from),
+            score: None,
+            label_2: None,
+            score_2: None,
+            label_3: None,
+            score_3: None,
+            candidates: 0,
+            top_images: 0,
+            captions_cached: 0,
+            captions_total: 0,
+            replies_cached: 0,
+            replies_total: 0,
+            images_cached: 0,
+            images_total: 0,
+            error: None,
+            task: "layer4-00000".into(),
+        }
+    }
+
+    #[test]
+    fn a_concept_is_named_when_one_of_its_latents_labels_names_it() {
+        let planted = |description: &str, concept: &str| PlantedNeuron {
+            layer: "layer4".into(),
+            neuron: 39,
+            kind: PlantedKind::Single,
+            concepts: vec![concept.into()],
+            description: description.into(),
+        };
+        let blue = planted("blue squares", "blue square");
+        let chosen = |latents: Vec<(usize, f64)>| ConceptLatents {
+            layer: "layer4".into(),
+            neuron: 39,
+            kind: PlantedKind::Single,
+            truth: "blue squares".into(),
+            latents,
+        };
+        let descriptions = [
+            description(5, DescriptionStatus::Ok, Some("red square")),
+            description(7, DescriptionStatus::Ok, Some("blue striped square")),
+            description(9, DescriptionStatus::Dead, None),
+        ];
+        let scores = score_latents(
+            &[chosen(vec![(5, 0.9), (7, 0.8), (9, 0.7)]), chosen(vec![(5, 0.9), (11, 0.6)])],
+            std::slice::from_ref(&blue),
+            &descriptions,
+        );
+        assert!(scores[0].named);
+        let names: Vec<bool> = scores[0].latents.iter().map(|l| l.names_it).collect();
+        assert_eq!(names, [false, true, false]);
+        assert_eq!(scores[0].latents[2].status, "dead");
+        assert!(!scores[1].named);
+        assert_eq!(scores[1].latents[1].status, "missing");
+    }
+
+    /// The committed zoo's SAE holds latents that pick out its blue-squares concept.
+    #[test]
+    fn the_zoo_sae_has_latents_selective_for_blue_squares() {
+        let zoo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../dnd-synth/zoo");
+        let planted = dnd_synth::read_planted(&zoo.join("target")).unwrap();
+        let blue: Vec<PlantedNeuron> =
+            planted.into_iter().filter(|p| p.description == "blue squares").collect();
+        assert_eq!(blue.len(), 1);
+        let target = zoo.join("target");
+        let chosen = select_latents(
+            &LatentSelection {
+                target: target.to_str().unwrap(),
+                sae: &zoo.join("sae"),
+                layer: "layer4",
+                per_concept: 3,
+                concept_images: 8,
+                control_images: 32,
+                size: 96,
+                device: "cpu",
+            },
+            &blue,
+        )
+        .unwrap();
+        let latents = &chosen[0].latents;
+        assert_eq!(latents.len(), 3);
+        assert!(latents.windows(2).all(|w| w[0].1 >= w[1].1), "{latents:?}");
+        assert!(latents[0].1 > 0.85, "{latents:?}");
     }
 
     #[test]
