@@ -357,30 +357,15 @@ pub async fn write_task(dir: &Location, tables: &TaskTables) -> Result<(), Pipel
 /// The description of a unit stages 1-3 skipped for its status: no label, the status says
 /// why.
 fn skipped_row(task: &NeuronTask, neuron: NeuronId, status: UnitStatus) -> DescriptionRow {
-    DescriptionRow {
-        layer: task.layer.clone(),
+    DescriptionRow::unlabelled(
+        task.layer.clone(),
         neuron,
-        unit_kind: task.readout.kind(),
-        unit_source: task.readout.source().map(String::from),
-        status: match status {
+        task.readout.kind(),
+        task.readout.source().map(String::from),
+        match status {
             UnitStatus::Dense => DescriptionStatus::Dense,
             _ => DescriptionStatus::Dead,
         },
-        label: None,
-        score: None,
-        label_2: None,
-        score_2: None,
-        label_3: None,
-        score_3: None,
-        candidates: 0,
-        top_images: 0,
-        captions_cached: 0,
-        captions_total: 0,
-        replies_cached: 0,
-        replies_total: 0,
-        images_cached: 0,
-        images_total: 0,
-        error: None,
-        task: task.id.to_string(),
-    }
+        task.id.to_string(),
+    )
 }

@@ -156,27 +156,15 @@ pub async fn commit_failed_task(
         .neurons
         .iter()
         .map(|&n| DescriptionRow {
-            layer: batch.layer.clone(),
-            neuron: n,
-            unit_kind: unit.unit_kind(),
-            unit_source: unit.unit_source(),
-            status: DescriptionStatus::Failed,
-            label: None,
-            score: None,
-            label_2: None,
-            score_2: None,
-            label_3: None,
-            score_3: None,
-            candidates: 0,
-            top_images: 0,
-            captions_cached: 0,
-            captions_total: 0,
-            replies_cached: 0,
-            replies_total: 0,
-            images_cached: 0,
-            images_total: 0,
             error: Some(message.clone()),
-            task: task.into(),
+            ..DescriptionRow::unlabelled(
+                batch.layer.clone(),
+                n,
+                unit.unit_kind(),
+                unit.unit_source(),
+                DescriptionStatus::Failed,
+                task.into(),
+            )
         })
         .collect();
     let errors: Vec<NeuronErrorRow> = batch

@@ -225,27 +225,15 @@ mod tests {
 
     fn description(latent: u32, status: DescriptionStatus, label: Option<&str>) -> DescriptionRow {
         DescriptionRow {
-            layer: "layer4".into(),
-            neuron: dnd_core::NeuronId::new(latent),
-            unit_kind: UnitKind::Sae,
-            unit_source: Some("blake3:0".into()),
-            status,
             label: label.map(String::from),
-            score: None,
-            label_2: None,
-            score_2: None,
-            label_3: None,
-            score_3: None,
-            candidates: 0,
-            top_images: 0,
-            captions_cached: 0,
-            captions_total: 0,
-            replies_cached: 0,
-            replies_total: 0,
-            images_cached: 0,
-            images_total: 0,
-            error: None,
-            task: "layer4-00000".into(),
+            ..DescriptionRow::unlabelled(
+                "layer4".into(),
+                dnd_core::NeuronId::new(latent),
+                UnitKind::Sae,
+                Some("blake3:0".into()),
+                status,
+                "layer4-00000".into(),
+            )
         }
     }
 

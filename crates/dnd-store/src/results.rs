@@ -270,6 +270,43 @@ pub struct DescriptionRow {
     pub task: String,
 }
 
+impl DescriptionRow {
+    /// The row of a unit that got no label (skipped for its status, or failed): its
+    /// identity, status and task, every label, score and count empty.
+    pub fn unlabelled(
+        layer: LayerName,
+        neuron: NeuronId,
+        unit_kind: UnitKind,
+        unit_source: Option<String>,
+        status: DescriptionStatus,
+        task: String,
+    ) -> Self {
+        Self {
+            layer,
+            neuron,
+            unit_kind,
+            unit_source,
+            status,
+            label: None,
+            score: None,
+            label_2: None,
+            score_2: None,
+            label_3: None,
+            score_3: None,
+            candidates: 0,
+            top_images: 0,
+            captions_cached: 0,
+            captions_total: 0,
+            replies_cached: 0,
+            replies_total: 0,
+            images_cached: 0,
+            images_total: 0,
+            error: None,
+            task,
+        }
+    }
+}
+
 /// A candidate concept of a neuron.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CandidateRow {
