@@ -123,23 +123,10 @@ pub async fn scheduler(args: SchedulerArgs) -> anyhow::Result<()> {
         resume_unfinished: false,
     };
     let coordinator = Coordinator::open(store.clone(), settings).await?;
-    let token = BearerToken::random();
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let served = dnd_coordinator::serve(
-        coordinator.clone(),
-        listener,
-        token.clone(),
-        &ServerConfig::default(),
-        async move {
-            let _ = stopped.await;
-        },
-    )
-    .await?;
-    let client = ClientConfig { url: format!("http://{}", served.addr), token, tls_ca: None };
+    let server = Loopback::serve(&coordinator).await?;
     let mut channels = Vec::new();
     for _ in 0..args.workers {
-        channels.push(client.connect().await?);
+        channels.push(server.client.connect().await?);
     }
 
     let job = "bench-scheduler";
@@ -150,15 +137,7 @@ pub async fn scheduler(args: SchedulerArgs) -> anyhow::Result<()> {
         .into_iter()
         .map(|c| tokio::spawn(simulated_worker(c, store.clone(), task_time)))
         .collect();
-    loop {
-        match coordinator.view(job).map(|v| v.phase) {
-            Some(Phase::Succeeded) => break,
-            Some(Phase::Failed | Phase::Cancelled) | None => {
-                anyhow::bail!("the benchmark job did not succeed")
-            }
-            _ => tokio::time::sleep(Duration::from_millis(1)).await,
-        }
-    }
+    wait_for_success(&coordinator, job, Duration::from_millis(1)).await?;
     let makespan = started.elapsed().as_secs_f64();
     let (mut done, mut lease, mut complete, mut worked) =
         (0, Duration::ZERO, Duration::ZERO, Duration::ZERO);
@@ -169,7 +148,7 @@ pub async fn scheduler(args: SchedulerArgs) -> anyhow::Result<()> {
         complete += c;
         worked += work;
     }
-    let _ = stop.send(());
+    server.stop();
     anyhow::ensure!(done == args.tasks, "{done} tasks completed of {}", args.tasks);
     // Total work / workers, with the work as slept; and the bound that whole tasks set
     // (some worker runs ceil(tasks / workers) of them).
@@ -207,4 +186,54 @@ pub async fn scheduler(args: SchedulerArgs) -> anyhow::Result<()> {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
     }
     Ok(())
+}
+
+/// A coordinator served over gRPC on loopback with a fresh token: what the benches'
+/// simulated workers connect to.
+pub(crate) struct Loopback {
+    pub client: ClientConfig,
+    stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Loopback {
+    pub async fn serve(coordinator: &std::sync::Arc<Coordinator>) -> anyhow::Result<Self> {
+        let token = BearerToken::random();
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let served = dnd_coordinator::serve(
+            coordinator.clone(),
+            listener,
+            token.clone(),
+            &ServerConfig::default(),
+            async move {
+                let _ = stopped.await;
+            },
+        )
+        .await?;
+        let client = ClientConfig { url: format!("http://{}", served.addr), token, tls_ca: None };
+        Ok(Self { client, stop })
+    }
+
+    /// Ends the server.
+    pub fn stop(self) {
+        let _ = self.stop.send(());
+    }
+}
+
+/// Waits, polling every `poll`, until `job` has succeeded; fails if it failed, was
+/// cancelled or is unknown.
+pub(crate) async fn wait_for_success(
+    coordinator: &Coordinator,
+    job: &str,
+    poll: Duration,
+) -> anyhow::Result<()> {
+    loop {
+        match coordinator.view(job).map(|v| v.phase) {
+            Some(Phase::Succeeded) => return Ok(()),
+            Some(Phase::Failed | Phase::Cancelled) | None => {
+                anyhow::bail!("the benchmark job did not succeed")
+            }
+            _ => tokio::time::sleep(poll).await,
+        }
+    }
 }

@@ -12,9 +12,8 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use serde::Serialize;
-use tokio::net::TcpListener;
 
-use dnd_coordinator::{Coordinator, Phase, Settings};
+use dnd_coordinator::{Coordinator, Settings};
 use dnd_core::{Activation, NeuronId, UnitKind};
 use dnd_models::ModelRef;
 use dnd_models::dictionary::DictionaryInfo;
@@ -23,13 +22,12 @@ use dnd_pipeline::execute::write_task;
 use dnd_pipeline::job::UnitSource;
 use dnd_pipeline::plan::{JobPlan, NeuronBatch};
 use dnd_pipeline::{JobSpec, ProbeImages, TaskTables};
-use dnd_proto::{BearerToken, ClientConfig, ServerConfig};
 use dnd_store::results::{
     CandidateRow, CaptionRow, DescriptionRow, DescriptionStatus, ExchangeRow, ImageRow, ScoreRow,
 };
 use dnd_store::{Location, TaskStore};
 
-use crate::bench_scheduler::simulated_worker;
+use crate::bench_scheduler::{Loopback, simulated_worker, wait_for_success};
 
 #[derive(Args)]
 pub struct UnitsArgs {
@@ -376,40 +374,19 @@ pub async fn units(args: UnitsArgs) -> anyhow::Result<()> {
     coordinator.submit_simulated_plan(job, plan)?;
     let coordinator_rss_mib = rss_mib() - before;
 
-    let token = BearerToken::random();
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let served = dnd_coordinator::serve(
-        coordinator.clone(),
-        listener,
-        token.clone(),
-        &ServerConfig::default(),
-        async move {
-            let _ = stopped.await;
-        },
-    )
-    .await?;
-    let client = ClientConfig { url: format!("http://{}", served.addr), token, tls_ca: None };
+    let server = Loopback::serve(&coordinator).await?;
     let scheduling = Instant::now();
     let mut workers = Vec::new();
     for _ in 0..args.workers {
-        let channel = client.connect().await?;
+        let channel = server.client.connect().await?;
         workers.push(tokio::spawn(simulated_worker(channel, store.clone(), Duration::ZERO)));
     }
-    loop {
-        match coordinator.view(job).map(|v| v.phase) {
-            Some(Phase::Succeeded) => break,
-            Some(Phase::Failed | Phase::Cancelled) | None => {
-                anyhow::bail!("the benchmark job did not succeed")
-            }
-            _ => tokio::time::sleep(Duration::from_millis(2)).await,
-        }
-    }
+    wait_for_success(&coordinator, job, Duration::from_millis(2)).await?;
     let schedule_seconds = scheduling.elapsed().as_secs_f64();
     for w in workers {
         w.await??;
     }
-    let _ = stop.send(());
+    server.stop();
 
     // Every task's tables, committed as a worker's attempt, then compacted.
     let tasks = TaskStore::new(store.join("jobs/bench-units-results"));
