@@ -8,12 +8,18 @@ const BACKGROUND_WORDS: [&str; 4] = ["design", "designs", "graphic", "graphics"]
 
 /// Normalises summary labels into candidates: lower-case, whitespace collapsed, leading
 /// and trailing quotes and trailing punctuation removed, empty labels dropped, duplicates
-/// removed (first occurrence kept, order otherwise preserved). A label whose last word is
-/// "design(s)" or "graphic(s)" is followed by a variant with " background" appended.
+/// removed (first occurrence kept, order otherwise preserved). Alternatives in another
+/// order are the same concept ("purple or yellow" after "yellow or purple" is a
+/// duplicate): generating both would spend twice the images on one concept and split its
+/// rank between two candidates. A label whose last word is "design(s)" or "graphic(s)" is
+/// followed by a variant with " background" appended.
 pub fn normalize_candidates<S: AsRef<str>>(labels: &[S]) -> Vec<String> {
     let mut candidates: Vec<String> = Vec::new();
+    let mut concepts: Vec<Vec<String>> = Vec::new();
     let mut push = |candidate: String| {
-        if !candidates.contains(&candidate) {
+        let concept = concept_of(&candidate);
+        if !concepts.contains(&concept) {
+            concepts.push(concept);
             candidates.push(candidate);
         }
     };
@@ -36,6 +42,15 @@ pub fn normalize_candidates<S: AsRef<str>>(labels: &[S]) -> Vec<String> {
     candidates
 }
 
+/// What a normalised candidate means for duplicates: its alternatives (the parts between
+/// " or "), in sorted order.
+fn concept_of(candidate: &str) -> Vec<String> {
+    let mut alternatives: Vec<String> =
+        candidate.split(" or ").map(|a| a.trim().to_string()).collect();
+    alternatives.sort_unstable();
+    alternatives
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -52,6 +67,29 @@ mod tests {
             " ... ",
         ];
         assert_eq!(normalize_candidates(&labels), ["red circles", "striped fabric", "dots"]);
+    }
+
+    #[test]
+    fn alternatives_in_another_order_are_one_candidate() {
+        let labels = [
+            "yellow or purple",
+            "Purple or yellow.",
+            "purple striped square",
+            "red or blue or green",
+            "green or red or blue",
+            "red or blue",
+            "yellow or purple striped",
+        ];
+        assert_eq!(
+            normalize_candidates(&labels),
+            [
+                "yellow or purple",
+                "purple striped square",
+                "red or blue or green",
+                "red or blue",
+                "yellow or purple striped",
+            ]
+        );
     }
 
     #[test]

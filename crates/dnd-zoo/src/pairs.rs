@@ -239,8 +239,35 @@ fn object_crop<R: Rng + ?Sized>(
 /// attention crops of a neuron that follows objects come out.
 const PAIR_CROP_SCALES: std::ops::RangeInclusive<f32> = 0.5..=1.5;
 
-/// Scale of object views: the whole object with a margin.
-const VIEW_CROP_SCALES: std::ops::RangeInclusive<f32> = 1.1..=1.6;
+/// How object views frame their object.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ViewFraming {
+    /// The crop is the object's bounding box scaled by a factor drawn log-uniformly between
+    /// these (and clamped to the rendering): from the whole object with a margin up to, at
+    /// 8 or so, the whole scene with the object as small as scenes show it.
+    pub scales: [f32; 2],
+    /// Render the viewed object alone on its background, so that a view scaled out to the
+    /// whole scene still shows one object, the one its classes name.
+    pub alone: bool,
+}
+
+impl ViewFraming {
+    /// A scale drawn log-uniformly from `scales`: as many views per doubling.
+    fn scale<R: Rng + ?Sized>(&self, rng: &mut R) -> f32 {
+        let [low, high] = self.scales;
+        if high <= low {
+            return low;
+        }
+        (low.ln() + rng.random::<f32>() * (high.ln() - low.ln())).exp()
+    }
+}
+
+impl Default for ViewFraming {
+    fn default() -> Self {
+        Self { scales: [1.1, 1.6], alone: false }
+    }
+}
 
 /// One object seen whole, for teaching a vision tower what objects look like.
 #[derive(Debug, Clone)]
@@ -253,19 +280,26 @@ pub struct ObjectView {
 }
 
 /// View `index` of the stream `seed`: a scene drawn and rendered as pairs are, cropped
-/// around one of its objects, whole; `None` if the drawn object is hidden entirely.
+/// around one of its objects as `framing` says; `None` if the drawn object is hidden
+/// entirely.
 pub fn sample_object_view(
     seed: u64,
     index: u64,
     sampling: &PairSampling,
+    framing: &ViewFraming,
     preprocess: &Preprocess,
 ) -> Option<ObjectView> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     rng.set_stream(index);
-    let scene = Scene::sample(&mut rng);
+    let mut scene = Scene::sample(&mut rng);
     let side = sampling.render_sizes[rng.random_range(0..sampling.render_sizes.len())];
+    if framing.alone && !scene.objects.is_empty() {
+        let keep = rng.random_range(0..scene.objects.len());
+        scene.objects = vec![scene.objects.swap_remove(keep)];
+    }
     let rendered = render(&scene, side, side);
-    let (i, rect) = object_crop(&mut rng, &rendered, side, VIEW_CROP_SCALES)?;
+    let scale = framing.scale(&mut rng);
+    let (i, rect) = object_crop(&mut rng, &rendered, side, scale..=scale)?;
     let cut = image::imageops::crop_imm(&rendered.image, rect.x, rect.y, rect.width, rect.height)
         .to_image();
     let object = &scene.objects[i];
@@ -284,11 +318,12 @@ pub fn sample_object_views(
     start: u64,
     count: usize,
     sampling: &PairSampling,
+    framing: &ViewFraming,
 ) -> Vec<ObjectView> {
     let preprocess = sampling.preprocess();
     (start..start + count as u64)
         .into_par_iter()
-        .filter_map(|i| sample_object_view(seed, i, sampling, &preprocess))
+        .filter_map(|i| sample_object_view(seed, i, sampling, framing, &preprocess))
         .collect()
 }
 
@@ -559,6 +594,37 @@ mod tests {
         );
         // Off by default: the committed models' pairs are drawn as before.
         assert_eq!(PairSampling::default().object_crop_fraction, 0.0);
+    }
+
+    #[test]
+    fn views_framed_out_to_the_scene_show_their_object_small_and_alone() {
+        let sampling = PairSampling::default();
+        let preprocess = sampling.preprocess();
+        let close = ViewFraming { scales: [1.1, 1.1], alone: true };
+        let far = ViewFraming { scales: [8.0, 8.0], alone: true };
+        let mut scales = Vec::new();
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let wide = ViewFraming { scales: [1.1, 8.0], alone: true };
+        for _ in 0..400 {
+            scales.push(wide.scale(&mut rng));
+        }
+        assert!(scales.iter().all(|s| (1.1..=8.0).contains(s)));
+        // Log-uniform: the median is the geometric mean of the bounds (about 2.97).
+        scales.sort_by(f32::total_cmp);
+        assert!((2.4..3.6).contains(&scales[200]), "median {}", scales[200]);
+        for i in 0..20 {
+            let (Some(a), Some(b)) = (
+                sample_object_view(9, i, &sampling, &close, &preprocess),
+                sample_object_view(9, i, &sampling, &far, &preprocess),
+            ) else {
+                continue;
+            };
+            // The same object drawn from the same scene, whatever the framing.
+            assert_eq!((a.colour, a.shape, a.fill), (b.colour, b.shape, b.fill));
+            assert_ne!(a.image, b.image);
+        }
+        // Off by default: views as the pretraining first drew them.
+        assert_eq!(ViewFraming::default(), ViewFraming { scales: [1.1, 1.6], alone: false });
     }
 
     #[test]

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{TrainingCaptioner, VISION_PREFIX};
 use crate::error::TrainError;
-use crate::pairs::{self, ObjectView, sample_object_views};
+use crate::pairs::{self, ObjectView, ViewFraming, sample_object_views};
 use crate::tiny_transformer::{Lin, Params, masked_cross_entropy};
 use dnd_synth::vocab::{Colour, Fill, Shape};
 
@@ -30,6 +30,8 @@ pub struct VisionPretraining {
     pub warmup_steps: usize,
     /// Held-out views (from the captioner's `eval_seed`) scored after pretraining.
     pub eval_views: usize,
+    /// How each view frames its object (the held-out views are framed the same way).
+    pub framing: ViewFraming,
 }
 
 impl Default for VisionPretraining {
@@ -40,6 +42,7 @@ impl Default for VisionPretraining {
             learning_rate: 1e-3,
             warmup_steps: 200,
             eval_views: 512,
+            framing: ViewFraming::default(),
         }
     }
 }
@@ -165,7 +168,7 @@ pub(super) fn pretrain(
     let seed = s.seed.wrapping_add(VIEW_STREAM);
     let fetch = |step: usize| {
         let start = (step * settings.batch_size) as u64;
-        Ok(sample_object_views(seed, start, settings.batch_size, &s.sampling))
+        Ok(sample_object_views(seed, start, settings.batch_size, &s.sampling, &settings.framing))
     };
     let losses = pairs::train_steps(
         &varmap,
@@ -181,6 +184,7 @@ pub(super) fn pretrain(
         0,
         settings.eval_views,
         &s.sampling,
+        &settings.framing,
     );
     let mut rows = Vec::new();
     for chunk in heldout.chunks(64) {
@@ -215,6 +219,7 @@ mod tests {
                 learning_rate: 3e-3,
                 warmup_steps: 10,
                 eval_views: 64,
+                framing: ViewFraming::default(),
             }),
             ..CaptionerTraining::tiny()
         };
