@@ -597,7 +597,7 @@ mod tests {
     }
 
     #[test]
-    fn views_framed_out_to_the_scene_show_their_object_small_and_alone() {
+    fn views_frame_the_same_object_at_scales_drawn_log_uniformly() {
         let sampling = PairSampling::default();
         let preprocess = sampling.preprocess();
         let close = ViewFraming { scales: [1.1, 1.1], alone: true };
@@ -623,7 +623,8 @@ mod tests {
             assert_eq!((a.colour, a.shape, a.fill), (b.colour, b.shape, b.fill));
             assert_ne!(a.image, b.image);
         }
-        // Off by default: views as the pretraining first drew them.
+        // Off by default: whole objects with a margin, the first pretraining's range (its
+        // scales are now drawn log-uniformly, so not the very same views).
         assert_eq!(ViewFraming::default(), ViewFraming { scales: [1.1, 1.6], alone: false });
     }
 
