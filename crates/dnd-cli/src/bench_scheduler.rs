@@ -7,13 +7,12 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use serde::Serialize;
-use tokio::net::TcpListener;
 
 use dnd_coordinator::{Coordinator, Phase, Settings};
 use dnd_proto::transport::AuthedChannel;
 use dnd_proto::v1::worker_service_client::WorkerServiceClient;
 use dnd_proto::v1::{self as pb};
-use dnd_proto::{BearerToken, ClientConfig, PROTOCOL_VERSION, ServerConfig};
+use dnd_proto::{ClientConfig, PROTOCOL_VERSION};
 use dnd_store::{Location, TaskStore};
 
 #[derive(Args)]
@@ -197,20 +196,11 @@ pub(crate) struct Loopback {
 
 impl Loopback {
     pub async fn serve(coordinator: &std::sync::Arc<Coordinator>) -> anyhow::Result<Self> {
-        let token = BearerToken::random();
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let served = dnd_coordinator::serve(
-            coordinator.clone(),
-            listener,
-            token.clone(),
-            &ServerConfig::default(),
-            async move {
-                let _ = stopped.await;
-            },
-        )
+        let (_served, client) = dnd_coordinator::serve_loopback(coordinator.clone(), async move {
+            let _ = stopped.await;
+        })
         .await?;
-        let client = ClientConfig { url: format!("http://{}", served.addr), token, tls_ca: None };
         Ok(Self { client, stop })
     }
 

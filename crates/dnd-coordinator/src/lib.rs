@@ -10,4 +10,4 @@ pub mod service;
 
 pub use coordinator::{Coordinator, CoordinatorError, Settings, Submitted, read_events};
 pub use scheduler::{Event, JobView, Phase};
-pub use service::{Served, serve, status_to_pb};
+pub use service::{Served, serve, serve_loopback, status_to_pb};

@@ -20,7 +20,9 @@ use dnd_proto::transport::MAX_MESSAGE_BYTES;
 use dnd_proto::v1::job_service_server::{JobService, JobServiceServer};
 use dnd_proto::v1::worker_service_server::{WorkerService, WorkerServiceServer};
 use dnd_proto::v1::{self as pb};
-use dnd_proto::{BearerToken, LeasedTask, PROTOCOL_VERSION, ServerConfig, check_version};
+use dnd_proto::{
+    BearerToken, ClientConfig, LeasedTask, PROTOCOL_VERSION, ServerConfig, check_version,
+};
 
 use crate::coordinator::{Coordinator, CoordinatorError};
 use crate::scheduler::{Event, JobView, Phase};
@@ -378,7 +380,10 @@ pub async fn serve(
     config: &ServerConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<Served, dnd_proto::TransportError> {
-    let addr = listener.local_addr().map_err(|e| dnd_proto::TransportError::Tls(e.to_string()))?;
+    let addr = listener.local_addr().map_err(|e| dnd_proto::TransportError::Listen {
+        addr: "the given listener".into(),
+        reason: e.to_string(),
+    })?;
     let services = Services { coordinator };
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<WorkerServiceServer<Services>>().await;
@@ -399,4 +404,22 @@ pub async fn serve(
         router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown),
     );
     Ok(Served { addr, task })
+}
+
+/// Serves the coordinator on a free loopback port with a fresh token until `shutdown`
+/// resolves (an embedded dissection, the benches' workers): the server and how a client
+/// on this machine reaches it.
+pub async fn serve_loopback(
+    coordinator: Arc<Coordinator>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(Served, ClientConfig), dnd_proto::TransportError> {
+    let addr = "127.0.0.1:0";
+    let listener = TcpListener::bind(addr).await.map_err(|e| {
+        dnd_proto::TransportError::Listen { addr: addr.into(), reason: e.to_string() }
+    })?;
+    let token = BearerToken::random();
+    let served =
+        serve(coordinator, listener, token.clone(), &ServerConfig::default(), shutdown).await?;
+    let client = ClientConfig { url: format!("http://{}", served.addr), token, tls_ca: None };
+    Ok((served, client))
 }

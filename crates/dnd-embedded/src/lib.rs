@@ -5,7 +5,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use dnd_coordinator::{Coordinator, CoordinatorError, Phase, Settings};
@@ -15,7 +14,7 @@ use dnd_models::{ModelRef, TargetModel};
 use dnd_pipeline::finish::DissectSummary;
 use dnd_pipeline::plan::{layer_plans, resolve_probe_images};
 use dnd_pipeline::{JobDir, JobSpec, PipelineError, ProbeImages, Progress, Workbench};
-use dnd_proto::{BearerToken, ClientConfig, ServerConfig};
+
 use dnd_store::results::DescriptionRow;
 use dnd_store::{ContentCache, Location};
 use dnd_worker::{Worker, WorkerConfig};
@@ -92,26 +91,16 @@ impl Dissection {
             Coordinator::open(store.clone(), settings).await.map_err(pipeline_error)?;
         coordinator.provide_target(&spec.target.model, bench.target.shape()).await;
 
-        let token = BearerToken::random();
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .map_err(|e| PipelineError::Internal(format!("cannot open a loopback port: {e}")))?;
         let (stop, stopped) = watch::channel(false);
         let mut server_stop = stopped.clone();
-        let served = dnd_coordinator::serve(
-            coordinator.clone(),
-            listener,
-            token.clone(),
-            &ServerConfig::default(),
-            async move {
-                let _ = server_stop.wait_for(|s| *s).await;
-            },
-        )
+        let (served, client) = dnd_coordinator::serve_loopback(coordinator.clone(), async move {
+            let _ = server_stop.wait_for(|s| *s).await;
+        })
         .await
         .map_err(|e| PipelineError::Internal(e.to_string()))?;
 
         let worker = Arc::new(Worker::new(WorkerConfig {
-            client: ClientConfig { url: format!("http://{}", served.addr), token, tls_ca: None },
+            client,
             name: "embedded".into(),
             device: None,
             grace: Duration::ZERO,

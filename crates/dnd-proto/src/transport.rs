@@ -28,6 +28,8 @@ pub enum TransportError {
     Connect { url: String, reason: String },
     #[error("--tls-cert and --tls-key go together: give both or neither")]
     HalfTls,
+    #[error("cannot listen on {addr}: {reason}")]
+    Listen { addr: String, reason: String },
 }
 
 /// rustls needs one process-wide crypto provider, and dnd's dependency tree offers two

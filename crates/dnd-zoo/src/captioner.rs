@@ -71,6 +71,13 @@ pub struct CaptionerTraining {
     /// While captioning, the vision tower learns at this fraction of `learning_rate`.
     #[serde(default = "full_rate")]
     pub vision_learning_rate_scale: f64,
+    /// Start from the weights of a captioner trained before (its model directory, trained
+    /// with the same architecture) instead of `seed`'s random ones: a long run goes in
+    /// slices, each continuing the last. The optimiser's moments and the learning-rate
+    /// schedule start afresh in each slice (a warm restart), and the pairs and views come
+    /// from `seed`, so give each slice its own seed to show it new ones.
+    #[serde(default)]
+    pub init_from: Option<std::path::PathBuf>,
 }
 
 fn full_rate() -> f64 {
@@ -103,6 +110,7 @@ impl Default for CaptionerTraining {
             // shapes (docs/benchmarks.md); both stay experiments (`--settings`).
             vision_pretraining: None,
             vision_learning_rate_scale: 1.0,
+            init_from: None,
         }
     }
 }
@@ -701,6 +709,16 @@ pub fn train_captioner(
 ) -> Result<CaptionerReport, TrainError> {
     let started = Instant::now();
     let mut model = TrainingCaptioner::new(settings)?;
+    if let Some(dir) = &settings.init_from {
+        let file = dir.join("model.safetensors");
+        if !file.is_file() {
+            return Err(TrainError::Config(format!(
+                "init_from: {} is not a captioner's model directory (no model.safetensors)",
+                dir.display()
+            )));
+        }
+        model.params.load(&file).map_err(|e| TrainError::Config(format!("init_from: {e}")))?;
+    }
     let vision_pretraining = match &settings.vision_pretraining {
         Some(p) => Some(pretrain::pretrain(&model, p, &mut progress)?),
         None => None,

@@ -80,6 +80,36 @@ impl Params {
         })
     }
 
+    /// Sets every variable to the tensor of the same name in `file` (a `model.safetensors`
+    /// this trainer wrote): training resumes from those weights. Fails naming the first
+    /// variable the file lacks or holds in another shape.
+    pub fn load(&self, file: &std::path::Path) -> Result<()> {
+        let saved = candle_core::safetensors::load(file, &self.device)?;
+        let data = self.varmap.data().lock().expect("the var map lock is never poisoned");
+        let mut names: Vec<&String> = data.keys().collect();
+        names.sort();
+        for name in names {
+            let var = &data[name];
+            let Some(value) = saved.get(name) else {
+                candle_core::bail!(
+                    "{} has no `{name}`: it was not trained with this architecture",
+                    file.display()
+                );
+            };
+            if value.dims() != var.dims() {
+                candle_core::bail!(
+                    "{}: `{name}` is {:?}, the settings make it {:?}: give the settings the \
+                     model was trained with (its train.json)",
+                    file.display(),
+                    value.dims(),
+                    var.dims()
+                );
+            }
+            var.set(&value.to_dtype(var.dtype())?)?;
+        }
+        Ok(())
+    }
+
     /// Number of trainable values.
     pub fn count(&self) -> usize {
         self.varmap.all_vars().iter().map(|v| v.elem_count()).sum()

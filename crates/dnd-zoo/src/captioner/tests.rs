@@ -115,3 +115,32 @@ fn the_committed_zoo_captioner_was_trained_with_the_defaults() {
         "retrain: dnd synth train --model captioner"
     );
 }
+
+#[test]
+fn a_run_resumes_from_saved_weights_and_refuses_another_architecture() {
+    let settings = CaptionerTraining { steps: 20, ..CaptionerTraining::tiny() };
+    let mut trained = TrainingCaptioner::new(&settings).unwrap();
+    trained.train(|_, _| {}).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    trained.save(dir.path()).unwrap();
+    let file = dir.path().join("model.safetensors");
+    let pairs = sample_pairs(7, 0, 4, &settings.sampling).unwrap();
+    let loss = |m: &TrainingCaptioner| m.loss(&pairs).unwrap().to_scalar::<f32>().unwrap();
+
+    // Another seed's fresh weights, then the saved ones: the trained model's loss exactly.
+    let resumed = TrainingCaptioner::new(&CaptionerTraining { seed: 5, ..settings.clone() });
+    let resumed = resumed.unwrap();
+    assert_ne!(loss(&resumed), loss(&trained));
+    resumed.params.load(&file).unwrap();
+    assert_eq!(loss(&resumed), loss(&trained));
+
+    let mut wider = settings.clone();
+    wider.vision.intermediate *= 2;
+    let error = TrainingCaptioner::new(&wider).unwrap().params.load(&file).unwrap_err();
+    assert!(error.to_string().contains("intermediate") || error.to_string().contains("mlp"));
+    assert!(error.to_string().contains("the settings make it"), "{error}");
+
+    let missing = CaptionerTraining { init_from: Some(dir.path().join("nothing")), ..settings };
+    let error = train_captioner(&missing, dir.path(), |_, _| {}).unwrap_err();
+    assert!(error.to_string().contains("no model.safetensors"), "{error}");
+}
