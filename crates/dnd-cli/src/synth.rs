@@ -250,6 +250,12 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
                 h.single_object.fill,
                 h.single_object.shape
             );
+            if let Some(p) = &report.vision_pretraining {
+                println!(
+                    "vision pretraining: {:.0} s, final loss {:.3}; held-out views: shape {:.3} colour {:.3} fill {:.3}",
+                    p.seconds, p.final_loss, p.heldout.shape, p.heldout.colour, p.heldout.fill
+                );
+            }
         }
         ZooModel::Embedder => {
             let mut settings: EmbedderTraining = settings_or_default(args.settings.as_deref())?;
