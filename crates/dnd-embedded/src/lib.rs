@@ -14,7 +14,6 @@ use dnd_models::{ModelRef, TargetModel};
 use dnd_pipeline::finish::DissectSummary;
 use dnd_pipeline::plan::{layer_plans, resolve_probe_images};
 use dnd_pipeline::{JobDir, JobSpec, PipelineError, ProbeImages, Progress, Workbench};
-
 use dnd_store::results::DescriptionRow;
 use dnd_store::{ContentCache, Location};
 use dnd_worker::{Worker, WorkerConfig};
