@@ -20,8 +20,8 @@ use dnd_quality::{QualityInputs, score_planted};
 use dnd_store::Location;
 use dnd_store::results::{CandidateRow, DescriptionRow, EvaluationRow, ResultTable};
 
-use crate::bench::ZooBenchJob;
 use crate::progress::Bars;
+use crate::zoo_bench::ZooBenchJob;
 
 /// The methods whose labels are scored beside the truth and its controls.
 const METHODS: [&str; 4] = ["dnd", "dnd-first", "netdissect", "clip-dissect"];

@@ -19,6 +19,7 @@ mod progress;
 mod report;
 mod stages;
 mod synth;
+mod zoo_bench;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

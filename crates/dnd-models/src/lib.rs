@@ -22,6 +22,7 @@ pub mod kernels;
 pub mod linear;
 pub mod preprocess;
 pub mod resnet;
+pub mod tap;
 pub mod target;
 pub mod transformer;
 pub mod vit;

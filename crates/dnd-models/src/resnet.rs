@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use crate::conv::{ConvGeometry, conv2d_fused};
 use crate::error::ModelError;
 use crate::hf_files::read_json;
-pub use crate::target::Tap;
+pub use crate::tap::Tap;
 use crate::weights::Checkpoint;
 use crate::winograd::{self, WinogradKernel};
 
@@ -221,7 +221,7 @@ impl ResNetConfig {
             Tap::Layer(i) => self.stage_channels(i as usize - 1),
             Tap::AvgPool => self.stage_channels(3),
             Tap::Fc => self.num_classes,
-            // Not a ResNet tap: [`crate::target::Architecture::tap`] never lets one through.
+            // Not a ResNet tap: `TargetShape::tap` never lets one through.
             Tap::Block(_) | Tap::BlockMlp(_) | Tap::Norm | Tap::Head => 0,
         }
     }

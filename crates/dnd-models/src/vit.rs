@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::ModelError;
 use crate::preprocess::Preprocess;
-use crate::target::Tap;
+use crate::tap::Tap;
 use crate::transformer::Activation;
 use crate::weights::Checkpoint;
 

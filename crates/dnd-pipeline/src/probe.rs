@@ -367,42 +367,44 @@ async fn batch_rows(
     Ok(rows.into_iter().map(|l| l.into_iter().map(|r| r.expect("every row")).collect()).collect())
 }
 
-/// Runs the probe stage over `images` and writes its tables under `out`:
-/// `topk/<layer>.parquet`, `errors.parquet`, optionally `activations/<layer>/part-*.parquet`
-/// and `crops/<layer>.parquet`, and `probe.json`. With `vectors`, each image's pooled
-/// activations come from the vector cache when it has them and go into it when not.
-pub async fn run_probe(
-    model: Arc<TargetModel>,
-    images: ProbeImages,
-    out: &Location,
+/// What one pass over the probe images gathers: each layer's top-K, each dictionary
+/// layer's firing counts, the images that failed, and the activation tables written.
+struct Streamed {
+    topk: Vec<LayerTopK>,
+    firing: Vec<Option<Firing>>,
+    errors: Vec<ErrorRow>,
+    images_ok: usize,
+    outputs: Vec<String>,
+}
+
+/// Streams `images` through the model once: reading and decoding run ahead of it, pooled
+/// rows feed the top-K and, when asked, the activation tables under `out`.
+async fn stream_images(
+    model: &Arc<TargetModel>,
+    images: &ProbeImages,
     config: &ProbeConfig,
-    units: &UnitLayers,
+    (plans, readouts): (&[LayerPlan], &[Readout]),
     vectors: Option<VectorCache<'_>>,
+    out: &Location,
     progress: &dyn Progress,
-) -> Result<ProbeSummary, PipelineError> {
-    let mut plans = config.plan(&model.shape())?;
-    let readouts: Vec<Readout> = plans.iter().map(|p| Readout::of(p.tap, units)).collect();
-    for (plan, readout) in plans.iter_mut().zip(&readouts) {
-        plan.width = readout.width(&model);
-    }
+) -> Result<Streamed, PipelineError> {
     let mut firing: Vec<Option<Firing>> = readouts
         .iter()
-        .zip(&plans)
+        .zip(plans)
         .map(|(r, p)| r.units.as_ref().map(|_| Firing::new(p.width)))
         .collect();
-    let started = Instant::now();
     let mut errors = images.errors.clone();
     let mut outputs = Vec::new();
 
     // Reading and decoding run ahead of the model by two batches.
     let (tx, mut rx) = mpsc::channel::<InputBatch>(2);
-    let reader = spawn_reader(&images, config, &model, tx);
+    let reader = spawn_reader(images, config, model, tx);
 
     let mut topk: Vec<LayerTopK> =
         plans.iter().map(|p| LayerTopK::new(p.width, config.top_k)).collect();
     let mut activation_sinks = Vec::new();
     if config.write_activations {
-        for p in &plans {
+        for p in plans {
             let rel = format!("activations/{}/part-00000.parquet", p.name);
             activation_sinks.push(ParquetSink::create(
                 out,
@@ -422,7 +424,7 @@ pub async fn run_probe(
         }
         images_ok += batch.images.len();
         let ids = batch.images.clone();
-        let rows = batch_rows(&model, &readouts, config.pooling, batch, vectors).await?;
+        let rows = batch_rows(model, readouts, config.pooling, batch, vectors).await?;
         for (l, layer_rows) in rows.into_iter().enumerate() {
             let width = plans[l].width;
             let pooled: Vec<f32> = match &mut firing[l] {
@@ -447,6 +449,33 @@ pub async fn run_probe(
         sink.close().await?;
     }
     progress.end();
+    Ok(Streamed { topk, firing, errors, images_ok, outputs })
+}
+
+/// Runs the probe stage over `images` and writes its tables under `out`:
+/// `topk/<layer>.parquet`, `errors.parquet`, optionally `activations/<layer>/part-*.parquet`
+/// and `crops/<layer>.parquet`, and `probe.json`. With `vectors`, each image's pooled
+/// activations come from the vector cache when it has them and go into it when not.
+pub async fn run_probe(
+    model: Arc<TargetModel>,
+    images: ProbeImages,
+    out: &Location,
+    config: &ProbeConfig,
+    units: &UnitLayers,
+    vectors: Option<VectorCache<'_>>,
+    progress: &dyn Progress,
+) -> Result<ProbeSummary, PipelineError> {
+    let mut plans = config.plan(&model.shape())?;
+    let readouts: Vec<Readout> = plans.iter().map(|p| Readout::of(p.tap, units)).collect();
+    for (plan, readout) in plans.iter_mut().zip(&readouts) {
+        plan.width = readout.width(&model);
+    }
+    let started = Instant::now();
+    let streamed =
+        stream_images(&model, &images, config, (&plans, &readouts), vectors, out, progress).await?;
+    let (topk, firing, mut errors, images_ok) =
+        (streamed.topk, streamed.firing, streamed.errors, streamed.images_ok);
+    let mut outputs = streamed.outputs;
     let probe_seconds = started.elapsed().as_secs_f64();
 
     outputs.extend(write_topk(&plans, &topk, &images, out).await?);

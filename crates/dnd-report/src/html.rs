@@ -12,9 +12,10 @@ use dnd_pipeline::NeuronSpec;
 use dnd_store::results::{CaptionRow, DescriptionRow, ImageRow, ScoreRow};
 
 use crate::data::{JobResults, NeuronData};
-use crate::evaluation;
 use crate::images::Images;
 use crate::{Job, ReportOptions};
+
+mod evaluation;
 
 pub const STYLE_CSS: &str = include_str!("../assets/style.css");
 pub const INDEX_JS: &str = include_str!("../assets/index.js");

@@ -16,7 +16,6 @@
 //! No page loads anything from outside the site: no fonts, scripts or styles from a CDN.
 
 mod data;
-mod evaluation;
 mod html;
 mod images;
 pub mod synthetic;

@@ -20,7 +20,7 @@ use super::{HeadInput, Readout, VitConfig};
 use crate::conv::{SendPtr, cpu_f32, with_scratch};
 use crate::error::ModelError;
 use crate::kernels;
-use crate::target::Tap;
+use crate::tap::Tap;
 use crate::transformer::Activation;
 
 /// Everything one image's pass reads.

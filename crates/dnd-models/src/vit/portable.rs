@@ -8,7 +8,7 @@ use candle_nn::{LayerNorm, Linear};
 use super::params::{HeadParams, Norm, Params};
 use super::{HeadInput, Readout, Vit, VitConfig};
 use crate::error::ModelError;
-use crate::target::Tap;
+use crate::tap::Tap;
 use crate::transformer::SelfAttention;
 
 /// Runs `x: (B, 3, H, W)` with the weights `p` and returns each tap's output as

@@ -5,7 +5,7 @@ use std::fmt::Write;
 
 use dnd_store::results::EvaluationRow;
 
-use crate::html::{esc, num};
+use super::{esc, num};
 
 /// The `source` of the job's own labels.
 const OWN: &str = "dnd";
