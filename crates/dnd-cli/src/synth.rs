@@ -1,12 +1,14 @@
 //! `dnd synth`: the synthetic world's probe sets and the zoo's training.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
 
 use dnd_synth::{ProbeSetSpec, write_probe_set};
-use dnd_zoo::captioner::{CaptionerReport, CaptionerTraining, evaluate_captioner, train_captioner};
+use dnd_zoo::captioner::{
+    CaptionerReport, CaptionerSlice, CaptionerTraining, evaluate_captioner, plan_slices,
+};
 use dnd_zoo::embedder::{EmbedderTraining, train_embedder};
 use dnd_zoo::sae::{SaeTraining, train_sae};
 use dnd_zoo::target::{TargetTraining, TrainingReport, train_target};
@@ -77,7 +79,10 @@ pub struct TrainArgs {
     #[arg(long)]
     steps: Option<usize>,
     /// Training settings as JSON, for experiments: fields left out keep the zoo's values
-    /// (`train.json`'s `settings` or `config` shows them all). One model only.
+    /// (`train.json`'s `settings` or `config` shows them all). One model only. For the
+    /// captioner, an array of such objects trains in slices (bench/captioner-slices.json):
+    /// each slice's fields over the one before it, each starting from its weights, kept in
+    /// OUT/captioner-slices/NN; a rerun keeps the slices already trained.
     #[arg(long, value_name = "FILE")]
     settings: Option<PathBuf>,
     /// Re-measure the trained captioner in OUT/captioner on its held-out pairs and update
@@ -226,37 +231,7 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
                 .with_context(|| format!("writing {}", path.display()))?;
             println!("{}", serde_json::to_string_pretty(&report.heldout)?);
         }
-        ZooModel::Captioner => {
-            let mut settings: CaptionerTraining = settings_or_default(args.settings.as_deref())?;
-            settings.steps = args.steps.unwrap_or(settings.steps);
-            let bar = steps_bar("captioner", settings.steps);
-            let report = train_captioner(&settings, &dir, |step, loss| loss_step(&bar, step, loss))
-                .context("training the captioner")?;
-            bar.finish_and_clear();
-            let h = &report.heldout;
-            println!(
-                "captioner: {} in {:.0} s, {} parameters, final loss {:.3}; held-out: exact {:.3} (scenes {:.3}, crops {:.3}), objects recall {:.3} precision {:.3}, background {:.3}; one-object colour {:.3} fill {:.3} shape {:.3}",
-                dir.display(),
-                report.train_seconds,
-                report.parameters,
-                report.final_loss,
-                h.exact,
-                h.exact_scenes,
-                h.exact_crops,
-                h.object_recall,
-                h.object_precision,
-                h.background_accuracy,
-                h.single_object.colour,
-                h.single_object.fill,
-                h.single_object.shape
-            );
-            if let Some(p) = &report.vision_pretraining {
-                println!(
-                    "vision pretraining: {:.0} s, final loss {:.3}; held-out views: shape {:.3} colour {:.3} fill {:.3}",
-                    p.seconds, p.final_loss, p.heldout.shape, p.heldout.colour, p.heldout.fill
-                );
-            }
-        }
+        ZooModel::Captioner => train_captioner_model(&args, &dir)?,
         ZooModel::Embedder => {
             let mut settings: EmbedderTraining = settings_or_default(args.settings.as_deref())?;
             settings.steps = args.steps.unwrap_or(settings.steps);
@@ -284,17 +259,103 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Training settings from a JSON file (missing fields keep the zoo's), or the zoo's.
-fn settings_or_default<T: Default + serde::de::DeserializeOwned>(
-    file: Option<&std::path::Path>,
-) -> anyhow::Result<T> {
-    let Some(file) = file else { return Ok(T::default()) };
+/// `--model captioner`: one run, or a chain of slices when the settings file holds an
+/// array (`dnd_zoo::captioner::plan_slices`), each slice already trained with the same
+/// settings kept as it is.
+fn train_captioner_model(args: &TrainArgs, dir: &Path) -> anyhow::Result<()> {
+    let text = args.settings.as_deref().map(read_settings).transpose()?;
+    let chain = match &text {
+        Some((file, text)) if text.trim_start().starts_with('[') => {
+            let bad = |e: String| BadInput(format!("{}: {e}", file.display()));
+            if args.steps.is_some() {
+                return Err(bad("--steps does not apply to a chain of slices: set each slice's `steps` in the file".into()).into());
+            }
+            let slices: Vec<serde_json::Value> =
+                serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
+            Some(plan_slices(&slices, dir).map_err(|e| bad(e.to_string()))?)
+        }
+        _ => None,
+    };
+    let slices = match chain {
+        Some(slices) => slices,
+        None => {
+            let mut settings: CaptionerTraining = match &text {
+                Some((file, text)) => parse_settings(file, text)?,
+                None => CaptionerTraining::default(),
+            };
+            settings.steps = args.steps.unwrap_or(settings.steps);
+            vec![CaptionerSlice { settings, dir: dir.to_path_buf(), earlier: Vec::new() }]
+        }
+    };
+    let count = slices.len();
+    for (index, slice) in slices.iter().enumerate() {
+        let name = format!("slice {} of {count}", index + 1);
+        if count > 1 && slice.trained().is_some() {
+            println!(
+                "{name}: {} holds it, trained with the same settings; kept",
+                slice.dir.display()
+            );
+            continue;
+        }
+        let bar = steps_bar("captioner", slice.settings.steps);
+        let report = slice
+            .train(|step, loss| loss_step(&bar, step, loss))
+            .with_context(|| format!("training the captioner ({name})"))?;
+        bar.finish_and_clear();
+        print_captioner_report(&slice.dir, &report);
+    }
+    Ok(())
+}
+
+/// The line `dnd synth train` prints for a trained captioner.
+fn print_captioner_report(dir: &Path, report: &CaptionerReport) {
+    let h = &report.heldout;
+    println!(
+        "captioner: {} in {:.0} s, {} parameters, final loss {:.3}; held-out: exact {:.3} (scenes {:.3}, crops {:.3}), objects recall {:.3} precision {:.3}, background {:.3}; one-object colour {:.3} fill {:.3} shape {:.3}",
+        dir.display(),
+        report.train_seconds,
+        report.parameters,
+        report.final_loss,
+        h.exact,
+        h.exact_scenes,
+        h.exact_crops,
+        h.object_recall,
+        h.object_precision,
+        h.background_accuracy,
+        h.single_object.colour,
+        h.single_object.fill,
+        h.single_object.shape
+    );
+    if let Some(p) = &report.vision_pretraining {
+        println!(
+            "vision pretraining: {:.0} s, final loss {:.3}; held-out views: shape {:.3} colour {:.3} fill {:.3}",
+            p.seconds, p.final_loss, p.heldout.shape, p.heldout.colour, p.heldout.fill
+        );
+    }
+}
+
+/// A settings file's path and text.
+fn read_settings(file: &Path) -> anyhow::Result<(&Path, String)> {
     let text = std::fs::read_to_string(file)
         .map_err(|e| BadInput(format!("cannot read the settings file {}: {e}", file.display())))?;
-    serde_json::from_str(&text).map_err(|e| {
+    Ok((file, text))
+}
+
+/// Settings parsed from a file's text; fields left out keep the zoo's values.
+fn parse_settings<T: serde::de::DeserializeOwned>(file: &Path, text: &str) -> anyhow::Result<T> {
+    serde_json::from_str(text).map_err(|e| {
         BadInput(format!("{}: {e} (see the model's train.json for the fields)", file.display()))
             .into()
     })
+}
+
+/// Training settings from a JSON file (missing fields keep the zoo's), or the zoo's.
+fn settings_or_default<T: Default + serde::de::DeserializeOwned>(
+    file: Option<&Path>,
+) -> anyhow::Result<T> {
+    let Some(file) = file else { return Ok(T::default()) };
+    let (file, text) = read_settings(file)?;
+    parse_settings(file, &text)
 }
 
 fn steps_bar(model: &str, steps: usize) -> indicatif::ProgressBar {

@@ -1,4 +1,8 @@
+use dnd_models::{BlipCaptioner, CaptionConfig, Captioner, ModelRef};
+
 use super::*;
+use crate::captioner::{plan_slices, slice_dir};
+use crate::pairs::sample_pairs;
 
 #[test]
 fn every_variable_gets_a_gradient() {
@@ -143,4 +147,43 @@ fn a_run_resumes_from_saved_weights_and_refuses_another_architecture() {
     let missing = CaptionerTraining { init_from: Some(dir.path().join("nothing")), ..settings };
     let error = train_captioner(&missing, dir.path(), |_, _| {}).unwrap_err();
     assert!(error.to_string().contains("no model.safetensors"), "{error}");
+}
+
+#[test]
+fn a_chain_of_slices_starts_each_from_the_last_and_keeps_what_is_trained() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("captioner");
+    let tiny = CaptionerTraining { steps: 3, eval_pairs: 4, ..CaptionerTraining::tiny() };
+    let first = serde_json::to_value(&tiny).unwrap();
+    let slices = vec![first.clone(), serde_json::json!({"seed": 7, "steps": 2})];
+    let planned = plan_slices(&slices, &out).unwrap();
+    assert_eq!(planned[0].dir, slice_dir(&out, 0));
+    assert_eq!(planned[0].settings, tiny);
+    assert_eq!(planned[1].dir, out);
+    // A later slice keeps what it does not change and starts from the slice before it.
+    assert_eq!((planned[1].settings.seed, planned[1].settings.steps), (7, 2));
+    assert_eq!(planned[1].settings.vision, tiny.vision);
+    assert_eq!(planned[1].settings.init_from.as_deref(), Some(planned[0].dir.as_path()));
+    assert_eq!(planned[1].earlier, vec![tiny.clone()]);
+    for slice in &planned {
+        assert!(slice.trained().is_none());
+        slice.train(|_, _| {}).unwrap();
+    }
+    let report = planned[1].trained().expect("the last slice's train.json");
+    assert_eq!(report.earlier_slices, vec![tiny.clone()]);
+    // Run again with the last slice changed: the first is kept, the last is not.
+    let changed = vec![first.clone(), serde_json::json!({"seed": 8, "steps": 2})];
+    let replanned = plan_slices(&changed, &out).unwrap();
+    assert!(replanned[0].trained().is_some());
+    assert!(replanned[1].trained().is_none());
+
+    // Refused before any training: another architecture, an unknown field, no slices.
+    let wider = vec![first.clone(), serde_json::json!({"patch_size": 4})];
+    let err = plan_slices(&wider, &out).unwrap_err().to_string();
+    assert!(err.contains("slice 1 changes the architecture"), "{err}");
+    let typo = vec![serde_json::json!({"sead": 1})];
+    let err = plan_slices(&typo, &out).unwrap_err().to_string();
+    assert!(err.contains("slice 0") && err.contains("sead"), "{err}");
+    assert!(plan_slices(&[], &out).is_err());
+    assert!(plan_slices(&[serde_json::json!(3)], &out).is_err());
 }

@@ -1,0 +1,120 @@
+//! A captioner trained in slices: a long run as a chain of shorter ones, each starting from
+//! the weights the slice before it saved (`init_from`). Training the vision tower until it
+//! tells small shapes apart takes hours of these CPUs; in slices, that run survives a
+//! stopped process (a slice whose model directory holds a `train.json` for the same
+//! settings is not trained again) and stays reproducible from one settings file.
+//!
+//! The settings file is a JSON array of objects: the first slice's fields over the zoo's
+//! defaults, each later slice's over the slice before it (nested objects field by field),
+//! so a slice says only what changes, usually its `seed` and step counts. `init_from` is
+//! never inherited: a later slice starts from the one before it unless it names its own.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use super::{CaptionerReport, CaptionerTraining, train_slice};
+use crate::error::TrainError;
+
+/// One slice of a chain: its settings (with `init_from` filled in), where its model goes,
+/// and the slices before it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CaptionerSlice {
+    pub settings: CaptionerTraining,
+    pub dir: PathBuf,
+    pub earlier: Vec<CaptionerTraining>,
+}
+
+impl CaptionerSlice {
+    /// The report of this slice, when its directory already holds one for the same
+    /// settings after the same earlier slices.
+    pub fn trained(&self) -> Option<CaptionerReport> {
+        let text = std::fs::read_to_string(self.dir.join("train.json")).ok()?;
+        let report: CaptionerReport = serde_json::from_str(&text).ok()?;
+        (report.settings == self.settings && report.earlier_slices == self.earlier)
+            .then_some(report)
+    }
+
+    /// Trains this slice and writes its model directory and train.json.
+    pub fn train(&self, progress: impl FnMut(usize, f32)) -> Result<CaptionerReport, TrainError> {
+        train_slice(&self.settings, &self.earlier, &self.dir, progress)
+    }
+}
+
+/// Where slice `index` of a chain whose last slice goes to `out_dir` keeps its model:
+/// beside it, `<out_dir>-slices/<index>`.
+pub fn slice_dir(out_dir: &Path, index: usize) -> PathBuf {
+    let mut name = out_dir.file_name().unwrap_or_default().to_os_string();
+    name.push("-slices");
+    out_dir.with_file_name(name).join(format!("{index:02}"))
+}
+
+/// The slices of the chain in `file` (see the module documentation), the last one written
+/// to `out_dir`.
+pub fn plan_slices(slices: &[Value], out_dir: &Path) -> Result<Vec<CaptionerSlice>, TrainError> {
+    if slices.is_empty() {
+        return Err(TrainError::Config(
+            "the settings array is empty: give one object of settings per slice".into(),
+        ));
+    }
+    let mut current = serde_json::to_value(CaptionerTraining::default())
+        .map_err(|e| TrainError::Config(e.to_string()))?;
+    let mut planned: Vec<CaptionerSlice> = Vec::with_capacity(slices.len());
+    for (index, slice) in slices.iter().enumerate() {
+        if !slice.is_object() {
+            return Err(TrainError::Config(format!(
+                "slice {index}: expected an object of settings, found {slice}"
+            )));
+        }
+        current["init_from"] = Value::Null;
+        merge(&mut current, slice);
+        let mut settings: CaptionerTraining =
+            serde_json::from_value(current.clone()).map_err(|e| {
+                TrainError::Config(format!(
+                    "slice {index}: {e} (see the model's train.json for the fields)"
+                ))
+            })?;
+        if let Some(before) = planned.last() {
+            let from = settings.init_from.get_or_insert_with(|| before.dir.clone());
+            if *from == before.dir && !same_architecture(&before.settings, &settings) {
+                return Err(TrainError::Config(format!(
+                    "slice {index} changes the architecture (patch size, tower sizes, image size or context) of the slice it starts from; only training settings may change along a chain"
+                )));
+            }
+        }
+        let dir = if index + 1 == slices.len() {
+            out_dir.to_path_buf()
+        } else {
+            slice_dir(out_dir, index)
+        };
+        let earlier = planned.iter().map(|s| s.settings.clone()).collect();
+        planned.push(CaptionerSlice { settings, dir, earlier });
+    }
+    Ok(planned)
+}
+
+/// Whether a model trained with `a` can continue as one trained with `b`.
+fn same_architecture(a: &CaptionerTraining, b: &CaptionerTraining) -> bool {
+    a.patch_size == b.patch_size
+        && a.vision == b.vision
+        && a.text == b.text
+        && a.max_positions == b.max_positions
+        && a.sampling.image_size == b.sampling.image_size
+}
+
+/// `over`'s fields over `base`'s, objects merged field by field.
+fn merge(base: &mut Value, over: &Value) {
+    match (base, over) {
+        (Value::Object(base), Value::Object(over)) => {
+            for (key, value) in over {
+                match base.get_mut(key) {
+                    Some(slot) if slot.is_object() && value.is_object() => merge(slot, value),
+                    _ => {
+                        base.insert(key.clone(), value.clone());
+                    }
+                }
+            }
+        }
+        (base, over) => *base = over.clone(),
+    }
+}
