@@ -264,7 +264,7 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
 /// settings kept as it is.
 fn train_captioner_model(args: &TrainArgs, dir: &Path) -> anyhow::Result<()> {
     let text = args.settings.as_deref().map(read_settings).transpose()?;
-    let chain = match &text {
+    let slices = match &text {
         Some((file, text)) if text.trim_start().starts_with('[') => {
             let bad = |e: String| BadInput(format!("{}: {e}", file.display()));
             if args.steps.is_some() {
@@ -272,13 +272,9 @@ fn train_captioner_model(args: &TrainArgs, dir: &Path) -> anyhow::Result<()> {
             }
             let slices: Vec<serde_json::Value> =
                 serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
-            Some(plan_slices(&slices, dir).map_err(|e| bad(e.to_string()))?)
+            plan_slices(&slices, dir).map_err(|e| bad(e.to_string()))?
         }
-        _ => None,
-    };
-    let slices = match chain {
-        Some(slices) => slices,
-        None => {
+        _ => {
             let mut settings: CaptionerTraining = match &text {
                 Some((file, text)) => parse_settings(file, text)?,
                 None => CaptionerTraining::default(),

@@ -471,11 +471,8 @@ pub async fn run_probe(
         plan.width = readout.width(&model);
     }
     let started = Instant::now();
-    let streamed =
+    let Streamed { topk, firing, mut errors, images_ok, mut outputs } =
         stream_images(&model, &images, config, (&plans, &readouts), vectors, out, progress).await?;
-    let (topk, firing, mut errors, images_ok) =
-        (streamed.topk, streamed.firing, streamed.errors, streamed.images_ok);
-    let mut outputs = streamed.outputs;
     let probe_seconds = started.elapsed().as_secs_f64();
 
     outputs.extend(write_topk(&plans, &topk, &images, out).await?);

@@ -15,6 +15,7 @@ use serde_json::Value;
 
 use super::{CaptionerReport, CaptionerTraining, train_slice};
 use crate::error::TrainError;
+use crate::tokenizer::WorldTokenizer;
 
 /// One slice of a chain: its settings (with `init_from` filled in), where its model goes,
 /// and the slices before it.
@@ -49,8 +50,8 @@ pub fn slice_dir(out_dir: &Path, index: usize) -> PathBuf {
     out_dir.with_file_name(name).join(format!("{index:02}"))
 }
 
-/// The slices of the chain in `file` (see the module documentation), the last one written
-/// to `out_dir`.
+/// The slices of a chain, one settings object each (see the module documentation), the
+/// last one written to `out_dir`.
 pub fn plan_slices(slices: &[Value], out_dir: &Path) -> Result<Vec<CaptionerSlice>, TrainError> {
     if slices.is_empty() {
         return Err(TrainError::Config(
@@ -78,7 +79,7 @@ pub fn plan_slices(slices: &[Value], out_dir: &Path) -> Result<Vec<CaptionerSlic
             let from = settings.init_from.get_or_insert_with(|| before.dir.clone());
             if *from == before.dir && !same_architecture(&before.settings, &settings) {
                 return Err(TrainError::Config(format!(
-                    "slice {index} changes the architecture (patch size, tower sizes, image size or context) of the slice it starts from; only training settings may change along a chain"
+                    "slice {index} changes the architecture (patch size, tower sizes, image size, vocabulary or context) of the slice it starts from; only training settings may change along a chain"
                 )));
             }
         }
@@ -93,9 +94,13 @@ pub fn plan_slices(slices: &[Value], out_dir: &Path) -> Result<Vec<CaptionerSlic
     Ok(planned)
 }
 
-/// Whether a model trained with `a` can continue as one trained with `b`.
+/// Whether a model trained with `a` can continue as one trained with `b`. The vocabulary
+/// follows the sampling (generic shape nouns come with `min_shape_fraction`), so it is
+/// compared too.
 fn same_architecture(a: &CaptionerTraining, b: &CaptionerTraining) -> bool {
+    let vocabulary = |s: &CaptionerTraining| WorldTokenizer::for_sampling(&s.sampling).vocab_size();
     a.patch_size == b.patch_size
+        && vocabulary(a) == vocabulary(b)
         && a.vision == b.vision
         && a.text == b.text
         && a.max_positions == b.max_positions

@@ -181,6 +181,10 @@ fn a_chain_of_slices_starts_each_from_the_last_and_keeps_what_is_trained() {
     let wider = vec![first.clone(), serde_json::json!({"patch_size": 4})];
     let err = plan_slices(&wider, &out).unwrap_err().to_string();
     assert!(err.contains("slice 1 changes the architecture"), "{err}");
+    let other_words =
+        vec![first.clone(), serde_json::json!({"sampling": {"min_shape_fraction": 0.95}})];
+    let err = plan_slices(&other_words, &out).unwrap_err().to_string();
+    assert!(err.contains("slice 1 changes the architecture"), "{err}");
     let typo = vec![serde_json::json!({"sead": 1})];
     let err = plan_slices(&typo, &out).unwrap_err().to_string();
     assert!(err.contains("slice 0") && err.contains("sead"), "{err}");
