@@ -8,6 +8,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use dnd_synth::{ProbeSetSpec, write_probe_set};
 use dnd_zoo::captioner::{
     CaptionerReport, CaptionerSlice, CaptionerTraining, evaluate_captioner, plan_slices,
+    publish_last,
 };
 use dnd_zoo::embedder::{EmbedderTraining, train_embedder};
 use dnd_zoo::sae::{SaeTraining, train_sae};
@@ -299,6 +300,10 @@ fn train_captioner_model(args: &TrainArgs, dir: &Path) -> anyhow::Result<()> {
             .with_context(|| format!("training the captioner ({name})"))?;
         bar.finish_and_clear();
         print_captioner_report(&slice.dir, &report);
+    }
+    if count > 1 {
+        publish_last(&slices, dir).context("copying the chain's last slice")?;
+        println!("the chain's last slice is now {}", dir.display());
     }
     Ok(())
 }

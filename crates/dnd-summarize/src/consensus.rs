@@ -25,7 +25,10 @@
 //!   when none reaches half, the best supported wins, then the largest, then the
 //!   alphabetically first.
 //! * A set made only of generic nouns ("background", "pattern", "shapes") says nothing
-//!   every image would not, so it wins only when nothing else is named.
+//!   every image would not, so it wins only when nothing else is named. Nouns that stand
+//!   for a thing ("shape", "object") do not count in a set's size, and between two sets
+//!   that say the same the one without them wins: "white shape with stripes" in half of
+//!   the labels beats "shape with stripes" in more.
 //! * Labels that split between two alternatives ("yellow square" in some, "purple
 //!   square" in others) give "yellow or purple": two words that no label names together
 //!   but that mostly share their phrase-mates, each in at least a third of the labels and
@@ -43,7 +46,7 @@ use crate::reply::Answer;
 use crate::{Exchange, Step, Summarizer, require_caption, require_labels};
 
 /// Recorded as the model of every exchange; bump it when the rules change.
-pub const CONSENSUS_VERSION: &str = "consensus-4";
+pub const CONSENSUS_VERSION: &str = "consensus-6";
 
 /// The largest word set a summary reports.
 const MAX_SET: usize = 3;
@@ -171,6 +174,11 @@ const BOUNDARIES: &[&str] = &[
 /// while any other set is; they do count within larger sets ("noisy background").
 const GENERIC_NOUNS: &[&str] =
     &["background", "backdrop", "pattern", "texture", "shape", "object", "thing", "item", "scene"];
+
+/// The generic nouns that stand for a thing: they add nothing to a set of other words
+/// ("a white shape with stripes" says {white, striped}), so a set's size does not count
+/// them, and of two sets saying the same the one without them wins.
+const OBJECT_NOUNS: &[&str] = &["shape", "object", "thing", "item"];
 
 /// The consensus rule as a [`Summarizer`].
 #[derive(Debug, Clone, Copy, Default)]
@@ -300,7 +308,10 @@ pub fn consensus_label(labels: &[String]) -> Option<String> {
             }
         }
     }
-    let size = |key: &str| key.split(' ').count();
+    // A set's size counts what it says: "shape" adds nothing to {white, striped}.
+    let object_keys: Vec<String> = OBJECT_NOUNS.iter().map(|g| fold(g)).collect();
+    let size = |key: &str| key.split(' ').filter(|k| !object_keys.iter().any(|g| g == k)).count();
+    let words = |key: &str| std::cmp::Reverse(key.split(' ').count());
     let majority = |count: usize| 2 * count >= labels.len();
     let generic_keys: Vec<String> = GENERIC_NOUNS.iter().map(|g| fold(g)).collect();
     let generic = |key: &str| key.split(' ').all(|k| generic_keys.iter().any(|g| g == k));
@@ -314,9 +325,13 @@ pub fn consensus_label(labels: &[String]) -> Option<String> {
     let best = if support.values().any(|&s| majority(s)) {
         // Largest, then best supported; max_by keeps the last maximum, so iterate the
         // BTreeMap backwards for the alphabetically first on a full tie.
-        support.iter().rev().filter(|(_, s)| majority(**s)).max_by_key(|(k, s)| (size(k), **s))
+        support
+            .iter()
+            .rev()
+            .filter(|(_, s)| majority(**s))
+            .max_by_key(|(k, s)| (size(k), **s, words(k)))
     } else {
-        support.iter().rev().max_by_key(|(k, s)| (**s, size(k)))
+        support.iter().rev().max_by_key(|(k, s)| (**s, size(k), words(k)))
     };
     let (key, &count) = best?;
     // Alternatives compete as a set of two words, supported by the labels they cover.

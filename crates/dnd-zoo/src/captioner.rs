@@ -19,7 +19,7 @@ use serde_json::json;
 use super::pairs::{self, Pair, PairSampling};
 pub use eval::{AttributeAccuracy, CaptionEval, CaptionExample, evaluate_captioner};
 pub use pretrain::{PretrainReport, ViewAccuracy, VisionPretraining};
-pub use slices::{CaptionerSlice, plan_slices, slice_dir};
+pub use slices::{CaptionerSlice, plan_slices, publish_last, slice_dir};
 
 mod eval;
 mod pretrain;

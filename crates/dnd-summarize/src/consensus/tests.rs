@@ -48,6 +48,20 @@ fn summarize_prefers_the_largest_word_set_most_labels_share() {
     ]);
     assert_eq!(consensus_label(&stripes).as_deref(), Some("black white stripes"));
 
+    // "shape" says nothing: {white, stripes} in half of the labels beats {shape, stripes}
+    // in more, and {stripes} beats {shape, stripes}.
+    let shapes = strings(&[
+        "white shape stripes",
+        "white shape stripes, yellow background",
+        "black shape stripes",
+        "white star stripes",
+        "white square",
+        "gray triangle",
+    ]);
+    assert_eq!(consensus_label(&shapes).as_deref(), Some("white stripes"));
+    let striped = strings(&["black shape stripes", "red shape stripes", "circle stripes"]);
+    assert_eq!(consensus_label(&striped).as_deref(), Some("stripes"));
+
     let shared_word = strings(&["striped shirt", "striped tie", "polka dots"]);
     assert_eq!(consensus_label(&shared_word).as_deref(), Some("striped"));
 

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use super::{CaptionerReport, CaptionerTraining, train_slice};
-use crate::error::TrainError;
+use crate::error::{TrainError, io_error};
 use crate::tokenizer::WorldTokenizer;
 
 /// One slice of a chain: its settings (with `init_from` filled in), where its model goes,
@@ -43,15 +43,16 @@ impl CaptionerSlice {
 }
 
 /// Where slice `index` of a chain whose last slice goes to `out_dir` keeps its model:
-/// beside it, `<out_dir>-slices/<index>`.
+/// beside it, `<out_dir>-slices/<index>`. The last slice is kept there too, so a slice
+/// appended to the chain later finds it trained.
 pub fn slice_dir(out_dir: &Path, index: usize) -> PathBuf {
     let mut name = out_dir.file_name().unwrap_or_default().to_os_string();
     name.push("-slices");
     out_dir.with_file_name(name).join(format!("{index:02}"))
 }
 
-/// The slices of a chain, one settings object each (see the module documentation), the
-/// last one written to `out_dir`.
+/// The slices of a chain, one settings object each (see the module documentation), each
+/// in its [`slice_dir`]; [`publish_last`] copies the last one to `out_dir`.
 pub fn plan_slices(slices: &[Value], out_dir: &Path) -> Result<Vec<CaptionerSlice>, TrainError> {
     if slices.is_empty() {
         return Err(TrainError::Config(
@@ -83,15 +84,26 @@ pub fn plan_slices(slices: &[Value], out_dir: &Path) -> Result<Vec<CaptionerSlic
                 )));
             }
         }
-        let dir = if index + 1 == slices.len() {
-            out_dir.to_path_buf()
-        } else {
-            slice_dir(out_dir, index)
-        };
+        let dir = slice_dir(out_dir, index);
         let earlier = planned.iter().map(|s| s.settings.clone()).collect();
         planned.push(CaptionerSlice { settings, dir, earlier });
     }
     Ok(planned)
+}
+
+/// Copies the model directory of a chain's last slice to `out_dir` (the chain's result),
+/// replacing the files of the same names there.
+pub fn publish_last(slices: &[CaptionerSlice], out_dir: &Path) -> Result<(), TrainError> {
+    let Some(last) = slices.last() else { return Ok(()) };
+    std::fs::create_dir_all(out_dir).map_err(io_error(out_dir))?;
+    for entry in std::fs::read_dir(&last.dir).map_err(io_error(&last.dir))? {
+        let from = entry.map_err(io_error(&last.dir))?.path();
+        if from.is_file() {
+            let to = out_dir.join(from.file_name().unwrap_or_default());
+            std::fs::copy(&from, &to).map_err(io_error(&to))?;
+        }
+    }
+    Ok(())
 }
 
 /// Whether a model trained with `a` can continue as one trained with `b`. The vocabulary

@@ -1,7 +1,7 @@
 use dnd_models::{BlipCaptioner, CaptionConfig, Captioner, ModelRef};
 
 use super::*;
-use crate::captioner::{plan_slices, slice_dir};
+use crate::captioner::{plan_slices, publish_last, slice_dir};
 use crate::pairs::sample_pairs;
 
 #[test]
@@ -159,7 +159,7 @@ fn a_chain_of_slices_starts_each_from_the_last_and_keeps_what_is_trained() {
     let planned = plan_slices(&slices, &out).unwrap();
     assert_eq!(planned[0].dir, slice_dir(&out, 0));
     assert_eq!(planned[0].settings, tiny);
-    assert_eq!(planned[1].dir, out);
+    assert_eq!(planned[1].dir, slice_dir(&out, 1));
     // A later slice keeps what it does not change and starts from the slice before it.
     assert_eq!((planned[1].settings.seed, planned[1].settings.steps), (7, 2));
     assert_eq!(planned[1].settings.vision, tiny.vision);
@@ -171,6 +171,16 @@ fn a_chain_of_slices_starts_each_from_the_last_and_keeps_what_is_trained() {
     }
     let report = planned[1].trained().expect("the last slice's train.json");
     assert_eq!(report.earlier_slices, vec![tiny.clone()]);
+    publish_last(&planned, &out).unwrap();
+    for file in ["train.json", "model.safetensors", "config.json", "tokenizer.json"] {
+        let (a, b) = (std::fs::read(out.join(file)), std::fs::read(planned[1].dir.join(file)));
+        assert_eq!(a.unwrap(), b.unwrap(), "{file} of the last slice is the chain's model");
+    }
+    // A slice appended later starts from the last one, which is kept.
+    let appended = vec![first.clone(), slices[1].clone(), serde_json::json!({"seed": 9})];
+    let extended = plan_slices(&appended, &out).unwrap();
+    assert!(extended[0].trained().is_some() && extended[1].trained().is_some());
+    assert!(extended[2].trained().is_none());
     // Run again with the last slice changed: the first is kept, the last is not.
     let changed = vec![first.clone(), serde_json::json!({"seed": 8, "steps": 2})];
     let replanned = plan_slices(&changed, &out).unwrap();
