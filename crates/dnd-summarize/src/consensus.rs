@@ -21,9 +21,11 @@
 //!   orange square" and "orange square with polka dots" both contain {orange, dotted}), and
 //!   inflections fold together for counting ("circles"/"circle", "striped"/"stripes",
 //!   "noisy"/"noise", "dotted"/"dots"). Among the sets that at least half of the labels
-//!   contain, the largest wins, then the best supported, then the alphabetically first;
-//!   when none reaches half, the best supported wins, then the largest, then the
-//!   alphabetically first.
+//!   contain, the largest wins, then the best supported; when none reaches half, the best
+//!   supported wins, then the largest. Between sets still equal, the one whose words the
+//!   labels use least apart from it wins (summed over its words, the share of the labels
+//!   holding the word that hold the set): "white triangle" over "white stripes" when the
+//!   labels say stripes of other things too. Then the alphabetically first.
 //! * A set made only of generic nouns ("background", "pattern", "shapes") says nothing
 //!   every image would not, so it wins only when nothing else is named. Nouns that stand
 //!   for a thing ("shape", "object") do not count in a set's size, and between two sets
@@ -46,7 +48,7 @@ use crate::reply::Answer;
 use crate::{Exchange, Step, Summarizer, require_caption, require_labels};
 
 /// Recorded as the model of every exchange; bump it when the rules change.
-pub const CONSENSUS_VERSION: &str = "consensus-6";
+pub const CONSENSUS_VERSION: &str = "consensus-7";
 
 /// The largest word set a summary reports.
 const MAX_SET: usize = 3;
@@ -169,16 +171,16 @@ const BOUNDARIES: &[&str] = &[
     "front",
 ];
 
-/// Nouns that name no concept on their own: every image has a background, and its things
-/// are shapes or objects. A word set made only of them is not an answer ("background")
-/// while any other set is; they do count within larger sets ("noisy background").
-const GENERIC_NOUNS: &[&str] =
-    &["background", "backdrop", "pattern", "texture", "shape", "object", "thing", "item", "scene"];
-
-/// The generic nouns that stand for a thing: they add nothing to a set of other words
-/// ("a white shape with stripes" says {white, striped}), so a set's size does not count
-/// them, and of two sets saying the same the one without them wins.
+/// Nouns that stand for a thing: they add nothing to a set of other words ("a white shape
+/// with stripes" says {white, striped}), so a set's size does not count them, and of two
+/// sets saying the same the one without them wins.
 const OBJECT_NOUNS: &[&str] = &["shape", "object", "thing", "item"];
+
+/// With [`OBJECT_NOUNS`], the nouns that name no concept on their own: every image has a
+/// background, and its things are shapes or objects. A word set made only of them is not
+/// an answer ("background") while any other set is; they do count within larger sets
+/// ("noisy background").
+const SCENE_NOUNS: &[&str] = &["background", "backdrop", "pattern", "texture", "scene"];
 
 /// The consensus rule as a [`Summarizer`].
 #[derive(Debug, Clone, Copy, Default)]
@@ -313,7 +315,17 @@ pub fn consensus_label(labels: &[String]) -> Option<String> {
     let size = |key: &str| key.split(' ').filter(|k| !object_keys.iter().any(|g| g == k)).count();
     let words = |key: &str| std::cmp::Reverse(key.split(' ').count());
     let majority = |count: usize| 2 * count >= labels.len();
-    let generic_keys: Vec<String> = GENERIC_NOUNS.iter().map(|g| fold(g)).collect();
+    // Of two sets otherwise equal, the one whose words the labels use least apart from it:
+    // "white triangle" (every triangle named is white) over "white stripes" where stripes
+    // are also said of blue squares and backgrounds. The sum over its words of the share
+    // of their labels that hold the set, in permille.
+    let alone = support.clone();
+    let cohesion = |key: &str| -> usize {
+        let together = alone.get(key).copied().unwrap_or(0);
+        key.split(' ').filter_map(|k| alone.get(k)).map(|&w| together * 1000 / w.max(1)).sum()
+    };
+    let generic_keys: Vec<String> =
+        SCENE_NOUNS.iter().chain(OBJECT_NOUNS).map(|g| fold(g)).collect();
     let generic = |key: &str| key.split(' ').all(|k| generic_keys.iter().any(|g| g == k));
     if support.keys().any(|k| !generic(k)) {
         support.retain(|k, _| !generic(k));
@@ -329,9 +341,9 @@ pub fn consensus_label(labels: &[String]) -> Option<String> {
             .iter()
             .rev()
             .filter(|(_, s)| majority(**s))
-            .max_by_key(|(k, s)| (size(k), **s, words(k)))
+            .max_by_key(|(k, s)| (size(k), **s, words(k), cohesion(k)))
     } else {
-        support.iter().rev().max_by_key(|(k, s)| (**s, size(k), words(k)))
+        support.iter().rev().max_by_key(|(k, s)| (**s, size(k), words(k), cohesion(k)))
     };
     let (key, &count) = best?;
     // Alternatives compete as a set of two words, supported by the labels they cover.

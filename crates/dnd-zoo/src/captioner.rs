@@ -18,10 +18,12 @@ use serde_json::json;
 
 use super::pairs::{self, Pair, PairSampling};
 pub use eval::{AttributeAccuracy, CaptionEval, CaptionExample, evaluate_captioner};
+pub use init::resize_grid;
 pub use pretrain::{PretrainReport, ViewAccuracy, VisionPretraining};
 pub use slices::{CaptionerSlice, plan_slices, publish_last, slice_dir};
 
 mod eval;
+mod init;
 mod pretrain;
 mod slices;
 use super::tiny_transformer::{
@@ -568,14 +570,7 @@ fn train_slice(
     let started = Instant::now();
     let mut model = TrainingCaptioner::new(settings)?;
     if let Some(dir) = &settings.init_from {
-        let file = dir.join("model.safetensors");
-        if !file.is_file() {
-            return Err(TrainError::Config(format!(
-                "init_from: {} is not a captioner's model directory (no model.safetensors)",
-                dir.display()
-            )));
-        }
-        model.params.load(&file).map_err(|e| TrainError::Config(format!("init_from: {e}")))?;
+        init::load_initial_weights(&model, dir)?;
     }
     let vision_pretraining = match &settings.vision_pretraining {
         Some(p) => Some(pretrain::pretrain(&model, p, &mut progress)?),

@@ -80,11 +80,14 @@ impl Params {
         })
     }
 
-    /// Sets every variable to the tensor of the same name in `file` (a `model.safetensors`
-    /// this trainer wrote): training resumes from those weights. Fails naming the first
-    /// variable the file lacks or holds in another shape.
-    pub fn load(&self, file: &std::path::Path) -> Result<()> {
-        let saved = candle_core::safetensors::load(file, &self.device)?;
+    /// Sets every variable to the tensor of the same name in `saved`, read from `file` (a
+    /// `model.safetensors` this trainer wrote): training resumes from those weights. Fails
+    /// naming the first variable the file lacks or holds in another shape.
+    pub fn load_tensors(
+        &self,
+        saved: &std::collections::HashMap<String, Tensor>,
+        file: &std::path::Path,
+    ) -> Result<()> {
         let data = self.varmap.data().lock().expect("the var map lock is never poisoned");
         let mut names: Vec<&String> = data.keys().collect();
         names.sort();

@@ -169,6 +169,26 @@ fn summarize_reports_the_most_frequent_spelling_of_a_folded_phrase() {
 }
 
 #[test]
+fn between_equal_sets_the_one_said_least_of_other_things_wins() {
+    // {white, triangle} and {white, stripes} are both in 6 of 10 labels, but stripes are
+    // also said of a blue square and of backgrounds (9 labels), triangles only of white
+    // things (6): the white triangle, not the alphabetically first.
+    let labels = strings(&[
+        "white triangle dots, purple background polka dots",
+        "white triangle stripes, brown background dots",
+        "white triangle stripes, white triangle stripes, red background dots",
+        "white square, green background stripes",
+        "white triangle stripes, purple background noise",
+        "white circle polka dots, black background checks",
+        "white triangle, black background",
+        "white square polka dots, white triangle stripes, pink background grain",
+        "white square stripes, purple background stripes",
+        "blue square stripes, white ring stripes, black background stripes",
+    ]);
+    assert_eq!(consensus_label(&labels).as_deref(), Some("white triangle"));
+}
+
+#[test]
 fn the_consensus_label_is_deterministic_without_a_majority_and_ignores_order() {
     let labels = strings(&["dog", "cat", "bird"]);
     // Support 1 each, one word each: the alphabetically first.

@@ -1,6 +1,7 @@
 //! Held-out captioning quality: the pairs' captions read back to the world's objects and
 //! scored as a whole and attribute by attribute.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use candle_core::Device;
@@ -48,7 +49,7 @@ pub struct CaptionEval {
 }
 
 /// Per-attribute accuracy (see [`CaptionEval::single_object`]).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct AttributeAccuracy {
     pub pairs: usize,
     pub colour: f32,
@@ -62,6 +63,11 @@ pub struct AttributeAccuracy {
     pub fill: f32,
     /// All three right on one named object.
     pub all: f32,
+    /// For the `shape_pairs`: the object's shape -> what the caption named ("shape" when
+    /// it named the object without one, "nothing" when it named no object; a caption
+    /// naming several shapes counts the right one if present, else the first) -> pairs.
+    #[serde(default)]
+    pub shape_confusion: BTreeMap<String, BTreeMap<String, usize>>,
 }
 
 fn multiset_overlap<T: PartialEq + Clone>(a: &[T], b: &[T]) -> usize {
@@ -102,6 +108,7 @@ pub fn evaluate_captioner(
     let mut shown = Vec::new();
     let (mut single, mut colour_ok, mut shape_ok, mut fill_ok, mut all_ok) = (0, 0, 0, 0, 0);
     let mut shape_pairs = 0;
+    let mut shape_confusion: BTreeMap<String, BTreeMap<String, usize>> = BTreeMap::new();
     for (pair, text) in pairs.iter().zip(&generated) {
         let read = Truth::read(text);
         let ok = read.as_ref() == Some(&pair.truth);
@@ -129,7 +136,24 @@ pub fn evaluate_captioner(
             colour_ok += usize::from(named.iter().any(|o| o.0 == Some(colour)));
             if shape.is_some() {
                 shape_pairs += 1;
-                shape_ok += usize::from(named.iter().any(|o| o.1 == shape));
+                let right = named.iter().any(|o| o.1 == shape);
+                shape_ok += usize::from(right);
+                let said = match named.first() {
+                    _ if right => shape,
+                    Some(o) => o.1,
+                    None => None,
+                };
+                let said = match (said, named.is_empty()) {
+                    (Some(s), _) => s.name(),
+                    (None, false) => "shape",
+                    (None, true) => "nothing",
+                };
+                let truth = shape.map_or("shape", |s| s.name());
+                *shape_confusion
+                    .entry(truth.to_string())
+                    .or_default()
+                    .entry(said.to_string())
+                    .or_default() += 1;
             }
             fill_ok += usize::from(named.iter().any(|o| o.2 == fill));
             all_ok += usize::from(named.contains(&(Some(colour), shape, fill)));
@@ -165,6 +189,7 @@ pub fn evaluate_captioner(
             shape_pairs: Some(shape_pairs),
             fill: ratio(fill_ok, single),
             all: ratio(all_ok, single),
+            shape_confusion,
         },
         examples: shown,
     })

@@ -32,7 +32,11 @@ impl CaptionerSlice {
     pub fn trained(&self) -> Option<CaptionerReport> {
         let text = std::fs::read_to_string(self.dir.join("train.json")).ok()?;
         let report: CaptionerReport = serde_json::from_str(&text).ok()?;
-        (report.settings == self.settings && report.earlier_slices == self.earlier)
+        let chain = |earlier: &[CaptionerTraining], last: &CaptionerTraining| {
+            let all = earlier.iter().chain([last]).enumerate();
+            all.map(|(index, s)| comparable(index, s)).collect::<Vec<_>>()
+        };
+        (chain(&report.earlier_slices, &report.settings) == chain(&self.earlier, &self.settings))
             .then_some(report)
     }
 
@@ -40,6 +44,23 @@ impl CaptionerSlice {
     pub fn train(&self, progress: impl FnMut(usize, f32)) -> Result<CaptionerReport, TrainError> {
         train_slice(&self.settings, &self.earlier, &self.dir, progress)
     }
+}
+
+/// Slice `index`'s settings as compared to find it trained. A slice that starts from the
+/// one before it names that slice's directory in `init_from`, which moves with the chain
+/// (another `--out`, a copied zoo): that path is left out, so a moved chain is still found
+/// trained. A path to anything else stays, so pointing a slice elsewhere retrains it.
+fn comparable(index: usize, settings: &CaptionerTraining) -> CaptionerTraining {
+    let mut settings = settings.clone();
+    let before = index.checked_sub(1).map(|i| format!("{i:02}"));
+    let from = settings.init_from.as_deref();
+    let parent = from.and_then(Path::parent).and_then(Path::file_name);
+    if from.and_then(Path::file_name).and_then(|n| n.to_str()) == before.as_deref()
+        && parent.is_some_and(|p| p.to_string_lossy().ends_with("-slices"))
+    {
+        settings.init_from = None;
+    }
+    settings
 }
 
 /// Where slice `index` of a chain whose last slice goes to `out_dir` keeps its model:
@@ -80,7 +101,7 @@ pub fn plan_slices(slices: &[Value], out_dir: &Path) -> Result<Vec<CaptionerSlic
             let from = settings.init_from.get_or_insert_with(|| before.dir.clone());
             if *from == before.dir && !same_architecture(&before.settings, &settings) {
                 return Err(TrainError::Config(format!(
-                    "slice {index} changes the architecture (patch size, tower sizes, image size, vocabulary or context) of the slice it starts from; only training settings may change along a chain"
+                    "slice {index} changes the architecture (patch size, tower sizes, vocabulary or context) of the slice it starts from; only training settings and the image size may change along a chain"
                 )));
             }
         }
@@ -108,7 +129,8 @@ pub fn publish_last(slices: &[CaptionerSlice], out_dir: &Path) -> Result<(), Tra
 
 /// Whether a model trained with `a` can continue as one trained with `b`. The vocabulary
 /// follows the sampling (generic shape nouns come with `min_shape_fraction`), so it is
-/// compared too.
+/// compared too. The image size may change: the tower's position embeddings are resized
+/// to the new patch grid (`init.rs`).
 fn same_architecture(a: &CaptionerTraining, b: &CaptionerTraining) -> bool {
     let vocabulary = |s: &CaptionerTraining| WorldTokenizer::for_sampling(&s.sampling).vocab_size();
     a.patch_size == b.patch_size
@@ -116,7 +138,6 @@ fn same_architecture(a: &CaptionerTraining, b: &CaptionerTraining) -> bool {
         && a.vision == b.vision
         && a.text == b.text
         && a.max_positions == b.max_positions
-        && a.sampling.image_size == b.sampling.image_size
 }
 
 /// `over`'s fields over `base`'s, objects merged field by field.

@@ -127,7 +127,6 @@ fn a_run_resumes_from_saved_weights_and_refuses_another_architecture() {
     trained.train(|_, _| {}).unwrap();
     let dir = tempfile::tempdir().unwrap();
     trained.save(dir.path()).unwrap();
-    let file = dir.path().join("model.safetensors");
     let pairs = sample_pairs(7, 0, 4, &settings.sampling).unwrap();
     let loss = |m: &TrainingCaptioner| m.loss(&pairs).unwrap().to_scalar::<f32>().unwrap();
 
@@ -135,18 +134,52 @@ fn a_run_resumes_from_saved_weights_and_refuses_another_architecture() {
     let resumed = TrainingCaptioner::new(&CaptionerTraining { seed: 5, ..settings.clone() });
     let resumed = resumed.unwrap();
     assert_ne!(loss(&resumed), loss(&trained));
-    resumed.params.load(&file).unwrap();
+    super::init::load_initial_weights(&resumed, dir.path()).unwrap();
     assert_eq!(loss(&resumed), loss(&trained));
 
     let mut wider = settings.clone();
     wider.vision.intermediate *= 2;
-    let error = TrainingCaptioner::new(&wider).unwrap().params.load(&file).unwrap_err();
+    let wider = TrainingCaptioner::new(&wider).unwrap();
+    let error = super::init::load_initial_weights(&wider, dir.path()).unwrap_err();
     assert!(error.to_string().contains("intermediate") || error.to_string().contains("mlp"));
     assert!(error.to_string().contains("the settings make it"), "{error}");
 
     let missing = CaptionerTraining { init_from: Some(dir.path().join("nothing")), ..settings };
     let error = train_captioner(&missing, dir.path(), |_, _| {}).unwrap_err();
     assert!(error.to_string().contains("no model.safetensors"), "{error}");
+}
+
+#[test]
+fn a_run_at_a_larger_image_size_starts_from_the_smaller_ones_weights() {
+    let settings = CaptionerTraining::tiny();
+    let small = TrainingCaptioner::new(&settings).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    small.save(dir.path()).unwrap();
+    let mut larger = settings.clone();
+    larger.sampling.image_size = 48;
+    let large = TrainingCaptioner::new(&CaptionerTraining { seed: 5, ..larger }).unwrap();
+    super::init::load_initial_weights(&large, dir.path()).unwrap();
+    let weights = |m: &TrainingCaptioner| named_tensors(&m.params.varmap);
+    let (before, after) = (weights(&small), weights(&large));
+    let positions = "vision_model.embeddings.position_embedding";
+    for (name, value) in &before {
+        let loaded = &after[name];
+        if name == positions {
+            // A 4x4 patch grid resized to 6x6; the class token's embedding as it was.
+            assert_eq!(loaded.dims(), &[1, 37, 32]);
+            let class = |t: &Tensor| t.narrow(1, 0, 1).unwrap().flatten_all().unwrap();
+            assert_eq!(
+                class(loaded).to_vec1::<f32>().unwrap(),
+                class(value).to_vec1::<f32>().unwrap()
+            );
+        } else {
+            let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(flat(loaded), flat(value), "{name}");
+        }
+    }
+    // It captions at the new size.
+    let pairs = sample_pairs(7, 0, 2, &large.settings.sampling).unwrap();
+    assert!(large.loss(&pairs).unwrap().to_scalar::<f32>().unwrap().is_finite());
 }
 
 #[test]
@@ -181,6 +214,18 @@ fn a_chain_of_slices_starts_each_from_the_last_and_keeps_what_is_trained() {
     let extended = plan_slices(&appended, &out).unwrap();
     assert!(extended[0].trained().is_some() && extended[1].trained().is_some());
     assert!(extended[2].trained().is_none());
+    // The chain copied elsewhere (another --out) is still trained there.
+    let moved = dir.path().join("copy").join("captioner");
+    for (index, slice) in planned.iter().enumerate() {
+        let to = slice_dir(&moved, index);
+        std::fs::create_dir_all(&to).unwrap();
+        for entry in std::fs::read_dir(&slice.dir).unwrap() {
+            let from = entry.unwrap().path();
+            std::fs::copy(&from, to.join(from.file_name().unwrap())).unwrap();
+        }
+    }
+    let copied = plan_slices(&slices, &moved).unwrap();
+    assert!(copied.iter().all(|s| s.trained().is_some()), "a moved chain retrains");
     // Run again with the last slice changed: the first is kept, the last is not.
     let changed = vec![first.clone(), serde_json::json!({"seed": 8, "steps": 2})];
     let replanned = plan_slices(&changed, &out).unwrap();
