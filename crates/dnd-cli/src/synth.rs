@@ -7,8 +7,8 @@ use clap::{Args, Subcommand, ValueEnum};
 
 use dnd_synth::{ProbeSetSpec, write_probe_set};
 use dnd_zoo::captioner::{
-    CaptionerReport, CaptionerSlice, CaptionerTraining, evaluate_captioner, plan_slices,
-    publish_last,
+    CaptionerReport, CaptionerSlice, CaptionerTraining, evaluate_captioner, first_to_train,
+    plan_slices, publish_last,
 };
 use dnd_zoo::embedder::{EmbedderTraining, train_embedder};
 use dnd_zoo::sae::{SaeTraining, train_sae};
@@ -83,7 +83,7 @@ pub struct TrainArgs {
     /// (`train.json`'s `settings` or `config` shows them all). One model only. For the
     /// captioner, an array of such objects trains in slices (bench/captioner-slices.json):
     /// each slice's fields over the one before it, each starting from its weights, kept in
-    /// OUT/captioner-slices/NN; a rerun keeps the slices already trained.
+    /// OUT/captioner-slices/NN; a rerun resumes after the last slice already trained.
     #[arg(long, value_name = "FILE")]
     settings: Option<PathBuf>,
     /// Re-measure the trained captioner in OUT/captioner on its held-out pairs and update
@@ -261,8 +261,8 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
 }
 
 /// `--model captioner`: one run, or a chain of slices when the settings file holds an
-/// array (`dnd_zoo::captioner::plan_slices`), each slice already trained with the same
-/// settings kept as it is.
+/// array (`dnd_zoo::captioner::plan_slices`), resuming after the last slice already trained
+/// with the same settings.
 fn train_captioner_model(args: &TrainArgs, dir: &Path) -> anyhow::Result<()> {
     let text = args.settings.as_deref().map(read_settings).transpose()?;
     let slices = match &text {
@@ -285,13 +285,20 @@ fn train_captioner_model(args: &TrainArgs, dir: &Path) -> anyhow::Result<()> {
         }
     };
     let count = slices.len();
+    let first = if count > 1 { first_to_train(&slices) } else { 0 };
     for (index, slice) in slices.iter().enumerate() {
         let name = format!("slice {} of {count}", index + 1);
-        if count > 1 && slice.trained().is_some() {
-            println!(
-                "{name}: {} holds it, trained with the same settings; kept",
-                slice.dir.display()
-            );
+        if index < first {
+            match slice.trained() {
+                Some(_) => println!(
+                    "{name}: {} holds it, trained with the same settings; kept",
+                    slice.dir.display()
+                ),
+                None => println!(
+                    "{name}: not needed, a later slice of the chain is trained ({})",
+                    slices[first - 1].dir.display()
+                ),
+            }
             continue;
         }
         let bar = steps_bar("captioner", slice.settings.steps);

@@ -20,7 +20,7 @@ use super::pairs::{self, Pair, PairSampling};
 pub use eval::{AttributeAccuracy, CaptionEval, CaptionExample, evaluate_captioner};
 pub use init::resize_grid;
 pub use pretrain::{PretrainReport, ViewAccuracy, VisionPretraining};
-pub use slices::{CaptionerSlice, plan_slices, publish_last, slice_dir};
+pub use slices::{CaptionerSlice, first_to_train, plan_slices, publish_last, slice_dir};
 
 mod eval;
 mod init;

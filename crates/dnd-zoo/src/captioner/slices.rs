@@ -8,6 +8,7 @@
 //! defaults, each later slice's over the slice before it (nested objects field by field),
 //! so a slice says only what changes, usually its `seed` and step counts. `init_from` is
 //! never inherited: a later slice starts from the one before it unless it names its own.
+//! A rerun resumes after the last slice it finds trained ([`first_to_train`]).
 
 use std::path::{Path, PathBuf};
 
@@ -110,6 +111,14 @@ pub fn plan_slices(slices: &[Value], out_dir: &Path) -> Result<Vec<CaptionerSlic
         planned.push(CaptionerSlice { settings, dir, earlier });
     }
     Ok(planned)
+}
+
+/// The first slice of `slices` that still needs training: the one after the last slice
+/// found trained, or 0. Slices before a trained one are only its starting point, so they
+/// are not trained again even where their directories are gone: a chain kept as one late
+/// slice (a checkpoint copied to another machine) resumes after it.
+pub fn first_to_train(slices: &[CaptionerSlice]) -> usize {
+    slices.iter().rposition(|s| s.trained().is_some()).map_or(0, |last| last + 1)
 }
 
 /// Copies the model directory of a chain's last slice to `out_dir` (the chain's result),

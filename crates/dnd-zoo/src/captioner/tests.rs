@@ -1,7 +1,7 @@
 use dnd_models::{BlipCaptioner, CaptionConfig, Captioner, ModelRef};
 
 use super::*;
-use crate::captioner::{plan_slices, publish_last, slice_dir};
+use crate::captioner::{first_to_train, plan_slices, publish_last, slice_dir};
 use crate::pairs::sample_pairs;
 
 #[test]
@@ -226,6 +226,13 @@ fn a_chain_of_slices_starts_each_from_the_last_and_keeps_what_is_trained() {
     }
     let copied = plan_slices(&slices, &moved).unwrap();
     assert!(copied.iter().all(|s| s.trained().is_some()), "a moved chain retrains");
+    assert_eq!(first_to_train(&copied), 2);
+    // Kept as its last slice alone, the chain resumes after it, not from the start.
+    std::fs::remove_dir_all(slice_dir(&moved, 0)).unwrap();
+    let pruned = plan_slices(&appended, &moved).unwrap();
+    assert!(pruned[0].trained().is_none());
+    assert_eq!(first_to_train(&pruned), 2);
+    assert_eq!(first_to_train(&plan_slices(std::slice::from_ref(&first), &moved).unwrap()), 0);
     // Run again with the last slice changed: the first is kept, the last is not.
     let changed = vec![first.clone(), serde_json::json!({"seed": 8, "steps": 2})];
     let replanned = plan_slices(&changed, &out).unwrap();
