@@ -18,7 +18,6 @@ use serde_json::json;
 
 use super::pairs::{self, Pair, PairSampling};
 pub use eval::{AttributeAccuracy, CaptionEval, CaptionExample, evaluate_captioner};
-pub use init::resize_grid;
 pub use pretrain::{PretrainReport, ViewAccuracy, VisionPretraining};
 pub use slices::{CaptionerSlice, first_to_train, plan_slices, publish_last, slice_dir};
 

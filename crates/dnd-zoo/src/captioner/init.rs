@@ -8,6 +8,7 @@
 use std::path::Path;
 
 use candle_core::Tensor;
+use dnd_core::Map2;
 
 use super::{TrainingCaptioner, VISION_PREFIX};
 use crate::error::TrainError;
@@ -63,30 +64,17 @@ fn square_root(n: usize) -> Option<usize> {
 }
 
 /// Bilinear resize of a `from`x`from` grid of `hidden`-vectors (row-major) to `to`x`to`,
-/// sampling at pixel centres and clamping at the edges (PyTorch's `interpolate` with
-/// `mode="bilinear", align_corners=False`).
-pub fn resize_grid(grid: &[f32], from: usize, to: usize, hidden: usize) -> Vec<f32> {
+/// each of the `hidden` values on its own, with the crops' resize
+/// ([`Map2::resize_bilinear`]: PyTorch's `interpolate(mode="bilinear",
+/// align_corners=False)`).
+fn resize_grid(grid: &[f32], from: usize, to: usize, hidden: usize) -> Vec<f32> {
     assert_eq!(grid.len(), from * from * hidden, "a {from}x{from} grid of {hidden}-vectors");
-    // Each output index: the two input indices around its centre and the second's weight.
-    let taps: Vec<(usize, usize, f32)> = (0..to)
-        .map(|i| {
-            let centre = ((i as f32 + 0.5) * from as f32 / to as f32 - 0.5).max(0.0);
-            let low = (centre.floor() as usize).min(from - 1);
-            let high = (low + 1).min(from - 1);
-            (low, high, centre - low as f32)
-        })
-        .collect();
-    let at = |y: usize, x: usize| &grid[(y * from + x) * hidden..][..hidden];
-    let mut out = Vec::with_capacity(to * to * hidden);
-    for &(y0, y1, fy) in &taps {
-        for &(x0, x1, fx) in &taps {
-            let corners = [
-                (at(y0, x0), (1.0 - fy) * (1.0 - fx)),
-                (at(y0, x1), (1.0 - fy) * fx),
-                (at(y1, x0), fy * (1.0 - fx)),
-                (at(y1, x1), fy * fx),
-            ];
-            out.extend((0..hidden).map(|h| corners.iter().map(|(v, w)| v[h] * w).sum::<f32>()));
+    let mut out = vec![0.0; to * to * hidden];
+    for h in 0..hidden {
+        let data = grid.iter().skip(h).step_by(hidden).copied().collect();
+        let resized = Map2 { width: from, height: from, data }.resize_bilinear(to, to);
+        for (slot, value) in out.iter_mut().skip(h).step_by(hidden).zip(resized.data) {
+            *slot = value;
         }
     }
     out
