@@ -3,6 +3,7 @@
 //! its AUC for the concept's presence.
 
 use candle_core::{D, Tensor};
+use dnd_core::Map2;
 use dnd_core::stats::{auc_of, pearson, spearman};
 use dnd_models::preprocess::Preprocess;
 use dnd_models::{Tap, TargetModel};
@@ -48,24 +49,9 @@ pub struct PlantedQuality {
 }
 
 /// Bilinear upsampling of a `g` x `g` map to `size` x `size`, half-pixel centres and edge
-/// clamping (PyTorch's `align_corners=False`).
+/// clamping (PyTorch's `align_corners=False`): the crops' [`Map2::resize_bilinear`].
 pub(crate) fn upsample_bilinear(map: &[f32], g: usize, size: usize) -> Vec<f32> {
-    let coords: Vec<(usize, usize, f32)> = (0..size)
-        .map(|i| {
-            let src = ((i as f32 + 0.5) * g as f32 / size as f32 - 0.5).clamp(0.0, (g - 1) as f32);
-            let i0 = src.floor() as usize;
-            (i0, (i0 + 1).min(g - 1), src - i0 as f32)
-        })
-        .collect();
-    let mut out = vec![0.0; size * size];
-    for (y, &(y0, y1, fy)) in coords.iter().enumerate() {
-        for (x, &(x0, x1, fx)) in coords.iter().enumerate() {
-            let top = map[y0 * g + x0] * (1.0 - fx) + map[y0 * g + x1] * fx;
-            let bottom = map[y1 * g + x0] * (1.0 - fx) + map[y1 * g + x1] * fx;
-            out[y * size + x] = top * (1.0 - fy) + bottom * fy;
-        }
-    }
-    out
+    Map2 { width: g, height: g, data: map.to_vec() }.resize_bilinear(size, size).data
 }
 
 pub(crate) struct EvalImage {
