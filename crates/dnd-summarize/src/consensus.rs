@@ -13,7 +13,7 @@
 //!   ("a circle with stripes" is one thing). Nothing is cut: a rule cannot tell which words
 //!   of one caption matter, so it leaves that to the summary, which sees all of them.
 //! * `summarize` reads the first half of the labels in the order given (at least
-//!   two): like a language model, its answer depends on the shuffle, so the method's
+//!   three): like a language model, its answer depends on the shuffle, so the method's
 //!   summary rounds over differently shuffled labels give a few different candidates for
 //!   stage 3 to choose from, not five copies of one. `merge` reads all of them. Both
 //!   count, for every set of one to three words that occur together in one phrase of a
@@ -230,11 +230,13 @@ impl Summarizer for ConsensusSummarizer {
     }
 }
 
-/// How many of `n` labels a summary reads: the first half, at least two (or all of fewer).
-/// Half rather than two thirds: the method's summary rounds then give stage 3 about a
-/// quarter more distinct candidates (docs/benchmarks.md, `consensus-8`).
+/// How many of `n` labels a summary reads: the first half, at least three (or all of
+/// fewer). Half rather than two thirds: the method's summary rounds then give stage 3
+/// about half again as many distinct candidates (docs/benchmarks.md, `consensus-8`). At
+/// least three: in a window of two, one label alone would be half of it, and its whole
+/// phrase ("small red circle") would win over what both share.
 pub fn summary_window(n: usize) -> usize {
-    n.min(n.div_ceil(2).max(2))
+    n.min(n.div_ceil(2).max(3))
 }
 
 /// The caption's content words, phrase by phrase ("red dotted star, gray background"), or

@@ -255,6 +255,9 @@ async fn as_a_summarizer_it_records_its_input_and_answer() {
         "green star",
     ]);
     assert_eq!(summary_window(labels.len()), 3);
+    // Never fewer than three: one label of two would be half, and its whole phrase win.
+    let few = strings(&["small red circle", "red circle", "red circles", "green square"]);
+    assert_eq!(s.summarize(&few).await.unwrap().label(), Some("red circle"));
     assert_eq!(s.summarize(&labels).await.unwrap().label(), Some("blue square"));
     let mut reordered = labels.clone();
     reordered.rotate_left(2);
@@ -266,7 +269,7 @@ async fn as_a_summarizer_it_records_its_input_and_answer() {
     );
     assert_eq!(
         (summary_window(1), summary_window(2), summary_window(3), summary_window(10)),
-        (1, 2, 2, 5)
+        (1, 2, 3, 5)
     );
 
     let ex = s.simplify("there is a picture of it").await.unwrap();
