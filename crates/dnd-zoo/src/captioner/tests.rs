@@ -1,7 +1,7 @@
 use dnd_models::{BlipCaptioner, CaptionConfig, Captioner, ModelRef};
 
 use super::*;
-use crate::captioner::{first_to_train, plan_slices, publish_last, slice_dir};
+use crate::captioner::{CaptionerSlice, first_to_train, plan_slices, publish_last, slice_dir};
 use crate::pairs::sample_pairs;
 
 #[test]
@@ -109,14 +109,18 @@ fn the_committed_zoo_captioner_scores_what_its_train_json_records() {
 
 /// `dnd synth train --model captioner` with the default settings makes the committed model.
 #[test]
-fn the_committed_zoo_captioner_was_trained_with_the_defaults() {
-    let dir = crate::committed_zoo().join("captioner");
-    let report: CaptionerReport =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("train.json")).unwrap()).unwrap();
-    assert_eq!(
-        report.settings,
-        CaptionerTraining::default(),
-        "retrain: dnd synth train --model captioner"
+fn the_committed_zoo_captioner_is_the_last_slice_of_the_benchmarked_chain() {
+    // The zoo's captioner is the chain of bench/captioner-slices.json: its train.json
+    // holds the settings of every slice, which must be the file's.
+    let zoo = crate::committed_zoo();
+    let chain = zoo.join("../../../bench/captioner-slices.json");
+    let slices: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(chain).unwrap()).unwrap();
+    let planned = plan_slices(&slices, &zoo.join("captioner")).unwrap();
+    let last = CaptionerSlice { dir: zoo.join("captioner"), ..planned.last().unwrap().clone() };
+    assert!(
+        last.trained().is_some(),
+        "retrain: dnd synth train --model captioner --out crates/dnd-synth/zoo --settings bench/captioner-slices.json"
     );
 }
 
