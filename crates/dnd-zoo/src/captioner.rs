@@ -38,7 +38,8 @@ const VISION_EPS: f64 = 1e-5;
 const VISION_PREFIX: &str = "vision_model.";
 const TEXT_EPS: f64 = 1e-12;
 
-/// Everything that decides a trained captioner. The default is the committed zoo model's.
+/// Everything that decides a trained captioner. The default is one run from scratch; the
+/// committed zoo model is a chain of slices over it (`bench/captioner-slices.json`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CaptionerTraining {
@@ -68,8 +69,8 @@ pub struct CaptionerTraining {
     /// 1 for every other token: shapes are what the captioner learns last.
     pub shape_word_weight: f32,
     /// Teach the vision tower what objects look like before it learns to caption (see
-    /// `pretrain.rs`), as BLIP's comes pretrained. `None` (the zoo's) trains it on captions
-    /// alone.
+    /// `pretrain.rs`), as BLIP's comes pretrained. `None` (the default) trains it on
+    /// captions alone.
     #[serde(default)]
     pub vision_pretraining: Option<VisionPretraining>,
     /// While captioning, the vision tower learns at this fraction of `learning_rate`.

@@ -107,7 +107,8 @@ fn the_committed_zoo_captioner_scores_what_its_train_json_records() {
     assert!(eval.background_accuracy > 0.9 && eval.single_object.colour > 0.8, "{eval:?}");
 }
 
-/// `dnd synth train --model captioner` with the default settings makes the committed model.
+/// `dnd synth train --model captioner --settings bench/captioner-slices.json` makes the
+/// committed model.
 #[test]
 fn the_committed_zoo_captioner_is_the_last_slice_of_the_benchmarked_chain() {
     // The zoo's captioner is the chain of bench/captioner-slices.json: its train.json
