@@ -13,7 +13,7 @@ use image::RgbImage;
 use rayon::prelude::*;
 
 use dnd_core::screening::rank_survivors_first;
-use dnd_core::{CandidateScore, LayerName, NeuronId, Scored, Stage, TaskId};
+use dnd_core::{CandidateScore, LayerName, NeuronId, Scored, Stage, TaskId, unit_seed};
 use dnd_models::ImageRequest;
 use dnd_store::Location;
 use dnd_store::results::NeuronErrorRow;
@@ -173,9 +173,10 @@ pub async fn run_neuron_task(
     progress.advance_stage(Stage::Caption, n);
     let summarizer = bench.cached_summarizer();
     let mut labelling = Vec::with_capacity(evidence.len());
-    for list in &evidence {
+    for (list, &neuron) in evidence.iter().zip(&task.neurons) {
         let texts = captions.texts(list.iter().take(top_n));
-        labelling.push(label_neuron(&summarizer, &texts, spec.seed, spec.summarizer.rounds).await);
+        let seed = unit_seed(spec.seed, &task.layer, neuron);
+        labelling.push(label_neuron(&summarizer, &texts, seed, spec.summarizer.rounds).await);
     }
     progress.advance_stage(Stage::Summarize, n);
 

@@ -10,7 +10,9 @@
 //!   gray background with a checkerboard pattern" becomes "yellow dotted star, gray
 //!   background checkerboard pattern". A phrase ends at punctuation, "and"/"or"/"but" and
 //!   prepositions of place ("on", "next to", "against", ...); "with" keeps its phrase going
-//!   ("a circle with stripes" is one thing). Nothing is cut: a rule cannot tell which words
+//!   ("a circle with stripes" is one thing) except after a background, where "with a"
+//!   introduces a thing standing on it ("a yellow background with a dotted cross" is two).
+//!   Nothing is cut: a rule cannot tell which words
 //!   of one caption matter, so it leaves that to the summary, which sees all of them.
 //! * `summarize` reads the first half of the labels in the order given (at least
 //!   three): like a language model, its answer depends on the shuffle, so the method's
@@ -19,8 +21,8 @@
 //!   count, for every set of one to three words that occur together in one phrase of a
 //!   label, how many labels contain it (its support). Word order does not matter ("dotted
 //!   orange square" and "orange square with polka dots" both contain {orange, dotted}), and
-//!   inflections fold together for counting ("circles"/"circle", "striped"/"stripes",
-//!   "noisy"/"noise", "dotted"/"dots"). Among the sets that at least half of the labels
+//!   inflections and texture synonyms fold together for counting ("circles"/"circle",
+//!   "striped"/"stripes", "noisy"/"grain", "dotted"/"spots"). Among the sets that at least half of the labels
 //!   contain, the largest wins, then the best supported; when none reaches half, the best
 //!   supported wins, then the largest. Between sets still equal, the one whose words the
 //!   labels use least apart from it wins (summed over its words, the share of the labels
@@ -48,7 +50,7 @@ use crate::reply::Answer;
 use crate::{Exchange, Step, Summarizer, require_caption, require_labels};
 
 /// Recorded as the model of every exchange; bump it when the rules change.
-pub const CONSENSUS_VERSION: &str = "consensus-8";
+pub const CONSENSUS_VERSION: &str = "consensus-9";
 
 /// The largest word set a summary reports.
 const MAX_SET: usize = 3;
@@ -181,6 +183,21 @@ const OBJECT_NOUNS: &[&str] = &["shape", "object", "thing", "item"];
 /// an answer ("background") while any other set is; they do count within larger sets
 /// ("noisy background").
 const SCENE_NOUNS: &[&str] = &["background", "backdrop", "pattern", "texture", "scene"];
+
+/// The nouns for what things stand on: after one, "with a ..." starts a new thing.
+const SCENE_BACKDROPS: &[&str] = &["background", "backdrop", "backgrounds"];
+
+/// Stems of words captioners use for one texture, and the word they count as, as a
+/// language model reads them: spots ("spotted", "spotty") are dots, checks ("checkered",
+/// "chequered") a checkerboard, grain ("grainy") noise. The reported label keeps a spelling
+/// that occurred.
+const TEXTURE_SYNONYMS: &[(&str, &str)] = &[
+    ("spot", "dot"),
+    ("check", "checkerboard"),
+    ("checker", "checkerboard"),
+    ("chequer", "checkerboard"),
+    ("grain", "noise"),
+];
 
 /// The consensus rule as a [`Summarizer`].
 #[derive(Debug, Clone, Copy, Default)]
@@ -485,14 +502,21 @@ fn phrases(text: &str) -> Vec<Vec<String>> {
     if !word.is_empty() {
         pieces.push(Some(word));
     }
-    for piece in pieces {
-        let Some(raw) = piece else {
+    let words: Vec<Option<&str>> = pieces
+        .iter()
+        .map(|p| {
+            p.as_deref().map(|raw| {
+                let w = raw.trim_matches(|c| c == '\'' || c == '-');
+                w.strip_suffix("'s").unwrap_or(w)
+            })
+        })
+        .collect();
+    for (i, word) in words.iter().enumerate() {
+        let Some(w) = *word else {
             flush(&mut current);
             continue;
         };
-        let w = raw.trim_matches(|c| c == '\'' || c == '-');
-        let w = w.strip_suffix("'s").unwrap_or(w);
-        if BOUNDARIES.contains(&w) {
+        if BOUNDARIES.contains(&w) || with_starts_a_thing(&current, &words[i..]) {
             flush(&mut current);
         } else if !w.is_empty() && !STOPWORDS.contains(&w) && !w.chars().all(|c| c.is_ascii_digit())
         {
@@ -503,9 +527,29 @@ fn phrases(text: &str) -> Vec<Vec<String>> {
     out
 }
 
+/// Whether `rest`, starting at "with", begins a new thing rather than continuing the
+/// phrase `current`: after a background, "with" and an article introduce what stands on it
+/// ("a yellow background with a dotted orange cross" is two things), unless what follows
+/// ends in a scene noun ("a gray background with a checkerboard pattern" is one). Without
+/// an article ("a background with stripes") and after anything but a background ("a
+/// circle with a hole") the phrase goes on.
+fn with_starts_a_thing(current: &[String], rest: &[Option<&str>]) -> bool {
+    let [Some("with"), Some("a" | "an"), ..] = rest else {
+        return false;
+    };
+    let after_background = current.iter().any(|w| SCENE_BACKDROPS.contains(&w.as_str()));
+    let last = rest[2..]
+        .iter()
+        .map_while(|w| w.filter(|w| !BOUNDARIES.contains(w) && *w != "with"))
+        .filter(|w| !STOPWORDS.contains(w))
+        .last();
+    after_background && last.is_some_and(|w| !SCENE_NOUNS.contains(&w))
+}
+
 /// A crude stem for counting only: plurals, "-ed", "-y" and a final "e" fold away
 /// ("circles" and "circle", "striped" and "stripes", "dotted" and "dots", "noisy" and
-/// "noise" count as one word); the reported label keeps a spelling that occurred.
+/// "noise" count as one word), and [`TEXTURE_SYNONYMS`] fold into one; the reported label
+/// keeps a spelling that occurred.
 fn fold(word: &str) -> String {
     let mut w = fold_plural(word);
     let undouble = |stem: &str| -> String {
@@ -527,7 +571,10 @@ fn fold(word: &str) -> String {
     if w.len() > 3 && w.is_ascii() && w.ends_with('e') {
         w.pop();
     }
-    w
+    match TEXTURE_SYNONYMS.iter().find(|(stem, _)| *stem == w) {
+        Some((_, word)) => fold(word),
+        None => w,
+    }
 }
 
 /// A crude singular ("circles" and "circle" are one concept).

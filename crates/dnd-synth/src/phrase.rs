@@ -9,7 +9,8 @@
 //!   background"); so does "on"/"against" when no noun follows ("on green with dots");
 //! - "with" followed by a pattern word attaches the pattern to what was just mentioned
 //!   ("a red circle with stripes", "a green background with dots"); so does a pattern
-//!   word right after "background" ("a purple background stripes", as summaries word it);
+//!   word right after "background" or a shape noun ("a purple background stripes", "ring
+//!   stripes", as summaries word it);
 //! - "and", "next to", punctuation and the like end a mention; modifiers without a noun
 //!   still count ("red and striped" mentions red and striped things);
 //! - "two", "three", ... set how many objects a mention stands for.
@@ -166,6 +167,9 @@ struct Reader {
     background_context: bool,
     /// Right after "with" or "background": a pattern word may attach to the last mention.
     pattern_may_attach: bool,
+    /// Right after a shape noun: a pattern word next to it attaches to that object ("ring
+    /// stripes"), but not one further on ("squares that are not solid").
+    pattern_follows_shape: bool,
 }
 
 impl Reader {
@@ -221,7 +225,8 @@ impl Reader {
 
     /// Reads `token`; `next` is the next token that is not filler, if any.
     fn read(&mut self, token: Token, next: Option<Token>) {
-        let may_attach = std::mem::take(&mut self.pattern_may_attach);
+        let after_with = std::mem::take(&mut self.pattern_may_attach);
+        let may_attach = after_with || std::mem::take(&mut self.pattern_follows_shape);
         match token {
             Token::Word(Word::Colour(c)) => {
                 if self.pending.colour.is_some() {
@@ -252,6 +257,7 @@ impl Reader {
             Token::Word(Word::Shape(s)) => {
                 self.object(Some(s));
                 self.background_context = false;
+                self.pattern_follows_shape = true;
             }
             Token::Cue(Cue::BackgroundNoun) => {
                 self.background();
@@ -270,7 +276,7 @@ impl Reader {
             }
             Token::Count(n) => self.pending.count = Some(n),
             // Articles and fillers between "with" and its pattern ("with a checkerboard pattern").
-            Token::Other => self.pattern_may_attach = may_attach,
+            Token::Other => self.pattern_may_attach = after_with,
         }
     }
 
@@ -353,6 +359,31 @@ mod tests {
             ),
             ("a plain background", vec![background(None, Some(Texture::Plain))]),
             ("purple background stripes", vec![background(Some(Purple), Some(Texture::Stripes))]),
+            (
+                "green ring stripes",
+                vec![object(Some(Green), Some(Shape::Ring), Some(Fill::Striped), 1)],
+            ),
+            (
+                "squares that are not solid",
+                vec![
+                    object(None, Some(Shape::Square), None, 1),
+                    object(None, None, Some(Fill::Solid), 1),
+                ],
+            ),
+            (
+                "circle dots, striped square",
+                vec![
+                    object(None, Some(Shape::Circle), Some(Fill::Dotted), 1),
+                    object(None, Some(Shape::Square), Some(Fill::Striped), 1),
+                ],
+            ),
+            (
+                "a circle dotted green triangle",
+                vec![
+                    object(None, Some(Shape::Circle), None, 1),
+                    object(Some(Green), Some(Shape::Triangle), Some(Fill::Dotted), 1),
+                ],
+            ),
             (
                 "a cyan background with a striped small green triangle",
                 vec![

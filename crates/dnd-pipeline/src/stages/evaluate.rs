@@ -13,7 +13,7 @@ use image::RgbImage;
 
 use dnd_core::evaluation::{EvaluationConfig, LabelEvidence, evaluate_label, sample_indices};
 use dnd_core::scoring::mean_cosine;
-use dnd_core::{LayerName, NeuronId, Pooling};
+use dnd_core::{LayerName, NeuronId, Pooling, unit_seed};
 use dnd_store::results::{DescriptionRow, EvaluationRow};
 
 use crate::activations::pooled_activations_cached;
@@ -151,8 +151,7 @@ pub async fn evaluate_labels(
             generated: &on_generated,
             controls: &controls,
         };
-        let seed = spec.seed ^ u64::from(l.neuron.to_u32()).rotate_left(32);
-        for v in evaluate_label(&evidence, config, seed) {
+        for v in evaluate_label(&evidence, config, unit_seed(spec.seed, layer, l.neuron)) {
             let finite = |x: f64| x.is_finite().then_some(x);
             rows.push(EvaluationRow {
                 layer: layer.clone(),

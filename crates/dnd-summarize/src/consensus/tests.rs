@@ -21,6 +21,18 @@ fn simplify_keeps_every_content_word_phrase_by_phrase() {
             "yellow dotted star, gray background checkerboard pattern",
         ),
         ("a red square next to a blue circle, against green", "red square, blue circle, green"),
+        (
+            "a yellow striped background with a dotted orange cross, a pink cross with dots",
+            "yellow striped background, dotted orange cross, pink cross dots",
+        ),
+        (
+            "a white background with a pink square with stripes",
+            "white background, pink square stripes",
+        ),
+        (
+            "a blue background with stripes and a circle with a hole",
+            "blue background stripes, circle hole",
+        ),
     ];
     for (caption, expected) in cases {
         assert_eq!(simplify_caption(caption).as_deref(), Some(expected), "{caption}");
@@ -276,4 +288,30 @@ async fn as_a_summarizer_it_records_its_input_and_answer() {
     assert_eq!(ex.answer, Err(ReplyError::Empty));
     assert!(s.simplify("  ").await.unwrap_err().is_user_error());
     assert!(s.summarize(&[]).await.unwrap_err().is_user_error());
+}
+
+#[test]
+fn texture_synonyms_count_as_one_word() {
+    for (a, b) in [
+        ("spots", "dots"),
+        ("spotted", "dotted"),
+        ("spotty", "dot"),
+        ("checks", "checkerboard"),
+        ("checkered", "checkerboard"),
+        ("grainy", "noise"),
+        ("grain", "noisy"),
+    ] {
+        assert_eq!(fold(a), fold(b), "{a} / {b}");
+    }
+    assert_ne!(fold("stripes"), fold("dots"));
+    // Spots, dots and spotted: four of five labels share {orange, dots}, written as the
+    // labels write it most. Counted apart, no pair would reach half.
+    let labels = strings(&[
+        "orange square spots",
+        "large orange circle dots",
+        "orange cross dots",
+        "orange ring spotted",
+        "blue star stripes",
+    ]);
+    assert_eq!(consensus_label(&labels).as_deref(), Some("orange dots"));
 }
