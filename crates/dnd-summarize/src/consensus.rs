@@ -12,8 +12,8 @@
 //!   prepositions of place ("on", "next to", "against", ...); "with" keeps its phrase going
 //!   ("a circle with stripes" is one thing) except after a background, where "with a"
 //!   introduces a thing standing on it ("a yellow background with a dotted cross" is two).
-//!   Nothing is cut: a rule cannot tell which words
-//!   of one caption matter, so it leaves that to the summary, which sees all of them.
+//!   Nothing is cut: a rule cannot tell which words of one caption matter, so it leaves
+//!   that to the summary, which sees all of them.
 //! * `summarize` reads the first half of the labels in the order given (at least
 //!   three): like a language model, its answer depends on the shuffle, so the method's
 //!   summary rounds over differently shuffled labels give a few different candidates for
@@ -22,12 +22,13 @@
 //!   label, how many labels contain it (its support). Word order does not matter ("dotted
 //!   orange square" and "orange square with polka dots" both contain {orange, dotted}), and
 //!   inflections and texture synonyms fold together for counting ("circles"/"circle",
-//!   "striped"/"stripes", "noisy"/"grain", "dotted"/"spots"). Among the sets that at least half of the labels
-//!   contain, the largest wins, then the best supported; when none reaches half, the best
-//!   supported wins, then the largest. Between sets still equal, the one whose words the
-//!   labels use least apart from it wins (summed over its words, the share of the labels
-//!   holding the word that hold the set): "white triangle" over "white stripes" when the
-//!   labels say stripes of other things too. Then the alphabetically first.
+//!   "striped"/"stripes", "noisy"/"grain", "dotted"/"spots"). Among the sets that at
+//!   least half of the labels contain, the largest wins, then the best supported; when
+//!   none reaches half, the best supported wins, then the largest. Between sets still
+//!   equal, the one whose words the labels use least apart from it wins (summed over its
+//!   words, the share of the labels holding the word that hold the set): "white triangle"
+//!   over "white stripes" when the labels say stripes of other things too. Then the
+//!   alphabetically first.
 //! * A set made only of generic nouns ("background", "pattern", "shapes") says nothing
 //!   every image would not, so it wins only when nothing else is named. Nouns that stand
 //!   for a thing ("shape", "object") do not count in a set's size, and between two sets
@@ -185,7 +186,7 @@ const OBJECT_NOUNS: &[&str] = &["shape", "object", "thing", "item"];
 const SCENE_NOUNS: &[&str] = &["background", "backdrop", "pattern", "texture", "scene"];
 
 /// The nouns for what things stand on: after one, "with a ..." starts a new thing.
-const SCENE_BACKDROPS: &[&str] = &["background", "backdrop", "backgrounds"];
+const SCENE_BACKDROPS: &[&str] = &["background", "backgrounds", "backdrop", "backdrops"];
 
 /// Stems of words captioners use for one texture, and the word they count as, as a
 /// language model reads them: spots ("spotted", "spotty") are dots, checks ("checkered",
