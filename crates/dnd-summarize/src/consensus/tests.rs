@@ -4,6 +4,13 @@ fn strings(items: &[&str]) -> Vec<String> {
     items.iter().map(|s| s.to_string()).collect()
 }
 
+/// Each pair's words count as one word.
+fn assert_fold_together(pairs: &[(&str, &str)]) {
+    for (a, b) in pairs {
+        assert_eq!(fold(a), fold(b), "{a} / {b}");
+    }
+}
+
 #[test]
 fn simplify_keeps_every_content_word_phrase_by_phrase() {
     let cases = [
@@ -117,15 +124,13 @@ fn words_of_one_phrase_count_together_in_any_order_and_inflection() {
         strings(&["red square, green background", "blue circle, red background", "red star"]);
     assert_eq!(consensus_label(&split).as_deref(), Some("red"));
 
-    for (a, b) in [
+    assert_fold_together(&[
         ("stripes", "striped"),
         ("stripy", "stripe"),
         ("dotted", "dots"),
         ("noisy", "noise"),
         ("circles", "circle"),
-    ] {
-        assert_eq!(fold(a), fold(b), "{a} / {b}");
-    }
+    ]);
     assert_ne!(fold("dotted"), fold("striped"));
     assert_ne!(fold("red"), fold("reed"));
 }
@@ -292,7 +297,7 @@ async fn as_a_summarizer_it_records_its_input_and_answer() {
 
 #[test]
 fn texture_synonyms_count_as_one_word() {
-    for (a, b) in [
+    assert_fold_together(&[
         ("spots", "dots"),
         ("spotted", "dotted"),
         ("spotty", "dot"),
@@ -300,9 +305,7 @@ fn texture_synonyms_count_as_one_word() {
         ("checkered", "checkerboard"),
         ("grainy", "noise"),
         ("grain", "noisy"),
-    ] {
-        assert_eq!(fold(a), fold(b), "{a} / {b}");
-    }
+    ]);
     assert_ne!(fold("stripes"), fold("dots"));
     // Spots, dots and spotted: four of five labels share {orange, dots}, written as the
     // labels write it most. Counted apart, no pair would reach half.
