@@ -10,16 +10,17 @@ const BACKGROUND_WORDS: [&str; 4] = ["design", "designs", "graphic", "graphics"]
 /// and trailing quotes and trailing punctuation removed, empty labels dropped, duplicates
 /// removed (first occurrence kept, order otherwise preserved). Alternatives in another
 /// order are the same concept ("purple or yellow" after "yellow or purple" is a
-/// duplicate): generating both would spend twice the images on one concept and split its
-/// rank between two candidates. A label whose last word is "design(s)" or "graphic(s)" is
+/// duplicate, as is "purple or yellow circle" after "yellow or purple circle"):
+/// generating both would spend twice the images on one concept and split its rank
+/// between two candidates. A label whose last word is "design(s)" or "graphic(s)" is
 /// followed by a variant with " background" appended.
 pub fn normalize_candidates<S: AsRef<str>>(labels: &[S]) -> Vec<String> {
     let mut candidates: Vec<String> = Vec::new();
     let mut concepts: Vec<Vec<String>> = Vec::new();
     let mut push = |candidate: String| {
-        let concept = concept_of(&candidate);
-        if !concepts.contains(&concept) {
-            concepts.push(concept);
+        let readings = concept_readings(&candidate);
+        if !readings.iter().any(|r| concepts.contains(r)) {
+            concepts.extend(readings);
             candidates.push(candidate);
         }
     };
@@ -42,13 +43,27 @@ pub fn normalize_candidates<S: AsRef<str>>(labels: &[S]) -> Vec<String> {
     candidates
 }
 
-/// What a normalised candidate means for duplicates: its alternatives (the parts between
-/// " or "), in sorted order.
-fn concept_of(candidate: &str) -> Vec<String> {
-    let mut alternatives: Vec<String> =
-        candidate.split(" or ").map(|a| a.trim().to_string()).collect();
-    alternatives.sort_unstable();
-    alternatives
+/// What a normalised candidate can mean, for duplicates: its alternatives as whole parts
+/// (between " or "), sorted ("red circles or blue squares"); and, where words before the
+/// first alternative or after the last one are shared by all of them, the alternatives as
+/// single words between those words ("yellow or purple circle", "purple star or cross").
+fn concept_readings(candidate: &str) -> Vec<Vec<String>> {
+    let mut parts: Vec<String> = candidate.split(" or ").map(|a| a.trim().to_string()).collect();
+    let mut readings = Vec::new();
+    let words: Vec<Vec<&str>> = parts.iter().map(|p| p.split(' ').collect()).collect();
+    if let [first, middle @ .., last] = words.as_slice() {
+        let (prefix, first_word) = first.split_at(first.len() - 1);
+        let (last_word, suffix) = last.split_at(1);
+        let mut single: Vec<String> = std::iter::once(first_word.join(" "))
+            .chain(middle.iter().map(|w| w.join(" ")))
+            .chain(std::iter::once(last_word.join(" ")))
+            .collect();
+        single.sort_unstable();
+        readings.push([vec![prefix.join(" ")], single, vec![suffix.join(" ")]].concat());
+    }
+    parts.sort_unstable();
+    readings.push(parts);
+    readings
 }
 
 #[cfg(test)]
@@ -79,6 +94,12 @@ mod tests {
             "green or red or blue",
             "red or blue",
             "yellow or purple striped",
+            "yellow or purple circle",
+            "purple or yellow circle",
+            "purple star or cross",
+            "purple cross or star",
+            "red circles or blue squares",
+            "blue squares or red circles",
         ];
         assert_eq!(
             normalize_candidates(&labels),
@@ -88,6 +109,9 @@ mod tests {
                 "red or blue or green",
                 "red or blue",
                 "yellow or purple striped",
+                "yellow or purple circle",
+                "purple star or cross",
+                "red circles or blue squares",
             ]
         );
     }

@@ -39,7 +39,11 @@
 //!   but that mostly share their phrase-mates, each in at least a third of the labels and
 //!   not in all, together in every label. They compete as a set of two words supported by the
 //!   labels they cover: they win over a single word and over a pair that fewer labels
-//!   share, and lose to a larger set that half of the labels share.
+//!   share, and lose to a larger set that half of the labels share. What the
+//!   alternatives' phrases share stays with them: the largest set naming neither that
+//!   half of the labels say in one phrase with either word ("yellow or purple square",
+//!   "purple star or cross"), as a language model would not drop the shape every label
+//!   names.
 //! * The winner is written as its words occur most often (order and spelling).
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -51,7 +55,7 @@ use crate::reply::Answer;
 use crate::{Exchange, Step, Summarizer, require_caption, require_labels};
 
 /// Recorded as the model of every exchange; bump it when the rules change.
-pub const CONSENSUS_VERSION: &str = "consensus-9";
+pub const CONSENSUS_VERSION: &str = "consensus-10";
 
 /// The largest word set a summary reports.
 const MAX_SET: usize = 3;
@@ -371,9 +375,62 @@ pub fn consensus_label(labels: &[String]) -> Option<String> {
     if let Some(alt) = alternatives(&labels)
         && (size(key), count) <= (2, alt.covered)
     {
-        return Some(format!("{} or {}", written(&alt.a)?, written(&alt.b)?));
+        let either = format!("{} or {}", written(&alt.a)?, written(&alt.b)?);
+        // What the alternatives' phrases share stays with them: "yellow or purple square".
+        let Some(shared) = alternatives_share(&labels, &alt, &support, &size) else {
+            return Some(either);
+        };
+        let with = |w: &str| {
+            let mut set: Vec<&str> = shared.split(' ').chain([w]).collect();
+            set.sort_unstable();
+            written(&set.join(" "))
+        };
+        let Some(form) = with(&alt.a).or_else(|| with(&alt.b)) else {
+            return Some(either);
+        };
+        let words: Vec<String> =
+            form.split(' ')
+                .map(|w| {
+                    if [&alt.a, &alt.b].contains(&&fold(w)) {
+                        either.clone()
+                    } else {
+                        w.to_string()
+                    }
+                })
+                .collect();
+        return Some(words.join(" "));
     }
     written(key)
+}
+
+/// The largest word set (then the best supported, then the alphabetically first) that at
+/// least half of the labels say in one phrase with either alternative, and that names
+/// neither; at most [`MAX_SET`] words with the alternative.
+fn alternatives_share(
+    labels: &[Vec<Phrase>],
+    alt: &Alternatives,
+    support: &BTreeMap<String, usize>,
+    size: &dyn Fn(&str) -> usize,
+) -> Option<String> {
+    let with_either = |set: &[&str]| -> usize {
+        let has = |p: &Phrase, k: &str| p.keys.iter().any(|x| x == k);
+        labels
+            .iter()
+            .filter(|l| {
+                l.iter()
+                    .any(|p| set.iter().all(|k| has(p, k)) && (has(p, &alt.a) || has(p, &alt.b)))
+            })
+            .count()
+    };
+    support
+        .keys()
+        .rev()
+        .filter(|key| key.split(' ').count() < MAX_SET && size(key) > 0)
+        .filter(|key| key.split(' ').all(|k| k != alt.a && k != alt.b))
+        .map(|key| (key, with_either(&key.split(' ').collect::<Vec<_>>())))
+        .filter(|(_, n)| 2 * n >= labels.len())
+        .max_by_key(|(key, n)| (size(key), *n))
+        .map(|(key, _)| key.clone())
 }
 
 /// Two alternatives that labels split between (folded keys), and how many labels name one

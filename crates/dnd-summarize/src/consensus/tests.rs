@@ -145,9 +145,29 @@ fn labels_that_split_between_two_alternatives_give_an_or() {
         "yellow dotted square, black background",
         "purple square, blue background noise",
     ]);
-    // "square" is in every label, {dotted, square} in four of six; the alternatives
-    // cover all six.
-    assert_eq!(consensus_label(&labels).as_deref(), Some("yellow or purple"));
+    // The alternatives cover all six labels; half of them say "dotted square" in the
+    // alternatives' phrase, which the label keeps.
+    assert_eq!(consensus_label(&labels).as_deref(), Some("yellow or purple dotted square"));
+    // Shapes the alternatives' phrases share stay in the label whichever word comes first.
+    let stars = strings(&[
+        "yellow star",
+        "yellow star stripes",
+        "green star stripes",
+        "yellow star",
+        "green star",
+        "green star",
+    ]);
+    assert_eq!(consensus_label(&stars).as_deref(), Some("yellow or green star"));
+    // Nothing that half of the labels share: the alternatives alone.
+    let mixed = strings(&[
+        "yellow square",
+        "purple square",
+        "yellow circle",
+        "purple circle",
+        "yellow star",
+        "purple star",
+    ]);
+    assert_eq!(consensus_label(&mixed).as_deref(), Some("yellow or purple"));
 
     // Not alternatives: words named together, words in every label, words too rare.
     let shared = strings(&[
