@@ -48,7 +48,7 @@ pub use caption::{VisibilityRule, Visible, caption, caption_of, caption_visible,
 pub use concept::{Concept, all_concepts};
 pub use error::SynthError;
 pub use mask::{Mask, Rect};
-pub use phrase::{BackgroundMention, Mention, ObjectMention, parse_mentions};
+pub use phrase::{BackgroundMention, Mention, ObjectMention, parse_alternatives, parse_mentions};
 pub use planted::{PlantedKind, PlantedNeuron, read_planted};
 pub use probe_set::{ProbeSetSpec, read_scenes, write_probe_set};
 pub use render::{Rendered, render};

@@ -13,6 +13,10 @@
 //!   stripes", as summaries word it);
 //! - "and", "next to", punctuation and the like end a mention; modifiers without a noun
 //!   still count ("red and striped" mentions red and striped things);
+//! - "or" ends a mention too, but modifiers before it take the noun after it, as a bare
+//!   adjective needs one ("purple or yellow circle": purple circles and yellow circles); a
+//!   whole object before it keeps to itself ("black square or circle": a black square and
+//!   a circle of any colour, the reading that does not guess);
 //! - "two", "three", ... set how many objects a mention stands for.
 
 use crate::vocab::{self, Colour, Fill, Shape, Texture, Word};
@@ -45,6 +49,8 @@ pub enum Mention {
 enum Cue {
     /// Ends a mention: "and", "next to", punctuation.
     Boundary,
+    /// Ends a mention, sharing what the alternatives around it leave out: "or".
+    Or,
     /// Introduces the background: "on", "against".
     On,
     /// Introduces a pattern of what was just mentioned: "with".
@@ -65,8 +71,9 @@ enum Token {
 
 fn cue(form: &str) -> Option<Token> {
     let cue = match form {
-        "and" | "or" | "&" | "next to" | "beside" | "near" | "alongside" | "above" | "below"
-        | "under" | "beneath" | "left of" | "right of" | "but" | "while" => Cue::Boundary,
+        "or" => Cue::Or,
+        "and" | "&" | "next to" | "beside" | "near" | "alongside" | "above" | "below" | "under"
+        | "beneath" | "left of" | "right of" | "but" | "while" => Cue::Boundary,
         "on" | "against" | "over" | "upon" | "atop" | "in front of" | "on top of" => Cue::On,
         "with" | "having" | "featuring" => Cue::With,
         "background" | "backgrounds" | "backdrop" | "backdrops" => Cue::BackgroundNoun,
@@ -162,6 +169,10 @@ impl Pending {
 #[derive(Default)]
 struct Reader {
     mentions: Vec<Mention>,
+    /// For each mention, the alternative it belongs to (how many "or"s came before it).
+    alternatives: Vec<usize>,
+    /// The alternative being read.
+    alternative: usize,
     pending: Pending,
     /// After "on": modifiers without a noun describe the background.
     background_context: bool,
@@ -170,36 +181,56 @@ struct Reader {
     /// Right after a shape noun: a pattern word next to it attaches to that object ("ring
     /// stripes"), but not one further on ("squares that are not solid").
     pattern_follows_shape: bool,
+    /// Modifiers before "or" that wait for the noun of the next alternative, and their
+    /// alternative.
+    before_or: Option<(Pending, usize)>,
 }
 
 impl Reader {
     fn object(&mut self, shape: Option<Shape>) {
         let p = std::mem::take(&mut self.pending);
+        if let Some((mut before, alternative)) = self.before_or.take() {
+            before.fill = before.fill.or(p.fill);
+            self.push_object(before, shape, alternative);
+        }
+        self.push_object(p, shape, self.alternative);
+    }
+
+    fn push(&mut self, mention: Mention, alternative: usize) {
+        self.mentions.push(mention);
+        self.alternatives.push(alternative);
+    }
+
+    fn push_object(&mut self, p: Pending, shape: Option<Shape>, alternative: usize) {
         if p.colour.is_some() || p.fill.is_some() || shape.is_some() {
             let count = p.count.unwrap_or(1);
-            self.mentions.push(Mention::Object(ObjectMention {
-                colour: p.colour,
-                shape,
-                fill: p.fill,
-                count,
-            }));
+            let object = ObjectMention { colour: p.colour, shape, fill: p.fill, count };
+            self.push(Mention::Object(object), alternative);
         }
         if let Some(texture) = p.texture {
             // A texture word can only describe a background ("checkered circles").
-            self.mentions.push(Mention::Background(BackgroundMention {
-                colour: None,
-                texture: Some(texture),
-            }));
+            let background = BackgroundMention { colour: None, texture: Some(texture) };
+            self.push(Mention::Background(background), alternative);
         }
     }
 
     fn background(&mut self) {
+        if let Some((before, alternative)) = self.before_or.take() {
+            self.push(Mention::Background(before.background()), alternative);
+        }
         let p = std::mem::take(&mut self.pending);
-        self.mentions.push(Mention::Background(p.background()));
+        self.push(Mention::Background(p.background()), self.alternative);
     }
 
     /// Ends the pending mention, if any, as the context says.
     fn close(&mut self) {
+        if self.pending.is_empty()
+            && let Some((before, alternative)) = self.before_or.take()
+        {
+            // Modifiers before "or" that no noun followed ("striped or, ...").
+            self.push_object(before, None, alternative);
+            return;
+        }
         if self.pending.is_empty() {
             self.pending = Pending::default();
         } else if self.background_context {
@@ -274,21 +305,29 @@ impl Reader {
                 self.close();
                 self.background_context = false;
             }
+            Token::Cue(Cue::Or) => {
+                if !self.pending.is_empty() && !self.background_context && self.before_or.is_none()
+                {
+                    self.before_or = Some((std::mem::take(&mut self.pending), self.alternative));
+                } else {
+                    self.close();
+                }
+                self.background_context = false;
+                self.alternative += 1;
+            }
             Token::Count(n) => self.pending.count = Some(n),
             // Articles and fillers between "with" and its pattern ("with a checkerboard pattern").
             Token::Other => self.pattern_may_attach = after_with,
         }
     }
 
-    fn finish(mut self) -> Vec<Mention> {
+    fn finish(mut self) -> Self {
         self.close();
-        self.mentions
+        self
     }
 }
 
-/// The objects and backgrounds a text mentions, in order. Words outside the world's
-/// vocabulary are skipped; a text without any gives no mention.
-pub fn parse_mentions(text: &str) -> Vec<Mention> {
+fn read_text(text: &str) -> Reader {
     let mut reader = Reader::default();
     let tokens = tokenize(text);
     for (i, &token) in tokens.iter().enumerate() {
@@ -296,6 +335,25 @@ pub fn parse_mentions(text: &str) -> Vec<Mention> {
         reader.read(token, next);
     }
     reader.finish()
+}
+
+/// The objects and backgrounds a text mentions, in order. Words outside the world's
+/// vocabulary are skipped; a text without any gives no mention.
+pub fn parse_mentions(text: &str) -> Vec<Mention> {
+    read_text(text).mentions
+}
+
+/// The mentions of each alternative a text offers, split at "or" (one group for a text
+/// without one): "purple or yellow circle" gives [purple circle], [yellow circle]; "a red
+/// circle and a square or a star" gives [red circle, square], [star]. A group may be
+/// empty when an alternative names nothing of the world.
+pub fn parse_alternatives(text: &str) -> Vec<Vec<Mention>> {
+    let reader = read_text(text);
+    let mut groups: Vec<Vec<Mention>> = vec![Vec::new(); reader.alternative + 1];
+    for (mention, alternative) in reader.mentions.into_iter().zip(reader.alternatives) {
+        groups[alternative].push(mention);
+    }
+    groups
 }
 
 #[cfg(test)]
@@ -398,11 +456,69 @@ mod tests {
                     object(None, None, Some(Fill::Striped), 1),
                 ],
             ),
+            (
+                "purple or yellow circle",
+                vec![
+                    object(Some(Purple), Some(Shape::Circle), None, 1),
+                    object(Some(Yellow), Some(Shape::Circle), None, 1),
+                ],
+            ),
+            (
+                "yellow or purple dotted square",
+                vec![
+                    object(Some(Yellow), Some(Shape::Square), Some(Fill::Dotted), 1),
+                    object(Some(Purple), Some(Shape::Square), Some(Fill::Dotted), 1),
+                ],
+            ),
+            (
+                "black square or circle",
+                vec![
+                    object(Some(Black), Some(Shape::Square), None, 1),
+                    object(None, Some(Shape::Circle), None, 1),
+                ],
+            ),
+            (
+                "a red circle or a blue square",
+                vec![
+                    object(Some(Red), Some(Shape::Circle), None, 1),
+                    object(Some(Blue), Some(Shape::Square), None, 1),
+                ],
+            ),
+            (
+                "red or blue",
+                vec![object(Some(Red), None, None, 1), object(Some(Blue), None, None, 1)],
+            ),
+            (
+                "purple or yellow background",
+                vec![background(Some(Purple), None), background(Some(Yellow), None)],
+            ),
             ("the weather in spring", vec![]),
         ];
         for (text, expected) in cases {
             assert_eq!(parse_mentions(text), expected, "{text}");
         }
+    }
+
+    #[test]
+    fn alternatives_group_the_mentions_between_each_or() {
+        use Colour::*;
+        let circle = |c| object(Some(c), Some(Shape::Circle), None, 1);
+        assert_eq!(
+            parse_alternatives("purple or yellow circle"),
+            vec![vec![circle(Purple)], vec![circle(Yellow)]]
+        );
+        assert_eq!(
+            parse_alternatives("a red circle and a square or a star"),
+            vec![
+                vec![circle(Red), object(None, Some(Shape::Square), None, 1)],
+                vec![object(None, Some(Shape::Star), None, 1)],
+            ]
+        );
+        assert_eq!(parse_alternatives("red circles"), vec![vec![circle(Red)]]);
+        assert_eq!(
+            parse_alternatives("red or something"),
+            vec![vec![object(Some(Red), None, None, 1)], vec![]]
+        );
     }
 
     #[test]

@@ -6,6 +6,11 @@
 //!   OR and AND neurons it must mention both parts; for AND-NOT the positive part and not
 //!   the excluded one. Fills and background textures share their pattern words ("striped",
 //!   "dots"), so a pattern counts whether the label puts it on objects or the background.
+//!   A label that offers alternatives ("black square or circle", "black or white") names a
+//!   concept only if each alternative does, so a hedge between two shapes does not name
+//!   either; for OR neurons the alternatives together must name both parts ("purple or
+//!   yellow circle"). Alternatives are read as the generator reads them
+//!   ([`crate::parse_alternatives`]).
 //! - **CoSy-style AUC** (`dnd_core::stats::auc`): how well the neuron's activations
 //!   separate images rendered from the label from control images of the world (0.5 = not
 //!   at all, 1 = perfectly).
@@ -18,7 +23,7 @@
 use std::collections::BTreeSet;
 
 use crate::concept::Concept;
-use crate::phrase::{Mention, parse_mentions};
+use crate::phrase::{Mention, parse_alternatives, parse_mentions};
 use crate::planted::PlantedKind as Kind;
 use crate::vocab::{Colour, Shape, Texture};
 
@@ -44,8 +49,13 @@ pub fn concept_attributes(concept: &Concept) -> BTreeSet<Attribute> {
 
 /// Every attribute a label mentions, anywhere in it.
 pub fn label_attributes(label: &str) -> BTreeSet<Attribute> {
+    mention_attributes(&parse_mentions(label))
+}
+
+/// Every attribute the mentions name.
+fn mention_attributes(mentions: &[Mention]) -> BTreeSet<Attribute> {
     let mut out = BTreeSet::new();
-    for mention in parse_mentions(label) {
+    for &mention in mentions {
         match mention {
             Mention::Object(o) => {
                 out.extend(o.colour.map(Attribute::Colour));
@@ -68,9 +78,17 @@ pub fn label_attributes(label: &str) -> BTreeSet<Attribute> {
 pub fn recovered(label: &str, kind: Kind, concepts: &[Concept]) -> bool {
     let named = label_attributes(label);
     let names = |c: &Concept| concept_attributes(c).is_subset(&named);
+    let alternatives: Vec<BTreeSet<Attribute>> =
+        parse_alternatives(label).iter().map(|m| mention_attributes(m)).collect();
+    let every_alternative_names =
+        |c: &Concept| alternatives.iter().all(|a| concept_attributes(c).is_subset(a));
     match kind {
-        Kind::AndNot => concepts.first().is_some_and(names) && !concepts.get(1).is_some_and(names),
-        _ => !concepts.is_empty() && concepts.iter().all(names),
+        Kind::Or => !concepts.is_empty() && concepts.iter().all(names),
+        Kind::AndNot => {
+            concepts.first().is_some_and(every_alternative_names)
+                && !concepts.get(1).is_some_and(names)
+        }
+        _ => !concepts.is_empty() && concepts.iter().all(every_alternative_names),
     }
 }
 
@@ -144,7 +162,16 @@ mod tests {
         assert!(!recovered("blue shapes", Kind::Class, &pair));
         let or = [Concept::Colour(Colour::Red), Concept::Colour(Colour::Blue)];
         assert!(recovered("red or blue shapes", Kind::Or, &or));
+        assert!(recovered("red or blue circle", Kind::Or, &or));
         assert!(!recovered("red shapes", Kind::Or, &or));
+        // A hedge names a concept only when every alternative does.
+        let black_square = [Concept::ColourShape(Colour::Black, Shape::Square)];
+        assert!(!recovered("black square or circle", Kind::Class, &black_square));
+        assert!(!recovered("square or circle", Kind::Class, &black_square));
+        assert!(recovered("black square or black striped square", Kind::Class, &black_square));
+        assert!(!recovered("white or black", Kind::Single, &[Concept::Colour(Colour::White)]));
+        let stars = [Concept::Shape(Shape::Star)];
+        assert!(recovered("yellow or green star", Kind::Single, &stars));
         let and_not = [Concept::Shape(Shape::Circle), Concept::Colour(Colour::Red)];
         assert!(recovered("green circles", Kind::AndNot, &and_not));
         assert!(!recovered("red circles", Kind::AndNot, &and_not));
