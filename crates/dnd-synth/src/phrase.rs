@@ -344,9 +344,9 @@ pub fn parse_mentions(text: &str) -> Vec<Mention> {
 }
 
 /// The mentions of each alternative a text offers, split at "or" (one group for a text
-/// without one): "purple or yellow circle" gives [purple circle], [yellow circle]; "a red
-/// circle and a square or a star" gives [red circle, square], [star]. A group may be
-/// empty when an alternative names nothing of the world.
+/// without one): "purple or yellow circle" gives two groups, a purple circle and a yellow
+/// circle; "a red circle and a square or a star" gives a red circle and a square, then a
+/// star. A group may be empty when an alternative names nothing of the world.
 pub fn parse_alternatives(text: &str) -> Vec<Vec<Mention>> {
     let reader = read_text(text);
     let mut groups: Vec<Vec<Mention>> = vec![Vec::new(); reader.alternative + 1];
