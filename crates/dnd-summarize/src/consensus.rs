@@ -280,6 +280,11 @@ impl Phrase {
         Phrase { words, keys }
     }
 
+    /// Whether the phrase holds the folded key `key`.
+    fn has(&self, key: &str) -> bool {
+        self.keys.iter().any(|k| k == key)
+    }
+
     /// The distinct keys, in order of first occurrence.
     fn distinct_keys(&self) -> Vec<&str> {
         let mut out: Vec<&str> = Vec::new();
@@ -375,32 +380,32 @@ pub fn consensus_label(labels: &[String]) -> Option<String> {
     if let Some(alt) = alternatives(&labels)
         && (size(key), count) <= (2, alt.covered)
     {
-        let either = format!("{} or {}", written(&alt.a)?, written(&alt.b)?);
-        // What the alternatives' phrases share stays with them: "yellow or purple square".
-        let Some(shared) = alternatives_share(&labels, &alt, &support, &size) else {
-            return Some(either);
-        };
-        let with = |w: &str| {
-            let mut set: Vec<&str> = shared.split(' ').chain([w]).collect();
-            set.sort_unstable();
-            written(&set.join(" "))
-        };
-        let Some(form) = with(&alt.a).or_else(|| with(&alt.b)) else {
-            return Some(either);
-        };
-        let words: Vec<String> =
-            form.split(' ')
-                .map(|w| {
-                    if [&alt.a, &alt.b].contains(&&fold(w)) {
-                        either.clone()
-                    } else {
-                        w.to_string()
-                    }
-                })
-                .collect();
-        return Some(words.join(" "));
+        let shared = alternatives_share(&labels, &alt, &support, &size);
+        return write_alternatives(&alt, shared.as_deref(), &written);
     }
     written(key)
+}
+
+/// "a or b", with the words their phrases share around it as the labels write them most
+/// ("yellow or purple square", "purple star or cross"); `written` spells a key set.
+fn write_alternatives(
+    alt: &Alternatives,
+    shared: Option<&str>,
+    written: &dyn Fn(&str) -> Option<String>,
+) -> Option<String> {
+    let either = format!("{} or {}", written(&alt.a)?, written(&alt.b)?);
+    let with = |word: &str| {
+        let mut set: Vec<&str> = shared?.split(' ').chain([word]).collect();
+        set.sort_unstable();
+        written(&set.join(" "))
+    };
+    let Some(form) = with(&alt.a).or_else(|| with(&alt.b)) else {
+        return Some(either);
+    };
+    let is_alternative = |w: &str| [&alt.a, &alt.b].contains(&&fold(w));
+    let words: Vec<&str> =
+        form.split(' ').map(|w| if is_alternative(w) { either.as_str() } else { w }).collect();
+    Some(words.join(" "))
 }
 
 /// The largest word set (then the best supported, then the alphabetically first) that at
@@ -413,12 +418,10 @@ fn alternatives_share(
     size: &dyn Fn(&str) -> usize,
 ) -> Option<String> {
     let with_either = |set: &[&str]| -> usize {
-        let has = |p: &Phrase, k: &str| p.keys.iter().any(|x| x == k);
         labels
             .iter()
             .filter(|l| {
-                l.iter()
-                    .any(|p| set.iter().all(|k| has(p, k)) && (has(p, &alt.a) || has(p, &alt.b)))
+                l.iter().any(|p| set.iter().all(|k| p.has(k)) && (p.has(&alt.a) || p.has(&alt.b)))
             })
             .count()
     };
@@ -463,12 +466,11 @@ fn alternatives(labels: &[Vec<Phrase>]) -> Option<Alternatives> {
             *support.entry(k).or_default() += 1;
         }
     }
-    let phrase_has = |p: &Phrase, w: &str| p.keys.iter().any(|k| k == w);
     let mates = |w: &str| -> BTreeSet<&str> {
         labels
             .iter()
             .flatten()
-            .filter(|p| phrase_has(p, w))
+            .filter(|p| p.has(w))
             .flat_map(|p| p.keys.iter().map(String::as_str))
             .filter(|k| *k != w)
             .collect()
@@ -478,14 +480,11 @@ fn alternatives(labels: &[Vec<Phrase>]) -> Option<Alternatives> {
     let mut best: Option<Alternatives> = None;
     for (i, &a) in candidates.iter().enumerate() {
         for &b in &candidates[i + 1..] {
-            let covered = labels
-                .iter()
-                .filter(|l| l.iter().any(|p| phrase_has(p, a) || phrase_has(p, b)))
-                .count();
+            let covered = labels.iter().filter(|l| l.iter().any(|p| p.has(a) || p.has(b))).count();
             if covered < n || best.as_ref().is_some_and(|x| x.covered >= covered) {
                 continue;
             }
-            let label_has = |l: &[Phrase], w: &str| l.iter().any(|p| phrase_has(p, w));
+            let label_has = |l: &[Phrase], w: &str| l.iter().any(|p| p.has(w));
             let together = labels.iter().any(|l| label_has(l, a) && label_has(l, b));
             let (ma, mb) = (mates(a), mates(b));
             let shared = ma.intersection(&mb).count();
@@ -493,7 +492,7 @@ fn alternatives(labels: &[Vec<Phrase>]) -> Option<Alternatives> {
                 continue;
             }
             // The better supported first, then the one a label names first.
-            let first = |w: &str| labels.iter().flatten().position(|p| phrase_has(p, w));
+            let first = |w: &str| labels.iter().flatten().position(|p| p.has(w));
             let (a, b) = if (std::cmp::Reverse(support[a]), first(a))
                 <= (std::cmp::Reverse(support[b]), first(b))
             {

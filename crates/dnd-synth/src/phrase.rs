@@ -49,7 +49,8 @@ pub enum Mention {
 enum Cue {
     /// Ends a mention: "and", "next to", punctuation.
     Boundary,
-    /// Ends a mention, sharing what the alternatives around it leave out: "or".
+    /// Ends a mention, except that bare modifiers before it wait for the noun of the
+    /// next alternative: "or".
     Or,
     /// Introduces the background: "on", "against".
     On,

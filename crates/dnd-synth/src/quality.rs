@@ -76,10 +76,10 @@ fn mention_attributes(mentions: &[Mention]) -> BTreeSet<Attribute> {
 /// Whether `label` names the ground truth `concepts` combined by `kind` (see the module
 /// documentation). AND-NOT's concepts are `[kept, excluded]`.
 pub fn recovered(label: &str, kind: Kind, concepts: &[Concept]) -> bool {
-    let named = label_attributes(label);
-    let names = |c: &Concept| concept_attributes(c).is_subset(&named);
     let alternatives: Vec<BTreeSet<Attribute>> =
         parse_alternatives(label).iter().map(|m| mention_attributes(m)).collect();
+    let named: BTreeSet<Attribute> = alternatives.iter().flatten().copied().collect();
+    let names = |c: &Concept| concept_attributes(c).is_subset(&named);
     let every_alternative_names =
         |c: &Concept| alternatives.iter().all(|a| concept_attributes(c).is_subset(a));
     match kind {
